@@ -1,0 +1,45 @@
+"""Input validation shared by the public API: every error names the argument."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable
+
+
+def require(condition: bool, name: str, message: str) -> None:
+    """Raise ``ValueError("<name>: <message>")`` unless ``condition`` holds."""
+    if not condition:
+        raise ValueError(f"{name}: {message}")
+
+
+def check_int(value: Any, name: str, low: int | None = None, high: int | None = None) -> int:
+    """Validate an integer in ``[low, high]`` (bounds optional) and return it."""
+    require(isinstance(value, int) and not isinstance(value, bool), name, f"must be an int, got {value!r}")
+    if low is not None:
+        require(value >= low, name, f"must be >= {low}, got {value}")
+    if high is not None:
+        require(value <= high, name, f"must be <= {high}, got {value}")
+    return value
+
+
+def check_float(value: Any, name: str, low: float | None = None, high: float | None = None,
+                low_inclusive: bool = True, high_inclusive: bool = True) -> float:
+    """Validate a finite real number in the given range and return it as float."""
+    require(isinstance(value, (int, float)) and not isinstance(value, bool), name,
+            f"must be a number, got {value!r}")
+    value = float(value)
+    require(math.isfinite(value), name, f"must be finite, got {value}")
+    if low is not None:
+        ok = value >= low if low_inclusive else value > low
+        require(ok, name, f"must be {'>=' if low_inclusive else '>'} {low}, got {value}")
+    if high is not None:
+        ok = value <= high if high_inclusive else value < high
+        require(ok, name, f"must be {'<=' if high_inclusive else '<'} {high}, got {value}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
+    """Validate membership in ``choices`` and return the value."""
+    choices = tuple(choices)
+    require(value in choices, name, f"must be one of {choices}, got {value!r}")
+    return value
