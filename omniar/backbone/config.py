@@ -1,0 +1,125 @@
+"""``OmniARConfig``: the validated hyper-parameters of :class:`OmniARModel`.
+
+The dataclass is the single source of the field names and defaults; the
+model's diffusers config (``config.json``) holds exactly these fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+from .._checks import check_choice, check_float, check_int, require
+
+
+@dataclass
+class OmniARConfig:
+    """Hyper-parameters of the unified MoE backbone.
+
+    Sequence: ``text_vocab_size`` byte-level text ids, then ``codebook_size``
+    visual codes per position; visual inputs have ``code_dim`` channels
+    (the tokenizer's ``latent_channels``) and come in ``scales`` (last = N,
+    the latent grid). ``mtp_k`` is the text group size: position i predicts
+    tokens i+1 .. i+mtp_k (``mtp_k - 1`` extra heads). ``vision_mask`` is
+    ``"block"`` (next-scale, block-causal) or ``"raster"`` (one token per
+    step, the baseline). MoE: ``num_experts`` routed experts of hidden size
+    ``expert_hidden_size`` (``top_k`` active) plus ``num_shared_experts``;
+    the first ``first_dense_layers`` layers are a dense SwiGLU with the same
+    active width. ``gating`` is ``"softmax"`` or ``"sigmoid"`` (selected
+    weights renormalised to sum 1 either way). ``bias_update_step`` is the
+    auxiliary-loss-free balancing step, ``seq_balance_loss_coef`` and
+    ``router_z_loss_coef`` weight the optional losses. ``moe_impl``:
+    ``"auto"`` (grouped_mm where it runs), ``"grouped_mm"`` or ``"loop"``.
+    ``elastic_*``: sampling probabilities and lower bounds of elastic training.
+    """
+
+    text_vocab_size: int = 261
+    codebook_size: int = 512
+    code_dim: int = 16
+    scales: tuple[int, ...] = (1, 2, 4, 8)
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    rope_theta: float = 10000.0
+    mtp_k: int = 2
+    vision_mask: str = "block"
+    num_experts: int = 16
+    num_shared_experts: int = 1
+    top_k: int = 2
+    expert_hidden_size: int = 256
+    first_dense_layers: int = 0
+    gating: str = "softmax"
+    bias_update_step: float = 1e-4
+    seq_balance_loss_coef: float = 1e-4
+    router_z_loss_coef: float = 0.0
+    moe_impl: str = "auto"
+    elastic_depth_prob: float = 0.75
+    elastic_experts_prob: float = 0.8
+    elastic_top_k_prob: float = 0.8
+    elastic_min_depth: int = 1
+    elastic_min_experts: int = 2
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        require(isinstance(self.scales, (tuple, list)) and len(self.scales) > 0, "scales",
+                f"must be a non-empty sequence of ints, got {self.scales!r}")
+        self.scales = tuple(check_int(n, "scales", 1) for n in self.scales)
+        require(all(a < b for a, b in zip(self.scales, self.scales[1:])), "scales",
+                f"must be strictly increasing, got {self.scales}")
+        for name in ("text_vocab_size", "codebook_size", "code_dim", "hidden_size", "num_layers",
+                     "num_heads", "num_kv_heads", "mtp_k", "num_experts", "top_k", "expert_hidden_size",
+                     "elastic_min_depth", "elastic_min_experts"):
+            check_int(getattr(self, name), name, 1)
+        check_int(self.num_shared_experts, "num_shared_experts", 0)
+        check_int(self.first_dense_layers, "first_dense_layers", 0, self.num_layers)
+        require(self.hidden_size % self.num_heads == 0, "hidden_size",
+                f"must be divisible by num_heads={self.num_heads}, got {self.hidden_size}")
+        require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
+                f"must divide num_heads={self.num_heads}, got {self.num_kv_heads}")
+        require(self.head_dim % 2 == 0 and self.head_dim >= 8, "hidden_size",
+                f"head_dim = hidden_size / num_heads must be even and >= 8, got {self.head_dim}")
+        check_int(self.top_k, "top_k", 1, self.num_experts)
+        check_float(self.rope_theta, "rope_theta", 1.0)
+        check_choice(self.vision_mask, "vision_mask", ("block", "raster"))
+        check_choice(self.gating, "gating", ("softmax", "sigmoid"))
+        check_choice(self.moe_impl, "moe_impl", ("auto", "grouped_mm", "loop"))
+        for name in ("bias_update_step", "seq_balance_loss_coef", "router_z_loss_coef"):
+            check_float(getattr(self, name), name, 0.0)
+        for name in ("elastic_depth_prob", "elastic_experts_prob", "elastic_top_k_prob"):
+            check_float(getattr(self, name), name, 0.0, 1.0)
+        check_int(self.elastic_min_depth, "elastic_min_depth", 1, self.num_layers)
+        check_int(self.elastic_min_experts, "elastic_min_experts", 1, self.num_experts)
+        check_float(self.norm_eps, "norm_eps", 0.0, low_inclusive=False)
+        check_float(self.init_std, "init_std", 0.0, low_inclusive=False)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return sum(n * n for n in self.scales)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "OmniARConfig":
+        """Build from a dict, ignoring keys that are not fields (diffusers adds ``_class_name`` etc.)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def replace(self, **changes: Any) -> "OmniARConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_signature() -> inspect.Signature:
+    """``(self, *, field=default, ...)``: lets diffusers' ``register_to_config`` see the fields."""
+    params = [inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default)
+               for f in dataclasses.fields(OmniARConfig)]
+    return inspect.Signature(params)

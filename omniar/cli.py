@@ -1,0 +1,47 @@
+"""The ``omniar`` command line: ``omniar train tokenizer|uda``, ``omniar reconstruct``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module exposing add_cli_arguments(parser) and cli_main(args) -> int
+_TRAINERS = {
+    "tokenizer": ("omniar.train.tokenizer", "train the 3D multi-scale video tokenizer (DeepSpeed)"),
+
+}
+_COMMANDS = {
+    "reconstruct": ("omniar.tokenizers.reconstruct", "tokenize and reconstruct a Moving Shapes clip to mp4"),
+}
+
+
+def _add(sub, name: str, module: str, help_text: str) -> None:
+    parser = sub.add_parser(name, help=help_text, description=help_text)
+    importlib.import_module(module).add_cli_arguments(parser)
+    parser.set_defaults(_module=module)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="omniar", description="Multimodal autoregressive generation toolkit.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model", description="Train a model on DeepSpeed.")
+    train_sub = train.add_subparsers(dest="what", required=True)
+    for name, (module, help_text) in _TRAINERS.items():
+        _add(train_sub, name, module, help_text)
+    for name, (module, help_text) in _COMMANDS.items():
+        _add(sub, name, module, help_text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return importlib.import_module(args._module).cli_main(args)
+    except ValueError as err:  # bad input: one line, non-zero exit
+        print(f"omniar: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

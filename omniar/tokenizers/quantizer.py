@@ -1,0 +1,117 @@
+"""Multi-scale residual vector quantizer (VAR-style), applied to each latent frame on its own.
+
+For scale s of size n: area-downsample what the coarser scales left unexplained
+to n x n, take the nearest code of one shared codebook, upsample the code map to
+the latent grid, refine it with a small conv mixed with identity, and add it to
+the running reconstruction ``f_hat``. The codebook is a k-means style EMA of the
+residual vectors assigned to each code, and codes unused for a while are
+restarted on random residuals, which keeps codebook usage high.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def resize(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Area-downsample (or identity) a (M, C, N, N) map to n x n."""
+    return x if x.shape[-1] == n else F.interpolate(x, size=(n, n), mode="area")
+
+
+class MultiScaleResidualVQ(nn.Module):
+    def __init__(self, dim: int, codebook_size: int, scales: tuple[int, ...], beta: float = 0.25,
+                 ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
+                 dead_code_threshold: float = 0.05):
+        super().__init__()
+        self.scales, self.beta, self.decay = tuple(scales), beta, ema_decay
+        self.refine_ratio, self.dead_code_threshold = refine_ratio, dead_code_threshold
+        self.refine = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(num_refine))
+        self.register_buffer("codebook", torch.randn(codebook_size, dim) * 0.1)
+        self.register_buffer("ema_count", torch.ones(codebook_size))
+        self.register_buffer("ema_sum", self.codebook.clone())
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @property
+    def codebook_size(self) -> int:
+        return self.codebook.shape[0]
+
+    def _refine_index(self, s: int) -> int:
+        # Scales share refinement convs by their relative position, coarse to fine.
+        k = len(self.refine)
+        return 0 if len(self.scales) == 1 else round(s / (len(self.scales) - 1) * (k - 1))
+
+    def embed_scale(self, idx: torch.Tensor, s: int) -> torch.Tensor:
+        """Contribution of scale ``s`` codes ``idx`` (M, n, n) to f_hat: (M, C, N, N)."""
+        z = F.embedding(idx, self.codebook).permute(0, 3, 1, 2)
+        n_full = self.scales[-1]
+        if z.shape[-1] != n_full:
+            z = F.interpolate(z, size=(n_full, n_full), mode="bicubic", align_corners=False)
+        conv = self.refine[self._refine_index(s)]
+        return (1 - self.refine_ratio) * z + self.refine_ratio * conv(z)
+
+    def lookup(self, r: torch.Tensor) -> torch.Tensor:
+        """Nearest code (L2) of each vector of a (M, C, n, n) map -> (M, n, n)."""
+        flat = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)[None]
+        return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
+
+    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Quantize latents f (M, C, N, N).
+
+        Returns (f_hat with a straight-through gradient to f, codes per scale, VQ loss).
+        """
+        with torch.autocast(f.device.type, enabled=False):
+            f = f.float()
+            f_hat = torch.zeros_like(f)
+            codes, residuals = [], []
+            for s, n in enumerate(self.scales):
+                r = resize(f - f_hat, n)
+                idx = self.lookup(r.detach())
+                f_hat = f_hat + self.embed_scale(idx, s)
+                codes.append(idx)
+                residuals.append(r.detach())
+            loss = self.beta * F.mse_loss(f, f_hat.detach()) + F.mse_loss(f_hat, f.detach())
+            if self.training:
+                self._ema_update(residuals, codes)
+        # Value f_hat; gradient reaches the encoder straight through and the refinement convs directly.
+        return f_hat + (f - f.detach()), codes, loss
+
+    @torch.no_grad()
+    def _ema_update(self, residuals: list[torch.Tensor], codes: list[torch.Tensor]) -> None:
+        vecs = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]) for r in residuals])
+        idx = torch.cat([c.reshape(-1) for c in codes])
+        if not self.initialized:  # start the codebook on data rather than on noise
+            self.ema_sum.copy_(vecs[torch.randint(0, vecs.shape[0], (self.codebook_size,), device=vecs.device)])
+            self.initialized.fill_(True)
+        count = torch.bincount(idx, minlength=self.codebook_size).float()
+        total = torch.zeros_like(self.ema_sum).index_add_(0, idx, vecs)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if distributed:  # every rank must hold the same codebook
+            dist.all_reduce(count)
+            dist.all_reduce(total)
+        self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
+        dead = self.ema_count < self.dead_code_threshold
+        if dead.any():  # restart unused codes on random residuals of this batch
+            pick = torch.randint(0, vecs.shape[0], (int(dead.sum()),), device=vecs.device)
+            self.ema_sum[dead] = vecs[pick]
+            self.ema_count[dead] = 1.0
+        self.codebook.copy_(self.ema_sum / self.ema_count.clamp_min(1e-5)[:, None])
+        if distributed:
+            for buf in (self.codebook, self.ema_count, self.ema_sum):
+                dist.broadcast(buf, 0)
+
+    def usage(self) -> float:
+        """Share of codes in recent use (EMA assignment count above the restart threshold)."""
+        return float((self.ema_count >= self.dead_code_threshold).float().mean())
+
+    def codes_to_latent(self, codes: list[torch.Tensor], upto_scale: int | None = None) -> torch.Tensor:
+        """Sum of the refined code maps of scales ``0..upto_scale`` (inclusive; default all)."""
+        last = len(self.scales) - 1 if upto_scale is None else upto_scale
+        f_hat = 0
+        for s in range(last + 1):
+            f_hat = f_hat + self.embed_scale(codes[s], s)
+        return f_hat

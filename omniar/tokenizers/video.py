@@ -1,0 +1,200 @@
+"""``VideoTokenizer``: causal 3D conv autoencoder + multi-scale residual VQ per latent frame.
+
+A video ``(B, 3, T, H, W)`` in [-1, 1] with ``T = 1 + tau * k`` becomes
+``1 + k`` latent frames of ``N x N`` (``N = H / spatial_compression``), each a
+stack of code maps of sizes ``config.scales`` (coarse to fine, last = N).
+An image is a one-frame video.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+from .._checks import check_choice, check_float, check_int, require
+from .causal3d import Decoder3d, Encoder3d
+from .codes import MultiScaleCodes
+from .quantizer import MultiScaleResidualVQ, resize
+
+
+@dataclass
+class TokenizerOutput:
+    reconstruction: torch.Tensor  # (B, 3, T, H, W)
+    vq_loss: torch.Tensor
+    codes: MultiScaleCodes
+
+
+class VideoTokenizer(ModelMixin, ConfigMixin):
+    """Causal 3D multi-scale VQ tokenizer.
+
+    Args:
+        channels: encoder widths, one more entry than spatial downsampling levels
+            (``len(channels) == log2(spatial_compression) + 1``); the decoder mirrors them.
+        num_res_blocks: residual blocks per level.
+        latent_channels: latent / code dimension.
+        temporal_compression: tau in {1, 2, 4}; the first frame is always encoded alone.
+        spatial_compression: 4, 8 or 16.
+        scales: code map sizes, strictly increasing; the last is the latent grid N.
+        codebook_size: number of shared codes.
+        beta: commitment weight of the VQ loss.
+        ema_decay: codebook EMA decay.
+        num_refine: shared refinement convs across scales (VAR's phi).
+        refine_ratio: mix of refinement conv vs identity.
+        dead_code_threshold: EMA assignment count under which a code is restarted.
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 128, 128), num_res_blocks: int = 1,
+                 latent_channels: int = 16, temporal_compression: int = 4, spatial_compression: int = 8,
+                 scales: tuple[int, ...] = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
+                 ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
+                 dead_code_threshold: float = 0.05):
+        super().__init__()
+        check_int(in_channels, "in_channels", 1)
+        check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
+        check_choice(spatial_compression, "spatial_compression", (4, 8, 16))
+        channels = [check_int(int(c), "channels", 1) for c in channels]
+        n_space = int(math.log2(spatial_compression))
+        require(len(channels) == n_space + 1, "channels",
+                f"needs log2(spatial_compression) + 1 = {n_space + 1} entries, got {len(channels)}")
+        scales = tuple(int(s) for s in scales)
+        require(len(scales) >= 1 and all(a < b for a, b in zip(scales, scales[1:])) and scales[0] >= 1,
+                "scales", f"must be strictly increasing positive ints, got {scales}")
+        check_int(num_res_blocks, "num_res_blocks", 1)
+        check_int(latent_channels, "latent_channels", 1)
+        check_int(codebook_size, "codebook_size", 2)
+        check_int(num_refine, "num_refine", 1)
+        check_float(beta, "beta", 0.0)
+        check_float(ema_decay, "ema_decay", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
+        check_float(refine_ratio, "refine_ratio", 0.0, 1.0)
+        check_float(dead_code_threshold, "dead_code_threshold", 0.0)
+        self.encoder = Encoder3d(in_channels, channels, num_res_blocks, latent_channels,
+                                 spatial_compression, temporal_compression)
+        self.decoder = Decoder3d(in_channels, channels, num_res_blocks, latent_channels,
+                                 spatial_compression, temporal_compression)
+        self.quantizer = MultiScaleResidualVQ(latent_channels, codebook_size, scales, beta, ema_decay,
+                                              num_refine, refine_ratio, dead_code_threshold)
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return tuple(self.config.scales)
+
+    @property
+    def resolution(self) -> int:
+        """Pixel side of the frames this tokenizer takes (latent grid x spatial compression)."""
+        return self.scales[-1] * self.config.spatial_compression
+
+    def num_latent_frames(self, num_frames: int) -> int:
+        return 1 + (num_frames - 1) // self.config.temporal_compression
+
+    def check_num_frames(self, num_frames: int, name: str = "num_frames") -> None:
+        tau = self.config.temporal_compression
+        check_int(num_frames, name, 1)
+        require((num_frames - 1) % tau == 0, name, f"must be 1 + {tau} * k (causal layout), got {num_frames}")
+
+    def check_video(self, video: torch.Tensor, name: str = "video") -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``video`` is a valid (B, C, T, H, W) clip in [-1, 1]."""
+        require(isinstance(video, torch.Tensor), name, f"must be a torch.Tensor, got {type(video).__name__}")
+        require(video.dim() == 5, name, f"must have shape (B, {self.config.in_channels}, T, H, W), "
+                f"got {video.dim()} dims {tuple(video.shape)}")
+        require(video.is_floating_point(), name, f"must be a float tensor, got {video.dtype}")
+        b, c, t, h, w = video.shape
+        require(b >= 1, name, "batch size must be >= 1")
+        require(c == self.config.in_channels, name, f"must have {self.config.in_channels} channels, got {c}")
+        self.check_num_frames(t, f"{name} (frames)")
+        res = self.resolution
+        require(h == res and w == res, name, f"frames must be {res}x{res} for scales {self.scales}, got {h}x{w}")
+        require(bool(torch.isfinite(video).all()), name, "contains NaN or Inf")
+        require(float(video.abs().max()) <= 1.0 + 1e-3, name, "values must lie in [-1, 1]")
+
+    def _check_codes(self, codes: MultiScaleCodes) -> None:
+        require(isinstance(codes, MultiScaleCodes), "codes", f"must be MultiScaleCodes, got {type(codes).__name__}")
+        require(codes.scales == self.scales, "codes", f"scales {codes.scales} differ from the tokenizer's {self.scales}")
+        for c in codes.codes:
+            require(not c.is_floating_point() and int(c.min()) >= 0 and int(c.max()) < self.config.codebook_size,
+                    "codes", f"indices must be integers in [0, {self.config.codebook_size})")
+
+    # --------------------------------------------------------------- internals
+    def _quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Quantize each latent frame on its own: (B, C, t, N, N) -> f_hat, codes (B, t, n, n), loss."""
+        b, _, t = latent.shape[:3]
+        f = latent.transpose(1, 2).flatten(0, 1)
+        f_hat, codes, loss = self.quantizer(f)
+        f_hat = f_hat.unflatten(0, (b, t)).transpose(1, 2)
+        return f_hat, [c.unflatten(0, (b, t)) for c in codes], loss
+
+    def _codes_to_latent(self, codes: MultiScaleCodes, upto_scale: int | None = None) -> torch.Tensor:
+        b, t = codes.batch_size, codes.num_latent_frames
+        flat = [c.to(self.device).flatten(0, 1) for c in codes.codes]
+        f_hat = self.quantizer.codes_to_latent(flat, upto_scale)
+        return f_hat.unflatten(0, (b, t)).transpose(1, 2)
+
+    # ------------------------------------------------------------------ public
+    def forward(self, video: torch.Tensor) -> TokenizerOutput:
+        """Training forward: reconstruction, VQ loss and codes."""
+        self.check_video(video)
+        f_hat, codes, loss = self._quantize(self.encoder(video))
+        rec = self.decoder(f_hat.to(video.dtype))
+        return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> MultiScaleCodes:
+        """Video (B, 3, 1 + tau k, H, W) in [-1, 1] -> :class:`MultiScaleCodes`."""
+        self.check_video(video)
+        _, codes, _ = self._quantize(self.encoder(video.to(self.device, self.dtype)))
+        return MultiScaleCodes(codes, self.scales, video.shape[2])
+
+    @torch.no_grad()
+    def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Decode continuous latents (B, C, t, N, N); ``chunk_size`` latent frames at a time if given."""
+        if chunk_size is None:
+            return self.decoder(latent).clamp(-1, 1)
+        check_int(chunk_size, "chunk_size", 1)
+        with self.decoder.streaming():
+            parts = [self.decoder(latent[:, :, i:i + chunk_size]) for i in range(0, latent.shape[2], chunk_size)]
+        return torch.cat(parts, dim=2).clamp(-1, 1)
+
+    def decode(self, codes: MultiScaleCodes, chunk_size: int | None = None) -> torch.Tensor:
+        """Codes -> video (B, 3, T, H, W) in [-1, 1]. ``chunk_size`` latent frames per decoder call
+        (the causal decoder carries its state across chunks, so the result equals the one-shot decode)."""
+        return self.decode_partial(codes, len(self.scales) - 1, chunk_size)
+
+    @torch.no_grad()
+    def decode_partial(self, codes: MultiScaleCodes, upto_scale: int, chunk_size: int | None = None) -> torch.Tensor:
+        """Coarse preview: decode only scales ``0..upto_scale`` (inclusive)."""
+        self._check_codes(codes)
+        check_int(upto_scale, "upto_scale", 0, len(self.scales) - 1)
+        return self.decode_latent(self._codes_to_latent(codes, upto_scale), chunk_size)
+
+    @torch.no_grad()
+    def codes_to_accumulated(self, codes: MultiScaleCodes) -> list[torch.Tensor]:
+        """Teacher-forcing inputs for the AR model.
+
+        Returns one float tensor per scale s of shape (B, T_lat, C, n_s, n_s): the
+        accumulated reconstruction of scales < s of the same latent frame, area-resized
+        to n_s. For s = 0 it is the previous latent frame's full reconstruction resized
+        to n_0 (zeros for frame 0, whose first position is the begin-of-video token).
+        """
+        self._check_codes(codes)
+        b, t = codes.batch_size, codes.num_latent_frames
+        flat = [c.to(self.device).flatten(0, 1) for c in codes.codes]
+        inputs, f_hat = [], None
+        for s, n in enumerate(self.scales):
+            if s == 0:
+                full = self.quantizer.codes_to_latent(flat).unflatten(0, (b, t))
+                prev = torch.cat([torch.zeros_like(full[:, :1]), full[:, :-1]], dim=1).flatten(0, 1)
+                inputs.append(resize(prev, n))
+                f_hat = self.quantizer.embed_scale(flat[0], 0)
+            else:
+                inputs.append(resize(f_hat, n))
+                f_hat = f_hat + self.quantizer.embed_scale(flat[s], s)
+        return [x.unflatten(0, (b, t)) for x in inputs]
+
+    def codebook_usage(self) -> float:
+        """Share of codes in recent use during training (EMA statistic)."""
+        return self.quantizer.usage()

@@ -1,0 +1,79 @@
+"""Pieces shared by the trainers: YAML configs, step-indexed data, progress."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import yaml
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .._checks import require
+
+
+def load_yaml(path: str | Path, name: str = "config") -> dict:
+    path = Path(path)
+    require(path.is_file(), name, f"file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    require(isinstance(data, dict), name, f"{path} must hold a mapping at the top level")
+    return data
+
+
+def apply_overrides(config: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a nested config dict."""
+    for item in overrides:
+        require("=" in item, "--set", f"expected section.key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            require(isinstance(node, dict), "--set", f"{key!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value)
+    return config
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
+    parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="run directory (overrides train.out_dir)")
+    parser.add_argument("--steps", type=int, default=None, help="total optimisation steps (overrides train.steps)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config value, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+def resolve_config(args: argparse.Namespace) -> dict:
+    config = apply_overrides(load_yaml(args.config), args.set)
+    train = config.setdefault("train", {})
+    if args.out is not None:
+        train["out_dir"] = args.out
+    if args.steps is not None:
+        train["steps"] = args.steps
+    return config
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Batches of dataset indices that depend only on (step, rank): resuming at step k
+    reproduces exactly the batches an uninterrupted run would have seen."""
+
+    def __init__(self, dataset_len: int, batch_size: int, start_step: int, total_steps: int, rank: int = 0,
+                 world_size: int = 1):
+        self.n, self.bs, self.start, self.total = dataset_len, batch_size, start_step, total_steps
+        self.rank, self.world = rank, world_size
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for step in range(self.start, self.total):
+            first = (step * self.world + self.rank) * self.bs
+            yield [(first + i) % self.n for i in range(self.bs)]
+
+
+def step_loader(dataset: Dataset, batch_size: int, start_step: int, total_steps: int, rank: int, world_size: int,
+                num_workers: int = 0, collate_fn: Any = None) -> DataLoader:
+    sampler = StepBatchSampler(len(dataset), batch_size, start_step, total_steps, rank, world_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                      persistent_workers=False, pin_memory=torch.cuda.is_available())

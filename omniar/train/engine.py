@@ -1,0 +1,255 @@
+"""A thin DeepSpeed training engine shared by every omniar trainer.
+
+One CPU process works without a launcher (gloo is initialised here); under the
+``deepspeed`` launcher the same code runs data-parallel with ZeRO stage 0-2.
+Checkpoints are written atomically: DeepSpeed writes into a hidden temporary
+tag directory which is renamed to ``step_XXXXXXXX`` only once every rank has
+finished, so a crash mid-write never leaves a directory that resume would pick.
+Trainers draw all randomness of step k from :meth:`TrainEngine.generator`, so a
+resumed run repeats exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .._checks import check_choice, check_float, check_int, require
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class EngineConfig:
+    """Optimisation and bookkeeping settings common to all trainers."""
+
+    out_dir: str = "runs/default"
+    zero_stage: int = 0
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    grad_clip: float = 1.0
+    micro_batch_size: int = 8
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    seed: int = 0
+    precision: str = "fp32"  # "bf16": torch.autocast with fp32 master weights
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+
+    def __post_init__(self) -> None:
+        check_choice(self.zero_stage, "zero_stage", (0, 1, 2))
+        check_float(self.lr, "lr", 0.0, low_inclusive=False)
+        check_float(self.weight_decay, "weight_decay", 0.0)
+        check_float(self.grad_clip, "grad_clip", 0.0)
+        check_int(self.micro_batch_size, "micro_batch_size", 1)
+        check_int(self.grad_accum, "grad_accum", 1)
+        check_int(self.warmup_steps, "warmup_steps", 0)
+        check_int(self.seed, "seed", 0)
+        check_choice(self.precision, "precision", ("fp32", "bf16"))
+        check_int(self.log_every, "log_every", 1)
+        check_int(self.save_every, "save_every", 1)
+        check_int(self.keep_checkpoints, "keep_checkpoints", 1)
+        check_int(self.max_bad_steps, "max_bad_steps", 1)
+        self.betas = tuple(float(b) for b in self.betas)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is intact."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> None:
+    """Initialise torch.distributed through DeepSpeed; a lone process becomes rank 0 of 1."""
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+class TrainEngine:
+    """DeepSpeed engine + atomic checkpoints + TensorBoard + non-finite-loss guard."""
+
+    def __init__(self, model: nn.Module, config: EngineConfig,
+                 optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
+                 lr_lambda: Callable[[int], float] | None = None):
+        import deepspeed
+
+        init_distributed()
+        self.config = config
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        model = model.to(self.device)
+        if optimizer_factory is not None:
+            optimizer = optimizer_factory(model)
+        else:
+            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
+                                          betas=config.betas, weight_decay=config.weight_decay)
+        if lr_lambda is None:
+            warm = config.warmup_steps
+            lr_lambda = lambda step: min(1.0, (step + 1) / warm) if warm else 1.0  # noqa: E731
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+        ds_config = {
+            "train_micro_batch_size_per_gpu": config.micro_batch_size,
+            "gradient_accumulation_steps": config.grad_accum,
+            "gradient_clipping": config.grad_clip,
+            "zero_optimization": {"stage": config.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10**9,
+        }
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.out_dir = Path(config.out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.bad_steps = 0
+        self.skipped_steps = 0
+        self._writer = None
+        if self.rank == 0:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(str(self.out_dir / "tb"))
+
+    # ---------------------------------------------------------------- stepping
+    @property
+    def module(self) -> nn.Module:
+        return self.ds.module
+
+    def generator(self, step: int, salt: int = 0) -> torch.Generator:
+        """CPU generator seeded by (seed, step, rank, salt): the randomness of one step, resumable."""
+        g = torch.Generator()
+        g.manual_seed(((self.config.seed * 1_000_003 + step) * 1009 + self.rank) * 7919 + salt)
+        return g
+
+    def autocast(self):
+        """Mixed precision context for the forward pass (no-op in fp32)."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """Backward + optimizer step. A non-finite loss (on any rank) skips the step and returns False;
+        ``max_bad_steps`` in a row raise :class:`NonFiniteLossError`."""
+        finite = torch.tensor(float(torch.isfinite(loss.detach()).all()), device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            self.bad_steps += 1
+            self.skipped_steps += 1
+            if self.bad_steps >= self.config.max_bad_steps:
+                raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses; stopping. "
+                                         f"The last good checkpoint in {self.ckpt_dir} is intact.")
+            return False
+        self.bad_steps = 0
+        self.ds.backward(loss)
+        self.ds.step()
+        return True
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+        if self._writer is not None:
+            for key, value in scalars.items():
+                self._writer.add_scalar(key, float(value), step)
+
+    # ------------------------------------------------------------- checkpoints
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.ckpt_dir.is_dir():
+            return []
+        return sorted(p for p in self.ckpt_dir.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+
+    def save(self, step: int) -> Path:
+        """Atomically save the full training state after ``step`` steps."""
+        tmp_tag, tag = f".tmp-step_{step:08d}", f"step_{step:08d}"
+        if self.rank == 0 and (self.ckpt_dir / tmp_tag).exists():
+            shutil.rmtree(self.ckpt_dir / tmp_tag)
+        self._barrier()
+        self.ds.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, client_state={"step": step},
+                                save_latest=False)
+        self._barrier()
+        final = self.ckpt_dir / tag
+        if self.rank == 0:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(self.ckpt_dir / tmp_tag, final)
+            for old in self.checkpoints()[:-self.config.keep_checkpoints]:
+                shutil.rmtree(old)
+        self._barrier()
+        return final
+
+    def resume(self) -> int:
+        """Load the newest complete checkpoint; return the number of steps already done (0 if none)."""
+        found = self.checkpoints()
+        if not found:
+            return 0
+        _, client = self.ds.load_checkpoint(str(self.ckpt_dir), tag=found[-1].name)
+        require(client is not None and "step" in client, "checkpoint", f"{found[-1]} has no step record")
+        return int(client["step"])
+
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def config_from_dict(cls, values: dict, name: str):
+    """Build dataclass ``cls`` from a dict, with a clear error for unknown keys."""
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    require(not unknown, name, f"unknown keys {unknown}; known: {sorted(known)}")
+    return cls(**values)
+
+
+def export_pretrained(model, folder: str | Path) -> Path:
+    """``model.save_pretrained`` into ``folder`` atomically (write aside, then swap in)."""
+    folder = Path(folder)
+    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    model.save_pretrained(str(tmp))
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
+
+
+def cosine_lr(total_steps: int, warmup_steps: int = 0, floor: float = 0.05) -> Callable[[int], float]:
+    """Linear warm-up then cosine decay to ``floor`` x the base rate."""
+    def fn(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        p = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p))
+    return fn

@@ -1,0 +1,122 @@
+"""Train the video tokenizer on DeepSpeed: ``omniar train tokenizer --config configs/tokenizer_shapes.yaml``.
+
+Loss: MSE + L1 reconstruction + the quantizer's VQ loss. Logs loss, PSNR and
+codebook usage to TensorBoard; checkpoints atomically; resumes from the newest
+complete checkpoint; exports ``save_pretrained`` weights to ``<out_dir>/final``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .._checks import check_choice, check_float, check_int, require
+from ..tokenizers import VideoTokenizer
+from .common import add_config_arguments, resolve_config, step_loader
+from .engine import EngineConfig, TrainEngine, config_from_dict, cosine_lr, export_pretrained
+
+
+@dataclass
+class TokenizerDataConfig:
+    dataset: str = "shapes"  # "shapes" | "video_folder"
+    path: str | None = None  # JSONL for video_folder
+    size: int = 64
+    num_frames: int = 17
+    num_samples: int = 10_000_000  # shapes: clips are generated, so this is effectively unbounded
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
+        require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
+        check_int(self.num_workers, "data.num_workers", 0)
+
+
+@dataclass
+class TokenizerTrainConfig:
+    steps: int = 1000
+    l1_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "train.steps", 1)
+        check_float(self.l1_weight, "train.l1_weight", 0.0)
+
+
+def build_dataset(cfg: TokenizerDataConfig):
+    if cfg.dataset == "shapes":
+        from ..data.shapes import MovingShapes
+
+        return MovingShapes("train", cfg.num_samples, cfg.size, cfg.num_frames, cfg.seed)
+    from ..data.video_folder import VideoFolderDataset
+
+    return VideoFolderDataset(cfg.path, num_frames=cfg.num_frames, size=cfg.size, seed=cfg.seed)
+
+
+def _split_train_section(section: dict) -> tuple[EngineConfig, TokenizerTrainConfig]:
+    engine_keys = {f.name for f in fields(EngineConfig)}
+    engine = config_from_dict(EngineConfig, {k: v for k, v in section.items() if k in engine_keys}, "train")
+    own = config_from_dict(TokenizerTrainConfig, {k: v for k, v in section.items() if k not in engine_keys}, "train")
+    return engine, own
+
+
+def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean PSNR (dB) over a batch of [-1, 1] tensors."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
+    return (10 * torch.log10(4.0 / mse)).mean()
+
+
+def train(config: dict, progress: bool = True) -> Path:
+    """Run (or resume) tokenizer training; returns the exported model folder."""
+    require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
+    model = VideoTokenizer(**config.get("model", {}))
+    data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
+    engine_cfg, train_cfg = _split_train_section(config.get("train", {}))
+    require(model.resolution == data_cfg.size, "data.size",
+            f"must equal the tokenizer resolution {model.resolution} (scales[-1] x spatial_compression)")
+    model.check_num_frames(data_cfg.num_frames, "data.num_frames")
+    torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
+    engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
+    start = engine.resume()
+    loader = step_loader(build_dataset(data_cfg), engine_cfg.micro_batch_size, start, train_cfg.steps,
+                         engine.rank, engine.world_size, data_cfg.num_workers)
+    bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="tokenizer")
+    step = start
+    for batch in loader:
+        video = batch["video"].to(engine.device, non_blocking=True)
+        with engine.autocast():
+            out = engine.ds(video)
+            rec = out.reconstruction.float()
+            loss = F.mse_loss(rec, video) + train_cfg.l1_weight * F.l1_loss(rec, video) + out.vq_loss
+        engine.backward_step(loss)
+        step += 1
+        bar.update(1)
+        if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
+            scalars = {"loss": loss.item(), "vq_loss": out.vq_loss.item(), "psnr": psnr_batch(rec, video).item(),
+                       "codebook_usage": engine.module.codebook_usage(), "lr": engine.lr,
+                       "skipped_steps": engine.skipped_steps}
+            engine.log_scalars(scalars, step)
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
+                            usage=f"{scalars['codebook_usage']:.2f}")
+        if step % engine_cfg.save_every == 0 or step == train_cfg.steps:
+            engine.save(step)
+    bar.close()
+    final = Path(engine_cfg.out_dir) / "final"
+    if engine.rank == 0:
+        export_pretrained(engine.module, final)
+    engine.close()
+    return final
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "configs/tokenizer_shapes.yaml")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    final = train(resolve_config(args))
+    print(f"tokenizer weights: {final}")
+    return 0
