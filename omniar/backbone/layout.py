@@ -1,0 +1,104 @@
+"""Sequence layout: per-token metadata, the attention mask and the RoPE positions.
+
+Every token carries a ``block`` id; a query sees a key iff
+``block_key <= block_query`` (and the key is not padding, and the key's frame
+is not hidden by ``frame_visibility``). Text tokens and raster-order vision
+tokens are their own block (plain causal); a next-scale (frame, scale) block
+uses the sequence index of its first token, so its tokens see each other and
+everything before. The full forward and the KV-cache steps build their masks
+from the same metadata, so both paths attend identically.
+
+Positions are ``(t, h, w, scale)``: text token i sits at ``(i, i, i, 0)``;
+vision token (i, j) of an n x n scale of latent frame f sits at
+``(L + f, L + (i + 0.5) N / n, L + (j + 0.5) N / n, s)`` with L the padded
+text length of the batch (so positions never depend on per-sample padding)
+and N the finest scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TokenMeta:
+    """Metadata of a run of consecutive tokens: ``block``/``frame`` ``(L,)`` long
+    (frame -1 for text), ``valid`` ``(B, L)`` bool, ``pos`` ``(L, 4)`` float."""
+
+    block: torch.Tensor
+    frame: torch.Tensor
+    valid: torch.Tensor
+    pos: torch.Tensor
+
+    @property
+    def is_text(self) -> torch.Tensor:
+        return self.frame < 0
+
+    def cat(self, other: "TokenMeta") -> "TokenMeta":
+        return TokenMeta(torch.cat([self.block, other.block]), torch.cat([self.frame, other.frame]),
+                         torch.cat([self.valid, other.valid], dim=1), torch.cat([self.pos, other.pos]))
+
+
+def text_meta(valid: torch.Tensor) -> TokenMeta:
+    """Metadata of the text prefix, ``valid`` ``(B, L)`` bool (True = real token)."""
+    length = valid.shape[1]
+    idx = torch.arange(length, device=valid.device)
+    pos = torch.zeros(length, 4, device=valid.device)
+    pos[:, :3] = idx[:, None].float()
+    return TokenMeta(idx, torch.full_like(idx, -1), valid, pos)
+
+
+def scale_offsets(scales: tuple[int, ...]) -> list[int]:
+    """Index of each scale's first token inside a frame."""
+    offsets, total = [], 0
+    for n in scales:
+        offsets.append(total)
+        total += n * n
+    return offsets
+
+
+def vision_meta(batch: int, text_len: int, scales: tuple[int, ...], frame: int, scale: int,
+                start: int, stop: int, raster: bool, device: torch.device) -> TokenMeta:
+    """Metadata of tokens ``[start, stop)`` (row-major) of block (``frame``, ``scale``)."""
+    n, fine = scales[scale], scales[-1]
+    first = text_len + frame * sum(m * m for m in scales) + scale_offsets(scales)[scale]
+    idx = torch.arange(start, stop, device=device)
+    block = first + idx if raster else torch.full_like(idx, first)
+    step = fine / n
+    pos = torch.stack([torch.full((stop - start,), float(text_len + frame), device=device),
+                       text_len + (torch.div(idx, n, rounding_mode="floor") + 0.5) * step,
+                       text_len + (idx % n + 0.5) * step,
+                       torch.full((stop - start,), float(scale), device=device)], dim=1)
+    return TokenMeta(block, torch.full_like(idx, frame), torch.ones(batch, stop - start, dtype=torch.bool,
+                                                                      device=device), pos)
+
+
+def video_meta(batch: int, text_len: int, scales: tuple[int, ...], num_frames: int, raster: bool,
+               device: torch.device) -> TokenMeta:
+    """Metadata of ``num_frames`` whole frames, frame-major then coarse to fine."""
+    metas = [vision_meta(batch, text_len, scales, f, s, 0, n * n, raster, device)
+             for f in range(num_frames) for s, n in enumerate(scales)]
+    out = metas[0]
+    for m in metas[1:]:
+        out = out.cat(m)
+    return out
+
+
+def attention_mask(query: TokenMeta, key: TokenMeta,
+                   frame_visibility: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boolean mask ``(B, 1, Lq, Lk)`` (True = attend) and ``empty`` ``(B, 1, Lq, 1)``.
+
+    A query without any visible key (a padding query before any real token)
+    gets an all-True row so SDPA stays finite; ``empty`` marks those rows so
+    the caller zeroes their output, keeping padded keys invisible everywhere.
+    """
+    mask = (key.block[None, :] <= query.block[:, None])[None] & key.valid[:, None, :]
+    if frame_visibility is not None:
+        qf, kf = query.frame, key.frame
+        earlier = (qf[:, None] >= 0) & (kf[None, :] >= 0) & (kf[None, :] < qf[:, None])
+        seen = frame_visibility[:, qf.clamp(min=0)][:, :, kf.clamp(min=0)]
+        mask = mask & (~earlier[None] | seen)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    return (mask | empty)[:, None], empty[:, None]

@@ -1,0 +1,271 @@
+"""``OmniARModel``: one decoder-only MoE transformer over ``[text][frame0 scales][frame1 scales]...``."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+from .._checks import check_int, require
+from .attention import Attention, KVCache
+from .config import OmniARConfig, config_signature
+from .elastic import ElasticSpec, resolve_elastic, sample_elastic, slice_state_dict, submodel_config
+from .layout import TokenMeta, attention_mask, text_meta, video_meta, vision_meta
+from .moe import MoELayer, RouterStats, SwiGLU
+from .rope import MultiScaleRoPE
+
+
+@dataclass
+class OmniAROutput:
+    """``text_logits`` (B, L, V_text): position i predicts text token i+1;
+    ``mtp_logits`` (B, L, mtp_k - 1, V_text) or None: tokens i+2 .. i+mtp_k;
+    ``visual_logits`` (B, T_lat, tokens_per_frame, codebook_size) or None: each
+    vision position predicts the code at its own position; ``aux_loss``: sum of
+    the MoE auxiliary losses (0 in eval); ``router_stats``: one per MoE layer run."""
+
+    text_logits: torch.Tensor
+    mtp_logits: torch.Tensor | None
+    visual_logits: torch.Tensor | None
+    aux_loss: torch.Tensor
+    router_stats: list[RouterStats]
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: OmniARConfig, dense: bool) -> None:
+        super().__init__()
+        d = cfg.hidden_size
+        self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.attn = Attention(d, cfg.num_heads, cfg.num_kv_heads, cfg.norm_eps)
+        self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        active = (cfg.top_k + cfg.num_shared_experts) * cfg.expert_hidden_size
+        self.ffn = SwiGLU(d, active) if dense else MoELayer(
+            d, cfg.expert_hidden_size, cfg.num_experts, cfg.num_shared_experts, cfg.gating,
+            cfg.seq_balance_loss_coef, cfg.router_z_loss_coef, cfg.moe_impl)
+
+    def forward(self, x, cos, sin, mask, empty, meta: TokenMeta, cache: KVCache | None, layer: int,
+                spec: ElasticSpec) -> tuple[torch.Tensor, torch.Tensor | None, RouterStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, empty, cache, layer)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, SwiGLU):
+            return x + self.ffn(h), None, None
+        y, aux, stats = self.ffn(h, meta.valid, meta.is_text, spec.num_experts, spec.top_k, layer)
+        return x + y, aux, stats
+
+
+class OmniARModel(ModelMixin, ConfigMixin):
+    """Unified MoE autoregressive backbone (see :mod:`omniar.backbone` for the API)."""
+
+    def _init(self, **fields) -> None:
+        super().__init__()
+        cfg = OmniARConfig(**fields)
+        self._omniar_config = cfg
+        d = cfg.hidden_size
+        self.text_embed = nn.Embedding(cfg.text_vocab_size, d)
+        self.visual_in = nn.Linear(cfg.code_dim, d)
+        self.scale_embed = nn.Embedding(len(cfg.scales), d)
+        self.bov = nn.Parameter(torch.zeros(d))
+        self.rope = MultiScaleRoPE(cfg.head_dim, cfg.rope_theta)
+        self.layers = nn.ModuleList(Block(cfg, i < cfg.first_dense_layers) for i in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.text_head = nn.Linear(d, cfg.text_vocab_size, bias=False)
+        self.mtp_heads = nn.ModuleList(nn.Linear(d, cfg.text_vocab_size, bias=False) for _ in range(cfg.mtp_k - 1))
+        self.visual_head = nn.Linear(d, cfg.codebook_size, bias=False)
+        scale_ids = torch.cat([torch.full((n * n,), s) for s, n in enumerate(cfg.scales)])
+        self.register_buffer("frame_scale_ids", scale_ids, persistent=False)
+        self._elastic: ElasticSpec | None = None
+        for name, p in self.named_parameters():
+            if p.dim() >= 2 or name == "bov":
+                nn.init.normal_(p, std=cfg.init_std)
+
+    # diffusers reads the config fields from the __init__ signature; the dataclass owns them.
+    _init.__signature__ = config_signature()
+    __init__ = register_to_config(_init)
+    del _init
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def from_config_obj(cls, cfg: OmniARConfig) -> "OmniARModel":
+        require(isinstance(cfg, OmniARConfig), "cfg", f"must be an OmniARConfig, got {type(cfg).__name__}")
+        return cls(**cfg.to_dict())
+
+    @property
+    def omniar_config(self) -> OmniARConfig:
+        return self._omniar_config.replace()
+
+    # ----------------------------------------------------------------- elastic
+    @contextlib.contextmanager
+    def elastic(self, depth: int | None = None, num_experts: int | None = None,
+                top_k: int | None = None) -> Iterator["OmniARModel"]:
+        """Run the nested sub-model (first ``depth`` layers, first ``num_experts`` experts,
+        ``top_k`` active) inside the ``with`` block; None keeps the full value."""
+        spec = resolve_elastic(self._omniar_config, depth, num_experts, top_k)
+        previous, self._elastic = self._elastic, spec
+        try:
+            yield self
+        finally:
+            self._elastic = previous
+
+    def sample_elastic(self, generator: torch.Generator | None = None) -> ElasticSpec:
+        """Draw a training sub-model with the config's ``elastic_*`` probabilities;
+        use it as ``with model.elastic(*spec): ...``."""
+        return sample_elastic(self._omniar_config, generator)
+
+    @property
+    def active_spec(self) -> ElasticSpec:
+        cfg = self._omniar_config
+        return self._elastic or ElasticSpec(cfg.num_layers, cfg.num_experts, cfg.top_k)
+
+    def extract_submodel(self, depth: int | None = None, num_experts: int | None = None,
+                         top_k: int | None = None, save_directory: str | None = None) -> "OmniARModel":
+        """A standalone model equal to ``self.elastic(depth, num_experts, top_k)``; saved with
+        ``save_pretrained`` when ``save_directory`` is given."""
+        spec = resolve_elastic(self._omniar_config, depth, num_experts, top_k)
+        sub = OmniARModel.from_config_obj(submodel_config(self._omniar_config, spec))
+        sub.load_state_dict(slice_state_dict(self.state_dict(), sub.state_dict()))
+        sub.to(device=self.device, dtype=self.dtype)
+        if save_directory is not None:
+            sub.save_pretrained(save_directory)
+        return sub
+
+    # -------------------------------------------------------------- balancing
+    def update_router_biases(self) -> None:
+        """Auxiliary-loss-free balancing step; call once after each optimizer step."""
+        for block in self.layers:
+            if isinstance(block.ffn, MoELayer):
+                block.ffn.update_bias(self._omniar_config.bias_update_step)
+
+    # ------------------------------------------------------------------- trunk
+    def _trunk(self, x: torch.Tensor, meta: TokenMeta, cache: KVCache | None,
+               frame_visibility: torch.Tensor | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+        spec = self.active_spec
+        require(cache is None or cache.spec == spec, "cache",
+                f"was made for sub-model {cache and cache.spec}, the model now runs {spec}")
+        keys = meta if cache is None or cache.meta is None else cache.meta.cat(meta)
+        mask, empty = attention_mask(meta, keys, frame_visibility)
+        cos, sin = self.rope.cos_sin(meta.pos, x.dtype)
+        aux, stats = x.new_zeros((), dtype=torch.float32), []
+        for i in range(spec.depth):
+            x, layer_aux, layer_stats = self.layers[i](x, cos, sin, mask, empty, meta, cache, i, spec)
+            if layer_stats is not None:
+                aux, stats = aux + layer_aux, stats + [layer_stats]
+        if cache is not None:
+            cache.meta = keys
+        return self.norm(x), aux, stats
+
+    def _text_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mtp = torch.stack([head(h) for head in self.mtp_heads], dim=2) if len(self.mtp_heads) else None
+        return self.text_head(h), mtp
+
+    def _embed_vision(self, feats: torch.Tensor, scale_ids: torch.Tensor, with_bov: bool) -> torch.Tensor:
+        """``feats`` (B, T, m, C) -> (B, T*m, d); BOV replaces the input of position (0, 0)."""
+        x = self.visual_in(feats.to(self.visual_in.weight.dtype)) + self.scale_embed(scale_ids)
+        if with_bov:
+            x[:, 0, 0] = self.bov + self.scale_embed.weight[0]
+        return x.flatten(1, 2)
+
+    def _check_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        require(isinstance(text_ids, torch.Tensor) and text_ids.dim() == 2 and text_ids.shape[1] >= 1
+                and not text_ids.is_floating_point(), "text_ids",
+                f"must be an integer tensor (B, L) with L >= 1, got {getattr(text_ids, 'shape', text_ids)}")
+        vocab = self._omniar_config.text_vocab_size
+        require(bool(((text_ids >= 0) & (text_ids < vocab)).all()), "text_ids", f"ids must be in [0, {vocab})")
+        if text_mask is None:
+            return torch.ones_like(text_ids, dtype=torch.bool)
+        require(isinstance(text_mask, torch.Tensor) and text_mask.dtype == torch.bool
+                and text_mask.shape == text_ids.shape, "text_mask",
+                f"must be a bool tensor of shape {tuple(text_ids.shape)}")
+        return text_mask
+
+    # ------------------------------------------------------------- full pass
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None,
+                visual_inputs: list[torch.Tensor] | None = None,
+                frame_visibility: torch.Tensor | None = None) -> OmniAROutput:
+        """Teacher-forced pass over the whole sequence.
+
+        ``text_ids`` (B, L) right-padded, ``text_mask`` (B, L) bool (True = real);
+        ``visual_inputs[s]`` (B, T_lat, code_dim, n_s, n_s): the accumulated inputs of
+        scale s (``VideoTokenizer.codes_to_accumulated``); ``frame_visibility``
+        (B, T_lat, T_lat) bool [query frame, key frame] hides earlier frames (Random
+        Frame Mask); a frame always sees itself and the text.
+        """
+        cfg = self._omniar_config
+        text_mask = self._check_text(text_ids, text_mask)
+        b, length = text_ids.shape
+        x, meta = self.text_embed(text_ids), text_meta(text_mask)
+        num_frames = 0
+        if visual_inputs is not None:
+            require(isinstance(visual_inputs, (list, tuple)) and len(visual_inputs) == len(cfg.scales),
+                    "visual_inputs", f"must be a list of {len(cfg.scales)} tensors, one per scale")
+            num_frames = visual_inputs[0].shape[1] if visual_inputs[0].dim() == 5 else 0
+            for s, (v, n) in enumerate(zip(visual_inputs, cfg.scales)):
+                require(v.dim() == 5 and tuple(v.shape) == (b, num_frames, cfg.code_dim, n, n) and num_frames > 0,
+                        "visual_inputs", f"scale {s} must have shape (B={b}, T_lat>0, {cfg.code_dim}, {n}, {n}) "
+                                         f"with T_lat shared, got {tuple(v.shape)}")
+            feats = torch.cat([v.flatten(3).transpose(2, 3) for v in visual_inputs], dim=2)
+            x = torch.cat([x, self._embed_vision(feats, self.frame_scale_ids, True)], dim=1)
+            meta = meta.cat(video_meta(b, length, cfg.scales, num_frames, cfg.vision_mask == "raster", x.device))
+        if frame_visibility is not None:
+            require(num_frames > 0 and isinstance(frame_visibility, torch.Tensor)
+                    and frame_visibility.dtype == torch.bool
+                    and tuple(frame_visibility.shape) == (b, num_frames, num_frames), "frame_visibility",
+                    f"must be a bool tensor (B, T_lat, T_lat) = {(b, num_frames, num_frames)} with visual_inputs")
+        hidden, aux, stats = self._trunk(x, meta, None, frame_visibility)
+        text_logits, mtp_logits = self._text_outputs(hidden[:, :length])
+        visual_logits = None
+        if num_frames:
+            visual_logits = self.visual_head(hidden[:, length:]).view(b, num_frames, cfg.tokens_per_frame, -1)
+        return OmniAROutput(text_logits, mtp_logits, visual_logits, aux, stats)
+
+    # ----------------------------------------------------------- incremental
+    def new_cache(self) -> KVCache:
+        """An empty KV cache for :meth:`forward_text` / :meth:`forward_scale`."""
+        return KVCache(self._omniar_config.num_layers, self.active_spec)
+
+    def forward_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None,
+                     cache: KVCache) -> torch.Tensor:
+        """Encode the text prefix into an empty ``cache``; returns text logits (B, L, V_text)."""
+        require(isinstance(cache, KVCache) and len(cache) == 0, "cache", "must be an empty KVCache")
+        text_mask = self._check_text(text_ids, text_mask)
+        cache.text_len = text_ids.shape[1]
+        hidden, _, _ = self._trunk(self.text_embed(text_ids), text_meta(text_mask), cache)
+        return self._text_outputs(hidden)[0]
+
+    def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
+                      start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """One step: tokens ``[start, stop)`` (row-major; default the whole scale) of block
+        (``frame``, ``scale``), appended to ``cache``. ``inputs`` (B, code_dim, n_s, n_s) is the
+        scale's accumulated input (ignored at frame 0 scale 0: BOV). Blocks must come in order;
+        next-scale models take whole scales, raster models any run of tokens.
+        Returns visual logits (B, stop - start, codebook_size)."""
+        cfg = self._omniar_config
+        require(isinstance(cache, KVCache) and cache.text_len is not None, "cache",
+                "must be a KVCache that went through forward_text")
+        check_int(scale, "scale", 0, len(cfg.scales) - 1)
+        check_int(frame, "frame", 0)
+        n = cfg.scales[scale]
+        stop = n * n if stop is None else check_int(stop, "stop", 1, n * n)
+        check_int(start, "start", 0, stop - 1)
+        require((frame, scale, start) == cache.next_block, "frame/scale/start",
+                f"the cache expects block (frame, scale, start) = {cache.next_block}, got {(frame, scale, start)}")
+        raster = cfg.vision_mask == "raster"
+        require(raster or (start, stop) == (0, n * n), "start/stop",
+                "next-scale models take a whole scale per step")
+        b = cache.meta.valid.shape[0]
+        require(isinstance(inputs, torch.Tensor) and tuple(inputs.shape) == (b, cfg.code_dim, n, n), "inputs",
+                f"must have shape {(b, cfg.code_dim, n, n)}, got {getattr(inputs, 'shape', inputs)}")
+        feats = inputs.flatten(2).transpose(1, 2)[:, None, start:stop]
+        scale_ids = torch.full((stop - start,), scale, device=feats.device)
+        x = self._embed_vision(feats, scale_ids, frame == 0 and scale == 0 and start == 0)
+        meta = vision_meta(b, cache.text_len, cfg.scales, frame, scale, start, stop, raster, x.device)
+        hidden, _, _ = self._trunk(x, meta, cache)
+        if stop < n * n:
+            cache.next_block = (frame, scale, stop)
+        else:
+            cache.next_block = (frame, scale + 1, 0) if scale + 1 < len(cfg.scales) else (frame + 1, 0, 0)
+        return self.visual_head(hidden)

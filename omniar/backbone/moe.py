@@ -1,0 +1,181 @@
+"""Modality-agnostic, dropless mixture of experts (ERNIE 5.0 / DeepSeek-V3 style).
+
+* The router sees only hidden states; text and vision share one expert pool.
+* Selection uses ``scores + selection_bias`` (top-k), the combine weights use
+  the scores alone, renormalised over the selected experts. The bias is the
+  auxiliary-loss-free balancer: :meth:`MoELayer.update_bias` moves it by a
+  fixed step toward even load, from the load accumulated since the last call.
+* Dropless dispatch: the (token, expert) pairs are sorted by expert and each
+  expert runs one SwiGLU over its contiguous rows, through
+  ``torch.nn.functional.grouped_mm`` when it runs for these tensors, else one
+  GEMM per expert. No capacity, no dropped tokens.
+* Elastic width uses the first ``num_experts`` experts (nested sub-models).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import distributed as dist
+from torch import nn
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+class SwiGLU(nn.Module):
+    """Dense gated FFN (shared experts, dense layers)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w_out(swiglu(self.w_in(x)))
+
+
+def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether ``F.grouped_mm`` runs here: CPU, or CUDA bf16 on SM >= 80, 16-byte aligned strides."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    if x.device.type == "cuda":
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    size = x.element_size()
+    return all(n * size % 16 == 0 for w in weights for n in w.shape[1:])
+
+
+def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+                  use_grouped_mm: bool) -> torch.Tensor:
+    """SwiGLU of expert e over its rows of ``xs`` (rows sorted by expert, ``counts[e]`` each)."""
+    if use_grouped_mm:
+        offs = counts.cumsum(0).to(torch.int32)
+        return F.grouped_mm(swiglu(F.grouped_mm(xs, w_in, offs=offs)), w_out, offs=offs)
+    chunks = xs.split(counts.tolist())
+    return torch.cat([swiglu(c @ w_in[e]) @ w_out[e] for e, c in enumerate(chunks) if c.shape[0]])
+
+
+def dropless_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, w_in: torch.Tensor,
+                 w_out: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+    """Routed-expert output ``(N, d)`` for tokens ``x`` ``(N, d)`` sent to ``expert_idx`` ``(N, k)``
+    with combine ``weights`` ``(N, k)``; ``w_in`` ``(E, d, 2h)``, ``w_out`` ``(E, h, d)``."""
+    n, k = expert_idx.shape
+    w_in, w_out = w_in.to(x.dtype), w_out.to(x.dtype)
+    flat = expert_idx.reshape(-1)
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat, minlength=w_in.shape[0])
+    use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, w_in, w_out))
+    ys = expert_swiglu(x[order // k], counts, w_in, w_out, use_gmm)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    # Sum the k contributions per token in a fixed order (deterministic, no atomics).
+    return (ys[inverse].view(n, k, -1) * weights.to(ys.dtype)[..., None]).sum(dim=1)
+
+
+@dataclass
+class RouterStats:
+    """Routing counts of one MoE layer over the valid tokens of one forward."""
+
+    layer: int
+    text_counts: torch.Tensor
+    vision_counts: torch.Tensor
+
+    @property
+    def load(self) -> torch.Tensor:
+        """Share of (token, expert) assignments per expert."""
+        c = self.text_counts + self.vision_counts
+        return c / c.sum().clamp(min=1)
+
+    @property
+    def entropy(self) -> torch.Tensor:
+        """Normalised entropy ``-sum p log p / log E`` of the load (1 = perfectly even)."""
+        p = self.load
+        e = p.numel()
+        if e == 1:
+            return p.new_tensor(1.0)
+        return -(p * p.clamp(min=1e-12).log()).sum() / math.log(e)
+
+    @property
+    def modality_iou(self) -> torch.Tensor:
+        """IoU of the top-25 % experts by text load vs by vision load (NaN if a modality is absent)."""
+        if self.text_counts.sum() == 0 or self.vision_counts.sum() == 0:
+            return self.text_counts.new_tensor(float("nan"))
+        m = math.ceil(self.text_counts.numel() / 4)
+        top_text = torch.zeros_like(self.text_counts, dtype=torch.bool)
+        top_text[self.text_counts.topk(m).indices] = True
+        top_vision = torch.zeros_like(top_text)
+        top_vision[self.vision_counts.topk(m).indices] = True
+        return (top_text & top_vision).sum() / (top_text | top_vision).sum()
+
+    def to_dict(self) -> dict[str, float]:
+        """Scalars for logging."""
+        load = self.load
+        return {"entropy": float(self.entropy), "modality_iou": float(self.modality_iou),
+                "max_load": float(load.max()), "min_load": float(load.min())}
+
+
+class MoELayer(nn.Module):
+    def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, gating: str,
+                 seq_balance_loss_coef: float, router_z_loss_coef: float, impl: str) -> None:
+        super().__init__()
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.w_in = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
+        self.w_out = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        self.shared = SwiGLU(dim, hidden * num_shared) if num_shared else None
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
+        self.register_buffer("load_error", torch.zeros(num_experts), persistent=False)
+        self.gating, self.impl = gating, impl
+        self.seq_balance_loss_coef, self.router_z_loss_coef = seq_balance_loss_coef, router_z_loss_coef
+
+    def route(self, x: torch.Tensor, num_experts: int, top_k: int
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits and scores ``(..., E')`` over the first ``num_experts`` experts,
+        selected experts and their renormalised weights ``(..., top_k)``."""
+        logits = F.linear(x.float(), self.router.weight[:num_experts].float())
+        scores = logits.softmax(-1) if self.gating == "softmax" else logits.sigmoid()
+        idx = (scores + self.selection_bias[:num_experts]).topk(top_k, dim=-1).indices
+        weights = scores.gather(-1, idx)
+        return logits, scores, idx, weights / weights.sum(-1, keepdim=True)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor, is_text: torch.Tensor, num_experts: int,
+                top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
+        """``x`` ``(B, L, d)``, ``valid`` ``(B, L)``, ``is_text`` ``(L,)`` (for statistics only)."""
+        b, length, d = x.shape
+        logits, scores, idx, weights = self.route(x, num_experts, top_k)
+        out = dropless_moe(x.reshape(-1, d), idx.reshape(-1, top_k), weights.reshape(-1, top_k),
+                           self.w_in[:num_experts], self.w_out[:num_experts], self.impl).view(b, length, d)
+        if self.shared is not None:
+            out = out + self.shared(x)
+        vf = valid.to(scores.dtype)[..., None]
+        with torch.no_grad():
+            chosen = torch.zeros_like(scores).scatter_(-1, idx, 1.0) * vf  # (B, L, E')
+            text_counts = (chosen * is_text.to(chosen.dtype)[:, None]).sum((0, 1))
+            counts = chosen.sum((0, 1))
+            if self.training:
+                self.load_error[:num_experts] += counts.sum() / num_experts - counts
+        aux = x.new_zeros((), dtype=torch.float32)
+        if self.training and self.seq_balance_loss_coef > 0:
+            ntok = vf.sum(1).clamp(min=1)  # (B, 1)
+            share = chosen.sum(1) * num_experts / (top_k * ntok)
+            prob = ((scores / scores.sum(-1, keepdim=True)) * vf).sum(1) / ntok
+            aux = aux + self.seq_balance_loss_coef * (share * prob).sum(-1).mean()
+        if self.training and self.router_z_loss_coef > 0:
+            z = logits.logsumexp(-1).square()[..., None] * vf
+            aux = aux + self.router_z_loss_coef * z.sum() / vf.sum().clamp(min=1)
+        return out, aux, RouterStats(layer, text_counts, counts - text_counts)
+
+    @torch.no_grad()
+    def update_bias(self, step: float) -> None:
+        """Auxiliary-loss-free balancing: raise the bias of under-loaded experts, lower over-loaded ones."""
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.load_error)
+        self.selection_bias += step * self.load_error.sign()
+        self.load_error.zero_()
