@@ -24,6 +24,8 @@ def _add(sub, name: str, module: str, help_text: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omniar", description="Multimodal autoregressive generation toolkit.")
+    # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK is read from the env.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model", description="Train a model on DeepSpeed.")
     train_sub = train.add_subparsers(dest="what", required=True)

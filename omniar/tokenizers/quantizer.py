@@ -33,6 +33,8 @@ class MultiScaleResidualVQ(nn.Module):
         self.register_buffer("ema_count", torch.ones(codebook_size))
         self.register_buffer("ema_sum", self.codebook.clone())
         self.register_buffer("initialized", torch.tensor(False))
+        # Counts EMA updates; seeds the random code restarts so a resumed run repeats them exactly.
+        self.register_buffer("updates", torch.tensor(0, dtype=torch.long))
 
     @property
     def codebook_size(self) -> int:
@@ -83,8 +85,14 @@ class MultiScaleResidualVQ(nn.Module):
     def _ema_update(self, residuals: list[torch.Tensor], codes: list[torch.Tensor]) -> None:
         vecs = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]) for r in residuals])
         idx = torch.cat([c.reshape(-1) for c in codes])
+        gen = torch.Generator().manual_seed(int(self.updates))
+        self.updates += 1
+
+        def random_rows(k: int) -> torch.Tensor:
+            return vecs[torch.randint(0, vecs.shape[0], (k,), generator=gen).to(vecs.device)]
+
         if not self.initialized:  # start the codebook on data rather than on noise
-            self.ema_sum.copy_(vecs[torch.randint(0, vecs.shape[0], (self.codebook_size,), device=vecs.device)])
+            self.ema_sum.copy_(random_rows(self.codebook_size))
             self.initialized.fill_(True)
         count = torch.bincount(idx, minlength=self.codebook_size).float()
         total = torch.zeros_like(self.ema_sum).index_add_(0, idx, vecs)
@@ -96,12 +104,11 @@ class MultiScaleResidualVQ(nn.Module):
         self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
         dead = self.ema_count < self.dead_code_threshold
         if dead.any():  # restart unused codes on random residuals of this batch
-            pick = torch.randint(0, vecs.shape[0], (int(dead.sum()),), device=vecs.device)
-            self.ema_sum[dead] = vecs[pick]
+            self.ema_sum[dead] = random_rows(int(dead.sum()))
             self.ema_count[dead] = 1.0
         self.codebook.copy_(self.ema_sum / self.ema_count.clamp_min(1e-5)[:, None])
         if distributed:
-            for buf in (self.codebook, self.ema_count, self.ema_sum):
+            for buf in (self.codebook, self.ema_count, self.ema_sum, self.updates):
                 dist.broadcast(buf, 0)
 
     def usage(self) -> float:

@@ -39,9 +39,10 @@ def add_config_arguments(parser: argparse.ArgumentParser, default_config: str) -
     parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
     parser.add_argument("--out", default=None, help="run directory (overrides train.out_dir)")
     parser.add_argument("--steps", type=int, default=None, help="total optimisation steps (overrides train.steps)")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="stop (with a checkpoint) after STEP steps; rerun the same command to resume")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config value, e.g. --set train.lr=3e-4 (repeatable)")
-    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
 def resolve_config(args: argparse.Namespace) -> dict:

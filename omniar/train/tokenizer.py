@@ -70,19 +70,23 @@ def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(4.0 / mse)).mean()
 
 
-def train(config: dict, progress: bool = True) -> Path:
-    """Run (or resume) tokenizer training; returns the exported model folder."""
+def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
+    """Run (or resume) tokenizer training; returns the exported model folder.
+
+    ``stop_at`` ends this invocation after that many steps (with a checkpoint) while the
+    schedule still spans ``train.steps``: a later call resumes where it stopped."""
     require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
-    model = VideoTokenizer(**config.get("model", {}))
     data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = _split_train_section(config.get("train", {}))
+    torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
+    model = VideoTokenizer(**config.get("model", {}))
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (scales[-1] x spatial_compression)")
     model.check_num_frames(data_cfg.num_frames, "data.num_frames")
-    torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
     start = engine.resume()
-    loader = step_loader(build_dataset(data_cfg), engine_cfg.micro_batch_size, start, train_cfg.steps,
+    end = train_cfg.steps if stop_at is None else min(check_int(stop_at, "stop_at", 1), train_cfg.steps)
+    loader = step_loader(build_dataset(data_cfg), engine_cfg.micro_batch_size, start, end,
                          engine.rank, engine.world_size, data_cfg.num_workers)
     bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="tokenizer")
     step = start
@@ -102,11 +106,11 @@ def train(config: dict, progress: bool = True) -> Path:
             engine.log_scalars(scalars, step)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
                             usage=f"{scalars['codebook_usage']:.2f}")
-        if step % engine_cfg.save_every == 0 or step == train_cfg.steps:
+        if step % engine_cfg.save_every == 0 or step == end:
             engine.save(step)
     bar.close()
     final = Path(engine_cfg.out_dir) / "final"
-    if engine.rank == 0:
+    if engine.rank == 0 and step == train_cfg.steps:
         export_pretrained(engine.module, final)
     engine.close()
     return final
@@ -117,6 +121,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    final = train(resolve_config(args))
-    print(f"tokenizer weights: {final}")
+    final = train(resolve_config(args), stop_at=args.stop_at)
+    if final.is_dir():
+        print(f"tokenizer weights: {final}")
     return 0

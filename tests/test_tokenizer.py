@@ -1,0 +1,138 @@
+"""VideoTokenizer: shapes, causality, residual scales, chunked decode, teacher forcing, save/load, errors."""
+
+import pytest
+import torch
+
+from omniar.data.shapes import MovingShapes
+from omniar.tokenizers import MultiScaleCodes, VideoTokenizer
+
+TINY = dict(channels=(8, 16, 16), latent_channels=8, temporal_compression=4, spatial_compression=4,
+            scales=(1, 2, 4, 8), codebook_size=32)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    torch.manual_seed(0)
+    return VideoTokenizer(**TINY).eval()
+
+
+def clips(n, frames=9, size=32, seed=0):
+    ds = MovingShapes("all", n, size, frames, seed=seed)
+    return torch.stack([ds[i]["video"] for i in range(n)])
+
+
+@pytest.mark.parametrize("frames", [1, 5, 17])
+def test_encode_decode_shapes(tok, frames):
+    video = clips(2, frames)
+    codes = tok.encode(video)
+    t_lat = 1 + (frames - 1) // 4
+    assert codes.num_latent_frames == t_lat and codes.num_frames == frames
+    assert [tuple(c.shape) for c in codes.codes] == [(2, t_lat, n, n) for n in (1, 2, 4, 8)]
+    assert all(c.dtype == torch.long for c in codes.codes)
+    out = tok.decode(codes)
+    assert out.shape == video.shape and out.abs().max() <= 1
+
+
+def test_encoder_is_causal(tok):
+    video = clips(1, 17)
+    later = video.clone()
+    later[:, :, 9:] = -later[:, :, 9:]  # change frames 9.. only
+    with torch.no_grad():
+        a, b = tok.encoder(video), tok.encoder(later)
+    # latent frame j sees pixel frames <= 4j: latents 0..2 cover frames 0..8
+    assert torch.equal(a[:, :, :3], b[:, :, :3])
+    assert not torch.allclose(a[:, :, 3:], b[:, :, 3:])
+    ca, cb = tok.encode(video), tok.encode(later)
+    assert all(torch.equal(x[:, :3], y[:, :3]) for x, y in zip(ca.codes, cb.codes))
+
+
+def test_first_frame_encoded_alone(tok):
+    video = clips(1, 9)
+    with torch.no_grad():
+        full = tok.encoder(video)
+        alone = tok.encoder(video[:, :, :1])
+    torch.testing.assert_close(full[:, :, :1], alone, rtol=0, atol=1e-6)
+
+
+def test_chunked_decode_equals_full(tok):
+    codes = tok.encode(clips(2, 17))
+    full = tok.decode(codes)
+    for chunk in (1, 2, 3):
+        torch.testing.assert_close(tok.decode(codes, chunk_size=chunk), full, rtol=0, atol=1e-5)
+
+
+def test_codes_flatten_roundtrip(tok):
+    codes = tok.encode(clips(2, 9))
+    flat = codes.flatten()
+    assert flat.shape == (2, 3, 1 + 4 + 16 + 64)
+    back = MultiScaleCodes.unflatten(flat, codes.scales, codes.num_frames)
+    assert all(torch.equal(a, b) for a, b in zip(back.codes, codes.codes))
+
+
+def test_codes_to_accumulated_matches_partial_latents(tok):
+    codes = tok.encode(clips(2, 9))
+    acc = tok.codes_to_accumulated(codes)
+    q = tok.quantizer
+    assert [tuple(a.shape) for a in acc] == [(2, 3, 8, n, n) for n in (1, 2, 4, 8)]
+    assert torch.count_nonzero(acc[0][:, 0]) == 0  # frame 0 starts from the BOV token
+    flat = [c.flatten(0, 1) for c in codes.codes]
+    with torch.no_grad():
+        for s, n in enumerate(tok.scales[1:], start=1):
+            partial = q.codes_to_latent(flat, s - 1).unflatten(0, (2, 3))
+            expect = torch.nn.functional.interpolate(partial.flatten(0, 1), size=(n, n), mode="area")
+            torch.testing.assert_close(acc[s].flatten(0, 1), expect, rtol=0, atol=1e-6)
+        full = q.codes_to_latent(flat).unflatten(0, (2, 3))
+        prev = torch.nn.functional.interpolate(full[:, :-1].flatten(0, 1), size=(1, 1), mode="area")
+        torch.testing.assert_close(acc[0][:, 1:].flatten(0, 1), prev, rtol=0, atol=1e-6)
+
+
+def test_save_load_roundtrip(tok, tmp_path):
+    tok.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").is_file()
+    assert any(p.suffix == ".safetensors" for p in tmp_path.iterdir())
+    loaded = VideoTokenizer.from_pretrained(tmp_path).eval()
+    video = clips(1, 5)
+    a, b = tok.encode(video), loaded.encode(video)
+    assert all(torch.equal(x, y) for x, y in zip(a.codes, b.codes))
+    torch.testing.assert_close(tok.decode(a), loaded.decode(b))
+
+
+def test_ema_codebook_restarts_dead_codes():
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**{**TINY, "dead_code_threshold": 0.5})
+    tok.train()
+    video = clips(2, 5)
+    for _ in range(5):
+        out = tok(video)
+    assert out.vq_loss.item() > 0
+    assert tok.codebook_usage() > 0.5
+    assert torch.isfinite(tok.quantizer.codebook).all()
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(3, 9, 32, 32), "video"),                      # wrong rank
+    (torch.zeros(1, 3, 9, 30, 32), "video"),                   # size not the tokenizer's
+    (torch.zeros(1, 3, 8, 32, 32), "video \\(frames\\)"),      # T != 1 + tau k
+    (torch.zeros(1, 1, 9, 32, 32), "video"),                   # channels
+    (torch.full((1, 3, 9, 32, 32), float("nan")), "video"),    # NaN
+    (torch.full((1, 3, 9, 32, 32), 3.0), "video"),             # out of range
+    (torch.zeros(1, 3, 9, 32, 32, dtype=torch.long), "video"), # dtype
+])
+def test_bad_video_raises_value_error_naming_it(tok, bad, match):
+    with pytest.raises(ValueError, match=match):
+        tok.encode(bad)
+
+
+def test_bad_codes_and_config_raise(tok):
+    codes = tok.encode(clips(1, 5))
+    with pytest.raises(ValueError, match="upto_scale"):
+        tok.decode_partial(codes, 7)
+    bad = MultiScaleCodes([c + 1000 for c in codes.codes], codes.scales, codes.num_frames)
+    with pytest.raises(ValueError, match="codes"):
+        tok.decode(bad)
+    with pytest.raises(ValueError, match="channels"):
+        VideoTokenizer(**{**TINY, "channels": (8, 16)})
+    with pytest.raises(ValueError, match="temporal_compression"):
+        VideoTokenizer(**{**TINY, "temporal_compression": 3})
+    with pytest.raises(ValueError, match="scales"):
+        VideoTokenizer(**{**TINY, "scales": (4, 2, 8)})
