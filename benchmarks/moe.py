@@ -70,30 +70,36 @@ def deepspeed_moe(dim: int, hidden: int, num_experts: int, top_k: int) -> nn.Mod
     return moe
 
 
-def time_fwd_bwd(fn, params, x: torch.Tensor, repeats: int) -> float:
-    times = []
-    for i in range(repeats + 2):  # two warm-up runs
-        for p in params:
-            p.grad = None
-        xi = x.detach().requires_grad_()
-        t0 = time.perf_counter()
-        fn(xi).backward()
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    a @ b
+def fwd_bwd_seconds(fn, params, x: torch.Tensor) -> float:
+    for p in params:
+        p.grad = None
+    xi = x.detach().requires_grad_()
     t0 = time.perf_counter()
+    fn(xi).backward()
+    return time.perf_counter() - t0
+
+
+def round_robin(candidates: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds per candidate; one run of each per round, so load from other
+    processes on a shared machine hits all candidates alike."""
+    for fn, params in candidates.values():
+        fwd_bwd_seconds(fn, params, x)  # warm-up
+    times = {name: [] for name in candidates}
     for _ in range(repeats):
-        a @ b
-    return 2 * size ** 3 * repeats / (time.perf_counter() - t0) / 1e9
+        for name, (fn, params) in candidates.items():
+            times[name].append(fwd_bwd_seconds(fn, params, x))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_gflops(a: torch.Tensor, b: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    a @ b
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9
 
 
 def model_forward_rate(repeats: int) -> dict:
-    """GFLOP/s of a full model forward (FLOPs counted on the per-expert path, same math)."""
+    """GFLOP/s of a full model forward (FLOPs counted on the per-expert path, same math) and the
+    fp32 matmul rate (2048^3), measured alternately; medians."""
     cfg = OmniARConfig(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, num_experts=16, top_k=2,
                        expert_hidden_size=512, codebook_size=512, code_dim=16, scales=(1, 2, 4, 8))
     model = OmniARModel.from_config_obj(cfg).eval()
@@ -101,6 +107,7 @@ def model_forward_rate(repeats: int) -> dict:
     ids = torch.randint(0, 256, (b, text_len))
     vis = [torch.randn(b, frames, cfg.code_dim, n, n) for n in cfg.scales]
     moes = [blk.ffn for blk in model.layers if isinstance(blk.ffn, MoELayer)]
+    a, w = torch.randn(2048, 2048), torch.randn(2048, 2048)
     with torch.no_grad():
         for m in moes:
             m.impl = "loop"  # FlopCounterMode does not count grouped_mm
@@ -109,13 +116,17 @@ def model_forward_rate(repeats: int) -> dict:
         for m in moes:
             m.impl = cfg.moe_impl
         model(ids, None, vis)
-        t0 = time.perf_counter()
+        matmul_gflops(a, w)
+        seconds, peak = [], []
         for _ in range(repeats):
+            peak.append(matmul_gflops(a, w))
+            t0 = time.perf_counter()
             model(ids, None, vis)
-        seconds = (time.perf_counter() - t0) / repeats
-    flops = counter.get_total_flops()
+            seconds.append(time.perf_counter() - t0)
+    flops, sec, peak = counter.get_total_flops(), statistics.median(seconds), statistics.median(peak)
     return {"model_tokens": b * (text_len + frames * cfg.tokens_per_frame), "model_forward_gflop": flops / 1e9,
-            "model_forward_s": seconds, "model_forward_gflops_per_s": flops / seconds / 1e9}
+            "model_forward_s": sec, "model_forward_gflops_per_s": flops / sec / 1e9,
+            "matmul_peak_gflops_per_s": peak, "model_forward_fraction_of_peak": flops / sec / 1e9 / peak}
 
 
 def main() -> None:
@@ -151,7 +162,7 @@ def main() -> None:
         "masked_loop": (lambda xi: loop(xi).square().mean(), list(loop.parameters())),
         "deepspeed": (lambda xi: (lambda o: o[0].square().mean() + o[1])(ds(xi)), list(ds.parameters())),
     }
-    seconds = {name: time_fwd_bwd(fn, params, x, args.repeats) for name, (fn, params) in candidates.items()}
+    seconds = round_robin(candidates, x, args.repeats)
     result = {
         "config": {"tokens": args.tokens, "dim": d, "experts": e, "top_k": k, "shared_experts": 1,
                    "expert_hidden": h, "dense_hidden": (k + 1) * h, "dtype": "float32",
@@ -162,10 +173,8 @@ def main() -> None:
         "moe_vs_dense_ratio": seconds["ours"] / seconds["dense"],
         "moe_vs_loop_ratio": seconds["ours"] / seconds["masked_loop"],
         "moe_vs_deepspeed_ratio": seconds["ours"] / seconds["deepspeed"],
-        "matmul_peak_gflops_per_s": matmul_peak(),
     }
     result.update(model_forward_rate(args.repeats))
-    result["model_forward_fraction_of_peak"] = result["model_forward_gflops_per_s"] / result["matmul_peak_gflops_per_s"]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -59,25 +59,26 @@ def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
         return F.grouped_mm(swiglu(F.grouped_mm(xs, w_in, offs=offs)), w_out, offs=offs)
-    chunks = xs.split(counts.tolist())
-    return torch.cat([swiglu(c @ w_in[e]) @ w_out[e] for e, c in enumerate(chunks) if c.shape[0]])
+    # unbind, not w_in[e]: one backward stack instead of a full-size zero gradient per expert
+    groups = zip(xs.split(counts.tolist()), w_in.unbind(0), w_out.unbind(0))
+    return torch.cat([swiglu(c @ wi) @ wo for c, wi, wo in groups if c.shape[0]])
 
 
 def dropless_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, w_in: torch.Tensor,
                  w_out: torch.Tensor, impl: str = "auto") -> torch.Tensor:
     """Routed-expert output ``(N, d)`` for tokens ``x`` ``(N, d)`` sent to ``expert_idx`` ``(N, k)``
     with combine ``weights`` ``(N, k)``; ``w_in`` ``(E, d, 2h)``, ``w_out`` ``(E, h, d)``."""
-    n, k = expert_idx.shape
+    k = expert_idx.shape[1]
     w_in, w_out = w_in.to(x.dtype), w_out.to(x.dtype)
     flat = expert_idx.reshape(-1)
     order = flat.argsort(stable=True)
+    token = order // k
     counts = torch.bincount(flat, minlength=w_in.shape[0])
     use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, w_in, w_out))
-    ys = expert_swiglu(x[order // k], counts, w_in, w_out, use_gmm)
-    inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel(), device=order.device)
-    # Sum the k contributions per token in a fixed order (deterministic, no atomics).
-    return (ys[inverse].view(n, k, -1) * weights.to(ys.dtype)[..., None]).sum(dim=1)
+    # index_select / index_add_ rather than x[idx]: their backward passes are plain gathers/scatters.
+    ys = expert_swiglu(x.index_select(0, token), counts, w_in, w_out, use_gmm)
+    ys = ys * weights.reshape(-1)[order].to(ys.dtype)[:, None]
+    return torch.zeros_like(x).index_add_(0, token, ys)
 
 
 @dataclass
