@@ -41,8 +41,11 @@ class SwiGLU(nn.Module):
 
 
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` runs here: CPU, or CUDA bf16 on SM >= 80, 16-byte aligned strides."""
+    """Whether ``F.grouped_mm`` runs here: CPU, or CUDA bf16 on SM >= 80, 16-byte aligned strides;
+    under ``torch.compile`` bf16 only (its fake-tensor kernel rejects other dtypes)."""
     if not hasattr(F, "grouped_mm"):
+        return False
+    if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
