@@ -111,6 +111,28 @@ class MultiScaleResidualVQ(nn.Module):
             for buf in (self.codebook, self.ema_count, self.ema_sum, self.updates):
                 dist.broadcast(buf, 0)
 
+    @torch.no_grad()
+    def quantize_corrupted(self, f: torch.Tensor, rate: torch.Tensor,
+                           generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Self-correcting re-quantization of latents f (M, C, N, N) (Infinity's idea for a codebook).
+
+        At each scale a share ``rate[m]`` of sample m's codes is replaced by random codes, and the
+        next scale quantizes what the *corrupted* accumulation leaves unexplained. Returns
+        (targets, inputs): the clean codes the model should predict and the corrupted codes its
+        inputs are built from.
+        """
+        f_hat = torch.zeros_like(f)
+        targets, noisy_codes = [], []
+        for s, n in enumerate(self.scales):
+            idx = self.lookup(resize(f - f_hat, n))
+            flip = torch.rand(idx.shape, generator=generator).to(idx.device) < rate.to(idx.device)[:, None, None]
+            noise = torch.randint(0, self.codebook_size, idx.shape, generator=generator).to(idx.device)
+            noisy = torch.where(flip, noise, idx)
+            f_hat = f_hat + self.embed_scale(noisy, s)
+            targets.append(idx)
+            noisy_codes.append(noisy)
+        return targets, noisy_codes
+
     def usage(self) -> float:
         """Share of codes in recent use (EMA assignment count above the restart threshold)."""
         return float((self.ema_count >= self.dead_code_threshold).float().mean())

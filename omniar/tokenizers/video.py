@@ -143,11 +143,20 @@ class VideoTokenizer(ModelMixin, ConfigMixin):
         return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))
 
     @torch.no_grad()
+    def encode_latent(self, video: torch.Tensor) -> torch.Tensor:
+        """Video -> continuous latents (B, C, T_lat, N, N) before quantization."""
+        self.check_video(video)
+        return self.encoder(video.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def quantize_latent(self, latent: torch.Tensor) -> MultiScaleCodes:
+        """Continuous latents (B, C, T_lat, N, N) -> :class:`MultiScaleCodes`."""
+        _, codes, _ = self._quantize(latent.to(self.device, self.dtype))
+        return MultiScaleCodes(codes, self.scales, 1 + self.config.temporal_compression * (latent.shape[2] - 1))
+
     def encode(self, video: torch.Tensor) -> MultiScaleCodes:
         """Video (B, 3, 1 + tau k, H, W) in [-1, 1] -> :class:`MultiScaleCodes`."""
-        self.check_video(video)
-        _, codes, _ = self._quantize(self.encoder(video.to(self.device, self.dtype)))
-        return MultiScaleCodes(codes, self.scales, video.shape[2])
+        return self.quantize_latent(self.encode_latent(video))
 
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:

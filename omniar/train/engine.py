@@ -102,6 +102,8 @@ class TrainEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest conv kernels
         model = model.to(self.device)
         if optimizer_factory is not None:
             optimizer = optimizer_factory(model)

@@ -41,6 +41,7 @@ class TokenizerDataConfig:
 class TokenizerTrainConfig:
     steps: int = 1000
     l1_weight: float = 1.0
+    init_from: str | None = None  # pretrained tokenizer folder to start from (fine-tuning / longer runs)
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
@@ -80,6 +81,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     engine_cfg, train_cfg = _split_train_section(config.get("train", {}))
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = VideoTokenizer(**config.get("model", {}))
+    if train_cfg.init_from:
+        model.load_state_dict(VideoTokenizer.from_pretrained(train_cfg.init_from).state_dict())
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (scales[-1] x spatial_compression)")
     model.check_num_frames(data_cfg.num_frames, "data.num_frames")

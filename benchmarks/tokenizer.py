@@ -1,0 +1,71 @@
+"""Shipped tokenizer on held-out Moving Shapes clips: PSNR / SSIM, per-scale PSNR, codebook usage, speed.
+
+    python benchmarks/tokenizer.py [--model DIR] [--clips 64] [--out benchmarks/results/tokenizer.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from omniar import assets
+from omniar.data.shapes import MovingShapes
+from omniar.eval.metrics import psnr, ssim
+from omniar.tokenizers import VideoTokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="tokenizer folder (default: shipped shapes-tokenizer)")
+    parser.add_argument("--clips", type=int, default=64)
+    parser.add_argument("--frames", type=int, default=17)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=2024, help="evaluation set seed (never used in training)")
+    parser.add_argument("--out", default="benchmarks/results/tokenizer.json")
+    args = parser.parse_args()
+
+    tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval()
+    data = MovingShapes("heldout", args.clips, tok.resolution, args.frames, seed=args.seed)
+    n_scales = len(tok.scales)
+    per_scale = [[] for _ in range(n_scales)]
+    psnrs, ssims, used = [], [], set()
+    enc_s = dec_s = 0.0
+    for start in range(0, args.clips, args.batch):
+        video = torch.stack([data[i]["video"] for i in range(start, min(start + args.batch, args.clips))])
+        t0 = time.perf_counter()
+        codes = tok.encode(video)
+        t1 = time.perf_counter()
+        rec = tok.decode(codes)
+        t2 = time.perf_counter()
+        enc_s, dec_s = enc_s + t1 - t0, dec_s + t2 - t1
+        psnrs.append(psnr(rec, video))
+        ssims.append(ssim(rec, video))
+        for s in range(n_scales):
+            per_scale[s].append(psnr(tok.decode_partial(codes, s), video))
+        for c in codes.codes:
+            used.update(c.unique().tolist())
+    frames = args.clips * args.frames
+    result = {
+        "clips": args.clips, "frames_per_clip": args.frames, "resolution": tok.resolution, "split": "heldout",
+        "psnr_db": float(torch.cat(psnrs).mean()),
+        "ssim": float(torch.cat(ssims).mean()),
+        "codebook_usage": len(used) / tok.config.codebook_size,
+        "psnr_per_scale_db": {str(n): float(torch.cat(v).mean()) for n, v in zip(tok.scales, per_scale)},
+        "encode_frames_per_s": frames / enc_s,
+        "decode_frames_per_s": frames / dec_s,
+        "encode_decode_frames_per_s": frames / (enc_s + dec_s),
+        "tokens_per_clip": tok.num_latent_frames(args.frames) * sum(n * n for n in tok.scales),
+        "machine": f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, CPU",
+    }
+    print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

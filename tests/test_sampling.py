@@ -1,0 +1,56 @@
+"""Sampling filters and classifier-free guidance."""
+
+import pytest
+import torch
+
+from omniar.generation.sampling import filter_logits, guidance_for_scale, guided_logits, sample
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.tensor([[1.0, 4.0, 2.0, 3.0, 0.0]])
+    out = filter_logits(logits, top_k=2)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_smallest_nucleus():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    out = filter_logits(probs.log(), top_p=0.75)  # 0.5 < 0.75, 0.5 + 0.3 >= 0.75 -> keep two
+    assert torch.isfinite(out).tolist() == [[True, True, False, False]]
+    out = filter_logits(probs.log(), top_p=0.5)  # the first token alone reaches 0.5
+    assert torch.isfinite(out).tolist() == [[True, False, False, False]]
+    # a permuted row gives the permuted answer
+    out = filter_logits(probs[:, [2, 0, 3, 1]].log(), top_p=0.75)
+    assert torch.isfinite(out).tolist() == [[False, True, False, True]]
+
+
+def test_sampling_respects_filters_and_seed():
+    logits = torch.randn(64, 50)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a, b = sample(logits, 1.0, 5, 1.0, g1), sample(logits, 1.0, 5, 1.0, g2)
+    assert torch.equal(a, b)
+    top5 = logits.topk(5, dim=-1).indices
+    assert (top5 == a[:, None]).any(-1).all()
+    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
+
+
+def test_low_temperature_approaches_greedy():
+    logits = torch.randn(256, 10)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample(logits, 1e-4, generator=g), logits.argmax(-1))
+
+
+def test_guidance():
+    cond, uncond = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
+    assert torch.equal(guided_logits(cond, uncond, 1.0), cond)
+    assert torch.equal(guided_logits(cond, uncond, 0.0), uncond)
+    assert torch.equal(guided_logits(cond, uncond, 3.0), torch.tensor([4.0, -2.0]))
+    assert guidance_for_scale(3.0, 0, 4, "linear") == 1.0
+    assert guidance_for_scale(3.0, 3, 4, "linear") == 3.0
+    assert guidance_for_scale(3.0, 1, 4, "constant") == 3.0
+
+
+@pytest.mark.parametrize("kwargs, name", [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                          ({"top_k": -1}, "top_k"), ({"temperature": -1.0}, "temperature")])
+def test_bad_arguments(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        sample(torch.randn(2, 5), **{"temperature": 1.0, **kwargs})

@@ -1,0 +1,126 @@
+"""TextToVideoPipeline: determinism, save/load, image path, continuation, CFG, elastic, errors, tiny train->generate."""
+
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from omniar.backbone import OmniARConfig, OmniARModel
+from omniar.data.shapes import MovingShapes
+from omniar.generation import TextToVideoPipeline
+from omniar.tokenizers import VideoTokenizer
+from omniar.tokenizers.text import TextTokenizer
+
+PROMPT = "a red circle moves right on a black background"
+TOK = dict(channels=(8, 16, 16), latent_channels=8, temporal_compression=4, spatial_compression=4,
+           scales=(1, 2, 4, 8), codebook_size=32)
+
+
+def tiny_pipeline(seed=0):
+    torch.manual_seed(seed)
+    tok = VideoTokenizer(**TOK)
+    text = TextTokenizer()
+    model = OmniARModel.from_config_obj(OmniARConfig(
+        text_vocab_size=text.vocab_size, codebook_size=32, code_dim=8, scales=(1, 2, 4, 8), hidden_size=32,
+        num_layers=2, num_heads=2, num_kv_heads=1, num_experts=4, top_k=2, expert_hidden_size=16))
+    return TextToVideoPipeline(tok, text, model, max_text_len=64, max_num_frames=17)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def test_output_shape_and_seed_determinism(pipe):
+    a = pipe(PROMPT, num_frames=9, seed=1)
+    b = pipe(PROMPT, num_frames=9, seed=1)
+    c = pipe(PROMPT, num_frames=9, seed=2)
+    assert a.frames.shape == (1, 9, 32, 32, 3) and a.frames.dtype == np.uint8
+    assert np.array_equal(a.frames, b.frames)
+    assert not np.array_equal(a.frames, c.frames)
+    # one forward for the prompt, then one per (frame, scale): next-scale prediction
+    assert a.timings["forward_passes"] == 1 + 3 * 4
+
+
+def test_image_path(pipe):
+    out = pipe([PROMPT, "a blue square moves up on a white background"], num_frames=1, seed=0)
+    assert out.frames.shape == (2, 1, 32, 32, 3)
+    assert out.codes.num_latent_frames == 1
+
+
+def test_save_load_roundtrip(pipe, tmp_path):
+    pipe.save_pretrained(tmp_path / "p")
+    assert {p.name for p in (tmp_path / "p").iterdir()} == {"model_index.json", "video_tokenizer",
+                                                            "text_tokenizer", "model"}
+    loaded = TextToVideoPipeline.from_pretrained(tmp_path / "p")
+    assert np.array_equal(pipe(PROMPT, num_frames=5, seed=3).frames, loaded(PROMPT, num_frames=5, seed=3).frames)
+
+
+def test_continuation_keeps_given_frames(pipe):
+    video = MovingShapes("all", 1, 32, 5, seed=0)[0]["video"][None]
+    out = pipe(PROMPT, num_frames=9, video=video, seed=0)
+    given = video.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    assert out.frames.shape[1] == 9
+    assert np.array_equal(out.frames[:, :5], given)
+    assert out.timings["tokens"] == 1 * (3 - 2) * 85  # only the last latent frame is sampled
+
+
+def test_cfg_changes_output(pipe):
+    off = pipe(PROMPT, num_frames=5, guidance_scale=1.0, seed=0)
+    on = pipe(PROMPT, num_frames=5, guidance_scale=5.0, seed=0)
+    assert not np.array_equal(off.frames, on.frames)
+
+
+def test_elastic_submodel_and_callback(pipe):
+    seen = []
+    out = pipe(PROMPT, num_frames=5, seed=0, elastic={"depth": 1}, callback=lambda d: seen.append(
+        (d["frame"], d["scale"], tuple(d["codes"].shape))))
+    assert seen == [(f, s, (1, n, n)) for f in range(2) for s, n in enumerate((1, 2, 4, 8))]
+    full = pipe(PROMPT, num_frames=5, seed=0)
+    assert not np.array_equal(out.frames, full.frames)
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "   "}, "prompt"),
+    ({"prompt": "x" * 10_000}, "prompt"),
+    ({"prompt": 5}, "prompt"),
+    ({"num_frames": 4}, "num_frames"),
+    ({"num_frames": 21}, "num_frames"),
+    ({"num_frames": 0}, "num_frames"),
+    ({"guidance_scale": -1.0}, "guidance_scale"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"top_p": 1.5}, "top_p"),
+    ({"top_k": -2}, "top_k"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"seed": -1}, "seed"),
+    ({"elastic": {"depth": 9}}, "depth"),
+    ({"elastic": {"width": 2}}, "elastic"),
+])
+def test_bad_arguments_name_the_argument(pipe, kwargs, name):
+    args = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(ValueError, match=name):
+        pipe(args.pop("prompt"), **args)
+
+
+def test_prompt_too_long_for_model(pipe):
+    with pytest.raises(ValueError, match="prompt"):
+        pipe("y" * 200)  # under the character limit, over the model's 64 text positions
+
+
+def test_tiny_train_then_generate(tmp_path):
+    from omniar.train.ar import train
+    from omniar.train.common import load_yaml
+
+    start = time.perf_counter()
+    tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
+    config = load_yaml("configs/ar_tiny.yaml")
+    config["data"].update(cache_dir=str(tmp_path / "codes"), num_clips=64, max_num_frames=9)
+    config["train"].update(tokenizer=str(tmp_path / "tok"), out_dir=str(tmp_path / "run"), steps=30,
+                           log_every=5, save_every=15)
+    final = train(config, progress=False)
+    pipe = TextToVideoPipeline.from_pretrained(final)
+    out = pipe(PROMPT, num_frames=9, seed=0)
+    assert out.frames.shape == (1, 9, 32, 32, 3)
+    assert time.perf_counter() - start < 120
