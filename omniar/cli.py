@@ -1,4 +1,4 @@
-"""The ``omniar`` command line: ``omniar train tokenizer|uda``, ``omniar reconstruct``."""
+"""The ``omniar`` command line: ``omniar train tokenizer|ar|uda``, ``omniar generate``, ``omniar reconstruct``."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import sys
 # subcommand -> module exposing add_cli_arguments(parser) and cli_main(args) -> int
 _TRAINERS = {
     "tokenizer": ("omniar.train.tokenizer", "train the 3D multi-scale video tokenizer (DeepSpeed)"),
+    "ar": ("omniar.train.ar", "train the unified AR text-to-video model (DeepSpeed)"),
 
 }
 _COMMANDS = {
+    "generate": ("omniar.generation.cli", "generate a video (or image) from text"),
     "reconstruct": ("omniar.tokenizers.reconstruct", "tokenize and reconstruct a Moving Shapes clip to mp4"),
 }
 

@@ -23,7 +23,8 @@ def tiny_pipeline(seed=0):
     text = TextTokenizer()
     model = OmniARModel.from_config_obj(OmniARConfig(
         text_vocab_size=text.vocab_size, codebook_size=32, code_dim=8, scales=(1, 2, 4, 8), hidden_size=32,
-        num_layers=2, num_heads=2, num_kv_heads=1, num_experts=4, top_k=2, expert_hidden_size=16))
+        num_layers=2, num_heads=2, num_kv_heads=1, num_experts=4, top_k=2, expert_hidden_size=16,
+        init_std=0.3))  # large weights: the prompt visibly changes the random model's output
     return TextToVideoPipeline(tok, text, model, max_text_len=64, max_num_frames=17)
 
 
@@ -70,6 +71,12 @@ def test_cfg_changes_output(pipe):
     off = pipe(PROMPT, num_frames=5, guidance_scale=1.0, seed=0)
     on = pipe(PROMPT, num_frames=5, guidance_scale=5.0, seed=0)
     assert not np.array_equal(off.frames, on.frames)
+    # guidance 0 is the unconditional branch alone: the prompt no longer matters
+    other = "a green triangle moves up on a white background"
+    assert np.array_equal(pipe(PROMPT, num_frames=5, guidance_scale=0.0, seed=0).frames,
+                          pipe(other, num_frames=5, guidance_scale=0.0, seed=0).frames)
+    assert not np.array_equal(pipe(PROMPT, num_frames=5, guidance_scale=1.0, seed=0).frames,
+                              pipe(other, num_frames=5, guidance_scale=1.0, seed=0).frames)
 
 
 def test_elastic_submodel_and_callback(pipe):

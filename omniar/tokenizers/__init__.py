@@ -1,6 +1,7 @@
 """Tokenizers: the causal 3D multi-scale video tokenizer and the byte-level text tokenizer."""
 
 from .codes import MultiScaleCodes
+from .text import TextTokenizer
 from .video import TokenizerOutput, VideoTokenizer
 
-__all__ = ["MultiScaleCodes", "TokenizerOutput", "VideoTokenizer"]
+__all__ = ["MultiScaleCodes", "TextTokenizer", "TokenizerOutput", "VideoTokenizer"]

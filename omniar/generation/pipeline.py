@@ -1,0 +1,221 @@
+"""``TextToVideoPipeline``: prompt -> KV cache -> per frame, per scale: one forward, CFG, sample -> decode.
+
+A diffusers-style folder holds one subfolder per component (``video_tokenizer/``,
+``text_tokenizer/``, ``model/``) and ``model_index.json``. Loading never imports
+a class named in a file: the component classes are fixed here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .. import __version__, assets
+from .._checks import check_choice, check_float, check_int, require
+from ..backbone import OmniARModel
+from ..tokenizers import MultiScaleCodes, VideoTokenizer
+from ..tokenizers.text import TextTokenizer
+from ..tokenizers.quantizer import resize
+from .sampling import guidance_for_scale, guided_logits, sample
+
+DEFAULT_MODEL = "shapes-t2v"
+MAX_PROMPT_CHARS = 1000
+
+
+@dataclass
+class TextToVideoOutput:
+    frames: np.ndarray  # uint8 (B, T, H, W, 3)
+    codes: MultiScaleCodes
+    timings: dict = field(default_factory=dict)
+
+
+def encode_prompts(text_tokenizer: TextTokenizer, prompts: list[str | None], max_len: int,
+                   name: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids padded to exactly ``max_len`` (fixed, so vision positions never depend on the batch); None = null prompt."""
+    for text in prompts:
+        n = 0 if text is None else len(text_tokenizer.encode(text))
+        require(n <= max_len, name, f"is too long: {n} tokens, the model takes at most {max_len}")
+    return text_tokenizer.batch_encode(prompts, max_len)
+
+
+class TextToVideoPipeline:
+    """Text-to-video (and text-to-image: ``num_frames=1``) with the unified AR model.
+
+    Components: ``video_tokenizer`` (:class:`VideoTokenizer`), ``text_tokenizer``
+    (:class:`TextTokenizer`), ``model`` (:class:`OmniARModel`). ``max_text_len`` is
+    the fixed padded prompt length the model was trained with; ``max_num_frames``
+    the longest clip it may generate.
+    """
+
+    def __init__(self, video_tokenizer: VideoTokenizer, text_tokenizer: TextTokenizer, model: OmniARModel,
+                 max_text_len: int = 96, max_num_frames: int = 33):
+        require(isinstance(video_tokenizer, VideoTokenizer), "video_tokenizer", "must be a VideoTokenizer")
+        require(isinstance(text_tokenizer, TextTokenizer), "text_tokenizer", "must be a TextTokenizer")
+        require(isinstance(model, OmniARModel), "model", "must be an OmniARModel")
+        mc, tc = model.omniar_config, video_tokenizer.config
+        require(tuple(mc.scales) == tuple(tc.scales) and mc.codebook_size == tc.codebook_size
+                and mc.code_dim == tc.latent_channels, "model",
+                "scales / codebook_size / code_dim must match the video tokenizer")
+        require(mc.text_vocab_size == text_tokenizer.vocab_size, "model",
+                f"text_vocab_size {mc.text_vocab_size} != text tokenizer vocab {text_tokenizer.vocab_size}")
+        self.video_tokenizer, self.text_tokenizer, self.model = video_tokenizer.eval(), text_tokenizer, model.eval()
+        self.max_text_len = check_int(max_text_len, "max_text_len", 2)
+        self.max_num_frames = check_int(max_num_frames, "max_num_frames", 1)
+
+    # ------------------------------------------------------------ persistence
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None) -> "TextToVideoPipeline":
+        """Load a pipeline folder; no argument loads the embedded default model."""
+        folder = Path(path) if path is not None else assets.path(DEFAULT_MODEL)
+        index_file = folder / "model_index.json"
+        require(index_file.is_file(), "path", f"{folder} has no model_index.json")
+        index = json.loads(index_file.read_text())
+        require(index.get("_class_name") == cls.__name__, "path", f"{index_file} is not a {cls.__name__}")
+        return cls(VideoTokenizer.from_pretrained(str(folder / "video_tokenizer")),
+                   TextTokenizer.from_pretrained(folder / "text_tokenizer"),
+                   OmniARModel.from_pretrained(str(folder / "model")),
+                   max_text_len=index["max_text_len"], max_num_frames=index["max_num_frames"])
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write the pipeline folder atomically (aside, then swapped in)."""
+        folder = Path(path)
+        tmp = folder.with_name(f".{folder.name}.tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.video_tokenizer.save_pretrained(str(tmp / "video_tokenizer"))
+        self.text_tokenizer.save_pretrained(tmp / "text_tokenizer")
+        self.model.save_pretrained(str(tmp / "model"))
+        index = {"_class_name": type(self).__name__, "omniar_version": __version__,
+                 "max_text_len": self.max_text_len, "max_num_frames": self.max_num_frames,
+                 "video_tokenizer": ["omniar.tokenizers", "VideoTokenizer"],
+                 "text_tokenizer": ["omniar.tokenizers", "TextTokenizer"],
+                 "model": ["omniar.backbone", "OmniARModel"]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+        return folder
+
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "TextToVideoPipeline":
+        """Move the model (optionally cast, e.g. bf16 on CUDA) and the tokenizer (kept fp32)."""
+        self.model.to(device, dtype)
+        self.video_tokenizer.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ------------------------------------------------------------- validation
+    def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
+                    video, elastic) -> list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        require(isinstance(prompts, (list, tuple)) and len(prompts) > 0
+                and all(isinstance(p, str) for p in prompts), "prompt", "must be a string or a list of strings")
+        for p in prompts:
+            require(p.strip() != "", "prompt", "must not be empty")
+            require(len(p) <= MAX_PROMPT_CHARS, "prompt", f"must be at most {MAX_PROMPT_CHARS} characters, "
+                    f"got {len(p)}")
+        self.video_tokenizer.check_num_frames(num_frames, "num_frames")
+        check_int(num_frames, "num_frames", 1, self.max_num_frames)
+        check_float(guidance_scale, "guidance_scale", 0.0)
+        check_choice(guidance_schedule, "guidance_schedule", ("constant", "linear"))
+        check_int(top_k, "top_k", 0)
+        check_float(top_p, "top_p", 0.0, 1.0, low_inclusive=False)
+        check_float(temperature, "temperature", 0.0)
+        require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0), "seed",
+                f"must be None or an int >= 0, got {seed!r}")
+        require(elastic is None or (isinstance(elastic, dict) and set(elastic) <= {"depth", "num_experts", "top_k"}),
+                "elastic", "must be None or a dict with keys depth / num_experts / top_k")
+        if video is not None:
+            self.video_tokenizer.check_video(video, "video")
+            require(video.shape[0] == len(prompts), "video", f"batch {video.shape[0]} != {len(prompts)} prompts")
+            require(video.shape[2] < num_frames, "video", f"has {video.shape[2]} frames; num_frames={num_frames} "
+                    "must be larger to continue it")
+        return list(prompts)
+
+    # ------------------------------------------------------------- generation
+    @torch.no_grad()
+    def __call__(self, prompt: str | list[str], num_frames: int = 17, guidance_scale: float = 3.0,
+                 guidance_schedule: str = "constant", top_k: int = 0, top_p: float = 1.0,
+                 temperature: float = 1.0, seed: int | None = 0, video: torch.Tensor | None = None,
+                 elastic: dict | None = None, callback: Callable[[dict], None] | None = None,
+                 progress: bool = False) -> TextToVideoOutput:
+        """Generate clips for ``prompt``.
+
+        Args:
+            num_frames: 1 + tau * k frames (1 = an image), at most ``max_num_frames``.
+            guidance_scale: classifier-free guidance (1 = off, 0 = unconditional).
+            guidance_schedule: ``constant`` or ``linear`` (ramped from 1 at the coarsest scale).
+            top_k, top_p, temperature: sampling filters (0 / 1.0 disable; temperature 0 = greedy).
+            seed: makes the result reproducible (bit for bit on CPU); None draws a fresh one.
+            video: (B, 3, T0, H, W) in [-1, 1], first frames to continue (kept as given).
+            elastic: run a sub-model, e.g. ``{"depth": 2}`` or ``{"num_experts": 4, "top_k": 1}``.
+            callback: called with ``{"frame", "scale", "codes", "latent"}`` after every scale.
+        """
+        prompts = self._check_call(prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p,
+                                   temperature, seed, video, elastic)
+        tok, model, dev = self.video_tokenizer, self.model, self.device
+        scales, b = tok.scales, len(prompts)
+        generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        use_cfg = guidance_scale != 1.0
+        ids, mask = encode_prompts(self.text_tokenizer, prompts + ([None] * b if use_cfg else []), self.max_text_len)
+        given = tok.encode(video.to(dev)) if video is not None else None
+        n_given = given.num_latent_frames if given is not None else 0
+        given_inputs = tok.codes_to_accumulated(given) if given is not None else None
+        t_lat = tok.num_latent_frames(num_frames)
+        ctx = model.elastic(**elastic) if elastic else contextlib.nullcontext()
+        codes = [torch.empty(b, t_lat, n, n, dtype=torch.long) for n in scales]
+        start = time.perf_counter()
+        passes = 0
+        with ctx:
+            cache = model.new_cache()
+            model.forward_text(ids.to(dev), mask.to(dev), cache)
+            passes += 1
+            prev = None  # previous latent frame's full accumulation (B, C, N, N)
+            bar = tqdm(total=(t_lat - n_given) * len(scales), disable=not progress, desc="generate")
+            for f in range(t_lat):
+                f_hat = None
+                for s, n in enumerate(scales):
+                    if f < n_given:
+                        inp, idx = given_inputs[s][:, f], given.codes[s][:, f].cpu()
+                    else:
+                        src = f_hat if s > 0 else (prev if prev is not None else None)
+                        inp = resize(src, n) if src is not None else torch.zeros(b, tok.config.latent_channels, n, n,
+                                                                                device=dev)
+                    inp = inp.to(dev, model.dtype)
+                    logits = model.forward_scale(torch.cat([inp, inp]) if use_cfg else inp, f, s, cache).float()
+                    passes += 1
+                    if f >= n_given:
+                        if use_cfg:
+                            g = guidance_for_scale(guidance_scale, s, len(scales), guidance_schedule)
+                            logits = guided_logits(logits[:b], logits[b:], g)
+                        idx = sample(logits, temperature, top_k, top_p, generator).view(b, n, n)
+                        bar.update(1)
+                    codes[s][:, f] = idx
+                    part = tok.quantizer.embed_scale(idx.to(dev), s)
+                    f_hat = part if f_hat is None else f_hat + part
+                    if callback is not None:
+                        callback({"frame": f, "scale": s, "codes": idx, "latent": f_hat})
+                prev = f_hat
+            bar.close()
+        gen_s = time.perf_counter() - start
+        result = MultiScaleCodes(codes, scales, num_frames)
+        pixels = tok.decode(result.to(dev)).float().cpu()
+        if video is not None:  # keep the given frames exactly as they were
+            pixels[:, :, :video.shape[2]] = video.float().cpu()
+        frames = pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+        tokens = b * (t_lat - n_given) * sum(n * n for n in scales)
+        timings = {"generate_s": gen_s, "decode_s": time.perf_counter() - start - gen_s, "forward_passes": passes,
+                   "tokens": tokens, "tokens_per_s": tokens / max(gen_s, 1e-9)}
+        return TextToVideoOutput(frames, result, timings)

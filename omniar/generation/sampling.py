@@ -1,0 +1,56 @@
+"""Token sampling: classifier-free guidance, temperature, top-k and nucleus (top-p) filtering."""
+
+from __future__ import annotations
+
+import torch
+
+from .._checks import check_float, check_int
+
+
+def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance on logits: ``uncond + scale * (cond - uncond)`` (scale 1 = no guidance)."""
+    return uncond + scale * (cond - uncond)
+
+
+def guidance_for_scale(guidance_scale: float, scale_index: int, num_scales: int, schedule: str) -> float:
+    """Guidance strength at scale ``scale_index``: ``constant``, or ``linear`` from 1 at the
+    coarsest to ``guidance_scale`` at the finest scale (VAR's ramp)."""
+    if schedule == "constant" or num_scales == 1:
+        return guidance_scale
+    return 1.0 + (guidance_scale - 1.0) * scale_index / (num_scales - 1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set logits outside the top-k and outside the smallest nucleus of mass top_p to -inf.
+
+    ``top_k=0`` and ``top_p=1`` disable each filter. The most likely token always survives.
+    """
+    check_int(top_k, "top_k", 0)
+    check_float(top_p, "top_p", 0.0, 1.0, low_inclusive=False)
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw one token per row of ``logits`` (..., V); ``temperature=0`` is greedy.
+
+    Sampling runs on the CPU in float32 with ``generator``, so a seed gives the same
+    tokens on every device; the result is a CPU LongTensor.
+    """
+    check_float(temperature, "temperature", 0.0)
+    if temperature == 0:
+        return logits.argmax(-1).cpu()
+    logits = filter_logits(logits.float().cpu() / temperature, top_k, top_p)
+    probs = logits.softmax(-1)
+    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
+    return flat.view(probs.shape[:-1])

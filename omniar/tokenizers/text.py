@@ -1,0 +1,117 @@
+"""Byte-level UTF-8 text tokenizer with the special tokens the AR model needs.
+
+Ids 0..255 are bytes; then ``pad``, ``bos``, ``eos``, ``bov`` (begin of video)
+and ``null`` (the empty prompt of classifier-free guidance). Optionally the
+vocabulary of a Hugging Face ``tokenizer.json`` replaces the bytes, with the
+specials appended after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .._checks import check_int, require
+
+SPECIALS = ("pad", "bos", "eos", "bov", "null")
+
+
+class TextTokenizer:
+    """``encode`` / ``decode`` / ``batch_encode`` over bytes (default) or a ``tokenizer.json`` vocabulary."""
+
+    def __init__(self, tokenizer_json: str | os.PathLike | None = None):
+        self._hf = None
+        self._hf_json: str | None = None
+        base = 256
+        if tokenizer_json is not None:
+            from tokenizers import Tokenizer
+
+            path = Path(tokenizer_json)
+            require(path.is_file(), "tokenizer_json", f"file not found: {path}")
+            self._hf_json = path.read_text()
+            self._hf = Tokenizer.from_str(self._hf_json)
+            base = self._hf.get_vocab_size(with_added_tokens=True)
+        self._base = base
+        for i, name in enumerate(SPECIALS):
+            setattr(self, f"{name}_id", base + i)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._base + len(SPECIALS)
+
+    @classmethod
+    def from_tokenizer_json(cls, path: str | os.PathLike) -> "TextTokenizer":
+        return cls(path)
+
+    def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, max_length: int | None = None,
+               truncate: bool = False) -> list[int]:
+        """Ids of ``text``; longer than ``max_length`` raises unless ``truncate``."""
+        require(isinstance(text, str), "text", f"must be a str, got {type(text).__name__}")
+        body = self._hf.encode(text, add_special_tokens=False).ids if self._hf else list(text.encode("utf-8"))
+        ids = ([self.bos_id] if add_bos else []) + body + ([self.eos_id] if add_eos else [])
+        if max_length is not None:
+            check_int(max_length, "max_length", 1)
+            if len(ids) > max_length:
+                require(truncate, "text", f"encodes to {len(ids)} tokens > max_length={max_length} "
+                        "(pass truncate=True to cut it)")
+                ids = ids[:max_length]
+        return ids
+
+    def decode(self, ids: list[int] | torch.Tensor, skip_special: bool = True) -> str:
+        """Text of ``ids``; invalid UTF-8 is replaced, specials dropped (or shown as ``<name>``)."""
+        ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        require(all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids), "ids",
+                f"must be ints in [0, {self.vocab_size})")
+        out, body = [], []
+
+        def flush() -> None:
+            if body:
+                out.append(self._hf.decode(body) if self._hf else bytes(body).decode("utf-8", errors="replace"))
+                body.clear()
+
+        for i in ids:
+            if i < self._base:
+                body.append(i)
+                continue
+            flush()
+            if not skip_special:
+                out.append(f"<{SPECIALS[i - self._base]}>")
+        flush()
+        return "".join(out)
+
+    def null_prompt(self) -> list[int]:
+        """The prompt used for the unconditional branch of classifier-free guidance."""
+        return [self.bos_id, self.null_id, self.eos_id]
+
+    def batch_encode(self, texts: list[str | None], max_length: int, truncate: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids right-padded to exactly ``max_length`` (B, max_length) and a bool mask (True = real token).
+        A ``None`` entry stands for the null prompt."""
+        require(isinstance(texts, (list, tuple)) and len(texts) > 0, "texts", "must be a non-empty list of str")
+        check_int(max_length, "max_length", 1)
+        ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
+        for row, text in enumerate(texts):
+            enc = self.null_prompt() if text is None else self.encode(text, max_length=max_length, truncate=truncate)
+            ids[row, :len(enc)] = torch.tensor(enc, dtype=torch.long)
+        return ids, ids != self.pad_id
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "text_tokenizer.json").write_text(json.dumps(
+            {"type": "hf" if self._hf else "bytes", "specials": list(SPECIALS)}, indent=2) + "\n")
+        if self._hf_json is not None:
+            (folder / "tokenizer.json").write_text(self._hf_json)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> "TextTokenizer":
+        folder = Path(folder)
+        config_file = folder / "text_tokenizer.json"
+        require(config_file.is_file(), "folder", f"{folder} has no text_tokenizer.json")
+        config = json.loads(config_file.read_text())
+        require(config.get("specials") == list(SPECIALS), "folder", f"{config_file} has other special tokens")
+        require(config.get("type") in ("bytes", "hf"), "folder", f"{config_file}: unknown type {config.get('type')!r}")
+        return cls(folder / "tokenizer.json" if config["type"] == "hf" else None)

@@ -1,0 +1,234 @@
+"""Train the unified AR model on ``[caption][video codes]``: ``omniar train ar --config configs/ar_shapes.yaml``.
+
+Teacher forcing (VAR): the positions of scale s take the accumulated
+reconstruction of the coarser scales and predict scale s's codes. Loss: visual
+cross-entropy (per token, or each scale weighted equally), text next-token and
+multi-token cross-entropy, the MoE auxiliary terms. Regularisers: caption
+dropout (null prompt, for classifier-free guidance), Cross-Frame Error
+Correction (corrupt a random share of earlier codes, re-quantize the later
+scales against the corrupted accumulation), Random Frame Mask (hide earlier
+frames from a frame's attention), elastic sub-model sampling.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from .. import assets
+from .._checks import check_choice, check_float, check_int, require
+from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
+from ..generation.pipeline import TextToVideoPipeline, encode_prompts
+from ..tokenizers import MultiScaleCodes, VideoTokenizer
+from ..tokenizers.text import TextTokenizer
+from .common import add_config_arguments, resolve_config, step_loader
+from .engine import EngineConfig, TrainEngine, config_from_dict, cosine_lr
+from .pretokenize import TokenizedDataset, pretokenize
+
+
+@dataclass
+class ARDataConfig:
+    dataset: str = "shapes"  # "shapes" | "video_folder"
+    path: str | None = None  # JSONL for video_folder
+    cache_dir: str = "runs/shapes_codes"
+    num_clips: int = 20000
+    num_frames: int = 17
+    seed: int = 0
+    max_text_len: int = 96
+    max_num_frames: int = 33  # longest clip the shipped pipeline may generate
+
+    def __post_init__(self) -> None:
+        check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
+        require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
+        check_int(self.num_clips, "data.num_clips", 1)
+        check_int(self.max_text_len, "data.max_text_len", 2)
+
+
+@dataclass
+class ARTrainConfig:
+    steps: int = 1000
+    tokenizer: str = "shapes-tokenizer"  # shipped asset name or a folder
+    caption_dropout: float = 0.1
+    text_weight: float = 0.1
+    mtp_weight: float = 0.3
+    scale_weighting: str = "scale"  # "scale": each scale's mean CE counts equally; "token": plain mean
+    cfec_max_rate: float = 0.0  # Cross-Frame Error Correction: max share of corrupted codes per sample
+    frame_mask_prob: float = 0.0  # Random Frame Mask: share of samples with hidden earlier frames
+    frame_mask_ratio: float = 0.5  # ... and the share of earlier frames hidden in those
+    elastic: bool = False
+
+    def __post_init__(self) -> None:
+        check_int(self.steps, "train.steps", 1)
+        for name in ("caption_dropout", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio"):
+            check_float(getattr(self, name), f"train.{name}", 0.0, 1.0)
+        check_float(self.text_weight, "train.text_weight", 0.0)
+        check_float(self.mtp_weight, "train.mtp_weight", 0.0)
+        check_choice(self.scale_weighting, "train.scale_weighting", ("scale", "token"))
+
+
+def load_video_tokenizer(name_or_path: str) -> VideoTokenizer:
+    folder = Path(name_or_path)
+    return VideoTokenizer.from_pretrained(str(folder if folder.is_dir() else assets.path(name_or_path)))
+
+
+def ar_loss(out: OmniAROutput, targets: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+            scales: tuple[int, ...], cfg: ARTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+    """Visual + text (+ multi-token) cross-entropy + MoE auxiliary loss. ``targets`` (B, T_lat, tokens/frame)."""
+    logits = out.visual_logits.float()
+    ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape)
+    if cfg.scale_weighting == "scale":
+        w = torch.cat([torch.full((n * n,), 1.0 / (n * n * len(scales))) for n in scales]).to(ce.device)
+        visual = (ce * w).sum(-1).mean()
+    else:
+        visual = ce.mean()
+
+    def text_ce(text_logits: torch.Tensor, shift: int) -> torch.Tensor:
+        valid = mask[:, shift:] & mask[:, :-shift]
+        loss = F.cross_entropy(text_logits[:, :-shift].flatten(0, 1).float(), ids[:, shift:].flatten(),
+                               reduction="none")
+        return (loss * valid.flatten()).sum() / valid.sum().clamp_min(1)
+
+    text = text_ce(out.text_logits, 1)
+    mtp = torch.zeros((), device=ce.device)
+    if out.mtp_logits is not None:
+        mtp = sum(text_ce(out.mtp_logits[:, :, j], j + 2) for j in range(out.mtp_logits.shape[2]))
+    total = visual + cfg.text_weight * (text + cfg.mtp_weight * mtp) + out.aux_loss
+    return total, {"visual_ce": visual.item(), "text_ce": text.item(), "mtp_ce": float(mtp.detach()),
+                   "aux": float(out.aux_loss.detach())}
+
+
+def random_frame_visibility(b: int, t: int, prob: float, ratio: float, g: torch.Generator) -> torch.Tensor | None:
+    """(B, T, T) bool: causal over frames, with a random share of earlier frames hidden in some samples."""
+    if prob == 0 or t == 1:
+        return None
+    causal = torch.ones(t, t, dtype=torch.bool).tril()
+    hide = (torch.rand(b, t, t, generator=g) < ratio) & (torch.rand(b, 1, 1, generator=g) < prob)
+    hide &= ~torch.eye(t, dtype=torch.bool)  # a frame always sees itself
+    return causal & ~hide
+
+
+def prepare_batch(batch: dict, tok: VideoTokenizer, text_tok: TextTokenizer, cfg: ARTrainConfig,
+                  data_cfg: ARDataConfig, g: torch.Generator, device: torch.device):
+    """Captions (with dropout) -> ids; latents -> (visual inputs, targets), corrupted if CFEC is on."""
+    latent = batch["latent"].to(device)
+    b, t = latent.shape[0], latent.shape[2]
+    drop = torch.rand(b, generator=g) < cfg.caption_dropout
+    captions = [None if d else c for d, c in zip(drop.tolist(), batch["caption"])]
+    ids, mask = encode_prompts(text_tok, captions, data_cfg.max_text_len, "caption")
+    num_frames = 1 + tok.config.temporal_compression * (t - 1)
+    if cfg.cfec_max_rate > 0:
+        rate = (torch.rand(b, generator=g) * cfg.cfec_max_rate).repeat_interleave(t)
+        clean, noisy = tok.quantizer.quantize_corrupted(latent.transpose(1, 2).flatten(0, 1), rate, g)
+        unflat = [c.unflatten(0, (b, t)) for c in clean], [c.unflatten(0, (b, t)) for c in noisy]
+        targets = MultiScaleCodes(unflat[0], tok.scales, num_frames)
+        inputs = tok.codes_to_accumulated(MultiScaleCodes(unflat[1], tok.scales, num_frames))
+    else:
+        targets = MultiScaleCodes([c.to(device) for c in batch["codes"]], tok.scales, num_frames)
+        inputs = tok.codes_to_accumulated(targets)
+    visibility = random_frame_visibility(b, t, cfg.frame_mask_prob, cfg.frame_mask_ratio, g)
+    return ids.to(device), mask.to(device), inputs, targets.flatten(), (
+        visibility.to(device) if visibility is not None else None)
+
+
+def collate(items: list[dict]) -> dict:
+    return {"latent": torch.stack([it["latent"] for it in items]),
+            "codes": [torch.stack([it["codes"][s] for it in items]) for s in range(len(items[0]["codes"]))],
+            "caption": [it["caption"] for it in items]}
+
+
+def build_source_dataset(data_cfg: ARDataConfig, size: int):
+    if data_cfg.dataset == "shapes":
+        from ..data.shapes import MovingShapes
+
+        return MovingShapes("train", data_cfg.num_clips, size, data_cfg.num_frames, data_cfg.seed)
+    from ..data.video_folder import VideoFolderDataset
+
+    return VideoFolderDataset(data_cfg.path, num_frames=data_cfg.num_frames, size=size, seed=data_cfg.seed)
+
+
+def _split_train_section(section: dict) -> tuple[EngineConfig, ARTrainConfig]:
+    engine_keys = {f.name for f in fields(EngineConfig)}
+    engine = config_from_dict(EngineConfig, {k: v for k, v in section.items() if k in engine_keys}, "train")
+    own = config_from_dict(ARTrainConfig, {k: v for k, v in section.items() if k not in engine_keys}, "train")
+    return engine, own
+
+
+def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
+    """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
+    require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
+    data_cfg = config_from_dict(ARDataConfig, config.get("data", {}), "data")
+    engine_cfg, train_cfg = _split_train_section(config.get("train", {}))
+    tok = load_video_tokenizer(train_cfg.tokenizer)
+    text_tok = TextTokenizer()
+    model_fields = dict(config.get("model", {}))
+    model_fields.update(codebook_size=tok.config.codebook_size, code_dim=tok.config.latent_channels,
+                        scales=tuple(tok.scales), text_vocab_size=text_tok.vocab_size)
+    model_cfg = OmniARConfig.from_dict(model_fields)
+    torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
+    model = OmniARModel.from_config_obj(model_cfg)
+    engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
+    tok.to(engine.device).eval().requires_grad_(False)
+    if engine.rank == 0:
+        pretokenize(tok, build_source_dataset(data_cfg, tok.resolution), data_cfg.cache_dir, data_cfg.num_clips,
+                    progress=progress)
+    engine._barrier()
+    data = TokenizedDataset(data_cfg.cache_dir)
+    start = engine.resume()
+    end = train_cfg.steps if stop_at is None else min(check_int(stop_at, "stop_at", 1), train_cfg.steps)
+    loader = step_loader(data, engine_cfg.micro_batch_size, start, end, engine.rank, engine.world_size,
+                         collate_fn=collate)
+    bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="ar")
+    step = start
+    for batch in loader:
+        g = engine.generator(step)
+        ids, mask, inputs, targets, visibility = prepare_batch(batch, tok, text_tok, train_cfg, data_cfg, g,
+                                                               engine.device)
+        with engine.autocast():
+            out = engine.ds(ids, mask, inputs, visibility)
+            loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
+            if train_cfg.elastic:
+                spec = engine.module.sample_elastic(g)
+                if spec != engine.module.active_spec:
+                    with engine.module.elastic(*spec):
+                        sub_loss, sub_parts = ar_loss(engine.ds(ids, mask, inputs, visibility), targets, ids, mask,
+                                                      tok.scales, train_cfg)
+                    loss = loss + sub_loss
+                    parts["elastic_visual_ce"] = sub_parts["visual_ce"]
+        if engine.backward_step(loss):
+            engine.module.update_router_biases()
+        step += 1
+        bar.update(1)
+        if step % engine_cfg.log_every == 0 or step == end:
+            scalars = {"loss": loss.item(), **parts, "lr": engine.lr, "skipped_steps": engine.skipped_steps}
+            for i, stats in enumerate(out.router_stats):
+                for key, value in stats.to_dict().items():
+                    if isinstance(value, (int, float)):
+                        scalars[f"router/{i}/{key}"] = value
+            engine.log_scalars(scalars, step)
+            bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{parts['visual_ce']:.3f}")
+        if step % engine_cfg.save_every == 0 or step == end:
+            engine.save(step)
+    bar.close()
+    final = Path(engine_cfg.out_dir) / "final"
+    if engine.rank == 0 and step == train_cfg.steps:
+        pipe = TextToVideoPipeline(tok.cpu(), text_tok, engine.module.cpu(), data_cfg.max_text_len,
+                                   data_cfg.max_num_frames)
+        pipe.save_pretrained(final)
+    engine.close()
+    return final
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser, "configs/ar_shapes.yaml")
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    final = train(resolve_config(args), stop_at=args.stop_at)
+    if final.is_dir():
+        print(f"pipeline: {final}")
+    return 0

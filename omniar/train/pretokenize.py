@@ -1,0 +1,95 @@
+"""Tokenize a text-video dataset once and cache it on disk (resumable, shard by shard).
+
+Each shard ``shard_XXXXX.safetensors`` holds the continuous latents (fp16, for
+the self-correcting re-quantization during AR training) and the code maps per
+scale; ``shard_XXXXX.json`` its captions. The safetensors file is written last
+and atomically, so its presence marks a complete shard and a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .._checks import check_int, require
+from ..tokenizers import VideoTokenizer
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path, num_clips: int,
+                shard_size: int = 1024, batch_size: int = 32, progress: bool = True) -> Path:
+    """Encode items ``0..num_clips-1`` of ``dataset`` (dicts with "video" and "caption") into ``out_dir``."""
+    check_int(num_clips, "num_clips", 1, len(dataset))
+    check_int(shard_size, "shard_size", 1)
+    check_int(batch_size, "batch_size", 1)
+    require(tokenizer.config.codebook_size <= 32767, "tokenizer", "codebook too large for int16 code storage")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = {"num_clips": num_clips, "shard_size": shard_size, "scales": list(tokenizer.scales),
+                "tokenizer_config": dict(tokenizer.config)}
+    old = out / "manifest.json"
+    if old.exists():
+        require(json.loads(old.read_text()) == json.loads(json.dumps(manifest)), "out_dir",
+                f"{out} holds a cache made with other settings; use another folder")
+    _atomic_write_text(old, json.dumps(manifest, indent=1))
+    tokenizer.eval()
+    num_shards = -(-num_clips // shard_size)
+    for k in tqdm(range(num_shards), desc="pretokenize", disable=not progress):
+        target = out / f"shard_{k:05d}.safetensors"
+        if target.exists():
+            continue
+        indices = list(range(k * shard_size, min((k + 1) * shard_size, num_clips)))
+        latents, codes, captions = [], [], []
+        for i in range(0, len(indices), batch_size):
+            items = [dataset[j] for j in indices[i:i + batch_size]]
+            latent = tokenizer.encode_latent(torch.stack([it["video"] for it in items]))
+            latents.append(latent.half().cpu())
+            codes.append([c.short().cpu() for c in tokenizer.quantize_latent(latent).codes])
+            captions += [it["caption"] for it in items]
+        tensors = {"latent": torch.cat(latents)}
+        for s in range(len(tokenizer.scales)):
+            tensors[f"codes_{s}"] = torch.cat([c[s] for c in codes])
+        _atomic_write_text(out / f"shard_{k:05d}.json", json.dumps(captions))
+        tmp = target.with_name(target.name + ".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, target)
+    return out
+
+
+class TokenizedDataset(Dataset):
+    """The cache written by :func:`pretokenize`, held in memory.
+
+    Items: ``{"latent": float (C, T_lat, N, N), "codes": list of LongTensor (T_lat, n, n), "caption": str}``.
+    """
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        require((folder / "manifest.json").is_file(), "folder", f"{folder} is not a pretokenized cache")
+        self.manifest = json.loads((folder / "manifest.json").read_text())
+        shards = sorted(folder.glob("shard_*.safetensors"))
+        expected = -(-self.manifest["num_clips"] // self.manifest["shard_size"])
+        require(len(shards) == expected, "folder", f"{folder} has {len(shards)} of {expected} shards; "
+                "rerun pretokenization to finish it")
+        parts = [load_file(str(p)) for p in shards]
+        self.latent = torch.cat([p["latent"] for p in parts])
+        self.scales = tuple(self.manifest["scales"])
+        self.codes = [torch.cat([p[f"codes_{s}"] for p in parts]) for s in range(len(self.scales))]
+        self.captions = [c for p in shards for c in json.loads(p.with_suffix(".json").read_text())]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> dict:
+        return {"latent": self.latent[index].float(), "codes": [c[index].long() for c in self.codes],
+                "caption": self.captions[index]}
