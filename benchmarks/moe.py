@@ -4,7 +4,7 @@ Forward + backward of one layer on (tokens, d) inputs, all candidates in this
 process with the same shapes; median over repeats. Also: achieved GFLOP/s of a
 full ``OmniARModel`` forward against this machine's measured fp32 matmul rate.
 
-    python benchmarks/moe.py [--out benchmarks/results/moe.json]
+    python benchmarks/moe.py [--out benchmarks/results/moe.json] [--device cuda --dtype bf16]
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ class MaskedLoopMoE(nn.Module):
         return (out + self.shared(flat)).view_as(x)
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def deepspeed_moe(dim: int, hidden: int, num_experts: int, top_k: int) -> nn.Module:
     """DeepSpeed's MoE at the same config: dropless (drop_tokens=False), the residual MLP
     (use_residual=True) standing in for the shared expert, no gating noise."""
@@ -63,7 +68,7 @@ def deepspeed_moe(dim: int, hidden: int, num_experts: int, top_k: int) -> nn.Mod
             port = s.getsockname()[1]
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
                           LOCAL_RANK="0")
-        deepspeed.init_distributed(dist_backend="gloo")
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     moe = MoE(dim, SwiGLU(dim, hidden), num_experts=num_experts, k=top_k, capacity_factor=1.0,
               drop_tokens=False, use_rts=False, use_residual=True, top2_2nd_expert_sampling=False)
     moe.set_deepspeed_parallelism()
@@ -74,8 +79,10 @@ def fwd_bwd_seconds(fn, params, x: torch.Tensor) -> float:
     for p in params:
         p.grad = None
     xi = x.detach().requires_grad_()
+    sync(x.device)
     t0 = time.perf_counter()
     fn(xi).backward()
+    sync(x.device)
     return time.perf_counter() - t0
 
 
@@ -92,22 +99,25 @@ def round_robin(candidates: dict, x: torch.Tensor, repeats: int) -> dict[str, fl
 
 
 def matmul_gflops(a: torch.Tensor, b: torch.Tensor) -> float:
+    sync(a.device)
     t0 = time.perf_counter()
     a @ b
+    sync(a.device)
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t0) / 1e9
 
 
-def model_forward_rate(repeats: int) -> dict:
+def model_forward_rate(repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
     """GFLOP/s of a full model forward (FLOPs counted on the per-expert path, same math) and the
-    fp32 matmul rate (2048^3), measured alternately; medians."""
+    matmul rate (2048^3, or 8192^3 on a GPU) in the same dtype, measured alternately; medians."""
     cfg = OmniARConfig(hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=4, num_experts=16, top_k=2,
                        expert_hidden_size=512, codebook_size=512, code_dim=16, scales=(1, 2, 4, 8))
-    model = OmniARModel.from_config_obj(cfg).eval()
-    b, text_len, frames = 4, 32, 5
-    ids = torch.randint(0, 256, (b, text_len))
-    vis = [torch.randn(b, frames, cfg.code_dim, n, n) for n in cfg.scales]
+    model = OmniARModel.from_config_obj(cfg).eval().to(device, dtype)
+    b, text_len, frames = (4, 32, 5) if device.type == "cpu" else (64, 32, 5)
+    ids = torch.randint(0, 256, (b, text_len), device=device)
+    vis = [torch.randn(b, frames, cfg.code_dim, n, n, device=device, dtype=dtype) for n in cfg.scales]
     moes = [blk.ffn for blk in model.layers if isinstance(blk.ffn, MoELayer)]
-    a, w = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    side = 2048 if device.type == "cpu" else 8192
+    a, w = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))
     with torch.no_grad():
         for m in moes:
             m.impl = "loop"  # FlopCounterMode does not count grouped_mm
@@ -120,8 +130,10 @@ def model_forward_rate(repeats: int) -> dict:
         seconds, peak = [], []
         for _ in range(repeats):
             peak.append(matmul_gflops(a, w))
+            sync(device)
             t0 = time.perf_counter()
             model(ids, None, vis)
+            sync(device)
             seconds.append(time.perf_counter() - t0)
     flops, sec, peak = counter.get_total_flops(), statistics.median(seconds), statistics.median(peak)
     return {"model_tokens": b * (text_len + frames * cfg.tokens_per_frame), "model_forward_gflop": flops / 1e9,
@@ -138,10 +150,13 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--expert-hidden", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     args = parser.parse_args()
     torch.manual_seed(0)
+    device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     d, h, e, k = args.dim, args.expert_hidden, args.experts, args.top_k
-    x = torch.randn(1, args.tokens, d)
+    x = torch.randn(1, args.tokens, d, device=device, dtype=dtype)
 
     ours = MoELayer(d, h, e, 1, "softmax", 1e-4, 0.0, "auto").train()
     for p in (ours.w_in, ours.w_out):
@@ -156,6 +171,9 @@ def main() -> None:
     dense = SwiGLU(d, (k + 1) * h)  # same active FLOPs: k routed + 1 shared expert
     loop = MaskedLoopMoE(d, h, e, k, 1)
     ds = deepspeed_moe(d, h, e, k)
+    for module in (ours, dense, loop, ds):
+        module.to(device, dtype)
+    valid, is_text = valid.to(device), is_text.to(device)
     candidates = {
         "ours": (run_ours, list(ours.parameters())),
         "dense": (lambda xi: dense(xi).square().mean(), list(dense.parameters())),
@@ -165,7 +183,8 @@ def main() -> None:
     seconds = round_robin(candidates, x, args.repeats)
     result = {
         "config": {"tokens": args.tokens, "dim": d, "experts": e, "top_k": k, "shared_experts": 1,
-                   "expert_hidden": h, "dense_hidden": (k + 1) * h, "dtype": "float32",
+                   "expert_hidden": h, "dense_hidden": (k + 1) * h, "dtype": str(dtype).replace("torch.", ""),
+                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "ours_uses_grouped_mm": grouped_mm_supported(x, ours.w_in, ours.w_out),
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "machine": platform.processor() or platform.machine()},
@@ -174,7 +193,7 @@ def main() -> None:
         "moe_vs_loop_ratio": seconds["ours"] / seconds["masked_loop"],
         "moe_vs_deepspeed_ratio": seconds["ours"] / seconds["deepspeed"],
     }
-    result.update(model_forward_rate(args.repeats))
+    result.update(model_forward_rate(args.repeats, device, dtype))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -41,6 +41,7 @@ class ARDataConfig:
     seed: int = 0
     max_text_len: int = 96
     max_num_frames: int = 33  # longest clip the shipped pipeline may generate
+    num_workers: int = 0  # data loader processes for pre-tokenization
 
     def __post_init__(self) -> None:
         check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
@@ -175,7 +176,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     tok.to(engine.device).eval().requires_grad_(False)
     if engine.rank == 0:
         pretokenize(tok, build_source_dataset(data_cfg, tok.resolution), data_cfg.cache_dir, data_cfg.num_clips,
-                    progress=progress)
+                    num_workers=data_cfg.num_workers, progress=progress)
     engine._barrier()
     data = TokenizedDataset(data_cfg.cache_dir)
     start = engine.resume()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .._checks import check_int, require
@@ -27,8 +27,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _collate_clips(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
+    return torch.stack([it["video"] for it in items]), [it["caption"] for it in items]
+
+
 def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path, num_clips: int,
-                shard_size: int = 1024, batch_size: int = 32, progress: bool = True) -> Path:
+                shard_size: int = 1024, batch_size: int = 32, num_workers: int = 0, progress: bool = True) -> Path:
     """Encode items ``0..num_clips-1`` of ``dataset`` (dicts with "video" and "caption") into ``out_dir``."""
     check_int(num_clips, "num_clips", 1, len(dataset))
     check_int(shard_size, "shard_size", 1)
@@ -49,14 +53,15 @@ def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path
         target = out / f"shard_{k:05d}.safetensors"
         if target.exists():
             continue
-        indices = list(range(k * shard_size, min((k + 1) * shard_size, num_clips)))
+        indices = range(k * shard_size, min((k + 1) * shard_size, num_clips))
+        loader = DataLoader(Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                            collate_fn=_collate_clips)
         latents, codes, captions = [], [], []
-        for i in range(0, len(indices), batch_size):
-            items = [dataset[j] for j in indices[i:i + batch_size]]
-            latent = tokenizer.encode_latent(torch.stack([it["video"] for it in items]))
+        for video, caption in loader:
+            latent = tokenizer.encode_latent(video)
             latents.append(latent.half().cpu())
             codes.append([c.short().cpu() for c in tokenizer.quantize_latent(latent).codes])
-            captions += [it["caption"] for it in items]
+            captions += caption
         tensors = {"latent": torch.cat(latents)}
         for s in range(len(tokenizer.scales)):
             tensors[f"codes_{s}"] = torch.cat([c[s] for c in codes])
