@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .._checks import check_choice, check_float, check_int, require
+from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .common import add_config_arguments, resolve_config, step_loader
 from .engine import EngineConfig, TrainEngine, config_from_dict, cosine_lr, export_pretrained
@@ -65,12 +66,6 @@ def _split_train_section(section: dict) -> tuple[EngineConfig, TokenizerTrainCon
     return engine, own
 
 
-def psnr_batch(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean PSNR (dB) over a batch of [-1, 1] tensors."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return (10 * torch.log10(4.0 / mse)).mean()
-
-
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Run (or resume) tokenizer training; returns the exported model folder.
 
@@ -103,7 +98,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         step += 1
         bar.update(1)
         if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
-            scalars = {"loss": loss.item(), "vq_loss": out.vq_loss.item(), "psnr": psnr_batch(rec, video).item(),
+            scalars = {"loss": loss.item(), "vq_loss": out.vq_loss.item(), "psnr": psnr(rec, video).mean().item(),
                        "codebook_usage": engine.module.codebook_usage(), "lr": engine.lr,
                        "skipped_steps": engine.skipped_steps}
             engine.log_scalars(scalars, step)

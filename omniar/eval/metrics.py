@@ -1,0 +1,74 @@
+"""Image/video quality and distribution metrics: PSNR, SSIM, Frechet distance."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import linalg
+
+from .._checks import require
+
+
+def _frames(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) videos or (..., C, H, W) images -> (B, N, C, H, W) float64."""
+    x = x.detach().double()
+    if x.dim() == 5:
+        return x.transpose(1, 2)
+    return x.reshape(x.shape[0] if x.dim() > 3 else 1, -1, *x.shape[-3:])
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    require(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor), "x/y", "must be tensors")
+    require(x.shape == y.shape, "y", f"shape {tuple(y.shape)} differs from x {tuple(x.shape)}")
+    require(x.dim() >= 3, "x", f"must be (..., C, H, W) or (B, C, T, H, W), got {tuple(x.shape)}")
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-sample PSNR in dB over all pixels (inf for identical samples); default range [-1, 1]."""
+    _check_pair(x, y)
+    fx, fy = _frames(x), _frames(y)
+    mse = (fx - fy).pow(2).flatten(1).mean(1)
+    return (10 * torch.log10(data_range**2 / mse)).float()
+
+
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    g = torch.exp(-((torch.arange(size, dtype=torch.float64) - size // 2) ** 2) / (2 * sigma**2))
+    g = g / g.sum()
+    return g[:, None] * g[None, :]
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+    """Per-sample SSIM (11x11 Gaussian window, sigma 1.5, valid region), averaged over frames and channels."""
+    _check_pair(x, y)
+    fx, fy = _frames(x), _frames(y)
+    b, n, c, h, w = fx.shape
+    require(h >= 11 and w >= 11, "x", f"frames must be at least 11x11 for SSIM, got {h}x{w}")
+    win = _gaussian_window().to(fx)[None, None].expand(c, 1, 11, 11)
+    fx, fy = fx.reshape(b * n, c, h, w), fy.reshape(b * n, c, h, w)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(t, win, groups=c)
+
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    mx, my = blur(fx), blur(fy)
+    vx, vy, cov = blur(fx * fx) - mx**2, blur(fy * fy) - my**2, blur(fx * fy) - mx * my
+    s = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.reshape(b, -1).mean(1).float()
+
+
+def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor | np.ndarray) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (N, D): the FID/FVD formula."""
+    a = np.asarray(feats_a.detach().cpu() if isinstance(feats_a, torch.Tensor) else feats_a, np.float64)
+    b = np.asarray(feats_b.detach().cpu() if isinstance(feats_b, torch.Tensor) else feats_b, np.float64)
+    require(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[1], "feats",
+            f"must be (N, D) arrays with the same D, got {a.shape} and {b.shape}")
+    require(a.shape[0] >= 2 and b.shape[0] >= 2, "feats", "need at least two samples per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular product: regularise, as FID implementations do
+        eps = np.eye(cov_a.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    covmean = covmean.real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
