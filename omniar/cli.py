@@ -1,4 +1,5 @@
-"""The ``omniar`` command line: ``omniar train tokenizer|ar|uda``, ``omniar generate``, ``omniar reconstruct``."""
+"""The ``omniar`` command line: ``omniar train tokenizer|ar``, ``omniar eval t2v``, ``omniar generate``,
+``omniar reconstruct``."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import importlib
 import sys
 
 # subcommand -> module exposing add_cli_arguments(parser) and cli_main(args) -> int
-_TRAINERS = {
-    "tokenizer": ("omniar.train.tokenizer", "train the 3D multi-scale video tokenizer (DeepSpeed)"),
-    "ar": ("omniar.train.ar", "train the unified AR text-to-video model (DeepSpeed)"),
-
+_GROUPS = {
+    "train": ("train a model on DeepSpeed", {
+        "tokenizer": ("omniar.train.tokenizer", "train the 3D multi-scale video tokenizer"),
+        "ar": ("omniar.train.ar", "pre-tokenize and train the unified AR text-to-video model"),
+    }),
+    "eval": ("evaluate a model", {
+        "t2v": ("omniar.eval.t2v", "prompt adherence and Frechet distance of text-to-video on Moving Shapes"),
+    }),
 }
 _COMMANDS = {
     "generate": ("omniar.generation.cli", "generate a video (or image) from text"),
@@ -29,10 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     # The deepspeed launcher inserts --local_rank=N before the subcommand; LOCAL_RANK is read from the env.
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="train a model", description="Train a model on DeepSpeed.")
-    train_sub = train.add_subparsers(dest="what", required=True)
-    for name, (module, help_text) in _TRAINERS.items():
-        _add(train_sub, name, module, help_text)
+    for group, (group_help, members) in _GROUPS.items():
+        group_sub = sub.add_parser(group, help=group_help, description=group_help).add_subparsers(
+            dest="what", required=True)
+        for name, (module, help_text) in members.items():
+            _add(group_sub, name, module, help_text)
     for name, (module, help_text) in _COMMANDS.items():
         _add(sub, name, module, help_text)
     return parser
