@@ -142,17 +142,19 @@ def _coverage(shape: str, cx: float, cy: float, d: float, size: int) -> np.ndarr
     return inside.reshape(size, s, size, s).mean(axis=(1, 3), dtype=np.float32)
 
 
-def render(clip: ShapeClip, size: int = 64, num_frames: int = 17) -> np.ndarray:
-    """Render a clip to uint8 frames ``(T, H, W, 3)``."""
+def render(clip: ShapeClip, size: int = 64, num_frames: int = 17, times: list[int] | None = None) -> np.ndarray:
+    """Render a clip to uint8 frames ``(T, H, W, 3)``; ``times`` picks a subset of the frame indices."""
     _check_canvas(size, num_frames)
+    times = list(range(num_frames)) if times is None else times
+    require(all(0 <= t < num_frames for t in times), "times", f"must lie in [0, {num_frames})")
     fg = np.asarray(COLORS[clip.color], np.float32)
     bg = np.asarray(BACKGROUNDS[clip.background], np.float32)
     vx, vy = _VELOCITY[clip.direction]
-    frames = np.empty((num_frames, size, size, 3), np.uint8)
-    for t in range(num_frames):
+    frames = np.empty((len(times), size, size, 3), np.uint8)
+    for i, t in enumerate(times):
         cx, cy = clip.start[0] + vx * clip.speed * t, clip.start[1] + vy * clip.speed * t
         a = _coverage(clip.shape, cx, cy, clip.diameter, size)[..., None]
-        frames[t] = np.rint(a * fg + (1 - a) * bg).astype(np.uint8)
+        frames[i] = np.rint(a * fg + (1 - a) * bg).astype(np.uint8)
     return frames
 
 
