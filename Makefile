@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/omniar demo-reconstruct --out outputs/reconstruction.mp4
+	$(VENV)/bin/omniar reconstruct --out outputs/reconstruction.mp4
+	$(VENV)/bin/omniar generate --prompt "a red circle moves right on a black background" --out outputs/t2v.mp4
 
 test: $(STAMP)
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q
