@@ -23,13 +23,21 @@ def clip_indices(num_source: int, source_fps: float, num_frames: int, fps: float
     """Source frame indices of a clip of ``num_frames`` frames at ``fps`` (None = the source rate).
 
     ``start`` in [0, 1] places the clip within the valid range. Raises if the source is too short.
+    A target rate above the source rate repeats frames; below it skips frames.
     """
+    check_int(num_frames, "num_frames", 1)
+    check_float(start, "start", 0.0, 1.0)
+    if fps is not None:
+        check_float(fps, "fps", 0.0, low_inclusive=False)
     step = 1.0 if fps is None or source_fps <= 0 else source_fps / fps
     span = (num_frames - 1) * step
     require(num_source > 0 and span <= num_source - 1, "video",
             f"has {num_source} frames; a {num_frames}-frame clip at this rate needs {int(np.ceil(span)) + 1}")
-    first = start * (num_source - 1 - span)
-    return [min(num_source - 1, int(round(first + i * step))) for i in range(num_frames)]
+    # Whole-frame start, uniform over the valid starts for a uniform ``start``; offsets round half up
+    # (Python's round() rounds half to even and would repeat frames at unit step).
+    last_start = int(num_source - 1 - span)
+    first = min(last_start, int(start * (last_start + 1)))
+    return [first + int(i * step + 0.5) for i in range(num_frames)]
 
 
 def resize_center_crop(frames: np.ndarray, size: int) -> torch.Tensor:
@@ -44,9 +52,20 @@ def resize_center_crop(frames: np.ndarray, size: int) -> torch.Tensor:
     return x.permute(1, 0, 2, 3).div(127.5).sub(1).clamp(-1, 1)
 
 
+def find_jsonl(root_or_jsonl: str | os.PathLike) -> Path:
+    """The captions JSONL: the path itself, or the only ``*.jsonl`` file of a folder."""
+    path = Path(root_or_jsonl)
+    if path.is_dir():
+        found = sorted(path.glob("*.jsonl"))
+        require(len(found) == 1, "root_or_jsonl",
+                f"folder {path} must hold exactly one .jsonl file, found {[f.name for f in found]}")
+        return found[0]
+    require(path.is_file(), "root_or_jsonl", f"JSONL not found: {path}")
+    return path
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Entries of a captions JSONL; paths are resolved relative to the file's folder."""
-    require(path.is_file(), "path", f"JSONL not found: {path}")
+    """Entries of a captions JSONL; relative video paths are resolved against the file's folder."""
     entries = []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -54,47 +73,62 @@ def read_jsonl(path: Path) -> list[dict]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"path: {path}:{line_no}: not valid JSON ({err.msg})") from None
+            raise ValueError(f"root_or_jsonl: {path}:{line_no}: not valid JSON ({err.msg})") from None
         require(isinstance(item, dict) and isinstance(item.get("video"), str)
-                and isinstance(item.get("caption"), str), "path",
+                and isinstance(item.get("caption"), str), "root_or_jsonl",
                 f"{path}:{line_no}: needs string fields 'video' and 'caption'")
         video = Path(item["video"])
         entries.append({"video": video if video.is_absolute() else path.parent / video, "caption": item["caption"]})
-    require(len(entries) > 0, "path", f"{path} lists no videos")
+    require(len(entries) > 0, "root_or_jsonl", f"{path} lists no videos")
     return entries
 
 
 class VideoFolderDataset(Dataset):
-    """Captioned clips from a JSONL file.
+    """Captioned clips listed in a JSONL file.
 
     Args:
-        path: JSONL with one ``{"video": ..., "caption": ...}`` per line (relative video
-            paths are relative to the JSONL's folder).
+        root_or_jsonl: a JSONL with one ``{"video": ..., "caption": ...}`` per line (relative
+            video paths are relative to the JSONL's folder), or a folder holding exactly one.
         num_frames: frames per clip.
         size: output side (short-side resize + centre crop).
         fps: target frame rate (None keeps the source rate).
         sample: where the clip starts: ``random`` (seeded by (seed, index)), ``start`` or ``center``.
-    Items: ``{"video": float (3, T, size, size) in [-1, 1], "caption": str}``.
+        seed: seed of the random clip starts.
+    Items: ``{"video": float (3, T, size, size) in [-1, 1], "caption": str}``. Videos are opened
+    lazily: a missing, unreadable or too short file raises ``ValueError`` when its item is loaded.
     """
 
-    def __init__(self, path: str | os.PathLike, num_frames: int = 17, size: int = 64, fps: float | None = None,
-                 sample: str = "random", seed: int = 0):
+    def __init__(self, root_or_jsonl: str | os.PathLike, num_frames: int = 17, size: int = 64,
+                 fps: float | None = None, sample: str = "random", seed: int = 0):
         check_int(num_frames, "num_frames", 1)
         check_int(size, "size", 8)
         if fps is not None:
             check_float(fps, "fps", 0.0, low_inclusive=False)
         check_choice(sample, "sample", ("random", "start", "center"))
-        self.entries = read_jsonl(Path(path))
+        check_int(seed, "seed", 0)
+        self.jsonl = find_jsonl(root_or_jsonl)
+        self.entries = read_jsonl(self.jsonl)
         self.num_frames, self.size, self.fps, self.sample, self.seed = num_frames, size, fps, sample, seed
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict:
+    def clip_start(self, index: int) -> float:
+        """Position of item ``index``'s clip within its video, in [0, 1]."""
+        if self.sample == "random":
+            return float(np.random.default_rng([self.seed, index]).random())
+        return 0.0 if self.sample == "start" else 0.5
+
+    def load(self, index: int) -> dict:
+        """Decode item ``index``; every bad-file error is a ``ValueError`` (the hook for skip-and-warn)."""
         entry = self.entries[index]
-        count, source_fps = video_info(entry["video"])
-        start = {"start": 0.0, "center": 0.5}.get(self.sample)
-        if start is None:
-            start = float(np.random.default_rng([self.seed, index]).random())
-        idx = clip_indices(count, source_fps, self.num_frames, self.fps, start)
-        return {"video": resize_center_crop(read_video(entry["video"], idx), self.size), "caption": entry["caption"]}
+        try:
+            count, source_fps = video_info(entry["video"])
+            idx = clip_indices(count, source_fps, self.num_frames, self.fps, self.clip_start(index))
+            video = resize_center_crop(read_video(entry["video"], idx), self.size)
+        except ValueError as err:
+            raise ValueError(f"{err} (item {index} of {self.jsonl}: {entry['video']})") from err
+        return {"video": video, "caption": entry["caption"]}
+
+    def __getitem__(self, index: int) -> dict:
+        return self.load(index)

@@ -3,7 +3,10 @@ mp4 (H.264 through PyAV) and gif (Pillow) writers that write atomically."""
 
 from __future__ import annotations
 
+import numbers
 import os
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,75 +27,134 @@ def _as_uint8(frames) -> np.ndarray:
     return np.rint(frames * 255).astype(np.uint8)
 
 
+def _write_gif(path: Path, frames: np.ndarray, fps: int) -> None:
+    from PIL import Image
+
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+
+
+def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
+    import av
+
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:  # yuv420p needs even sides
+        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "12"}  # near-lossless: round trips stay within a few grey levels
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
 def write_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
-    """Write ``frames`` to ``.mp4`` (H.264, yuv420p) or ``.gif``; the file appears only when complete."""
+    """Write ``frames`` (uint8 (T, H, W, 3) or floats in [0, 1]) to ``.mp4`` or ``.gif``; returns the path.
+
+    The file appears only once complete (temp file in the same folder, then rename).
+    mp4 is H.264/yuv420p: lossy, and an odd height or width is padded by one edge pixel.
+    gif stores runs of identical frames once (Pillow sums their durations): playback is the
+    same, but reading it back gives fewer frames.
+    """
     path = Path(path)
-    require(path.suffix.lower() in (".mp4", ".gif"), "path", f"must end in .mp4 or .gif, got {path.name!r}")
+    suffix = path.suffix.lower()
+    require(suffix in (".mp4", ".gif"), "path", f"must end in .mp4 or .gif, got {path.name!r}")
     check_int(fps, "fps", 1, 240)
     frames = _as_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    if path.suffix.lower() == ".gif":
-        from PIL import Image
-
-        images = [Image.fromarray(f) for f in frames]
-        images[0].save(tmp, save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
-    else:
-        import av
-
-        t, h, w, _ = frames.shape
-        if h % 2 or w % 2:  # yuv420p needs even sides
-            frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-        with av.open(str(tmp), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height = frames.shape[2], frames.shape[1]
-            stream.pix_fmt = "yuv420p"
-            stream.options = {"crf": "12"}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-            container.mux(stream.encode())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    try:
+        (_write_gif if suffix == ".gif" else _write_mp4)(Path(tmp), frames, fps)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the writer failed: leave no partial file behind
+            os.remove(tmp)
     return path
 
 
-def _check_readable(path: Path) -> None:
+def _readable(path: str | os.PathLike) -> Path:
+    path = Path(path)
     require(path.is_file(), "path", f"file not found: {path}")
     require(path.stat().st_size > 0, "path", f"empty file: {path}")
+    return path
+
+
+def _decord_reader(path: Path):
+    """A decord reader, or None when decord is missing or cannot open the file (PyAV then tries)."""
+    try:
+        import decord
+
+        return decord.VideoReader(str(path))
+    except Exception:
+        return None
+
+
+def _check_indices(indices, count: int) -> list[int]:
+    if indices is None:
+        require(count > 0, "path", "has no decodable video frames")
+        return list(range(count))
+    indices = list(indices)
+    require(len(indices) > 0 and all(isinstance(i, numbers.Integral) for i in indices), "indices",
+            "must be a non-empty list of ints")
+    require(all(0 <= i < count for i in indices), "indices", f"must lie in [0, {count}) (the video's frame count)")
+    return [int(i) for i in indices]
+
+
+@contextmanager
+def _pyav_open(path: Path):
+    """An open PyAV container; files FFmpeg cannot read raise ``ValueError`` naming ``path``."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            require(len(container.streams.video) > 0, "path", f"has no video stream: {path}")
+            yield container
+    except av.FFmpegError as err:
+        raise ValueError(f"path: cannot decode {path}: {err}") from err
+
+
+def _pyav_frames(path: Path, last: int | None) -> list[np.ndarray]:
+    """Decoded frames 0..``last`` (all when None): decoding stops early for a clip near the start."""
+    frames = []
+    with _pyav_open(path) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24"))
+            if last is not None and len(frames) > last:
+                break
+    return frames
 
 
 def video_info(path: str | os.PathLike) -> tuple[int, float]:
-    """(frame count, frames per second) of a video file."""
-    path = Path(path)
-    _check_readable(path)
-    try:
-        import decord
-
-        reader = decord.VideoReader(str(path))
+    """(frame count, frames per second) of a video file; fps is 0.0 when the container does not say."""
+    path = _readable(path)
+    reader = _decord_reader(path)
+    if reader is not None:
         return len(reader), float(reader.get_avg_fps())
-    except Exception:  # decord missing or unable: PyAV decodes what FFmpeg can
-        import av
+    with _pyav_open(path) as container:
+        stream = container.streams.video[0]
+        count = stream.frames or sum(1 for _ in container.decode(stream))
+        return count, float(stream.average_rate or 0.0)
 
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            count = stream.frames or sum(1 for _ in container.decode(stream))
-            return count, float(stream.average_rate or 0.0)
+
+def video_fps(path: str | os.PathLike) -> float:
+    """Average frames per second of a video file (0.0 when unknown)."""
+    return video_info(path)[1]
 
 
 def read_video(path: str | os.PathLike, indices: list[int] | None = None) -> np.ndarray:
-    """Frames ``indices`` (default all) of a video file as uint8 (T, H, W, 3)."""
-    path = Path(path)
-    _check_readable(path)
-    try:
-        import decord
-
-        reader = decord.VideoReader(str(path))
-        idx = list(range(len(reader))) if indices is None else list(indices)
-        return reader.get_batch(idx).asnumpy()
-    except Exception:
-        import av
-
-        with av.open(str(path)) as container:
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        require(len(frames) > 0, "path", f"no decodable video frames in {path}")
-        idx = range(len(frames)) if indices is None else indices
-        return np.stack([frames[i] for i in idx])
+    """Frames ``indices`` (default all, in the given order) of a video file as uint8 (T, H, W, 3)."""
+    path = _readable(path)
+    reader = _decord_reader(path)
+    if reader is not None:
+        idx = _check_indices(indices, len(reader))
+        try:
+            return reader.get_batch(idx).asnumpy()
+        except Exception:  # a stream decord opens but cannot decode: PyAV's FFmpeg may still manage
+            pass
+    last = None if indices is None else max(_check_indices(indices, np.iinfo(np.int64).max))
+    frames = _pyav_frames(path, last)
+    idx = _check_indices(indices, len(frames))
+    return np.stack([frames[i] for i in idx])
