@@ -9,6 +9,7 @@ specials appended after it.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from pathlib import Path
 
@@ -20,7 +21,13 @@ SPECIALS = ("pad", "bos", "eos", "bov", "null")
 
 
 class TextTokenizer:
-    """``encode`` / ``decode`` / ``batch_encode`` over bytes (default) or a ``tokenizer.json`` vocabulary."""
+    """``encode`` / ``decode`` / ``batch_encode`` over bytes (default) or a ``tokenizer.json`` vocabulary.
+
+    Byte ids are 0..255 and the specials ``pad_id=256``, ``bos_id=257``, ``eos_id=258``, ``bov_id=259``,
+    ``null_id=260`` (``vocab_size=261``); with a ``tokenizer.json`` the specials follow its vocabulary.
+    A text longer than ``max_length`` raises unless ``truncate=True``: silently cut prompts would
+    condition the model on something else than asked.
+    """
 
     def __init__(self, tokenizer_json: str | os.PathLike | None = None):
         self._hf = None
@@ -32,11 +39,17 @@ class TextTokenizer:
             path = Path(tokenizer_json)
             require(path.is_file(), "tokenizer_json", f"file not found: {path}")
             self._hf_json = path.read_text()
-            self._hf = Tokenizer.from_str(self._hf_json)
+            try:
+                self._hf = Tokenizer.from_str(self._hf_json)
+            except Exception as err:  # the Rust library raises a bare Exception
+                raise ValueError(f"tokenizer_json: {path} is not a valid tokenizer.json ({err})") from err
+            # Length is handled here (max_length/truncate); a padding/truncation setting saved in the
+            # file would otherwise pad or cut silently.
+            self._hf.no_padding()
+            self._hf.no_truncation()
             base = self._hf.get_vocab_size(with_added_tokens=True)
         self._base = base
-        for i, name in enumerate(SPECIALS):
-            setattr(self, f"{name}_id", base + i)
+        self.pad_id, self.bos_id, self.eos_id, self.bov_id, self.null_id = range(base, base + len(SPECIALS))
 
     @property
     def vocab_size(self) -> int:
@@ -44,6 +57,7 @@ class TextTokenizer:
 
     @classmethod
     def from_tokenizer_json(cls, path: str | os.PathLike) -> "TextTokenizer":
+        """Use the vocabulary of a Hugging Face ``tokenizer.json`` (e.g. a BPE) instead of bytes."""
         return cls(path)
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, max_length: int | None = None,
@@ -63,8 +77,9 @@ class TextTokenizer:
     def decode(self, ids: list[int] | torch.Tensor, skip_special: bool = True) -> str:
         """Text of ``ids``; invalid UTF-8 is replaced, specials dropped (or shown as ``<name>``)."""
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
-        require(all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids), "ids",
+        require(all(isinstance(i, numbers.Integral) and 0 <= i < self.vocab_size for i in ids), "ids",
                 f"must be ints in [0, {self.vocab_size})")
+        ids = [int(i) for i in ids]
         out, body = [], []
 
         def flush() -> None:
@@ -90,11 +105,14 @@ class TextTokenizer:
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids right-padded to exactly ``max_length`` (B, max_length) and a bool mask (True = real token).
         A ``None`` entry stands for the null prompt."""
-        require(isinstance(texts, (list, tuple)) and len(texts) > 0, "texts", "must be a non-empty list of str")
+        require(isinstance(texts, (list, tuple)) and len(texts) > 0
+                and all(t is None or isinstance(t, str) for t in texts), "texts",
+                "must be a non-empty list of str (or None for the null prompt)")
         check_int(max_length, "max_length", 1)
         ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
             enc = self.null_prompt() if text is None else self.encode(text, max_length=max_length, truncate=truncate)
+            require(len(enc) <= max_length, "max_length", f"must be >= {len(enc)} to hold the null prompt")
             ids[row, :len(enc)] = torch.tensor(enc, dtype=torch.long)
         return ids, ids != self.pad_id
 
