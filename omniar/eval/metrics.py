@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 
-from .._checks import require
+from .._checks import check_float, require
 
 
 def _frames(x: torch.Tensor) -> torch.Tensor:
@@ -18,15 +17,21 @@ def _frames(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] if x.dim() > 3 else 1, -1, *x.shape[-3:])
 
 
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    require(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor), "x/y", "must be tensors")
+def _check_pair(x: torch.Tensor, y: torch.Tensor, data_range: float) -> None:
+    require(isinstance(x, torch.Tensor), "x", f"must be a tensor, got {type(x).__name__}")
+    require(isinstance(y, torch.Tensor), "y", f"must be a tensor, got {type(y).__name__}")
     require(x.shape == y.shape, "y", f"shape {tuple(y.shape)} differs from x {tuple(x.shape)}")
     require(x.dim() >= 3, "x", f"must be (..., C, H, W) or (B, C, T, H, W), got {tuple(x.shape)}")
+    check_float(data_range, "data_range", 0.0, low_inclusive=False)
 
 
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-sample PSNR in dB over all pixels (inf for identical samples); default range [-1, 1]."""
-    _check_pair(x, y)
+    """Per-sample PSNR in dB over all pixels (inf for identical samples); default range [-1, 1].
+
+    Shapes: (B, C, T, H, W) videos or (..., C, H, W) images; one value per entry of the first
+    dimension (a (C, H, W) image gives one value).
+    """
+    _check_pair(x, y, data_range)
     fx, fy = _frames(x), _frames(y)
     mse = (fx - fy).pow(2).flatten(1).mean(1)
     return (10 * torch.log10(data_range**2 / mse)).float()
@@ -39,8 +44,11 @@ def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
-    """Per-sample SSIM (11x11 Gaussian window, sigma 1.5, valid region), averaged over frames and channels."""
-    _check_pair(x, y)
+    """Per-sample SSIM (11x11 Gaussian window, sigma 1.5, valid region), averaged over frames and channels.
+
+    Same shapes and per-sample convention as :func:`psnr`; frames must be at least 11x11.
+    """
+    _check_pair(x, y, data_range)
     fx, fy = _frames(x), _frames(y)
     b, n, c, h, w = fx.shape
     require(h >= 11 and w >= 11, "x", f"frames must be at least 11x11 for SSIM, got {h}x{w}")
@@ -57,18 +65,27 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Ten
     return s.reshape(b, -1).mean(1).float()
 
 
+def _psd_sqrt(m: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh(m)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
 def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor | np.ndarray) -> float:
-    """Frechet distance between Gaussians fitted to two feature sets (N, D): the FID/FVD formula."""
-    a = np.asarray(feats_a.detach().cpu() if isinstance(feats_a, torch.Tensor) else feats_a, np.float64)
-    b = np.asarray(feats_b.detach().cpu() if isinstance(feats_b, torch.Tensor) else feats_b, np.float64)
-    require(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[1], "feats",
-            f"must be (N, D) arrays with the same D, got {a.shape} and {b.shape}")
-    require(a.shape[0] >= 2 and b.shape[0] >= 2, "feats", "need at least two samples per set")
-    mu_a, mu_b = a.mean(0), b.mean(0)
+    """Frechet distance between Gaussians fitted to two feature sets (N, D): the FID/FVD formula
+    ``|mu_a - mu_b|^2 + tr(C_a) + tr(C_b) - 2 tr((C_a C_b)^1/2)``.
+
+    The trace of the matrix square root is computed from the eigenvalues of the symmetric PSD matrix
+    ``C_a^1/2 C_b C_a^1/2`` (same spectrum as ``C_a C_b``): real and stable also for singular
+    covariances (fewer samples than dimensions), where ``scipy.linalg.sqrtm`` can return complex junk.
+    """
+    a, b = (np.asarray(f.detach().cpu() if isinstance(f, torch.Tensor) else f, np.float64) for f in (feats_a, feats_b))
+    require(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[1], "feats_b",
+            f"must be (N, D) arrays with the same D as feats_a, got {a.shape} and {b.shape}")
+    require(a.shape[0] >= 2 and b.shape[0] >= 2, "feats_a", "each set needs at least two samples")
+    require(bool(np.isfinite(a).all() and np.isfinite(b).all()), "feats_a", "features must be finite")
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise, as FID implementations do
-        eps = np.eye(cov_a.shape[0]) * 1e-6
-        covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean))
+    root_a = _psd_sqrt(cov_a)
+    m = root_a @ cov_b @ root_a
+    tr_covmean = np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)).sum()
+    mean_term = ((a.mean(0) - b.mean(0)) ** 2).sum()
+    return float(mean_term + np.trace(cov_a) + np.trace(cov_b) - 2 * tr_covmean)
