@@ -1,14 +1,31 @@
-"""``omniar generate``: text -> mp4 / gif with the embedded default model or a pipeline folder."""
+"""``omniar generate``: text -> mp4 / gif / png frames with the embedded default model or a pipeline folder.
+
+One prompt (``--prompt``) or one per line of a text file (``--batch``; blank lines and ``#`` comments
+skipped). Every prompt uses the same seed, so a batch output equals the single-prompt run.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from tqdm import tqdm
+
+from .._checks import require
+
+FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": ""}
+_VIDEO_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}
+
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt", required=True, help="what to generate")
-    parser.add_argument("--out", default="outputs/t2v.mp4", help="output file (.mp4 or .gif)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", help="what to generate")
+    what.add_argument("--batch", help="text file with one prompt per line")
+    parser.add_argument("--out", default=None,
+                        help="output file, or folder for png-frames (default outputs/t2v + the format's suffix); "
+                             "--batch numbers it: OUT_000, OUT_001, ...")
+    parser.add_argument("--format", choices=tuple(FORMATS), default=None,
+                        help="mp4, gif or a folder of png frames (default: from --out's suffix, else mp4)")
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
     parser.add_argument("--num-frames", type=int, default=17, help="1 + 4k frames; 1 makes an image")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
@@ -23,18 +40,71 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, default=8)
 
 
+def output_paths(out: str | None, fmt: str | None, count: int | None) -> tuple[str, list[Path]]:
+    """(format, paths): one path for a single prompt (``count=None``), else ``count`` numbered ones."""
+    base = Path(out) if out is not None else Path("outputs/t2v")
+    implied = _VIDEO_SUFFIXES.get(base.suffix.lower())
+    if implied is not None:
+        require(fmt in (None, implied), "format", f"{fmt} conflicts with --out {base.name!r}; drop the suffix "
+                "or make them agree")
+        fmt, base = implied, base.with_suffix("")
+    fmt = fmt or "mp4"
+    suffix = FORMATS[fmt]
+    if count is None:
+        return fmt, [base.with_name(base.name + suffix)]
+    return fmt, [base.with_name(f"{base.name}_{i:03d}{suffix}") for i in range(count)]
+
+
+def read_prompts(path: str) -> list[str]:
+    """Non-blank, non-comment lines of a prompt file."""
+    file = Path(path)
+    require(file.is_file(), "batch", f"file not found: {path}")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"batch: {path} is not UTF-8 text") from err
+    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    require(len(prompts) > 0, "batch", f"{path} holds no prompts")
+    return prompts
+
+
+def write_png_frames(folder: Path, frames) -> Path:
+    """frame_000.png, frame_001.png, ... in ``folder``; earlier frame_*.png there are removed first."""
+    from PIL import Image
+
+    require(not folder.is_file(), "out", f"{folder} is a file; png-frames writes a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("frame_*.png"):  # a longer earlier clip must not leave frames behind
+        old.unlink()
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"frame_{i:03d}.png")
+    return folder
+
+
 def cli_main(args: argparse.Namespace) -> int:
     from ..data.video_io import write_video
     from .pipeline import TextToVideoPipeline
 
+    # everything that can be checked without the model fails before it loads
+    prompts = [args.prompt] if args.batch is None else read_prompts(args.batch)
+    fmt, paths = output_paths(args.out, args.format, None if args.batch is None else len(prompts))
     pipe = TextToVideoPipeline.from_pretrained(args.model)
     elastic = {k: v for k, v in (("depth", args.depth), ("num_experts", args.num_experts),
                                  ("top_k", args.experts_top_k)) if v is not None}
-    out = pipe(args.prompt, num_frames=args.num_frames, guidance_scale=args.guidance_scale,
-               guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
-               temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=True)
-    path = write_video(Path(args.out), out.frames[0], fps=args.fps)
-    t = out.timings
-    print(f"{t['forward_passes']} forward passes, {t['generate_s']:.2f} s, {t['tokens_per_s']:.0f} tokens/s")
-    print(f"wrote {path}")
+    batch = args.batch is not None
+    for number, (prompt, path) in enumerate(tqdm(list(zip(prompts, paths)), desc="prompts", disable=not batch), 1):
+        try:
+            out = pipe(prompt, num_frames=args.num_frames, guidance_scale=args.guidance_scale,
+                       guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
+                       temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=not batch)
+        except ValueError as err:
+            raise ValueError(f"batch: prompt {number}: {err}" if batch else str(err)) from err
+        try:
+            written = (write_png_frames(path, out.frames[0]) if fmt == "png-frames"
+                       else write_video(path, out.frames[0], fps=args.fps))
+        except OSError as err:
+            raise ValueError(f"out: cannot write {path}: {err.strerror or err}") from err
+        t = out.timings
+        tqdm.write(f"wrote {written} ({t['forward_passes']} forward passes, {t['generate_s']:.2f} s, "
+                   f"{t['tokens_per_s']:.0f} tokens/s)")
     return 0

@@ -1,0 +1,84 @@
+"""``omniar generate``: formats, --batch, the printed paths, and one-line errors with exit code 2."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omniar.cli import main
+from omniar.data.video_io import read_video
+from test_t2v import PROMPT, tiny_pipeline
+
+OTHER = "a blue square moves up on a white background"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def model_dir(pipe, tmp_path_factory):
+    return str(pipe.save_pretrained(tmp_path_factory.mktemp("cli") / "pipe"))
+
+
+def generate(model_dir, *args):
+    return main(["generate", "--model", model_dir, "--num-frames", "5", *map(str, args)])
+
+
+def test_mp4_prints_where_it_wrote(model_dir, tmp_path, capsys):
+    out = tmp_path / "clip.mp4"
+    assert generate(model_dir, "--prompt", PROMPT, "--out", out) == 0
+    assert f"wrote {out} (" in capsys.readouterr().out
+    assert read_video(out).shape == (5, 32, 32, 3)
+
+
+def test_format_flag_adds_the_suffix(model_dir, tmp_path, capsys):
+    assert generate(model_dir, "--prompt", PROMPT, "--out", tmp_path / "clip", "--format", "gif") == 0
+    assert (tmp_path / "clip.gif").is_file() and f"wrote {tmp_path / 'clip.gif'}" in capsys.readouterr().out
+
+
+def test_batch_png_frames_equal_single_runs(pipe, model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"# two prompts\n{PROMPT}\n\n  {OTHER}  \n")
+    assert generate(model_dir, "--batch", prompts, "--out", tmp_path / "run", "--format", "png-frames") == 0
+    captured = capsys.readouterr()
+    assert "prompts" in captured.err  # the batch progress bar
+    for i, prompt in enumerate((PROMPT, OTHER)):
+        folder = tmp_path / f"run_{i:03d}"
+        assert f"wrote {folder} (" in captured.out
+        frames = np.stack([np.asarray(Image.open(folder / f"frame_{t:03d}.png")) for t in range(5)])
+        assert sorted(p.name for p in folder.iterdir()) == [f"frame_{t:03d}.png" for t in range(5)]
+        assert np.array_equal(frames, pipe(prompt, num_frames=5, seed=0).frames[0])  # png is lossless
+    assert not (tmp_path / "run_002").exists()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", PROMPT, "--num-frames", "6"], "num_frames: must be 1 + 4 * k"),
+    (["--prompt", PROMPT, "--top-p", "0"], "top_p: must be > 0.0"),
+    (["--prompt", " "], "prompt: must not be empty"),
+    (["--prompt", PROMPT, "--out", "OUT/x.mp4", "--format", "gif"], "format: gif conflicts with --out 'x.mp4'"),
+    (["--batch", "OUT/missing.txt"], "batch: file not found"),
+    (["--batch", "OUT/empty.txt"], "batch: "),
+])
+def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "x.mp4")]
+    assert generate(model_dir, *args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("omniar: error: ") and message in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # nothing written
+
+
+def test_bad_prompt_in_batch_names_it(model_dir, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{PROMPT}\n{'x' * 2000}\n")
+    assert generate(model_dir, "--batch", prompts, "--out", tmp_path / "run.gif") == 2
+    assert "batch: prompt 2: prompt: must be at most 1000 characters" in capsys.readouterr().err
+
+
+def test_unknown_format_is_a_usage_error(model_dir):
+    with pytest.raises(SystemExit) as exit_info:
+        generate(model_dir, "--prompt", PROMPT, "--format", "avi")
+    assert exit_info.value.code == 2
