@@ -36,18 +36,20 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/t2v_ablation.json")
     args = parser.parse_args()
 
-    classifier = load_classifier()
     result = {"steps": args.steps, "clips": args.clips, "frames": args.frames, "last_frames": args.last,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU"}
+    pipes = {}
     for name, arm in ARMS.items():
         config = load_yaml(args.config)
         config["train"].update(steps=args.steps, out_dir=f"runs/ablation_{name}", **arm)
         start = time.perf_counter()
-        pipe = TextToVideoPipeline.from_pretrained(train(config))
-        train_s = time.perf_counter() - start
+        pipes[name] = TextToVideoPipeline.from_pretrained(train(config))
+        result[name] = {**arm, "train_s": time.perf_counter() - start}
+    classifier = load_classifier()
+    for name, pipe in pipes.items():
         tail = evaluate_split(pipe, classifier, "seen", args.clips, num_frames=args.frames, last_frames=args.last)
         full = evaluate_split(pipe, classifier, "seen", args.clips, num_frames=args.frames)
-        result[name] = {**arm, "train_s": train_s, "last_frames": tail, "whole_clip": full}
+        result[name].update(last_frames=tail, whole_clip=full)
         print(name, json.dumps(result[name]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -1,9 +1,12 @@
-"""Tokenizer training on DeepSpeed: loss goes down (1 and 2 processes), atomic checkpoints, exact resume."""
+"""Tokenizer training on DeepSpeed: loss goes down (1 and 2 processes), atomic checkpoints, exact resume,
+SIGTERM saves and exits cleanly."""
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,3 +104,27 @@ def test_two_process_zero2_training(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert len(losses(tmp_path / "run")) == 100
     assert_learned(load_yaml(TINY_CONFIG), tmp_path / "run" / "final")
+
+
+def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    base = [sys.executable, "-m", "omniar.cli", "train", "tokenizer", "--config", str(TINY_CONFIG), "--out", str(run)]
+    proc = subprocess.Popen(base + ["--steps", "100000", "--set", "train.save_every=100000"], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "tb").is_dir():
+        time.sleep(0.5)
+    time.sleep(5)  # a few training steps
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    ckpts = [p.name for p in (run / "checkpoints").iterdir()]
+    assert len(ckpts) == 1 and ckpts[0].startswith("step_") and ckpts[0] != "step_00000000"
+    assert not (run / "final").exists()
+    done = int(ckpts[0].split("_")[1])
+    # Resuming with a schedule that ends a few steps later finishes and exports.
+    rc = subprocess.run(base + ["--steps", str(done + 3)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=300)
+    assert rc.returncode == 0, rc.stderr[-2000:]
+    assert (run / "final" / "config.json").is_file()

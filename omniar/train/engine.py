@@ -16,7 +16,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -128,12 +130,25 @@ class TrainEngine:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.bad_steps = 0
         self.skipped_steps = 0
+        self.stop_requested = False  # set by SIGTERM: trainers save a checkpoint and return
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
         self._writer = None
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
 
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             self._writer = SummaryWriter(str(self.out_dir / "tb"))
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def should_stop(self) -> bool:
+        """True once any rank received SIGTERM (all ranks agree, so they checkpoint together)."""
+        flag = torch.tensor(float(self.stop_requested), device=self.device)
+        if self.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
 
     # ---------------------------------------------------------------- stepping
     @property
@@ -221,6 +236,8 @@ class TrainEngine:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def config_from_dict(cls, values: dict, name: str):

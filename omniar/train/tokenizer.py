@@ -104,8 +104,11 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             engine.log_scalars(scalars, step)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
                             usage=f"{scalars['codebook_usage']:.2f}")
-        if step % engine_cfg.save_every == 0 or step == end:
+        stop = engine.should_stop()
+        if step % engine_cfg.save_every == 0 or step == end or stop:
             engine.save(step)
+        if stop:  # SIGTERM: checkpoint saved; rerun the command to resume
+            break
     bar.close()
     final = Path(engine_cfg.out_dir) / "final"
     if engine.rank == 0 and step == train_cfg.steps:
