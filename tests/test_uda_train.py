@@ -1,0 +1,96 @@
+"""UDA runs on a tiny generated image-folder pair, the CLI, and clear errors for bad domains."""
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from omniar.data.image_domains import load_domain
+from omniar.train.uda import UDAConfig, add_cli_arguments, check_domains, cli_main, train_uda
+
+CLASSES = ("circle", "square")
+
+
+def make_domain(root, shift, per_class=6, classes=CLASSES):
+    """Bright blob (class 0) or dark blob (class 1) on a noisy background; ``shift`` changes the background."""
+    rng = np.random.default_rng(int(shift * 10))
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (16, 16, 3)) + int(shift * 100)
+            img[4:12, 4:12] = 230 if c == 0 else 20
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def domains(tmp_path_factory):
+    root = tmp_path_factory.mktemp("uda")
+    return make_domain(root / "src", 0.0), make_domain(root / "tgt", 0.8)
+
+
+def run_cli(*argv):
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    return cli_main(parser.parse_args(list(argv)))
+
+
+def test_bipc_run_caches_relation_and_resumes(domains, tmp_path, capsys):
+    src, tgt = domains
+    out = tmp_path / "run"
+    common = ["--source", str(src), "--target", str(tgt), "--backbone", "resnet10t", "--pretrained-classes", "5",
+              "--image-size", "16", "--batch-size", "4", "--steps-per-epoch", "2", "--out", str(out)]
+    assert run_cli(*common, "--method", "bipc", "--epochs", "2") == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(result["per_epoch"]) == 2 and result["last_epoch_acc"] == result["per_epoch"][-1]
+    assert result["best_epoch_acc"] == max(result["per_epoch"])
+    relation = np.load(out / "relationship.npy")
+    assert relation.shape == (2, 5)
+    np.testing.assert_allclose(relation.sum(1), 1.0, atol=1e-6)
+    assert (out / "tb").is_dir() and (out / "checkpoints").is_dir()
+    # a third epoch resumes from the checkpoint and keeps the first two epochs' history
+    assert run_cli(*common, "--method", "bipc", "--epochs", "3") == 0
+    resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert resumed["per_epoch"][:2] == result["per_epoch"] and len(resumed["per_epoch"]) == 3
+
+
+@pytest.mark.parametrize("method", ["source_only", "dann"])
+def test_baselines_run(domains, tmp_path, method):
+    src, tgt = (load_domain(d, 16) for d in domains)
+    cfg = UDAConfig(method=method, backbone="resnet10t", pretrained_classes=5, epochs=1, steps_per_epoch=2,
+                    batch_size=4, out_dir=str(tmp_path))
+    result = train_uda(cfg, src, tgt)
+    assert len(result["per_epoch"]) == 1 and 0.0 <= result["last"] <= 100.0
+
+
+def test_list_file_domain(domains, tmp_path):
+    src, _ = domains
+    lines = [f"{p.relative_to(src)} {CLASSES.index(p.parent.name)}" for p in sorted(src.rglob("*.png"))]
+    (src / "list.txt").write_text("\n".join(lines) + "\n")
+    data = load_domain(src / "list.txt", 16)
+    assert len(data) == 12 and data.classes == ["0", "1"] and data[0][0].shape == (3, 16, 16)
+    (tmp_path / "bad.txt").write_text("only_a_path.png\n")
+    with pytest.raises(ValueError, match="expected 'path label'"):
+        load_domain(tmp_path / "bad.txt", 16)
+    (tmp_path / "gone.txt").write_text("missing.png 0\n")
+    with pytest.raises(ValueError, match="image not found"):
+        load_domain(tmp_path / "gone.txt", 16)
+
+
+def test_bad_domains_give_clear_errors(domains, tmp_path):
+    src, tgt = domains
+    with pytest.raises(ValueError, match="--source: not found"):
+        run_cli("--source", str(tmp_path / "nope"), "--target", str(tgt), "--out", str(tmp_path / "r"))
+    other = make_domain(tmp_path / "other", 0.5, per_class=2, classes=("circle", "star"))
+    with pytest.raises(ValueError, match="target: classes differ"):
+        check_domains(load_domain(src, 16), load_domain(other, 16))
+    (tmp_path / "empty" / "circle").mkdir(parents=True)
+    with pytest.raises(ValueError, match="--target: .*empty"):
+        load_domain(tmp_path / "empty", 16, "--target")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(ValueError, match="no class sub-folders"):
+        load_domain(tmp_path / "flat", 16)
+    with pytest.raises(ValueError, match="--backbone: unknown timm model"):
+        run_cli("--source", str(src), "--target", str(tgt), "--backbone", "resnet_nope", "--out", str(tmp_path / "r"))
