@@ -20,6 +20,7 @@ _GROUPS = {
 _COMMANDS = {
     "generate": ("omniar.generation.cli", "generate a video (or image) from text"),
     "reconstruct": ("omniar.tokenizers.reconstruct", "tokenize and reconstruct a Moving Shapes clip to mp4"),
+    "demo": ("omniar.demo", "Gradio app: text-to-video and tokenizer reconstructions on 127.0.0.1:7860"),
 }
 
 

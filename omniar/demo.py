@@ -1,0 +1,303 @@
+"""``omniar demo``: a Gradio app for text-to-video and the video tokenizer (127.0.0.1:7860 by default).
+
+Nothing a visitor sends becomes a path, a file name or a shell argument: settings are numbers, a
+short prompt and a choice from a fixed list; uploads are files Gradio already stored in its own
+cache, and every file the app writes gets a name chosen here, in a folder of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import threading
+import uuid
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .data.shapes import HELDOUT, TRAIN_COMBINATIONS, caption
+from .data.video_io import read_video, video_info, write_video
+from .generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline
+
+FPS = 8
+DISPLAY_SIDE = 256  # clips are 32-64 px: nearest-neighbour upscaling keeps them crisp instead of browser-blurred
+MAX_RECONSTRUCT_FRAMES = 17
+KEEP_OUTPUTS = 64  # files written here; Gradio copies each into its cache before the next request needs room
+
+# pipeline argument -> the label of its control, so error messages name what the visitor sees
+LABELS = {"prompt": "Prompt", "num_frames": "Frames", "guidance_scale": "Guidance", "temperature": "Temperature",
+          "top_k": "Top-k", "top_p": "Top-p", "seed": "Seed", "elastic": "Sub-model", "file": "Video or image"}
+
+
+def example_prompts() -> tuple[list[str], list[str]]:
+    """(seen, held-out) Moving Shapes captions: combinations the model trained on, and ones it never saw."""
+    seen = [caption(*TRAIN_COMBINATIONS[i], template=i % 4) for i in (0, 31, 62, 93)]
+    held_out = [caption(*combo) for combo in HELDOUT[:4]]
+    return seen, held_out
+
+
+def elastic_choices(config) -> dict[str, dict | None]:
+    """Sub-models the elastic training covers, by label: full, half depth, half the experts with top-1, both."""
+    full = f"full ({config.num_layers} layers, {config.num_experts} experts, top-{config.top_k})"
+    choices: dict[str, dict | None] = {full: None}
+    depth, experts = max(1, config.num_layers // 2), max(1, config.num_experts // 2)
+    layers = f"{depth} layer{'s' if depth > 1 else ''}"
+    if depth < config.num_layers:
+        choices[layers] = {"depth": depth}
+    if experts < config.num_experts:
+        choices[f"{experts} experts, top-1"] = {"num_experts": experts, "top_k": 1}
+    if depth < config.num_layers and experts < config.num_experts:
+        choices[f"{layers}, {experts} experts, top-1"] = {"depth": depth, "num_experts": experts, "top_k": 1}
+    return choices
+
+
+def _error(err: ValueError):
+    """``ValueError("num_frames: ...")`` -> ``gr.Error("Frames (num_frames): ...")``."""
+    import gradio as gr
+
+    name, sep, detail = str(err).partition(": ")
+    if sep and name in LABELS:
+        return gr.Error(f"{LABELS[name]} ({name}): {detail}")
+    return gr.Error(str(err))
+
+
+def _whole(value, name: str) -> int:
+    """Browsers may send 17 as 17.0: accept whole floats, reject everything else by name."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(f"{name}: must be a whole number, got {value!r}")
+
+
+def _upscale(frames: np.ndarray) -> np.ndarray:
+    """Nearest-neighbour upscale (..., H, W, 3) by the integer factor that reaches DISPLAY_SIDE."""
+    factor = max(1, math.ceil(DISPLAY_SIDE / frames.shape[-2]))
+    return frames.repeat(factor, axis=-3).repeat(factor, axis=-2)
+
+
+def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """(B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3), rounded like the pipeline's frames."""
+    return pixels.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+
+
+class _OutputFiles:
+    """Fresh, app-chosen file names in a private folder; only the newest KEEP_OUTPUTS are kept."""
+
+    def __init__(self):
+        self._dir = tempfile.TemporaryDirectory(prefix="omniar-demo-")
+        self._files: deque[Path] = deque()
+        self._lock = threading.Lock()
+
+    def new(self, suffix: str) -> Path:
+        path = Path(self._dir.name) / f"{uuid.uuid4().hex}{suffix}"
+        with self._lock:
+            self._files.append(path)
+            while len(self._files) > KEEP_OUTPUTS:
+                self._files.popleft().unlink(missing_ok=True)
+        return path
+
+
+def _load_media(path: str, max_frames: int) -> np.ndarray:
+    """An uploaded image or video -> uint8 (T, H, W, 3), at most ``max_frames`` frames."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            if getattr(image, "n_frames", 1) == 1:  # animated gifs / webps go through the video reader
+                return np.asarray(image.convert("RGB"))[None]
+    except UnidentifiedImageError:
+        pass
+    count, _ = video_info(path)
+    return read_video(path, list(range(min(count, max_frames))))
+
+
+class Demo:
+    """The app's two handlers around one pipeline, and the Blocks layout that wires them."""
+
+    def __init__(self, pipe: TextToVideoPipeline):
+        self.pipe = pipe
+        self.elastic = elastic_choices(pipe.model.omniar_config)
+        self.outputs = _OutputFiles()
+        # model.elastic() switches the shared model's active sub-model: one generation at a time
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------- handlers
+    def generate(self, prompt, num_frames, guidance_scale, temperature, top_k, top_p, seed, sub_model,
+                 progress=None):
+        """-> (mp4 path, first-frame previews one per scale, timing text). Raises ``gr.Error`` on bad input."""
+        try:
+            kwargs = dict(num_frames=_whole(num_frames, "num_frames"), guidance_scale=guidance_scale,
+                          temperature=temperature, top_k=_whole(top_k, "top_k"), top_p=top_p,
+                          seed=_whole(seed, "seed"))
+            if not isinstance(sub_model, str) or sub_model not in self.elastic:
+                raise ValueError(f"elastic: must be one of {list(self.elastic)}, got {sub_model!r}")
+            with self._lock:
+                out, previews = self._generate(prompt, self.elastic[sub_model], kwargs, progress)
+        except ValueError as err:
+            raise _error(err) from err
+        path = self.outputs.new(".mp4")
+        write_video(path, _upscale(out.frames[0]), fps=FPS)
+        t = out.timings
+        stats = (f"**{t['generate_s']:.2f} s** generation ({t['forward_passes']} forward passes) + "
+                 f"{t['decode_s']:.2f} s decoding · **{t['tokens_per_s']:.0f} tokens/s** · "
+                 f"{out.frames.shape[1]} frames of {out.frames.shape[3]}x{out.frames.shape[2]}")
+        return str(path), previews, stats
+
+    def _generate(self, prompt, elastic, kwargs, progress):
+        tok = self.pipe.video_tokenizer
+        first: list[torch.Tensor] = []  # frame 0's accumulated latent after each scale
+
+        def on_scale(step: dict) -> None:
+            if step["frame"] == 0:
+                first.append(step["latent"][:1].float())
+            if progress is not None:  # called only once the pipeline has validated num_frames
+                total = tok.num_latent_frames(kwargs["num_frames"]) * len(tok.scales)
+                progress((step["frame"] * len(tok.scales) + step["scale"] + 1, total), desc="generating")
+
+        out = self.pipe(prompt, elastic=elastic, callback=on_scale, **kwargs)
+        # The causal decoder decodes frame 0 alone exactly as in the full clip: one batched call for all scales.
+        with torch.no_grad():
+            images = _to_uint8(tok.decode_latent(torch.cat(first).unsqueeze(2)))[:, 0]
+        previews = [(_upscale(img), f"scales <= {n}x{n}") for img, n in zip(images, tok.scales)]
+        return out, previews
+
+    def reconstruct(self, file):
+        """Uploaded video or image -> (reconstruction per scale as frame strips, mp4 of the finest, PSNR text)."""
+        import gradio as gr
+        from PIL import Image
+
+        from .eval.metrics import psnr
+
+        if not file:
+            raise gr.Error(f"{LABELS['file']}: upload a video or an image first")
+        tok = self.pipe.video_tokenizer
+        try:
+            frames = _load_media(file, MAX_RECONSTRUCT_FRAMES)
+        except (ValueError, OSError, Image.DecompressionBombError) as err:
+            raise gr.Error(f"{LABELS['file']}: cannot read it as a video or an image ({err})") from err
+        tau = tok.config.temporal_compression
+        frames = frames[:1 + (len(frames) - 1) // tau * tau]  # the causal layout takes 1 + tau * k frames
+        video = self._fit(frames)
+        with self._lock, torch.no_grad():
+            codes = tok.encode(video.to(tok.device))
+            recs = [tok.decode_partial(codes, s).float().cpu() for s in range(len(tok.scales))]
+        strips, lines = [], []
+        for n, rec in zip(tok.scales, recs):
+            strip = _to_uint8(rec)[0][:: max(1, len(frames) // 4)][:5]  # up to 5 frames, evenly spread
+            strips.append((_upscale(np.concatenate(list(strip), axis=1)), f"scales <= {n}x{n}"))
+            lines.append(f"| {n}x{n} | {psnr(rec, video).item():.2f} |")
+        path = self.outputs.new(".mp4")
+        write_video(path, _upscale(_to_uint8(recs[-1])[0]), fps=FPS)
+        table = f"{len(frames)} frame(s) at {tok.resolution} px\n\n| up to scale | PSNR dB |\n|---|---|\n" + "\n".join(lines)
+        return strips, str(path), table
+
+    def _fit(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 (T, H, W, 3) -> (1, 3, T, R, R) in [-1, 1]: centre square crop, then area-resize to R."""
+        t, h, w, _ = frames.shape
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        x = torch.from_numpy(frames[:, top:top + side, left:left + side].copy()).permute(0, 3, 1, 2)
+        size = self.pipe.video_tokenizer.resolution
+        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+        return (x / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3)[None]
+
+    # --------------------------------------------------------------- layout
+    def build(self, concurrency: int = 1, max_queue: int = 32):
+        """The Blocks app, queued: ``concurrency`` jobs at a time, at most ``max_queue`` waiting."""
+        import gradio as gr
+
+        pipe, tok = self.pipe, self.pipe.video_tokenizer
+        seen, held_out = example_prompts()
+        tau = tok.config.temporal_compression
+        with gr.Blocks(title="omniar", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
+            gr.Markdown("# omniar: text-to-video by next-frame, next-scale prediction\n"
+                        "Describe a Moving Shapes clip: a colour, a shape, a direction and a background.")
+            with gr.Tab("Text to video"):
+                with gr.Row():
+                    with gr.Column():
+                        prompt = gr.Textbox(label=LABELS["prompt"], value=seen[0], lines=2,
+                                            max_length=MAX_PROMPT_CHARS, elem_id="prompt")
+                        gr.Examples([[p] for p in seen], inputs=[prompt], label="Seen in training")
+                        gr.Examples([[p] for p in held_out], inputs=[prompt], label="Held-out combinations")
+                        with gr.Accordion("Settings", open=False):
+                            frames = gr.Slider(1, pipe.max_num_frames, value=min(17, pipe.max_num_frames),
+                                               step=tau, label=LABELS["num_frames"], info=f"1 + {tau}k; 1 = image")
+                            guidance = gr.Slider(0, 10, value=3.0, step=0.5, label=LABELS["guidance_scale"],
+                                                 info="classifier-free guidance; 1 = off")
+                            temperature = gr.Slider(0, 2, value=1.0, step=0.05, label=LABELS["temperature"],
+                                                    info="0 = greedy")
+                            top_k = gr.Slider(0, tok.config.codebook_size, value=0, step=1, label=LABELS["top_k"],
+                                              info="0 = off")
+                            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label=LABELS["top_p"])
+                            seed = gr.Number(0, precision=0, minimum=0, label=LABELS["seed"])
+                            sub_model = gr.Dropdown(list(self.elastic), value=next(iter(self.elastic)),
+                                                    label=LABELS["elastic"], info="elastic sub-model size")
+                        button = gr.Button("Generate", variant="primary", elem_id="generate")
+                    with gr.Column():
+                        video = gr.Video(label="Video", autoplay=True, loop=True, elem_id="video")
+                        stats = gr.Markdown(elem_id="stats")
+                previews = gr.Gallery(label="First frame, coarse to fine (one image per scale)",
+                                      columns=len(tok.scales), height="auto", object_fit="contain", format="png")
+
+                def generate(prompt, num_frames, guidance_scale, temperature, top_k, top_p, seed, sub_model,
+                             progress=gr.Progress()):
+                    return self.generate(prompt, num_frames, guidance_scale, temperature, top_k, top_p, seed,
+                                         sub_model, progress)
+
+                # preprocess=False: every value reaches our own checks, so even API clients sending
+                # out-of-range numbers get a message naming the setting, not a generic bounds error.
+                button.click(generate, [prompt, frames, guidance, temperature, top_k, top_p, seed, sub_model],
+                             [video, previews, stats], api_name="generate", preprocess=False,
+                             concurrency_id="model")
+            with gr.Tab("Tokenizer"):
+                gr.Markdown(f"Encode a video or an image with the {tok.resolution} px multi-scale tokenizer "
+                            f"(first {MAX_RECONSTRUCT_FRAMES} frames, centre crop) and decode it from the "
+                            "coarsest scale up.")
+                with gr.Row():
+                    upload = gr.File(label=LABELS["file"], file_types=["image", "video"], type="filepath")
+                    rec_video = gr.Video(label="Reconstruction (all scales)", autoplay=True, loop=True)
+                rec_button = gr.Button("Reconstruct", variant="primary")
+                rec_table = gr.Markdown()
+                rec_strips = gr.Gallery(label="Reconstruction per scale", columns=1, height="auto",
+                                        object_fit="contain", format="png")
+                # preprocess stays on: Gradio then only accepts files from its own upload cache
+                rec_button.click(self.reconstruct, [upload], [rec_strips, rec_video, rec_table],
+                                 api_name="reconstruct", concurrency_id="model")
+        app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+        return app
+
+
+# ------------------------------------------------------------------------------ command line
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--concurrency", type=int, default=1, help="requests processed at once")
+    parser.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait; more are turned away")
+
+
+def launch(pipe: TextToVideoPipeline, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           concurrency: int = 1, max_queue: int = 32, block: bool = True):
+    """Build and start the app; with ``block=False`` it returns the running app (``.local_url``, ``.close()``)."""
+    from ._checks import check_int
+
+    check_int(concurrency, "concurrency", 1, 64)
+    check_int(max_queue, "max_queue", 1, 10_000)
+    if port is not None:
+        check_int(port, "port", 1, 65535)
+    app = Demo(pipe).build(concurrency, max_queue)
+    app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
+               max_file_size="25mb", quiet=not block, footer_links=["api"])
+    return app
+
+
+def cli_main(args: argparse.Namespace) -> int:
+    pipe = TextToVideoPipeline.from_pretrained(args.model).to(args.device)
+    launch(pipe, args.host, args.port, args.share, args.concurrency, args.max_queue)
+    return 0
