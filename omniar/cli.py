@@ -1,4 +1,4 @@
-"""The ``omniar`` command line: ``omniar train tokenizer|ar``, ``omniar eval t2v``, ``omniar generate``,
+"""The ``omniar`` command line: ``omniar train tokenizer|ar|uda``, ``omniar eval t2v``, ``omniar generate``,
 ``omniar reconstruct``."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ _GROUPS = {
     "train": ("train a model on DeepSpeed", {
         "tokenizer": ("omniar.train.tokenizer", "train the 3D multi-scale video tokenizer"),
         "ar": ("omniar.train.ar", "pre-tokenize and train the unified AR text-to-video model"),
+        "uda": ("omniar.train.uda", "BiPC / DANN / source-only domain adaptation of a timm classifier"),
     }),
     "eval": ("evaluate a model", {
         "t2v": ("omniar.eval.t2v", "prompt adherence and Frechet distance of text-to-video on Moving Shapes"),
