@@ -154,6 +154,7 @@ def read_video(path: str | os.PathLike, indices: list[int] | None = None) -> np.
             return reader.get_batch(idx).asnumpy()
         except Exception:  # a stream decord opens but cannot decode: PyAV's FFmpeg may still manage
             pass
+    # Types and signs are checked before decoding, the upper bound against the frames decoded.
     last = None if indices is None else max(_check_indices(indices, np.iinfo(np.int64).max))
     frames = _pyav_frames(path, last)
     idx = _check_indices(indices, len(frames))
