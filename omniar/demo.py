@@ -238,10 +238,10 @@ class Demo:
                                                     label=LABELS["elastic"], info="elastic sub-model size")
                         button = gr.Button("Generate", variant="primary", elem_id="generate")
                     with gr.Column():
-                        video = gr.Video(label="Video", autoplay=True, loop=True, elem_id="video")
+                        video = gr.Video(label="Video", autoplay=True, loop=True, height=400, elem_id="video")
                         stats = gr.Markdown(elem_id="stats")
                 previews = gr.Gallery(label="First frame, coarse to fine (one image per scale)",
-                                      columns=len(tok.scales), height="auto", object_fit="contain", format="png")
+                                      columns=len(tok.scales), rows=1, height=300, object_fit="contain", format="png")
 
                 def generate(prompt, num_frames, guidance_scale, temperature, top_k, top_p, seed, sub_model,
                              progress=gr.Progress()):
