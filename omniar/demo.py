@@ -130,6 +130,8 @@ class Demo:
                  progress=None):
         """-> (mp4 path, first-frame previews one per scale, timing text). Raises ``gr.Error`` on bad input."""
         try:
+            if not isinstance(prompt, str):  # the pipeline would take a list as a batch: one clip per request
+                raise ValueError(f"prompt: must be a string, got {type(prompt).__name__}")
             kwargs = dict(num_frames=_whole(num_frames, "num_frames"), guidance_scale=guidance_scale,
                           temperature=temperature, top_k=_whole(top_k, "top_k"), top_p=top_p,
                           seed=_whole(seed, "seed"))
@@ -192,12 +194,13 @@ class Demo:
             lines.append(f"| {n}x{n} | {psnr(rec, video).item():.2f} |")
         path = self.outputs.new(".mp4")
         write_video(path, _upscale(_to_uint8(recs[-1])[0]), fps=FPS)
-        table = f"{len(frames)} frame(s) at {tok.resolution} px\n\n| up to scale | PSNR dB |\n|---|---|\n" + "\n".join(lines)
+        table = "\n".join([f"{len(frames)} frame(s) at {tok.resolution} px\n", "| up to scale | PSNR dB |", "|---|---|",
+                           *lines])
         return strips, str(path), table
 
     def _fit(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (T, H, W, 3) -> (1, 3, T, R, R) in [-1, 1]: centre square crop, then area-resize to R."""
-        t, h, w, _ = frames.shape
+        """uint8 (T, H, W, 3) -> (1, 3, T, R, R) in [-1, 1]: centre square crop, then antialiased resize to R."""
+        _, h, w, _ = frames.shape
         side = min(h, w)
         top, left = (h - side) // 2, (w - side) // 2
         x = torch.from_numpy(frames[:, top:top + side, left:left + side].copy()).permute(0, 3, 1, 2)

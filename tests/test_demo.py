@@ -72,6 +72,7 @@ def test_elastic_sub_model_changes_the_result(client):
     (1, 6, "Frames (num_frames): must be 1 + 4 * k"),
     (1, 5.5, "Frames (num_frames): must be a whole number"),
     (0, "   ", "Prompt (prompt): must not be empty"),
+    (0, [PROMPT] * 8, "Prompt (prompt): must be a string"),
     (5, 0.0, "Top-p (top_p): must be > 0.0"),
     (4, -1, "Top-k (top_k): must be >= 0"),
     (2, -1.0, "Guidance (guidance_scale): must be >= 0.0"),
