@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from omniar.cli import main as omniar_main
 from omniar.data.image_domains import load_domain
 from omniar.train.uda import UDAConfig, add_cli_arguments, check_domains, cli_main, train_uda
 
@@ -94,3 +95,10 @@ def test_bad_domains_give_clear_errors(domains, tmp_path):
         load_domain(tmp_path / "flat", 16)
     with pytest.raises(ValueError, match="--backbone: unknown timm model"):
         run_cli("--source", str(src), "--target", str(tgt), "--backbone", "resnet_nope", "--out", str(tmp_path / "r"))
+
+
+def test_omniar_train_uda_command_reports_bad_input(domains, tmp_path, capsys):
+    src, _ = domains
+    rc = omniar_main(["train", "uda", "--source", str(src), "--target", str(tmp_path / "missing"),
+                      "--out", str(tmp_path / "r")])
+    assert rc == 2 and "--target: not found" in capsys.readouterr().err
