@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_float, check_int, require
 from ..backbone.bipc import BiPCModel, calibrated_class_probs, create_backbone, relationship_matrix
@@ -225,7 +226,9 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
     src = _loader(source, cfg.batch_size, start, total, engine, 1, cfg.num_workers)
     tgt = _loader(target, cfg.batch_size, start, total, engine, 2, cfg.num_workers) \
         if cfg.method != "source_only" else None
-    for step in range(start, total):
+    bar = tqdm(range(start, total), initial=start, total=total, desc=f"uda {cfg.method}",
+               disable=not progress or engine.rank != 0)
+    for step in bar:
         xs, ys = (t.to(dev) for t in next(src))
         scalars = {}
         with engine.autocast():
@@ -259,8 +262,7 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
             if engine.rank == 0:
                 history_file.write_text(json.dumps(history))
             engine.save(step + 1)
-            if progress and engine.rank == 0:
-                print(f"epoch {len(history)}/{cfg.epochs}: target accuracy {history[-1]:.2f}%", flush=True)
+            bar.set_postfix(epoch=len(history), target_acc=f"{history[-1]:.2f}")
     engine.close()
     best = int(np.argmax(history))
     return {"per_epoch": history, "best": history[best], "best_epoch": best + 1, "last": history[-1]}
