@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--steps-per-epoch", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=32, help="per domain")
+    parser.add_argument("--lr", type=float, default=1e-3, help="backbone; the heads get 10x")
     parser.add_argument("--source-size", type=int, default=3000)
     parser.add_argument("--pretrain-size", type=int, default=9300, help="62 classes x 150")
     parser.add_argument("--pretrain-epochs", type=int, default=3)
@@ -78,7 +79,7 @@ def main() -> None:
         for seed in args.seeds if method in METHODS else args.seeds[:1]:
             cfg = UDAConfig(backbone=args.backbone, weights=str(weights), pretrained_classes=62,
                             epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, batch_size=args.batch_size,
-                            seed=seed, out_dir=str(work / f"{method}_seed{seed}"), **overrides)
+                            lr=args.lr, seed=seed, out_dir=str(work / f"{method}_seed{seed}"), **overrides)
             runs.append(train_uda(cfg, source, target))
             print(f"{method} seed {seed}: per epoch {[round(a, 1) for a in runs[-1]['per_epoch']]} "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
@@ -87,8 +88,8 @@ def main() -> None:
     result["quoted"] = "target accuracy (%) after the last epoch; best_epoch: the best epoch per seed"
     result["setup"] = {
         "backbone": args.backbone, "image_size": 32, "epochs": args.epochs, "steps_per_epoch": args.steps_per_epoch,
-        "batch_size_per_domain": args.batch_size, "source_size": args.source_size, "target_size": len(target),
-        "pretrain_size": args.pretrain_size, "pretrain_epochs": args.pretrain_epochs,
+        "batch_size_per_domain": args.batch_size, "lr": args.lr, "source_size": args.source_size,
+        "target_size": len(target), "pretrain_size": args.pretrain_size, "pretrain_epochs": args.pretrain_epochs,
         "pretrained_head_heldout_acc": pre_acc, "fonts": len(font_files()), "seconds": time.perf_counter() - start,
         "machine": f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads"}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

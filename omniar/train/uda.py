@@ -154,7 +154,7 @@ class UDAConfig:
     epochs: int = 10
     steps_per_epoch: int | None = None  # default: one pass over the source
     batch_size: int = 32  # per domain
-    lr: float = 0.01  # backbone; heads (task, discriminator) get head_lr_mult x
+    lr: float = 1e-3  # backbone (tllib's DANN default); heads (task, discriminator) get head_lr_mult x
     head_lr_mult: float = 10.0
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
