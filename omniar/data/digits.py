@@ -26,7 +26,8 @@ _SKIP_FONTS = ("cmex", "cmsy", "STIXSiz", "NonUni", "LastResort", "MathTeX")  # 
 
 @lru_cache(maxsize=1)
 def font_files() -> tuple[str, ...]:
-    """TrueType fonts on this machine: DejaVu from the system and matplotlib's bundled set."""
+    """TrueType fonts on this machine: the system's (/usr/share/fonts, e.g. DejaVu, Liberation) and
+    matplotlib's bundled set, minus symbol-only faces; the set, and so the source domain, varies by machine."""
     import matplotlib
 
     roots = [Path("/usr/share/fonts"), Path(matplotlib.get_data_path()) / "fonts" / "ttf"]
