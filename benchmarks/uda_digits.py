@@ -27,7 +27,7 @@ import torch
 
 from omniar.backbone.bipc import create_backbone
 from omniar.data.digits import HandwrittenDigits, PrintedCharacters, font_files
-from omniar.train.uda import METHODS, UDAConfig, cache_dataset, evaluate, pretrain_backbone, train_uda
+from omniar.train.uda import METHODS, UDAConfig, cache_dataset, pretrain_backbone, train_uda
 
 
 ABLATIONS = {"bipc_no_losses": dict(cpa_weight=0.0, cgi_weight=0.0), "bipc_cpa_only": dict(cgi_weight=0.0),
