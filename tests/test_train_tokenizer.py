@@ -108,7 +108,10 @@ def test_two_process_zero2_training(tmp_path):
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A fresh process group: drop the rendezvous variables an in-process run of this session exported.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
     base = [sys.executable, "-m", "omniar.cli", "train", "tokenizer", "--config", str(TINY_CONFIG), "--out", str(run)]
     proc = subprocess.Popen(base + ["--steps", "100000", "--set", "train.save_every=100000"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
