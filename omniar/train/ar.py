@@ -13,7 +13,7 @@ frames from a frame's attention), elastic sub-model sampling.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,8 +26,8 @@ from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..generation.pipeline import TextToVideoPipeline, encode_prompts
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from .common import add_config_arguments, resolve_config, step_loader
-from .engine import EngineConfig, TrainEngine, config_from_dict, cosine_lr
+from .common import add_config_arguments, resolve_config, split_train_section, step_loader
+from .engine import TrainEngine, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
 
@@ -152,18 +152,11 @@ def build_source_dataset(data_cfg: ARDataConfig, size: int):
     return VideoFolderDataset(data_cfg.path, num_frames=data_cfg.num_frames, size=size, seed=data_cfg.seed)
 
 
-def _split_train_section(section: dict) -> tuple[EngineConfig, ARTrainConfig]:
-    engine_keys = {f.name for f in fields(EngineConfig)}
-    engine = config_from_dict(EngineConfig, {k: v for k, v in section.items() if k in engine_keys}, "train")
-    own = config_from_dict(ARTrainConfig, {k: v for k, v in section.items() if k not in engine_keys}, "train")
-    return engine, own
-
-
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
     require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
     data_cfg = config_from_dict(ARDataConfig, config.get("data", {}), "data")
-    engine_cfg, train_cfg = _split_train_section(config.get("train", {}))
+    engine_cfg, train_cfg = split_train_section(config.get("train", {}), ARTrainConfig)
     tok = load_video_tokenizer(train_cfg.tokenizer)
     text_tok = TextTokenizer()
     model_fields = dict(config.get("model", {}))
@@ -212,10 +205,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                         scalars[f"router/{i}/{key}"] = value
             engine.log_scalars(scalars, step)
             bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{parts['visual_ce']:.3f}")
-        stop = engine.should_stop()
-        if step % engine_cfg.save_every == 0 or step == end or stop:
-            engine.save(step)
-        if stop:  # SIGTERM: checkpoint saved; rerun the command to resume
+        if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
             break
     bar.close()
     final = Path(engine_cfg.out_dir) / "final"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,6 +34,16 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             require(isinstance(node, dict), "--set", f"{key!r}: {part!r} is not a section")
         node[leaf] = yaml.safe_load(value)
     return config
+
+
+def split_train_section(section: dict, own_cls):
+    """The ``train`` section's engine fields -> ``EngineConfig``, the rest -> the trainer's ``own_cls``."""
+    from .engine import EngineConfig, config_from_dict
+
+    engine_keys = {f.name for f in fields(EngineConfig)}
+    engine = config_from_dict(EngineConfig, {k: v for k, v in section.items() if k in engine_keys}, "train")
+    own = config_from_dict(own_cls, {k: v for k, v in section.items() if k not in engine_keys}, "train")
+    return engine, own
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:

@@ -195,6 +195,13 @@ class TrainEngine:
                 self._writer.add_scalar(key, float(value), step)
 
     # ------------------------------------------------------------- checkpoints
+    def checkpoint_due(self, step: int, last: int) -> bool:
+        """Save after ``step`` if it is a save step, the last step, or SIGTERM came; True means stop now."""
+        stop = self.should_stop()
+        if step % self.config.save_every == 0 or step == last or stop:
+            self.save(step)
+        return stop
+
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
         if not self.ckpt_dir.is_dir():

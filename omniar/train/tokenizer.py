@@ -8,7 +8,7 @@ complete checkpoint; exports ``save_pretrained`` weights to ``<out_dir>/final``.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,8 +18,8 @@ from tqdm import tqdm
 from .._checks import check_choice, check_float, check_int, require
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
-from .common import add_config_arguments, resolve_config, step_loader
-from .engine import EngineConfig, TrainEngine, config_from_dict, cosine_lr, export_pretrained
+from .common import add_config_arguments, resolve_config, split_train_section, step_loader
+from .engine import TrainEngine, config_from_dict, cosine_lr, export_pretrained
 
 
 @dataclass
@@ -59,13 +59,6 @@ def build_dataset(cfg: TokenizerDataConfig):
     return VideoFolderDataset(cfg.path, num_frames=cfg.num_frames, size=cfg.size, seed=cfg.seed)
 
 
-def _split_train_section(section: dict) -> tuple[EngineConfig, TokenizerTrainConfig]:
-    engine_keys = {f.name for f in fields(EngineConfig)}
-    engine = config_from_dict(EngineConfig, {k: v for k, v in section.items() if k in engine_keys}, "train")
-    own = config_from_dict(TokenizerTrainConfig, {k: v for k, v in section.items() if k not in engine_keys}, "train")
-    return engine, own
-
-
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Run (or resume) tokenizer training; returns the exported model folder.
 
@@ -73,7 +66,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     schedule still spans ``train.steps``: a later call resumes where it stopped."""
     require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
     data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
-    engine_cfg, train_cfg = _split_train_section(config.get("train", {}))
+    engine_cfg, train_cfg = split_train_section(config.get("train", {}), TokenizerTrainConfig)
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = VideoTokenizer(**config.get("model", {}))
     if train_cfg.init_from:
@@ -104,10 +97,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             engine.log_scalars(scalars, step)
             bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
                             usage=f"{scalars['codebook_usage']:.2f}")
-        stop = engine.should_stop()
-        if step % engine_cfg.save_every == 0 or step == end or stop:
-            engine.save(step)
-        if stop:  # SIGTERM: checkpoint saved; rerun the command to resume
+        if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
             break
     bar.close()
     final = Path(engine_cfg.out_dir) / "final"
