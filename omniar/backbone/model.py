@@ -170,9 +170,9 @@ class OmniARModel(ModelMixin, ConfigMixin):
         return x.flatten(1, 2)
 
     def _check_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
-        require(isinstance(text_ids, torch.Tensor) and text_ids.dim() == 2 and text_ids.shape[1] >= 1
+        require(isinstance(text_ids, torch.Tensor) and text_ids.dim() == 2 and min(text_ids.shape) >= 1
                 and not text_ids.is_floating_point(), "text_ids",
-                f"must be an integer tensor (B, L) with L >= 1, got {getattr(text_ids, 'shape', text_ids)}")
+                f"must be an integer tensor (B, L) with B, L >= 1, got {getattr(text_ids, 'shape', text_ids)}")
         vocab = self._omniar_config.text_vocab_size
         require(bool(((text_ids >= 0) & (text_ids < vocab)).all()), "text_ids", f"ids must be in [0, {vocab})")
         if text_mask is None:
