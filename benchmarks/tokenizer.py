@@ -45,8 +45,9 @@ def main() -> None:
         enc_s, dec_s = enc_s + t1 - t0, dec_s + t2 - t1
         psnrs.append(psnr(rec, video))
         ssims.append(ssim(rec, video))
-        for s in range(n_scales):
+        for s in range(n_scales - 1):  # the last "partial" decode is the full one above
             per_scale[s].append(psnr(tok.decode_partial(codes, s), video))
+        per_scale[-1].append(psnrs[-1])
         for c in codes.codes:
             used.update(c.unique().tolist())
     frames = args.clips * args.frames

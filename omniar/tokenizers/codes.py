@@ -61,11 +61,3 @@ class MultiScaleCodes:
             maps.append(tokens[:, :, start:start + n * n].reshape(*tokens.shape[:2], n, n))
             start += n * n
         return cls(maps, tuple(scales), num_frames)
-
-    def frames(self, start: int, stop: int) -> "MultiScaleCodes":
-        """Latent frames ``[start, stop)`` (``num_frames`` follows the causal layout only for ``start == 0``)."""
-        t = self.num_latent_frames
-        require(0 <= start < stop <= t, "start/stop", f"must satisfy 0 <= start < stop <= {t}")
-        tau = 1 if t == 1 else (self.num_frames - 1) // (t - 1)
-        n = 1 + tau * (stop - start - 1) if start == 0 else tau * (stop - start)
-        return MultiScaleCodes([c[:, start:stop] for c in self.codes], self.scales, n)

@@ -192,16 +192,14 @@ class VideoTokenizer(ModelMixin, ConfigMixin):
         self._check_codes(codes)
         b, t = codes.batch_size, codes.num_latent_frames
         flat = [c.to(self.device).flatten(0, 1) for c in codes.codes]
-        inputs, f_hat = [], None
+        inputs, f_hat = [None], 0
         for s, n in enumerate(self.scales):
-            if s == 0:
-                full = self.quantizer.codes_to_latent(flat).unflatten(0, (b, t))
-                prev = torch.cat([torch.zeros_like(full[:, :1]), full[:, :-1]], dim=1).flatten(0, 1)
-                inputs.append(resize(prev, n))
-                f_hat = self.quantizer.embed_scale(flat[0], 0)
-            else:
+            if s > 0:
                 inputs.append(resize(f_hat, n))
-                f_hat = f_hat + self.quantizer.embed_scale(flat[s], s)
+            f_hat = f_hat + self.quantizer.embed_scale(flat[s], s)
+        full = f_hat.unflatten(0, (b, t))  # each frame's full accumulation feeds the next frame's scale 0
+        inputs[0] = resize(torch.cat([torch.zeros_like(full[:, :1]), full[:, :-1]], dim=1).flatten(0, 1),
+                           self.scales[0])
         return [x.unflatten(0, (b, t)) for x in inputs]
 
     def codebook_usage(self) -> float:
