@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from diffusers import ConfigMixin, ModelMixin
+from diffusers import ConfigMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from .._checks import check_int, require
+from .._pretrained import PretrainedModel
 from .attention import Attention, KVCache
 from .config import OmniARConfig, config_signature
 from .elastic import ElasticSpec, resolve_elastic, sample_elastic, slice_state_dict, submodel_config
@@ -57,7 +58,7 @@ class Block(nn.Module):
         return x + y, aux, stats
 
 
-class OmniARModel(ModelMixin, ConfigMixin):
+class OmniARModel(PretrainedModel, ConfigMixin):
     """Unified MoE autoregressive backbone (see :mod:`omniar.backbone` for the API)."""
 
     def _init(self, **fields) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from tqdm import tqdm
 
 from .._checks import check_int, require
+from .._pretrained import PretrainedModel
 from ..data.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, MovingShapes, render, to_tensor
 from ..train.engine import cosine_lr
 
@@ -29,7 +29,7 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPE
                                           "background": tuple(BACKGROUNDS)}
 
 
-class ShapesClassifier(ModelMixin, ConfigMixin):
+class ShapesClassifier(PretrainedModel, ConfigMixin):
     """videos (B, 3, T, H, W) in [-1, 1] -> one logit vector per attribute.
 
     A 2D CNN over the first, middle and last frames stacked as channels: colour,

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from .. import __version__, assets
 from .._checks import check_choice, check_float, check_int, require
+from .._pretrained import read_json
 from ..backbone import OmniARModel
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
@@ -78,9 +79,10 @@ class TextToVideoPipeline:
         """Load a pipeline folder; no argument loads the embedded default model."""
         folder = Path(path) if path is not None else assets.path(DEFAULT_MODEL)
         index_file = folder / "model_index.json"
-        require(index_file.is_file(), "path", f"{folder} has no model_index.json")
-        index = json.loads(index_file.read_text())
+        index = read_json(index_file, "path")
         require(index.get("_class_name") == cls.__name__, "path", f"{index_file} is not a {cls.__name__}")
+        for key in ("max_text_len", "max_num_frames"):
+            require(key in index, "path", f"{index_file} lacks {key!r}")
         return cls(VideoTokenizer.from_pretrained(str(folder / "video_tokenizer")),
                    TextTokenizer.from_pretrained(folder / "text_tokenizer"),
                    OmniARModel.from_pretrained(str(folder / "model")),

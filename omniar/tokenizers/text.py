@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .._checks import check_int, require
+from .._pretrained import read_json
 
 SPECIALS = ("pad", "bos", "eos", "bov", "null")
 
@@ -128,8 +129,7 @@ class TextTokenizer:
     def from_pretrained(cls, folder: str | os.PathLike) -> "TextTokenizer":
         folder = Path(folder)
         config_file = folder / "text_tokenizer.json"
-        require(config_file.is_file(), "folder", f"{folder} has no text_tokenizer.json")
-        config = json.loads(config_file.read_text())
+        config = read_json(config_file, "folder")
         require(config.get("specials") == list(SPECIALS), "folder", f"{config_file} has other special tokens")
         require(config.get("type") in ("bytes", "hf"), "folder", f"{config_file}: unknown type {config.get('type')!r}")
         return cls(folder / "tokenizer.json" if config["type"] == "hf" else None)

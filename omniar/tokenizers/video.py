@@ -13,9 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.modeling_utils import ModelMixin
 
 from .._checks import check_choice, check_float, check_int, require
+from .._pretrained import PretrainedModel
 from .causal3d import Decoder3d, Encoder3d
 from .codes import MultiScaleCodes
 from .quantizer import MultiScaleResidualVQ, resize
@@ -28,7 +28,7 @@ class TokenizerOutput:
     codes: MultiScaleCodes
 
 
-class VideoTokenizer(ModelMixin, ConfigMixin):
+class VideoTokenizer(PretrainedModel, ConfigMixin):
     """Causal 3D multi-scale VQ tokenizer.
 
     Args:

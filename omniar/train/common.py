@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator
@@ -14,10 +15,24 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .._checks import require
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; read it as a float, as YAML 1.2 does."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d[\d_]*)?(?:\.[\d_]*)?[eE][-+]?\d+$|^[-+]?\d[\d_]*\.[\d_]*$|^[-+]?\.\d[\d_]*$"),
+    list("-+0123456789."))
+
+
+def _parse(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | Path, name: str = "config") -> dict:
     path = Path(path)
     require(path.is_file(), name, f"file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = _parse(path.read_text()) or {}
     require(isinstance(data, dict), name, f"{path} must hold a mapping at the top level")
     return data
 
@@ -32,7 +47,7 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
             require(isinstance(node, dict), "--set", f"{key!r}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _parse(value)
     return config
 
 

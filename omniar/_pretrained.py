@@ -1,0 +1,113 @@
+"""Loading omniar model folders: safetensors only, every tensor checked before use.
+
+diffusers' ``ModelMixin.from_pretrained`` falls back to pickled ``.bin`` files, fills
+missing tensors with random values and accepts NaNs with at most a log line. omniar
+models load through :meth:`PretrainedModel.from_pretrained` instead: a local folder
+written by ``save_pretrained`` (one ``.safetensors`` file or shards with an index),
+and any truncated, tampered or mismatched file is a ``ValueError`` naming the file
+and, where there is one, the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from diffusers.models.modeling_utils import ModelMixin
+from safetensors import safe_open
+
+from ._checks import require
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+INDEX = WEIGHTS + ".index.json"
+
+
+def read_json(path: Path, name: str) -> dict:
+    """A JSON object from ``path``; a missing or malformed file is a ValueError naming it."""
+    require(path.is_file(), name, f"{path} not found")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{name}: {path} is not valid JSON ({e})") from None
+    require(isinstance(data, dict), name, f"{path} must hold a JSON object")
+    return data
+
+
+def weight_files(folder: Path) -> dict[Path, set[str] | None]:
+    """Safetensors files of a model folder -> the tensor names the index assigns them (None: unindexed)."""
+    index_file = folder / INDEX
+    if index_file.is_file():
+        weight_map = read_json(index_file, "pretrained_model_name_or_path").get("weight_map")
+        require(isinstance(weight_map, dict) and weight_map, "pretrained_model_name_or_path",
+                f"{index_file} has no weight_map")
+        files: dict[Path, set[str] | None] = {}
+        for key, shard in weight_map.items():
+            require(isinstance(shard, str) and "/" not in shard and shard.endswith(".safetensors"),
+                    "pretrained_model_name_or_path", f"{index_file}: bad shard name {shard!r} for {key!r}")
+            files.setdefault(folder / shard, set()).add(key)
+        return files
+    if (folder / WEIGHTS).is_file():
+        return {folder / WEIGHTS: None}
+    pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+    hint = f" (found {pickled}: pickle files are never loaded, convert them to safetensors)" if pickled else ""
+    raise ValueError(f"pretrained_model_name_or_path: {folder} has no {WEIGHTS} or {INDEX}{hint}")
+
+
+def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Read every tensor of ``folder`` and check it against ``expected`` (a model's state dict):
+    no unknown or missing names, same shapes, floating tensors stay floating, all values finite."""
+    loaded: dict[str, torch.Tensor] = {}
+    for path, indexed in weight_files(folder).items():
+        require(path.is_file(), "pretrained_model_name_or_path", f"{path} (listed in {INDEX}) not found")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                keys = list(f.keys())
+                tensors = {k: f.get_tensor(k) for k in keys}
+        except Exception as e:  # safetensors raises its own error types for bad headers and short files
+            raise ValueError(f"pretrained_model_name_or_path: {path} is truncated or corrupt ({e})") from None
+        for key, value in tensors.items():
+            where = f"{path}: tensor {key!r}"
+            require(indexed is None or key in indexed, "pretrained_model_name_or_path",
+                    f"{where} is not assigned to this file by {INDEX}")
+            require(key in expected, "pretrained_model_name_or_path", f"{where} is not a tensor of this model")
+            require(key not in loaded, "pretrained_model_name_or_path", f"{where} appears in two files")
+            want = expected[key]
+            require(value.shape == want.shape, "pretrained_model_name_or_path",
+                    f"{where} has shape {tuple(value.shape)}, the model expects {tuple(want.shape)}")
+            require(value.is_floating_point() == want.is_floating_point(), "pretrained_model_name_or_path",
+                    f"{where} has dtype {value.dtype}, the model expects {want.dtype}")
+            require(not value.is_floating_point() or bool(torch.isfinite(value).all()),
+                    "pretrained_model_name_or_path", f"{where} holds NaN or infinite values")
+            loaded[key] = value
+    missing = sorted(set(expected) - set(loaded))
+    require(not missing, "pretrained_model_name_or_path",
+            f"{folder} lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
+    return loaded
+
+
+class PretrainedModel(ModelMixin):
+    """``ModelMixin`` whose ``from_pretrained`` reads only checked safetensors from a local folder."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        """Load a folder written by ``save_pretrained``. ``torch_dtype`` is the one option (a cast
+        after loading); omniar never downloads, so the path must be a local folder."""
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        require(not kwargs, "kwargs", f"unsupported options {sorted(kwargs)} (only torch_dtype)")
+        folder = Path(pretrained_model_name_or_path)
+        require(folder.is_dir(), "pretrained_model_name_or_path",
+                f"{folder} is not a local model folder (omniar never downloads weights)")
+        config_file = folder / cls.config_name
+        config = read_json(config_file, "pretrained_model_name_or_path")
+        require(config.get("_class_name", cls.__name__) == cls.__name__, "pretrained_model_name_or_path",
+                f"{config_file} describes a {config.get('_class_name')}, not a {cls.__name__}")
+        try:  # each model validates its own config values in __init__
+            model = cls.from_config(config)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"pretrained_model_name_or_path: {config_file}: {e}") from None
+        model.load_state_dict(load_checked_state_dict(folder, model.state_dict()), strict=True)
+        if torch_dtype is not None:
+            model = model.to(torch_dtype)
+        return model.eval()
