@@ -19,6 +19,7 @@ import shutil
 import signal
 import socket
 import threading
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -232,8 +233,24 @@ class TrainEngine:
         found = self.checkpoints()
         if not found:
             return 0
-        _, client = self.ds.load_checkpoint(str(self.ckpt_dir), tag=found[-1].name)
-        require(client is not None and "step" in client, "checkpoint", f"{found[-1]} has no step record")
+        newest = found[-1]
+        for path in sorted(newest.rglob("*.pt")):  # torch.save files are zip archives with CRCs
+            try:
+                with zipfile.ZipFile(path) as archive:
+                    bad = archive.testzip()
+            except (OSError, zipfile.BadZipFile) as e:
+                raise ValueError(f"checkpoint: {path} is truncated or corrupt ({e}); move {newest} aside to "
+                                 "resume from the previous checkpoint") from None
+            require(bad is None, "checkpoint", f"{path}: entry {bad!r} fails its CRC check (tampered or "
+                    f"corrupt); move {newest} aside to resume from the previous checkpoint")
+        try:
+            _, client = self.ds.load_checkpoint(str(self.ckpt_dir), tag=newest.name)
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. a model changed since the checkpoint
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            more = f" (+{len(lines) - 3} more lines)" if len(lines) > 3 else ""
+            raise ValueError(f"checkpoint: {newest} does not match this model/optimizer: "
+                             f"{' '.join(lines[:3])}{more}") from None
+        require(client is not None and "step" in client, "checkpoint", f"{newest} has no step record")
         return int(client["step"])
 
     def _barrier(self) -> None:
