@@ -111,6 +111,24 @@ def test_bad_arguments_name_the_argument(pipe, kwargs, name):
         pipe(args.pop("prompt"), **args)
 
 
+def test_limits_refuse_before_any_work(pipe, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before the limits were checked")
+
+    monkeypatch.setattr(pipe.model, "new_cache", no_work)
+    monkeypatch.setattr(pipe.video_tokenizer, "encode", no_work)
+    too_many = [PROMPT] * (pipe.max_batch_size + 1)
+    with pytest.raises(ValueError, match=f"prompt: {len(too_many)} prompts exceed .*max_batch_size=16"):
+        pipe(too_many)
+    with pytest.raises(ValueError, match=f"num_frames: must be <= {pipe.max_num_frames}"):
+        pipe(PROMPT, num_frames=pipe.max_num_frames + 4)
+    with pytest.raises(ValueError, match="prompt: must be at most 1000 characters"):
+        pipe("x" * 10_000)
+    big = torch.zeros(1, 3, 5, 128, 128)
+    with pytest.raises(ValueError, match="video"):
+        pipe(PROMPT, video=big)
+
+
 def test_prompt_too_long_for_model(pipe):
     with pytest.raises(ValueError, match="prompt"):
         pipe("y" * 200)  # under the character limit, over the model's 64 text positions

@@ -1,5 +1,5 @@
 """VideoFolderDataset: clip sampling and frame-rate resampling (checked on decoded pixels), resize/crop,
-JSONL paths, errors."""
+JSONL paths, errors (bad files and lines in detail: test_bad_data.py)."""
 
 import json
 
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from omniar.data.skipped import DataWarning
 from omniar.data.video_folder import VideoFolderDataset, clip_indices, resize_center_crop
 from omniar.data.video_io import write_video
 
@@ -88,8 +89,9 @@ def test_fps_resampling_on_decoded_frames(folder):
     ds = VideoFolderDataset(folder, num_frames=6, size=16, fps=8, sample="start")
     assert source_frames(ds[1]["video"]) == [0, 2, 4, 6, 8, 10]  # 16 fps source at 8 fps
     assert source_frames(ds[0]["video"]) == list(range(6))  # already 8 fps
-    with pytest.raises(ValueError, match="video.*b.mp4"):  # 30 frames at 16 fps hold < 2 s
-        VideoFolderDataset(folder, num_frames=16, size=16, fps=8)[1]
+    with pytest.warns(DataWarning, match="b.mp4: video: has 30 frames"):  # 30 frames at 16 fps hold < 2 s
+        short = VideoFolderDataset(folder, num_frames=16, size=16, fps=8)
+    assert len(short) == 1 and short.skipped.counts == {"too_short": 1}
 
 
 def test_argument_errors(folder, tmp_path):
@@ -107,17 +109,18 @@ def test_jsonl_errors(tmp_path):
         VideoFolderDataset(tmp_path)  # a folder without a JSONL
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"video": "a.mp4", "caption": "x"}])
     bad.write_text(bad.read_text() + "not json\n")
-    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+    # every line bad (line 1's video does not exist): the error names the JSONL and its first problems
+    with pytest.warns(DataWarning), pytest.raises(ValueError, match="bad.jsonl lists no usable videos.*"
+                                                                    "line 2: not valid JSON.*a.mp4: video not found"):
         VideoFolderDataset(bad)
     write_jsonl(bad, [{"video": "a.mp4"}])
-    with pytest.raises(ValueError, match="'video' and 'caption'"):
+    with pytest.warns(DataWarning), pytest.raises(ValueError, match="'video' and 'caption'"):
         VideoFolderDataset(bad)
     bad.write_text("\n\n")
-    with pytest.raises(ValueError, match="lists no videos"):
+    with pytest.raises(ValueError, match="root_or_jsonl: .*bad.jsonl lists no usable videos$"):
         VideoFolderDataset(bad)
 
 
-def test_missing_video_fails_on_load_naming_the_file(tmp_path):
-    ds = VideoFolderDataset(write_jsonl(tmp_path / "d.jsonl", [{"video": "gone.mp4", "caption": "x"}]))
-    with pytest.raises(ValueError, match="not found.*item 0.*gone.mp4"):
-        ds[0]
+def test_missing_video_fails_naming_the_file(tmp_path):
+    with pytest.warns(DataWarning), pytest.raises(ValueError, match="root_or_jsonl.*gone.mp4: video not found"):
+        VideoFolderDataset(write_jsonl(tmp_path / "d.jsonl", [{"video": "gone.mp4", "caption": "x"}]))

@@ -13,10 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from .._checks import check_choice, check_float, check_int, require
-from .video_io import read_video, video_info
+from .skipped import Skipped, SkippingDataset, file_problem
+from .video_io import probe_video, read_video
+
+MAX_ASPECT = 4.0  # longest/shortest side of a usable video: the centre crop keeps at least a quarter
 
 
 def clip_indices(num_source: int, source_fps: float, num_frames: int, fps: float | None, start: float) -> list[int]:
@@ -64,8 +66,9 @@ def find_jsonl(root_or_jsonl: str | os.PathLike) -> Path:
     return path
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Entries of a captions JSONL; relative video paths are resolved against the file's folder."""
+def read_jsonl(path: Path, skipped: Skipped) -> list[dict]:
+    """Entries of a captions JSONL; relative video paths are resolved against the file's folder.
+    Malformed lines are left out, each recorded in ``skipped`` (and warned about) with its line number."""
     entries = []
     for line_no, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -73,17 +76,18 @@ def read_jsonl(path: Path) -> list[dict]:
         try:
             item = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"root_or_jsonl: {path}:{line_no}: not valid JSON ({err.msg})") from None
-        require(isinstance(item, dict) and isinstance(item.get("video"), str)
-                and isinstance(item.get("caption"), str), "root_or_jsonl",
-                f"{path}:{line_no}: needs string fields 'video' and 'caption'")
+            skipped.add(f"line {line_no}", "malformed_line", f"not valid JSON ({err.msg})")
+            continue
+        if not (isinstance(item, dict) and isinstance(item.get("video"), str)
+                and isinstance(item.get("caption"), str)):
+            skipped.add(f"line {line_no}", "malformed_line", "needs string fields 'video' and 'caption'")
+            continue
         video = Path(item["video"])
         entries.append({"video": video if video.is_absolute() else path.parent / video, "caption": item["caption"]})
-    require(len(entries) > 0, "root_or_jsonl", f"{path} lists no videos")
     return entries
 
 
-class VideoFolderDataset(Dataset):
+class VideoFolderDataset(SkippingDataset):
     """Captioned clips listed in a JSONL file.
 
     Args:
@@ -94,8 +98,16 @@ class VideoFolderDataset(Dataset):
         fps: target frame rate (None keeps the source rate).
         sample: where the clip starts: ``random`` (seeded by (seed, index)), ``start`` or ``center``.
         seed: seed of the random clip starts.
-    Items: ``{"video": float (3, T, size, size) in [-1, 1], "caption": str}``. Videos are opened
-    lazily: a missing, unreadable or too short file raises ``ValueError`` when its item is loaded.
+    Items: ``{"video": float (3, T, size, size) in [-1, 1], "caption": str}``.
+
+    Bad data is left out, never fatal (see :mod:`omniar.data.skipped`): every video is checked once, at
+    construction, from its headers, and skipped with one ``DataWarning`` when it is ``missing``,
+    ``empty``, ``unreadable`` (not a video, or cut short before its index), ``grayscale`` (a grayscale
+    pixel format), ``too_short`` (fewer frames than one clip at ``fps`` needs) or ``wrong_size`` (a short
+    side below ``size``, which would be upscaled, or a long side over ``MAX_ASPECT`` times the short one,
+    of which the centre crop would keep little). Malformed JSONL lines are skipped as ``malformed_line``
+    with their line numbers. A video that passes but fails to decode is replaced at load time by the next
+    item (``decode_error``). ``skipped`` holds them all; nothing usable raises ``ValueError``.
     """
 
     def __init__(self, root_or_jsonl: str | os.PathLike, num_frames: int = 17, size: int = 64,
@@ -106,9 +118,40 @@ class VideoFolderDataset(Dataset):
             check_float(fps, "fps", 0.0, low_inclusive=False)
         check_choice(sample, "sample", ("random", "start", "center"))
         check_int(seed, "seed", 0)
-        self.jsonl = find_jsonl(root_or_jsonl)
-        self.entries = read_jsonl(self.jsonl)
         self.num_frames, self.size, self.fps, self.sample, self.seed = num_frames, size, fps, sample, seed
+        self.jsonl = find_jsonl(root_or_jsonl)
+        self.skipped = Skipped(self.jsonl)
+        self.entries = []
+        for entry in read_jsonl(self.jsonl, self.skipped):
+            problem = self._problem(entry)
+            if problem is None:
+                self.entries.append(entry)
+            else:
+                self.skipped.add(entry["video"], *problem)
+        self.skipped.require_some(len(self.entries), "root_or_jsonl", "videos")
+
+    def _problem(self, entry: dict) -> tuple[str, str] | None:
+        """(reason, detail) when ``entry``'s video cannot give clips, else None; keeps the frame count
+        and rate for ``load``."""
+        problem = file_problem(entry["video"], "video")
+        if problem is not None:
+            return problem
+        try:
+            info = probe_video(entry["video"])
+        except (ValueError, OSError) as err:
+            return "unreadable", str(err)
+        if info.grayscale:
+            return "grayscale", f"grayscale pixel format {info.pix_fmt}; colour video needed"
+        short, long = sorted((info.width, info.height))
+        if short < self.size or long > MAX_ASPECT * short:
+            return "wrong_size", (f"{info.width}x{info.height} frames; needs a short side >= {self.size} "
+                                  f"and an aspect ratio <= {MAX_ASPECT:g}")
+        try:
+            clip_indices(info.num_frames, info.fps, self.num_frames, self.fps, 0.0)
+        except ValueError as err:
+            return "too_short", str(err)
+        entry["num_frames"], entry["source_fps"] = info.num_frames, info.fps
+        return None
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -119,16 +162,11 @@ class VideoFolderDataset(Dataset):
             return float(np.random.default_rng([self.seed, index]).random())
         return 0.0 if self.sample == "start" else 0.5
 
-    def load(self, index: int) -> dict:
-        """Decode item ``index``; every bad-file error is a ``ValueError`` (the hook for skip-and-warn)."""
-        entry = self.entries[index]
-        try:
-            count, source_fps = video_info(entry["video"])
-            idx = clip_indices(count, source_fps, self.num_frames, self.fps, self.clip_start(index))
-            video = resize_center_crop(read_video(entry["video"], idx), self.size)
-        except ValueError as err:
-            raise ValueError(f"{err} (item {index} of {self.jsonl}: {entry['video']})") from err
-        return {"video": video, "caption": entry["caption"]}
+    def file(self, index: int) -> Path:
+        return self.entries[index]["video"]
 
-    def __getitem__(self, index: int) -> dict:
-        return self.load(index)
+    def load(self, index: int) -> dict:
+        """Decode item ``index`` (no skipping: ``__getitem__`` does that)."""
+        entry = self.entries[index]
+        idx = clip_indices(entry["num_frames"], entry["source_fps"], self.num_frames, self.fps, self.clip_start(index))
+        return {"video": resize_center_crop(read_video(entry["video"], idx), self.size), "caption": entry["caption"]}

@@ -7,6 +7,7 @@ import numbers
 import os
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,32 @@ def video_info(path: str | os.PathLike) -> tuple[int, float]:
         stream = container.streams.video[0]
         count = stream.frames or sum(1 for _ in container.decode(stream))
         return count, float(stream.average_rate or 0.0)
+
+
+@dataclass(frozen=True)
+class VideoProbe:
+    """What a video file's headers say; ``pix_fmt`` is FFmpeg's stored pixel format (None if unknown)."""
+
+    num_frames: int
+    fps: float
+    width: int
+    height: int
+    pix_fmt: str | None
+
+    @property
+    def grayscale(self) -> bool:
+        """No colour channels stored (gray, gray + alpha, 1-bit); decoding would repeat one channel."""
+        return (self.pix_fmt or "").startswith(("gray", "ya", "mono"))
+
+
+def probe_video(path: str | os.PathLike) -> VideoProbe:
+    """Frame count, rate, size and pixel format of a video file, read without decoding its frames
+    (except the frame count of a container that does not store it). Bad files raise ``ValueError``."""
+    path = _readable(path)
+    with _pyav_open(path) as container:
+        ctx = container.streams.video[0].codec_context
+        width, height, pix_fmt = ctx.width, ctx.height, ctx.pix_fmt
+    return VideoProbe(*video_info(path), width, height, pix_fmt)
 
 
 def video_fps(path: str | os.PathLike) -> float:

@@ -55,11 +55,14 @@ class TextToVideoPipeline:
     Components: ``video_tokenizer`` (:class:`VideoTokenizer`), ``text_tokenizer``
     (:class:`TextTokenizer`), ``model`` (:class:`OmniARModel`). ``max_text_len`` is
     the fixed padded prompt length the model was trained with; ``max_num_frames``
-    the longest clip it may generate.
+    the longest clip it may generate; ``max_batch_size`` the most prompts per call.
+    Limits are checked before anything is allocated; frames are decoded one latent
+    frame at a time, so a call's memory grows with the batch, not the clip length
+    (measured bound: ``benchmarks/generation_memory.py``, BENCHMARKS.md).
     """
 
     def __init__(self, video_tokenizer: VideoTokenizer, text_tokenizer: TextTokenizer, model: OmniARModel,
-                 max_text_len: int = 96, max_num_frames: int = 33):
+                 max_text_len: int = 96, max_num_frames: int = 33, max_batch_size: int = 16):
         require(isinstance(video_tokenizer, VideoTokenizer), "video_tokenizer", "must be a VideoTokenizer")
         require(isinstance(text_tokenizer, TextTokenizer), "text_tokenizer", "must be a TextTokenizer")
         require(isinstance(model, OmniARModel), "model", "must be an OmniARModel")
@@ -72,6 +75,7 @@ class TextToVideoPipeline:
         self.video_tokenizer, self.text_tokenizer, self.model = video_tokenizer.eval(), text_tokenizer, model.eval()
         self.max_text_len = check_int(max_text_len, "max_text_len", 2)
         self.max_num_frames = check_int(max_num_frames, "max_num_frames", 1)
+        self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
 
     # ------------------------------------------------------------ persistence
     @classmethod
@@ -81,12 +85,13 @@ class TextToVideoPipeline:
         index_file = folder / "model_index.json"
         index = read_json(index_file, "path")
         require(index.get("_class_name") == cls.__name__, "path", f"{index_file} is not a {cls.__name__}")
-        for key in ("max_text_len", "max_num_frames"):
-            require(key in index, "path", f"{index_file} lacks {key!r}")
+        limits = {key: index.get(key) for key in ("max_text_len", "max_num_frames", "max_batch_size")}
+        for key, value in limits.items():
+            require(value is not None, "path", f"{index_file} lacks {key!r}")
         return cls(VideoTokenizer.from_pretrained(str(folder / "video_tokenizer")),
                    TextTokenizer.from_pretrained(folder / "text_tokenizer"),
                    OmniARModel.from_pretrained(str(folder / "model")),
-                   max_text_len=index["max_text_len"], max_num_frames=index["max_num_frames"])
+                   **limits)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the pipeline folder atomically (aside, then swapped in)."""
@@ -99,6 +104,7 @@ class TextToVideoPipeline:
         self.model.save_pretrained(str(tmp / "model"))
         index = {"_class_name": type(self).__name__, "omniar_version": __version__,
                  "max_text_len": self.max_text_len, "max_num_frames": self.max_num_frames,
+                 "max_batch_size": self.max_batch_size,
                  "video_tokenizer": ["omniar.tokenizers", "VideoTokenizer"],
                  "text_tokenizer": ["omniar.tokenizers", "TextTokenizer"],
                  "model": ["omniar.backbone", "OmniARModel"]}
@@ -124,6 +130,8 @@ class TextToVideoPipeline:
         prompts = [prompt] if isinstance(prompt, str) else prompt
         require(isinstance(prompts, (list, tuple)) and len(prompts) > 0
                 and all(isinstance(p, str) for p in prompts), "prompt", "must be a string or a list of strings")
+        require(len(prompts) <= self.max_batch_size, "prompt",
+                f"{len(prompts)} prompts exceed the pipeline's max_batch_size={self.max_batch_size}")
         for p in prompts:
             require(p.strip() != "", "prompt", "must not be empty")
             require(len(p) <= MAX_PROMPT_CHARS, "prompt", f"must be at most {MAX_PROMPT_CHARS} characters, "
@@ -213,7 +221,7 @@ class TextToVideoPipeline:
             bar.close()
         gen_s = time.perf_counter() - start
         result = MultiScaleCodes(codes, scales, num_frames)
-        pixels = tok.decode(result.to(dev)).float().cpu()
+        pixels = tok.decode(result.to(dev), chunk_size=1).float().cpu()
         if video is not None:  # keep the given frames exactly as they were
             pixels[:, :, :video.shape[2]] = video.float().cpu()
         frames = pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()

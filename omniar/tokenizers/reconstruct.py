@@ -16,11 +16,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     from .. import assets
+    from .._checks import check_int, require
     from ..data.shapes import MovingShapes
     from ..data.video_io import write_video
     from ..eval.metrics import psnr
     from .video import VideoTokenizer
 
+    check_int(args.seed, "seed", 0)
+    require(Path(args.out).suffix.lower() in (".mp4", ".gif"), "out", f"must end in .mp4 or .gif, got {args.out!r}")
     tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval()
     n = tok.config.temporal_compression * 4 + 1
     item = MovingShapes("heldout", args.seed + 1, tok.resolution, n, seed=1234)[args.seed]

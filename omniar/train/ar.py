@@ -23,6 +23,7 @@ from tqdm import tqdm
 from .. import assets
 from .._checks import check_choice, check_float, check_int, require
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
+from ..data.skipped import log_skipped
 from ..generation.pipeline import TextToVideoPipeline, encode_prompts
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
@@ -168,8 +169,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
     tok.to(engine.device).eval().requires_grad_(False)
     if engine.rank == 0:
-        pretokenize(tok, build_source_dataset(data_cfg, tok.resolution), data_cfg.cache_dir, data_cfg.num_clips,
-                    num_workers=data_cfg.num_workers, progress=progress)
+        source = build_source_dataset(data_cfg, tok.resolution)
+        log_skipped(engine, 0, data=source)
+        pretokenize(tok, source, data_cfg.cache_dir, data_cfg.num_clips, num_workers=data_cfg.num_workers,
+                    progress=progress)
     engine._barrier()
     data = TokenizedDataset(data_cfg.cache_dir)
     start = engine.resume()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .._checks import check_choice, check_float, check_int, require
+from ..data.skipped import log_skipped
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .common import add_config_arguments, resolve_config, split_train_section, step_loader
@@ -43,10 +44,16 @@ class TokenizerTrainConfig:
     steps: int = 1000
     l1_weight: float = 1.0
     init_from: str | None = None  # pretrained tokenizer folder to start from (fine-tuning / longer runs)
+    # "decoder": freeze encoder and quantizer so every code stays the same (AR models trained on
+    # this tokenizer's codes stay valid) and fine-tune only the decoder on the quantized latents.
+    trainable: str = "all"
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
         check_float(self.l1_weight, "train.l1_weight", 0.0)
+        check_choice(self.trainable, "train.trainable", ("all", "decoder"))
+        require(self.trainable == "all" or bool(self.init_from), "train.trainable",
+                "'decoder' needs train.init_from (a trained encoder and codebook to keep)")
 
 
 def build_dataset(cfg: TokenizerDataConfig):
@@ -74,10 +81,19 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (scales[-1] x spatial_compression)")
     model.check_num_frames(data_cfg.num_frames, "data.num_frames")
+    if train_cfg.trainable == "decoder":
+        frozen = (model.encoder, model.quantizer)
+        for module in frozen:
+            module.requires_grad_(False)
     engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
+    if train_cfg.trainable == "decoder":
+        for module in frozen:
+            module.eval()  # eval mode: no codebook EMA updates or code restarts
     start = engine.resume()
     end = train_cfg.steps if stop_at is None else min(check_int(stop_at, "stop_at", 1), train_cfg.steps)
-    loader = step_loader(build_dataset(data_cfg), engine_cfg.micro_batch_size, start, end,
+    dataset = build_dataset(data_cfg)
+    log_skipped(engine, start, data=dataset)
+    loader = step_loader(dataset, engine_cfg.micro_batch_size, start, end,
                          engine.rank, engine.world_size, data_cfg.num_workers)
     bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="tokenizer")
     step = start

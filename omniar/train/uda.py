@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_float, check_int, require
 from ..backbone.bipc import BiPCModel, calibrated_class_probs, create_backbone, relationship_matrix
+from ..data.skipped import log_skipped
 from .engine import EngineConfig, TrainEngine, config_from_dict
 from .uda_losses import GradientReversal, cgi_loss, cpa_loss, ramp
 
@@ -221,6 +222,7 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
         cache = Path(cfg.relation_cache) if cfg.relation_cache else out / "relationship.npy"
         relation = load_or_learn_relation(model, source, num_classes, cache, dev, cfg.seed, cfg.num_workers)
     start = engine.resume()
+    log_skipped(engine, start, source=source, target=target)
     history_file = out / "history.json"
     history = json.loads(history_file.read_text())[: start // per_epoch] if start and history_file.is_file() else []
     src = _loader(source, cfg.batch_size, start, total, engine, 1, cfg.num_workers)
