@@ -18,13 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._checks import check_int, require
 from .data.shapes import HELDOUT, TRAIN_COMBINATIONS, caption
-from .data.video_io import read_video, video_info, write_video
+from .data.video_io import probe_video, read_video, write_video
 from .generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline
 
 FPS = 8
 DISPLAY_SIDE = 256  # clips are 32-64 px: nearest-neighbour upscaling keeps them crisp instead of browser-blurred
 MAX_RECONSTRUCT_FRAMES = 17
+MAX_UPLOAD_PIXELS = 1920 * 1080  # uploads are centre-cropped and resized to the tokenizer's few pixels
 KEEP_OUTPUTS = 64  # files written here; Gradio copies each into its cache before the next request needs room
 
 # pipeline argument -> the label of its control, so error messages name what the visitor sees
@@ -101,6 +103,12 @@ class _OutputFiles:
         return path
 
 
+def _check_upload_size(width: int, height: int) -> None:
+    """Refuse huge frames from their headers, before any pixel is decoded."""
+    require(width * height <= MAX_UPLOAD_PIXELS, "file",
+            f"{width}x{height} frames are larger than the demo takes ({MAX_UPLOAD_PIXELS} pixels)")
+
+
 def _load_media(path: str, max_frames: int) -> np.ndarray:
     """An uploaded image or video -> uint8 (T, H, W, 3), at most ``max_frames`` frames."""
     from PIL import Image, UnidentifiedImageError
@@ -108,11 +116,13 @@ def _load_media(path: str, max_frames: int) -> np.ndarray:
     try:
         with Image.open(path) as image:
             if getattr(image, "n_frames", 1) == 1:  # animated gifs / webps go through the video reader
+                _check_upload_size(*image.size)
                 return np.asarray(image.convert("RGB"))[None]
     except UnidentifiedImageError:
         pass
-    count, _ = video_info(path)
-    return read_video(path, list(range(min(count, max_frames))))
+    probe = probe_video(path)
+    _check_upload_size(probe.width, probe.height)
+    return read_video(path, list(range(min(probe.num_frames, max_frames))))
 
 
 class Demo:
@@ -288,8 +298,6 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def launch(pipe: TextToVideoPipeline, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
            concurrency: int = 1, max_queue: int = 32, block: bool = True):
     """Build and start the app; with ``block=False`` it returns the running app (``.local_url``, ``.close()``)."""
-    from ._checks import check_int
-
     check_int(concurrency, "concurrency", 1, 64)
     check_int(max_queue, "max_queue", 1, 10_000)
     if port is not None:

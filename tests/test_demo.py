@@ -109,3 +109,16 @@ def test_tokenizer_tab_rejects_unreadable_upload(client, tmp_path):
     with pytest.raises(gradio_client.exceptions.AppError) as info:
         client.predict(gradio_client.handle_file(str(tmp_path / "broken.mp4")), api_name="/reconstruct")
     assert "Video or image" in str(info.value)
+
+
+def test_oversized_upload_is_refused_from_its_header(tmp_path, monkeypatch):
+    from omniar import demo
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "small.png")
+    assert demo._load_media(str(tmp_path / "small.png"), 17).shape == (1, 48, 64, 3)
+    write_video(tmp_path / "clip.mp4", np.zeros((3, 48, 64, 3), np.uint8))
+    monkeypatch.setattr(demo, "MAX_UPLOAD_PIXELS", 64 * 48 - 1)
+    monkeypatch.setattr(demo, "read_video", lambda *a: pytest.fail("decoded before the size check"))
+    for name in ("small.png", "clip.mp4"):
+        with pytest.raises(ValueError, match="file: 64x48 frames are larger than the demo takes"):
+            demo._load_media(str(tmp_path / name), 17)
