@@ -11,22 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from _train_helpers import ROOT, TINY_CONFIG, assert_bitwise_equal, subprocess_env, tiny_config, weights
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from omniar.data.shapes import MovingShapes
 from omniar.tokenizers import VideoTokenizer
 from omniar.train.common import apply_overrides, load_yaml
 from omniar.train.tokenizer import train
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_CONFIG = ROOT / "configs" / "tokenizer_tiny.yaml"
-
-
-def tiny_config(out_dir, steps, **train_overrides):
-    config = load_yaml(TINY_CONFIG)
-    config["train"].update(out_dir=str(out_dir), steps=steps, log_every=1, **train_overrides)
-    return config
 
 
 def losses(run_dir):
@@ -49,14 +40,6 @@ def assert_learned(config, final):
     assert after < 0.7 * before, (before, after)
 
 
-def weights(final_dir):
-    files = sorted(Path(final_dir).glob("*.safetensors"))
-    out = {}
-    for f in files:
-        out.update(load_file(f))
-    return out
-
-
 def test_single_process_loss_goes_down_and_checkpoints_atomically(tmp_path):
     config = tiny_config(tmp_path / "run", 100, save_every=50)
     final = train(config, progress=False)
@@ -76,9 +59,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     partial.mkdir()
     (partial / "garbage.pt").write_bytes(b"\0" * 10)
     resumed = weights(train(tiny_config(tmp_path / "b", 12, save_every=6), progress=False))
-    assert straight.keys() == resumed.keys()
-    for key in straight:
-        assert torch.equal(straight[key], resumed[key]), key
+    assert_bitwise_equal(straight, resumed)
 
 
 def test_overrides_and_unknown_keys():
@@ -108,10 +89,7 @@ def test_two_process_zero2_training(tmp_path):
 
 def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
-    # A fresh process group: drop the rendezvous variables an in-process run of this session exported.
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = subprocess_env()
     base = [sys.executable, "-m", "omniar.cli", "train", "tokenizer", "--config", str(TINY_CONFIG), "--out", str(run)]
     proc = subprocess.Popen(base + ["--steps", "100000", "--set", "train.save_every=100000"], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -131,3 +109,17 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
                         timeout=300)
     assert rc.returncode == 0, rc.stderr[-2000:]
     assert (run / "final" / "config.json").is_file()
+
+
+def test_decoder_only_fine_tuning_keeps_every_code(tmp_path):
+    base = train(tiny_config(tmp_path / "base", 2), progress=False)
+    config = tiny_config(tmp_path / "ft", 3, trainable="decoder", init_from=str(base))
+    tuned = train(config, progress=False)
+    before, after = VideoTokenizer.from_pretrained(base), VideoTokenizer.from_pretrained(tuned)
+    after_state = after.state_dict()
+    for key, value in before.state_dict().items():  # encoder, codebook (EMA buffers) and refinement: untouched
+        assert torch.equal(value, after_state[key]) == (not key.startswith("decoder.")), key
+    video = torch.stack([MovingShapes("heldout", 2, 32, 9, seed=5)[i]["video"] for i in range(2)])
+    assert all(torch.equal(a, b) for a, b in zip(before.encode(video).codes, after.encode(video).codes))
+    with pytest.raises(ValueError, match="train.trainable: 'decoder' needs train.init_from"):
+        train(tiny_config(tmp_path / "bad", 1, trainable="decoder"), progress=False)

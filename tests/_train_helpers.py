@@ -1,0 +1,46 @@
+"""Helpers shared by the training tests (test_train_tokenizer.py, test_crash_resume.py)."""
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from omniar.train.common import load_yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tokenizer_tiny.yaml"
+
+
+def tiny_config(out_dir, steps, **train_overrides):
+    """configs/tokenizer_tiny.yaml writing to ``out_dir`` for ``steps`` steps, logging every step."""
+    config = load_yaml(TINY_CONFIG)
+    config["train"].update(out_dir=str(out_dir), steps=steps, log_every=1, **train_overrides)
+    return config
+
+
+def weights(final_dir):
+    """Every tensor of every ``*.safetensors`` file under an exported folder, keyed by file and name."""
+    out = {}
+    for f in sorted(Path(final_dir).rglob("*.safetensors")):
+        rel = f.relative_to(final_dir).as_posix()
+        out.update({f"{rel}:{key}": value for key, value in load_file(f).items()})
+    return out
+
+
+def assert_bitwise_equal(expected: dict, actual: dict) -> None:
+    assert expected, "no weights found"
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def subprocess_env(**extra) -> dict:
+    """Environment for a training subprocess: a fresh process group, one thread per process.
+
+    Drops the rendezvous variables an in-process run of this pytest session exported."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                            "MASTER_PORT")}
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
