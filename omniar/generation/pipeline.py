@@ -56,9 +56,9 @@ class TextToVideoPipeline:
     (:class:`TextTokenizer`), ``model`` (:class:`OmniARModel`). ``max_text_len`` is
     the fixed padded prompt length the model was trained with; ``max_num_frames``
     the longest clip it may generate; ``max_batch_size`` the most prompts per call.
-    Limits are checked before anything is allocated; frames are decoded one latent
-    frame at a time, so a call's memory grows with the batch, not the clip length
-    (measured bound: ``benchmarks/generation_memory.py``, BENCHMARKS.md).
+    Limits are checked before anything is allocated; clips are decoded one at a time,
+    one latent frame at a time (measured memory bound: ``benchmarks/generation_memory.py``,
+    BENCHMARKS.md).
     """
 
     def __init__(self, video_tokenizer: VideoTokenizer, text_tokenizer: TextTokenizer, model: OmniARModel,
@@ -221,7 +221,10 @@ class TextToVideoPipeline:
             bar.close()
         gen_s = time.perf_counter() - start
         result = MultiScaleCodes(codes, scales, num_frames)
-        pixels = tok.decode(result.to(dev), chunk_size=1).float().cpu()
+        # One clip and one latent frame at a time: the CPU conv3d's column buffers grow with the
+        # decoded block, so this keeps decode memory independent of batch size and clip length.
+        pixels = torch.cat([tok.decode(MultiScaleCodes([c[i:i + 1] for c in codes], scales, num_frames).to(dev),
+                                       chunk_size=1).float().cpu() for i in range(b)])
         if video is not None:  # keep the given frames exactly as they were
             pixels[:, :, :video.shape[2]] = video.float().cpu()
         frames = pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
