@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,9 +22,11 @@ from .._checks import check_int, require
 from ..tokenizers import VideoTokenizer
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file, then rename it: readers never see a partial file, and the pid in
+    its name keeps two runs filling the same cache from clobbering each other's temporary files."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
     os.replace(tmp, path)
 
 
@@ -46,7 +49,7 @@ def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path
     if old.exists():
         require(json.loads(old.read_text()) == json.loads(json.dumps(manifest)), "out_dir",
                 f"{out} holds a cache made with other settings; use another folder")
-    _atomic_write_text(old, json.dumps(manifest, indent=1))
+    _atomic_write(old, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     tokenizer.eval()
     num_shards = -(-num_clips // shard_size)
     for k in tqdm(range(num_shards), desc="pretokenize", disable=not progress):
@@ -65,10 +68,8 @@ def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path
         tensors = {"latent": torch.cat(latents)}
         for s in range(len(tokenizer.scales)):
             tensors[f"codes_{s}"] = torch.cat([c[s] for c in codes])
-        _atomic_write_text(out / f"shard_{k:05d}.json", json.dumps(captions))
-        tmp = target.with_name(target.name + ".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, target)
+        _atomic_write(out / f"shard_{k:05d}.json", lambda p: p.write_text(json.dumps(captions)))
+        _atomic_write(target, lambda p: save_file(tensors, str(p)))
     return out
 
 
