@@ -261,10 +261,11 @@ def test_ar_sigkill_mid_checkpoint_write_and_mid_step(tmp_path):
         reference_args=["--set", f"data.cache_dir={tmp_path / 'codes-reference'}"])  # runs concurrently
 
 
-def test_two_process_zero2_sigkill_one_rank_mid_step(tmp_path):
+def test_two_process_zero2_sigkill_mid_step_and_mid_checkpoint_write(tmp_path):
     config = tiny_config("unused", 6, save_every=2, micro_batch_size=1, zero_stage=2)
     config["model"]["ema_decay"] = 0.5  # random code restarts (broadcast from rank 0) after the resume
     # rank 0 waits for rank 1 in the optimizer step's collectives and must fail once rank 1 is dead
     crash_then_finish(Trainer(tmp_path, "tokenizer", config, nproc=2), tmp_path, [
         Crash("step:3", start=0, after=["step_00000002"], rank=1, kill_rank_only=True),
+        Crash("write:4", start=2, after=[".tmp-step_00000004", "step_00000002"], rank=1),  # torn ZeRO shard
     ], start=2, final_entries=["step_00000004", "step_00000006"])
