@@ -1,5 +1,6 @@
 """Video file round trips (mp4 through decord and through the PyAV fallback, gif), atomic writes, errors."""
 
+import os
 import sys
 
 import numpy as np
@@ -66,6 +67,15 @@ def test_odd_sides_are_padded_for_h264(tmp_path):
     back = read_video(write_video(tmp_path / "odd.mp4", frames))
     assert back.shape == (3, 8, 10, 3)
     assert np.abs(back.astype(int) - 128).max() <= 3
+
+
+def test_written_file_has_a_normal_new_file_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_video(tmp_path / "a.gif", np.zeros((2, 8, 8, 3), np.uint8))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_write_is_atomic(tmp_path, monkeypatch):

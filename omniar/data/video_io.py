@@ -51,6 +51,14 @@ def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
         container.mux(stream.encode())
 
 
+def _umask() -> int:
+    """The process umask. Reading it means setting it: briefly to 0o077, so a file another thread
+    creates meanwhile can only come out stricter, never more open."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def write_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
     """Write ``frames`` (uint8 (T, H, W, 3) or floats in [0, 1]) to ``.mp4`` or ``.gif``; returns the path.
 
@@ -69,6 +77,7 @@ def write_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
     os.close(fd)
     try:
         (_write_gif if suffix == ".gif" else _write_mp4)(Path(tmp), frames, fps)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal new file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # the writer failed: leave no partial file behind
