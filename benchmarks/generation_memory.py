@@ -23,7 +23,6 @@ import torch
 
 from demo_load import _mib
 from omniar.generation import TextToVideoPipeline
-from omniar.tokenizers import MultiScaleCodes
 
 CASES = [(1, 1), (1, 17), (1, 33), (4, 33), (16, 1), (16, 33)]
 PROMPT = "a red circle moves right on a black background"
@@ -48,7 +47,7 @@ def worker(kind: str, batch: int, frames: int) -> dict:
     codes, tok = pipe([PROMPT] * batch, num_frames=frames, seed=0).codes, pipe.video_tokenizer
     if kind == "decode_one_shot":
         return {"batch": batch, "frames": frames, f"{kind}_mib": measure(lambda: tok.decode(codes))}
-    clips = [MultiScaleCodes([c[i:i + 1] for c in codes.codes], codes.scales, frames) for i in range(batch)]
+    clips = codes.split()
     return {"batch": batch, "frames": frames, f"{kind}_mib": measure(lambda: [tok.decode(c, 1) for c in clips])}
 
 
@@ -68,7 +67,8 @@ def main() -> None:
         return
     calls = [run_worker("call", b, f) for b, f in CASES]
     for row in calls:
-        print(f"batch {row['batch']:>2} x {row['frames']:>2} frames: +{row['call_mib']:7.1f} MiB  {row['seconds']:.1f} s")
+        print(f"batch {row['batch']:>2} x {row['frames']:>2} frames: +{row['call_mib']:7.1f} MiB  "
+              f"{row['seconds']:.1f} s")
     b, f = CASES[-1]
     one_shot = run_worker("decode_one_shot", b, f)["decode_one_shot_mib"]
     chunked = run_worker("decode_chunked", b, f)["decode_chunked_mib"]

@@ -7,5 +7,5 @@ from .skipped import DataWarning
 from .video_folder import VideoFolderDataset
 from .video_io import read_video, video_fps, video_info, write_video
 
-__all__ = ["HELDOUT", "DataWarning", "HandwrittenDigits", "MovingShapes", "PrintedCharacters", "VideoFolderDataset", "load_domain",
-           "read_video", "video_fps", "video_info", "write_video"]
+__all__ = ["HELDOUT", "DataWarning", "HandwrittenDigits", "MovingShapes", "PrintedCharacters", "VideoFolderDataset",
+           "load_domain", "read_video", "video_fps", "video_info", "write_video"]

@@ -59,6 +59,13 @@ def _umask() -> int:
     return mask
 
 
+def check_video_path(path: str | os.PathLike, name: str = "path") -> Path:
+    """A path :func:`write_video` can write (``.mp4`` or ``.gif``), checked before any work."""
+    path = Path(path)
+    require(path.suffix.lower() in (".mp4", ".gif"), name, f"must end in .mp4 or .gif, got {path.name!r}")
+    return path
+
+
 def write_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
     """Write ``frames`` (uint8 (T, H, W, 3) or floats in [0, 1]) to ``.mp4`` or ``.gif``; returns the path.
 
@@ -67,9 +74,8 @@ def write_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
     gif stores runs of identical frames once (Pillow sums their durations): playback is the
     same, but reading it back gives fewer frames.
     """
-    path = Path(path)
+    path = check_video_path(path)
     suffix = path.suffix.lower()
-    require(suffix in (".mp4", ".gif"), "path", f"must end in .mp4 or .gif, got {path.name!r}")
     check_int(fps, "fps", 1, 240)
     frames = _as_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)

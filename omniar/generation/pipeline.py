@@ -223,8 +223,7 @@ class TextToVideoPipeline:
         result = MultiScaleCodes(codes, scales, num_frames)
         # One clip and one latent frame at a time: the CPU conv3d's column buffers grow with the
         # decoded block, so this keeps decode memory independent of batch size and clip length.
-        pixels = torch.cat([tok.decode(MultiScaleCodes([c[i:i + 1] for c in codes], scales, num_frames).to(dev),
-                                       chunk_size=1).float().cpu() for i in range(b)])
+        pixels = torch.cat([tok.decode(clip.to(dev), chunk_size=1).float().cpu() for clip in result.split()])
         if video is not None:  # keep the given frames exactly as they were
             pixels[:, :, :video.shape[2]] = video.float().cpu()
         frames = pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()

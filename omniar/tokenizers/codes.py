@@ -46,6 +46,11 @@ class MultiScaleCodes:
     def to(self, device: torch.device | str) -> "MultiScaleCodes":
         return MultiScaleCodes([c.to(device) for c in self.codes], self.scales, self.num_frames)
 
+    def split(self) -> list["MultiScaleCodes"]:
+        """One ``MultiScaleCodes`` per clip of the batch."""
+        return [MultiScaleCodes([c[i:i + 1] for c in self.codes], self.scales, self.num_frames)
+                for i in range(self.batch_size)]
+
     def flatten(self) -> torch.Tensor:
         """Tokens in sequence order, ``(B, T_lat, tokens_per_frame)``: per frame, coarse to fine, row-major."""
         return torch.cat([c.flatten(2) for c in self.codes], dim=2)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 
@@ -16,14 +15,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     from .. import assets
-    from .._checks import check_int, require
+    from .._checks import check_int
     from ..data.shapes import MovingShapes
-    from ..data.video_io import write_video
+    from ..data.video_io import check_video_path, write_video
     from ..eval.metrics import psnr
     from .video import VideoTokenizer
 
     check_int(args.seed, "seed", 0)
-    require(Path(args.out).suffix.lower() in (".mp4", ".gif"), "out", f"must end in .mp4 or .gif, got {args.out!r}")
+    out = check_video_path(args.out, "out")
     tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval()
     n = tok.config.temporal_compression * 4 + 1
     item = MovingShapes("heldout", args.seed + 1, tok.resolution, n, seed=1234)[args.seed]
@@ -32,7 +31,7 @@ def cli_main(args: argparse.Namespace) -> int:
     panels = [video, tok.decode(codes)]
     panels += [tok.decode_partial(codes, s) for s in range(len(tok.scales) - 1)]
     frames = torch.cat(panels, dim=-1)[0].permute(1, 2, 3, 0).add(1).div(2).clamp(0, 1).numpy()
-    out = write_video(Path(args.out), frames, fps=8)
+    write_video(out, frames, fps=8)
     print(f"caption: {item['caption']}")
     print(f"PSNR {float(psnr(panels[1], video).mean()):.2f} dB; panels: original | reconstruction | "
           f"scales <= {', '.join(str(s) for s in tok.scales[:-1])}")
