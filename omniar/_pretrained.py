@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -87,8 +89,32 @@ def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor]) -> 
     return loaded
 
 
+def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """``write`` a folder aside, then swap it in for ``folder``: a crash leaves the old folder or
+    the new one, never a mix (at worst a stray ``.NAME.tmp-PID`` / ``.NAME.old-PID`` beside it)."""
+    folder = Path(folder)
+    tmp, old = (folder.with_name(f".{folder.name}.{tag}-{os.getpid()}") for tag in ("tmp", "old"))
+    for p in (tmp, old):
+        if p.exists():
+            shutil.rmtree(p)
+    write(tmp)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+    return folder
+
+
 class PretrainedModel(ModelMixin):
-    """``ModelMixin`` whose ``from_pretrained`` reads only checked safetensors from a local folder."""
+    """``ModelMixin`` whose ``from_pretrained`` reads only checked safetensors from a local folder
+    and whose ``save_pretrained`` writes its folder atomically."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
+        """diffusers' ``save_pretrained`` (safetensors, optional ``max_shard_size``) into a folder
+        written aside and swapped in."""
+        return write_folder_atomically(
+            save_directory, lambda tmp: super(PretrainedModel, self).save_pretrained(str(tmp), **kwargs))
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):

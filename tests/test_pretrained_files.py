@@ -97,6 +97,29 @@ def test_intact_folder_round_trips_exactly(saved):
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
 
 
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A save that dies mid-write leaves the previous folder loadable and unchanged; a save that
+    completes replaces it and leaves nothing beside it."""
+    folder = tmp_path / "model"
+    tiny_tokenizer().save_pretrained(folder)
+    before = (folder / WEIGHTS).read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr("safetensors.torch.save_file", crash)
+    changed = tiny_tokenizer()
+    with torch.no_grad():
+        changed.get_parameter(KEY).add_(1)
+    with pytest.raises(OSError, match="disk full"):
+        changed.save_pretrained(folder)
+    assert (folder / WEIGHTS).read_bytes() == before
+    VideoTokenizer.from_pretrained(folder)
+    monkeypatch.undo()
+    changed.save_pretrained(folder)
+    assert torch.equal(VideoTokenizer.from_pretrained(folder).get_parameter(KEY), changed.get_parameter(KEY))
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
 def test_sharded_folder_checks_the_index(tmp_path):
     model = OmniARModel.from_config_obj(OmniARConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                                                      num_experts=4, top_k=1, expert_hidden_size=16,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from .. import __version__, assets
 from .._checks import check_choice, check_float, check_int, require
-from .._pretrained import read_json
+from .._pretrained import read_json, write_folder_atomically
 from ..backbone import OmniARModel
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
@@ -95,24 +94,19 @@ class TextToVideoPipeline:
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the pipeline folder atomically (aside, then swapped in)."""
-        folder = Path(path)
-        tmp = folder.with_name(f".{folder.name}.tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        self.video_tokenizer.save_pretrained(str(tmp / "video_tokenizer"))
-        self.text_tokenizer.save_pretrained(tmp / "text_tokenizer")
-        self.model.save_pretrained(str(tmp / "model"))
+        return write_folder_atomically(path, self._write_folder)
+
+    def _write_folder(self, folder: Path) -> None:
+        self.video_tokenizer.save_pretrained(folder / "video_tokenizer")
+        self.text_tokenizer.save_pretrained(folder / "text_tokenizer")
+        self.model.save_pretrained(folder / "model")
         index = {"_class_name": type(self).__name__, "omniar_version": __version__,
                  "max_text_len": self.max_text_len, "max_num_frames": self.max_num_frames,
                  "max_batch_size": self.max_batch_size,
                  "video_tokenizer": ["omniar.tokenizers", "VideoTokenizer"],
                  "text_tokenizer": ["omniar.tokenizers", "TextTokenizer"],
                  "model": ["omniar.backbone", "OmniARModel"]}
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return folder
+        (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "TextToVideoPipeline":
         """Move the model (optionally cast, e.g. bf16 on CUDA) and the tokenizer (kept fp32)."""

@@ -272,22 +272,6 @@ def config_from_dict(cls, values: dict, name: str):
     return cls(**values)
 
 
-def export_pretrained(model, folder: str | Path) -> Path:
-    """``model.save_pretrained`` into ``folder`` atomically (write aside, then swap in)."""
-    folder = Path(folder)
-    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
-    for p in (tmp, old):
-        if p.exists():
-            shutil.rmtree(p)
-    model.save_pretrained(str(tmp))
-    if folder.exists():
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
-    return folder
-
-
 def cosine_lr(total_steps: int, warmup_steps: int = 0, floor: float = 0.05) -> Callable[[int], float]:
     """Linear warm-up then cosine decay to ``floor`` x the base rate."""
     def fn(step: int) -> float:

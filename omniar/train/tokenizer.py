@@ -20,7 +20,7 @@ from ..data.skipped import log_skipped
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .common import add_config_arguments, resolve_config, split_train_section, step_loader
-from .engine import TrainEngine, config_from_dict, cosine_lr, export_pretrained
+from .engine import TrainEngine, config_from_dict, cosine_lr
 
 
 @dataclass
@@ -118,7 +118,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     bar.close()
     final = Path(engine_cfg.out_dir) / "final"
     if engine.rank == 0 and step == train_cfg.steps:
-        export_pretrained(engine.module, final)
+        engine.module.save_pretrained(final)
     engine.close()
     return final
 
