@@ -4,6 +4,7 @@ and a DataLoader (and a short training run) goes through."""
 
 import json
 import logging
+import sys
 import warnings
 from pathlib import Path
 
@@ -115,6 +116,30 @@ def test_video_that_fails_to_decode_is_replaced_by_the_next_item(videos):
         ds[3]
 
 
+def print_every_warning(_worker_id):
+    """DataLoader worker init: print each warning (pytest's recorder in a worker's memory would lose them)."""
+    warnings.simplefilter("always")
+    warnings.showwarning = lambda message, category, *_, **__: print(f"{category.__name__}: {message}",
+                                                                     file=sys.stderr)
+
+
+def test_decode_failures_in_dataloader_workers_are_shared_and_counted_once(videos, capfd):
+    jsonl, _ = videos
+    with pytest.warns(DataWarning):
+        ds = VideoFolderDataset(jsonl, num_frames=9, size=32, sample="start")
+    capfd.readouterr()
+    for _ in range(2):  # two epochs, fresh worker processes each
+        batches = list(DataLoader(ds, batch_size=1, num_workers=2, worker_init_fn=print_every_warning))
+        assert [c for b in batches for c in b["caption"]] == ["first", "second", "second"]
+    assert capfd.readouterr().err.count("DataWarning: ") == 1  # decoded (and warned about) once in all
+    assert ds.decode_failed.tolist() == [False, True, False]
+    assert "decode_error" not in ds.skipped.counts  # found in a worker, not in this process ...
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # ... which counts it without warning a second time
+        assert ds.collect_decode_failures().counts["decode_error"] == 1
+    assert ds.collect_decode_failures().counts["decode_error"] == 1
+
+
 def test_video_folder_with_no_usable_video_names_the_jsonl(tmp_path):
     (tmp_path / "empty.mp4").write_bytes(b"")
     (tmp_path / "d.jsonl").write_text("oops\n" + json.dumps({"video": "empty.mp4", "caption": "x"}) + "\n")
@@ -128,15 +153,18 @@ def test_tokenizer_training_runs_on_a_folder_with_bad_files(videos, tmp_path, ca
 
     jsonl, _ = videos
     config = load_yaml(TINY_CONFIG)
-    config["data"].update(dataset="video_folder", path=str(jsonl))
+    config["data"].update(dataset="video_folder", path=str(jsonl), num_workers=2)
     config["train"].update(out_dir=str(tmp_path / "run"), steps=2, micro_batch_size=2, log_every=1)
     with pytest.warns(DataWarning), caplog.at_level(logging.WARNING, logger="omniar.data"):
         final = train(config, progress=False)
     assert (final / "config.json").is_file()
-    assert any("data data: " in r.message and "skipped 11" in r.message for r in caplog.records)
+    summaries = [r.message for r in caplog.records if r.message.startswith("data data: ")]
+    # at the start the files found bad from their headers; at the end also midcut.mp4, which a
+    # DataLoader worker failed to decode
+    assert len(summaries) == 2 and "skipped 11 (" in summaries[0] and "skipped 12 (decode_error: 1" in summaries[1]
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
     acc.Reload()
-    assert [e.value for e in acc.Scalars("skipped_files/data")] == [11.0]
+    assert [e.value for e in acc.Scalars("skipped_files/data")] == [11.0, 12.0]
 
 
 # ------------------------------------------------------------------ images

@@ -72,7 +72,7 @@ class ImageDomain(SkippingDataset):
                 self.items.append((path, label))
             else:
                 skipped.add(path, *problem)
-        skipped.require_some(len(self.items), name, "images")
+        self.finish_checks(name, "images")
 
     def __len__(self) -> int:
         return len(self.items)

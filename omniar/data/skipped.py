@@ -1,6 +1,6 @@
 """Bad data does not stop training: file-backed datasets leave out every bad file (and every malformed
 line of their list) with one warning naming it and why, count them per reason, and the trainers log a
-summary once per run."""
+summary at the start and at the end of each run."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import warnings
 from collections import Counter
 from pathlib import Path
 
+import torch
 from torch.utils.data import Dataset
 
 from .._checks import require
@@ -28,12 +29,14 @@ class Skipped:
         self.source = Path(source)
         self.problems: dict[str, tuple[str, str]] = {}
 
-    def add(self, item, reason: str, detail: str) -> None:
-        """Record ``item`` and warn, once per item (a file listed twice is reported once)."""
+    def add(self, item, reason: str, detail: str, warn: bool = True) -> None:
+        """Record ``item`` and warn, once per item (a file listed twice is reported once); ``warn=False``
+        for an item another process has already warned about."""
         key = str(item)
         if key not in self.problems:
             self.problems[key] = (reason, detail)
-            warnings.warn(f"{self.source}: skipping {key}: {detail}", DataWarning, stacklevel=2)
+            if warn:
+                warnings.warn(f"{self.source}: skipping {key}: {detail}", DataWarning, stacklevel=2)
 
     def __contains__(self, item) -> bool:
         return str(item) in self.problems
@@ -68,14 +71,17 @@ def file_problem(path: Path, kind: str) -> tuple[str, str] | None:
 
 class SkippingDataset(Dataset):
     """Base of the file-backed datasets: subclasses fill ``skipped`` while checking their files at
-    construction and implement ``__len__``, ``file(index)`` and ``load(index)``.
+    construction, end their ``__init__`` with :meth:`finish_checks`, and implement ``__len__``,
+    ``file(index)`` and ``load(index)``.
 
     A file can pass the header-level check and still fail to decode (truncated in the middle): its
-    item is replaced by the next loadable index, deterministically, and the file is warned about once
-    and counted as ``decode_error``. Those counts stay in the process that loaded the item (a
-    DataLoader worker's copy of the dataset); the warnings are printed there."""
+    item is replaced by the next loadable index, deterministically; the process that found it (this one
+    or a DataLoader worker) warns once and sets its flag in ``decode_failed``, a shared-memory tensor
+    that every worker sees, so no process decodes it again. :meth:`collect_decode_failures` counts the
+    files that workers flagged into ``skipped`` (``decode_error``)."""
 
     skipped: Skipped
+    decode_failed: torch.Tensor
 
     def file(self, index: int):
         raise NotImplementedError
@@ -83,28 +89,42 @@ class SkippingDataset(Dataset):
     def load(self, index: int):
         raise NotImplementedError
 
+    def finish_checks(self, name: str, what: str) -> None:
+        """``ValueError`` naming ``name`` when no usable ``what`` is left; then the decode-failure flags
+        (created here, before any DataLoader worker starts, so that the workers share them)."""
+        self.skipped.require_some(len(self), name, what)
+        self.decode_failed = torch.zeros(len(self), dtype=torch.bool).share_memory_()
+
+    def collect_decode_failures(self) -> Skipped:
+        """``skipped``, with the files that DataLoader workers failed to decode (they warned already)."""
+        for i in self.decode_failed.nonzero().flatten().tolist():
+            self.skipped.add(self.file(i), "decode_error", "failed to decode in a DataLoader worker", warn=False)
+        return self.skipped
+
     def __getitem__(self, index: int):
         n = len(self)
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")  # ends plain iteration
         for offset in range(n):
             i = (index + offset) % n
-            if self.file(i) in self.skipped:  # failed before: do not decode it again
+            if self.decode_failed[i]:  # failed before, in any process: do not decode it again
                 continue
             try:
                 return self.load(i)
             except (ValueError, OSError) as err:
+                self.decode_failed[i] = True
                 self.skipped.add(self.file(i), "decode_error", str(err))
         raise ValueError(f"dataset: no item from {self.skipped.source} decodes ({self.skipped.summary()})")
 
 
 def log_skipped(engine, step: int, **datasets) -> None:
-    """Once per run: each dataset's skip summary as a log warning (rank 0) and its count as the
-    TensorBoard scalar ``skipped_files/<name>``; datasets without a ``skipped`` record are ignored."""
+    """At the start and at the end of a run: each dataset's skip summary (at the end including the files
+    DataLoader workers failed to decode) as a log warning (rank 0) and its count as the TensorBoard
+    scalar ``skipped_files/<name>``; datasets that are not a :class:`SkippingDataset` are ignored."""
     for name, data in datasets.items():
-        skipped = getattr(data, "skipped", None)
-        if skipped is None:
+        if not isinstance(data, SkippingDataset):
             continue
+        skipped = data.collect_decode_failures()
         if engine.rank == 0 and len(skipped):
             logger.warning("%s data: %s; %d items left", name, skipped.summary(), len(data))
         engine.log_scalars({f"skipped_files/{name}": len(skipped)}, step)

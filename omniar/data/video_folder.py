@@ -107,7 +107,7 @@ class VideoFolderDataset(SkippingDataset):
     side below ``size``, which would be upscaled, or a long side over ``MAX_ASPECT`` times the short one,
     of which the centre crop would keep little). Malformed JSONL lines are skipped as ``malformed_line``
     with their line numbers. A video that passes but fails to decode is replaced at load time by the next
-    item (``decode_error``). ``skipped`` holds them all; nothing usable raises ``ValueError``.
+    item (``decode_error``, counted across DataLoader workers). ``skipped`` holds them all; nothing usable raises ``ValueError``.
     """
 
     def __init__(self, root_or_jsonl: str | os.PathLike, num_frames: int = 17, size: int = 64,
@@ -128,7 +128,7 @@ class VideoFolderDataset(SkippingDataset):
                 self.entries.append(entry)
             else:
                 self.skipped.add(entry["video"], *problem)
-        self.skipped.require_some(len(self.entries), "root_or_jsonl", "videos")
+        self.finish_checks("root_or_jsonl", "videos")
 
     def _problem(self, entry: dict) -> tuple[str, str] | None:
         """(reason, detail) when ``entry``'s video cannot give clips, else None; keeps the frame count

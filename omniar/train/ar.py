@@ -173,6 +173,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         log_skipped(engine, 0, data=source)
         pretokenize(tok, source, data_cfg.cache_dir, data_cfg.num_clips, num_workers=data_cfg.num_workers,
                     progress=progress)
+        log_skipped(engine, 0, data=source)  # with the files that failed to decode while pre-tokenizing
     engine._barrier()
     data = TokenizedDataset(data_cfg.cache_dir)
     start = engine.resume()

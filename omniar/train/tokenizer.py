@@ -116,6 +116,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
             break
     bar.close()
+    log_skipped(engine, step, data=dataset)
     final = Path(engine_cfg.out_dir) / "final"
     if engine.rank == 0 and step == train_cfg.steps:
         engine.module.save_pretrained(final)

@@ -265,6 +265,7 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
                 history_file.write_text(json.dumps(history))
             engine.save(step + 1)
             bar.set_postfix(epoch=len(history), target_acc=f"{history[-1]:.2f}")
+    log_skipped(engine, total, source=source, target=target)
     engine.close()
     best = int(np.argmax(history))
     return {"per_epoch": history, "best": history[best], "best_epoch": best + 1, "last": history[-1]}
