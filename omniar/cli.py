@@ -1,4 +1,4 @@
-"""The ``omniar`` command line: ``omniar train tokenizer|ar|uda``, ``omniar eval t2v``, ``omniar generate``,
+"""The ``omniar`` command line: ``omniar train tokenizer|refiner|ar|uda``, ``omniar eval t2v``, ``omniar generate``,
 ``omniar reconstruct``."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 _GROUPS = {
     "train": ("train a model on DeepSpeed", {
         "tokenizer": ("omniar.train.tokenizer", "train the 3D multi-scale video tokenizer"),
+        "refiner": ("omniar.train.refiner", "train a per-frame refiner on a frozen tokenizer's decodes"),
         "ar": ("omniar.train.ar", "pre-tokenize and train the unified AR text-to-video model"),
         "uda": ("omniar.train.uda", "BiPC / DANN / source-only domain adaptation of a timm classifier"),
     }),

@@ -16,7 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from .._checks import check_choice, check_float, check_int, require
 from .._pretrained import PretrainedModel
-from .causal3d import Decoder3d, Encoder3d
+from .causal3d import Decoder3d, Encoder3d, FrameRefiner
 from .codes import MultiScaleCodes
 from .quantizer import MultiScaleResidualVQ, resize
 
@@ -45,6 +45,9 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         num_refine: shared refinement convs across scales (VAR's phi).
         refine_ratio: mix of refinement conv vs identity.
         dead_code_threshold: EMA assignment count under which a code is restarted.
+        refiner_blocks: residual blocks of the per-frame 2D refiner applied to the decoded frames
+            (:class:`~omniar.tokenizers.causal3d.FrameRefiner`); 0 = none.
+        refiner_channels: the refiner's width.
     """
 
     @register_to_config
@@ -52,7 +55,7 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
                  latent_channels: int = 16, temporal_compression: int = 4, spatial_compression: int = 8,
                  scales: tuple[int, ...] = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
-                 dead_code_threshold: float = 0.05):
+                 dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32):
         super().__init__()
         check_int(in_channels, "in_channels", 1)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -72,12 +75,15 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         check_float(ema_decay, "ema_decay", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
         check_float(refine_ratio, "refine_ratio", 0.0, 1.0)
         check_float(dead_code_threshold, "dead_code_threshold", 0.0)
+        check_int(refiner_blocks, "refiner_blocks", 0)
+        check_int(refiner_channels, "refiner_channels", 1)
         self.encoder = Encoder3d(in_channels, channels, num_res_blocks, latent_channels,
                                  spatial_compression, temporal_compression)
         self.decoder = Decoder3d(in_channels, channels, num_res_blocks, latent_channels,
                                  spatial_compression, temporal_compression)
         self.quantizer = MultiScaleResidualVQ(latent_channels, codebook_size, scales, beta, ema_decay,
                                               num_refine, refine_ratio, dead_code_threshold)
+        self.refiner = FrameRefiner(refiner_channels, refiner_blocks, in_channels) if refiner_blocks else None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -134,12 +140,21 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         f_hat = self.quantizer.codes_to_latent(flat, upto_scale)
         return f_hat.unflatten(0, (b, t)).transpose(1, 2)
 
+    def refine(self, video: torch.Tensor) -> torch.Tensor:
+        """The refiner (if any) on each frame of decoded ``video`` (B, C, T, H, W), clamped first: it
+        sees the frames as the images a plain decode would give."""
+        if self.refiner is None:
+            return video
+        b, _, t = video.shape[:3]
+        frames = video.clamp(-1, 1).transpose(1, 2).flatten(0, 1)
+        return self.refiner(frames).unflatten(0, (b, t)).transpose(1, 2)
+
     # ------------------------------------------------------------------ public
     def forward(self, video: torch.Tensor) -> TokenizerOutput:
         """Training forward: reconstruction, VQ loss and codes."""
         self.check_video(video)
         f_hat, codes, loss = self._quantize(self.encoder(video))
-        rec = self.decoder(f_hat.to(video.dtype))
+        rec = self.refine(self.decoder(f_hat.to(video.dtype)))
         return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))
 
     @torch.no_grad()
@@ -162,10 +177,11 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
     def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """Decode continuous latents (B, C, t, N, N); ``chunk_size`` latent frames at a time if given."""
         if chunk_size is None:
-            return self.decoder(latent).clamp(-1, 1)
+            return self.refine(self.decoder(latent)).clamp(-1, 1)
         check_int(chunk_size, "chunk_size", 1)
         with self.decoder.streaming():
-            parts = [self.decoder(latent[:, :, i:i + chunk_size]) for i in range(0, latent.shape[2], chunk_size)]
+            parts = [self.refine(self.decoder(latent[:, :, i:i + chunk_size]))
+                     for i in range(0, latent.shape[2], chunk_size)]
         return torch.cat(parts, dim=2).clamp(-1, 1)
 
     def decode(self, codes: MultiScaleCodes, chunk_size: int | None = None) -> torch.Tensor:

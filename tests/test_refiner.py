@@ -1,0 +1,72 @@
+"""Per-frame refiner: identity at initialisation, per-frame (chunked decode unchanged), training on a
+frozen tokenizer keeps every code, lowers the error, resumes exactly; config errors name the key."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from omniar.data.shapes import MovingShapes
+from omniar.tokenizers import VideoTokenizer
+from omniar.train.refiner import train
+
+TOK = dict(channels=(8, 16, 16), latent_channels=8, temporal_compression=4, spatial_compression=4,
+           scales=(1, 2, 4, 8), codebook_size=32)
+
+
+def video(n=2, frames=9):
+    return torch.stack([MovingShapes("train", n, 32, frames, seed=3)[i]["video"] for i in range(n)])
+
+
+def test_new_refiner_is_the_identity_and_works_frame_by_frame():
+    torch.manual_seed(0)
+    plain = VideoTokenizer(**TOK).eval()
+    refined = VideoTokenizer(**TOK, refiner_blocks=2, refiner_channels=8).eval()
+    refined.load_state_dict(plain.state_dict(), strict=False)
+    codes = plain.encode(video())
+    torch.testing.assert_close(refined.decode(codes), plain.decode(codes), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.nn.init.normal_(refined.refiner.conv_out.weight, std=0.1)
+    full = refined.decode(codes)
+    assert (full - plain.decode(codes)).abs().max() > 1e-3
+    torch.testing.assert_close(refined.decode(codes, chunk_size=1), full, rtol=0, atol=1e-5)
+
+
+def config(tmp_path, tok_dir, **train):
+    return {"model": {"refiner_blocks": 1, "refiner_channels": 8},
+            "data": {"dataset": "shapes", "size": 32, "num_frames": 5, "seed": 1},
+            "train": {"tokenizer": str(tok_dir), "out_dir": str(tmp_path / "run"), "num_clips": 4, "steps": 30,
+                      "lr": 1e-2, "micro_batch_size": 8, "log_every": 5, "save_every": 15, **train}}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tok") / "tok"
+    VideoTokenizer(**TOK).save_pretrained(folder)
+    return folder
+
+
+def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir):
+    final = train(config(tmp_path / "a", tok_dir), progress=False)
+    base, tuned = VideoTokenizer.from_pretrained(tok_dir), VideoTokenizer.from_pretrained(final)
+    assert tuned.refiner is not None and base.refiner is None
+    clip = video(frames=5)
+    assert all(torch.equal(a, b) for a, b in zip(tuned.encode(clip).codes, base.encode(clip).codes))
+    cache = load_file(next((tmp_path / "a" / "run").glob("decoded_*.safetensors")))
+    x, y = cache["decoded"].float(), cache["real"].float()
+    assert x.shape == y.shape == (4 * 5, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.nn.functional.mse_loss(tuned.refiner(x), y) < 0.95 * torch.nn.functional.mse_loss(x, y)
+
+    train(config(tmp_path / "b", tok_dir), progress=False, stop_at=15)
+    resumed = VideoTokenizer.from_pretrained(train(config(tmp_path / "b", tok_dir), progress=False))
+    assert all(torch.equal(a, b) for a, b in zip(resumed.refiner.state_dict().values(),
+                                                 tuned.refiner.state_dict().values()))
+
+
+@pytest.mark.parametrize("model, name", [({}, "model.refiner_blocks"), ({"refiner_blocks": 1, "channels": 4}, "model")])
+def test_config_errors_name_the_key(tmp_path, tok_dir, model, name):
+    cfg = config(tmp_path, tok_dir)
+    cfg["model"] = model
+    with pytest.raises(ValueError, match=f"^{name}"):
+        train(cfg, progress=False)
