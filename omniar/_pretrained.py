@@ -89,6 +89,14 @@ def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor]) -> 
     return loaded
 
 
+def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write`` a temporary file, then rename it: readers never see a partial file, and the pid in
+    its name keeps two runs filling the same cache from clobbering each other's temporary files."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
 def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """``write`` a folder aside, then swap it in for ``folder``: a crash leaves the old folder or
     the new one, never a mix (at worst a stray ``.NAME.tmp-PID`` / ``.NAME.old-PID`` beside it)."""

@@ -38,9 +38,6 @@ class Skipped:
             if warn:
                 warnings.warn(f"{self.source}: skipping {key}: {detail}", DataWarning, stacklevel=2)
 
-    def __contains__(self, item) -> bool:
-        return str(item) in self.problems
-
     def __len__(self) -> int:
         return len(self.problems)
 

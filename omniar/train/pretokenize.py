@@ -9,9 +9,7 @@ and atomically, so its presence marks a complete shard and a rerun skips it.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,15 +17,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .._checks import check_int, require
+from .._pretrained import write_file_atomically
 from ..tokenizers import VideoTokenizer
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """``write`` a temporary file, then rename it: readers never see a partial file, and the pid in
-    its name keeps two runs filling the same cache from clobbering each other's temporary files."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def _collate_clips(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
@@ -49,7 +40,7 @@ def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path
     if old.exists():
         require(json.loads(old.read_text()) == json.loads(json.dumps(manifest)), "out_dir",
                 f"{out} holds a cache made with other settings; use another folder")
-    _atomic_write(old, lambda p: p.write_text(json.dumps(manifest, indent=1)))
+    write_file_atomically(old, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     tokenizer.eval()
     num_shards = -(-num_clips // shard_size)
     for k in tqdm(range(num_shards), desc="pretokenize", disable=not progress):
@@ -68,8 +59,8 @@ def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path
         tensors = {"latent": torch.cat(latents)}
         for s in range(len(tokenizer.scales)):
             tensors[f"codes_{s}"] = torch.cat([c[s] for c in codes])
-        _atomic_write(out / f"shard_{k:05d}.json", lambda p: p.write_text(json.dumps(captions)))
-        _atomic_write(target, lambda p: save_file(tensors, str(p)))
+        write_file_atomically(out / f"shard_{k:05d}.json", lambda p: p.write_text(json.dumps(captions)))
+        write_file_atomically(target, lambda p: save_file(tensors, str(p)))
     return out
 
 

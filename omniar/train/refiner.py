@@ -20,12 +20,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .._checks import check_int, require
+from .._pretrained import write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .ar import load_video_tokenizer
 from .common import add_config_arguments, resolve_config, split_train_section
 from .engine import TrainEngine, config_from_dict, cosine_lr
-from .pretokenize import _atomic_write
 from .tokenizer import TokenizerDataConfig, build_dataset
 
 
@@ -40,26 +40,23 @@ class RefinerTrainConfig:
         check_int(self.num_clips, "train.num_clips", 1)
 
 
-def decoded_frames(tok: VideoTokenizer, data_cfg: TokenizerDataConfig, num_clips: int, cache: Path,
-                   progress: bool) -> dict[str, torch.Tensor]:
-    """``{"decoded", "real"}`` frames (N, 3, H, W) fp16 of the first ``num_clips`` clips, from ``cache``
-    or decoded (then cached) with ``tok``'s refiner left out."""
+def cache_decoded_frames(tok: VideoTokenizer, data_cfg: TokenizerDataConfig, num_clips: int, cache: Path,
+                         progress: bool) -> None:
+    """Unless ``cache`` exists: write ``{"decoded", "real"}`` frames (N, 3, H, W) fp16 of the first
+    ``num_clips`` clips, decoded by ``tok``."""
     if cache.is_file():
-        return load_file(cache)
+        return
     dataset = build_dataset(data_cfg)
     check_int(num_clips, "train.num_clips", 1, len(dataset))
     decoded, real = [], []
-    refiner, tok.refiner = tok.refiner, None  # the refiner learns from plain decodes
     for start in tqdm(range(0, num_clips, 4), desc="decode", disable=not progress):
         video = torch.stack([dataset[i]["video"] for i in range(start, min(num_clips, start + 4))])
         rec = tok.decode(tok.encode(video.to(tok.device))).cpu()
         decoded.append(rec.transpose(1, 2).flatten(0, 1).half())
         real.append(video.transpose(1, 2).flatten(0, 1).half())
-    tok.refiner = refiner
     frames = {"decoded": torch.cat(decoded).contiguous(), "real": torch.cat(real).contiguous()}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(cache, lambda tmp: save_file(frames, tmp))
-    return frames
+    write_file_atomically(cache, lambda tmp: save_file(frames, tmp))
 
 
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
@@ -72,7 +69,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             f"takes only refiner_blocks and refiner_channels, got {sorted(refiner_cfg)}")
     require(int(refiner_cfg.get("refiner_blocks", 0)) >= 1, "model.refiner_blocks", "must be >= 1")
     base = load_video_tokenizer(train_cfg.tokenizer)
-    base.refiner = None  # a new refiner replaces any earlier one
+    base.refiner = None  # a new refiner replaces any earlier one, and learns from plain decodes
     require(base.resolution == data_cfg.size, "data.size", f"must equal the tokenizer resolution {base.resolution}")
     base.check_num_frames(data_cfg.num_frames, "data.num_frames")
     torch.manual_seed(engine_cfg.seed)  # same initial refiner on every rank and every resume
@@ -85,7 +82,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     out = Path(engine_cfg.out_dir)
     cache = out / f"decoded_{train_cfg.num_clips}x{data_cfg.num_frames}_seed{data_cfg.seed}.safetensors"
     if engine.rank == 0:
-        decoded_frames(tok, data_cfg, train_cfg.num_clips, cache, progress)
+        cache_decoded_frames(base.to(engine.device).eval(), data_cfg, train_cfg.num_clips, cache, progress)
     engine._barrier()
     frames = load_file(cache)
     start = engine.resume()
