@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from _train_helpers import ROOT, TINY_CONFIG, assert_bitwise_equal, subprocess_env, tiny_config, weights
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from omniar.data.shapes import MovingShapes
 from omniar.tokenizers import VideoTokenizer
 from omniar.train.common import apply_overrides, load_yaml
-from omniar.train.tokenizer import train
+from omniar.train.tokenizer import edge_weights, reconstruction_loss, train
 
 
 def losses(run_dir):
@@ -123,3 +124,27 @@ def test_decoder_only_fine_tuning_keeps_every_code(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before.encode(video).codes, after.encode(video).codes))
     with pytest.raises(ValueError, match="train.trainable: 'decoder' needs train.init_from"):
         train(tiny_config(tmp_path / "bad", 1, trainable="decoder"), progress=False)
+
+
+def test_edge_weights_mark_one_pixel_either_side_of_an_edge():
+    video = -torch.ones(1, 3, 2, 8, 16)
+    video[..., 10:] = 1.0  # a full-range step between columns 9 and 10, in every frame
+    w = edge_weights(video, 4.0)
+    assert w.shape == (1, 1, 2, 8, 16)
+    assert torch.equal(w[..., 8:12], torch.full_like(w[..., 8:12], 5.0))  # the step's two pixels, dilated by 1
+    assert torch.equal(w[..., :8], torch.ones_like(w[..., :8])) and torch.equal(w[..., 12:], torch.ones_like(w[..., 12:]))
+    assert torch.equal(edge_weights(torch.zeros(1, 3, 1, 8, 8), 4.0), torch.ones(1, 1, 1, 8, 8))
+
+
+def test_edge_weighted_loss_counts_errors_at_edges_more(tmp_path):
+    video = -torch.ones(1, 3, 1, 8, 16)
+    video[..., 10:] = 1.0
+    at_edge, in_flat = video.clone(), video.clone()
+    at_edge[..., 3, 10] += 0.5
+    in_flat[..., 3, 2] += 0.5
+    plain = reconstruction_loss(at_edge, video, 1.0, 0.0)
+    assert plain == pytest.approx(float(F.mse_loss(at_edge, video) + F.l1_loss(at_edge, video)))
+    assert plain == pytest.approx(float(reconstruction_loss(in_flat, video, 1.0, 0.0)))
+    assert reconstruction_loss(at_edge, video, 1.0, 4.0) > 2 * reconstruction_loss(in_flat, video, 1.0, 4.0)
+    with pytest.raises(ValueError, match="train.edge_weight"):
+        train(tiny_config(tmp_path, 1, edge_weight=-1.0), progress=False)

@@ -12,7 +12,6 @@ frames from a frame's attention), elastic sub-model sampling.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from ..data.skipped import log_skipped
 from ..generation.pipeline import TextToVideoPipeline, encode_prompts
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from .common import add_config_arguments, resolve_config, split_train_section, step_loader
+from .common import config_cli, split_train_section, step_loader
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
@@ -221,12 +220,4 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     return final
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "configs/ar_shapes.yaml")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    final = train(resolve_config(args), stop_at=args.stop_at)
-    if final.is_dir():
-        print(f"pipeline: {final}")
-    return 0
+add_cli_arguments, cli_main = config_cli("configs/ar_shapes.yaml", train, "pipeline")

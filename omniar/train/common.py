@@ -6,7 +6,7 @@ import argparse
 import re
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import yaml
@@ -61,7 +61,22 @@ def split_train_section(section: dict, own_cls):
     return engine, own
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
+def config_cli(default_config: str, train: Callable[..., Path], what: str):
+    """``(add_cli_arguments, cli_main)`` of a YAML-config trainer, ``omniar train X``: flags, then
+    ``train(config, stop_at=...)``, which returns the exported folder (written only when the run is done)."""
+    def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+        _add_config_arguments(parser, default_config)
+
+    def cli_main(args: argparse.Namespace) -> int:
+        final = train(resolve_config(args), stop_at=args.stop_at)
+        if final.is_dir():
+            print(f"{what}: {final}")
+        return 0
+
+    return add_cli_arguments, cli_main
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, default_config: str) -> None:
     parser.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
     parser.add_argument("--out", default=None, help="run directory (overrides train.out_dir)")
     parser.add_argument("--steps", type=int, default=None, help="total optimisation steps (overrides train.steps)")

@@ -10,7 +10,6 @@ Exports the tokenizer with its refiner to ``<out_dir>/final``.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from .._pretrained import write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .ar import load_video_tokenizer
-from .common import add_config_arguments, resolve_config, split_train_section
+from .common import config_cli, split_train_section
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .tokenizer import TokenizerDataConfig, build_dataset
 
@@ -113,12 +112,4 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     return final
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "configs/refiner_shapes.yaml")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    final = train(resolve_config(args), stop_at=args.stop_at)
-    if final.is_dir():
-        print(f"tokenizer weights: {final}")
-    return 0
+add_cli_arguments, cli_main = config_cli("configs/refiner_shapes.yaml", train, "tokenizer weights")

@@ -1,13 +1,13 @@
 """Train the video tokenizer on DeepSpeed: ``omniar train tokenizer --config configs/tokenizer_shapes.yaml``.
 
-Loss: MSE + L1 reconstruction + the quantizer's VQ loss. Logs loss, PSNR and
+Loss: MSE + L1 reconstruction (optionally weighted toward edges) + the quantizer's VQ
+loss. Logs loss, PSNR and
 codebook usage to TensorBoard; checkpoints atomically; resumes from the newest
 complete checkpoint; exports ``save_pretrained`` weights to ``<out_dir>/final``.
 """
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,7 @@ from .._checks import check_choice, check_float, check_int, require
 from ..data.skipped import log_skipped
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
-from .common import add_config_arguments, resolve_config, split_train_section, step_loader
+from .common import config_cli, split_train_section, step_loader
 from .engine import TrainEngine, config_from_dict, cosine_lr
 
 
@@ -43,6 +43,9 @@ class TokenizerDataConfig:
 class TokenizerTrainConfig:
     steps: int = 1000
     l1_weight: float = 1.0
+    # Small objects cover few pixels, so a plain mean lets their outline go (a 12 px circle decodes as a
+    # blob at 30 dB). > 0 weights each pixel by 1 + edge_weight * (edge strength near it): see edge_weights.
+    edge_weight: float = 0.0
     init_from: str | None = None  # pretrained tokenizer folder to start from (fine-tuning / longer runs)
     # "decoder": freeze encoder and quantizer so every code stays the same (AR models trained on
     # this tokenizer's codes stay valid) and fine-tune only the decoder on the quantized latents.
@@ -51,9 +54,31 @@ class TokenizerTrainConfig:
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
         check_float(self.l1_weight, "train.l1_weight", 0.0)
+        check_float(self.edge_weight, "train.edge_weight", 0.0)
         check_choice(self.trainable, "train.trainable", ("all", "decoder"))
         require(self.trainable == "all" or bool(self.init_from), "train.trainable",
                 "'decoder' needs train.init_from (a trained encoder and codebook to keep)")
+
+
+def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, T, H, W) for ``video`` (B, C, T, H, W) in [-1, 1]: 1 on flat regions,
+    up to ``1 + strength`` within one pixel of an edge (the largest colour step to a spatial neighbour)."""
+    dx = (video[..., :, 1:] - video[..., :, :-1]).abs().amax(1, keepdim=True)
+    dy = (video[..., 1:, :] - video[..., :-1, :]).abs().amax(1, keepdim=True)
+    step = torch.maximum(F.pad(dx, (0, 1)), F.pad(dx, (1, 0)))
+    step = torch.maximum(step, torch.maximum(F.pad(dy, (0, 0, 0, 1)), F.pad(dy, (0, 0, 1, 0))))
+    edges = F.max_pool3d(step, (1, 3, 3), stride=1, padding=(0, 1, 1)) / 2  # colour steps are <= 2
+    return 1 + strength * edges
+
+
+def reconstruction_loss(rec: torch.Tensor, video: torch.Tensor, l1_weight: float, edge_weight: float
+                        ) -> torch.Tensor:
+    """MSE + ``l1_weight`` x L1, per pixel weighted by :func:`edge_weights` (normalised to mean 1)."""
+    err = (rec - video).square() + l1_weight * (rec - video).abs()
+    if edge_weight == 0:
+        return err.mean()
+    w = edge_weights(video, edge_weight)
+    return (err * w).mean() / w.mean()
 
 
 def build_dataset(cfg: TokenizerDataConfig):
@@ -102,7 +127,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         with engine.autocast():
             out = engine.ds(video)
             rec = out.reconstruction.float()
-            loss = F.mse_loss(rec, video) + train_cfg.l1_weight * F.l1_loss(rec, video) + out.vq_loss
+            loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight) + out.vq_loss
         engine.backward_step(loss)
         step += 1
         bar.update(1)
@@ -124,12 +149,4 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     return final
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "configs/tokenizer_shapes.yaml")
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    final = train(resolve_config(args), stop_at=args.stop_at)
-    if final.is_dir():
-        print(f"tokenizer weights: {final}")
-    return 0
+add_cli_arguments, cli_main = config_cli("configs/tokenizer_shapes.yaml", train, "tokenizer weights")
