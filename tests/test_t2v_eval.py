@@ -1,10 +1,10 @@
-"""omniar eval t2v pieces: the tokenizer ceiling judges reconstructions of real clips against their prompts."""
+"""omniar eval t2v pieces: the tokenizer reference judges reconstructions of real clips against their prompts."""
 
 import pytest
 import torch
 
 from omniar import assets
-from omniar.eval.t2v import load_classifier, tokenizer_ceiling
+from omniar.eval.t2v import load_classifier, tokenizer_reference
 
 pytestmark = pytest.mark.skipif("shapes-classifier" not in assets.available(), reason="classifier not shipped")
 
@@ -24,10 +24,10 @@ class _Stub:
         return video if self.perfect else torch.zeros_like(video)
 
 
-def test_tokenizer_ceiling_of_a_perfect_tokenizer_is_full_adherence():
+def test_tokenizer_reference_of_a_perfect_tokenizer_is_full_adherence():
     classifier = load_classifier()
-    perfect = tokenizer_ceiling(_Stub(True), classifier, 16)
+    perfect = tokenizer_reference(_Stub(True), classifier, 16)
     assert perfect["all"] == 1.0
-    grey = tokenizer_ceiling(_Stub(False), classifier, 16)
+    grey = tokenizer_reference(_Stub(False), classifier, 16)
     assert grey["all"] < 0.5
     assert grey["frechet"] > 10 * perfect["frechet"]
