@@ -1,12 +1,11 @@
-"""omniar eval t2v pieces: the tokenizer reference judges reconstructions of real clips against their prompts."""
+"""omniar eval t2v pieces: which prompts are judged, and the tokenizer reference (real clips encoded + decoded)."""
 
 import pytest
 import torch
 
 from omniar import assets
-from omniar.eval.t2v import load_classifier, tokenizer_reference
-
-pytestmark = pytest.mark.skipif("shapes-classifier" not in assets.available(), reason="classifier not shipped")
+from omniar.data.shapes import HELDOUT, TRAIN_COMBINATIONS
+from omniar.eval.t2v import eval_combinations, load_classifier, tokenizer_reference
 
 
 class _Stub:
@@ -24,6 +23,7 @@ class _Stub:
         return video if self.perfect else torch.zeros_like(video)
 
 
+@pytest.mark.skipif("shapes-classifier" not in assets.available(), reason="classifier not shipped")
 def test_tokenizer_reference_of_a_perfect_tokenizer_is_full_adherence():
     classifier = load_classifier()
     perfect = tokenizer_reference(_Stub(True), classifier, 16)
@@ -31,3 +31,11 @@ def test_tokenizer_reference_of_a_perfect_tokenizer_is_full_adherence():
     grey = tokenizer_reference(_Stub(False), classifier, 16)
     assert grey["all"] < 0.5
     assert grey["frechet"] > 10 * perfect["frechet"]
+
+
+def test_eval_combinations_repeat_none_before_all_are_used():
+    seen = eval_combinations("seen", 64, 0)
+    assert len(set(seen)) == 64 and set(seen) <= set(TRAIN_COMBINATIONS)
+    assert eval_combinations("seen", 64, 0) == seen and eval_combinations("seen", 64, 1) != seen
+    held = eval_combinations("heldout", 24, 0)
+    assert held[:12] == list(HELDOUT) and held[12:] == list(HELDOUT)

@@ -31,11 +31,12 @@ KEYS = ("color", "shape", "direction", "background")
 
 
 def eval_combinations(split: str, n: int, seed: int) -> list[tuple[str, str, str, str]]:
-    """``n`` combinations of a split: seen = drawn from the training combinations, heldout = cycled."""
+    """``n`` combinations of a split, each used once before any repeats: heldout in order, seen in a
+    seeded random order (so no single prompt weighs several times in a 64-clip score)."""
     if split == "heldout":
         return [HELDOUT[i % len(HELDOUT)] for i in range(n)]
-    rng = np.random.default_rng(seed)
-    return [TRAIN_COMBINATIONS[i] for i in rng.integers(len(TRAIN_COMBINATIONS), size=n)]
+    order = np.random.default_rng(seed).permutation(len(TRAIN_COMBINATIONS))
+    return [TRAIN_COMBINATIONS[order[i % len(order)]] for i in range(n)]
 
 
 def real_clips(combos: list[tuple], num_frames: int, size: int, seed: int) -> torch.Tensor:
