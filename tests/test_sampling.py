@@ -37,6 +37,8 @@ def test_low_temperature_approaches_greedy():
     logits = torch.randn(256, 10)
     g = torch.Generator().manual_seed(0)
     assert torch.equal(sample(logits, 1e-4, generator=g), logits.argmax(-1))
+    # so small that logits / temperature overflows float32 (found by the property test): still greedy
+    assert torch.equal(sample(logits * 50, 1.8e-103, 0, 0.9, generator=g), (logits * 50).argmax(-1))
 
 
 def test_guidance():

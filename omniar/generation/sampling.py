@@ -48,9 +48,12 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     tokens on every device; the result is a CPU LongTensor.
     """
     check_float(temperature, "temperature", 0.0)
-    if temperature == 0:
-        return logits.argmax(-1).cpu()
-    logits = filter_logits(logits.float().cpu() / temperature, top_k, top_p)
+    logits = logits.float().cpu()
+    scaled = logits / temperature if temperature else logits
+    # temperature -> 0 is greedy; one so small that scaling overflows float32 (inf - inf = nan) is too
+    if temperature == 0 or (logits.isfinite().all() and not scaled.isfinite().all()):
+        return logits.argmax(-1)
+    logits = filter_logits(scaled, top_k, top_p)
     probs = logits.softmax(-1)
     flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     return flat.view(probs.shape[:-1])
