@@ -39,6 +39,14 @@ def test_low_temperature_approaches_greedy():
     assert torch.equal(sample(logits, 1e-4, generator=g), logits.argmax(-1))
     # so small that logits / temperature overflows float32 (found by the property test): still greedy
     assert torch.equal(sample(logits * 50, 1.8e-103, 0, 0.9, generator=g), (logits * 50).argmax(-1))
+    assert torch.equal(sample(logits - 100, 1.8e-103, generator=g), logits.argmax(-1))  # all scaled to -inf
+
+
+def test_guidance_beyond_float32_range_samples_its_limit():
+    cond, uncond = torch.randn(64, 10), torch.randn(64, 10)
+    logits = guided_logits(cond, uncond, 3e38)  # overflows to +-inf
+    assert logits.isposinf().any()
+    assert torch.equal(sample(logits, 1.0, 5, 0.9), logits.argmax(-1))
 
 
 def test_guidance():

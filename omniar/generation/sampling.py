@@ -49,11 +49,12 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     """
     check_float(temperature, "temperature", 0.0)
     logits = logits.float().cpu()
-    scaled = logits / temperature if temperature else logits
-    # temperature -> 0 is greedy; one so small that scaling overflows float32 (inf - inf = nan) is too
-    if temperature == 0 or (logits.isfinite().all() and not scaled.isfinite().all()):
+    # temperature -> 0 is greedy (below float32's range it would divide by 0); so are logits pushed past
+    # float32 by a huge guidance_scale
+    if temperature < torch.finfo(torch.float32).tiny or logits.isposinf().any():
         return logits.argmax(-1)
-    logits = filter_logits(scaled, top_k, top_p)
+    # max first: a tiny temperature then sends the rest to -inf instead of overflowing (inf - inf = nan)
+    logits = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
     probs = logits.softmax(-1)
     flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
     return flat.view(probs.shape[:-1])
