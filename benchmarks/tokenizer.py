@@ -36,10 +36,12 @@ def main() -> None:
     data = MovingShapes("heldout", args.clips, tok.resolution, args.frames, seed=args.seed)
     n_scales = len(tok.scales)
     per_scale = [[] for _ in range(n_scales)]
-    psnrs, ssims, used, recs = [], [], set(), []
+    psnrs, ssims, used, recs, attributes = [], [], set(), [], []
     enc_s = dec_s = 0.0
     for start in range(0, args.clips, args.batch):
-        video = torch.stack([data[i]["video"] for i in range(start, min(start + args.batch, args.clips))])
+        items = [data[i] for i in range(start, min(start + args.batch, args.clips))]  # each clip rendered once
+        video = torch.stack([it["video"] for it in items])
+        attributes += [it["attributes"] for it in items]
         t0 = time.perf_counter()
         codes = tok.encode(video)
         t1 = time.perf_counter()
@@ -60,8 +62,7 @@ def main() -> None:
         "psnr_db": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
         "codebook_usage": len(used) / tok.config.codebook_size,
-        "attributes_kept": prompt_adherence(load_classifier(), torch.cat(recs),
-                                            [data[i]["attributes"] for i in range(args.clips)]),
+        "attributes_kept": prompt_adherence(load_classifier(), torch.cat(recs), attributes),
         "psnr_per_scale_db": {str(n): float(torch.cat(v).mean()) for n, v in zip(tok.scales, per_scale)},
         "encode_frames_per_s": frames / enc_s,
         "decode_frames_per_s": frames / dec_s,

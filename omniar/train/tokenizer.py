@@ -1,9 +1,9 @@
 """Train the video tokenizer on DeepSpeed: ``omniar train tokenizer --config configs/tokenizer_shapes.yaml``.
 
-Loss: MSE + L1 reconstruction (optionally weighted toward edges) + the quantizer's VQ
-loss. Logs loss, PSNR and
-codebook usage to TensorBoard; checkpoints atomically; resumes from the newest
-complete checkpoint; exports ``save_pretrained`` weights to ``<out_dir>/final``.
+Loss: MSE + L1 reconstruction (optionally weighted toward edges) + the
+quantizer's VQ loss. Logs loss, PSNR and codebook usage to TensorBoard;
+checkpoints atomically; resumes from the newest complete checkpoint; exports
+``save_pretrained`` weights to ``<out_dir>/final``.
 """
 
 from __future__ import annotations
