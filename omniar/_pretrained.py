@@ -37,54 +37,55 @@ def read_json(path: Path, name: str) -> dict:
     return data
 
 
-def weight_files(folder: Path) -> dict[Path, set[str] | None]:
+def weight_files(folder: Path, name: str = "pretrained_model_name_or_path") -> dict[Path, set[str] | None]:
     """Safetensors files of a model folder -> the tensor names the index assigns them (None: unindexed)."""
     index_file = folder / INDEX
     if index_file.is_file():
-        weight_map = read_json(index_file, "pretrained_model_name_or_path").get("weight_map")
-        require(isinstance(weight_map, dict) and weight_map, "pretrained_model_name_or_path",
+        weight_map = read_json(index_file, name).get("weight_map")
+        require(isinstance(weight_map, dict) and weight_map, name,
                 f"{index_file} has no weight_map")
         files: dict[Path, set[str] | None] = {}
         for key, shard in weight_map.items():
             require(isinstance(shard, str) and "/" not in shard and shard.endswith(".safetensors"),
-                    "pretrained_model_name_or_path", f"{index_file}: bad shard name {shard!r} for {key!r}")
+                    name, f"{index_file}: bad shard name {shard!r} for {key!r}")
             files.setdefault(folder / shard, set()).add(key)
         return files
     if (folder / WEIGHTS).is_file():
         return {folder / WEIGHTS: None}
     pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
     hint = f" (found {pickled}: pickle files are never loaded, convert them to safetensors)" if pickled else ""
-    raise ValueError(f"pretrained_model_name_or_path: {folder} has no {WEIGHTS} or {INDEX}{hint}")
+    raise ValueError(f"{name}: {folder} has no {WEIGHTS} or {INDEX}{hint}")
 
 
-def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor],
+                            name: str = "pretrained_model_name_or_path") -> dict[str, torch.Tensor]:
     """Read every tensor of ``folder`` and check it against ``expected`` (a model's state dict):
     no unknown or missing names, same shapes, floating tensors stay floating, all values finite."""
     loaded: dict[str, torch.Tensor] = {}
-    for path, indexed in weight_files(folder).items():
-        require(path.is_file(), "pretrained_model_name_or_path", f"{path} (listed in {INDEX}) not found")
+    for path, indexed in weight_files(folder, name).items():
+        require(path.is_file(), name, f"{path} (listed in {INDEX}) not found")
         try:
             with safe_open(str(path), framework="pt") as f:
                 keys = list(f.keys())
                 tensors = {k: f.get_tensor(k) for k in keys}
         except Exception as e:  # safetensors raises its own error types for bad headers and short files
-            raise ValueError(f"pretrained_model_name_or_path: {path} is truncated or corrupt ({e})") from None
+            raise ValueError(f"{name}: {path} is truncated or corrupt ({e})") from None
         for key, value in tensors.items():
             where = f"{path}: tensor {key!r}"
-            require(indexed is None or key in indexed, "pretrained_model_name_or_path",
+            require(indexed is None or key in indexed, name,
                     f"{where} is not assigned to this file by {INDEX}")
-            require(key in expected, "pretrained_model_name_or_path", f"{where} is not a tensor of this model")
-            require(key not in loaded, "pretrained_model_name_or_path", f"{where} appears in two files")
+            require(key in expected, name, f"{where} is not a tensor of this model")
+            require(key not in loaded, name, f"{where} appears in two files")
             want = expected[key]
-            require(value.shape == want.shape, "pretrained_model_name_or_path",
+            require(value.shape == want.shape, name,
                     f"{where} has shape {tuple(value.shape)}, the model expects {tuple(want.shape)}")
-            require(value.is_floating_point() == want.is_floating_point(), "pretrained_model_name_or_path",
+            require(value.is_floating_point() == want.is_floating_point(), name,
                     f"{where} has dtype {value.dtype}, the model expects {want.dtype}")
             require(not value.is_floating_point() or bool(torch.isfinite(value).all()),
-                    "pretrained_model_name_or_path", f"{where} holds NaN or infinite values")
+                    name, f"{where} holds NaN or infinite values")
             loaded[key] = value
     missing = sorted(set(expected) - set(loaded))
-    require(not missing, "pretrained_model_name_or_path",
+    require(not missing, name,
             f"{folder} lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
     return loaded
 

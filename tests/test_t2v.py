@@ -156,6 +156,37 @@ def test_tiny_train_then_generate(tmp_path):
     assert time.perf_counter() - start < 120
 
 
+def test_ar_training_starts_from_init_from(tmp_path):
+    """train.init_from: the run starts at the given pipeline's weights (a near-zero learning rate keeps
+    them; ignored, the run would sit at its fresh initialisation); another architecture is refused."""
+    from omniar.train.ar import train
+    from omniar.train.common import load_yaml
+
+    tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
+
+    def run(name, steps, **train_overrides):
+        config = load_yaml("configs/ar_tiny.yaml")
+        config["data"].update(cache_dir=str(tmp_path / "codes"), num_clips=16, max_num_frames=9)
+        config["train"].update(tokenizer=str(tmp_path / "tok"), out_dir=str(tmp_path / name), steps=steps,
+                               micro_batch_size=4, **train_overrides)
+        return config
+
+    def params(final):  # parameters only: the router's balancing biases move whatever the learning rate
+        return dict(OmniARModel.from_pretrained(final / "model").named_parameters())
+
+    base = train(run("base", 3), progress=False)
+    tuned = train(run("tuned", 1, init_from=str(base), lr=1e-9, warmup_steps=0), progress=False)
+    want, got = params(base), params(tuned)
+    assert all(torch.allclose(got[k], want[k], atol=1e-6) for k in want)
+
+    with pytest.raises(ValueError, match="train.init_from: .* is not a pipeline folder"):
+        train(run("bad", 1, init_from=str(tmp_path / "tok")), progress=False)
+    other = run("wide", 1, init_from=str(base))
+    other["model"]["hidden_size"] = 32
+    with pytest.raises(ValueError, match="train.init_from: .*has shape"):
+        train(other, progress=False)
+
+
 def test_pipeline_decodes_one_clip_and_one_latent_frame_at_a_time(pipe, monkeypatch):
     calls, decode = [], pipe.video_tokenizer.decode
     monkeypatch.setattr(pipe.video_tokenizer, "decode", lambda codes, chunk_size=None: (

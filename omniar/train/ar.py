@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .. import assets
 from .._checks import check_choice, check_float, check_int, require
+from .._pretrained import load_checked_state_dict
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..data.skipped import log_skipped
 from ..generation.pipeline import TextToVideoPipeline, encode_prompts
@@ -62,6 +63,9 @@ class ARTrainConfig:
     frame_mask_prob: float = 0.0  # Random Frame Mask: share of samples with hidden earlier frames
     frame_mask_ratio: float = 0.5  # ... and the share of earlier frames hidden in those
     elastic: bool = False
+    # Pipeline folder whose model starts training (fine-tuning, e.g. to train sub-models longer); its
+    # architecture must match the model: section and its codes must come from train.tokenizer.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
@@ -165,6 +169,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     model_cfg = OmniARConfig.from_dict(model_fields)
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = OmniARModel.from_config_obj(model_cfg)
+    if train_cfg.init_from:
+        init = Path(train_cfg.init_from, "model")
+        require(init.is_dir(), "train.init_from", f"{train_cfg.init_from} is not a pipeline folder (no model/)")
+        model.load_state_dict(load_checked_state_dict(init, model.state_dict(), "train.init_from"))
     engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
     tok.to(engine.device).eval().requires_grad_(False)
     if engine.rank == 0:
