@@ -42,8 +42,7 @@ def weight_files(folder: Path, name: str = "pretrained_model_name_or_path") -> d
     index_file = folder / INDEX
     if index_file.is_file():
         weight_map = read_json(index_file, name).get("weight_map")
-        require(isinstance(weight_map, dict) and weight_map, name,
-                f"{index_file} has no weight_map")
+        require(isinstance(weight_map, dict) and weight_map, name, f"{index_file} has no weight_map")
         files: dict[Path, set[str] | None] = {}
         for key, shard in weight_map.items():
             require(isinstance(shard, str) and "/" not in shard and shard.endswith(".safetensors"),
@@ -60,7 +59,8 @@ def weight_files(folder: Path, name: str = "pretrained_model_name_or_path") -> d
 def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor],
                             name: str = "pretrained_model_name_or_path") -> dict[str, torch.Tensor]:
     """Read every tensor of ``folder`` and check it against ``expected`` (a model's state dict):
-    no unknown or missing names, same shapes, floating tensors stay floating, all values finite."""
+    no unknown or missing names, same shapes, floating tensors stay floating, all values finite.
+    Errors name ``name``, the argument the folder came from."""
     loaded: dict[str, torch.Tensor] = {}
     for path, indexed in weight_files(folder, name).items():
         require(path.is_file(), name, f"{path} (listed in {INDEX}) not found")
@@ -72,8 +72,7 @@ def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor],
             raise ValueError(f"{name}: {path} is truncated or corrupt ({e})") from None
         for key, value in tensors.items():
             where = f"{path}: tensor {key!r}"
-            require(indexed is None or key in indexed, name,
-                    f"{where} is not assigned to this file by {INDEX}")
+            require(indexed is None or key in indexed, name, f"{where} is not assigned to this file by {INDEX}")
             require(key in expected, name, f"{where} is not a tensor of this model")
             require(key not in loaded, name, f"{where} appears in two files")
             want = expected[key]
@@ -81,12 +80,11 @@ def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor],
                     f"{where} has shape {tuple(value.shape)}, the model expects {tuple(want.shape)}")
             require(value.is_floating_point() == want.is_floating_point(), name,
                     f"{where} has dtype {value.dtype}, the model expects {want.dtype}")
-            require(not value.is_floating_point() or bool(torch.isfinite(value).all()),
-                    name, f"{where} holds NaN or infinite values")
+            require(not value.is_floating_point() or bool(torch.isfinite(value).all()), name,
+                    f"{where} holds NaN or infinite values")
             loaded[key] = value
     missing = sorted(set(expected) - set(loaded))
-    require(not missing, name,
-            f"{folder} lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
+    require(not missing, name, f"{folder} lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
     return loaded
 
 
