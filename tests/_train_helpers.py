@@ -1,4 +1,4 @@
-"""Helpers shared by the training tests (test_train_tokenizer.py, test_crash_resume.py)."""
+"""Helpers shared by the training tests (test_train_tokenizer.py, test_crash_resume.py, test_t2v.py)."""
 
 import os
 from pathlib import Path
@@ -16,6 +16,14 @@ def tiny_config(out_dir, steps, **train_overrides):
     """configs/tokenizer_tiny.yaml writing to ``out_dir`` for ``steps`` steps, logging every step."""
     config = load_yaml(TINY_CONFIG)
     config["train"].update(out_dir=str(out_dir), steps=steps, log_every=1, **train_overrides)
+    return config
+
+
+def tiny_ar_config(tmp_path, num_clips, **train_overrides):
+    """configs/ar_tiny.yaml on the tokenizer saved at ``tmp_path/tok``, its codes cached in ``tmp_path/codes``."""
+    config = load_yaml(ROOT / "configs" / "ar_tiny.yaml")
+    config["data"].update(cache_dir=str(tmp_path / "codes"), num_clips=num_clips, max_num_frames=9)
+    config["train"].update(tokenizer=str(tmp_path / "tok"), **train_overrides)
     return config
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _train_helpers import ROOT, assert_bitwise_equal, subprocess_env, tiny_config, weights
+from _train_helpers import ROOT, assert_bitwise_equal, subprocess_env, tiny_ar_config, tiny_config, weights
 
 from omniar.tokenizers import VideoTokenizer
-from omniar.train.common import load_yaml
 
 DRIVER = r'''
 """``python driver.py <omniar CLI args>``. CRASH_AT=<kind>:<step> makes rank CRASH_RANK (default 0) write
@@ -249,10 +248,7 @@ def test_ar_sigkill_mid_checkpoint_write_and_mid_step(tmp_path):
     """AR: CFEC, frame masks, caption dropout and elastic sub-models draw from the per-step generator."""
     torch.manual_seed(0)
     VideoTokenizer(**tiny_config("unused", 1)["model"]).save_pretrained(tmp_path / "tok")
-    config = load_yaml(ROOT / "configs" / "ar_tiny.yaml")
-    config["data"].update(cache_dir=str(tmp_path / "codes"), num_clips=16, max_num_frames=9)
-    config["train"].update(tokenizer=str(tmp_path / "tok"), steps=6, save_every=2, log_every=1,
-                           micro_batch_size=2)
+    config = tiny_ar_config(tmp_path, 16, steps=6, save_every=2, log_every=1, micro_batch_size=2)
     crash_then_finish(Trainer(tmp_path, "ar", config), tmp_path, [
         # .tmp-step_4 is complete, only not renamed yet: it still must not be loaded
         Crash("rename:4", start=0, after=[".tmp-step_00000004", "step_00000002"]),

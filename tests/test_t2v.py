@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _train_helpers import tiny_ar_config
 
 from omniar.backbone import OmniARConfig, OmniARModel
 from omniar.data.shapes import MovingShapes
@@ -141,14 +142,10 @@ def test_prompt_too_long_for_model(pipe):
 
 def test_tiny_train_then_generate(tmp_path):
     from omniar.train.ar import train
-    from omniar.train.common import load_yaml
 
     start = time.perf_counter()
     tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
-    config = load_yaml("configs/ar_tiny.yaml")
-    config["data"].update(cache_dir=str(tmp_path / "codes"), num_clips=64, max_num_frames=9)
-    config["train"].update(tokenizer=str(tmp_path / "tok"), out_dir=str(tmp_path / "run"), steps=30,
-                           log_every=5, save_every=15)
+    config = tiny_ar_config(tmp_path, 64, out_dir=str(tmp_path / "run"), steps=30, log_every=5, save_every=15)
     final = train(config, progress=False)
     pipe = TextToVideoPipeline.from_pretrained(final)
     out = pipe(PROMPT, num_frames=9, seed=0)
@@ -160,16 +157,12 @@ def test_ar_training_starts_from_init_from(tmp_path):
     """train.init_from: the run starts at the given pipeline's weights (a near-zero learning rate keeps
     them; ignored, the run would sit at its fresh initialisation); another architecture is refused."""
     from omniar.train.ar import train
-    from omniar.train.common import load_yaml
 
     tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
 
     def run(name, steps, **train_overrides):
-        config = load_yaml("configs/ar_tiny.yaml")
-        config["data"].update(cache_dir=str(tmp_path / "codes"), num_clips=16, max_num_frames=9)
-        config["train"].update(tokenizer=str(tmp_path / "tok"), out_dir=str(tmp_path / name), steps=steps,
-                               micro_batch_size=4, **train_overrides)
-        return config
+        return tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / name), steps=steps, micro_batch_size=4,
+                              **train_overrides)
 
     def params(final):  # parameters only: the router's balancing biases move whatever the learning rate
         return dict(OmniARModel.from_pretrained(final / "model").named_parameters())
