@@ -49,6 +49,14 @@ def test_guidance_beyond_float32_range_samples_its_limit():
     assert torch.equal(sample(logits, 1.0, 5, 0.9), logits.argmax(-1))
 
 
+def test_overflowed_row_is_greedy_and_the_others_still_sampled():
+    logits = torch.zeros(2, 1000)
+    logits[0, 7] = float("inf")
+    draws = torch.stack([sample(logits, 1.0, generator=torch.Generator().manual_seed(s)) for s in range(20)])
+    assert (draws[:, 0] == 7).all()
+    assert draws[:, 1].unique().numel() > 10  # uniform over 1000 tokens, not argmax (token 0) every time
+
+
 def test_guidance():
     cond, uncond = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 1.0])
     assert torch.equal(guided_logits(cond, uncond, 1.0), cond)

@@ -49,12 +49,15 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     """
     check_float(temperature, "temperature", 0.0)
     logits = logits.float().cpu()
-    # temperature -> 0 is greedy (below float32's range it would divide by 0); so are logits pushed past
-    # float32 by a huge guidance_scale
-    if temperature < torch.finfo(torch.float32).tiny or logits.isposinf().any():
+    # temperature -> 0 is greedy (below float32's range it would divide by 0)
+    if temperature < torch.finfo(torch.float32).tiny:
         return logits.argmax(-1)
+    # so is a row pushed past float32 by a huge guidance_scale (+inf); the other rows are still sampled
+    greedy = logits.isposinf().any(-1)
+    best = logits.argmax(-1)
+    logits = logits.masked_fill(greedy[..., None], 0.0)
     # max first: a tiny temperature then sends the rest to -inf instead of overflowing (inf - inf = nan)
     logits = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
     probs = logits.softmax(-1)
     flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return flat.view(probs.shape[:-1])
+    return torch.where(greedy, best, flat.view(probs.shape[:-1]))
