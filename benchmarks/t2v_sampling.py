@@ -1,7 +1,7 @@
 """Sampling settings of the default text-to-video model, compared on a *validation* set of prompts
 (seed 12345, seen combinations; never the evaluation seeds of ``omniar eval t2v``).
 
-    python benchmarks/t2v_sampling.py [--clips 32] [--out benchmarks/results/t2v_sampling.json]
+    python benchmarks/t2v_sampling.py [--clips 64] [--out benchmarks/results/t2v_sampling.json]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ SETTINGS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--clips", type=int, default=32)
+    parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/t2v_sampling.json")
     args = parser.parse_args()
     pipe, classifier = TextToVideoPipeline.from_pretrained(), load_classifier()
