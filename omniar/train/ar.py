@@ -178,8 +178,9 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     if engine.rank == 0:
         source = build_source_dataset(data_cfg, tok.resolution)
         log_skipped(engine, 0, data=source)
-        pretokenize(tok, source, data_cfg.cache_dir, data_cfg.num_clips, num_workers=data_cfg.num_workers,
-                    progress=progress)
+        settings = {k: getattr(data_cfg, k) for k in ("dataset", "path", "num_frames", "seed")}
+        pretokenize(tok, source, data_cfg.cache_dir, data_cfg.num_clips, settings | {"size": tok.resolution},
+                    num_workers=data_cfg.num_workers, progress=progress)
         log_skipped(engine, 0, data=source)  # with the files that failed to decode while pre-tokenizing
     engine._barrier()
     data = TokenizedDataset(data_cfg.cache_dir)

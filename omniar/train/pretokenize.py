@@ -8,6 +8,7 @@ and atomically, so its presence marks a complete shard and a rerun skips it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -25,21 +26,40 @@ def _collate_clips(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
     return torch.stack([it["video"] for it in items]), [it["caption"] for it in items]
 
 
-def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path, num_clips: int,
+def encoder_fingerprint(tokenizer: VideoTokenizer) -> str:
+    """SHA-256 of the weights that decide the codes (encoder and quantizer): a retrained encoder
+    invalidates a cache, a retrained decoder or refiner does not."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(tokenizer.state_dict().items()):
+        if name.startswith(("encoder.", "quantizer.")):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path, num_clips: int, source: dict,
                 shard_size: int = 1024, batch_size: int = 32, num_workers: int = 0, progress: bool = True) -> Path:
-    """Encode items ``0..num_clips-1`` of ``dataset`` (dicts with "video" and "caption") into ``out_dir``."""
+    """Encode items ``0..num_clips-1`` of ``dataset`` (dicts with "video" and "caption") into ``out_dir``.
+
+    ``source``: the JSON settings that decide the dataset's items (name, path, seed, frames, size). It is
+    recorded in the manifest with the scales and :func:`encoder_fingerprint`; a cache made from another
+    source or encoder is refused instead of silently reused."""
     check_int(num_clips, "num_clips", 1, len(dataset))
+    require(isinstance(source, dict), "source", f"must be a dict of data settings, got {type(source).__name__}")
     check_int(shard_size, "shard_size", 1)
     check_int(batch_size, "batch_size", 1)
     require(tokenizer.config.codebook_size <= 32767, "tokenizer", "codebook too large for int16 code storage")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    manifest = {"num_clips": num_clips, "shard_size": shard_size, "scales": list(tokenizer.scales),
-                "tokenizer_config": dict(tokenizer.config)}
+    manifest = json.loads(json.dumps({
+        "num_clips": num_clips, "shard_size": shard_size, "source": source, "scales": list(tokenizer.scales),
+        "encoder_sha256": encoder_fingerprint(tokenizer)}))
     old = out / "manifest.json"
     if old.exists():
-        require(json.loads(old.read_text()) == json.loads(json.dumps(manifest)), "out_dir",
-                f"{out} holds a cache made with other settings; use another folder")
+        recorded = json.loads(old.read_text())
+        differ = sorted(k for k in manifest.keys() | recorded.keys() if manifest.get(k) != recorded.get(k))
+        require(not differ, "out_dir", f"{out} holds a cache made with other settings ({', '.join(differ)} "
+                "differ); use another folder")
     write_file_atomically(old, lambda p: p.write_text(json.dumps(manifest, indent=1)))
     tokenizer.eval()
     num_shards = -(-num_clips // shard_size)
