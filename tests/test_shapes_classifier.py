@@ -41,7 +41,12 @@ def test_prompt_adherence_counts_matches(tiny, monkeypatch):
             dict(truth[0])]
     monkeypatch.setattr(tiny, "classify", lambda videos: pred)
     result = prompt_adherence(tiny, torch.zeros(4, 3, 3, 64, 64), truth)
+    low, high = result.pop("all_ci95")
     assert result == {"all": 0.5, "color": 0.5, "shape": 0.75, "direction": 1.0, "background": 1.0}
+    assert (round(low, 3), round(high, 3)) == (0.150, 0.850)  # Wilson 95 % for 2 of 4
+    monkeypatch.setattr(tiny, "classify", lambda videos: truth * 16)
+    low, high = prompt_adherence(tiny, torch.zeros(64, 3, 3, 64, 64), truth * 16)["all_ci95"]
+    assert high == 1.0 and 0.94 < low < 0.95  # 64 of 64 still leaves ~6 points of doubt
 
 
 def test_frames_to_videos():
