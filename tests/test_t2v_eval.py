@@ -39,3 +39,13 @@ def test_eval_combinations_repeat_none_before_all_are_used():
     assert eval_combinations("seen", 64, 0) == seen and eval_combinations("seen", 64, 1) != seen
     held = eval_combinations("heldout", 24, 0)
     assert held[:12] == list(HELDOUT) and held[12:] == list(HELDOUT)
+
+
+@pytest.mark.parametrize("option, value", [("--batch", "0"), ("--clips", "1")])
+def test_cli_refuses_bad_counts_before_any_work(capsys, monkeypatch, option, value):
+    from omniar.cli import main
+    from omniar.generation import TextToVideoPipeline
+
+    monkeypatch.setattr(TextToVideoPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["eval", "t2v", option, value]) == 2
+    assert f"omniar: error: {option}: must be >= " in capsys.readouterr().err

@@ -110,6 +110,7 @@ def cli_main(args: argparse.Namespace) -> int:
     from ..generation import TextToVideoPipeline
 
     check_int(args.clips, "--clips", 2)
+    check_int(args.batch, "--batch", 1)
     pipe, classifier = TextToVideoPipeline.from_pretrained(args.model), load_classifier(args.classifier)
     cfg = pipe.model.omniar_config
     report = {"clips_per_split": args.clips, "settings": "defaults: 17 frames, guidance 3.0, top_k 0, top_p 1.0, "
