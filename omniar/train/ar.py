@@ -63,6 +63,9 @@ class ARTrainConfig:
     frame_mask_prob: float = 0.0  # Random Frame Mask: share of samples with hidden earlier frames
     frame_mask_ratio: float = 0.5  # ... and the share of earlier frames hidden in those
     elastic: bool = False
+    # In-place distillation: the elastic sub-model also fits the full model's (detached) code
+    # distribution, KL weighted by this, on top of its own cross-entropy. 0 = cross-entropy only.
+    elastic_distill: float = 0.0
     # Pipeline folder whose model starts training (fine-tuning, e.g. to train sub-models longer); its
     # architecture must match the model: section and its codes must come from train.tokenizer.
     init_from: str | None = None
@@ -73,6 +76,7 @@ class ARTrainConfig:
             check_float(getattr(self, name), f"train.{name}", 0.0, 1.0)
         check_float(self.text_weight, "train.text_weight", 0.0)
         check_float(self.mtp_weight, "train.mtp_weight", 0.0)
+        check_float(self.elastic_distill, "train.elastic_distill", 0.0)
         check_choice(self.scale_weighting, "train.scale_weighting", ("scale", "token"))
 
 
@@ -81,16 +85,27 @@ def load_video_tokenizer(name_or_path: str) -> VideoTokenizer:
     return VideoTokenizer.from_pretrained(str(folder if folder.is_dir() else assets.path(name_or_path)))
 
 
+def visual_mean(per_token: torch.Tensor, scales: tuple[int, ...], cfg: ARTrainConfig) -> torch.Tensor:
+    """Mean of a (B, T_lat, tokens/frame) loss; with ``scale_weighting="scale"`` each scale counts equally."""
+    if cfg.scale_weighting == "token":
+        return per_token.mean()
+    w = torch.cat([torch.full((n * n,), 1.0 / (n * n * len(scales))) for n in scales]).to(per_token.device)
+    return (per_token * w).sum(-1).mean()
+
+
+def distill_loss(sub: OmniAROutput, full: OmniAROutput, scales: tuple[int, ...], cfg: ARTrainConfig) -> torch.Tensor:
+    """KL(full || sub) of the visual code distributions, the full model's side detached."""
+    teacher = F.log_softmax(full.visual_logits.detach().float(), -1)
+    student = F.log_softmax(sub.visual_logits.float(), -1)
+    return visual_mean((teacher.exp() * (teacher - student)).sum(-1), scales, cfg)
+
+
 def ar_loss(out: OmniAROutput, targets: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
             scales: tuple[int, ...], cfg: ARTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Visual + text (+ multi-token) cross-entropy + MoE auxiliary loss. ``targets`` (B, T_lat, tokens/frame)."""
     logits = out.visual_logits.float()
     ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape)
-    if cfg.scale_weighting == "scale":
-        w = torch.cat([torch.full((n * n,), 1.0 / (n * n * len(scales))) for n in scales]).to(ce.device)
-        visual = (ce * w).sum(-1).mean()
-    else:
-        visual = ce.mean()
+    visual = visual_mean(ce, scales, cfg)
 
     def text_ce(text_logits: torch.Tensor, shift: int) -> torch.Tensor:
         valid = mask[:, shift:] & mask[:, :-shift]
@@ -201,10 +216,14 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 spec = engine.module.sample_elastic(g)
                 if spec != engine.module.active_spec:
                     with engine.module.elastic(*spec):
-                        sub_loss, sub_parts = ar_loss(engine.ds(ids, mask, inputs, visibility), targets, ids, mask,
-                                                      tok.scales, train_cfg)
-                    loss = loss + sub_loss
+                        sub_out = engine.ds(ids, mask, inputs, visibility)
+                    sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
                     parts["elastic_visual_ce"] = sub_parts["visual_ce"]
+                    if train_cfg.elastic_distill > 0:
+                        kl = distill_loss(sub_out, out, tok.scales, train_cfg)
+                        sub_loss = sub_loss + train_cfg.elastic_distill * kl
+                        parts["elastic_kl"] = kl.item()
+                    loss = loss + sub_loss
         if engine.backward_step(loss):
             engine.module.update_router_biases()
         step += 1

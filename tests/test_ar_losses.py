@@ -1,0 +1,61 @@
+"""AR training losses: per-scale weighting of visual terms and the elastic sub-model's in-place distillation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omniar.backbone.model import OmniAROutput
+from omniar.train.ar import ARTrainConfig, distill_loss, visual_mean
+
+SCALES = (1, 2, 4)  # 21 tokens per frame
+
+
+def output(visual_logits):
+    return OmniAROutput(torch.zeros(1, 1, 1), None, visual_logits, torch.zeros(()), [])
+
+
+def test_scale_weighting_counts_each_scale_equally_and_token_weighting_each_token():
+    loss = torch.zeros(2, 3, 21)
+    loss[..., 0] = 1.0  # only the one scale-0 token of each frame is wrong
+    assert visual_mean(loss, SCALES, ARTrainConfig(scale_weighting="scale")).item() == pytest.approx(1 / 3)
+    assert visual_mean(loss, SCALES, ARTrainConfig(scale_weighting="token")).item() == pytest.approx(1 / 21)
+
+
+def test_distillation_is_the_kl_to_the_detached_full_model():
+    torch.manual_seed(0)
+    full = torch.randn(2, 3, 21, 16, requires_grad=True)
+    sub = torch.randn(2, 3, 21, 16, requires_grad=True)
+    cfg = ARTrainConfig(scale_weighting="token")
+    assert distill_loss(output(full), output(full), SCALES, cfg).item() == pytest.approx(0.0, abs=1e-6)
+    kl = distill_loss(output(sub), output(full), SCALES, cfg)
+    expected = F.kl_div(F.log_softmax(sub, -1).flatten(0, 2), F.log_softmax(full, -1).flatten(0, 2),
+                        log_target=True, reduction="batchmean")
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5) and kl.item() > 0.1
+    kl.backward()
+    assert full.grad is None and sub.grad.abs().sum() > 0  # only the sub-model learns from it
+
+
+def test_negative_distillation_weight_is_refused():
+    with pytest.raises(ValueError, match="train.elastic_distill"):
+        ARTrainConfig(elastic_distill=-0.5)
+
+
+def test_distillation_weight_changes_training_only_through_the_sub_model(tmp_path):
+    from _train_helpers import tiny_ar_config
+    from test_t2v import tiny_pipeline
+
+    from omniar.backbone import OmniARModel
+    from omniar.train.ar import train
+
+    tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
+
+    def run(name, distill, elastic=True):
+        config = tiny_ar_config(tmp_path, 8, out_dir=str(tmp_path / name), steps=2, micro_batch_size=4,
+                                elastic=elastic, elastic_distill=distill)
+        config["model"]["elastic_depth_prob"] = 0.0  # a 1-layer sub-model in every step
+        return dict(OmniARModel.from_pretrained(train(config, progress=False) / "model").named_parameters())
+
+    plain, distilled = run("plain", 0.0), run("distilled", 1.0)
+    assert any(not torch.equal(plain[k], distilled[k]) for k in plain)
+    no_sub, no_sub_distilled = run("no_sub", 0.0, elastic=False), run("no_sub_distilled", 1.0, elastic=False)
+    assert all(torch.equal(no_sub[k], no_sub_distilled[k]) for k in no_sub)
