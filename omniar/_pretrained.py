@@ -10,6 +10,7 @@ and, where there is one, the tensor.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -86,6 +87,17 @@ def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor],
     missing = sorted(set(expected) - set(loaded))
     require(not missing, name, f"{folder} lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
     return loaded
+
+
+def weights_sha256(module: torch.nn.Module, prefixes: tuple[str, ...] = ("",), extra: object = None) -> str:
+    """SHA-256 of the module's tensors whose names start with one of ``prefixes`` (and of ``extra``,
+    JSON-encoded): a key for caches that are valid only for these exact weights and settings."""
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True).encode())
+    for name, tensor in sorted(module.state_dict().items()):
+        if name.startswith(prefixes):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:

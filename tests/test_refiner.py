@@ -70,3 +70,21 @@ def test_config_errors_name_the_key(tmp_path, tok_dir, model, name):
     cfg["model"] = model
     with pytest.raises(ValueError, match=f"^{name}"):
         train(cfg, progress=False)
+
+
+def test_frame_cache_is_keyed_by_the_tokenizer_and_the_data(tmp_path, tok_dir):
+    other_tok = VideoTokenizer.from_pretrained(tok_dir)
+    with torch.no_grad():
+        next(other_tok.decoder.parameters()).add_(0.1)
+    other_tok.save_pretrained(tmp_path / "other_tok")
+
+    def caches(tok=tok_dir, **data):
+        cfg = config(tmp_path, tok)
+        cfg["data"].update(data)
+        train(cfg, progress=False, stop_at=1)
+        return len(list((tmp_path / "run").glob("decoded_*.safetensors")))
+
+    assert caches() == 1
+    assert caches(num_workers=1) == 1  # loading settings do not change the frames
+    assert caches(seed=2) == 2
+    assert caches(tmp_path / "other_tok") == 3

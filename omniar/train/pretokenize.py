@@ -8,7 +8,6 @@ and atomically, so its presence marks a complete shard and a rerun skips it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from .._checks import check_int, require
-from .._pretrained import write_file_atomically
+from .._pretrained import weights_sha256, write_file_atomically
 from ..tokenizers import VideoTokenizer
 
 
@@ -29,12 +28,7 @@ def _collate_clips(items: list[dict]) -> tuple[torch.Tensor, list[str]]:
 def encoder_fingerprint(tokenizer: VideoTokenizer) -> str:
     """SHA-256 of the weights that decide the codes (encoder and quantizer): a retrained encoder
     invalidates a cache, a retrained decoder or refiner does not."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(tokenizer.state_dict().items()):
-        if name.startswith(("encoder.", "quantizer.")):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return weights_sha256(tokenizer, ("encoder.", "quantizer."))
 
 
 def pretokenize(tokenizer: VideoTokenizer, dataset: Dataset, out_dir: str | Path, num_clips: int, source: dict,

@@ -10,7 +10,7 @@ Exports the tokenizer with its refiner to ``<out_dir>/final``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from .._checks import check_int, require
-from .._pretrained import write_file_atomically
+from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .ar import load_video_tokenizer
@@ -79,7 +79,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                          lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
     tok.to(engine.device)
     out = Path(engine_cfg.out_dir)
-    cache = out / f"decoded_{train_cfg.num_clips}x{data_cfg.num_frames}_seed{data_cfg.seed}.safetensors"
+    # keyed by everything the frames depend on: another tokenizer or data never reuses them
+    source = {k: v for k, v in asdict(data_cfg).items() if k != "num_workers"}
+    key = weights_sha256(base, extra=[source, train_cfg.num_clips])[:16]
+    cache = out / f"decoded_{train_cfg.num_clips}x{data_cfg.num_frames}_{key}.safetensors"
     if engine.rank == 0:
         cache_decoded_frames(base.to(engine.device).eval(), data_cfg, train_cfg.num_clips, cache, progress)
     engine._barrier()
