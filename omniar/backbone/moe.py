@@ -6,8 +6,8 @@
   auxiliary-loss-free balancer: :meth:`MoELayer.update_bias` moves it by a
   fixed step toward even load, from the load accumulated since the last call.
 * Dropless dispatch: the (token, expert) pairs are sorted by expert and each
-  expert runs one SwiGLU over its contiguous rows, through
-  ``torch.nn.functional.grouped_mm`` when it runs for these tensors, else one
+  expert runs one SwiGLU over its contiguous rows, through a grouped GEMM
+  (``torch.nn.functional.grouped_mm``) when it runs for these tensors, else one
   GEMM per expert. No capacity, no dropped tokens.
 * Elastic width uses the first ``num_experts`` experts (nested sub-models).
 """
@@ -40,17 +40,23 @@ class SwiGLU(nn.Module):
         return self.w_out(swiglu(self.w_in(x)))
 
 
+# Older torch releases (GPU images may ship one) lack the public F.grouped_mm but have the same op,
+# CUDA only, as torch._grouped_mm.
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_MM_ON_CPU = hasattr(F, "grouped_mm")
+
+
 def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether ``F.grouped_mm`` runs here: CPU, or CUDA bf16 on SM >= 80, 16-byte aligned strides;
-    under ``torch.compile`` bf16 only (its fake-tensor kernel rejects other dtypes)."""
-    if not hasattr(F, "grouped_mm"):
+    """Whether grouped_mm runs here: CPU (public op only), or CUDA bf16 on SM >= 80, 16-byte aligned
+    strides; under ``torch.compile`` bf16 only (its fake-tensor kernel rejects other dtypes)."""
+    if _GROUPED_MM is None:
         return False
     if torch.compiler.is_compiling() and x.dtype != torch.bfloat16:
         return False
     if x.device.type == "cuda":
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
-    elif x.device.type != "cpu":
+    elif x.device.type != "cpu" or not _GROUPED_MM_ON_CPU:
         return False
     size = x.element_size()
     return all(n * size % 16 == 0 for w in weights for n in w.shape[1:])
@@ -61,7 +67,7 @@ def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_
     """SwiGLU of expert e over its rows of ``xs`` (rows sorted by expert, ``counts[e]`` each)."""
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
-        return F.grouped_mm(swiglu(F.grouped_mm(xs, w_in, offs=offs)), w_out, offs=offs)
+        return _GROUPED_MM(swiglu(_GROUPED_MM(xs, w_in, offs=offs)), w_out, offs=offs)
     # unbind, not w_in[e]: one backward stack instead of a full-size zero gradient per expert
     groups = zip(xs.split(counts.tolist()), w_in.unbind(0), w_out.unbind(0))
     return torch.cat([swiglu(c @ wi) @ wo for c, wi, wo in groups if c.shape[0]])
