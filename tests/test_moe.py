@@ -108,3 +108,19 @@ def test_router_stats_values():
     even = RouterStats(0, torch.ones(8), torch.ones(8))
     assert even.entropy == pytest.approx(1.0) and even.modality_iou == 1.0
     assert torch.isnan(RouterStats(0, torch.ones(8), torch.zeros(8)).modality_iou)
+
+
+def test_full_expert_set_is_used_unsliced():
+    """A slice of the whole parameter would add a zero-filled, parameter-sized gradient every backward."""
+    m = layer()
+    assert MoELayer.first_experts(m.w_in, E) is m.w_in
+    assert MoELayer.first_experts(m.w_in, 2).shape == (2, D, 2 * H)
+    x = torch.randn(1, 9, D)
+    out, _, _ = m(x, torch.ones(1, 9, dtype=torch.bool), torch.zeros(9, dtype=torch.bool), E, 2, 0)
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is not None and fn not in seen:
+            seen.add(fn)
+            stack += [f for f, _ in fn.next_functions]
+    assert not any(type(fn).__name__ == "SliceBackward0" for fn in seen)
