@@ -2,7 +2,7 @@
 # The prepared run for a lent GPU machine (its image has torch, timm, safetensors, ... but not
 # diffusers or DeepSpeed). Here: `make gpu-site` (the missing packages, one 5 MB archive in .gpu/). Then one
 # device call, carrying .gpu:  bash benchmarks/gpu_checks.sh   (about 3 minutes)
-# It runs the CUDA tests and the CUDA benchmarks; JSON and the log land in $OUT.
+# It runs the CUDA tests and the MoE benchmark in bf16; env.txt, tests.txt and moe_cuda.json land in $OUT.
 set -euo pipefail
 OUT=${OUT:-runs/gpu_checks}
 mkdir -p "$OUT" /tmp/site
