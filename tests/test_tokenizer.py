@@ -153,6 +153,9 @@ def test_conv3d_inference_uses_onednn_and_matches_native():
     ops = {e.key for e in prof.key_averages()}
     assert "aten::mkldnn_convolution" in ops and "aten::slow_conv3d_forward" not in ops
     assert (out - ref).abs().max() < 1e-4
+    with torch.no_grad(), torch.backends.mkldnn.flags(enabled=False), profile() as prof:
+        conv(x)  # a user who switches oneDNN off gets PyTorch's own choice
+    assert "aten::mkldnn_convolution" not in {e.key for e in prof.key_averages()}
     y = conv(x.requires_grad_())  # training keeps nn.Conv3d's autograd path
     y.sum().backward()
     assert x.grad is not None and conv.weight.grad is not None

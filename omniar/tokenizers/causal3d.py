@@ -17,13 +17,14 @@ from torch import nn
 
 
 class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that runs oneDNN for every CPU fp32 inference call. PyTorch's dispatch gives a
-    batch-1 input with batch x channels x frames x rows <= 20480 to its native kernel instead, 7x
-    slower here, and chunked decoding (one clip, one latent frame at a time) is made of such calls."""
+    """``nn.Conv3d`` that runs oneDNN for every CPU fp32 inference call (unless oneDNN is switched off,
+    ``torch.backends.mkldnn.flags(enabled=False)``). PyTorch's dispatch gives a batch-1 input with
+    batch x channels x frames x rows <= 20480 to its native kernel instead, 7x slower here, and
+    chunked decoding (one clip, one latent frame at a time) is made of such calls."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
-                and torch.backends.mkldnn.is_available()):
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
                                             self.groups)
         return super().forward(x)
@@ -36,7 +37,7 @@ class CausalConv3d(nn.Module):
         super().__init__()
         self.time_pad = kernel - 1
         self.conv = Conv3d(cin, cout, kernel, stride=(time_stride, space_stride, space_stride),
-                              padding=(0, kernel // 2, kernel // 2))
+                           padding=(0, kernel // 2, kernel // 2))
         self.streaming = False  # keep the trailing input frames for the next chunk
         self._past: torch.Tensor | None = None
 
