@@ -21,6 +21,9 @@ def test_top_p_keeps_smallest_nucleus():
     # a permuted row gives the permuted answer
     out = filter_logits(probs[:, [2, 0, 3, 1]].log(), top_p=0.75)
     assert torch.isfinite(out).tolist() == [[False, True, False, True]]
+    # a top_p below float32's range (hypothesis found 4.7e-233) still keeps the most likely token
+    out = filter_logits(probs[:, [2, 0, 3, 1]].log(), top_p=1e-300)
+    assert torch.isfinite(out).tolist() == [[False, True, False, False]]
 
 
 def test_sampling_respects_filters_and_seed():
