@@ -1,7 +1,8 @@
 """MoE layer benchmark: omniar's dropless MoE vs a dense FFN, a per-expert masked loop, DeepSpeed MoE.
 
 Forward + backward of one layer on (tokens, d) inputs, all candidates in this
-process with the same shapes; median over repeats. Also: achieved GFLOP/s of a
+process with the same shapes, one run of each per round; each ratio is the median
+over rounds of the two times taken in the same round. Also: achieved GFLOP/s of a
 full ``OmniARModel`` forward against this machine's measured fp32 matmul rate.
 
     python benchmarks/moe.py [--out benchmarks/results/moe.json] [--device cuda --dtype bf16]
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import socket
@@ -86,8 +88,8 @@ def fwd_bwd_seconds(fn, params, x: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
-def round_robin(candidates: dict, x: torch.Tensor, repeats: int) -> dict[str, float]:
-    """Median seconds per candidate; one run of each per round, so load from other
+def round_robin(candidates: dict, x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
+    """Seconds per candidate and round; one run of each per round, so load from other
     processes on a shared machine hits all candidates alike."""
     for fn, params in candidates.values():
         fwd_bwd_seconds(fn, params, x)  # warm-up
@@ -95,7 +97,14 @@ def round_robin(candidates: dict, x: torch.Tensor, repeats: int) -> dict[str, fl
     for _ in range(repeats):
         for name, (fn, params) in candidates.items():
             times[name].append(fwd_bwd_seconds(fn, params, x))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio(ours: list[float], theirs: list[float]) -> dict[str, float]:
+    """Median over rounds of ours / theirs timed in the same round (slow phases of a shared
+    machine cancel), and the share of rounds in which ours was faster."""
+    ratios = [a / b for a, b in zip(ours, theirs)]
+    return {"median": statistics.median(ratios), "rounds_faster": sum(r < 1 for r in ratios) / len(ratios)}
 
 
 def matmul_gflops(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -149,7 +158,7 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=16)
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--expert-hidden", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=21, help="rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     args = parser.parse_args()
@@ -180,7 +189,9 @@ def main() -> None:
         "masked_loop": (lambda xi: loop(xi).square().mean(), list(loop.parameters())),
         "deepspeed": (lambda xi: (lambda o: o[0].square().mean() + o[1])(ds(xi)), list(ds.parameters())),
     }
-    seconds = round_robin(candidates, x, args.repeats)
+    times = round_robin(candidates, x, args.repeats)
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    paired = {name: paired_ratio(times["ours"], t) for name, t in times.items() if name != "ours"}
     result = {
         "config": {"tokens": args.tokens, "dim": d, "experts": e, "top_k": k, "shared_experts": 1,
                    "expert_hidden": h, "dense_hidden": (k + 1) * h, "dtype": str(dtype).replace("torch.", ""),
@@ -189,17 +200,20 @@ def main() -> None:
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "machine": platform.processor() or platform.machine()},
         "seconds_fwd_bwd": seconds,
-        "moe_vs_dense_ratio": seconds["ours"] / seconds["dense"],
-        "moe_vs_loop_ratio": seconds["ours"] / seconds["masked_loop"],
-        "moe_vs_deepspeed_ratio": seconds["ours"] / seconds["deepspeed"],
+        "repeats": args.repeats,
+        "moe_vs_dense_ratio": paired["dense"]["median"],
+        "moe_vs_loop_ratio": paired["masked_loop"]["median"],
+        "moe_vs_deepspeed_ratio": paired["deepspeed"]["median"],
+        "paired_ratios": paired,
     }
     result.update(model_forward_rate(args.repeats, device, dtype))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    print(f"{'candidate':<12} {'s fwd+bwd':>10} {'ours / it':>10}")
+    print(f"{'candidate':<16} {'median s':>9} {'ours / it':>10} {'rounds ours faster':>19}")
     for name, s in seconds.items():
-        print(f"{name:<12} {s:>10.4f} {seconds['ours'] / s:>10.2f}")
+        p = paired.get(name, {"median": 1.0, "rounds_faster": math.nan})
+        print(f"{name:<16} {s:>9.4f} {p['median']:>10.3f} {p['rounds_faster']:>19.0%}")
 
 
 if __name__ == "__main__":
