@@ -48,6 +48,8 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         refiner_blocks: residual blocks of the per-frame 2D refiner applied to the decoded frames
             (:class:`~omniar.tokenizers.causal3d.FrameRefiner`); 0 = none.
         refiner_channels: the refiner's width.
+        refiner_norm: a per-channel GroupNorm before the refiner's last SiLU, so a residual stream
+            drifting in training cannot zero every activation; the shipped refiner predates it (false).
     """
 
     @register_to_config
@@ -55,7 +57,8 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
                  latent_channels: int = 16, temporal_compression: int = 4, spatial_compression: int = 8,
                  scales: tuple[int, ...] = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
-                 dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32):
+                 dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
+                 refiner_norm: bool = True):
         super().__init__()
         check_int(in_channels, "in_channels", 1)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -77,13 +80,15 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         check_float(dead_code_threshold, "dead_code_threshold", 0.0)
         check_int(refiner_blocks, "refiner_blocks", 0)
         check_int(refiner_channels, "refiner_channels", 1)
+        require(isinstance(refiner_norm, bool), "refiner_norm", f"must be true or false, got {refiner_norm!r}")
         self.encoder = Encoder3d(in_channels, channels, num_res_blocks, latent_channels,
                                  spatial_compression, temporal_compression)
         self.decoder = Decoder3d(in_channels, channels, num_res_blocks, latent_channels,
                                  spatial_compression, temporal_compression)
         self.quantizer = MultiScaleResidualVQ(latent_channels, codebook_size, scales, beta, ema_decay,
                                               num_refine, refine_ratio, dead_code_threshold)
-        self.refiner = FrameRefiner(refiner_channels, refiner_blocks, in_channels) if refiner_blocks else None
+        self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm)
+                        if refiner_blocks else None)
 
     # ------------------------------------------------------------------ shapes
     @property

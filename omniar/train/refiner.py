@@ -64,8 +64,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), RefinerTrainConfig)
     refiner_cfg = dict(config.get("model", {}))
-    require(set(refiner_cfg) <= {"refiner_blocks", "refiner_channels"}, "model",
-            f"takes only refiner_blocks and refiner_channels, got {sorted(refiner_cfg)}")
+    require(set(refiner_cfg) <= {"refiner_blocks", "refiner_channels", "refiner_norm"}, "model",
+            f"takes only refiner_blocks, refiner_channels and refiner_norm, got {sorted(refiner_cfg)}")
     require(int(refiner_cfg.get("refiner_blocks", 0)) >= 1, "model.refiner_blocks", "must be >= 1")
     base = load_video_tokenizer(train_cfg.tokenizer)
     base.refiner = None  # a new refiner replaces any earlier one, and learns from plain decodes
