@@ -57,7 +57,7 @@ def config(tmp_path, tok_dir, **train):
 def tok_dir(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("tok") / "tok"
-    VideoTokenizer(**TOK).save_pretrained(folder)
+    VideoTokenizer(**TOK, refiner_norm=False).save_pretrained(folder)  # a base from before the norm, as shipped
     return folder
 
 
@@ -65,6 +65,7 @@ def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir
     final = train(config(tmp_path / "a", tok_dir), progress=False)
     base, tuned = VideoTokenizer.from_pretrained(tok_dir), VideoTokenizer.from_pretrained(final)
     assert tuned.refiner is not None and base.refiner is None
+    assert tuned.config.refiner_norm and isinstance(tuned.refiner.norm_out, torch.nn.GroupNorm)  # new: normed
     clip = video(frames=5)
     assert all(torch.equal(a, b) for a, b in zip(tuned.encode(clip).codes, base.encode(clip).codes))
     cache = load_file(next((tmp_path / "a" / "run").glob("decoded_*.safetensors")))

@@ -5,7 +5,8 @@ them, stays valid. Its plain decodes of ``train.num_clips`` clips are computed o
 beside the run (fp16 frames, written atomically); each step fits the refiner
 (:class:`~omniar.tokenizers.causal3d.FrameRefiner`, MSE) to a batch of cached frames drawn by a
 generator seeded by the step, so a resumed run sees exactly the batches of an uninterrupted one.
-Exports the tokenizer with its refiner to ``<out_dir>/final``.
+Exports the tokenizer with its refiner to ``<out_dir>/final``. The ``model`` section sets the new
+refiner's ``refiner_blocks``, ``refiner_channels`` (default: the base's) and ``refiner_norm`` (default: true).
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
     data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), RefinerTrainConfig)
-    refiner_cfg = dict(config.get("model", {}))
+    # a new refiner gets the norm unless told otherwise, even on a base whose old refiner had none
+    refiner_cfg = {"refiner_norm": True} | dict(config.get("model", {}))
     require(set(refiner_cfg) <= {"refiner_blocks", "refiner_channels", "refiner_norm"}, "model",
             f"takes only refiner_blocks, refiner_channels and refiner_norm, got {sorted(refiner_cfg)}")
     require(int(refiner_cfg.get("refiner_blocks", 0)) >= 1, "model.refiner_blocks", "must be >= 1")
