@@ -1,5 +1,7 @@
 """Per-frame refiner: identity at initialisation, per-frame (chunked decode unchanged), training on a
-frozen tokenizer keeps every code, lowers the error, resumes exactly; config errors name the key."""
+frozen tokenizer keeps every code, lowers the error, resumes exactly (also with the adversarial critic,
+whose terms reach only their own module); fine-tuning starts from the base's refiner; config errors name
+the key."""
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ from safetensors.torch import load_file
 
 from omniar.data.shapes import MovingShapes
 from omniar.tokenizers import VideoTokenizer
-from omniar.train.refiner import train
+from omniar.train.refiner import PatchCritic, RefinerObjective, train
 
 TOK = dict(channels=(8, 16, 16), latent_channels=8, temporal_compression=4, spatial_compression=4,
            scales=(1, 2, 4, 8), codebook_size=32)
@@ -61,8 +63,9 @@ def tok_dir(tmp_path_factory):
     return folder
 
 
-def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir):
-    final = train(config(tmp_path / "a", tok_dir), progress=False)
+@pytest.mark.parametrize("adv", [{}, {"adv_weight": 0.5, "adv_start": 10}], ids=["mse", "adversarial"])
+def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir, adv):
+    final = train(config(tmp_path / "a", tok_dir, **adv), progress=False)
     base, tuned = VideoTokenizer.from_pretrained(tok_dir), VideoTokenizer.from_pretrained(final)
     assert tuned.refiner is not None and base.refiner is None
     assert tuned.config.refiner_norm and isinstance(tuned.refiner.norm_out, torch.nn.GroupNorm)  # new: normed
@@ -74,8 +77,8 @@ def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir
     with torch.no_grad():
         assert torch.nn.functional.mse_loss(tuned.refiner(x), y) < 0.95 * torch.nn.functional.mse_loss(x, y)
 
-    train(config(tmp_path / "b", tok_dir), progress=False, stop_at=15)
-    resumed = VideoTokenizer.from_pretrained(train(config(tmp_path / "b", tok_dir), progress=False))
+    train(config(tmp_path / "b", tok_dir, **adv), progress=False, stop_at=15)
+    resumed = VideoTokenizer.from_pretrained(train(config(tmp_path / "b", tok_dir, **adv), progress=False))
     assert all(torch.equal(a, b) for a, b in zip(resumed.refiner.state_dict().values(),
                                                  tuned.refiner.state_dict().values()))
 
@@ -104,3 +107,51 @@ def test_frame_cache_is_keyed_by_the_tokenizer_and_the_data(tmp_path, tok_dir):
     assert caches(num_workers=1) == 1  # loading settings do not change the frames
     assert caches(seed=2) == 2
     assert caches(tmp_path / "other_tok") == 3
+
+
+def test_each_adversarial_term_reaches_only_its_own_module():
+    torch.manual_seed(0)
+    refiner = VideoTokenizer(**TOK, refiner_blocks=1, refiner_channels=8).refiner
+    with torch.no_grad():
+        torch.nn.init.normal_(refiner.conv_out.weight, std=0.1)  # zero at init would block earlier layers
+    objective = RefinerObjective(refiner, PatchCritic(3, 8))
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    y = x.flip(-1)
+
+    def grads(term):
+        objective.zero_grad(set_to_none=True)
+        _, terms = objective(x, y, adv_weight=0.5)
+        terms[term].backward()
+        return [sum(0.0 if p.grad is None else p.grad.abs().sum().item() for p in m.parameters())
+                for m in (objective.refiner, objective.critic)]
+
+    refiner_grad, critic_grad = grads("adv")
+    assert refiner_grad > 0 and critic_grad == 0
+    refiner_grad, critic_grad = grads("critic")
+    assert refiner_grad == 0 and critic_grad > 0
+    loss, terms = objective(x, y, adv_weight=0.5)
+    expected = terms["mse"] + terms["critic"] + 0.5 * terms["adv_scale"] * terms["adv"]
+    torch.testing.assert_close(loss, expected)
+    loss, terms = objective(x, y, adv_weight=0.0)  # before adv_start: the critic still learns
+    assert "adv_scale" not in terms
+    torch.testing.assert_close(loss, terms["mse"] + terms["critic"])
+    loss, terms = RefinerObjective(refiner, None)(x, y)
+    assert set(terms) == {"refined", "mse"} and torch.equal(loss, terms["mse"])
+
+
+def test_finetune_continues_the_base_refiner(tmp_path, tok_dir):
+    torch.manual_seed(1)
+    base = VideoTokenizer(**TOK, refiner_blocks=1, refiner_channels=8)
+    base.load_state_dict(VideoTokenizer.from_pretrained(tok_dir).state_dict(), strict=False)
+    with torch.no_grad():
+        torch.nn.init.normal_(base.refiner.conv_out.weight, std=0.1)
+    base.save_pretrained(tmp_path / "with_refiner")
+    cfg = config(tmp_path / "ft", tmp_path / "with_refiner", finetune=True, steps=1, lr=1e-12)
+    tuned = VideoTokenizer.from_pretrained(train(cfg, progress=False))
+    for (name, a), b in zip(base.refiner.state_dict().items(), tuned.refiner.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9, msg=name)
+    cfg["model"]["refiner_blocks"] = 2
+    with pytest.raises(ValueError, match="^model: .*refiner_blocks"):
+        train(cfg, progress=False)
+    with pytest.raises(ValueError, match="^train.finetune: needs a tokenizer with a refiner"):
+        train(config(tmp_path / "none", tok_dir, finetune=True), progress=False)

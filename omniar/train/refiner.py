@@ -6,7 +6,15 @@ beside the run (fp16 frames, written atomically); each step fits the refiner
 (:class:`~omniar.tokenizers.causal3d.FrameRefiner`, MSE) to a batch of cached frames drawn by a
 generator seeded by the step, so a resumed run sees exactly the batches of an uninterrupted one.
 Exports the tokenizer with its refiner to ``<out_dir>/final``. The ``model`` section sets the new
-refiner's ``refiner_blocks``, ``refiner_channels`` (default: the base's) and ``refiner_norm`` (default: true).
+refiner's ``refiner_blocks``, ``refiner_channels`` (default: the base's) and ``refiner_norm`` (default: true);
+``train.finetune`` instead continues the base's own refiner.
+
+``train.adv_weight`` > 0 adds an adversarial term, as VQGAN does for its decoder: a conditional patch
+critic (:class:`PatchCritic`) learns to tell (decoded, real) frame pairs from (decoded, refined) ones
+with the hinge loss, and the refiner's adversarial loss is scaled by VQGAN's adaptive weight (the ratio
+of the MSE and adversarial gradient norms at the refiner's last layer) times ``adv_weight``. MSE alone
+averages over the sharp frames a blurred decode could have come from; the critic rewards picking one.
+The critic trains from step 0, the refiner sees it from ``train.adv_start``; it is not exported.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch import nn
 from tqdm import tqdm
 
-from .._checks import check_int, require
+from .._checks import check_float, check_int, require
 from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
@@ -34,10 +43,71 @@ class RefinerTrainConfig:
     tokenizer: str = "shapes-tokenizer"  # folder, or the name of a packaged asset
     steps: int = 800
     num_clips: int = 192  # clips decoded once into the frame cache
+    finetune: bool = False  # continue the base's refiner (the model section may only restate it)
+    adv_weight: float = 0.0  # > 0: adversarial term with a patch critic (see the module docstring)
+    adv_start: int = 0  # steps before the refiner sees the critic (which trains from step 0)
+    critic_channels: int = 32
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
         check_int(self.num_clips, "train.num_clips", 1)
+        require(isinstance(self.finetune, bool), "train.finetune", f"must be true or false, got {self.finetune!r}")
+        check_float(self.adv_weight, "train.adv_weight", 0.0)
+        check_int(self.adv_start, "train.adv_start", 0)
+        check_int(self.critic_channels, "train.critic_channels", 1)
+
+
+class PatchCritic(nn.Module):
+    """Conditional patch discriminator: a (decoded, candidate) frame pair -> one logit per patch
+    (three stride-2 convolutions: an 8x8 grid of 46-pixel receptive fields on a 64x64 frame).
+    Conditioning on the decoded frame makes it judge "a sharp frame this decode came from", not any
+    sharp frame, so the refiner cannot please it by drawing a different shape."""
+
+    def __init__(self, image_channels: int = 3, channels: int = 32):
+        super().__init__()
+        widths = (2 * image_channels, channels, 2 * channels, 4 * channels)
+        layers: list[nn.Module] = []
+        for i, (c_in, c_out) in enumerate(zip(widths, widths[1:])):
+            layers += [nn.Conv2d(c_in, c_out, 4, stride=2, padding=1),
+                       nn.GroupNorm(8, c_out) if i else nn.Identity(), nn.LeakyReLU(0.2)]
+        self.net = nn.Sequential(*layers, nn.Conv2d(widths[-1], 1, 3, padding=1))
+
+    def forward(self, decoded: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([decoded, candidate], dim=1))
+
+
+class RefinerObjective(nn.Module):
+    """The trained modules (refiner, optional critic) and the loss of one step, so that one DeepSpeed
+    engine, one optimizer and one atomic checkpoint hold both. The refiner's adversarial term reads the
+    critic through detached weights and the critic's loss reads detached refined frames, so one backward
+    pass gives each module only its own gradient."""
+
+    def __init__(self, refiner: nn.Module, critic: PatchCritic | None):
+        super().__init__()
+        self.refiner, self.critic = refiner, critic
+
+    def forward(self, decoded: torch.Tensor, real: torch.Tensor, adv_weight: float = 0.0
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(loss, terms)``: MSE, plus (with a critic) the critic's hinge loss and ``adv_weight`` x
+        adaptive weight x the refiner's adversarial loss. ``terms`` holds ``refined`` and each term."""
+        refined = self.refiner(decoded).float()
+        mse = F.mse_loss(refined, real)
+        terms = {"refined": refined, "mse": mse}
+        if self.critic is None:
+            return mse, terms
+        frozen = {name: p.detach() for name, p in self.critic.named_parameters()}
+        adv = -torch.func.functional_call(self.critic, frozen, (decoded, refined)).float().mean()
+        critic = (F.relu(1 - self.critic(decoded, real).float()).mean()
+                  + F.relu(1 + self.critic(decoded, refined.detach()).float()).mean())
+        terms |= {"adv": adv, "critic": critic}
+        loss = mse + critic
+        if adv_weight > 0:
+            last = self.refiner.conv_out.weight
+            g_mse, g_adv = (torch.autograd.grad(t, last, retain_graph=True)[0] for t in (mse, adv))
+            scale = (g_mse.norm() / (g_adv.norm() + 1e-4)).clamp(max=1e4).detach()
+            terms["adv_scale"] = scale
+            loss = loss + adv_weight * scale * adv
+        return loss, terms
 
 
 def cache_decoded_frames(tok: VideoTokenizer, data_cfg: TokenizerDataConfig, num_clips: int, cache: Path,
@@ -64,20 +134,40 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
     data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), RefinerTrainConfig)
-    # a new refiner gets the norm unless told otherwise, even on a base whose old refiner had none
-    refiner_cfg = {"refiner_norm": True} | dict(config.get("model", {}))
-    require(set(refiner_cfg) <= {"refiner_blocks", "refiner_channels", "refiner_norm"}, "model",
-            f"takes only refiner_blocks, refiner_channels and refiner_norm, got {sorted(refiner_cfg)}")
-    require(int(refiner_cfg.get("refiner_blocks", 0)) >= 1, "model.refiner_blocks", "must be >= 1")
     base = load_video_tokenizer(train_cfg.tokenizer)
-    base.refiner = None  # a new refiner replaces any earlier one, and learns from plain decodes
+    refiner_keys = ("refiner_blocks", "refiner_channels", "refiner_norm")
+    if train_cfg.finetune:
+        require(base.refiner is not None, "train.finetune", f"needs a tokenizer with a refiner; "
+                f"{train_cfg.tokenizer} has none")
+        refiner_cfg = {k: base.config[k] for k in refiner_keys}
+        differ = {k: v for k, v in (config.get("model") or {}).items() if refiner_cfg.get(k) != v}
+        require(not differ, "model", f"with train.finetune the base's refiner is continued as it is "
+                f"({refiner_cfg}); these keys differ: {differ}")
+    else:  # a new refiner gets the norm unless told otherwise, even on a base whose old refiner had none
+        refiner_cfg = {"refiner_norm": True} | dict(config.get("model", {}))
+        require(set(refiner_cfg) <= set(refiner_keys), "model",
+                f"takes only refiner_blocks, refiner_channels and refiner_norm, got {sorted(refiner_cfg)}")
+        require(int(refiner_cfg.get("refiner_blocks", 0)) >= 1, "model.refiner_blocks", "must be >= 1")
+    start_refiner, base.refiner = base.refiner, None  # the refiner learns from plain decodes
     require(base.resolution == data_cfg.size, "data.size", f"must equal the tokenizer resolution {base.resolution}")
     base.check_num_frames(data_cfg.num_frames, "data.num_frames")
     torch.manual_seed(engine_cfg.seed)  # same initial refiner on every rank and every resume
     tok = VideoTokenizer(**{k: v for k, v in base.config.items() if not k.startswith("_")} | refiner_cfg)
     tok.load_state_dict(base.state_dict(), strict=False)  # everything but the new refiner
+    if train_cfg.finetune:
+        tok.refiner.load_state_dict(start_refiner.state_dict())
     tok.eval().requires_grad_(False)
-    engine = TrainEngine(tok.refiner.requires_grad_(True).train(), engine_cfg,
+    critic = PatchCritic(tok.config.in_channels, train_cfg.critic_channels) if train_cfg.adv_weight > 0 else None
+    objective = RefinerObjective(tok.refiner.requires_grad_(True), critic).train()
+
+    def optimizer(module: RefinerObjective) -> torch.optim.Optimizer:
+        groups = [{"params": list(module.refiner.parameters())}]
+        if module.critic is not None:  # GAN practice: less momentum for the critic
+            groups.append({"params": list(module.critic.parameters()), "betas": (0.5, 0.9)})
+        return torch.optim.AdamW(groups, lr=engine_cfg.lr, betas=engine_cfg.betas,
+                                 weight_decay=engine_cfg.weight_decay)
+
+    engine = TrainEngine(objective, engine_cfg, optimizer_factory=optimizer,
                          lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
     tok.to(engine.device)
     out = Path(engine_cfg.out_dir)
@@ -97,15 +187,16 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         idx = torch.randint(0, len(frames["decoded"]), (engine_cfg.micro_batch_size,), generator=engine.generator(step))
         x, y = (frames[k][idx].to(engine.device).float() for k in ("decoded", "real"))
         with engine.autocast():
-            refined = engine.ds(x).float()
-            loss = F.mse_loss(refined, y)
+            loss, terms = engine.ds(x, y, train_cfg.adv_weight if step >= train_cfg.adv_start else 0.0)
         engine.backward_step(loss)
         step += 1
         bar.update(1)
         if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
-            before, after = psnr(x, y).mean().item(), psnr(refined.detach().clamp(-1, 1), y).mean().item()
+            refined = terms.pop("refined").detach().clamp(-1, 1)
+            before, after = psnr(x, y).mean().item(), psnr(refined, y).mean().item()
             engine.log_scalars({"loss": loss.item(), "psnr": after, "psnr_gain": after - before, "lr": engine.lr,
-                                "skipped_steps": engine.skipped_steps}, step)
+                                "skipped_steps": engine.skipped_steps} | {k: v.item() for k, v in terms.items()},
+                               step)
             bar.set_postfix(loss=f"{loss.item():.5f}", gain=f"{after - before:+.2f} dB")
         if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
             break
