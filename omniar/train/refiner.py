@@ -59,9 +59,9 @@ class RefinerTrainConfig:
 
 class PatchCritic(nn.Module):
     """Conditional patch discriminator: a (decoded, candidate) frame pair -> one logit per patch
-    (three stride-2 convolutions: an 8x8 grid of 46-pixel receptive fields on a 64x64 frame).
+    (three stride-2 convolutions: an 8x8 grid of 38-pixel receptive fields on a 64x64 frame).
     Conditioning on the decoded frame makes it judge "a sharp frame this decode came from", not any
-    sharp frame, so the refiner cannot please it by drawing a different shape."""
+    sharp frame, so drawing a sharp but different shape does not please it."""
 
     def __init__(self, image_channels: int = 3, channels: int = 32):
         super().__init__()
