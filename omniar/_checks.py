@@ -38,6 +38,12 @@ def check_float(value: Any, name: str, low: float | None = None, high: float | N
     return value
 
 
+def check_bool(value: Any, name: str) -> bool:
+    """Validate a bool (not 0/1, not "yes": a config typo must not pass as a switch) and return it."""
+    require(isinstance(value, bool), name, f"must be true or false, got {value!r}")
+    return value
+
+
 def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
     """Validate membership in ``choices`` and return the value."""
     choices = tuple(choices)

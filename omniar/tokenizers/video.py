@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-from .._checks import check_choice, check_float, check_int, require
+from .._checks import check_bool, check_choice, check_float, check_int, require
 from .._pretrained import PretrainedModel
 from .causal3d import Decoder3d, Encoder3d, FrameRefiner
 from .codes import MultiScaleCodes
@@ -80,7 +80,7 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         check_float(dead_code_threshold, "dead_code_threshold", 0.0)
         check_int(refiner_blocks, "refiner_blocks", 0)
         check_int(refiner_channels, "refiner_channels", 1)
-        require(isinstance(refiner_norm, bool), "refiner_norm", f"must be true or false, got {refiner_norm!r}")
+        check_bool(refiner_norm, "refiner_norm")
         self.encoder = Encoder3d(in_channels, channels, num_res_blocks, latent_channels,
                                  spatial_compression, temporal_compression)
         self.decoder = Decoder3d(in_channels, channels, num_res_blocks, latent_channels,

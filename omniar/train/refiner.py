@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from .._checks import check_float, check_int, require
+from .._checks import check_bool, check_float, check_int, require
 from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
@@ -51,7 +51,7 @@ class RefinerTrainConfig:
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
         check_int(self.num_clips, "train.num_clips", 1)
-        require(isinstance(self.finetune, bool), "train.finetune", f"must be true or false, got {self.finetune!r}")
+        check_bool(self.finetune, "train.finetune")
         check_float(self.adv_weight, "train.adv_weight", 0.0)
         check_int(self.adv_start, "train.adv_start", 0)
         check_int(self.critic_channels, "train.critic_channels", 1)
