@@ -59,3 +59,45 @@ def test_distillation_weight_changes_training_only_through_the_sub_model(tmp_pat
     assert any(not torch.equal(plain[k], distilled[k]) for k in plain)
     no_sub, no_sub_distilled = run("no_sub", 0.0, elastic=False), run("no_sub_distilled", 1.0, elastic=False)
     assert all(torch.equal(no_sub[k], no_sub_distilled[k]) for k in no_sub)
+
+
+def test_anchor_weight_needs_init_from_and_a_non_negative_value():
+    with pytest.raises(ValueError, match="train.anchor_weight: needs train.init_from"):
+        ARTrainConfig(anchor_weight=1.0)
+    with pytest.raises(ValueError, match="train.anchor_weight"):
+        ARTrainConfig(anchor_weight=-1.0, init_from="runs/base")
+
+
+def test_anchor_keeps_a_fine_tune_closer_to_its_init_from_model(tmp_path):
+    """train.anchor_weight: the KL to the frozen init_from model pulls the full model back, so the same
+    fine-tune (same data, seeds, learning rate) ends with code distributions nearer the start's."""
+    from _train_helpers import tiny_ar_config
+    from test_t2v import tiny_pipeline
+
+    from omniar.backbone import OmniARModel
+    from omniar.tokenizers.text import TextTokenizer
+    from omniar.train.ar import ARDataConfig, collate, load_video_tokenizer, prepare_batch, train
+    from omniar.train.pretokenize import TokenizedDataset
+
+    tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
+
+    def run(name, steps, **train_overrides):
+        config = tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / name), steps=steps, micro_batch_size=4,
+                                **train_overrides)
+        return OmniARModel.from_pretrained(train(config, progress=False) / "model").eval()
+
+    start = run("base", 2)
+    data = TokenizedDataset(tmp_path / "codes")
+    ids, mask, inputs, _, _ = prepare_batch(collate([data[i] for i in range(16)]),
+                                            load_video_tokenizer(str(tmp_path / "tok")), TextTokenizer(),
+                                            ARTrainConfig(caption_dropout=0.0), ARDataConfig(),
+                                            torch.Generator(), torch.device("cpu"))
+
+    @torch.no_grad()
+    def drift(model):
+        return distill_loss(model(ids, mask, inputs), start(ids, mask, inputs), start.omniar_config.scales,
+                            ARTrainConfig()).item()
+
+    tuned = dict(steps=10, init_from=str(tmp_path / "base" / "final"), lr=1e-2, warmup_steps=0)
+    plain, anchored = drift(run("plain", **tuned)), drift(run("anchored", **tuned, anchor_weight=100.0))
+    assert anchored < 0.5 * plain, (anchored, plain)

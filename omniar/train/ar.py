@@ -12,6 +12,7 @@ frames from a frame's attention), elastic sub-model sampling.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +70,10 @@ class ARTrainConfig:
     # Pipeline folder whose model starts training (fine-tuning, e.g. to train sub-models longer); its
     # architecture must match the model: section and its codes must come from train.tokenizer.
     init_from: str | None = None
+    # Fine-tuning anchor (Learning without Forgetting): the full model also fits the code distribution
+    # of a frozen copy of the init_from model, KL weighted by this, so a fine-tune on a small set (e.g.
+    # of a sub-model) moves the full model less. 0 = off; > 0 needs train.init_from.
+    anchor_weight: float = 0.0
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
@@ -77,6 +82,9 @@ class ARTrainConfig:
         check_float(self.text_weight, "train.text_weight", 0.0)
         check_float(self.mtp_weight, "train.mtp_weight", 0.0)
         check_float(self.elastic_distill, "train.elastic_distill", 0.0)
+        check_float(self.anchor_weight, "train.anchor_weight", 0.0)
+        require(self.anchor_weight == 0 or bool(self.init_from), "train.anchor_weight",
+                "needs train.init_from (the model to stay close to)")
         check_choice(self.scale_weighting, "train.scale_weighting", ("scale", "token"))
 
 
@@ -93,10 +101,11 @@ def visual_mean(per_token: torch.Tensor, scales: tuple[int, ...], cfg: ARTrainCo
     return (per_token * w).sum(-1).mean()
 
 
-def distill_loss(sub: OmniAROutput, full: OmniAROutput, scales: tuple[int, ...], cfg: ARTrainConfig) -> torch.Tensor:
-    """KL(full || sub) of the visual code distributions, the full model's side detached."""
-    teacher = F.log_softmax(full.visual_logits.detach().float(), -1)
-    student = F.log_softmax(sub.visual_logits.float(), -1)
+def distill_loss(student: OmniAROutput, teacher: OmniAROutput, scales: tuple[int, ...],
+                 cfg: ARTrainConfig) -> torch.Tensor:
+    """KL(teacher || student) of the visual code distributions, the teacher's side detached."""
+    teacher = F.log_softmax(teacher.visual_logits.detach().float(), -1)
+    student = F.log_softmax(student.visual_logits.float(), -1)
     return visual_mean((teacher.exp() * (teacher - student)).sum(-1), scales, cfg)
 
 
@@ -188,8 +197,12 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         init = Path(train_cfg.init_from, "model")
         require(init.is_dir(), "train.init_from", f"{train_cfg.init_from} is not a pipeline folder (no model/)")
         model.load_state_dict(load_checked_state_dict(init, model.state_dict(), "train.init_from"))
+    # the init_from weights, also on resume (a resumed run reloads only the trained model's state)
+    anchor = copy.deepcopy(model).eval().requires_grad_(False) if train_cfg.anchor_weight > 0 else None
     engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
     tok.to(engine.device).eval().requires_grad_(False)
+    if anchor is not None:
+        anchor.to(engine.device)
     if engine.rank == 0:
         source = build_source_dataset(data_cfg, tok.resolution)
         log_skipped(engine, 0, data=source)
@@ -212,6 +225,12 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         with engine.autocast():
             out = engine.ds(ids, mask, inputs, visibility)
             loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
+            if anchor is not None:
+                with torch.no_grad():
+                    reference = anchor(ids, mask, inputs, visibility)
+                kl = distill_loss(out, reference, tok.scales, train_cfg)
+                loss = loss + train_cfg.anchor_weight * kl
+                parts["anchor_kl"] = kl.item()
             if train_cfg.elastic:
                 spec = engine.module.sample_elastic(g)
                 if spec != engine.module.active_spec:
