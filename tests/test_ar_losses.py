@@ -1,4 +1,5 @@
-"""AR training losses: per-scale weighting of visual terms and the elastic sub-model's in-place distillation."""
+"""AR training losses: per-scale weighting of visual terms, the elastic sub-model's in-place distillation and
+the fine-tuning anchor to the init_from model."""
 
 import pytest
 import torch
