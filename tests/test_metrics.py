@@ -116,3 +116,16 @@ def test_more_argument_errors():
         frechet_distance(np.zeros((1, 2)), np.zeros((5, 2)))
     with pytest.raises(ValueError, match="feats_a"):
         frechet_distance(np.full((3, 2), np.nan), np.zeros((5, 2)))
+    # each argument's own fault names that argument
+    with pytest.raises(ValueError, match="^feats_a"):
+        frechet_distance(np.zeros(5), np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="^feats_b"):
+        frechet_distance(np.zeros((5, 2)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="^feats_b"):
+        frechet_distance(np.zeros((5, 2)), np.full((3, 2), np.inf))
+
+
+def test_frechet_distance_takes_bf16_features():
+    a = torch.randn(50, 4, generator=torch.Generator().manual_seed(0)).bfloat16()
+    b = a + 1
+    assert frechet_distance(a, b) == pytest.approx(frechet_distance(a.float(), b.float()), rel=1e-9)

@@ -47,6 +47,10 @@ def test_prompt_adherence_counts_matches(tiny, monkeypatch):
     monkeypatch.setattr(tiny, "classify", lambda videos: truth * 16)
     low, high = prompt_adherence(tiny, torch.zeros(64, 3, 3, 64, 64), truth * 16)["all_ci95"]
     assert high == 1.0 and 0.94 < low < 0.95  # 64 of 64 still leaves ~6 points of doubt
+    # prompt records may carry more than the four attributes (e.g. a template id): only those are judged
+    monkeypatch.setattr(tiny, "classify", lambda videos: pred)
+    tagged = [dict(t, template=i) for i, t in enumerate(truth)]
+    assert prompt_adherence(tiny, torch.zeros(4, 3, 3, 64, 64), tagged)["all"] == 0.5
 
 
 def test_frames_to_videos():

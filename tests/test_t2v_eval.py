@@ -39,6 +39,8 @@ def test_eval_combinations_repeat_none_before_all_are_used():
     assert eval_combinations("seen", 64, 0) == seen and eval_combinations("seen", 64, 1) != seen
     held = eval_combinations("heldout", 24, 0)
     assert held[:12] == list(HELDOUT) and held[12:] == list(HELDOUT)
+    with pytest.raises(ValueError, match="^split"):  # a typo must not report the seen prompts as another split
+        eval_combinations("heldou", 2, 0)
 
 
 @pytest.mark.parametrize("option, value", [("--batch", "0"), ("--clips", "1")])

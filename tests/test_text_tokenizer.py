@@ -74,7 +74,8 @@ def test_argument_errors(tok):
                        (lambda: tok.batch_encode([], 4), "texts"), (lambda: tok.batch_encode("ab", 4), "texts"),
                        (lambda: tok.batch_encode(["a", 1], 4), "texts"), (lambda: tok.batch_encode(["a"], 0), "max_length"),
                        (lambda: tok.batch_encode([None], 2), "max_length"), (lambda: tok.decode([261]), "ids"),
-                       (lambda: tok.decode([-1]), "ids"), (lambda: tok.decode([1.0]), "ids")]:
+                       (lambda: tok.decode([-1]), "ids"), (lambda: tok.decode([1.0]), "ids"),
+                       (lambda: tok.encode("abc", max_length=2, truncate="no"), "truncate")]:
         with pytest.raises(ValueError, match=name):
             call()
 
@@ -104,6 +105,9 @@ def test_tokenizer_json_vocabulary(bpe_json, tmp_path):
     assert ids_b[0, :len(ids)].tolist() == ids and (ids_b[~mask] == tok.pad_id).all()
     tok.save_pretrained(tmp_path / "saved")
     assert TextTokenizer.from_pretrained(tmp_path / "saved").encode(text) == ids
+    (tmp_path / "saved" / "tokenizer.json").unlink()
+    with pytest.raises(ValueError, match="^folder.*tokenizer.json"):
+        TextTokenizer.from_pretrained(tmp_path / "saved")
     (tmp_path / "broken.json").write_text("{}")
     with pytest.raises(ValueError, match="tokenizer_json"):
         TextTokenizer.from_tokenizer_json(tmp_path / "broken.json")

@@ -130,6 +130,16 @@ def test_bad_codes_and_config_raise(tok):
     bad = MultiScaleCodes([c + 1000 for c in codes.codes], codes.scales, codes.num_frames)
     with pytest.raises(ValueError, match="codes"):
         tok.decode(bad)
+    with pytest.raises(ValueError, match="codes.*num_frames"):
+        tok.decode(MultiScaleCodes(codes.codes, codes.scales, 9))  # 2 latent frames are 5 frames
+    for broken in ([], [torch.zeros(0, 2, 1, 1, dtype=torch.long)]):
+        with pytest.raises(ValueError, match="codes"):
+            MultiScaleCodes(broken, codes.scales[:len(broken)] or (1,), 5)
+    latent = tok.encode_latent(clips(1, 5))
+    for bad in (latent[:, :, :, :4], latent[:, :3], latent[0], latent.long(), latent * float("nan")):
+        for call in (tok.quantize_latent, tok.decode_latent):
+            with pytest.raises(ValueError, match="^latent"):
+                call(bad)
     with pytest.raises(ValueError, match="channels"):
         VideoTokenizer(**{**TINY, "channels": (8, 16)})
     with pytest.raises(ValueError, match="temporal_compression"):
@@ -159,3 +169,15 @@ def test_conv3d_inference_uses_onednn_and_matches_native():
     y = conv(x.requires_grad_())  # training keeps nn.Conv3d's autograd path
     y.sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
+
+
+def test_bf16_tokenizer_encodes_and_decodes():
+    """A bf16 model (from_pretrained(torch_dtype=bf16), or .to()) quantizes its latents in fp32."""
+    torch.manual_seed(0)
+    tok16 = VideoTokenizer(**TINY).eval().to(torch.bfloat16)
+    video = clips(1, 5)
+    codes = tok16.encode(video)
+    assert codes.num_latent_frames == 2 and all(int(c.max()) < TINY["codebook_size"] for c in codes.codes)
+    out = tok16.decode(codes)
+    assert out.dtype == torch.bfloat16 and out.shape == video.shape and torch.isfinite(out.float()).all()
+    assert tok16(video.bfloat16()).reconstruction.shape == video.shape

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import Dataset
 
 from .._checks import check_int, require
+from ._index import item_index
 
 DIGITS = string.digits
 ALNUM = string.digits + string.ascii_uppercase + string.ascii_lowercase  # 62 classes
@@ -87,6 +88,7 @@ class PrintedCharacters(Dataset):
     def __init__(self, charset: str = "digits", num_samples: int = 5000, seed: int = 0, augment: bool = True):
         require(charset in ("digits", "alnum"), "charset", f"must be 'digits' or 'alnum', got {charset!r}")
         check_int(num_samples, "num_samples", 1)
+        check_int(seed, "seed", 0)
         self.chars = DIGITS if charset == "digits" else ALNUM
         self.classes = list(self.chars)
         self.num_samples, self.seed, self.augment = num_samples, seed, augment
@@ -96,6 +98,7 @@ class PrintedCharacters(Dataset):
         return self.num_samples
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = item_index(index, self.num_samples)
         rng = np.random.default_rng([self.seed, index])
         label = index % len(self.chars)  # balanced classes
         font = self.fonts[int(rng.integers(len(self.fonts)))]

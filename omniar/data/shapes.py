@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import check_choice, check_int, require
+from ._index import item_index
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
@@ -199,9 +200,7 @@ class MovingShapes(Dataset):
         return sample_clip(rng, combination, self.size, self.num_frames), template
 
     def __getitem__(self, index: int) -> dict:
-        if index < 0:
-            index += self.num_samples
-        clip, template = self.clip(index)
+        clip, template = self.clip(item_index(index, self.num_samples))
         return {
             "video": to_tensor(render(clip, self.size, self.num_frames)),
             "caption": caption(**clip.attributes, template=template),

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import require
+from ._index import item_index
 
 logger = logging.getLogger("omniar.data")
 
@@ -100,8 +101,7 @@ class SkippingDataset(Dataset):
 
     def __getitem__(self, index: int):
         n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"index {index} out of range for {n} items")  # ends plain iteration
+        index = item_index(index, n)
         for offset in range(n):
             i = (index + offset) % n
             if self.decode_failed[i]:  # failed before, in any process: do not decode it again

@@ -78,11 +78,12 @@ def frechet_distance(feats_a: torch.Tensor | np.ndarray, feats_b: torch.Tensor |
     ``C_a^1/2 C_b C_a^1/2`` (same spectrum as ``C_a C_b``): real and stable also for singular
     covariances (fewer samples than dimensions), where ``scipy.linalg.sqrtm`` can return complex junk.
     """
-    a, b = (np.asarray(f.detach().cpu() if isinstance(f, torch.Tensor) else f, np.float64) for f in (feats_a, feats_b))
-    require(a.ndim == 2 and b.ndim == 2 and a.shape[1] == b.shape[1], "feats_b",
-            f"must be (N, D) arrays with the same D as feats_a, got {a.shape} and {b.shape}")
-    require(a.shape[0] >= 2 and b.shape[0] >= 2, "feats_a", "each set needs at least two samples")
-    require(bool(np.isfinite(a).all() and np.isfinite(b).all()), "feats_a", "features must be finite")
+    a, b = (np.asarray(f.detach().double().cpu() if isinstance(f, torch.Tensor) else f, np.float64)
+            for f in (feats_a, feats_b))
+    for name, f in (("feats_a", a), ("feats_b", b)):
+        require(f.ndim == 2 and f.shape[0] >= 2, name, f"must be an (N, D) array with N >= 2, got shape {f.shape}")
+        require(bool(np.isfinite(f).all()), name, "features must be finite")
+    require(a.shape[1] == b.shape[1], "feats_b", f"must have the D of feats_a ({a.shape[1]}), got {b.shape[1]}")
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
     root_a = _psd_sqrt(cov_a)
     m = root_a @ cov_b @ root_a

@@ -6,7 +6,7 @@ direction, background), trained on real Moving Shapes clips only. Training:
 
     python -m omniar.eval.shapes_classifier --out omniar/assets/shapes-classifier --steps 1500
 
-(about 0.25 s a step on one CPU core plus ~70 s to render the 20000 training clips; seconds on a GPU).
+(about 0.25 s a step on one CPU core plus ~30 s to render the 8,000 training clips of `--clips`; seconds on a GPU).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def prompt_adherence(classifier: ShapesClassifier, videos: torch.Tensor, attribu
         require(isinstance(a, dict) and all(a.get(k) in names for k, names in ATTRIBUTES.items()), "attributes",
                 f"each needs the keys {tuple(ATTRIBUTES)} with known values, got {a!r}")
     pred = classifier.eval().classify(videos)
-    matches = sum(p == a for p, a in zip(pred, attributes))
+    matches = sum(all(p[k] == a[k] for k in ATTRIBUTES) for p, a in zip(pred, attributes))
     interval = binomtest(matches, len(pred)).proportion_ci(method="wilson")
     result = {"all": matches / len(pred), "all_ci95": [interval.low, interval.high]}
     for k in ATTRIBUTES:

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from .. import assets
-from .._checks import check_int
+from .._checks import check_choice, check_int
 from ..data.shapes import HELDOUT, TRAIN_COMBINATIONS, caption, render, sample_clip, to_tensor
 from .metrics import frechet_distance
 from .shapes_classifier import ShapesClassifier, frames_to_videos, prompt_adherence
@@ -33,6 +33,7 @@ KEYS = ("color", "shape", "direction", "background")
 def eval_combinations(split: str, n: int, seed: int) -> list[tuple[str, str, str, str]]:
     """``n`` combinations of a split, each used once before any repeats: heldout in order, seen in a
     seeded random order (so no single prompt weighs several times in a 64-clip score)."""
+    check_choice(split, "split", ("seen", "heldout"))
     if split == "heldout":
         return [HELDOUT[i % len(HELDOUT)] for i in range(n)]
     order = np.random.default_rng(seed).permutation(len(TRAIN_COMBINATIONS))
@@ -50,7 +51,8 @@ def classifier_features(classifier: ShapesClassifier, videos: torch.Tensor) -> t
 
 
 def generate(pipe, combos: list[tuple], num_frames: int, batch: int, progress: bool = False, **kwargs) -> torch.Tensor:
-    """Clips for the canonical captions of ``combos``; clip i uses seed i (reproducible)."""
+    """Clips for the canonical captions of ``combos``, ``batch`` prompts a call, each call seeded with
+    the index of its first clip: reproducible for a given ``batch``, which therefore changes the draw."""
     out = []
     for i in tqdm(range(0, len(combos), batch), disable=not progress, desc="generate"):
         prompts = [caption(*c) for c in combos[i:i + batch]]
@@ -114,7 +116,7 @@ def cli_main(args: argparse.Namespace) -> int:
     pipe, classifier = TextToVideoPipeline.from_pretrained(args.model), load_classifier(args.classifier)
     cfg = pipe.model.omniar_config
     report = {"clips_per_split": args.clips, "settings": "defaults: 17 frames, guidance 3.0, top_k 0, top_p 1.0, "
-              "temperature 1.0, seed = clip index",
+              "temperature 1.0, seed = index of the batch's first clip",
               "real_vs_real_frechet": real_vs_real(classifier, args.clips, 17, pipe.video_tokenizer.resolution)}
     report["tokenizer_reference/seen"] = res = tokenizer_reference(pipe.video_tokenizer, classifier, args.clips)
     print(f"tokenizer reference (real clips encoded + decoded): adherence {res['all']:.3f}  "

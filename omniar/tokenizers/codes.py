@@ -24,12 +24,15 @@ class MultiScaleCodes:
 
     def __post_init__(self) -> None:
         self.scales = tuple(int(s) for s in self.scales)
-        require(len(self.codes) == len(self.scales), "codes",
-                f"needs one map per scale ({len(self.scales)}), got {len(self.codes)}")
+        require(len(self.scales) >= 1 and len(self.codes) == len(self.scales), "codes",
+                f"needs one map per scale (at least one), got {len(self.codes)} for scales {self.scales}")
+        require(isinstance(self.codes[0], torch.Tensor) and self.codes[0].dim() == 4
+                and min(self.codes[0].shape[:2]) >= 1, "codes",
+                f"scale 0 must be a (B >= 1, T_lat >= 1, n, n) tensor, got {getattr(self.codes[0], 'shape', None)}")
         b, t = self.codes[0].shape[:2]
         for s, (c, n) in enumerate(zip(self.codes, self.scales)):
-            require(c.dim() == 4 and tuple(c.shape) == (b, t, n, n), "codes",
-                    f"scale {s} must have shape {(b, t, n, n)}, got {tuple(c.shape)}")
+            require(isinstance(c, torch.Tensor) and tuple(c.shape) == (b, t, n, n), "codes",
+                    f"scale {s} must have shape {(b, t, n, n)}, got {tuple(getattr(c, 'shape', ()))}")
 
     @property
     def batch_size(self) -> int:

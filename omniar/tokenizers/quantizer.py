@@ -57,7 +57,8 @@ class MultiScaleResidualVQ(nn.Module):
     def lookup(self, r: torch.Tensor) -> torch.Tensor:
         """Nearest code (L2) of each vector of a (M, C, n, n) map -> (M, n, n)."""
         flat = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t() + self.codebook.pow(2).sum(1)[None]
+        cb = self.codebook.to(flat.dtype)  # a bf16 model still quantizes its fp32 latents in fp32
+        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
         return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
 
     def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_int, require
+from .._checks import check_bool, check_int, require
 from .._pretrained import read_json
 
 SPECIALS = ("pad", "bos", "eos", "bov", "null")
@@ -67,6 +67,7 @@ class TextTokenizer:
         require(isinstance(text, str), "text", f"must be a str, got {type(text).__name__}")
         body = self._hf.encode(text, add_special_tokens=False).ids if self._hf else list(text.encode("utf-8"))
         ids = ([self.bos_id] if add_bos else []) + body + ([self.eos_id] if add_eos else [])
+        check_bool(truncate, "truncate")
         if max_length is not None:
             check_int(max_length, "max_length", 1)
             if len(ids) > max_length:
@@ -132,4 +133,8 @@ class TextTokenizer:
         config = read_json(config_file, "folder")
         require(config.get("specials") == list(SPECIALS), "folder", f"{config_file} has other special tokens")
         require(config.get("type") in ("bytes", "hf"), "folder", f"{config_file}: unknown type {config.get('type')!r}")
-        return cls(folder / "tokenizer.json" if config["type"] == "hf" else None)
+        if config["type"] == "bytes":
+            return cls()
+        require((folder / "tokenizer.json").is_file(), "folder", f"{config_file} names type 'hf' but "
+                                                                 f"{folder / 'tokenizer.json'} is missing")
+        return cls(folder / "tokenizer.json")

@@ -123,9 +123,22 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         require(bool(torch.isfinite(video).all()), name, "contains NaN or Inf")
         require(float(video.abs().max()) <= 1.0 + 1e-3, name, "values must lie in [-1, 1]")
 
+    def check_latent(self, latent: torch.Tensor, name: str = "latent") -> None:
+        """Raise ``ValueError`` naming ``name`` unless ``latent`` is a finite (B, C_lat, t, N, N) map."""
+        n, c = self.scales[-1], self.config.latent_channels
+        require(isinstance(latent, torch.Tensor) and latent.dim() == 5 and latent.is_floating_point(), name,
+                f"must be a float tensor (B, {c}, t, {n}, {n}), got {getattr(latent, 'shape', type(latent).__name__)}")
+        b, lc, t, h, w = latent.shape
+        require(b >= 1 and t >= 1 and lc == c and h == w == n, name,
+                f"must have shape (B >= 1, {c}, t >= 1, {n}, {n}), got {tuple(latent.shape)}")
+        require(bool(torch.isfinite(latent).all()), name, "contains NaN or Inf")
+
     def _check_codes(self, codes: MultiScaleCodes) -> None:
         require(isinstance(codes, MultiScaleCodes), "codes", f"must be MultiScaleCodes, got {type(codes).__name__}")
         require(codes.scales == self.scales, "codes", f"scales {codes.scales} differ from the tokenizer's {self.scales}")
+        frames = 1 + self.config.temporal_compression * (codes.num_latent_frames - 1)
+        require(codes.num_frames == frames, "codes", f"num_frames {codes.num_frames} does not match its "
+                                                     f"{codes.num_latent_frames} latent frames ({frames})")
         for c in codes.codes:
             require(not c.is_floating_point() and int(c.min()) >= 0 and int(c.max()) < self.config.codebook_size,
                     "codes", f"indices must be integers in [0, {self.config.codebook_size})")
@@ -171,6 +184,7 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
     @torch.no_grad()
     def quantize_latent(self, latent: torch.Tensor) -> MultiScaleCodes:
         """Continuous latents (B, C, T_lat, N, N) -> :class:`MultiScaleCodes`."""
+        self.check_latent(latent)
         _, codes, _ = self._quantize(latent.to(self.device, self.dtype))
         return MultiScaleCodes(codes, self.scales, 1 + self.config.temporal_compression * (latent.shape[2] - 1))
 
@@ -181,6 +195,7 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
         """Decode continuous latents (B, C, t, N, N); ``chunk_size`` latent frames at a time if given."""
+        self.check_latent(latent)
         if chunk_size is None:
             return self.refine(self.decoder(latent)).clamp(-1, 1)
         check_int(chunk_size, "chunk_size", 1)
