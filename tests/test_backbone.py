@@ -153,12 +153,30 @@ def test_cache_order_and_inputs_validated():
     model.forward_scale(vis[0][:, 0], 0, 0, cache)
     with pytest.raises(ValueError, match="start/stop"):
         model.forward_scale(vis[1][:, 0], 0, 1, cache, stop=1)
-    with pytest.raises(ValueError, match="text_ids"):
-        model(ids.float(), mask)
+    for dtype in (torch.float32, torch.bool, torch.uint8, torch.int16):  # nn.Embedding takes int64 / int32 only
+        with pytest.raises(ValueError, match="text_ids"):
+            model(ids.to(dtype), mask)
     with pytest.raises(ValueError, match="visual_inputs"):
         model(ids, mask, vis[:2])
+    with pytest.raises(ValueError, match="visual_inputs"):
+        model(ids, mask, [None] * len(SCALES))
     with pytest.raises(ValueError, match="frame_visibility"):
         model(ids, mask, vis, frame_visibility=torch.ones(B, T + 1, T + 1, dtype=torch.bool))
+
+
+@torch.no_grad()
+def test_cache_of_another_sub_model_is_refused_and_left_usable():
+    model = tiny()
+    ids, mask, vis = batch()
+    cache = model.new_cache()
+    with model.elastic(depth=1):
+        with pytest.raises(ValueError, match=r"cache: was made for sub-model ElasticSpec\(depth=2"):
+            model.forward_text(ids, mask, cache)
+    with pytest.raises(ValueError, match="cache: must be a KVCache that went through forward_text"):
+        model.forward_scale(vis[0][:, 0], 0, 0, cache)
+    text = model.forward_text(ids, mask, cache)  # the refused call left the cache empty
+    assert same(text, model(ids, mask).text_logits)
+    assert same(model.forward_scale(vis[0][:, 0], 0, 0, cache), model(ids, mask, vis).visual_logits[:, 0, :1])
 
 
 def test_config_validation_names_argument():
@@ -170,6 +188,8 @@ def test_config_validation_names_argument():
         OmniARConfig(num_experts=2, top_k=3)
     with pytest.raises(ValueError, match="gating"):
         OmniARConfig(gating="relu")
+    with pytest.raises(ValueError, match="dense_hidden_size"):
+        OmniARConfig(dense_hidden_size=0)
 
 
 def test_rope_same_location_same_phase():
@@ -218,6 +238,20 @@ def test_elastic_equals_masked_full_model(tmp_path):
     assert (small(ids, mask, vis).text_logits - sub.text_logits).abs().max() < 1e-5
 
 
+@torch.no_grad()
+def test_extracted_submodel_keeps_dense_width_when_top_k_changes(tmp_path):
+    model = tiny(first_dense_layers=1)  # dense width derives from top_k: (2 + 1 shared) * 16
+    ids, mask, vis = batch()
+    with model.elastic(top_k=1):
+        want = model(ids, mask, vis)
+    small = model.extract_submodel(top_k=1, save_directory=str(tmp_path))
+    assert small.omniar_config.dense_hidden_size == 48 and small.omniar_config.top_k == 1
+    loaded = OmniARModel.from_pretrained(str(tmp_path)).eval()
+    for sub in (small, loaded):
+        got = sub(ids, mask, vis)
+        assert same(got.visual_logits, want.visual_logits) and same(got.text_logits, want.text_logits)
+
+
 def test_elastic_sampling_and_joint_backward():
     model = tiny(num_layers=3, elastic_depth_prob=0.0, elastic_experts_prob=0.0, elastic_top_k_prob=0.0)
     g = torch.Generator().manual_seed(0)
@@ -225,8 +259,11 @@ def test_elastic_sampling_and_joint_backward():
     assert all(s.depth < 3 and s.top_k == 1 and 2 <= s.num_experts < 4 for s in specs)
     full = tiny(num_layers=3, elastic_depth_prob=1.0, elastic_experts_prob=1.0, elastic_top_k_prob=1.0)
     assert all(tuple(full.sample_elastic(g)) == (3, 4, 2) for _ in range(5))
-    with pytest.raises(ValueError, match="top_k"):
+    with pytest.raises(ValueError, match="num_experts: must be >= the model's top_k=2"):  # top_k was not given
         with model.elastic(num_experts=1):
+            pass
+    with pytest.raises(ValueError, match="top_k: must be <= num_experts=2"):
+        with model.elastic(num_experts=2, top_k=3):
             pass
     model.train()
     ids, mask, vis = batch()

@@ -6,6 +6,7 @@ from PIL import Image
 
 from omniar.cli import main
 from omniar.data.video_io import read_video
+from omniar.generation.cli import output_paths
 from test_t2v import PROMPT, tiny_pipeline
 
 OTHER = "a blue square moves up on a white background"
@@ -59,6 +60,10 @@ def test_batch_png_frames_equal_single_runs(pipe, model_dir, tmp_path, capsys):
     (["--prompt", PROMPT, "--out", "OUT/x.mp4", "--format", "gif"], "format: gif conflicts with --out 'x.mp4'"),
     (["--batch", "OUT/missing.txt"], "batch: file not found"),
     (["--batch", "OUT/empty.txt"], "batch: "),
+    (["--prompt", PROMPT, "--out", ".."], "out: must end in a file or folder name, got '..'"),
+    (["--prompt", PROMPT, "--experts-top-k", "9"], "experts_top_k: must be <= num_experts=4"),
+    (["--prompt", PROMPT, "--num-experts", "1"], "num_experts: must be >= the model's top_k=2 unless a smaller "
+                                                 "experts_top_k is given"),
 ])
 def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, args, message):
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
@@ -69,6 +74,12 @@ def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, args, mess
     err = capsys.readouterr().err.strip()
     assert err.startswith("omniar: error: ") and message in err and "\n" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # nothing written
+
+
+@pytest.mark.parametrize("out", [".", "", "/", "..", "clips/.."])
+def test_out_without_a_name_is_refused(out):
+    with pytest.raises(ValueError, match="^out: must end in a file or folder name"):
+        output_paths(out, None, None)
 
 
 def test_bad_prompt_in_batch_names_it(model_dir, tmp_path, capsys):

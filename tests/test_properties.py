@@ -55,7 +55,7 @@ def test_pipeline_arguments_work_or_raise_value_error(pipe, num_frames, guidance
 
 @SETTINGS
 @given(batch=st.integers(0, 3), length=st.integers(0, 5), high=st.integers(1, 400),
-       dtype=st.sampled_from([torch.int64, torch.int32, torch.float32]))
+       dtype=st.sampled_from([torch.int64, torch.int32, torch.int16, torch.uint8, torch.bool, torch.float32]))
 def test_model_forward_text_inputs(pipe, batch, length, high, dtype):
     ids = torch.randint(0, high, (batch, length)).to(dtype)
     try:

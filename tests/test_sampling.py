@@ -70,8 +70,16 @@ def test_guidance():
     assert guidance_for_scale(3.0, 1, 4, "constant") == 3.0
 
 
+@pytest.mark.parametrize("args, name", [((3.0, 1, 4, "cosine"), "schedule"), ((3.0, 4, 4, "linear"), "scale_index"),
+                                        ((3.0, -1, 4, "linear"), "scale_index")])
+def test_guidance_for_scale_rejects_unknown_schedule_and_out_of_range_scale(args, name):
+    with pytest.raises(ValueError, match=name):
+        guidance_for_scale(*args)
+
+
 @pytest.mark.parametrize("kwargs, name", [({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"),
                                           ({"top_k": -1}, "top_k"), ({"temperature": -1.0}, "temperature")])
-def test_bad_arguments(kwargs, name):
+@pytest.mark.parametrize("temperature", [1.0, 0.0])  # greedy ignores the filters but still checks them
+def test_bad_arguments(kwargs, name, temperature):
     with pytest.raises(ValueError, match=name):
-        sample(torch.randn(2, 5), **{"temperature": 1.0, **kwargs})
+        sample(torch.randn(2, 5), **{"temperature": temperature, **kwargs})

@@ -108,7 +108,10 @@ def test_elastic_submodel_and_callback(pipe):
     ({"top_k": -2}, "top_k"),
     ({"temperature": float("nan")}, "temperature"),
     ({"seed": -1}, "seed"),
-    ({"elastic": {"depth": 9}}, "depth"),
+    ({"seed": 2**64}, "seed"),
+    ({"elastic": {"depth": 9}}, r"elastic\['depth'\]"),
+    ({"elastic": {"top_k": 99}}, r"elastic\['top_k'\]: must be <= num_experts=4"),  # not the sampling top_k
+    ({"elastic": {"num_experts": 1}}, r"elastic\['num_experts'\]: must be >= the model's top_k=2"),
     ({"elastic": {"width": 2}}, "elastic"),
 ])
 def test_bad_arguments_name_the_argument(pipe, kwargs, name):
@@ -133,6 +136,16 @@ def test_limits_refuse_before_any_work(pipe, monkeypatch):
     big = torch.zeros(1, 3, 5, 128, 128)
     with pytest.raises(ValueError, match="video"):
         pipe(PROMPT, video=big)
+    with pytest.raises(ValueError, match=r"elastic\['top_k'\]"):
+        pipe(PROMPT, num_frames=9, video=torch.zeros(1, 3, 5, 32, 32), elastic={"top_k": 99})
+
+
+def test_seed_none_leaves_the_global_rng_alone(pipe):
+    torch.manual_seed(123)
+    want = torch.rand(4)
+    torch.manual_seed(123)
+    pipe(PROMPT, num_frames=1, seed=None)
+    assert torch.equal(torch.rand(4), want)
 
 
 def test_prompt_too_long_for_model(pipe):

@@ -26,11 +26,13 @@ class OmniARConfig:
     ``"block"`` (next-scale, block-causal) or ``"raster"`` (one token per
     step, the baseline). MoE: ``num_experts`` routed experts of hidden size
     ``expert_hidden_size`` (``top_k`` active) plus ``num_shared_experts``;
-    the first ``first_dense_layers`` layers are a dense SwiGLU with the same
-    active width. ``gating`` is ``"softmax"`` or ``"sigmoid"`` (selected
-    weights renormalised to sum 1 either way). ``bias_update_step`` is the
-    auxiliary-loss-free balancing step, ``seq_balance_loss_coef`` and
-    ``router_z_loss_coef`` weight the optional losses. ``moe_impl``:
+    the first ``first_dense_layers`` layers are a dense SwiGLU of hidden size
+    ``dense_hidden_size`` (None = the active width, ``(top_k + num_shared_experts)
+    * expert_hidden_size``; extracted sub-models pin it). ``gating`` is
+    ``"softmax"`` or ``"sigmoid"`` (selected weights renormalised to sum 1 either
+    way). ``bias_update_step`` is the auxiliary-loss-free balancing step,
+    ``seq_balance_loss_coef`` and ``router_z_loss_coef`` weight the optional
+    losses. ``moe_impl``:
     ``"auto"`` (grouped_mm where it runs), ``"grouped_mm"`` or ``"loop"``.
     ``elastic_*``: sampling probabilities and lower bounds of elastic training.
     """
@@ -51,6 +53,7 @@ class OmniARConfig:
     top_k: int = 2
     expert_hidden_size: int = 256
     first_dense_layers: int = 0
+    dense_hidden_size: int | None = None
     gating: str = "softmax"
     bias_update_step: float = 1e-4
     seq_balance_loss_coef: float = 1e-4
@@ -76,6 +79,8 @@ class OmniARConfig:
             check_int(getattr(self, name), name, 1)
         check_int(self.num_shared_experts, "num_shared_experts", 0)
         check_int(self.first_dense_layers, "first_dense_layers", 0, self.num_layers)
+        if self.dense_hidden_size is not None:
+            check_int(self.dense_hidden_size, "dense_hidden_size", 1)
         require(self.hidden_size % self.num_heads == 0, "hidden_size",
                 f"must be divisible by num_heads={self.num_heads}, got {self.hidden_size}")
         require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",
@@ -99,6 +104,13 @@ class OmniARConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def dense_width(self) -> int:
+        """Hidden size of the dense SwiGLU layers: ``dense_hidden_size``, else the active width."""
+        if self.dense_hidden_size is not None:
+            return self.dense_hidden_size
+        return (self.top_k + self.num_shared_experts) * self.expert_hidden_size
 
     @property
     def tokens_per_frame(self) -> int:

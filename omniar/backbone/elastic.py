@@ -22,14 +22,21 @@ class ElasticSpec(NamedTuple):
     top_k: int
 
 
-def resolve_elastic(cfg: OmniARConfig, depth: int | None, num_experts: int | None,
-                    top_k: int | None) -> ElasticSpec:
-    """Fill ``None`` with the full model's value and validate the rest."""
-    depth = cfg.num_layers if depth is None else check_int(depth, "depth", 1, cfg.num_layers)
-    num_experts = cfg.num_experts if num_experts is None else check_int(num_experts, "num_experts", 1,
+def resolve_elastic(cfg: OmniARConfig, depth: int | None, num_experts: int | None, top_k: int | None,
+                    names: tuple[str, str, str] = ElasticSpec._fields) -> ElasticSpec:
+    """Fill ``None`` with the full model's value and validate the rest. Errors name
+    ``names`` (of depth, num_experts, top_k): callers pass them as their users spell them."""
+    depth_name, experts_name, top_k_name = names
+    depth = cfg.num_layers if depth is None else check_int(depth, depth_name, 1, cfg.num_layers)
+    num_experts = cfg.num_experts if num_experts is None else check_int(num_experts, experts_name, 1,
                                                                          cfg.num_experts)
-    top_k = cfg.top_k if top_k is None else check_int(top_k, "top_k", 1)
-    require(top_k <= num_experts, "top_k", f"must be <= num_experts={num_experts}, got {top_k}")
+    if top_k is None:  # the full top_k was not asked for: blame the num_experts that was
+        require(cfg.top_k <= num_experts, experts_name,
+                f"must be >= the model's top_k={cfg.top_k} unless a smaller {top_k_name} is given, got {num_experts}")
+        top_k = cfg.top_k
+    else:
+        check_int(top_k, top_k_name, 1)
+        require(top_k <= num_experts, top_k_name, f"must be <= num_experts={num_experts}, got {top_k}")
     return ElasticSpec(depth, num_experts, top_k)
 
 
@@ -56,9 +63,11 @@ def sample_elastic(cfg: OmniARConfig, generator: torch.Generator | None = None) 
 
 
 def submodel_config(cfg: OmniARConfig, spec: ElasticSpec) -> OmniARConfig:
-    """Config of the standalone sub-model (elastic lower bounds shrink to fit it)."""
+    """Config of the standalone sub-model (elastic lower bounds shrink to fit it; the dense
+    layers keep the full model's width, which a derived width would tie to the new top_k)."""
     return cfg.replace(num_layers=spec.depth, num_experts=spec.num_experts, top_k=spec.top_k,
                        first_dense_layers=min(cfg.first_dense_layers, spec.depth),
+                       dense_hidden_size=cfg.dense_width,
                        elastic_min_depth=min(cfg.elastic_min_depth, spec.depth),
                        elastic_min_experts=min(cfg.elastic_min_experts, spec.num_experts))
 

@@ -43,8 +43,7 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.attn = Attention(d, cfg.num_heads, cfg.num_kv_heads, cfg.norm_eps)
         self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        active = (cfg.top_k + cfg.num_shared_experts) * cfg.expert_hidden_size
-        self.ffn = SwiGLU(d, active) if dense else MoELayer(
+        self.ffn = SwiGLU(d, cfg.dense_width) if dense else MoELayer(
             d, cfg.expert_hidden_size, cfg.num_experts, cfg.num_shared_experts, cfg.gating,
             cfg.seq_balance_loss_coef, cfg.router_z_loss_coef, cfg.moe_impl)
 
@@ -145,8 +144,8 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                frame_visibility: torch.Tensor | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         spec = self.active_spec
-        require(cache is None or cache.spec == spec, "cache",
-                f"was made for sub-model {cache and cache.spec}, the model now runs {spec}")
+        if cache is not None:
+            require(cache.spec == spec, "cache", f"was made for sub-model {cache.spec}, the model now runs {spec}")
         keys = meta if cache is None or cache.meta is None else cache.meta.cat(meta)
         mask, empty = attention_mask(meta, keys, frame_visibility)
         cos, sin = self.rope.cos_sin(meta.pos, x.dtype)
@@ -171,9 +170,11 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         return x.flatten(1, 2)
 
     def _check_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+        # int64 / int32: the only index dtypes nn.Embedding takes
         require(isinstance(text_ids, torch.Tensor) and text_ids.dim() == 2 and min(text_ids.shape) >= 1
-                and not text_ids.is_floating_point(), "text_ids",
-                f"must be an integer tensor (B, L) with B, L >= 1, got {getattr(text_ids, 'shape', text_ids)}")
+                and text_ids.dtype in (torch.int64, torch.int32), "text_ids",
+                f"must be an int64 or int32 tensor (B, L) with B, L >= 1, got {getattr(text_ids, 'dtype', text_ids)} "
+                f"{tuple(getattr(text_ids, 'shape', ()))}")
         vocab = self._omniar_config.text_vocab_size
         require(bool(((text_ids >= 0) & (text_ids < vocab)).all()), "text_ids", f"ids must be in [0, {vocab})")
         if text_mask is None:
@@ -201,8 +202,9 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         x, meta = self.text_embed(text_ids), text_meta(text_mask)
         num_frames = 0
         if visual_inputs is not None:
-            require(isinstance(visual_inputs, (list, tuple)) and len(visual_inputs) == len(cfg.scales),
-                    "visual_inputs", f"must be a list of {len(cfg.scales)} tensors, one per scale")
+            require(isinstance(visual_inputs, (list, tuple)) and len(visual_inputs) == len(cfg.scales)
+                    and all(isinstance(v, torch.Tensor) for v in visual_inputs), "visual_inputs",
+                    f"must be a list of {len(cfg.scales)} tensors, one per scale")
             num_frames = visual_inputs[0].shape[1] if visual_inputs[0].dim() == 5 else 0
             for s, (v, n) in enumerate(zip(visual_inputs, cfg.scales)):
                 require(v.dim() == 5 and tuple(v.shape) == (b, num_frames, cfg.code_dim, n, n) and num_frames > 0,
@@ -233,19 +235,20 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         """Encode the text prefix into an empty ``cache``; returns text logits (B, L, V_text)."""
         require(isinstance(cache, KVCache) and len(cache) == 0, "cache", "must be an empty KVCache")
         text_mask = self._check_text(text_ids, text_mask)
-        cache.text_len = text_ids.shape[1]
         hidden, _, _ = self._trunk(self.text_embed(text_ids), text_meta(text_mask), cache)
+        cache.text_len = text_ids.shape[1]  # only now: a refused pass leaves the cache empty and usable
         return self._text_outputs(hidden)[0]
 
     def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
                       start: int = 0, stop: int | None = None) -> torch.Tensor:
         """One step: tokens ``[start, stop)`` (row-major; default the whole scale) of block
         (``frame``, ``scale``), appended to ``cache``. ``inputs`` (B, code_dim, n_s, n_s) is the
-        scale's accumulated input (ignored at frame 0 scale 0: BOV). Blocks must come in order;
-        next-scale models take whole scales, raster models any run of tokens.
+        scale's accumulated input; at frame 0 scale 0, BOV replaces the input of token 0 only (the
+        other tokens of a scales[0] > 1 still read ``inputs``). Blocks must come in order; next-scale
+        models take whole scales, raster models any run of tokens.
         Returns visual logits (B, stop - start, codebook_size)."""
         cfg = self._omniar_config
-        require(isinstance(cache, KVCache) and cache.text_len is not None, "cache",
+        require(isinstance(cache, KVCache) and cache.meta is not None, "cache",
                 "must be a KVCache that went through forward_text")
         check_int(scale, "scale", 0, len(cfg.scales) - 1)
         check_int(frame, "frame", 0)

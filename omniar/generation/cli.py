@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .._checks import require
+from .sampling import GUIDANCE_SCHEDULES
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": ""}
 _VIDEO_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}
@@ -29,7 +30,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
     parser.add_argument("--num-frames", type=int, default=17, help="1 + 4k frames; 1 makes an image")
     parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--guidance-schedule", default="constant", choices=("constant", "linear"))
+    parser.add_argument("--guidance-schedule", default="constant", choices=GUIDANCE_SCHEDULES)
     parser.add_argument("--top-k", type=int, default=0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -43,6 +44,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def output_paths(out: str | None, fmt: str | None, count: int | None) -> tuple[str, list[Path]]:
     """(format, paths): one path for a single prompt (``count=None``), else ``count`` numbered ones."""
     base = Path(out) if out is not None else Path("outputs/t2v")
+    # ".", "" and "/" have no name to add a suffix to; ".." would become a file "...mp4"
+    require(base.name not in ("", ".."), "out", f"must end in a file or folder name, got {out!r}")
     implied = _VIDEO_SUFFIXES.get(base.suffix.lower())
     if implied is not None:
         require(fmt in (None, implied), "format", f"{fmt} conflicts with --out {base.name!r}; drop the suffix "
@@ -82,6 +85,7 @@ def write_png_frames(folder: Path, frames) -> Path:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    from ..backbone.elastic import resolve_elastic
     from ..data.video_io import write_video
     from .pipeline import TextToVideoPipeline
 
@@ -89,6 +93,9 @@ def cli_main(args: argparse.Namespace) -> int:
     prompts = [args.prompt] if args.batch is None else read_prompts(args.batch)
     fmt, paths = output_paths(args.out, args.format, None if args.batch is None else len(prompts))
     pipe = TextToVideoPipeline.from_pretrained(args.model)
+    # checked here, not per prompt, and named as the flags: --experts-top-k is the pipeline's elastic top_k
+    resolve_elastic(pipe.model.omniar_config, args.depth, args.num_experts, args.experts_top_k,
+                    names=("depth", "num_experts", "experts_top_k"))
     elastic = {k: v for k, v in (("depth", args.depth), ("num_experts", args.num_experts),
                                  ("top_k", args.experts_top_k)) if v is not None}
     batch = args.batch is not None

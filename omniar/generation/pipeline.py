@@ -23,10 +23,11 @@ from .. import __version__, assets
 from .._checks import check_choice, check_float, check_int, require
 from .._pretrained import read_json, write_folder_atomically
 from ..backbone import OmniARModel
+from ..backbone.elastic import ElasticSpec, resolve_elastic
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
 from ..tokenizers.quantizer import resize
-from .sampling import guidance_for_scale, guided_logits, sample
+from .sampling import GUIDANCE_SCHEDULES, check_filters, guidance_for_scale, guided_logits, sample
 
 DEFAULT_MODEL = "shapes-t2v"
 MAX_PROMPT_CHARS = 1000
@@ -133,14 +134,16 @@ class TextToVideoPipeline:
         self.video_tokenizer.check_num_frames(num_frames, "num_frames")
         check_int(num_frames, "num_frames", 1, self.max_num_frames)
         check_float(guidance_scale, "guidance_scale", 0.0)
-        check_choice(guidance_schedule, "guidance_schedule", ("constant", "linear"))
-        check_int(top_k, "top_k", 0)
-        check_float(top_p, "top_p", 0.0, 1.0, low_inclusive=False)
+        check_choice(guidance_schedule, "guidance_schedule", GUIDANCE_SCHEDULES)
+        check_filters(top_k, top_p)
         check_float(temperature, "temperature", 0.0)
-        require(seed is None or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0), "seed",
-                f"must be None or an int >= 0, got {seed!r}")
-        require(elastic is None or (isinstance(elastic, dict) and set(elastic) <= {"depth", "num_experts", "top_k"}),
+        if seed is not None:
+            check_int(seed, "seed", 0, 2**64 - 1)  # torch.Generator's seed range
+        require(elastic is None or (isinstance(elastic, dict) and set(elastic) <= set(ElasticSpec._fields)),
                 "elastic", "must be None or a dict with keys depth / num_experts / top_k")
+        if elastic:  # "elastic['top_k']": the call has a sampling top_k too
+            resolve_elastic(self.model.omniar_config, *(elastic.get(k) for k in ElasticSpec._fields),
+                            names=tuple(f"elastic[{k!r}]" for k in ElasticSpec._fields))
         if video is not None:
             self.video_tokenizer.check_video(video, "video")
             require(video.shape[0] == len(prompts), "video", f"batch {video.shape[0]} != {len(prompts)} prompts")
@@ -171,7 +174,11 @@ class TextToVideoPipeline:
                                    temperature, seed, video, elastic)
         tok, model, dev = self.video_tokenizer, self.model, self.device
         scales, b = tok.scales, len(prompts)
-        generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.seed() % 2**63))
+        generator = torch.Generator()  # private: seed=None must not reseed the caller's global RNG
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
         use_cfg = guidance_scale != 1.0
         ids, mask = encode_prompts(self.text_tokenizer, prompts + ([None] * b if use_cfg else []), self.max_text_len)
         given = tok.encode(video.to(dev)) if video is not None else None

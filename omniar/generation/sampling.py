@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .._checks import check_float, check_int
+from .._checks import check_choice, check_float, check_int
+
+GUIDANCE_SCHEDULES = ("constant", "linear")
 
 
 def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -15,9 +17,18 @@ def guided_logits(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> tor
 def guidance_for_scale(guidance_scale: float, scale_index: int, num_scales: int, schedule: str) -> float:
     """Guidance strength at scale ``scale_index``: ``constant``, or ``linear`` from 1 at the
     coarsest to ``guidance_scale`` at the finest scale (VAR's ramp)."""
+    check_choice(schedule, "schedule", GUIDANCE_SCHEDULES)
+    check_int(num_scales, "num_scales", 1)
+    check_int(scale_index, "scale_index", 0, num_scales - 1)
     if schedule == "constant" or num_scales == 1:
         return guidance_scale
     return 1.0 + (guidance_scale - 1.0) * scale_index / (num_scales - 1)
+
+
+def check_filters(top_k: int, top_p: float) -> None:
+    """Validate the filter arguments of :func:`filter_logits` (shared with the pipeline's checks)."""
+    check_int(top_k, "top_k", 0)
+    check_float(top_p, "top_p", 0.0, 1.0, low_inclusive=False)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -25,8 +36,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
     ``top_k=0`` and ``top_p=1`` disable each filter. The most likely token always survives.
     """
-    check_int(top_k, "top_k", 0)
-    check_float(top_p, "top_p", 0.0, 1.0, low_inclusive=False)
+    check_filters(top_k, top_p)
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -50,6 +60,7 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     tokens on every device; the result is a CPU LongTensor.
     """
     check_float(temperature, "temperature", 0.0)
+    check_filters(top_k, top_p)  # before the greedy return, which does not use them
     logits = logits.float().cpu()
     # temperature -> 0 is greedy (below float32's range it would divide by 0)
     if temperature < torch.finfo(torch.float32).tiny:
