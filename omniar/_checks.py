@@ -49,3 +49,12 @@ def check_choice(value: Any, name: str, choices: Iterable[Any]) -> Any:
     choices = tuple(choices)
     require(value in choices, name, f"must be one of {choices}, got {value!r}")
     return value
+
+
+def check_keys(values: Any, name: str, known: Iterable[str]) -> dict:
+    """Validate a mapping whose keys all come from ``known`` (a misspelled key must not be ignored) and return it."""
+    require(isinstance(values, dict), name, f"must be a mapping, got {type(values).__name__}")
+    known = set(known)
+    unknown = sorted(set(values) - known, key=str)
+    require(not unknown, name, f"unknown keys {unknown}; known: {sorted(known)}")
+    return values

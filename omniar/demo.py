@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._checks import check_int, require
+from ._checks import check_int
 from .data.shapes import HELDOUT, TRAIN_COMBINATIONS, caption
 from .data.video_io import probe_video, read_video, write_video
 from .generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline
@@ -103,10 +103,15 @@ class _OutputFiles:
         return path
 
 
+class UploadTooLarge(ValueError):
+    """An upload readable but too large: its own message, not "cannot read it"."""
+
+
 def _check_upload_size(width: int, height: int) -> None:
     """Refuse huge frames from their headers, before any pixel is decoded."""
-    require(width * height <= MAX_UPLOAD_PIXELS, "file",
-            f"{width}x{height} frames are larger than the demo takes ({MAX_UPLOAD_PIXELS} pixels)")
+    if width * height > MAX_UPLOAD_PIXELS:
+        raise UploadTooLarge(f"file: {width}x{height} frames are larger than the demo takes "
+                             f"({MAX_UPLOAD_PIXELS} pixels)")
 
 
 def _load_media(path: str, max_frames: int) -> np.ndarray:
@@ -132,7 +137,8 @@ class Demo:
         self.pipe = pipe
         self.elastic = elastic_choices(pipe.model.omniar_config)
         self.outputs = _OutputFiles()
-        # model.elastic() switches the shared model's active sub-model: one generation at a time
+        # model.elastic() switches the shared model's active sub-model: model work runs one request at a
+        # time, whatever the queue's concurrency
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------- handlers
@@ -189,6 +195,8 @@ class Demo:
         tok = self.pipe.video_tokenizer
         try:
             frames = _load_media(file, MAX_RECONSTRUCT_FRAMES)
+        except UploadTooLarge as err:
+            raise _error(err) from err
         except (ValueError, OSError, Image.DecompressionBombError) as err:
             raise gr.Error(f"{LABELS['file']}: cannot read it as a video or an image ({err})") from err
         tau = tok.config.temporal_compression
@@ -220,7 +228,8 @@ class Demo:
 
     # --------------------------------------------------------------- layout
     def build(self, concurrency: int = 1, max_queue: int = 32):
-        """The Blocks app, queued: ``concurrency`` jobs at a time, at most ``max_queue`` waiting."""
+        """The Blocks app, queued: ``concurrency`` requests at a time, at most ``max_queue`` waiting. Model work
+        still runs one request at a time; more concurrency only overlaps the rest (reading uploads, writing mp4s)."""
         import gradio as gr
 
         pipe, tok = self.pipe, self.pipe.video_tokenizer
@@ -291,7 +300,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--concurrency", type=int, default=1, help="requests processed at once")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="requests the queue runs at once; model work still runs one at a time, so more only "
+                             "overlaps reading uploads and writing videos with it")
     parser.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait; more are turned away")
 
 

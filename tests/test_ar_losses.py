@@ -1,12 +1,12 @@
 """AR training losses: per-scale weighting of visual terms, the elastic sub-model's in-place distillation and
-the fine-tuning anchor to the init_from model."""
+the fine-tuning anchor to the init_from model; config errors name the key."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from omniar.backbone.model import OmniAROutput
-from omniar.train.ar import ARTrainConfig, distill_loss, visual_mean
+from omniar.train.ar import ARDataConfig, ARTrainConfig, distill_loss, visual_mean
 
 SCALES = (1, 2, 4)  # 21 tokens per frame
 
@@ -38,10 +38,46 @@ def test_distillation_is_the_kl_to_the_detached_full_model():
 
 def test_negative_distillation_weight_is_refused():
     with pytest.raises(ValueError, match="train.elastic_distill"):
-        ARTrainConfig(elastic_distill=-0.5)
+        ARTrainConfig(elastic_distill=-0.5, elastic=True)
 
 
-def test_distillation_weight_changes_training_only_through_the_sub_model(tmp_path):
+def test_elastic_is_a_bool_and_distillation_needs_it():
+    with pytest.raises(ValueError, match="^train.elastic: must be true or false, got 'flase'"):
+        ARTrainConfig(elastic="flase")
+    with pytest.raises(ValueError, match="^train.elastic_distill: needs train.elastic"):
+        ARTrainConfig(elastic_distill=1.0)
+
+
+@pytest.mark.parametrize("field", ["num_frames", "max_num_frames"])
+def test_frame_counts_are_checked_up_front(field):
+    with pytest.raises(ValueError, match=f"^data.{field}: must be >= 1"):
+        ARDataConfig(**{field: 0})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trian": {"lr": 5}}, r"^config: unknown keys \['trian'\]"),
+    ({"model": {"num_layer": 12}}, r"^model: unknown keys \['num_layer'\]"),
+    ({"model": {"codebook_size": 8}}, r"^model: \['codebook_size'\] are set from train.tokenizer"),
+    ({"train": {"tokenizer": "no-such-tokenizer"}}, r"^train.tokenizer: must be a tokenizer folder or one of"),
+    ({"data": {"num_frames": 10}}, r"^data.num_frames: must be 1 \+ 4 \* k"),
+    ({"train": {"steps": 2}, "stop_at": 0}, r"^stop_at: must be >= 1"),
+])
+def test_config_errors_name_the_key_before_training(tmp_path, change, message):
+    from _train_helpers import tiny_ar_config
+
+    from omniar.train.ar import train
+
+    config = tiny_ar_config(tmp_path, 8, out_dir=str(tmp_path / "run"))
+    config["train"]["tokenizer"] = "shapes-tokenizer"
+    stop_at = change.pop("stop_at", None)
+    for section, values in change.items():
+        config.setdefault(section, {}).update(values)
+    with pytest.raises(ValueError, match=message):
+        train(config, progress=False, stop_at=stop_at)
+    assert not (tmp_path / "run").exists()
+
+
+def test_distillation_weight_changes_training(tmp_path):
     from _train_helpers import tiny_ar_config
     from test_t2v import tiny_pipeline
 
@@ -50,16 +86,14 @@ def test_distillation_weight_changes_training_only_through_the_sub_model(tmp_pat
 
     tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
 
-    def run(name, distill, elastic=True):
+    def run(name, distill):
         config = tiny_ar_config(tmp_path, 8, out_dir=str(tmp_path / name), steps=2, micro_batch_size=4,
-                                elastic=elastic, elastic_distill=distill)
+                                elastic=True, elastic_distill=distill)
         config["model"]["elastic_depth_prob"] = 0.0  # a 1-layer sub-model in every step
         return dict(OmniARModel.from_pretrained(train(config, progress=False) / "model").named_parameters())
 
     plain, distilled = run("plain", 0.0), run("distilled", 1.0)
     assert any(not torch.equal(plain[k], distilled[k]) for k in plain)
-    no_sub, no_sub_distilled = run("no_sub", 0.0, elastic=False), run("no_sub_distilled", 1.0, elastic=False)
-    assert all(torch.equal(no_sub[k], no_sub_distilled[k]) for k in no_sub)
 
 
 def test_anchor_weight_needs_init_from_and_a_non_negative_value():

@@ -122,3 +122,15 @@ def test_oversized_upload_is_refused_from_its_header(tmp_path, monkeypatch):
     for name in ("small.png", "clip.mp4"):
         with pytest.raises(ValueError, match="file: 64x48 frames are larger than the demo takes"):
             demo._load_media(str(tmp_path / name), 17)
+
+
+def test_oversized_upload_is_reported_as_too_large_not_unreadable(pipe, tmp_path, monkeypatch):
+    import gradio as gr
+
+    from omniar import demo
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "big.png")
+    monkeypatch.setattr(demo, "MAX_UPLOAD_PIXELS", 64 * 48 - 1)
+    with pytest.raises(gr.Error) as info:
+        demo.Demo(pipe).reconstruct(str(tmp_path / "big.png"))
+    assert info.value.message.startswith("Video or image (file): 64x48 frames are larger than the demo takes")

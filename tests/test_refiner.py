@@ -91,6 +91,18 @@ def test_config_errors_name_the_key(tmp_path, tok_dir, model, name):
         train(cfg, progress=False)
 
 
+def test_typos_bad_tokenizer_and_stop_at_fail_before_any_work(tmp_path, tok_dir):
+    typo = config(tmp_path, tok_dir)
+    typo["trian"] = {"lr": 5}
+    with pytest.raises(ValueError, match=r"^config: unknown keys \['trian'\]"):
+        train(typo, progress=False)
+    with pytest.raises(ValueError, match="^train.tokenizer: must be a tokenizer folder or one of the shipped"):
+        train(config(tmp_path, "no-such-tokenizer"), progress=False)
+    with pytest.raises(ValueError, match="^stop_at: must be >= 1"):
+        train(config(tmp_path, tok_dir), progress=False, stop_at=0)
+    assert not (tmp_path / "run").exists()
+
+
 def test_frame_cache_is_keyed_by_the_tokenizer_and_the_data(tmp_path, tok_dir):
     other_tok = VideoTokenizer.from_pretrained(tok_dir)
     with torch.no_grad():

@@ -72,6 +72,12 @@ def test_overrides_and_unknown_keys():
     bad["train"]["learning_rate"] = 1.0
     with pytest.raises(ValueError, match="unknown keys"):
         train(bad, progress=False)
+    typo = apply_overrides(tiny_config("/tmp/unused", 1), ["trian.lr=5"])
+    with pytest.raises(ValueError, match=r"^config: unknown keys \['trian'\]"):
+        train(typo, progress=False)
+    typo = apply_overrides(tiny_config("/tmp/unused", 1), ["model.chanels=[8, 16]"])
+    with pytest.raises(ValueError, match=r"^model: unknown keys \['chanels'\]"):
+        train(typo, progress=False)
 
 
 @pytest.mark.skipif(shutil.which("deepspeed", path=os.path.dirname(sys.executable)) is None,
@@ -124,6 +130,21 @@ def test_decoder_only_fine_tuning_keeps_every_code(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(before.encode(video).codes, after.encode(video).codes))
     with pytest.raises(ValueError, match="train.trainable: 'decoder' needs train.init_from"):
         train(tiny_config(tmp_path / "bad", 1, trainable="decoder"), progress=False)
+
+
+def test_init_from_is_checked_against_the_model_section(tmp_path):
+    """As the shipped tokenizer: a refiner without the norm, so fine-tuning it needs model.refiner_norm=false."""
+    torch.manual_seed(0)
+    model = load_yaml(TINY_CONFIG)["model"] | {"refiner_blocks": 1, "refiner_channels": 8}
+    VideoTokenizer(**model, refiner_norm=False).save_pretrained(tmp_path / "base")
+    config = tiny_config(tmp_path / "ft", 1, trainable="decoder", init_from=str(tmp_path / "base"))
+    config["model"].update(refiner_blocks=1, refiner_channels=8)
+    with pytest.raises(ValueError, match=r"^train.init_from: .* lacks 2 tensor\(s\) .*refiner.norm_out"):
+        train(config, progress=False)
+    config["model"]["refiner_norm"] = False
+    assert (train(config, progress=False) / "config.json").is_file()
+    with pytest.raises(ValueError, match="^train.init_from: .*nope is not a tokenizer folder"):
+        train(tiny_config(tmp_path / "bad", 1, init_from=str(tmp_path / "nope")), progress=False)
 
 
 def test_edge_weights_mark_one_pixel_either_side_of_an_edge():

@@ -1,7 +1,9 @@
 """Training faults: a damaged or mismatched checkpoint is a ValueError naming the file / tensor; a
-non-finite loss skips its step, too many in a row stop the run with the last checkpoint intact."""
+non-finite loss skips its step, too many in a row stop the run with the last checkpoint intact (and the
+engine closed); bad options fail before the engine starts."""
 
 import shutil
+import signal
 import zipfile
 from pathlib import Path
 
@@ -10,8 +12,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from omniar.train.common import load_yaml
+from omniar.train.common import split_train_section
 from omniar.train.engine import EngineConfig, NonFiniteLossError, TrainEngine
-from omniar.train.tokenizer import train
+from omniar.train.tokenizer import TokenizerTrainConfig, train
 
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_tiny.yaml"
 
@@ -98,6 +101,7 @@ def test_nan_run_stops_with_last_checkpoint_intact_and_resumable(tmp_path, monke
     config["train"].update(save_every=2, max_bad_steps=2)
     with pytest.raises(NonFiniteLossError):
         train(config, progress=False)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the engine was closed: kill works again
     assert len(calls) == 4  # steps 3 and 4 were non-finite: stopped before step 5
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002"]
     acc = EventAccumulator(str(tmp_path / "run" / "tb"))
@@ -105,3 +109,15 @@ def test_nan_run_stops_with_last_checkpoint_intact_and_resumable(tmp_path, monke
     assert [e.value for e in acc.Scalars("skipped_steps")] == [0, 0, 1]  # logged at steps 1, 2, 3
     monkeypatch.setattr(TrainEngine, "backward_step", original)
     assert (train(config, progress=False) / "config.json").is_file()  # resumes from step 2 and finishes
+
+
+def test_gradient_accumulation_is_not_an_option():
+    """One trainer step is one optimizer step: the schedule, checkpoints and router-bias updates count those."""
+    with pytest.raises(ValueError, match=r"^train: unknown keys \['grad_accum'\]"):
+        split_train_section({"grad_accum": 2}, TokenizerTrainConfig)
+
+
+def test_bad_stop_at_fails_before_the_engine_starts(tmp_path):
+    with pytest.raises(ValueError, match="^stop_at: must be >= 1"):
+        train(config_for(tmp_path / "run"), progress=False, stop_at=0)
+    assert not (tmp_path / "run").exists()

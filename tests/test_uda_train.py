@@ -1,7 +1,9 @@
-"""UDA runs on a tiny generated image-folder pair, the CLI, and clear errors for bad domains."""
+"""UDA runs on a tiny generated image-folder pair, the CLI, SIGTERM, and clear errors for bad domains."""
 
 import argparse
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from PIL import Image
 
 from omniar.cli import main as omniar_main
 from omniar.data.image_domains import load_domain
+from omniar.train.engine import TrainEngine
 from omniar.train.uda import UDAConfig, add_cli_arguments, check_domains, cli_main, train_uda
 
 CLASSES = ("circle", "square")
@@ -64,6 +67,29 @@ def test_baselines_run(domains, tmp_path, method):
                     batch_size=4, out_dir=str(tmp_path))
     result = train_uda(cfg, src, tgt)
     assert len(result["per_epoch"]) == 1 and 0.0 <= result["last"] <= 100.0
+
+
+def test_sigterm_mid_epoch_saves_and_returns_then_resumes(domains, tmp_path, monkeypatch):
+    src, tgt = (load_domain(d, 16) for d in domains)
+    cfg = UDAConfig(method="source_only", backbone="resnet10t", pretrained_classes=5, epochs=2, steps_per_epoch=2,
+                    batch_size=4, out_dir=str(tmp_path))
+    original = TrainEngine.backward_step
+    calls = []
+
+    def sigterm_in_step_3(self, loss):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # what `kill <pid>` sends
+        return original(self, loss)
+
+    monkeypatch.setattr(TrainEngine, "backward_step", sigterm_in_step_3)
+    stopped = train_uda(cfg, src, tgt)
+    assert len(calls) == 3 and stopped["stopped_at"] == 3 and len(stopped["per_epoch"]) == 1
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    monkeypatch.setattr(TrainEngine, "backward_step", original)
+    resumed = train_uda(cfg, src, tgt)  # from step 3: the rest of epoch 2
+    assert resumed["per_epoch"][:1] == stopped["per_epoch"] and len(resumed["per_epoch"]) == 2
 
 
 def test_list_file_domain(domains, tmp_path):

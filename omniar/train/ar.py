@@ -13,7 +13,7 @@ frames from a frame's attention), elastic sub-model sampling.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,14 +21,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import assets
-from .._checks import check_choice, check_float, check_int, require
-from .._pretrained import load_checked_state_dict
+from .._checks import check_bool, check_choice, check_float, check_int, check_keys, require
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..data.skipped import log_skipped
 from ..generation.pipeline import TextToVideoPipeline, encode_prompts
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from .common import config_cli, split_train_section, step_loader
+from .common import check_sections, config_cli, last_step, load_init_from, split_train_section, step_loader
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
@@ -49,6 +48,8 @@ class ARDataConfig:
         check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
         require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
         check_int(self.num_clips, "data.num_clips", 1)
+        check_int(self.num_frames, "data.num_frames", 1)
+        check_int(self.max_num_frames, "data.max_num_frames", 1)
         check_int(self.max_text_len, "data.max_text_len", 2)
 
 
@@ -81,7 +82,10 @@ class ARTrainConfig:
             check_float(getattr(self, name), f"train.{name}", 0.0, 1.0)
         check_float(self.text_weight, "train.text_weight", 0.0)
         check_float(self.mtp_weight, "train.mtp_weight", 0.0)
+        check_bool(self.elastic, "train.elastic")
         check_float(self.elastic_distill, "train.elastic_distill", 0.0)
+        require(self.elastic_distill == 0 or self.elastic, "train.elastic_distill",
+                "needs train.elastic (the sub-model that learns from the full model)")
         check_float(self.anchor_weight, "train.anchor_weight", 0.0)
         require(self.anchor_weight == 0 or bool(self.init_from), "train.anchor_weight",
                 "needs train.init_from (the model to stay close to)")
@@ -89,6 +93,10 @@ class ARTrainConfig:
 
 
 def load_video_tokenizer(name_or_path: str) -> VideoTokenizer:
+    """``train.tokenizer``: a tokenizer folder or the name of a shipped asset."""
+    require(isinstance(name_or_path, str) and (Path(name_or_path).is_dir() or name_or_path in assets.available()),
+            "train.tokenizer", f"must be a tokenizer folder or one of the shipped assets {assets.available()}, "
+            f"got {name_or_path!r}")
     folder = Path(name_or_path)
     return VideoTokenizer.from_pretrained(str(folder if folder.is_dir() else assets.path(name_or_path)))
 
@@ -182,88 +190,89 @@ def build_source_dataset(data_cfg: ARDataConfig, size: int):
 
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
-    require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
+    check_sections(config)
     data_cfg = config_from_dict(ARDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), ARTrainConfig)
+    end = last_step(train_cfg.steps, stop_at)
+    model_fields = check_keys(config.get("model", {}), "model", {f.name for f in fields(OmniARConfig)})
+    derived = {"codebook_size", "code_dim", "scales", "text_vocab_size"} & set(model_fields)
+    require(not derived, "model", f"{sorted(derived)} are set from train.tokenizer and the text tokenizer; "
+            "remove them")
     tok = load_video_tokenizer(train_cfg.tokenizer)
+    tok.check_num_frames(data_cfg.num_frames, "data.num_frames")
     text_tok = TextTokenizer()
-    model_fields = dict(config.get("model", {}))
-    model_fields.update(codebook_size=tok.config.codebook_size, code_dim=tok.config.latent_channels,
-                        scales=tuple(tok.scales), text_vocab_size=text_tok.vocab_size)
-    model_cfg = OmniARConfig.from_dict(model_fields)
+    model_cfg = OmniARConfig(**model_fields, codebook_size=tok.config.codebook_size,
+                             code_dim=tok.config.latent_channels, scales=tuple(tok.scales),
+                             text_vocab_size=text_tok.vocab_size)
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = OmniARModel.from_config_obj(model_cfg)
     if train_cfg.init_from:
-        init = Path(train_cfg.init_from, "model")
-        require(init.is_dir(), "train.init_from", f"{train_cfg.init_from} is not a pipeline folder (no model/)")
-        model.load_state_dict(load_checked_state_dict(init, model.state_dict(), "train.init_from"))
+        load_init_from(model, train_cfg.init_from, "a pipeline folder (no model/)", "model")
     # the init_from weights, also on resume (a resumed run reloads only the trained model's state)
     anchor = copy.deepcopy(model).eval().requires_grad_(False) if train_cfg.anchor_weight > 0 else None
-    engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
-    tok.to(engine.device).eval().requires_grad_(False)
-    if anchor is not None:
-        anchor.to(engine.device)
-    if engine.rank == 0:
-        source = build_source_dataset(data_cfg, tok.resolution)
-        log_skipped(engine, 0, data=source)
-        settings = {k: getattr(data_cfg, k) for k in ("dataset", "path", "num_frames", "seed")}
-        pretokenize(tok, source, data_cfg.cache_dir, data_cfg.num_clips, settings | {"size": tok.resolution},
-                    num_workers=data_cfg.num_workers, progress=progress)
-        log_skipped(engine, 0, data=source)  # with the files that failed to decode while pre-tokenizing
-    engine._barrier()
-    data = TokenizedDataset(data_cfg.cache_dir)
-    start = engine.resume()
-    end = train_cfg.steps if stop_at is None else min(check_int(stop_at, "stop_at", 1), train_cfg.steps)
-    loader = step_loader(data, engine_cfg.micro_batch_size, start, end, engine.rank, engine.world_size,
-                         collate_fn=collate)
-    bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="ar")
-    step = start
-    for batch in loader:
-        g = engine.generator(step)
-        ids, mask, inputs, targets, visibility = prepare_batch(batch, tok, text_tok, train_cfg, data_cfg, g,
-                                                               engine.device)
-        with engine.autocast():
-            out = engine.ds(ids, mask, inputs, visibility)
-            loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
-            if anchor is not None:
-                with torch.no_grad():
-                    reference = anchor(ids, mask, inputs, visibility)
-                kl = distill_loss(out, reference, tok.scales, train_cfg)
-                loss = loss + train_cfg.anchor_weight * kl
-                parts["anchor_kl"] = kl.item()
-            if train_cfg.elastic:
-                spec = engine.module.sample_elastic(g)
-                if spec != engine.module.active_spec:
-                    with engine.module.elastic(*spec):
-                        sub_out = engine.ds(ids, mask, inputs, visibility)
-                    sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
-                    parts["elastic_visual_ce"] = sub_parts["visual_ce"]
-                    if train_cfg.elastic_distill > 0:
-                        kl = distill_loss(sub_out, out, tok.scales, train_cfg)
-                        sub_loss = sub_loss + train_cfg.elastic_distill * kl
-                        parts["elastic_kl"] = kl.item()
-                    loss = loss + sub_loss
-        if engine.backward_step(loss):
-            engine.module.update_router_biases()
-        step += 1
-        bar.update(1)
-        if step % engine_cfg.log_every == 0 or step == end:
-            scalars = {"loss": loss.item(), **parts, "lr": engine.lr, "skipped_steps": engine.skipped_steps}
-            for i, stats in enumerate(out.router_stats):
-                for key, value in stats.to_dict().items():
-                    if isinstance(value, (int, float)):
-                        scalars[f"router/{i}/{key}"] = value
-            engine.log_scalars(scalars, step)
-            bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{parts['visual_ce']:.3f}")
-        if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
-            break
-    bar.close()
-    final = Path(engine_cfg.out_dir) / "final"
-    if engine.rank == 0 and step == train_cfg.steps:
-        pipe = TextToVideoPipeline(tok.cpu(), text_tok, engine.module.cpu(), data_cfg.max_text_len,
-                                   data_cfg.max_num_frames)
-        pipe.save_pretrained(final)
-    engine.close()
+    with TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
+        tok.to(engine.device).eval().requires_grad_(False)
+        if anchor is not None:
+            anchor.to(engine.device)
+        if engine.rank == 0:
+            source = build_source_dataset(data_cfg, tok.resolution)
+            log_skipped(engine, 0, data=source)
+            settings = {k: getattr(data_cfg, k) for k in ("dataset", "path", "num_frames", "seed")}
+            pretokenize(tok, source, data_cfg.cache_dir, data_cfg.num_clips, settings | {"size": tok.resolution},
+                        num_workers=data_cfg.num_workers, progress=progress)
+            log_skipped(engine, 0, data=source)  # with the files that failed to decode while pre-tokenizing
+        engine._barrier()
+        data = TokenizedDataset(data_cfg.cache_dir)
+        start = engine.resume()
+        loader = step_loader(data, engine_cfg.micro_batch_size, start, end, engine.rank, engine.world_size,
+                             collate_fn=collate)
+        bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="ar")
+        step = start
+        for batch in loader:
+            g = engine.generator(step)
+            ids, mask, inputs, targets, visibility = prepare_batch(batch, tok, text_tok, train_cfg, data_cfg, g,
+                                                                   engine.device)
+            with engine.autocast():
+                out = engine.ds(ids, mask, inputs, visibility)
+                loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
+                if anchor is not None:
+                    with torch.no_grad():
+                        reference = anchor(ids, mask, inputs, visibility)
+                    kl = distill_loss(out, reference, tok.scales, train_cfg)
+                    loss = loss + train_cfg.anchor_weight * kl
+                    parts["anchor_kl"] = kl.item()
+                if train_cfg.elastic:
+                    spec = engine.module.sample_elastic(g)
+                    if spec != engine.module.active_spec:
+                        with engine.module.elastic(*spec):
+                            sub_out = engine.ds(ids, mask, inputs, visibility)
+                        sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
+                        parts["elastic_visual_ce"] = sub_parts["visual_ce"]
+                        if train_cfg.elastic_distill > 0:
+                            kl = distill_loss(sub_out, out, tok.scales, train_cfg)
+                            sub_loss = sub_loss + train_cfg.elastic_distill * kl
+                            parts["elastic_kl"] = kl.item()
+                        loss = loss + sub_loss
+            if engine.backward_step(loss):
+                engine.module.update_router_biases()
+            step += 1
+            bar.update(1)
+            if step % engine_cfg.log_every == 0 or step == end:
+                scalars = {"loss": loss.item(), **parts, "lr": engine.lr, "skipped_steps": engine.skipped_steps}
+                for i, stats in enumerate(out.router_stats):
+                    for key, value in stats.to_dict().items():
+                        if isinstance(value, (int, float)):
+                            scalars[f"router/{i}/{key}"] = value
+                engine.log_scalars(scalars, step)
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{parts['visual_ce']:.3f}")
+            if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
+                break
+        bar.close()
+        final = Path(engine_cfg.out_dir) / "final"
+        if engine.rank == 0 and step == train_cfg.steps:
+            pipe = TextToVideoPipeline(tok.cpu(), text_tok, engine.module.cpu(), data_cfg.max_text_len,
+                                       data_cfg.max_num_frames)
+            pipe.save_pretrained(final)
     return final
 
 

@@ -12,7 +12,8 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._checks import require
+from .._checks import check_int, check_keys, require
+from .._pretrained import load_checked_state_dict
 
 
 class _Loader(yaml.SafeLoader):
@@ -49,6 +50,23 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
             require(isinstance(node, dict), "--set", f"{key!r}: {part!r} is not a section")
         node[leaf] = _parse(value)
     return config
+
+
+def check_sections(config: Any) -> dict:
+    """A trainer's config: a mapping of model/data/train sections (a misspelled section must not be ignored)."""
+    return check_keys(config, "config", ("model", "data", "train"))
+
+
+def last_step(steps: int, stop_at: int | None) -> int:
+    """The step this invocation ends at: ``stop_at`` (checked before any work starts), at most ``steps``."""
+    return steps if stop_at is None else min(check_int(stop_at, "stop_at", 1), steps)
+
+
+def load_init_from(model: torch.nn.Module, init_from: str, what: str, sub: str = "") -> None:
+    """Start ``model`` from the checked weights in ``init_from/sub`` (``train.init_from``, which is ``what``)."""
+    folder = Path(init_from, sub)
+    require(folder.is_dir(), "train.init_from", f"{init_from} is not {what}")
+    model.load_state_dict(load_checked_state_dict(folder, model.state_dict(), "train.init_from"))
 
 
 def split_train_section(section: dict, own_cls):

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._checks import check_choice, check_float, check_int, require
+from .._checks import check_choice, check_float, check_int, check_keys, require
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -43,8 +43,7 @@ class EngineConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
-    micro_batch_size: int = 8
-    grad_accum: int = 1
+    micro_batch_size: int = 8  # per process; no gradient accumulation: a trainer step is one optimizer step
     warmup_steps: int = 0
     seed: int = 0
     precision: str = "fp32"  # "bf16": torch.autocast with fp32 master weights
@@ -59,7 +58,6 @@ class EngineConfig:
         check_float(self.weight_decay, "weight_decay", 0.0)
         check_float(self.grad_clip, "grad_clip", 0.0)
         check_int(self.micro_batch_size, "micro_batch_size", 1)
-        check_int(self.grad_accum, "grad_accum", 1)
         check_int(self.warmup_steps, "warmup_steps", 0)
         check_int(self.seed, "seed", 0)
         check_choice(self.precision, "precision", ("fp32", "bf16"))
@@ -93,7 +91,10 @@ def init_distributed() -> None:
 
 
 class TrainEngine:
-    """DeepSpeed engine + atomic checkpoints + TensorBoard + non-finite-loss guard."""
+    """DeepSpeed engine + atomic checkpoints + TensorBoard + non-finite-loss guard.
+
+    A context manager: leaving the ``with`` block, also by an exception, closes the TensorBoard writer
+    and gives SIGTERM back its default action."""
 
     def __init__(self, model: nn.Module, config: EngineConfig,
                  optimizer_factory: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
@@ -119,7 +120,6 @@ class TrainEngine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         ds_config = {
             "train_micro_batch_size_per_gpu": config.micro_batch_size,
-            "gradient_accumulation_steps": config.grad_accum,
             "gradient_clipping": config.grad_clip,
             "zero_optimization": {"stage": config.zero_stage},
             "zero_allow_untested_optimizer": True,
@@ -257,6 +257,12 @@ class TrainEngine:
         if self.world_size > 1:
             dist.barrier()
 
+    def __enter__(self) -> "TrainEngine":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
@@ -266,10 +272,7 @@ class TrainEngine:
 
 def config_from_dict(cls, values: dict, name: str):
     """Build dataclass ``cls`` from a dict, with a clear error for unknown keys."""
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    require(not unknown, name, f"unknown keys {unknown}; known: {sorted(known)}")
-    return cls(**values)
+    return cls(**check_keys(values, name, cls.__dataclass_fields__))
 
 
 def cosine_lr(total_steps: int, warmup_steps: int = 0, floor: float = 0.05) -> Callable[[int], float]:

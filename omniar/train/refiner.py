@@ -33,7 +33,7 @@ from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .ar import load_video_tokenizer
-from .common import config_cli, split_train_section
+from .common import check_sections, config_cli, last_step, split_train_section
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .tokenizer import TokenizerDataConfig, build_dataset
 
@@ -131,9 +131,10 @@ def cache_decoded_frames(tok: VideoTokenizer, data_cfg: TokenizerDataConfig, num
 
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Run (or resume) refiner training; returns the exported tokenizer folder."""
-    require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
+    check_sections(config)
     data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), RefinerTrainConfig)
+    end = last_step(train_cfg.steps, stop_at)
     base = load_video_tokenizer(train_cfg.tokenizer)
     refiner_keys = ("refiner_blocks", "refiner_channels", "refiner_norm")
     if train_cfg.finetune:
@@ -167,44 +168,43 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         return torch.optim.AdamW(groups, lr=engine_cfg.lr, betas=engine_cfg.betas,
                                  weight_decay=engine_cfg.weight_decay)
 
-    engine = TrainEngine(objective, engine_cfg, optimizer_factory=optimizer,
-                         lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
-    tok.to(engine.device)
-    out = Path(engine_cfg.out_dir)
-    # keyed by everything the frames depend on: another tokenizer or data never reuses them
-    source = {k: v for k, v in asdict(data_cfg).items() if k != "num_workers"}
-    key = weights_sha256(base, extra=[source, train_cfg.num_clips])[:16]
-    cache = out / f"decoded_{train_cfg.num_clips}x{data_cfg.num_frames}_{key}.safetensors"
-    if engine.rank == 0:
-        cache_decoded_frames(base.to(engine.device).eval(), data_cfg, train_cfg.num_clips, cache, progress)
-    engine._barrier()
-    frames = load_file(cache)
-    start = engine.resume()
-    end = train_cfg.steps if stop_at is None else min(check_int(stop_at, "stop_at", 1), train_cfg.steps)
-    bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="refiner")
-    step = start
-    while step < end:
-        idx = torch.randint(0, len(frames["decoded"]), (engine_cfg.micro_batch_size,), generator=engine.generator(step))
-        x, y = (frames[k][idx].to(engine.device).float() for k in ("decoded", "real"))
-        with engine.autocast():
-            loss, terms = engine.ds(x, y, train_cfg.adv_weight if step >= train_cfg.adv_start else 0.0)
-        engine.backward_step(loss)
-        step += 1
-        bar.update(1)
-        if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
-            refined = terms.pop("refined").detach().clamp(-1, 1)
-            before, after = psnr(x, y).mean().item(), psnr(refined, y).mean().item()
-            engine.log_scalars({"loss": loss.item(), "psnr": after, "psnr_gain": after - before, "lr": engine.lr,
-                                "skipped_steps": engine.skipped_steps} | {k: v.item() for k, v in terms.items()},
-                               step)
-            bar.set_postfix(loss=f"{loss.item():.5f}", gain=f"{after - before:+.2f} dB")
-        if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
-            break
-    bar.close()
-    final = out / "final"
-    if engine.rank == 0 and step == train_cfg.steps:
-        tok.cpu().eval().save_pretrained(final)
-    engine.close()
+    with TrainEngine(objective, engine_cfg, optimizer_factory=optimizer,
+                     lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
+        tok.to(engine.device)
+        out = Path(engine_cfg.out_dir)
+        # keyed by everything the frames depend on: another tokenizer or data never reuses them
+        source = {k: v for k, v in asdict(data_cfg).items() if k != "num_workers"}
+        key = weights_sha256(base, extra=[source, train_cfg.num_clips])[:16]
+        cache = out / f"decoded_{train_cfg.num_clips}x{data_cfg.num_frames}_{key}.safetensors"
+        if engine.rank == 0:
+            cache_decoded_frames(base.to(engine.device).eval(), data_cfg, train_cfg.num_clips, cache, progress)
+        engine._barrier()
+        frames = load_file(cache)
+        start = engine.resume()
+        bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="refiner")
+        step = start
+        while step < end:
+            idx = torch.randint(0, len(frames["decoded"]), (engine_cfg.micro_batch_size,),
+                                generator=engine.generator(step))
+            x, y = (frames[k][idx].to(engine.device).float() for k in ("decoded", "real"))
+            with engine.autocast():
+                loss, terms = engine.ds(x, y, train_cfg.adv_weight if step >= train_cfg.adv_start else 0.0)
+            engine.backward_step(loss)
+            step += 1
+            bar.update(1)
+            if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
+                refined = terms.pop("refined").detach().clamp(-1, 1)
+                before, after = psnr(x, y).mean().item(), psnr(refined, y).mean().item()
+                engine.log_scalars({"loss": loss.item(), "psnr": after, "psnr_gain": after - before,
+                                    "lr": engine.lr, "skipped_steps": engine.skipped_steps}
+                                   | {k: v.item() for k, v in terms.items()}, step)
+                bar.set_postfix(loss=f"{loss.item():.5f}", gain=f"{after - before:+.2f} dB")
+            if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
+                break
+        bar.close()
+        final = out / "final"
+        if engine.rank == 0 and step == train_cfg.steps:
+            tok.cpu().eval().save_pretrained(final)
     return final
 
 

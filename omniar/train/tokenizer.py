@@ -8,6 +8,7 @@ checkpoints atomically; resumes from the newest complete checkpoint; exports
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .._checks import check_choice, check_float, check_int, require
+from .._checks import check_choice, check_float, check_int, check_keys, require
 from ..data.skipped import log_skipped
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
-from .common import config_cli, split_train_section, step_loader
+from .common import check_sections, config_cli, last_step, load_init_from, split_train_section, step_loader
 from .engine import TrainEngine, config_from_dict, cosine_lr
 
 
@@ -96,13 +97,15 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
 
     ``stop_at`` ends this invocation after that many steps (with a checkpoint) while the
     schedule still spans ``train.steps``: a later call resumes where it stopped."""
-    require(isinstance(config, dict), "config", "must be a mapping with model/data/train sections")
+    check_sections(config)
     data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), TokenizerTrainConfig)
+    end = last_step(train_cfg.steps, stop_at)
+    model_cfg = check_keys(config.get("model", {}), "model", inspect.signature(VideoTokenizer).parameters)
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
-    model = VideoTokenizer(**config.get("model", {}))
+    model = VideoTokenizer(**model_cfg)
     if train_cfg.init_from:
-        model.load_state_dict(VideoTokenizer.from_pretrained(train_cfg.init_from).state_dict())
+        load_init_from(model, train_cfg.init_from, "a tokenizer folder")
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (scales[-1] x spatial_compression)")
     model.check_num_frames(data_cfg.num_frames, "data.num_frames")
@@ -110,42 +113,40 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         frozen = (model.encoder, model.quantizer)
         for module in frozen:
             module.requires_grad_(False)
-    engine = TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps))
-    if train_cfg.trainable == "decoder":
-        for module in frozen:
-            module.eval()  # eval mode: no codebook EMA updates or code restarts
-    start = engine.resume()
-    end = train_cfg.steps if stop_at is None else min(check_int(stop_at, "stop_at", 1), train_cfg.steps)
-    dataset = build_dataset(data_cfg)
-    log_skipped(engine, start, data=dataset)
-    loader = step_loader(dataset, engine_cfg.micro_batch_size, start, end,
-                         engine.rank, engine.world_size, data_cfg.num_workers)
-    bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="tokenizer")
-    step = start
-    for batch in loader:
-        video = batch["video"].to(engine.device, non_blocking=True)
-        with engine.autocast():
-            out = engine.ds(video)
-            rec = out.reconstruction.float()
-            loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight) + out.vq_loss
-        engine.backward_step(loss)
-        step += 1
-        bar.update(1)
-        if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
-            scalars = {"loss": loss.item(), "vq_loss": out.vq_loss.item(), "psnr": psnr(rec, video).mean().item(),
-                       "codebook_usage": engine.module.codebook_usage(), "lr": engine.lr,
-                       "skipped_steps": engine.skipped_steps}
-            engine.log_scalars(scalars, step)
-            bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
-                            usage=f"{scalars['codebook_usage']:.2f}")
-        if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
-            break
-    bar.close()
-    log_skipped(engine, step, data=dataset)
-    final = Path(engine_cfg.out_dir) / "final"
-    if engine.rank == 0 and step == train_cfg.steps:
-        engine.module.save_pretrained(final)
-    engine.close()
+    with TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
+        if train_cfg.trainable == "decoder":
+            for module in frozen:
+                module.eval()  # eval mode: no codebook EMA updates or code restarts
+        start = engine.resume()
+        dataset = build_dataset(data_cfg)
+        log_skipped(engine, start, data=dataset)
+        loader = step_loader(dataset, engine_cfg.micro_batch_size, start, end,
+                             engine.rank, engine.world_size, data_cfg.num_workers)
+        bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="tokenizer")
+        step = start
+        for batch in loader:
+            video = batch["video"].to(engine.device, non_blocking=True)
+            with engine.autocast():
+                out = engine.ds(video)
+                rec = out.reconstruction.float()
+                loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight) + out.vq_loss
+            engine.backward_step(loss)
+            step += 1
+            bar.update(1)
+            if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
+                scalars = {"loss": loss.item(), "vq_loss": out.vq_loss.item(),
+                           "psnr": psnr(rec, video).mean().item(), "codebook_usage": engine.module.codebook_usage(),
+                           "lr": engine.lr, "skipped_steps": engine.skipped_steps}
+                engine.log_scalars(scalars, step)
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
+                                usage=f"{scalars['codebook_usage']:.2f}")
+            if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
+                break
+        bar.close()
+        log_skipped(engine, step, data=dataset)
+        final = Path(engine_cfg.out_dir) / "final"
+        if engine.rank == 0 and step == train_cfg.steps:
+            engine.module.save_pretrained(final)
     return final
 
 

@@ -203,7 +203,8 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
     """Adapt from labelled ``source`` to unlabelled ``target``; the labels of ``target_eval`` (default:
     ``target``) are read only to report accuracy. Resumes from ``cfg.out_dir``'s newest checkpoint.
 
-    Returns ``{"per_epoch": [acc %], "best": acc, "best_epoch": e (1-based), "last": acc}``.
+    Returns ``{"per_epoch": [acc %], "best": acc, "best_epoch": e (1-based), "last": acc}``; after a
+    SIGTERM (checkpoint saved; rerun to resume) ``{"per_epoch": [...], "stopped_at": step}``.
     """
     num_classes = check_domains(source, target)
     torch.manual_seed(cfg.seed)
@@ -211,62 +212,67 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
     module = UDAModel(BiPCModel(backbone, num_classes), cfg.method)
     per_epoch = cfg.steps_per_epoch or max(1, len(source) // cfg.batch_size)
     total = per_epoch * cfg.epochs
-    engine = TrainEngine(
-        module, EngineConfig(out_dir=cfg.out_dir, zero_stage=cfg.zero_stage, lr=cfg.lr, grad_clip=0.0,
-                             micro_batch_size=cfg.batch_size, seed=cfg.seed, precision=cfg.precision,
-                             log_every=per_epoch, save_every=per_epoch),
-        optimizer_factory=_optimizer(cfg), lr_lambda=lambda step: (1 + 3e-4 * step) ** -0.75)
-    model, dev, out = engine.module.model, engine.device, Path(cfg.out_dir)
-    relation = None
-    if cfg.method == "bipc":
-        cache = Path(cfg.relation_cache) if cfg.relation_cache else out / "relationship.npy"
-        relation = load_or_learn_relation(model, source, num_classes, cache, dev, cfg.seed, cfg.num_workers)
-    start = engine.resume()
-    log_skipped(engine, start, source=source, target=target)
-    history_file = out / "history.json"
-    history = json.loads(history_file.read_text())[: start // per_epoch] if start and history_file.is_file() else []
-    src = _loader(source, cfg.batch_size, start, total, engine, 1, cfg.num_workers)
-    tgt = _loader(target, cfg.batch_size, start, total, engine, 2, cfg.num_workers) \
-        if cfg.method != "source_only" else None
-    bar = tqdm(range(start, total), initial=start, total=total, desc=f"uda {cfg.method}",
-               disable=not progress or engine.rank != 0)
-    for step in bar:
-        xs, ys = (t.to(dev) for t in next(src))
-        scalars = {}
-        with engine.autocast():
-            if cfg.method == "source_only":
-                task_s = engine.ds(xs)[0]
-            elif cfg.method == "dann":
-                xt = next(tgt)[0].to(dev)
-                task, _, feats = engine.ds(torch.cat([xs, xt]))  # one batch, as DANN does
-                task_s = task[: len(xs)]
-                domain = engine.module.discriminator(GradientReversal.apply(feats, ramp(step / total, 10.0)))
-                is_source = torch.cat([torch.ones(len(xs)), torch.zeros(len(xt))]).to(dev)
-                scalars["domain"] = F.binary_cross_entropy_with_logits(domain.squeeze(1).float(), is_source)
-            else:  # bipc: separate source and target passes, the task head reads detached target features
-                xt = next(tgt)[0].to(dev)
-                task_s, pre_s, _ = engine.ds(xs)
-                task_t, pre_t, _ = engine.ds(xt, detach_task_input=True)
-                pre_s, pre_t, task_t = pre_s.float(), pre_t.float(), task_t.float()
-                with torch.no_grad():
-                    q = calibrated_class_probs(relation, pre_t.softmax(1))
-                lam = ramp(step / total, cfg.ramp_gamma)
-                scalars["cpa"] = lam * cfg.cpa_weight * cpa_loss(pre_s, pre_t, ys, task_t.softmax(1), relation)
-                scalars["cgi"] = lam * cfg.cgi_weight * cgi_loss(task_t, q)
-            scalars["ce"] = F.cross_entropy(task_s.float(), ys, label_smoothing=cfg.label_smoothing)
-        loss = sum(scalars.values())
-        engine.backward_step(loss)
-        if (step + 1) % per_epoch == 0:
-            history.append(evaluate(model, target_eval if target_eval is not None else target, dev,
-                                    num_workers=cfg.num_workers))
-            engine.log_scalars({"target_acc": history[-1], "loss": loss.item(),
-                                **{k: v.item() for k, v in scalars.items()}}, step + 1)
-            if engine.rank == 0:
-                history_file.write_text(json.dumps(history))
-            engine.save(step + 1)
-            bar.set_postfix(epoch=len(history), target_acc=f"{history[-1]:.2f}")
-    log_skipped(engine, total, source=source, target=target)
-    engine.close()
+    with TrainEngine(
+            module, EngineConfig(out_dir=cfg.out_dir, zero_stage=cfg.zero_stage, lr=cfg.lr, grad_clip=0.0,
+                                 micro_batch_size=cfg.batch_size, seed=cfg.seed, precision=cfg.precision,
+                                 log_every=per_epoch, save_every=per_epoch),
+            optimizer_factory=_optimizer(cfg), lr_lambda=lambda step: (1 + 3e-4 * step) ** -0.75) as engine:
+        model, dev, out = engine.module.model, engine.device, Path(cfg.out_dir)
+        relation = None
+        if cfg.method == "bipc":
+            cache = Path(cfg.relation_cache) if cfg.relation_cache else out / "relationship.npy"
+            relation = load_or_learn_relation(model, source, num_classes, cache, dev, cfg.seed, cfg.num_workers)
+        start = engine.resume()
+        log_skipped(engine, start, source=source, target=target)
+        history_file = out / "history.json"
+        history = json.loads(history_file.read_text())[: start // per_epoch] \
+            if start and history_file.is_file() else []
+        src = _loader(source, cfg.batch_size, start, total, engine, 1, cfg.num_workers)
+        tgt = _loader(target, cfg.batch_size, start, total, engine, 2, cfg.num_workers) \
+            if cfg.method != "source_only" else None
+        bar = tqdm(range(start, total), initial=start, total=total, desc=f"uda {cfg.method}",
+                   disable=not progress or engine.rank != 0)
+        done = start
+        for step in bar:
+            xs, ys = (t.to(dev) for t in next(src))
+            scalars = {}
+            with engine.autocast():
+                if cfg.method == "source_only":
+                    task_s = engine.ds(xs)[0]
+                elif cfg.method == "dann":
+                    xt = next(tgt)[0].to(dev)
+                    task, _, feats = engine.ds(torch.cat([xs, xt]))  # one batch, as DANN does
+                    task_s = task[: len(xs)]
+                    domain = engine.module.discriminator(GradientReversal.apply(feats, ramp(step / total, 10.0)))
+                    is_source = torch.cat([torch.ones(len(xs)), torch.zeros(len(xt))]).to(dev)
+                    scalars["domain"] = F.binary_cross_entropy_with_logits(domain.squeeze(1).float(), is_source)
+                else:  # bipc: separate source and target passes, the task head reads detached target features
+                    xt = next(tgt)[0].to(dev)
+                    task_s, pre_s, _ = engine.ds(xs)
+                    task_t, pre_t, _ = engine.ds(xt, detach_task_input=True)
+                    pre_s, pre_t, task_t = pre_s.float(), pre_t.float(), task_t.float()
+                    with torch.no_grad():
+                        q = calibrated_class_probs(relation, pre_t.softmax(1))
+                    lam = ramp(step / total, cfg.ramp_gamma)
+                    scalars["cpa"] = lam * cfg.cpa_weight * cpa_loss(pre_s, pre_t, ys, task_t.softmax(1), relation)
+                    scalars["cgi"] = lam * cfg.cgi_weight * cgi_loss(task_t, q)
+                scalars["ce"] = F.cross_entropy(task_s.float(), ys, label_smoothing=cfg.label_smoothing)
+            loss = sum(scalars.values())
+            engine.backward_step(loss)
+            done = step + 1
+            if done % per_epoch == 0:
+                history.append(evaluate(model, target_eval if target_eval is not None else target, dev,
+                                        num_workers=cfg.num_workers))
+                engine.log_scalars({"target_acc": history[-1], "loss": loss.item(),
+                                    **{k: v.item() for k, v in scalars.items()}}, done)
+                if engine.rank == 0:
+                    history_file.write_text(json.dumps(history))
+                bar.set_postfix(epoch=len(history), target_acc=f"{history[-1]:.2f}")
+            if engine.checkpoint_due(done, total):  # save_every = per_epoch: after each epoch, or on SIGTERM
+                break
+        log_skipped(engine, done, source=source, target=target)
+    if done < total:
+        return {"per_epoch": history, "stopped_at": done}
     best = int(np.argmax(history))
     return {"per_epoch": history, "best": history[best], "best_epoch": best + 1, "last": history[-1]}
 
@@ -349,6 +355,9 @@ def cli_main(args: argparse.Namespace) -> int:
     domain = lambda flag, augment: load_domain(getattr(args, flag), args.image_size, f"--{flag}",  # noqa: E731
                                                augment=augment and not args.no_augment, **norm)
     result = train_uda(cfg, domain("source", True), domain("target", True), domain("target", False), progress=True)
+    if "stopped_at" in result:
+        print(f"uda: stopped with a checkpoint after step {result['stopped_at']}; rerun the command to resume")
+        return 0
     print(json.dumps({"method": cfg.method, "last_epoch_acc": result["last"], "best_epoch_acc": result["best"],
                       "best_epoch": result["best_epoch"], "per_epoch": result["per_epoch"]}))
     return 0
