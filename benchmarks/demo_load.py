@@ -3,7 +3,7 @@
 The server runs as a subprocess (``python -m omniar.cli demo``) so its peak RSS (VmHWM) is its own.
 Each request is a distinct (prompt, seed); its mp4 must have the requested frame count and match the
 pipeline run directly in this process, closer to its own reference than to any other request's.
-Prints JSON and a table; writes benchmarks/results/demo_load.json.
+Prints JSON and a table; writes ``--out`` (default benchmarks/results/demo_load.json).
 
     OMP_NUM_THREADS=2 python benchmarks/demo_load.py --requests 16
 """
@@ -64,6 +64,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
     parser.add_argument("--concurrency", type=int, default=1, help="the server's --concurrency")
     parser.add_argument("--timeout", type=float, default=600, help="seconds for the whole run")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     pipe = TextToVideoPipeline.from_pretrained(args.model)
@@ -130,8 +131,8 @@ def main() -> None:
     print(f"| {args.requests} | {correct} | {result['sequential_in_process_s']} | "
           f"{result['concurrent_through_server_s']} | {result['server_overhead_ratio']} | "
           f"{result['latency_p50_s']} / {result['latency_max_s']} | {result['server_peak_rss_mib']} |")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
     if not result["all_correct"]:
         sys.exit(1)
 

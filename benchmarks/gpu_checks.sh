@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared run for a lent GPU machine (its image has torch, timm, safetensors, ... but not
 # diffusers or DeepSpeed). Here: `make gpu-site` (the missing packages, one 5 MB archive in .gpu/). Then one
-# device call, carrying .gpu:  bash benchmarks/gpu_checks.sh   (about 3 minutes)
-# It runs the CUDA tests and the MoE benchmark in bf16; env.txt, tests.txt and moe_cuda.json land in $OUT.
+# device call, carrying .gpu:  bash benchmarks/gpu_checks.sh   (about 4 minutes)
+# It runs the CUDA tests, the MoE benchmark and the pipeline speed in bf16; env.txt, tests.txt,
+# moe_cuda.json and pipeline_speed_cuda.json land in $OUT.
 set -euo pipefail
 OUT=${OUT:-runs/gpu_checks}
 mkdir -p "$OUT" /tmp/site
@@ -15,3 +16,4 @@ print(torch.__version__, torch.cuda.get_device_name(), "F.grouped_mm:", hasattr(
 PY
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_moe.py tests/test_backbone.py 2>&1 | tee "$OUT/tests.txt"
 python3 benchmarks/moe.py --device cuda --dtype bf16 --repeats 20 --out "$OUT/moe_cuda.json" 2>&1 | tail -8
+python3 benchmarks/pipeline_speed.py --device cuda --out "$OUT/pipeline_speed_cuda.json" 2>&1 | tail -3

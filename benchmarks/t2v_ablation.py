@@ -4,7 +4,11 @@ training length (33 frames): adherence of the last frames and Frechet distance.
 Both arms train the same small model (configs/ar_ablation.yaml) on the same pre-tokenized clips with
 the same seed and step budget; only train.cfec_max_rate and train.frame_mask_prob differ.
 
-    python benchmarks/t2v_ablation.py [--steps 400] [--clips 32] [--out benchmarks/results/t2v_ablation.json]
+    python benchmarks/t2v_ablation.py [--steps 400] [--clips 32] [--work runs/ablation] [--resume]
+        [--out benchmarks/results/t2v_ablation.json]
+
+Each arm trains into ``WORK/<arm>``; a non-empty one is refused unless ``--resume`` continues it (the
+trainer resumes from its newest checkpoint), so a rerun never silently re-exports old runs.
 """
 
 from __future__ import annotations
@@ -33,15 +37,21 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=32, help="evaluation clips per arm")
     parser.add_argument("--frames", type=int, default=33, help="generated clip length (training: 17)")
     parser.add_argument("--last", type=int, default=9, help="judge the last N frames")
+    parser.add_argument("--work", default="runs/ablation", help="folder of the two arms' runs")
+    parser.add_argument("--resume", action="store_true", help="continue the runs already in --work")
     parser.add_argument("--out", default="benchmarks/results/t2v_ablation.json")
     args = parser.parse_args()
+    runs = {name: Path(args.work, name) for name in ARMS}
+    for run in runs.values():
+        if run.is_dir() and any(run.iterdir()) and not args.resume:
+            parser.error(f"--work: {run} holds an earlier run; pass --resume to continue it or choose another --work")
 
     result = {"steps": args.steps, "clips": args.clips, "frames": args.frames, "last_frames": args.last,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU"}
     pipes = {}
     for name, arm in ARMS.items():
         config = load_yaml(args.config)
-        config["train"].update(steps=args.steps, out_dir=f"runs/ablation_{name}", **arm)
+        config["train"].update(steps=args.steps, out_dir=str(runs[name]), **arm)
         start = time.perf_counter()
         pipes[name] = TextToVideoPipeline.from_pretrained(train(config))
         result[name] = {**arm, "train_s": time.perf_counter() - start}

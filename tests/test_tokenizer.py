@@ -99,14 +99,18 @@ def test_save_load_roundtrip(tok, tmp_path):
 
 def test_ema_codebook_restarts_dead_codes():
     torch.manual_seed(0)
-    tok = VideoTokenizer(**{**TINY, "dead_code_threshold": 0.5})
+    tok = VideoTokenizer(**{**TINY, "dead_code_threshold": 0.5, "ema_decay": 0.5})
     tok.train()
     video = clips(2, 5)
-    for _ in range(5):
-        out = tok(video)
-    assert out.vq_loss.item() > 0
-    assert tok.codebook_usage() > 0.5
-    assert torch.isfinite(tok.quantizer.codebook).all()
+    q = tok.quantizer
+    tok(video)  # the first update starts the codebook on data
+    far = torch.full_like(q.codebook[0], 1e3)  # a code no residual is ever nearest to
+    q.codebook[0], q.ema_sum[0], q.ema_count[0] = far, far, 1.0
+    out = tok(video)  # its count halves to 0.5 (alive); the next update finds it dead
+    assert torch.equal(q.codebook[0], far)
+    out = tok(video)
+    assert q.codebook[0].abs().max() < 100 and q.ema_count[0] == 1.0  # restarted on a residual of the batch
+    assert out.vq_loss.item() > 0 and torch.isfinite(q.codebook).all()
 
 
 @pytest.mark.parametrize("bad, match", [
