@@ -7,10 +7,13 @@ import signal
 
 import numpy as np
 import pytest
+import torch
+from _train_helpers import assert_bitwise_equal
 from PIL import Image
 
 from omniar.cli import main as omniar_main
 from omniar.data.image_domains import load_domain
+from omniar.train import uda
 from omniar.train.engine import TrainEngine
 from omniar.train.uda import UDAConfig, add_cli_arguments, check_domains, cli_main, train_uda
 
@@ -41,7 +44,25 @@ def run_cli(*argv):
     return cli_main(parser.parse_args(list(argv)))
 
 
-def test_bipc_run_caches_relation_and_resumes(domains, tmp_path, capsys):
+def model_states(run, step):
+    """The module weights and buffers of a run's checkpoint after ``step`` steps."""
+    path = run / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+def count_steps(monkeypatch):
+    """Record each ``backward_step`` (the module's weights before it) in the returned list."""
+    original, states = TrainEngine.backward_step, []
+
+    def counted(self, loss):
+        states.append({k: v.detach().clone() for k, v in self.module.named_parameters()})
+        return original(self, loss)
+
+    monkeypatch.setattr(TrainEngine, "backward_step", counted)
+    return states
+
+
+def test_bipc_run_caches_relation_and_resumes(domains, tmp_path, capsys, monkeypatch):
     src, tgt = domains
     out = tmp_path / "run"
     common = ["--source", str(src), "--target", str(tgt), "--backbone", "resnet10t", "--pretrained-classes", "5",
@@ -54,10 +75,26 @@ def test_bipc_run_caches_relation_and_resumes(domains, tmp_path, capsys):
     assert relation.shape == (2, 5)
     np.testing.assert_allclose(relation.sum(1), 1.0, atol=1e-6)
     assert (out / "tb").is_dir() and (out / "checkpoints").is_dir()
-    # a third epoch resumes from the checkpoint and keeps the first two epochs' history
+    # a third epoch resumes from the step-4 checkpoint: its weights, two more steps, the first two epochs'
+    # history; and it reads the cached relation (a different valid one here) instead of learning it again
+    cached = np.eye(2, 5, dtype=relation.dtype) / 2 + 0.1
+    np.save(out / "relationship.npy", cached)
+    monkeypatch.setattr(uda, "relationship_matrix", lambda *a, **k: pytest.fail("relation learned again"))
+    real_cpa, used = uda.cpa_loss, []  # the relation each step trains with: cpa_loss's last argument
+    monkeypatch.setattr(uda, "cpa_loss", lambda *a: used.append(a[-1].cpu()) or real_cpa(*a))
+    steps = count_steps(monkeypatch)
     assert run_cli(*common, "--method", "bipc", "--epochs", "3") == 0
     resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert resumed["per_epoch"][:2] == result["per_epoch"] and len(resumed["per_epoch"]) == 3
+    assert len(steps) == 2
+    weights = model_states(out, 4)
+    assert_bitwise_equal({k: weights[k] for k in steps[0]}, steps[0])
+    assert len(used) == 2 and all(torch.equal(r, torch.as_tensor(cached, dtype=torch.float32)) for r in used)
+    np.save(out / "wrong.npy", np.full((5, 2), 0.5))
+    cfg = UDAConfig(backbone="resnet10t", pretrained_classes=5, epochs=1, steps_per_epoch=1, batch_size=4,
+                    relation_cache=str(out / "wrong.npy"), out_dir=str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"^relation_cache: .*wrong\.npy holds shape \(5, 2\), expected \(2, 5\)"):
+        train_uda(cfg, load_domain(src, 16), load_domain(tgt, 16))
 
 
 @pytest.mark.parametrize("method", ["source_only", "dann"])
@@ -70,9 +107,11 @@ def test_baselines_run(domains, tmp_path, method):
 
 
 def test_sigterm_mid_epoch_saves_and_returns_then_resumes(domains, tmp_path, monkeypatch):
-    src, tgt = (load_domain(d, 16) for d in domains)
-    cfg = UDAConfig(method="source_only", backbone="resnet10t", pretrained_classes=5, epochs=2, steps_per_epoch=2,
-                    batch_size=4, out_dir=str(tmp_path))
+    src, tgt = (load_domain(d, 16, augment=True) for d in domains)  # random crops and flips must resume too
+    config = dict(method="source_only", backbone="resnet10t", pretrained_classes=5, epochs=2, steps_per_epoch=2,
+                  batch_size=4)
+    straight = train_uda(UDAConfig(**config, out_dir=str(tmp_path / "straight")), src, tgt)
+    cfg = UDAConfig(**config, out_dir=str(tmp_path / "run"))
     original = TrainEngine.backward_step
     calls = []
 
@@ -85,11 +124,11 @@ def test_sigterm_mid_epoch_saves_and_returns_then_resumes(domains, tmp_path, mon
     monkeypatch.setattr(TrainEngine, "backward_step", sigterm_in_step_3)
     stopped = train_uda(cfg, src, tgt)
     assert len(calls) == 3 and stopped["stopped_at"] == 3 and len(stopped["per_epoch"]) == 1
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    monkeypatch.setattr(TrainEngine, "backward_step", original)
-    resumed = train_uda(cfg, src, tgt)  # from step 3: the rest of epoch 2
-    assert resumed["per_epoch"][:1] == stopped["per_epoch"] and len(resumed["per_epoch"]) == 2
+    resumed = train_uda(cfg, src, tgt)  # from step 3: only step 4 runs, ending where the straight run did
+    assert len(calls) == 4 and resumed["per_epoch"] == straight["per_epoch"]
+    assert_bitwise_equal(model_states(tmp_path / "straight", 4), model_states(tmp_path / "run", 4))
 
 
 def test_list_file_domain(domains, tmp_path):

@@ -65,9 +65,27 @@ def cache_dataset(dataset: Dataset, num_workers: int = 0, batch_size: int = 256)
     return cached
 
 
-class _StepBatches(Sampler[list[int]]):
-    """Batch of step k = a random draw without replacement, from the engine's generator for step k: a
-    resumed run sees exactly the batches an uninterrupted one would have."""
+class _SeededItems(Dataset):
+    """Item ``(i, seed)``: item i of ``data``, its random augmentation (torchvision draws from the
+    global torch RNG) drawn from ``seed``; the caller's RNG state is left as it was."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.data[index]
+
+
+class _StepBatches(Sampler[list[tuple[int, int]]]):
+    """Batch of step k = a random draw without replacement, with one augmentation seed per item, from
+    the engine's generator for step k: a resumed run sees exactly the batches an uninterrupted one
+    would have, augmented the same way."""
 
     def __init__(self, n: int, batch_size: int, start: int, total: int, engine: TrainEngine, salt: int):
         self.n, self.bs, self.start, self.total, self.engine, self.salt = n, batch_size, start, total, engine, salt
@@ -75,16 +93,18 @@ class _StepBatches(Sampler[list[int]]):
     def __len__(self) -> int:
         return self.total - self.start
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         for step in range(self.start, self.total):
-            perm = torch.randperm(self.n, generator=self.engine.generator(step, self.salt))
-            yield perm[: self.bs].tolist()
+            gen = self.engine.generator(step, self.salt)
+            perm = torch.randperm(self.n, generator=gen)[: self.bs]
+            seeds = torch.randint(0, 2**62, (self.bs,), generator=gen)
+            yield list(zip(perm.tolist(), seeds.tolist()))
 
 
 def _loader(data: Dataset, batch_size: int, start: int, total: int, engine: TrainEngine, salt: int,
             num_workers: int) -> Iterator:
     sampler = _StepBatches(len(data), min(batch_size, len(data)), start, total, engine, salt)
-    return iter(DataLoader(data, batch_sampler=sampler, num_workers=num_workers))
+    return iter(DataLoader(_SeededItems(data), batch_sampler=sampler, num_workers=num_workers))
 
 
 @torch.no_grad()
