@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_float, check_int, require
+from .._pretrained import write_file_atomically
 from ..backbone.bipc import BiPCModel, calibrated_class_probs, create_backbone, relationship_matrix
 from ..data.skipped import log_skipped
 from .engine import EngineConfig, TrainEngine, config_from_dict
@@ -286,7 +287,7 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
                 engine.log_scalars({"target_acc": history[-1], "loss": loss.item(),
                                     **{k: v.item() for k, v in scalars.items()}}, done)
                 if engine.rank == 0:
-                    history_file.write_text(json.dumps(history))
+                    write_file_atomically(history_file, lambda tmp: tmp.write_text(json.dumps(history)))
                 bar.set_postfix(epoch=len(history), target_acc=f"{history[-1]:.2f}")
             if engine.checkpoint_due(done, total):  # save_every = per_epoch: after each epoch, or on SIGTERM
                 break
