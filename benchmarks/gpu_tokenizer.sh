@@ -11,7 +11,8 @@
 # Its codes differ from the shipped ones: the AR model is retrained on them before anything ships.
 # lr 5e-5: the shipped weights sit where larger steps break them. From them, on this CPU (batch 8), 30 steps at
 # lr 1e-4 cost 4.8 dB of held-out PSNR (nearly all from a 1.2 % move of the decoder's weights), and lr 5e-4 with
-# 100 warm-up steps lost 6 dB by step 40; the earlier 5e-5 fine-tunes gained PSNR (BENCHMARKS.md, tokenizer).
+# 100 warm-up steps lost 6 dB by step 40. 5e-5 is the least harmful measured: 20 steps at batch 8 cost 1.2 dB,
+# while the earlier 50-100-step fine-tunes at batch 32 gained PSNR (BENCHMARKS.md, tokenizer).
 # Dry run here: OUT=/tmp/gt SITE=none PYTHON=.venv/bin/python DEVICE=cpu PRECISION=fp32 STEPS=2 BATCH=2 CLIPS=4
 set -euo pipefail
 OUT=${OUT:-runs/gpu_tokenizer}

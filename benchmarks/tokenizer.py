@@ -14,17 +14,13 @@ from pathlib import Path
 
 import torch
 
+from moe import sync  # CUDA kernels are asynchronous: time them to completion
 from omniar import assets
 from omniar.data.shapes import MovingShapes
 from omniar.eval.metrics import psnr, ssim
 from omniar.eval.shapes_classifier import prompt_adherence
 from omniar.eval.t2v import load_classifier
 from omniar.tokenizers import VideoTokenizer
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":  # kernels are asynchronous: time them to completion
-        torch.cuda.synchronize(device)
 
 
 def main() -> None:
