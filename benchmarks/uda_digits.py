@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from omniar.backbone.bipc import create_backbone
 from omniar.data.digits import HandwrittenDigits, PrintedCharacters, font_files
-from omniar.train.uda import METHODS, UDAConfig, cache_dataset, pretrain_backbone, train_uda
+from omniar.uda.model import create_backbone
+from omniar.uda.train import METHODS, UDAConfig, cache_dataset, pretrain_backbone, train_uda
 
 
 ABLATIONS = {"bipc_no_losses": dict(cpa_weight=0.0, cgi_weight=0.0), "bipc_cpa_only": dict(cgi_weight=0.0),

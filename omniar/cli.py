@@ -13,7 +13,7 @@ _GROUPS = {
         "tokenizer": ("omniar.train.tokenizer", "train the 3D multi-scale video tokenizer"),
         "refiner": ("omniar.train.refiner", "train a per-frame refiner on a frozen tokenizer's decodes"),
         "ar": ("omniar.train.ar", "pre-tokenize and train the unified AR text-to-video model"),
-        "uda": ("omniar.train.uda", "BiPC / DANN / source-only domain adaptation of a timm classifier"),
+        "uda": ("omniar.uda.train", "BiPC / DANN / source-only domain adaptation of a timm classifier"),
     }),
     "eval": ("evaluate a model", {
         "t2v": ("omniar.eval.t2v", "prompt adherence and Frechet distance of text-to-video on Moving Shapes"),

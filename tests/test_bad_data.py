@@ -15,7 +15,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from omniar.data.image_domains import load_domain
+from omniar.uda.data import load_domain
 from omniar.data.skipped import DataWarning
 from omniar.data.video_folder import VideoFolderDataset
 from omniar.data.video_io import write_video
@@ -220,7 +220,7 @@ def test_image_list_reports_line_numbers_and_missing_images(images, tmp_path):
 
 
 def test_uda_training_logs_skip_counts(images, tmp_path, caplog):
-    from omniar.train.uda import UDAConfig, train_uda
+    from omniar.uda.train import UDAConfig, train_uda
 
     root, _ = images
     with pytest.warns(DataWarning):

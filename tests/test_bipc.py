@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from omniar.backbone.bipc import BiPCModel, create_backbone, relationship_matrix
+from omniar.uda.model import BiPCModel, create_backbone, relationship_matrix
 
 
 @pytest.mark.parametrize("name, kwargs, size", [

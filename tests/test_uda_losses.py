@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from omniar.backbone.bipc import calibrated_class_probs
-from omniar.train.uda_losses import (GradientReversal, agreement, cgi_loss, cpa_loss, cpa_weights, gini_impurity,
-                                     probability_distance, ramp, relation_regulariser)
+from omniar.uda.losses import (GradientReversal, agreement, cgi_loss, cpa_loss, cpa_weights, gini_impurity,
+                               probability_distance, ramp, relation_regulariser)
+from omniar.uda.model import calibrated_class_probs
 
 
 def test_ramp_values_and_validation():

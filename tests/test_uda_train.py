@@ -12,10 +12,10 @@ from _train_helpers import assert_bitwise_equal
 from PIL import Image
 
 from omniar.cli import main as omniar_main
-from omniar.data.image_domains import load_domain
-from omniar.train import uda
 from omniar.train.engine import TrainEngine
-from omniar.train.uda import UDAConfig, add_cli_arguments, check_domains, cli_main, train_uda
+from omniar.uda import train as uda
+from omniar.uda.data import load_domain
+from omniar.uda.train import UDAConfig, add_cli_arguments, check_domains, cli_main, train_uda
 
 CLASSES = ("circle", "square")
 

@@ -40,7 +40,6 @@ returns (and optionally saves) it as a standalone ``OmniARModel``.
 """
 
 from .attention import KVCache
-from .bipc import BiPCModel, calibrated_class_probs, create_backbone, relationship_matrix
 from .config import OmniARConfig
 from .elastic import ElasticSpec
 from .layout import TokenMeta, attention_mask, text_meta, video_meta, vision_meta
@@ -48,7 +47,6 @@ from .model import OmniARModel, OmniAROutput
 from .moe import MoELayer, RouterStats, dropless_moe, grouped_mm_supported
 from .rope import MultiScaleRoPE
 
-__all__ = ["BiPCModel", "calibrated_class_probs", "create_backbone", "relationship_matrix",
-           "OmniARConfig", "OmniARModel", "OmniAROutput", "KVCache", "ElasticSpec", "RouterStats",
+__all__ = ["OmniARConfig", "OmniARModel", "OmniAROutput", "KVCache", "ElasticSpec", "RouterStats",
            "MoELayer", "dropless_moe", "grouped_mm_supported", "MultiScaleRoPE", "TokenMeta",
            "attention_mask", "text_meta", "video_meta", "vision_meta"]

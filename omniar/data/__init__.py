@@ -1,11 +1,10 @@
 """Datasets: Moving Shapes text-video world, video files and folders, image domains and digits for UDA."""
 
 from .digits import HandwrittenDigits, PrintedCharacters
-from .image_domains import load_domain
 from .shapes import HELDOUT, MovingShapes
 from .skipped import DataWarning
 from .video_folder import VideoFolderDataset
 from .video_io import read_video, video_fps, video_info, write_video
 
 __all__ = ["HELDOUT", "DataWarning", "HandwrittenDigits", "MovingShapes", "PrintedCharacters", "VideoFolderDataset",
-           "load_domain", "read_video", "video_fps", "video_info", "write_video"]
+           "read_video", "video_fps", "video_info", "write_video"]

@@ -1,7 +1,7 @@
 """UDA losses: BiPC's CPA and CGI, the trade-off ramp, and DANN's gradient reversal.
 
 Shapes: ``n_s`` source and ``n_t`` target samples, ``K`` pre-trained-head classes, ``C`` task classes;
-``relation`` is the (C, K) class-relationship matrix of :func:`omniar.backbone.bipc.relationship_matrix`.
+``relation`` is the (C, K) class-relationship matrix of :func:`omniar.uda.model.relationship_matrix`.
 """
 
 from __future__ import annotations

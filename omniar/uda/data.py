@@ -12,7 +12,7 @@ from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .._checks import check_int, require
-from .skipped import Skipped, SkippingDataset, file_problem
+from ..data.skipped import Skipped, SkippingDataset, file_problem
 
 
 def image_transform(size: int, augment: bool = False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)

@@ -1,7 +1,7 @@
 """Unsupervised domain adaptation on DeepSpeed: ``omniar train uda --method bipc|dann|source_only``.
 
 BiPC: the backbone keeps its pre-trained head beside a new task head, and the two calibrate each other on
-the unlabelled target domain (losses in :mod:`omniar.train.uda_losses`):
+the unlabelled target domain (losses in :mod:`omniar.uda.losses`):
 
 * CPA aligns source and target pre-trained-head probabilities on pairs the task head's pseudo-labels
   match, and keeps the source pre-trained head consistent with the class-relationship matrix;
@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 
 from .._checks import check_choice, check_float, check_int, require
 from .._pretrained import write_file_atomically
-from ..backbone.bipc import BiPCModel, calibrated_class_probs, create_backbone, relationship_matrix
 from ..data.skipped import log_skipped
-from .engine import EngineConfig, TrainEngine, config_from_dict
-from .uda_losses import GradientReversal, cgi_loss, cpa_loss, ramp
+from ..train.engine import EngineConfig, TrainEngine, config_from_dict
+from .losses import GradientReversal, cgi_loss, cpa_loss, ramp
+from .model import BiPCModel, calibrated_class_probs, create_backbone, relationship_matrix
 
 METHODS = ("source_only", "dann", "bipc")
 
@@ -148,9 +148,12 @@ def load_or_learn_relation(model: BiPCModel, source: Dataset, num_classes: int, 
         probs, labels = pretrained_head_probs(model, source, device, seed=seed, num_workers=num_workers)
         relation = relationship_matrix(probs, labels, num_classes, seed=seed)
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".tmp.npy")
-        np.save(tmp, relation, allow_pickle=False)
-        tmp.replace(cache)
+
+        def save(tmp: Path) -> None:
+            with tmp.open("wb") as f:  # a file object: np.save would append .npy to the temporary name
+                np.save(f, relation, allow_pickle=False)
+
+        write_file_atomically(cache, save)
     return torch.as_tensor(relation, dtype=torch.float32, device=device)
 
 
@@ -325,9 +328,8 @@ def pretrain_backbone(backbone: str, dataset: Dataset, out_file: str | Path, epo
             sched.step()
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(out_file.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(out_file)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    write_file_atomically(out_file, lambda tmp: save_file(state, str(tmp)))
     return out_file
 
 
@@ -362,8 +364,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     import timm
 
-    from ..data.image_domains import load_domain
-    from .common import load_yaml
+    from ..train.common import load_yaml
+    from .data import load_domain
 
     values = load_yaml(args.config, "--config") if args.config else {}
     values.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None})
