@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from omniar.data.digits import HandwrittenDigits, PrintedCharacters, font_files
+from omniar.uda.data import HandwrittenDigits, PrintedCharacters, font_files
 from omniar.uda.model import create_backbone
 from omniar.uda.train import METHODS, UDAConfig, cache_dataset, pretrain_backbone, train_uda
 

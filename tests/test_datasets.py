@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch.utils.data import Subset
 
-from omniar.data import MovingShapes, PrintedCharacters
+from omniar.data import MovingShapes
+from omniar.uda.data import PrintedCharacters
 
 
 @pytest.fixture(scope="module", params=["shapes", "chars"])

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from omniar.data.digits import ALNUM, HandwrittenDigits, PrintedCharacters, font_files
+from omniar.uda.data import ALNUM, HandwrittenDigits, PrintedCharacters, font_files
 
 
 def test_printed_characters_are_seeded_balanced_images():

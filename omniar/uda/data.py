@@ -1,20 +1,33 @@
-"""Image domains for UDA: an ``ImageFolder`` directory (one sub-folder per class) or a list file of
-``path label`` lines (relative paths resolved against the list's folder, labels integer class ids)."""
+"""UDA data: image domains read from folders or list files, and the offline digits domains.
+
+* Image domains: an ``ImageFolder`` directory (one sub-folder per class) or a list file of ``path label``
+  lines (relative paths resolved against the list's folder, labels integer class ids).
+* Digits, for the offline UDA benchmark: printed (rendered from the machine's fonts) -> handwritten
+  (scikit-learn's bundled UCI digits), plus a 62-class printed alphanumeric set used to pre-train the
+  backbone and its "pre-trained head" (no ImageNet weights exist offline). Images are 3 x 32 x 32
+  floats in [-1, 1], white ink on black, like the UCI scans.
+"""
 
 from __future__ import annotations
 
 import os
+import string
+from functools import lru_cache
 from pathlib import Path
 
+import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from torch.utils.data import Dataset
 from torchvision import transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from .._checks import check_int, require
+from ..data._index import item_index
 from ..data.skipped import Skipped, SkippingDataset, file_problem
 
 
+# ----------------------------------------------------------------- image domains
 def image_transform(size: int, augment: bool = False, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)
                     ) -> transforms.Compose:
     """Evaluation: resize + centre crop to ``size``. Training (``augment``): resize to 8/7 of ``size``,
@@ -116,3 +129,110 @@ def load_domain(path: str | os.PathLike, image_size: int = 224, name: str = "dom
         except FileNotFoundError as err:  # class folders without any image file
             raise ValueError(f"{name}: {path}: {err}") from None
     return ImageDomain(items, classes, transform, skipped, name)
+
+
+# ------------------------------------------------------------------------ digits
+DIGITS = string.digits
+ALNUM = string.digits + string.ascii_uppercase + string.ascii_lowercase  # 62 classes
+SIZE = 32
+_SKIP_FONTS = ("cmex", "cmsy", "STIXSiz", "NonUni", "LastResort", "MathTeX")  # symbol-only or glyph-less fonts
+
+
+@lru_cache(maxsize=1)
+def font_files() -> tuple[str, ...]:
+    """TrueType fonts on this machine: the system's (/usr/share/fonts, e.g. DejaVu, Liberation) and
+    matplotlib's bundled set, minus symbol-only faces; the set, and so the source domain, varies by machine."""
+    import matplotlib
+
+    roots = [Path("/usr/share/fonts"), Path(matplotlib.get_data_path()) / "fonts" / "ttf"]
+    by_name = {}  # DejaVu is both a system font and bundled with matplotlib: count each face once
+    for root in roots:
+        for p in sorted(root.rglob("*.ttf")) if root.is_dir() else ():
+            if not any(s in p.name for s in _SKIP_FONTS):
+                by_name.setdefault(p.name, str(p))
+    usable = tuple(f for _, f in sorted(by_name.items()) if _draws_every(f, ALNUM))
+    require(len(usable) > 0, "fonts", "no usable .ttf fonts found (matplotlib ships some; is it installed?)")
+    return usable
+
+
+def _draws_every(font: str, chars: str) -> bool:
+    """True if the font has a visible glyph for each character (symbol fonts map letters to nothing)."""
+    face = ImageFont.truetype(font, 24)
+    for char in chars:
+        img = Image.new("L", (32, 32), 0)
+        ImageDraw.Draw(img).text((4, 2), char, fill=255, font=face)
+        if not np.asarray(img).any():
+            return False
+    return True
+
+
+def _to_tensor(gray: np.ndarray) -> torch.Tensor:
+    """(H, W) uint8 -> (3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(gray).float().div(127.5).sub(1).expand(3, -1, -1).clone()
+
+
+def render_char(char: str, font: str, rng: np.random.Generator, augment: bool = True) -> torch.Tensor:
+    """One printed character, randomly scaled, shifted, rotated, thickened, blurred and noised."""
+    canvas = 64
+    size = int(rng.integers(44, 60)) if augment else 52
+    img = Image.new("L", (canvas, canvas), 0)
+    draw = ImageDraw.Draw(img)
+    face = ImageFont.truetype(font, size)
+    stroke = int(rng.integers(0, 3)) if augment else 0
+    box = draw.textbbox((0, 0), char, font=face, stroke_width=stroke)
+    x = (canvas - (box[2] - box[0])) / 2 - box[0] + (rng.normal(0, 3) if augment else 0)
+    y = (canvas - (box[3] - box[1])) / 2 - box[1] + (rng.normal(0, 3) if augment else 0)
+    draw.text((x, y), char, fill=255, font=face, stroke_width=stroke, stroke_fill=255)
+    if augment:
+        img = img.rotate(float(rng.uniform(-15, 15)), resample=Image.BILINEAR)
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0, 1.5))))
+    out = np.asarray(img.resize((SIZE, SIZE), Image.BILINEAR), np.float32)
+    if augment:
+        out = out * rng.uniform(0.7, 1.0) + rng.normal(0, 8, out.shape)
+    return _to_tensor(np.clip(out, 0, 255).astype(np.uint8))
+
+
+class PrintedCharacters(Dataset):
+    """Seeded rendered characters; item i is a pure function of (seed, i).
+
+    ``charset`` "digits" (10 classes: the UDA source) or "alnum" (62 classes: pre-training).
+    """
+
+    def __init__(self, charset: str = "digits", num_samples: int = 5000, seed: int = 0, augment: bool = True):
+        require(charset in ("digits", "alnum"), "charset", f"must be 'digits' or 'alnum', got {charset!r}")
+        check_int(num_samples, "num_samples", 1)
+        check_int(seed, "seed", 0)
+        self.chars = DIGITS if charset == "digits" else ALNUM
+        self.classes = list(self.chars)
+        self.num_samples, self.seed, self.augment = num_samples, seed, augment
+        self.fonts = font_files()
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        index = item_index(index, self.num_samples)
+        rng = np.random.default_rng([self.seed, index])
+        label = index % len(self.chars)  # balanced classes
+        font = self.fonts[int(rng.integers(len(self.fonts)))]
+        return render_char(self.chars[label], font, rng, self.augment), label
+
+
+class HandwrittenDigits(Dataset):
+    """scikit-learn's bundled UCI handwritten digits (1797 scans of 8x8), upsampled to 32x32."""
+
+    def __init__(self):
+        from sklearn.datasets import load_digits
+
+        data = load_digits()
+        images = torch.from_numpy(data.images).float()[:, None] / 16.0  # (N, 1, 8, 8) in [0, 1]
+        big = torch.nn.functional.interpolate(images, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+        self.images = big.mul(2).sub(1).expand(-1, 3, -1, -1).contiguous()
+        self.labels = torch.from_numpy(data.target).long()
+        self.classes = list(DIGITS)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
