@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+from pathlib import Path
 from typing import Any, Iterable
 
 
@@ -58,3 +61,38 @@ def check_keys(values: Any, name: str, known: Iterable[str]) -> dict:
     unknown = sorted(set(values) - known, key=str)
     require(not unknown, name, f"unknown keys {unknown}; known: {sorted(known)}")
     return values
+
+
+def check_text(value: Any, name: str) -> str:
+    """Validate a str that encodes as UTF-8 (no lone surrogates, e.g. undecodable bytes of a command line)."""
+    require(isinstance(value, str), name, f"must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name}: is not valid text ({err.reason} at character {err.start})") from None
+    return value
+
+
+def check_output_path(path: Any, name: str, folder: bool = False) -> Path:
+    """Validate a place to write a file (or, with ``folder``, a folder) before any work: an existing
+    path must be of that kind, and its nearest existing ancestor a folder this process can write in."""
+    require(isinstance(path, (str, os.PathLike)) and str(path) != "", name, f"must be a path, got {path!r}")
+    path = Path(path)
+    if path.exists():
+        require(path.is_dir() == folder, name, f"{path} exists and is not a {'folder' if folder else 'file'}")
+    # a folder is written into; a file (or a missing folder) is created in the nearest existing ancestor
+    base = path if path.is_dir() else next(p for p in path.absolute().parents if p.exists())
+    require(base.is_dir(), name, f"cannot write {path}: {base} is not a folder")
+    require(os.access(base, os.W_OK | os.X_OK), name, f"cannot write {path}: {base} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def named(name: str):
+    """A ValueError inside names ``name`` (how a command line spells the option) instead of the API argument:
+    ``path: x not found`` -> ``model: x not found``."""
+    try:
+        yield
+    except ValueError as err:
+        _, sep, detail = str(err).partition(": ")
+        raise ValueError(f"{name}: {detail if sep else err}") from None

@@ -11,6 +11,7 @@ and, where there is one, the tensor.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -148,6 +149,10 @@ class PretrainedModel(ModelMixin):
         config = read_json(config_file, "pretrained_model_name_or_path")
         require(config.get("_class_name", cls.__name__) == cls.__name__, "pretrained_model_name_or_path",
                 f"{config_file} describes a {config.get('_class_name')}, not a {cls.__name__}")
+        # diffusers' from_config drops unknown keys: a misspelled setting would silently keep its default
+        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        unknown = sorted(k for k in config if not k.startswith("_") and k not in known)
+        require(not unknown, "pretrained_model_name_or_path", f"{config_file}: unknown keys {unknown}")
         try:  # each model validates its own config values in __init__
             model = cls.from_config(config)
         except (TypeError, ValueError) as e:

@@ -1,5 +1,7 @@
 """``omniar generate``: formats, --batch, the printed paths, and one-line errors with exit code 2."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -60,7 +62,13 @@ def test_batch_png_frames_equal_single_runs(pipe, model_dir, tmp_path, capsys):
     (["--prompt", PROMPT, "--out", "OUT/x.mp4", "--format", "gif"], "format: gif conflicts with --out 'x.mp4'"),
     (["--batch", "OUT/missing.txt"], "batch: file not found"),
     (["--batch", "OUT/empty.txt"], "batch: "),
-    (["--prompt", PROMPT, "--out", ".."], "out: must end in a file or folder name, got '..'"),
+    (["--prompt", PROMPT, "--out", "..", "--format", "png-frames"], "out: must end in a file or folder name, got '..'"),
+    (["--prompt", PROMPT, "--out", "OUT/empty.txt/x.mp4"], "out: cannot write"),
+    (["--prompt", PROMPT, "--fps", "0"], "fps: must be >= 1"),
+    (["--prompt", PROMPT, "--fps", "100000"], "fps: must be <= 240"),
+    (["--prompt", "a\udcffb"], "prompt: is not valid text"),  # what bash's $'a\xffb' becomes in sys.argv
+    (["--prompt", "a\ud800b"], "prompt: is not valid text"),
+    (["--prompt", PROMPT, "--model", "OUT/nope"], "model: "),
     (["--prompt", PROMPT, "--experts-top-k", "9"], "experts_top_k: must be <= num_experts=4"),
     (["--prompt", PROMPT, "--num-experts", "1"], "num_experts: must be >= the model's top_k=2 unless a smaller "
                                                  "experts_top_k is given"),
@@ -76,17 +84,40 @@ def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, args, mess
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # nothing written
 
 
-@pytest.mark.parametrize("out", [".", "", "/", "..", "clips/.."])
-def test_out_without_a_name_is_refused(out):
+@pytest.mark.parametrize("out, fmt", [("", None), (".", "png-frames"), ("/", "png-frames"), ("..", "png-frames"),
+                                      ("clips/..", "png-frames")])
+def test_out_without_a_name_is_refused(out, fmt):
     with pytest.raises(ValueError, match="^out: must end in a file or folder name"):
-        output_paths(out, None, None)
+        output_paths(out, fmt, None)
 
 
-def test_bad_prompt_in_batch_names_it(model_dir, tmp_path, capsys):
+def test_a_folder_out_gets_the_video_inside(model_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert generate(model_dir, "--prompt", PROMPT, "--out", "new/") == 0
+    assert generate(model_dir, "--prompt", PROMPT, "--out", "new", "--format", "gif") == 0  # now it exists
+    assert generate(model_dir, "--prompt", PROMPT, "--out", ".") == 0
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["new", "t2v.gif", "t2v.mp4", "t2v.mp4"]
+    assert output_paths("new", None, 2)[1] == [Path("new/t2v_000.mp4"), Path("new/t2v_001.mp4")]
+
+
+@pytest.mark.parametrize("bad, message", [("x" * 2000, "prompt: must be at most 1000 characters"),
+                                          ("x" * 500, "prompt: is too long: 502 tokens")])
+def test_bad_prompt_in_batch_fails_before_any_clip(model_dir, tmp_path, capsys, monkeypatch, bad, message):
+    from omniar.generation.pipeline import TextToVideoPipeline
+
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text(f"{PROMPT}\n{'x' * 2000}\n")
+    prompts.write_text(f"{PROMPT}\n{bad}\n")
+    monkeypatch.setattr(TextToVideoPipeline, "__call__", lambda *a, **k: pytest.fail("generated before the check"))
     assert generate(model_dir, "--batch", prompts, "--out", tmp_path / "run.gif") == 2
-    assert "batch: prompt 2: prompt: must be at most 1000 characters" in capsys.readouterr().err
+    assert f"batch: prompt 2: {message}" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.txt"]
+
+
+def test_bad_fps_fails_before_generating(model_dir, tmp_path, monkeypatch):
+    from omniar.generation.pipeline import TextToVideoPipeline
+
+    monkeypatch.setattr(TextToVideoPipeline, "__call__", lambda *a, **k: pytest.fail("generated before the check"))
+    assert generate(model_dir, "--prompt", PROMPT, "--fps", "0", "--out", tmp_path / "x.mp4") == 2
 
 
 def test_unknown_format_is_a_usage_error(model_dir):

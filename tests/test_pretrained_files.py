@@ -77,6 +77,13 @@ CASES = {
     "config_value": (edit_config(codebook_size=-5), r"config.json: codebook_size: must be >= 2"),
     "config_class": (edit_config(_class_name="OmniARModel"), r"config.json describes a OmniARModel"),
     "config_json": (lambda f: (f / "config.json").write_text("{oops"), r"config.json is not valid JSON"),
+    # diffusers' from_config would drop a misspelled key and keep the default
+    "config_typo": (edit_config(codebook_sise=16, refiner_nrom=False),
+                    r"config.json: unknown keys \['codebook_sise', 'refiner_nrom'\]"),
+    "config_float": (edit_config(channels=[8.9, 8, 8]), r"config.json: channels: must be an int, got 8.9"),
+    "config_strings": (edit_config(scales=["1", "2"]), r"config.json: scales: must be an int, got '1'"),
+    # refused before the allocator is asked for anything
+    "config_huge": (edit_config(codebook_size=10**9), r"config.json: codebook_size: must be <= 65536"),
 }
 
 
@@ -158,6 +165,19 @@ def test_pipeline_index_is_validated(tmp_path):
     index_file.write_text(json.dumps(index))
     with pytest.raises(ValueError, match="path: .*model_index.json lacks 'max_num_frames'"):
         TextToVideoPipeline.from_pretrained(tmp_path / "p")
+    for key, value in (("max_batch_size", 10**6), ("max_num_frames", 10**6), ("max_text_len", 10**6)):
+        index_file.write_text(json.dumps(index | {"max_num_frames": 33, key: value}))
+        with pytest.raises(ValueError, match=f"path: .*model_index.json: {key}: must be <= "):
+            TextToVideoPipeline.from_pretrained(tmp_path / "p")
     index_file.write_text("not json")
     with pytest.raises(ValueError, match="path: .*model_index.json is not valid JSON"):
         TextToVideoPipeline.from_pretrained(tmp_path / "p")
+
+
+def test_backbone_sizes_are_bounded(tmp_path):
+    from omniar import limits
+
+    for key, value in (("hidden_size", 2 * limits.MAX_CHANNELS), ("num_experts", limits.MAX_EXPERTS + 1),
+                       ("codebook_size", 10**9), ("num_layers", 10**6)):
+        with pytest.raises(ValueError, match=f"^{key}: must be <= "):
+            OmniARConfig(**{key: value})

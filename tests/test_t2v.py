@@ -113,6 +113,9 @@ def test_elastic_submodel_and_callback(pipe):
     ({"elastic": {"top_k": 99}}, r"elastic\['top_k'\]: must be <= num_experts=4"),  # not the sampling top_k
     ({"elastic": {"num_experts": 1}}, r"elastic\['num_experts'\]: must be >= the model's top_k=2"),
     ({"elastic": {"width": 2}}, "elastic"),
+    ({"prompt": "a\ud800b"}, "^prompt: is not valid text"),  # a lone surrogate cannot be encoded
+    ({"prompt": [PROMPT, "a\udcffb"]}, "^prompt: is not valid text"),
+    ({"callback": 5}, "^callback: must be callable"),
 ])
 def test_bad_arguments_name_the_argument(pipe, kwargs, name):
     args = {"prompt": PROMPT, **kwargs}

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._checks import check_choice, check_float, check_int, require
+from ..limits import (MAX_CHANNELS, MAX_CODEBOOK_SIZE, MAX_EXPERTS, MAX_HEADS, MAX_LAYERS, MAX_MTP_K, MAX_SCALE,
+                      MAX_TEXT_VOCAB)
 
 
 @dataclass
@@ -70,17 +72,21 @@ class OmniARConfig:
     def __post_init__(self) -> None:
         require(isinstance(self.scales, (tuple, list)) and len(self.scales) > 0, "scales",
                 f"must be a non-empty sequence of ints, got {self.scales!r}")
-        self.scales = tuple(check_int(n, "scales", 1) for n in self.scales)
+        self.scales = tuple(check_int(n, "scales", 1, MAX_SCALE) for n in self.scales)
         require(all(a < b for a, b in zip(self.scales, self.scales[1:])), "scales",
                 f"must be strictly increasing, got {self.scales}")
-        for name in ("text_vocab_size", "codebook_size", "code_dim", "hidden_size", "num_layers",
-                     "num_heads", "num_kv_heads", "mtp_k", "num_experts", "top_k", "expert_hidden_size",
-                     "elastic_min_depth", "elastic_min_experts"):
-            check_int(getattr(self, name), name, 1)
-        check_int(self.num_shared_experts, "num_shared_experts", 0)
+        # bounded (omniar.limits): a model folder's config.json must not size the allocations at will
+        for name, high in (("text_vocab_size", MAX_TEXT_VOCAB), ("codebook_size", MAX_CODEBOOK_SIZE),
+                           ("code_dim", MAX_CHANNELS), ("hidden_size", MAX_CHANNELS), ("num_layers", MAX_LAYERS),
+                           ("num_heads", MAX_HEADS), ("num_kv_heads", MAX_HEADS), ("mtp_k", MAX_MTP_K),
+                           ("num_experts", MAX_EXPERTS), ("top_k", MAX_EXPERTS),
+                           ("expert_hidden_size", MAX_CHANNELS), ("elastic_min_depth", MAX_LAYERS),
+                           ("elastic_min_experts", MAX_EXPERTS)):
+            check_int(getattr(self, name), name, 1, high)
+        check_int(self.num_shared_experts, "num_shared_experts", 0, MAX_EXPERTS)
         check_int(self.first_dense_layers, "first_dense_layers", 0, self.num_layers)
         if self.dense_hidden_size is not None:
-            check_int(self.dense_hidden_size, "dense_hidden_size", 1)
+            check_int(self.dense_hidden_size, "dense_hidden_size", 1, MAX_CHANNELS)
         require(self.hidden_size % self.num_heads == 0, "hidden_size",
                 f"must be divisible by num_heads={self.num_heads}, got {self.hidden_size}")
         require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",

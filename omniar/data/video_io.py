@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._checks import check_int, require
+from .._checks import check_int, check_output_path, require
 
 
 def _as_uint8(frames) -> np.ndarray:
@@ -60,10 +60,15 @@ def _umask() -> int:
 
 
 def check_video_path(path: str | os.PathLike, name: str = "path") -> Path:
-    """A path :func:`write_video` can write (``.mp4`` or ``.gif``), checked before any work."""
-    path = Path(path)
+    """A path :func:`write_video` can write (``.mp4`` or ``.gif``, in a writable place), checked before any work."""
+    path = check_output_path(path, name)
     require(path.suffix.lower() in (".mp4", ".gif"), name, f"must end in .mp4 or .gif, got {path.name!r}")
     return path
+
+
+def check_fps(fps, name: str = "fps") -> int:
+    """A frame rate :func:`write_video` takes, checked before any work."""
+    return check_int(fps, name, 1, 240)
 
 
 def write_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
@@ -76,7 +81,7 @@ def write_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
     """
     path = check_video_path(path)
     suffix = path.suffix.lower()
-    check_int(fps, "fps", 1, 240)
+    check_fps(fps)
     frames = _as_uint8(frames)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)

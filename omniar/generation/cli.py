@@ -7,14 +7,16 @@ skipped). Every prompt uses the same seed, so a batch output equals the single-p
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .._checks import require
+from .._checks import check_output_path, named, require
 from .sampling import GUIDANCE_SCHEDULES
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": ""}
+DEFAULT_NAME = "t2v"
 _VIDEO_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}
 
 
@@ -24,6 +26,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--batch", help="text file with one prompt per line")
     parser.add_argument("--out", default=None,
                         help="output file, or folder for png-frames (default outputs/t2v + the format's suffix); "
+                             "an existing folder or one ending in / gets t2v.mp4 / t2v.gif inside it; "
                              "--batch numbers it: OUT_000, OUT_001, ...")
     parser.add_argument("--format", choices=tuple(FORMATS), default=None,
                         help="mp4, gif or a folder of png frames (default: from --out's suffix, else mp4)")
@@ -42,9 +45,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def output_paths(out: str | None, fmt: str | None, count: int | None) -> tuple[str, list[Path]]:
-    """(format, paths): one path for a single prompt (``count=None``), else ``count`` numbered ones."""
-    base = Path(out) if out is not None else Path("outputs/t2v")
-    # ".", "" and "/" have no name to add a suffix to; ".." would become a file "...mp4"
+    """(format, paths): one path for a single prompt (``count=None``), else ``count`` numbered ones, each
+    checked to be writable. png-frames writes a folder, so only a video goes *into* a folder ``out``."""
+    into_folder = bool(out) and fmt != "png-frames" and (out.endswith(("/", os.sep)) or Path(out).is_dir())
+    base = Path(out, DEFAULT_NAME) if into_folder else Path(out if out is not None else f"outputs/{DEFAULT_NAME}")
+    # "" has no name to add a suffix to; as png-frames, ".", "/" and ".." name no folder of their own
     require(base.name not in ("", ".."), "out", f"must end in a file or folder name, got {out!r}")
     implied = _VIDEO_SUFFIXES.get(base.suffix.lower())
     if implied is not None:
@@ -53,9 +58,9 @@ def output_paths(out: str | None, fmt: str | None, count: int | None) -> tuple[s
         fmt, base = implied, base.with_suffix("")
     fmt = fmt or "mp4"
     suffix = FORMATS[fmt]
-    if count is None:
-        return fmt, [base.with_name(base.name + suffix)]
-    return fmt, [base.with_name(f"{base.name}_{i:03d}{suffix}") for i in range(count)]
+    names = [base.name] if count is None else [f"{base.name}_{i:03d}" for i in range(count)]
+    return fmt, [check_output_path(base.with_name(name + suffix), "out", folder=fmt == "png-frames")
+                 for name in names]
 
 
 def read_prompts(path: str) -> list[str]:
@@ -75,7 +80,6 @@ def write_png_frames(folder: Path, frames) -> Path:
     """frame_000.png, frame_001.png, ... in ``folder``; earlier frame_*.png there are removed first."""
     from PIL import Image
 
-    require(not folder.is_file(), "out", f"{folder} is a file; png-frames writes a folder")
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("frame_*.png"):  # a longer earlier clip must not leave frames behind
         old.unlink()
@@ -86,26 +90,31 @@ def write_png_frames(folder: Path, frames) -> Path:
 
 def cli_main(args: argparse.Namespace) -> int:
     from ..backbone.elastic import resolve_elastic
-    from ..data.video_io import write_video
+    from ..data.video_io import check_fps, write_video
     from .pipeline import TextToVideoPipeline
 
     # everything that can be checked without the model fails before it loads
     prompts = [args.prompt] if args.batch is None else read_prompts(args.batch)
     fmt, paths = output_paths(args.out, args.format, None if args.batch is None else len(prompts))
-    pipe = TextToVideoPipeline.from_pretrained(args.model)
+    check_fps(args.fps)
+    with named("model"):
+        pipe = TextToVideoPipeline.from_pretrained(args.model)
+    batch = args.batch is not None
+    for number, prompt in enumerate(prompts, 1):  # all of them before the first clip is written
+        try:
+            pipe.check_prompts(prompt)
+        except ValueError as err:
+            raise ValueError(f"batch: prompt {number}: {err}" if batch else str(err)) from None
     # checked here, not per prompt, and named as the flags: --experts-top-k is the pipeline's elastic top_k
     resolve_elastic(pipe.model.omniar_config, args.depth, args.num_experts, args.experts_top_k,
                     names=("depth", "num_experts", "experts_top_k"))
     elastic = {k: v for k, v in (("depth", args.depth), ("num_experts", args.num_experts),
                                  ("top_k", args.experts_top_k)) if v is not None}
-    batch = args.batch is not None
-    for number, (prompt, path) in enumerate(tqdm(list(zip(prompts, paths)), desc="prompts", disable=not batch), 1):
-        try:
-            out = pipe(prompt, num_frames=args.num_frames, guidance_scale=args.guidance_scale,
-                       guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
-                       temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=not batch)
-        except ValueError as err:
-            raise ValueError(f"batch: prompt {number}: {err}" if batch else str(err)) from err
+    for prompt, path in tqdm(list(zip(prompts, paths)), desc="prompts", disable=not batch):
+        # the prompts are checked and the other settings are the same for each: a bad one fails the first call
+        out = pipe(prompt, num_frames=args.num_frames, guidance_scale=args.guidance_scale,
+                   guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
+                   temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=not batch)
         try:
             written = (write_png_frames(path, out.frames[0]) if fmt == "png-frames"
                        else write_video(path, out.frames[0], fps=args.fps))

@@ -20,9 +20,10 @@ import torch
 from tqdm import tqdm
 
 from .. import __version__, assets
-from .._checks import check_choice, check_float, check_int, require
+from .._checks import check_choice, check_float, check_int, check_text, require
 from .._pretrained import read_json, write_folder_atomically
 from ..backbone import OmniARModel
+from ..limits import MAX_BATCH_SIZE, MAX_NUM_FRAMES, MAX_SEED, MAX_TEXT_LEN
 from ..backbone.elastic import ElasticSpec, resolve_elastic
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
@@ -40,13 +41,26 @@ class TextToVideoOutput:
     timings: dict = field(default_factory=dict)
 
 
+def check_tokens(text_tokenizer: TextTokenizer, text: str, max_len: int, name: str = "prompt") -> None:
+    """Refuse a text longer than ``max_len`` ids, naming ``name``."""
+    n = len(text_tokenizer.encode(check_text(text, name)))
+    require(n <= max_len, name, f"is too long: {n} tokens, the model takes at most {max_len}")
+
+
 def encode_prompts(text_tokenizer: TextTokenizer, prompts: list[str | None], max_len: int,
                    name: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
     """Ids padded to exactly ``max_len`` (fixed, so vision positions never depend on the batch); None = null prompt."""
     for text in prompts:
-        n = 0 if text is None else len(text_tokenizer.encode(text))
-        require(n <= max_len, name, f"is too long: {n} tokens, the model takes at most {max_len}")
+        if text is not None:
+            check_tokens(text_tokenizer, text, max_len, name)
     return text_tokenizer.batch_encode(prompts, max_len)
+
+
+def _check_limits(max_text_len: int, max_num_frames: int, max_batch_size: int) -> tuple[int, int, int]:
+    """A pipeline's limits, bounded by :mod:`omniar.limits` (a folder's model_index.json must not lift them)."""
+    return (check_int(max_text_len, "max_text_len", 2, MAX_TEXT_LEN),
+            check_int(max_num_frames, "max_num_frames", 1, MAX_NUM_FRAMES),
+            check_int(max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE))
 
 
 class TextToVideoPipeline:
@@ -73,9 +87,8 @@ class TextToVideoPipeline:
         require(mc.text_vocab_size == text_tokenizer.vocab_size, "model",
                 f"text_vocab_size {mc.text_vocab_size} != text tokenizer vocab {text_tokenizer.vocab_size}")
         self.video_tokenizer, self.text_tokenizer, self.model = video_tokenizer.eval(), text_tokenizer, model.eval()
-        self.max_text_len = check_int(max_text_len, "max_text_len", 2)
-        self.max_num_frames = check_int(max_num_frames, "max_num_frames", 1)
-        self.max_batch_size = check_int(max_batch_size, "max_batch_size", 1)
+        self.max_text_len, self.max_num_frames, self.max_batch_size = _check_limits(
+            max_text_len, max_num_frames, max_batch_size)
 
     # ------------------------------------------------------------ persistence
     @classmethod
@@ -88,6 +101,10 @@ class TextToVideoPipeline:
         limits = {key: index.get(key) for key in ("max_text_len", "max_num_frames", "max_batch_size")}
         for key, value in limits.items():
             require(value is not None, "path", f"{index_file} lacks {key!r}")
+        try:  # before any component is loaded
+            _check_limits(**limits)
+        except ValueError as err:
+            raise ValueError(f"path: {index_file}: {err}") from None
         return cls(VideoTokenizer.from_pretrained(str(folder / "video_tokenizer")),
                    TextTokenizer.from_pretrained(folder / "text_tokenizer"),
                    OmniARModel.from_pretrained(str(folder / "model")),
@@ -120,8 +137,9 @@ class TextToVideoPipeline:
         return self.model.device
 
     # ------------------------------------------------------------- validation
-    def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
-                    video, elastic) -> list[str]:
+    def check_prompts(self, prompt: str | list[str]) -> list[str]:
+        """The prompts of a call as a list, or a ``ValueError`` naming ``prompt``: lets a caller with many
+        calls (``omniar generate --batch``) check every prompt before any work."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         require(isinstance(prompts, (list, tuple)) and len(prompts) > 0
                 and all(isinstance(p, str) for p in prompts), "prompt", "must be a string or a list of strings")
@@ -131,6 +149,14 @@ class TextToVideoPipeline:
             require(p.strip() != "", "prompt", "must not be empty")
             require(len(p) <= MAX_PROMPT_CHARS, "prompt", f"must be at most {MAX_PROMPT_CHARS} characters, "
                     f"got {len(p)}")
+            check_tokens(self.text_tokenizer, p, self.max_text_len)
+        return list(prompts)
+
+    def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
+                    video, elastic, callback) -> list[str]:
+        prompts = self.check_prompts(prompt)
+        require(callback is None or callable(callback), "callback",
+                f"must be callable or None, got {type(callback).__name__}")
         self.video_tokenizer.check_num_frames(num_frames, "num_frames")
         check_int(num_frames, "num_frames", 1, self.max_num_frames)
         check_float(guidance_scale, "guidance_scale", 0.0)
@@ -138,7 +164,7 @@ class TextToVideoPipeline:
         check_filters(top_k, top_p)
         check_float(temperature, "temperature", 0.0)
         if seed is not None:
-            check_int(seed, "seed", 0, 2**64 - 1)  # torch.Generator's seed range
+            check_int(seed, "seed", 0, MAX_SEED)
         require(elastic is None or (isinstance(elastic, dict) and set(elastic) <= set(ElasticSpec._fields)),
                 "elastic", "must be None or a dict with keys depth / num_experts / top_k")
         if elastic:  # "elastic['top_k']": the call has a sampling top_k too
@@ -149,7 +175,7 @@ class TextToVideoPipeline:
             require(video.shape[0] == len(prompts), "video", f"batch {video.shape[0]} != {len(prompts)} prompts")
             require(video.shape[2] < num_frames, "video", f"has {video.shape[2]} frames; num_frames={num_frames} "
                     "must be larger to continue it")
-        return list(prompts)
+        return prompts
 
     # ------------------------------------------------------------- generation
     @torch.no_grad()
@@ -171,7 +197,7 @@ class TextToVideoPipeline:
             callback: called with ``{"frame", "scale", "codes", "latent"}`` after every scale.
         """
         prompts = self._check_call(prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p,
-                                   temperature, seed, video, elastic)
+                                   temperature, seed, video, elastic, callback)
         tok, model, dev = self.video_tokenizer, self.model, self.device
         scales, b = tok.scales, len(prompts)
         generator = torch.Generator()  # private: seed=None must not reseed the caller's global RNG
@@ -180,7 +206,7 @@ class TextToVideoPipeline:
         else:
             generator.manual_seed(seed)
         use_cfg = guidance_scale != 1.0
-        ids, mask = encode_prompts(self.text_tokenizer, prompts + ([None] * b if use_cfg else []), self.max_text_len)
+        ids, mask = self.text_tokenizer.batch_encode(prompts + ([None] * b if use_cfg else []), self.max_text_len)
         given = tok.encode(video.to(dev)) if video is not None else None
         n_given = given.num_latent_frames if given is not None else 0
         given_inputs = tok.codes_to_accumulated(given) if given is not None else None

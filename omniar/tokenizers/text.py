@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .._checks import check_bool, check_int, require
+from .._checks import check_bool, check_int, check_text, require
 from .._pretrained import read_json
 
 SPECIALS = ("pad", "bos", "eos", "bov", "null")
@@ -64,7 +64,7 @@ class TextTokenizer:
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, max_length: int | None = None,
                truncate: bool = False) -> list[int]:
         """Ids of ``text``; longer than ``max_length`` raises unless ``truncate``."""
-        require(isinstance(text, str), "text", f"must be a str, got {type(text).__name__}")
+        check_text(text, "text")
         body = self._hf.encode(text, add_special_tokens=False).ids if self._hf else list(text.encode("utf-8"))
         ids = ([self.bos_id] if add_bos else []) + body + ([self.eos_id] if add_eos else [])
         check_bool(truncate, "truncate")
