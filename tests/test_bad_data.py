@@ -15,11 +15,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.data import DataLoader
 
-from omniar.uda.data import load_domain
 from omniar.data.skipped import DataWarning
 from omniar.data.video_folder import VideoFolderDataset
 from omniar.data.video_io import write_video
 from omniar.train.common import load_yaml
+from omniar.uda.data import MAX_CLASSES, load_domain
 
 RNG = np.random.default_rng(0)
 TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tokenizer_tiny.yaml"
@@ -175,7 +175,8 @@ def save_image(path, size=(16, 16), mode="RGB"):
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
-    """An ImageFolder domain: two good images per class and one of every bad kind; {bad name: reason}."""
+    """An ImageFolder domain: two good images per class, a grayscale one (kept, as RGB) and one of every
+    bad kind; {bad name: reason}."""
     root = tmp_path_factory.mktemp("bad") / "images"
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
@@ -188,21 +189,54 @@ def images(tmp_path_factory):
     (root / "b" / "notes.txt").write_text("not an image extension: ignored, as ImageFolder does\n")
     data = save_image(root / "b" / "cut.png", size=(64, 64)).read_bytes()
     (root / "b" / "cut.png").write_bytes(data[: len(data) // 2])  # header fine, pixel data cut off
-    return root, {"empty.png": "empty", "text.jpg": "unreadable", "gray.png": "grayscale", "tiny.png": "wrong_size"}
+    return root, {"empty.png": "empty", "text.jpg": "unreadable", "tiny.png": "wrong_size"}
 
 
-def test_image_domain_skips_bad_images_and_training_continues(images):
+def test_image_domain_skips_bad_images_and_training_continues(images, caplog):
     root, bad = images
-    with pytest.warns(DataWarning) as record:
+    with pytest.warns(DataWarning) as record, caplog.at_level(logging.WARNING, logger="omniar.data"):
         domain = load_domain(root, 16, "--source")
     messages = skip_warnings(record)
     assert len(messages) == len(bad) and all(sum(f"/{n}:" in m for m in messages) == 1 for n in bad)
-    assert domain.classes == ["a", "b"] and len(domain) == 5
-    assert domain.skipped.counts == {"empty": 1, "unreadable": 1, "grayscale": 1, "wrong_size": 1}
+    assert domain.classes == ["a", "b"] and len(domain) == 6
+    assert domain.skipped.counts == {"empty": 1, "unreadable": 1, "wrong_size": 1}
+    # grayscale images are converted to RGB, as BiPC's reference does, and counted once
+    assert domain.grayscale == 1 and [r.message for r in caplog.records] == \
+        [f"{root}: 1 of 6 images are grayscale; they are converted to RGB"]
+    gray = [p.name for p, _ in domain.items].index("gray.png")
+    assert domain[gray][0].shape == (3, 16, 16)
     with pytest.warns(DataWarning, match="cut.png"):
         labels = [y for _, ys in DataLoader(domain, batch_size=2) for y in ys.tolist()]
-    assert labels == [0, 0, 1, 1, 0]  # cut.png (the last item) replaced by the next one, wrapping to the first
+    assert labels == [0, 0, 0, 1, 1, 0]  # cut.png (the last item) replaced by the next one, wrapping to the first
     assert domain.skipped.counts["decode_error"] == 1
+
+
+def test_image_folder_symlinks_are_not_followed_and_each_file_counts_once(tmp_path):
+    root = tmp_path / "domain"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        save_image(root / c / "0.png")
+    (root / "a" / "loop").symlink_to(".")  # followed, this turned 3 images into 123 items
+    (root / "b" / "up").symlink_to("..")  # back into the tree
+    (root / "b" / "out").symlink_to(tmp_path)  # out of the tree
+    (root / "b" / "again.png").symlink_to(root / "b" / "0.png")
+    (root / "c").symlink_to(root / "a")  # a class folder that is a link
+    with pytest.warns(DataWarning) as record:
+        domain = load_domain(root, 16)
+    assert [(p.name, y) for p, y in domain.items] == [("0.png", 0), ("0.png", 1)] and domain.classes == ["a", "b"]
+    assert domain.skipped.counts == {"dir_symlink": 4, "duplicate": 1} and len(skip_warnings(record)) == 5
+
+
+def test_image_list_labels_are_bounded_ascii_integers(images, tmp_path):
+    root, _ = images
+    good = root / "a" / "0.png"
+    lines = [f"{good} 1", f"{good} 100000000", f"{good} \u00b2", f"{good} {'9' * 5000}", f"{good} {MAX_CLASSES - 1}"]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.warns(DataWarning) as record:
+        domain = load_domain(tmp_path / "list.txt", 16)
+    assert [m.split("skipping ")[1].split(":")[0] for m in skip_warnings(record)] == ["line 2", "line 3", "line 4"]
+    assert all(f"label an integer 0..{MAX_CLASSES - 1}" in m for m in skip_warnings(record))
+    assert [y for _, y in domain.items] == [1, MAX_CLASSES - 1] and len(domain.classes) == MAX_CLASSES
 
 
 def test_image_list_reports_line_numbers_and_missing_images(images, tmp_path):
@@ -215,8 +249,8 @@ def test_image_list_reports_line_numbers_and_missing_images(images, tmp_path):
         domain = load_domain(tmp_path / "list.txt", 16)
     messages = skip_warnings(record)
     assert [m.split("skipping ")[1].split(":")[0] for m in messages[:2]] == ["line 2", "line 5"]
-    assert domain.skipped.counts == {"malformed_line": 2, "grayscale": 1, "missing": 1} and len(messages) == 4
-    assert domain.classes == ["0", "1", "2"] and [y for _, y in domain.items] == [0, 2]
+    assert domain.skipped.counts == {"malformed_line": 2, "missing": 1} and len(messages) == 3
+    assert domain.classes == ["0", "1", "2"] and [y for _, y in domain.items] == [0, 1, 2]
 
 
 def test_uda_training_logs_skip_counts(images, tmp_path, caplog):
@@ -231,5 +265,5 @@ def test_uda_training_logs_skip_counts(images, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="omniar.data"), pytest.warns(DataWarning, match="cut.png"):
         result = train_uda(cfg, src, tgt)
     assert 0.0 <= result["last"] <= 100.0
-    logged = [r.message for r in caplog.records if "skipped 4 (" in r.message]
+    logged = [r.message for r in caplog.records if "skipped 3 (" in r.message]
     assert [m.split(" data: ")[0] for m in logged] == ["source", "target"]  # once each, before the first step

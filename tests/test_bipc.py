@@ -6,7 +6,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from omniar.uda.model import BiPCModel, create_backbone, relationship_matrix
+from omniar.uda.model import C_GRID, BiPCModel, create_backbone, relationship_matrix
 
 
 @pytest.mark.parametrize("name, kwargs, size", [
@@ -16,6 +16,8 @@ from omniar.uda.model import BiPCModel, create_backbone, relationship_matrix
     ("swin_tiny_patch4_window7_224", dict(img_size=32, window_size=2, embed_dim=16, depths=(1, 1),
                                           num_heads=(1, 1)), 32),
     ("convnext_atto", dict(dims=(8, 8, 8, 16), depths=(1, 1, 1, 1)), 32),
+    # two heads (class and distillation tokens): get_classifier() is a tuple; timm averages their logits
+    ("deit_small_distilled_patch16_224", dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2), 32),
 ])
 def test_model_keeps_pretrained_head_and_adds_task_head(name, kwargs, size):
     backbone = create_backbone(name, num_classes=7, **kwargs)
@@ -24,6 +26,7 @@ def test_model_keeps_pretrained_head_and_adds_task_head(name, kwargs, size):
     task, pre, feats = model(x)
     assert task.shape == (2, 3) and pre.shape == (2, 7) and feats.shape == (2, backbone.num_features)
     assert torch.allclose(pre, backbone(x), atol=1e-5)  # the pre-trained head is the backbone's own classifier
+    model.train()(x)[1].sum().backward()  # and trains (BiPC's passes run in training mode)
 
 
 def test_detached_task_input_trains_task_head_only():
@@ -71,3 +74,17 @@ def test_relationship_matrix_rows_are_distributions_and_find_the_mapping():
         relationship_matrix(probs, np.zeros(120, int), num_classes=2)
     with pytest.raises(ValueError, match="pretrained_probs"):
         relationship_matrix(probs[:10], labels, num_classes=2)
+
+
+def test_relationship_matrix_searches_the_half_decade_grid_by_default(monkeypatch):
+    import sklearn.linear_model
+
+    tried, real = [], sklearn.linear_model.LogisticRegression
+    monkeypatch.setattr(sklearn.linear_model, "LogisticRegression",
+                        lambda C, **kw: tried.append(C) or real(C=C, **kw))
+    rng = np.random.default_rng(1)
+    probs, labels = rng.dirichlet(np.ones(3), 40), np.repeat([0, 1], 20)
+    relationship_matrix(probs, labels, num_classes=2)
+    assert tried == list(C_GRID) and len(tried) == 17 and tried[:3] == [1e4, 3e3, 1e3] and tried[-1] == 1e-4
+    with pytest.raises(ValueError, match="^c_grid: "):
+        relationship_matrix(probs, labels, num_classes=2, c_grid=(1.0, -1.0))

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from omniar.uda.losses import (GradientReversal, agreement, cgi_loss, cpa_loss, cpa_weights, gini_impurity,
-                               probability_distance, ramp, relation_regulariser)
+from omniar.uda.losses import (GradientReversal, agreement, cgi_loss, cpa_loss, cpa_weights, focal_loss,
+                               gini_impurity, probability_distance, ramp, relation_regulariser)
 from omniar.uda.model import calibrated_class_probs
 
 
@@ -45,13 +45,38 @@ def test_cpa_weights_by_hand():
     assert cpa_weights(torch.tensor([1, 1]), torch.tensor([[0.9, 0.1]])).abs().sum() == 0
 
 
-def test_relation_regulariser_is_class_balanced():
+def test_relation_regulariser_divides_by_batch_size_as_the_reference_or_by_classes():
     logits = torch.log(torch.tensor([[0.75, 0.25]] * 3))
     relation = torch.tensor([[0.5, 0.5], [0.9, 0.1]])
+    labels = torch.tensor([0, 0, 1])
     ce0 = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
     ce1 = -(0.9 * math.log(0.75) + 0.1 * math.log(0.25))
-    reg = relation_regulariser(logits, torch.tensor([0, 0, 1]), relation)
-    assert reg.item() == pytest.approx((ce0 + ce1) / 2, abs=1e-6)  # a per-sample mean would give 0.6905
+    # per-class means summed over the classes, over the batch size (3): a per-sample mean would give 0.6905
+    assert relation_regulariser(logits, labels, relation).item() == pytest.approx((ce0 + ce1) / 3, abs=1e-6)
+    balanced = relation_regulariser(logits, labels, relation, mean_over="classes")
+    assert balanced.item() == pytest.approx((ce0 + ce1) / 2, abs=1e-6)  # over the 2 classes present
+    with pytest.raises(ValueError, match="mean_over"):
+        relation_regulariser(logits, labels, relation, mean_over="samples")
+    pre_t, task_t = torch.zeros(2, 2), torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    assert (cpa_loss(logits, pre_t, labels, task_t, relation, "classes")
+            - cpa_loss(logits, pre_t, labels, task_t, relation)).item() == pytest.approx((ce0 + ce1) / 6, abs=1e-6)
+
+
+def test_focal_loss_by_hand_and_against_torchvision():
+    from torchvision.ops import sigmoid_focal_loss
+
+    torch.manual_seed(0)
+    logits, labels = torch.randn(5, 4), torch.tensor([0, 3, 1, 1, 2])
+    hard = torch.nn.functional.one_hot(labels, 4).float()
+    assert focal_loss(logits, labels).item() == pytest.approx(sigmoid_focal_loss(logits, hard, reduction="mean").item())
+    # smoothing moves the targets (0.8 on the label, 0.2 / 3 elsewhere); the focusing factor keeps the hard labels
+    z, p = 0.5, 1 / (1 + math.exp(-0.5))
+    pos = (1 - p) ** 2 * -(0.25 * 0.8 * math.log(p) + 0.75 * 0.2 * math.log(1 - p))
+    neg = p ** 2 * -(0.25 * (0.2 / 3) * math.log(p) + 0.75 * (1 - 0.2 / 3) * math.log(1 - p))
+    smoothed = focal_loss(torch.full((1, 4), z), torch.tensor([2]), label_smoothing=0.2)
+    assert smoothed.item() == pytest.approx((pos + 3 * neg) / 4, rel=1e-5)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        focal_loss(logits, labels, label_smoothing=1.0)
 
 
 def test_cpa_gradient_reaches_pretrained_head_not_task_head():

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,8 +81,8 @@ def test_bipc_run_caches_relation_and_resumes(domains, tmp_path, capsys, monkeyp
     cached = np.eye(2, 5, dtype=relation.dtype) / 2 + 0.1
     np.save(out / "relationship.npy", cached)
     monkeypatch.setattr(uda, "relationship_matrix", lambda *a, **k: pytest.fail("relation learned again"))
-    real_cpa, used = uda.cpa_loss, []  # the relation each step trains with: cpa_loss's last argument
-    monkeypatch.setattr(uda, "cpa_loss", lambda *a: used.append(a[-1].cpu()) or real_cpa(*a))
+    real_cpa, used = uda.cpa_loss, []  # the relation each step trains with: cpa_loss's fifth argument
+    monkeypatch.setattr(uda, "cpa_loss", lambda *a: used.append(a[4].cpu()) or real_cpa(*a))
     steps = count_steps(monkeypatch)
     assert run_cli(*common, "--method", "bipc", "--epochs", "3") == 0
     resumed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -167,3 +168,71 @@ def test_omniar_train_uda_command_reports_bad_input(domains, tmp_path, capsys):
     rc = omniar_main(["train", "uda", "--source", str(src), "--target", str(tmp_path / "missing"),
                       "--out", str(tmp_path / "r")])
     assert rc == 2 and "--target: not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("augmented", [False, True])
+def test_cli_learns_the_relation_from_all_unaugmented_source_images(domains, tmp_path, monkeypatch, augmented):
+    src, tgt = domains
+    seen = []
+    real = uda.pretrained_head_probs
+    monkeypatch.setattr(uda, "pretrained_head_probs", lambda *a: seen.append(a) or real(*a))
+    (tmp_path / "cfg.yaml").write_text(f"relation_logit_scale: 0.5\nrelation_augmented: {str(augmented).lower()}\n")
+    assert run_cli("--source", str(src), "--target", str(tgt), "--config", str(tmp_path / "cfg.yaml"),
+                   "--backbone", "resnet10t", "--pretrained-classes", "5", "--image-size", "16", "--batch-size", "4",
+                   "--epochs", "1", "--steps-per-epoch", "1", "--out", str(tmp_path / "run")) == 0
+    (_, data, _, limit, scale, *_), = seen
+    crops = [type(t).__name__ for t in data.transform.transforms]
+    assert ("RandomCrop" in crops) == augmented and len(data) == 12 and limit is None and scale == 0.5
+
+
+def test_pretrained_head_probs_scale_the_logits(domains):
+    from omniar.uda.model import BiPCModel, create_backbone
+
+    torch.manual_seed(0)
+    model = BiPCModel(create_backbone("resnet10t", num_classes=5), 2)
+    data = load_domain(domains[0], 16)
+    probs, labels = uda.pretrained_head_probs(model, data, torch.device("cpu"), limit=5, logit_scale=0.884)
+    x, y = zip(*(data[i] for i in torch.randperm(12, generator=torch.Generator().manual_seed(0))[:5].tolist()))
+    with torch.no_grad():
+        expected = (model.eval()(torch.stack(x))[1] * 0.884).softmax(1)
+    np.testing.assert_allclose(probs, expected.double().numpy(), atol=1e-6)
+    assert labels.tolist() == list(y)
+
+
+def test_mean_class_accuracy_for_visda_reporting():
+    class AlwaysClassZero(torch.nn.Module):
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0, 0.0]]).expand(len(x), -1), None, None
+
+    data = torch.utils.data.TensorDataset(torch.zeros(6, 1), torch.tensor([0, 0, 0, 0, 1, 1]))
+    data.classes = ["a", "b", "c"]  # class "c" has no samples: it does not count
+    cpu = torch.device("cpu")
+    assert uda.evaluate(AlwaysClassZero(), data, cpu) == pytest.approx(100 * 4 / 6)
+    assert uda.evaluate(AlwaysClassZero(), data, cpu, "mean_class_accuracy") == pytest.approx(50.0)
+    with pytest.raises(ValueError, match="^metric: "):
+        uda.evaluate(AlwaysClassZero(), data, cpu, "top5")
+
+
+def test_focal_loss_option_and_reference_options_are_checked(domains, tmp_path, monkeypatch):
+    calls = []
+    real = uda.focal_loss
+    monkeypatch.setattr(uda, "focal_loss", lambda *a: calls.append(a) or real(*a))
+    src, tgt = (load_domain(d, 16) for d in domains)
+    cfg = UDAConfig(method="source_only", backbone="resnet10t", pretrained_classes=5, epochs=1, steps_per_epoch=2,
+                    batch_size=4, classifier_loss="focal", metric="mean_class_accuracy", out_dir=str(tmp_path))
+    result = train_uda(cfg, src, tgt)
+    assert len(calls) == 2 and calls[0][2] == cfg.label_smoothing and 0.0 <= result["last"] <= 100.0
+    for key, value in [("classifier_loss", "bce"), ("metric", "f1"), ("cpa_regulariser_mean", "samples"),
+                       ("relation_logit_scale", 0.0), ("relation_c_grid", []), ("relation_max_samples", 1),
+                       ("relation_augmented", "yes")]:
+        with pytest.raises(ValueError, match=f"^{key}: "):
+            UDAConfig(**{key: value})
+
+
+@pytest.mark.parametrize("name", ["uda_office31.yaml", "uda_visda.yaml"])
+def test_shipped_configs_are_valid(name):
+    from omniar.train.common import load_yaml
+    from omniar.train.engine import config_from_dict
+
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    assert config_from_dict(UDAConfig, load_yaml(path), name).method == "bipc"

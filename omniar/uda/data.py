@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import string
 from functools import lru_cache
@@ -20,11 +21,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import Dataset
 from torchvision import transforms
-from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from .._checks import check_int, require
 from ..data._index import item_index
-from ..data.skipped import Skipped, SkippingDataset, file_problem
+from ..data.skipped import Skipped, SkippingDataset, file_problem, logger
 
 
 # ----------------------------------------------------------------- image domains
@@ -38,23 +39,28 @@ def image_transform(size: int, augment: bool = False, mean=(0.5, 0.5, 0.5), std=
 
 
 MIN_IMAGE_SIDE = 8  # only images too small to show anything: benchmarks hold small object crops
+MAX_CLASSES = 100_000  # list-file labels are class ids below this: a typo must not allocate 10^8 class names
 
 
 def image_problem(path: Path) -> tuple[str, str] | None:
-    """(reason, detail) when ``path`` is not a usable colour image, else None; reads the header only."""
+    """(reason, detail) when ``path`` is not a usable image, else None; reads the header only."""
     problem = file_problem(path, "image")
     if problem is not None:
         return problem
     try:
         with Image.open(path) as img:
-            mode, (width, height) = img.mode, img.size
+            width, height = img.size
     except (OSError, ValueError, Image.DecompressionBombError) as err:
         return "unreadable", f"not a readable image ({err})"
-    if mode not in ("P", "PA") and Image.getmodebands(mode) < 3:  # palettes hold colours
-        return "grayscale", f"mode {mode}; colour image needed"
     if min(width, height) < MIN_IMAGE_SIDE:
         return "wrong_size", f"{width}x{height} pixels; needs a short side >= {MIN_IMAGE_SIDE}"
     return None
+
+
+def is_grayscale(path: Path) -> bool:
+    """True for a mode without colour channels (palettes hold colours); such images load as RGB."""
+    with Image.open(path) as img:
+        return img.mode not in ("P", "PA") and Image.getmodebands(img.mode) < 3
 
 
 def read_image_list(list_file: Path, skipped: Skipped) -> list[tuple[Path, int]]:
@@ -64,11 +70,42 @@ def read_image_list(list_file: Path, skipped: Skipped) -> list[tuple[Path, int]]
         if not line.strip():
             continue
         parts = line.rsplit(maxsplit=1)
-        if len(parts) != 2 or not parts[1].isdigit():
-            skipped.add(f"line {line_no}", "malformed_line", f"expected 'path label' (label >= 0), got {line!r}")
+        label = parts[-1]
+        # isdigit() alone admits "²" and other non-ASCII digits; the length test keeps int() small
+        if len(parts) != 2 or not (label.isascii() and label.isdigit() and len(label) <= len(str(MAX_CLASSES))
+                                   and int(label) < MAX_CLASSES):
+            skipped.add(f"line {line_no}", "malformed_line",
+                        f"expected 'path label' (label an integer 0..{MAX_CLASSES - 1}), got {line!r}")
             continue
         path = Path(parts[0]) if Path(parts[0]).is_absolute() else list_file.parent / parts[0]
-        items.append((path, int(parts[1])))
+        items.append((path, int(label)))
+    return items
+
+
+def walk_image_folder(root: Path, classes: list[str], skipped: Skipped) -> list[tuple[Path, int]]:
+    """``(path, class id)`` of the image files under each class folder, in sorted order. Directory symlinks
+    are not followed (a link back into the tree loops or repeats files; one out of it is not the domain):
+    each goes to ``skipped``. A file reached twice (file symlinks, hard links) counts once."""
+    items, seen = [], set()
+    for label, name in enumerate(classes):
+        for folder, dirs, files in sorted(os.walk(root / name)):  # os.walk never descends into directory links
+            for d in sorted(dirs):
+                if os.path.islink(os.path.join(folder, d)):
+                    skipped.add(Path(folder, d), "dir_symlink", "directory symlink, not followed")
+            for f in sorted(files):
+                path = Path(folder, f)
+                if not f.lower().endswith(IMG_EXTENSIONS):
+                    continue
+                try:
+                    stat = path.stat()
+                    identity = (stat.st_dev, stat.st_ino)
+                except OSError:  # a broken link: image_problem reports it as missing
+                    identity = path
+                if identity in seen:
+                    skipped.add(path, "duplicate", "the same file as an earlier item")
+                    continue
+                seen.add(identity)
+                items.append((path, label))
     return items
 
 
@@ -86,12 +123,23 @@ class ImageDomain(SkippingDataset):
             else:
                 skipped.add(path, *problem)
         self.finish_checks(name, "images")
+        self.grayscale = sum(is_grayscale(path) for path, _ in self.items)  # counted here, converted in load()
+        if self.grayscale:
+            logger.warning("%s: %d of %d images are grayscale; they are converted to RGB", skipped.source,
+                           self.grayscale, len(self.items))
 
     def __len__(self) -> int:
         return len(self.items)
 
     def file(self, index: int) -> Path:
         return self.items[index][0]
+
+    def with_transform(self, transform) -> ImageDomain:
+        """The same items, skip records and decode-failure flags read through another ``transform`` (e.g.
+        an un-augmented view of a training domain), without checking the files again."""
+        view = copy.copy(self)
+        view.transform = transform
+        return view
 
     def load(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
@@ -105,12 +153,14 @@ def load_domain(path: str | os.PathLike, image_size: int = 224, name: str = "dom
     ignored) or a list file, with a ``classes`` attribute; clear errors otherwise.
 
     Bad data is left out, never fatal: each image is checked from its header and skipped with one
-    ``DataWarning`` when ``missing``, ``empty``, ``unreadable`` (not an image), ``grayscale`` (a mode
-    without colour channels) or ``wrong_size`` (a side under ``MIN_IMAGE_SIDE`` pixels); malformed list
-    lines are skipped as ``malformed_line`` with their line numbers; an image that fails to decode later
-    is replaced by the next item (``decode_error``). The counts are in ``skipped``; no usable image
-    raises ``ValueError``. A list file's classes come from all its well-formed lines, so skipped
-    images never change them."""
+    ``DataWarning`` when ``missing``, ``empty``, ``unreadable`` (not an image) or ``wrong_size`` (a side
+    under ``MIN_IMAGE_SIDE`` pixels); in a folder, directory symlinks are not followed (``dir_symlink``)
+    and a file reached twice is kept once (``duplicate``); malformed list lines (a label that is not an
+    ASCII integer below ``MAX_CLASSES``) are skipped as ``malformed_line`` with their line numbers; an
+    image that fails to decode later is replaced by the next item (``decode_error``). The counts are in
+    ``skipped``; no usable image raises ``ValueError``. Grayscale images are converted to RGB, as the
+    BiPC reference does, and counted in ``grayscale`` (one log warning). A list file's classes come from
+    all its well-formed lines, so skipped images never change them."""
     check_int(image_size, "image_size", 8)
     path = Path(path)
     require(path.exists(), name, f"not found: {path}")
@@ -121,13 +171,13 @@ def load_domain(path: str | os.PathLike, image_size: int = 224, name: str = "dom
         skipped.require_some(len(items), name, "images")
         classes = [str(i) for i in range(max(label for _, label in items) + 1)]
     else:
-        classes = sorted(p.name for p in path.iterdir() if p.is_dir())
+        for link in sorted(p for p in path.iterdir() if p.is_symlink() and p.is_dir()):
+            skipped.add(link, "dir_symlink", "directory symlink, not followed (not a class folder)")
+        classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.is_symlink())
         require(len(classes) > 0, name, f"{path} has no class sub-folders (ImageFolder layout expected)")
-        try:
-            items = [(Path(f), label) for f, label in
-                     make_dataset(path, {c: i for i, c in enumerate(classes)}, IMG_EXTENSIONS)]
-        except FileNotFoundError as err:  # class folders without any image file
-            raise ValueError(f"{name}: {path}: {err}") from None
+        items = walk_image_folder(path, classes, skipped)
+        empty = sorted(set(classes) - {classes[label] for _, label in items})
+        require(not empty, name, f"{path}: class folders without any image file: {', '.join(empty)}")
     return ImageDomain(items, classes, transform, skipped, name)
 
 

@@ -1,4 +1,4 @@
-"""UDA losses: BiPC's CPA and CGI, the trade-off ramp, and DANN's gradient reversal.
+"""UDA losses: BiPC's CPA and CGI, the trade-off ramp, the focal loss, and DANN's gradient reversal.
 
 Shapes: ``n_s`` source and ``n_t`` target samples, ``K`` pre-trained-head classes, ``C`` task classes;
 ``relation`` is the (C, K) class-relationship matrix of :func:`omniar.uda.model.relationship_matrix`.
@@ -11,9 +11,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_float, require
+from .._checks import check_choice, check_float, require
 
 _EPS = 1e-12
+REGULARISER_MEANS = ("batch", "classes")
 
 
 def ramp(progress: float, gamma: float = 1.0) -> float:
@@ -48,24 +49,30 @@ def cpa_weights(source_labels: torch.Tensor, target_task_probs: torch.Tensor) ->
     return w / max(num_shared, 1)
 
 
-def relation_regulariser(pre_source_logits: torch.Tensor, source_labels: torch.Tensor,
-                         relation: torch.Tensor) -> torch.Tensor:
+def relation_regulariser(pre_source_logits: torch.Tensor, source_labels: torch.Tensor, relation: torch.Tensor,
+                         mean_over: str = "batch") -> torch.Tensor:
     """Pulls the source pre-trained head toward row E_{y_i}: cross-entropy CE(E_{y_i}, softmax(z_i)),
-    averaged per class, then over the classes in the batch (a class-balanced mean)."""
+    averaged per class, then summed over the classes and divided by the batch size (``mean_over="batch"``,
+    the reference's scale) or by the number of classes in the batch (``"classes"``: a class-balanced
+    mean, larger by batch size / classes present)."""
+    check_choice(mean_over, "mean_over", REGULARISER_MEANS)
     ce = -(relation[source_labels] * F.log_softmax(pre_source_logits, 1)).sum(1)
     counts = torch.bincount(source_labels, minlength=relation.shape[0]).to(ce.dtype)
-    return (ce / counts[source_labels]).sum() / (counts > 0).sum()
+    per_class_sum = (ce / counts[source_labels]).sum()
+    return per_class_sum / (len(ce) if mean_over == "batch" else (counts > 0).sum())
 
 
 def cpa_loss(pre_source_logits: torch.Tensor, pre_target_logits: torch.Tensor, source_labels: torch.Tensor,
-             target_task_probs: torch.Tensor, relation: torch.Tensor) -> torch.Tensor:
+             target_task_probs: torch.Tensor, relation: torch.Tensor, regulariser_mean: str = "batch"
+             ) -> torch.Tensor:
     """Calibrated Probability Alignment: sum_ij W_ij D_ij over pre-trained-head probabilities plus the
-    relationship regulariser. The task head only chooses the pairs (W); it gets no gradient here."""
+    relationship regulariser (``regulariser_mean``: its ``mean_over``). The task head only chooses the
+    pairs (W); it gets no gradient here."""
     require(pre_source_logits.shape[1] == pre_target_logits.shape[1] == relation.shape[1], "relation",
             f"needs {pre_source_logits.shape[1]} pre-trained classes, got shape {tuple(relation.shape)}")
     d = probability_distance(pre_source_logits.softmax(1), pre_target_logits.softmax(1))
     align = (cpa_weights(source_labels, target_task_probs) * d).sum()
-    return align + relation_regulariser(pre_source_logits, source_labels, relation)
+    return align + relation_regulariser(pre_source_logits, source_labels, relation, regulariser_mean)
 
 
 def gini_impurity(weights: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -90,6 +97,22 @@ def cgi_loss(task_logits: torch.Tensor, calibrated: torch.Tensor) -> torch.Tenso
     q = calibrated.detach()
     a = agreement(q, p).detach()
     return gini_impurity(a, p) + gini_impurity(1 - a, (p + q) / 2)
+
+
+def focal_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0, alpha: float = 0.25,
+               gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss over one-vs-rest classes, the classifier loss BiPC's reference uses on VisDA.
+
+    Per sample and class: |y - sigmoid(z)|^gamma x alpha-weighted binary cross-entropy against the
+    label-smoothed targets (1 - s on the label, s / (C - 1) elsewhere); y is the hard one-hot label, so
+    smoothing changes the targets but not which samples count as easy. Mean over samples and classes."""
+    check_float(label_smoothing, "label_smoothing", 0.0, 1.0, high_inclusive=False)
+    num_classes = logits.shape[1]
+    hard = F.one_hot(labels, num_classes).to(logits.dtype)
+    soft = hard * (1 - label_smoothing) + (1 - hard) * label_smoothing / (num_classes - 1)
+    focus = (hard - logits.sigmoid()).abs().pow(gamma)
+    bce = -(alpha * soft * F.logsigmoid(logits) + (1 - alpha) * (1 - soft) * F.logsigmoid(-logits))
+    return (focus * bce).mean()
 
 
 class GradientReversal(torch.autograd.Function):

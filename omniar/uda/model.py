@@ -39,8 +39,9 @@ def create_backbone(name: str, weights: str | os.PathLike | None = None, num_cla
 class BiPCModel(nn.Module):
     """A timm backbone with its pre-trained head kept and a task head (BatchNorm -> LayerNorm -> Linear).
 
-    ``forward(x) -> (task_logits, pretrained_logits, features)``. Pooling is timm's own ``forward_head``
-    (it knows each family's layout, e.g. Swin's NHWC features), so any timm classifier works.
+    ``forward(x) -> (task_logits, pretrained_logits, features)``. Pooling and the pre-trained logits are
+    timm's own ``forward_head`` (it knows each family's layout, e.g. Swin's NHWC features, and a distilled
+    DeiT's two heads, whose logits it averages), so any timm classifier works.
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int):
@@ -62,9 +63,10 @@ class BiPCModel(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``detach_task_input``: the task head reads detached features, so losses on its output train
         the task head only (BiPC's target branch)."""
-        feats = self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+        tokens = self.backbone.forward_features(x)
+        feats = self.backbone.forward_head(tokens, pre_logits=True)
         task = self.task_head(feats.detach() if detach_task_input else feats)
-        return task, self.backbone.get_classifier()(feats), feats
+        return task, self.backbone.forward_head(tokens), feats
 
 
 def _fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
@@ -83,9 +85,21 @@ def _fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     return float(log_s.detach().exp())
 
 
+# Inverse regularisation strengths tried for the relationship's logistic regression: the reference's
+# half-decade grid from 1e4 down to 1e-4.
+C_GRID = (1e4, 3e3, 1e3, 3e2, 1e2, 3e1, 1e1, 3.0, 1.0, 3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+
+
+def check_c_grid(c_grid, name: str = "c_grid") -> tuple[float, ...]:
+    """``c_grid`` as a tuple, checked: a non-empty sequence of positive numbers."""
+    require(isinstance(c_grid, (list, tuple)) and len(c_grid) > 0
+            and all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in c_grid),
+            name, f"must be a non-empty list of positive numbers, got {c_grid!r}")
+    return tuple(c_grid)
+
+
 def relationship_matrix(pretrained_probs: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0,
-                        c_grid: tuple[float, ...] = (1e4, 1e3, 1e2, 1e1, 1.0, 1e-1, 1e-2, 1e-3, 1e-4)
-                        ) -> np.ndarray:
+                        c_grid: tuple[float, ...] = C_GRID) -> np.ndarray:
     """E (num_classes x K): row c is p(pre-trained class | task class c), a distribution.
 
     Split the source 50/50 per class; fit a multinomial logistic regression without intercept from the
@@ -98,6 +112,7 @@ def relationship_matrix(pretrained_probs: np.ndarray, labels: np.ndarray, num_cl
     probs, labels = np.asarray(pretrained_probs, np.float64), np.asarray(labels)
     require(probs.ndim == 2 and len(probs) == len(labels), "pretrained_probs", "must be (N, K) with N labels")
     check_int(num_classes, "num_classes", 2)
+    c_grid = check_c_grid(c_grid)
     present = np.unique(labels)
     require(present.tolist() == list(range(num_classes)), "labels",
             f"every task class 0..{num_classes - 1} needs source samples; got {present.tolist()}")

@@ -8,9 +8,10 @@ the unlabelled target domain (losses in :mod:`omniar.uda.losses`):
 * CGI sharpens the task head on the target, weighted by how much it agrees with the pre-trained
   head's calibrated view of the task classes (it trains the task head only).
 
-Total: label-smoothed source CE + ramp(progress) * (1.0 CPA + 0.25 CGI). Baselines in the same
-trainer: ``source_only`` (CE on the source only) and ``dann`` (domain discriminator behind gradient
-reversal). The target is evaluated after every epoch; the best and the last epoch are both returned.
+Total: label-smoothed source CE (or the focal loss, the reference's choice on VisDA) + ramp(progress) *
+(1.0 CPA + 0.25 CGI). Baselines in the same trainer: ``source_only`` (CE on the source only) and ``dann``
+(domain discriminator behind gradient reversal). The target is evaluated after every epoch (accuracy, or
+VisDA's mean per-class accuracy); the best and the last epoch are both returned.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from .._checks import check_choice, check_float, check_int, require
 from .._pretrained import write_file_atomically
 from ..data.skipped import log_skipped
 from ..train.engine import EngineConfig, TrainEngine, config_from_dict
-from .losses import GradientReversal, cgi_loss, cpa_loss, ramp
-from .model import BiPCModel, calibrated_class_probs, create_backbone, relationship_matrix
+from .losses import REGULARISER_MEANS, GradientReversal, cgi_loss, cpa_loss, focal_loss, ramp
+from .model import C_GRID, BiPCModel, calibrated_class_probs, check_c_grid, create_backbone, relationship_matrix
 
 METHODS = ("source_only", "dann", "bipc")
+METRICS = ("accuracy", "mean_class_accuracy")
+CLASSIFIER_LOSSES = ("cross_entropy", "focal")
 
 
 class UDAModel(nn.Module):
@@ -109,44 +112,54 @@ def _loader(data: Dataset, batch_size: int, start: int, total: int, engine: Trai
 
 
 @torch.no_grad()
-def evaluate(model: BiPCModel, data: Dataset, device: torch.device, batch_size: int = 256,
-             num_workers: int = 0) -> float:
-    """Task-head accuracy (%) on a labelled dataset."""
+def evaluate(model: BiPCModel, data: Dataset, device: torch.device, metric: str = "accuracy",
+             batch_size: int = 256, num_workers: int = 0) -> float:
+    """Task-head ``metric`` (%) on a labelled dataset: ``accuracy``, or ``mean_class_accuracy`` (the
+    mean over the classes present of each class's accuracy: VisDA's reporting)."""
+    check_choice(metric, "metric", METRICS)
     was_training = model.training
     model.eval()
-    correct = total = 0
+    correct, total = torch.zeros(len(data.classes)), torch.zeros(len(data.classes))
     for x, y in DataLoader(data, batch_size=batch_size, num_workers=num_workers):
-        correct += (model(x.to(device))[0].argmax(1).cpu() == y).sum().item()
-        total += len(y)
+        hit = (model(x.to(device))[0].argmax(1).cpu() == y).float()
+        correct.index_add_(0, y, hit)
+        total.index_add_(0, y, torch.ones_like(hit))
     model.train(was_training)
-    return 100.0 * correct / total
+    if metric == "accuracy":
+        return 100.0 * correct.sum().item() / total.sum().item()
+    present = total > 0
+    return 100.0 * (correct[present] / total[present]).mean().item()
 
 
 @torch.no_grad()
-def pretrained_head_probs(model: BiPCModel, data: Dataset, device: torch.device, limit: int = 4000,
-                          seed: int = 0, num_workers: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Pre-trained-head probabilities and labels of up to ``limit`` random items of ``data``."""
+def pretrained_head_probs(model: BiPCModel, data: Dataset, device: torch.device, limit: int | None = None,
+                          logit_scale: float = 1.0, seed: int = 0, num_workers: int = 0
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """softmax(``logit_scale`` x pre-trained-head logits) and labels of ``limit`` random items of ``data``
+    (default: all)."""
     was_training = model.training
     model.eval()
     idx = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:limit].tolist()
     probs, labels = [], []
     for x, y in DataLoader(torch.utils.data.Subset(data, idx), batch_size=256, num_workers=num_workers):
-        probs.append(model(x.to(device))[1].softmax(1).cpu())
+        probs.append((model(x.to(device))[1].float() * logit_scale).softmax(1).cpu())
         labels.append(y)
     model.train(was_training)
     return torch.cat(probs).double().numpy(), torch.cat(labels).numpy()
 
 
 def load_or_learn_relation(model: BiPCModel, source: Dataset, num_classes: int, cache: Path,
-                           device: torch.device, seed: int = 0, num_workers: int = 0) -> torch.Tensor:
-    """The (C, K) relationship matrix: read from ``cache`` (.npy) if there, else learned once and cached."""
+                           device: torch.device, cfg: UDAConfig) -> torch.Tensor:
+    """The (C, K) relationship matrix: read from ``cache`` (.npy) if there, else learned once from
+    ``source`` with ``cfg``'s ``relation_*`` settings and cached."""
     if cache.is_file():
         relation = np.load(cache, allow_pickle=False)
         require(relation.shape == (num_classes, model.num_pretrained_classes), "relation_cache",
                 f"{cache} holds shape {relation.shape}, expected {(num_classes, model.num_pretrained_classes)}")
     else:
-        probs, labels = pretrained_head_probs(model, source, device, seed=seed, num_workers=num_workers)
-        relation = relationship_matrix(probs, labels, num_classes, seed=seed)
+        probs, labels = pretrained_head_probs(model, source, device, cfg.relation_max_samples,
+                                              cfg.relation_logit_scale, cfg.seed, cfg.num_workers)
+        relation = relationship_matrix(probs, labels, num_classes, cfg.seed, cfg.relation_c_grid)
         cache.parent.mkdir(parents=True, exist_ok=True)
 
         def save(tmp: Path) -> None:
@@ -183,10 +196,19 @@ class UDAConfig:
     head_lr_mult: float = 10.0
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
+    classifier_loss: str = "cross_entropy"  # or "focal" (the reference's choice on VisDA)
+    metric: str = "accuracy"  # or "mean_class_accuracy" (VisDA's reporting)
     cpa_weight: float = 1.0
     cgi_weight: float = 0.25
+    cpa_regulariser_mean: str = "batch"  # the reference's scale; "classes": the class-balanced mean
     ramp_gamma: float = 1.0  # BiPC's trade-off ramp; DANN's reversal weight always uses 10
     relation_cache: str | None = None  # default: OUT_DIR/relationship.npy
+    # The relationship matrix is learned from softmax(scale x pre-trained logits). The reference uses 0.884,
+    # a temperature fitted for torchvision's ImageNet ResNet-50: right for those weights only.
+    relation_logit_scale: float = 1.0
+    relation_c_grid: tuple[float, ...] = C_GRID  # the logistic regression's C values tried
+    relation_max_samples: int | None = None  # source items it is learned from; default: all
+    relation_augmented: bool = False  # the CLI learns it from un-augmented source images, as the reference
     seed: int = 0
     num_workers: int = 0
     zero_stage: int = 0
@@ -205,9 +227,18 @@ class UDAConfig:
         check_float(self.head_lr_mult, "head_lr_mult", 0.0, low_inclusive=False)
         check_float(self.weight_decay, "weight_decay", 0.0)
         check_float(self.label_smoothing, "label_smoothing", 0.0, 1.0, high_inclusive=False)
+        check_choice(self.classifier_loss, "classifier_loss", CLASSIFIER_LOSSES)
+        check_choice(self.metric, "metric", METRICS)
         check_float(self.cpa_weight, "cpa_weight", 0.0)
         check_float(self.cgi_weight, "cgi_weight", 0.0)
+        check_choice(self.cpa_regulariser_mean, "cpa_regulariser_mean", REGULARISER_MEANS)
         check_float(self.ramp_gamma, "ramp_gamma", 0.0, low_inclusive=False)
+        check_float(self.relation_logit_scale, "relation_logit_scale", 0.0, low_inclusive=False)
+        self.relation_c_grid = check_c_grid(self.relation_c_grid, "relation_c_grid")
+        if self.relation_max_samples is not None:
+            check_int(self.relation_max_samples, "relation_max_samples", 2)
+        require(isinstance(self.relation_augmented, bool), "relation_augmented",
+                f"must be true or false, got {self.relation_augmented!r}")
         check_int(self.seed, "seed", 0)
         check_int(self.num_workers, "num_workers", 0)
 
@@ -223,9 +254,11 @@ def _optimizer(cfg: UDAConfig):
 
 
 def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dataset | None = None,
-              progress: bool = False) -> dict:
+              progress: bool = False, relation_source: Dataset | None = None) -> dict:
     """Adapt from labelled ``source`` to unlabelled ``target``; the labels of ``target_eval`` (default:
-    ``target``) are read only to report accuracy. Resumes from ``cfg.out_dir``'s newest checkpoint.
+    ``target``) are read only to report ``cfg.metric``. BiPC learns the relationship matrix from
+    ``relation_source`` (default: ``source``; the CLI passes the un-augmented source images).
+    Resumes from ``cfg.out_dir``'s newest checkpoint.
 
     Returns ``{"per_epoch": [acc %], "best": acc, "best_epoch": e (1-based), "last": acc}``; after a
     SIGTERM (checkpoint saved; rerun to resume) ``{"per_epoch": [...], "stopped_at": step}``.
@@ -245,7 +278,8 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
         relation = None
         if cfg.method == "bipc":
             cache = Path(cfg.relation_cache) if cfg.relation_cache else out / "relationship.npy"
-            relation = load_or_learn_relation(model, source, num_classes, cache, dev, cfg.seed, cfg.num_workers)
+            relation = load_or_learn_relation(model, relation_source if relation_source is not None else source,
+                                              num_classes, cache, dev, cfg)
         start = engine.resume()
         log_skipped(engine, start, source=source, target=target)
         history_file = out / "history.json"
@@ -278,15 +312,19 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
                     with torch.no_grad():
                         q = calibrated_class_probs(relation, pre_t.softmax(1))
                     lam = ramp(step / total, cfg.ramp_gamma)
-                    scalars["cpa"] = lam * cfg.cpa_weight * cpa_loss(pre_s, pre_t, ys, task_t.softmax(1), relation)
+                    scalars["cpa"] = lam * cfg.cpa_weight * cpa_loss(pre_s, pre_t, ys, task_t.softmax(1), relation,
+                                                                     cfg.cpa_regulariser_mean)
                     scalars["cgi"] = lam * cfg.cgi_weight * cgi_loss(task_t, q)
-                scalars["ce"] = F.cross_entropy(task_s.float(), ys, label_smoothing=cfg.label_smoothing)
+                if cfg.classifier_loss == "focal":
+                    scalars["focal"] = focal_loss(task_s.float(), ys, cfg.label_smoothing)
+                else:
+                    scalars["ce"] = F.cross_entropy(task_s.float(), ys, label_smoothing=cfg.label_smoothing)
             loss = sum(scalars.values())
             engine.backward_step(loss)
             done = step + 1
             if done % per_epoch == 0:
                 history.append(evaluate(model, target_eval if target_eval is not None else target, dev,
-                                        num_workers=cfg.num_workers))
+                                        cfg.metric, num_workers=cfg.num_workers))
                 engine.log_scalars({"target_acc": history[-1], "loss": loss.item(),
                                     **{k: v.item() for k, v in scalars.items()}}, done)
                 if engine.rank == 0:
@@ -365,7 +403,7 @@ def cli_main(args: argparse.Namespace) -> int:
     import timm
 
     from ..train.common import load_yaml
-    from .data import load_domain
+    from .data import image_transform, load_domain
 
     values = load_yaml(args.config, "--config") if args.config else {}
     values.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None})
@@ -375,9 +413,11 @@ def cli_main(args: argparse.Namespace) -> int:
     require(timm.is_model(cfg.backbone), "--backbone", f"unknown timm model {cfg.backbone!r}")
     norm = timm.models.get_pretrained_cfg(cfg.backbone)  # the mean/std its weights were trained with
     norm = dict(mean=norm.mean, std=norm.std) if norm is not None else {}
-    domain = lambda flag, augment: load_domain(getattr(args, flag), args.image_size, f"--{flag}",  # noqa: E731
-                                               augment=augment and not args.no_augment, **norm)
-    result = train_uda(cfg, domain("source", True), domain("target", True), domain("target", False), progress=True)
+    source, target = (load_domain(getattr(args, flag), args.image_size, f"--{flag}", augment=not args.no_augment,
+                                  **norm) for flag in ("source", "target"))
+    plain = image_transform(args.image_size, **norm)
+    result = train_uda(cfg, source, target, target.with_transform(plain), progress=True,
+                       relation_source=source if cfg.relation_augmented else source.with_transform(plain))
     if "stopped_at" in result:
         print(f"uda: stopped with a checkpoint after step {result['stopped_at']}; rerun the command to resume")
         return 0
