@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._checks import check_int
+from ._checks import check_int, named, require
 from .data.shapes import HELDOUT, TRAIN_COMBINATIONS, caption
 from .data.video_io import probe_video, read_video, write_video
 from .generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline
@@ -289,7 +289,9 @@ class Demo:
                 # preprocess stays on: Gradio then only accepts files from its own upload cache
                 rec_button.click(self.reconstruct, [upload], [rec_strips, rec_video, rec_table],
                                  api_name="reconstruct", concurrency_id="model")
-        app.queue(max_size=max_queue, default_concurrency_limit=concurrency)
+        # api_open=False: the direct routes (/gradio_api/run/..., /api/...) would run an event without
+        # entering the queue, so neither max_size nor the concurrency limit would hold for them
+        app.queue(max_size=max_queue, default_concurrency_limit=concurrency, api_open=False)
         return app
 
 
@@ -319,7 +321,24 @@ def launch(pipe: TextToVideoPipeline, host: str = "127.0.0.1", port: int | None 
     return app
 
 
+def check_device(value: str, name: str = "device") -> torch.device:
+    """A device this machine has: ``cpu``, or ``cuda[:N]`` when CUDA is available."""
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: must be cpu or cuda[:N], got {value!r}") from None
+    require(device.type in ("cpu", "cuda"), name, f"must be cpu or cuda[:N], got {value!r}")
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), name, f"{value!r}: CUDA is not available on this machine")
+        require(device.index is None or device.index < torch.cuda.device_count(), name,
+                f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def cli_main(args: argparse.Namespace) -> int:
-    pipe = TextToVideoPipeline.from_pretrained(args.model).to(args.device)
+    device = check_device(args.device)
+    with named("model"):
+        pipe = TextToVideoPipeline.from_pretrained(args.model)
+    pipe.to(device)
     launch(pipe, args.host, args.port, args.share, args.concurrency, args.max_queue)
     return 0

@@ -134,3 +134,83 @@ def test_oversized_upload_is_reported_as_too_large_not_unreadable(pipe, tmp_path
     with pytest.raises(gr.Error) as info:
         demo.Demo(pipe).reconstruct(str(tmp_path / "big.png"))
     assert info.value.message.startswith("Video or image (file): 64x48 frames are larger than the demo takes")
+
+
+@pytest.mark.parametrize("device, message", [("foo", "device: must be cpu or cuda[:N], got 'foo'"),
+                                             ("mps", "device: must be cpu or cuda[:N], got 'mps'"),
+                                             ("cuda:99", "device: 'cuda:99': ")])
+def test_bad_device_is_one_line_before_loading(capsys, monkeypatch, device, message):
+    from omniar.cli import main
+    from omniar.generation.pipeline import TextToVideoPipeline
+
+    monkeypatch.setattr(TextToVideoPipeline, "from_pretrained", lambda *a: pytest.fail("loaded before the check"))
+    assert main(["demo", "--device", device]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"omniar: error: {message}") and err.count("\n") == 1, err
+
+
+def test_bad_model_names_the_option(tmp_path, capsys):
+    from omniar.cli import main
+
+    assert main(["demo", "--device", "cpu", "--model", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.startswith(f"omniar: error: model: {tmp_path / 'nope'}")
+
+
+def test_lone_surrogate_prompt_names_the_prompt(client):
+    """JSON may escape a lone surrogate ("\\ud800"), which no client library sends: plain HTTP."""
+    import json
+    import urllib.request
+
+    url = f"{client.src.rstrip('/')}/gradio_api/call/generate"
+    body = json.dumps({"data": ["a\ud800b", *SETTINGS[1:]]}).encode()  # ensure_ascii: the escape, not UTF-8
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        event_id = json.load(response)["event_id"]
+    with urllib.request.urlopen(f"{url}/{event_id}", timeout=60) as response:
+        assert "Prompt (prompt): is not valid text" in response.read().decode()
+
+
+def test_every_route_to_the_model_respects_the_queue_limit(pipe, monkeypatch):
+    """Plain HTTP, as a script would send it: 8 requests at once to each route of a --max-queue 2 app."""
+    import json
+    import threading
+    import time
+    import urllib.error
+    import urllib.request
+
+    calls = []
+    original = demo.Demo._generate
+
+    def slow(self, *args):  # long enough that the 8 requests overlap
+        calls.append(1)
+        time.sleep(0.5)
+        return original(self, *args)
+
+    monkeypatch.setattr(demo.Demo, "_generate", slow)
+    app = demo.launch(pipe, port=None, max_queue=2, block=False)
+
+    def post(route: str, codes: list) -> None:
+        request = urllib.request.Request(f"{app.local_url.rstrip('/')}/gradio_api/{route}/generate",
+                                         data=json.dumps({"data": list(SETTINGS)}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                codes.append(response.status)
+        except urllib.error.HTTPError as err:
+            codes.append(err.code)
+
+    def burst(route: str) -> list:
+        codes = []
+        threads = [threading.Thread(target=post, args=(route, codes)) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sorted(codes)
+
+    try:
+        assert burst("run") == [404] * 8 and not calls  # the route that skipped the queue is closed
+        codes = burst("call")  # joins the queue: at most 2 waiting (+ the one running), the rest turned away
+        assert codes.count(503) >= 5 and set(codes) == {200, 503}, codes
+    finally:
+        app.close()

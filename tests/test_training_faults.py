@@ -2,6 +2,7 @@
 non-finite loss skips its step, too many in a row stop the run with the last checkpoint intact (and the
 engine closed); bad options fail before the engine starts."""
 
+import os
 import shutil
 import signal
 import zipfile
@@ -121,3 +122,34 @@ def test_bad_stop_at_fails_before_the_engine_starts(tmp_path):
     with pytest.raises(ValueError, match="^stop_at: must be >= 1"):
         train(config_for(tmp_path / "run"), progress=False, stop_at=0)
     assert not (tmp_path / "run").exists()
+
+
+class _RunsACommand:
+    """What a hostile checkpoint holds: unpickling it calls os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_checkpoint_with_a_pickled_command_is_refused_without_running_it(run_dir, tmp_path):
+    out, model_file = damaged_copy(run_dir, tmp_path, lambda path: None)
+    marker = tmp_path / "ran"
+    states = torch.load(model_file, weights_only=True)
+    torch.save(states | {"step": _RunsACommand(marker)}, model_file)  # a valid zip: the CRCs pass
+    with pytest.raises(ValueError, match=rf"^checkpoint: {model_file} holds posix.system, .*refused without running"):
+        train(config_for(out, steps=3), progress=False)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_under_another_zero_stage_is_refused(run_dir, tmp_path, stage):
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    config = config_for(out, steps=3)
+    config["train"]["zero_stage"] = stage
+    with pytest.raises(ValueError, match=rf"^train.zero_stage: is {stage}, but .*step_00000002 was written with "
+                                         "ZeRO stage 0; set it back"):
+        train(config, progress=False)

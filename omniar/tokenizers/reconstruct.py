@@ -15,7 +15,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     from .. import assets
-    from .._checks import check_int
+    from .._checks import check_int, named
     from ..data.shapes import MovingShapes
     from ..data.video_io import check_video_path, write_video
     from ..eval.metrics import psnr
@@ -23,7 +23,8 @@ def cli_main(args: argparse.Namespace) -> int:
 
     check_int(args.seed, "seed", 0)
     out = check_video_path(args.out, "out")
-    tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval()
+    with named("model"):
+        tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval()
     n = tok.config.temporal_compression * 4 + 1
     item = MovingShapes("heldout", args.seed + 1, tok.resolution, n, seed=1234)[args.seed]
     video = item["video"][None]

@@ -21,13 +21,15 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .. import assets
-from .._checks import check_bool, check_choice, check_float, check_int, check_keys, require
+from .._checks import check_bool, check_choice, check_float, check_int, check_keys, check_output_path, require
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..data.skipped import log_skipped
 from ..generation.pipeline import TextToVideoPipeline, encode_prompts
+from ..limits import MAX_NUM_FRAMES, MAX_NUM_WORKERS, MAX_SEED, MAX_TEXT_LEN
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from .common import check_sections, config_cli, last_step, load_init_from, split_train_section, step_loader
+from .common import (build_model, check_sections, config_cli, last_step, load_init_from, split_train_section,
+                     step_loader)
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
@@ -49,8 +51,11 @@ class ARDataConfig:
         require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
         check_int(self.num_clips, "data.num_clips", 1)
         check_int(self.num_frames, "data.num_frames", 1)
-        check_int(self.max_num_frames, "data.max_num_frames", 1)
-        check_int(self.max_text_len, "data.max_text_len", 2)
+        check_int(self.max_text_len, "data.max_text_len", 2, MAX_TEXT_LEN)
+        check_int(self.max_num_frames, "data.max_num_frames", 1, MAX_NUM_FRAMES)
+        check_int(self.seed, "data.seed", 0, MAX_SEED)
+        check_int(self.num_workers, "data.num_workers", 0, MAX_NUM_WORKERS)
+        check_output_path(self.cache_dir, "data.cache_dir", folder=True)
 
 
 @dataclass
@@ -201,9 +206,9 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     tok = load_video_tokenizer(train_cfg.tokenizer)
     tok.check_num_frames(data_cfg.num_frames, "data.num_frames")
     text_tok = TextTokenizer()
-    model_cfg = OmniARConfig(**model_fields, codebook_size=tok.config.codebook_size,
-                             code_dim=tok.config.latent_channels, scales=tuple(tok.scales),
-                             text_vocab_size=text_tok.vocab_size)
+    model_cfg = build_model(OmniARConfig, model_fields | dict(
+        codebook_size=tok.config.codebook_size, code_dim=tok.config.latent_channels, scales=tuple(tok.scales),
+        text_vocab_size=text_tok.vocab_size))
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = OmniARModel.from_config_obj(model_cfg)
     if train_cfg.init_from:

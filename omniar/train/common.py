@@ -12,7 +12,7 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._checks import check_int, check_keys, require
+from .._checks import check_int, check_keys, check_output_path, require
 from .._pretrained import load_checked_state_dict
 
 
@@ -26,14 +26,23 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def _parse(text: str):
-    return yaml.load(text, Loader=_Loader)
+def _parse(text: str, name: str, what: str):
+    """YAML ``text``; malformed YAML is a one-line ValueError naming ``name`` (``what`` says where it came from)."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ValueError(f"{name}: {what} is not valid YAML ({problem})") from None
 
 
 def load_yaml(path: str | Path, name: str = "config") -> dict:
     path = Path(path)
     require(path.is_file(), name, f"file not found: {path}")
-    data = _parse(path.read_text()) or {}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{name}: {path} is not UTF-8 text") from None
+    data = _parse(text, name, str(path)) or {}
     require(isinstance(data, dict), name, f"{path} must hold a mapping at the top level")
     return data
 
@@ -47,14 +56,26 @@ def apply_overrides(config: dict, overrides: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-            require(isinstance(node, dict), "--set", f"{key!r}: {part!r} is not a section")
-        node[leaf] = _parse(value)
+            require(isinstance(node, dict), key, f"{part!r} is not a section (it is set to {node!r})")
+        node[leaf] = _parse(value, key, repr(value))
     return config
 
 
 def check_sections(config: Any) -> dict:
     """A trainer's config: a mapping of model/data/train sections (a misspelled section must not be ignored)."""
-    return check_keys(config, "config", ("model", "data", "train"))
+    check_keys(config, "config", ("model", "data", "train"))
+    for section, values in config.items():
+        require(isinstance(values, dict), section, f"must be a section of key: value settings, got {values!r}")
+    return config
+
+
+def build_model(factory: Callable[..., Any], values: dict) -> Any:
+    """``factory(**values)`` for the ``model`` section, its errors named as the config spells the key
+    (``channels: ...`` -> ``model.channels: ...``)."""
+    try:
+        return factory(**values)
+    except ValueError as err:
+        raise ValueError(f"model.{err}") from None
 
 
 def last_step(steps: int, stop_at: int | None) -> int:
@@ -105,10 +126,10 @@ def _add_config_arguments(parser: argparse.ArgumentParser, default_config: str) 
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
-    config = apply_overrides(load_yaml(args.config), args.set)
+    config = check_sections(apply_overrides(load_yaml(args.config), args.set))
     train = config.setdefault("train", {})
     if args.out is not None:
-        train["out_dir"] = args.out
+        train["out_dir"] = str(check_output_path(args.out, "out", folder=True))
     if args.steps is not None:
         train["steps"] = args.steps
     return config

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -28,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._checks import check_choice, check_float, check_int, check_keys, require
+from .._checks import check_choice, check_float, check_int, check_keys, check_output_path, require
+from ..limits import MAX_MICRO_BATCH_SIZE, MAX_SEED
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -53,23 +55,67 @@ class EngineConfig:
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
 
     def __post_init__(self) -> None:
-        check_choice(self.zero_stage, "zero_stage", (0, 1, 2))
-        check_float(self.lr, "lr", 0.0, low_inclusive=False)
-        check_float(self.weight_decay, "weight_decay", 0.0)
-        check_float(self.grad_clip, "grad_clip", 0.0)
-        check_int(self.micro_batch_size, "micro_batch_size", 1)
-        check_int(self.warmup_steps, "warmup_steps", 0)
-        check_int(self.seed, "seed", 0)
-        check_choice(self.precision, "precision", ("fp32", "bf16"))
-        check_int(self.log_every, "log_every", 1)
-        check_int(self.save_every, "save_every", 1)
-        check_int(self.keep_checkpoints, "keep_checkpoints", 1)
-        check_int(self.max_bad_steps, "max_bad_steps", 1)
-        self.betas = tuple(float(b) for b in self.betas)
+        check_output_path(self.out_dir, "train.out_dir", folder=True)
+        check_int(self.zero_stage, "train.zero_stage", 0, 2)
+        check_float(self.lr, "train.lr", 0.0, low_inclusive=False)
+        check_float(self.weight_decay, "train.weight_decay", 0.0)
+        check_float(self.grad_clip, "train.grad_clip", 0.0)
+        check_int(self.micro_batch_size, "train.micro_batch_size", 1, MAX_MICRO_BATCH_SIZE)
+        check_int(self.warmup_steps, "train.warmup_steps", 0)
+        check_int(self.seed, "train.seed", 0, MAX_SEED)
+        check_choice(self.precision, "train.precision", ("fp32", "bf16"))
+        check_int(self.log_every, "train.log_every", 1)
+        check_int(self.save_every, "train.save_every", 1)
+        check_int(self.keep_checkpoints, "train.keep_checkpoints", 1)
+        check_int(self.max_bad_steps, "train.max_bad_steps", 1)
+        require(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2, "train.betas",
+                f"must be two numbers in [0, 1), got {self.betas!r}")
+        self.betas = tuple(check_float(b, "train.betas", 0.0, 1.0, high_inclusive=False) for b in self.betas)
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive non-finite losses; the last good checkpoint is intact."""
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint file holds a pickled object outside the allowlist: it was refused before it ran."""
+
+
+def _allowed_globals() -> list:
+    """The classes DeepSpeed's checkpoint files hold besides tensors and plain containers (ZeRO 1-2's
+    optimizer files), as found by ``torch.serialization.get_unsafe_globals_in_checkpoint``."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_checkpoint_file(path, map_location=None, mmap: bool = False):
+    """``torch.load(weights_only=True)`` with :func:`_allowed_globals`: any other global in the pickle
+    (e.g. a ``__reduce__`` that calls ``os.system``) raises :class:`UnsafeCheckpointError` before it runs."""
+    try:
+        with torch.serialization.safe_globals(_allowed_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        raise UnsafeCheckpointError(
+            f"checkpoint: {path} holds {found.group(1) if found else 'an object'}, which no omniar checkpoint "
+            "holds (tampered?); refused without running it") from None
+
+
+class _AllowlistLoads:
+    """A DeepSpeed checkpoint engine whose ``load`` (DeepSpeed's is ``weights_only=False``) goes through
+    :func:`load_checkpoint_file`; everything else is the wrapped engine's."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def load(self, path: str, map_location=None):
+        return load_checkpoint_file(path, map_location)
 
 
 def _free_port() -> int:
@@ -127,6 +173,7 @@ class TrainEngine:
         }
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        self.ds.checkpoint_engine = _AllowlistLoads(self.ds.checkpoint_engine)
         self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.bad_steps = 0
@@ -159,7 +206,8 @@ class TrainEngine:
     def generator(self, step: int, salt: int = 0) -> torch.Generator:
         """CPU generator seeded by (seed, step, rank, salt): the randomness of one step, resumable."""
         g = torch.Generator()
-        g.manual_seed(((self.config.seed * 1_000_003 + step) * 1009 + self.rank) * 7919 + salt)
+        # modulo the generator's seed range: large seeds would overflow it
+        g.manual_seed((((self.config.seed * 1_000_003 + step) * 1009 + self.rank) * 7919 + salt) % (MAX_SEED + 1))
         return g
 
     def autocast(self):
@@ -243,8 +291,18 @@ class TrainEngine:
                                  "resume from the previous checkpoint") from None
             require(bad is None, "checkpoint", f"{path}: entry {bad!r} fails its CRC check (tampered or "
                     f"corrupt); move {newest} aside to resume from the previous checkpoint")
+        # DeepSpeed looks for other files under another ZeRO stage (FileNotFoundError): refuse first
+        model_states = newest / "mp_rank_00_model_states.pt"
+        require(model_states.is_file(), "checkpoint", f"{model_states} is missing; move {newest} aside to resume "
+                "from the previous checkpoint")
+        states = load_checkpoint_file(model_states, "cpu", mmap=True)
+        stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
+        require(stage == self.config.zero_stage, "train.zero_stage", f"is {self.config.zero_stage}, but {newest} "
+                f"was written with ZeRO stage {stage}; set it back to resume, or train into a new --out")
         try:
             _, client = self.ds.load_checkpoint(str(self.ckpt_dir), tag=newest.name)
+        except UnsafeCheckpointError:
+            raise
         except (RuntimeError, KeyError, ValueError) as e:  # e.g. a model changed since the checkpoint
             lines = [line.strip() for line in str(e).splitlines() if line.strip()]
             more = f" (+{len(lines) - 3} more lines)" if len(lines) > 3 else ""

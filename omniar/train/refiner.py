@@ -33,7 +33,7 @@ from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .ar import load_video_tokenizer
-from .common import check_sections, config_cli, last_step, split_train_section
+from .common import build_model, check_sections, config_cli, last_step, split_train_section
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .tokenizer import TokenizerDataConfig, build_dataset
 
@@ -148,12 +148,12 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         refiner_cfg = {"refiner_norm": True} | dict(config.get("model", {}))
         require(set(refiner_cfg) <= set(refiner_keys), "model",
                 f"takes only refiner_blocks, refiner_channels and refiner_norm, got {sorted(refiner_cfg)}")
-        require(int(refiner_cfg.get("refiner_blocks", 0)) >= 1, "model.refiner_blocks", "must be >= 1")
+        check_int(refiner_cfg.get("refiner_blocks", 0), "model.refiner_blocks", 1)
     start_refiner, base.refiner = base.refiner, None  # the refiner learns from plain decodes
     require(base.resolution == data_cfg.size, "data.size", f"must equal the tokenizer resolution {base.resolution}")
     base.check_num_frames(data_cfg.num_frames, "data.num_frames")
     torch.manual_seed(engine_cfg.seed)  # same initial refiner on every rank and every resume
-    tok = VideoTokenizer(**{k: v for k, v in base.config.items() if not k.startswith("_")} | refiner_cfg)
+    tok = build_model(VideoTokenizer, {k: v for k, v in base.config.items() if not k.startswith("_")} | refiner_cfg)
     tok.load_state_dict(base.state_dict(), strict=False)  # everything but the new refiner
     if train_cfg.finetune:
         tok.refiner.load_state_dict(start_refiner.state_dict())
