@@ -115,6 +115,13 @@ def test_reconstruct_works_or_names_the_argument(tmp_path, capsys, tiny_tokenize
         assert named_argument(err) in {"seed", "out", "model"}, err
 
 
+def test_reconstruct_out_under_a_file_names_out(tmp_path, capsys, tiny_tokenizer_dir):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "r.mp4"
+    assert main(["reconstruct", "--model", str(tiny_tokenizer_dir), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"omniar: error: out: cannot write {out}: {tmp_path / 'file'} is not a folder\n"
+
+
 @pytest.fixture(scope="module")
 def tiny_tokenizer_dir(model_dir):
     return model_dir / "video_tokenizer"
