@@ -114,17 +114,31 @@ def test_raster_mode_is_token_causal():
 
 @torch.no_grad()
 @pytest.mark.parametrize("kw", [dict(first_dense_layers=1), dict(gating="sigmoid", num_kv_heads=4)])
-def test_kv_cache_equals_full_forward(kw):
+@pytest.mark.parametrize("max_frames", [1, T, T + 3])  # regrown, exact, larger than needed
+def test_kv_cache_equals_full_forward(kw, max_frames):
     model = tiny(**kw)
     ids, mask, vis = batch()
     full = model(ids, mask, vis)
-    cache = model.new_cache()
+    want = full.visual_logits.flatten(1, 2)
+    cache = model.new_cache(max_frames)
     text = model.forward_text(ids, mask, cache)
     assert (text - full.text_logits).abs().max() < 1e-4
-    steps = [model.forward_scale(vis[s][:, f], f, s, cache) for f, s, _, _ in blocks()]
-    got = torch.cat(steps, dim=1).view_as(full.visual_logits)
-    assert (got - full.visual_logits).abs().max() < 1e-4
+    buffers = [k.data_ptr() for k in cache.keys]
+    first = 0
+    for f, s, _, count in blocks():  # every step, across frames, against its slice of the full pass
+        got = model.forward_scale(vis[s][:, f], f, s, cache)
+        assert (got - want[:, first:first + count]).abs().max() < 1e-4, (f, s)
+        first += count
     assert len(cache) == L + T * sum(n * n for n in SCALES)
+    # buffers sized from the call's limits are written in place, never reallocated
+    assert ([k.data_ptr() for k in cache.keys] == buffers) == (max_frames >= T)
+    assert cache.keys[0].shape[2] == L + max(max_frames, 2 if max_frames < T else 0) * sum(n * n for n in SCALES)
+
+
+def test_new_cache_checks_max_frames():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_frames"):
+            tiny().new_cache(bad)
 
 
 @torch.no_grad()

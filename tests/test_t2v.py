@@ -94,6 +94,30 @@ def test_elastic_submodel_and_callback(pipe):
     assert not np.array_equal(out.frames, full.frames)
 
 
+@torch.no_grad()
+def test_cached_steps_equal_the_full_forward_with_cfg_across_frames(pipe, monkeypatch):
+    """Every step of a CFG call (cond and null-prompt rows, 3 latent frames) gives the logits of the
+    teacher-forced full pass over the same inputs: the preallocated cache attends exactly like it."""
+    steps, forward_scale = [], pipe.model.forward_scale
+
+    def record(inputs, frame, scale, cache, *args, **kwargs):
+        logits = forward_scale(inputs, frame, scale, cache, *args, **kwargs)
+        steps.append((frame, scale, inputs.clone(), logits.clone()))
+        return logits
+
+    monkeypatch.setattr(pipe.model, "forward_scale", record)
+    prompts = [PROMPT, "a blue square moves up on a white background"]
+    pipe(prompts, num_frames=9, guidance_scale=3.0, seed=0)
+    scales = pipe.video_tokenizer.scales
+    assert [(f, s) for f, s, _, _ in steps] == [(f, s) for f in range(3) for s in range(len(scales))]
+    ids, mask = pipe.text_tokenizer.batch_encode(prompts + [None, None], pipe.max_text_len)
+    vis = [torch.stack([x for _, s2, x, _ in steps if s2 == s], dim=1) for s in range(len(scales))]
+    full = pipe.model(ids, mask, vis).visual_logits
+    offsets = np.cumsum([0] + [n * n for n in scales])
+    for f, s, _, logits in steps:
+        assert (logits - full[:, f, offsets[s]:offsets[s + 1]]).abs().max() < 1e-4, (f, s)
+
+
 @pytest.mark.parametrize("kwargs, name", [
     ({"prompt": ""}, "prompt"),
     ({"prompt": "   "}, "prompt"),

@@ -24,9 +24,12 @@ Training::
 
 Generation (KV cache, one forward per scale)::
 
-    cache = model.new_cache()
+    cache = model.new_cache(max_frames)                         # buffers for text + max_frames frames
     model.forward_text(text_ids, text_mask, cache)              # (B, L, V_text)
     logits = model.forward_scale(acc, frame, scale, cache)      # (B, n_s^2, codebook_size)
+
+The cache preallocates its keys/values per layer and builds the layout, RoPE
+tables and key mask once per call; each step writes in place (see ``KVCache``).
 
 ``acc`` is the scale's accumulated input (B, code_dim, n_s, n_s). Vision
 positions start after the padded text length L of the batch (independent of

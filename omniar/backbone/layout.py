@@ -80,10 +80,8 @@ def video_meta(batch: int, text_len: int, scales: tuple[int, ...], num_frames: i
     """Metadata of ``num_frames`` whole frames, frame-major then coarse to fine."""
     metas = [vision_meta(batch, text_len, scales, f, s, 0, n * n, raster, device)
              for f in range(num_frames) for s, n in enumerate(scales)]
-    out = metas[0]
-    for m in metas[1:]:
-        out = out.cat(m)
-    return out
+    return TokenMeta(*(torch.cat([getattr(m, key) for m in metas], dim=1 if key == "valid" else 0)
+                       for key in ("block", "frame", "valid", "pos")))
 
 
 def attention_mask(query: TokenMeta, key: TokenMeta,

@@ -16,7 +16,7 @@ from .._pretrained import PretrainedModel
 from .attention import Attention, KVCache
 from .config import OmniARConfig, config_signature
 from .elastic import ElasticSpec, resolve_elastic, sample_elastic, slice_state_dict, submodel_config
-from .layout import TokenMeta, attention_mask, text_meta, video_meta, vision_meta
+from .layout import TokenMeta, attention_mask, scale_offsets, text_meta, video_meta
 from .moe import MoELayer, RouterStats, SwiGLU
 from .rope import MultiScaleRoPE
 
@@ -47,13 +47,14 @@ class Block(nn.Module):
             d, cfg.expert_hidden_size, cfg.num_experts, cfg.num_shared_experts, cfg.gating,
             cfg.seq_balance_loss_coef, cfg.router_z_loss_coef, cfg.moe_impl)
 
-    def forward(self, x, cos, sin, mask, empty, meta: TokenMeta, cache: KVCache | None, layer: int,
+    def forward(self, x, cos, sin, mask, empty, meta: TokenMeta | None, cache: KVCache | None, layer: int,
                 spec: ElasticSpec) -> tuple[torch.Tensor, torch.Tensor | None, RouterStats | None]:
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, empty, cache, layer)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, SwiGLU):
             return x + self.ffn(h), None, None
-        y, aux, stats = self.ffn(h, meta.valid, meta.is_text, spec.num_experts, spec.top_k, layer)
+        valid, is_text = (None, None) if meta is None else (meta.valid, meta.is_text)
+        y, aux, stats = self.ffn(h, valid, is_text, spec.num_experts, spec.top_k, layer)
         return x + y, aux, stats
 
 
@@ -140,22 +141,19 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                 block.ffn.update_bias(self._omniar_config.bias_update_step)
 
     # ------------------------------------------------------------------- trunk
-    def _trunk(self, x: torch.Tensor, meta: TokenMeta, cache: KVCache | None,
-               frame_visibility: torch.Tensor | None = None
+    def _trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+               empty: torch.Tensor | None, meta: TokenMeta | None, cache: KVCache | None
                ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+        """The layers over ``x`` (B, L, d); ``meta`` None skips the routing statistics (generation),
+        a ``cache`` takes the new keys/values in its booked slots."""
         spec = self.active_spec
-        if cache is not None:
-            require(cache.spec == spec, "cache", f"was made for sub-model {cache.spec}, the model now runs {spec}")
-        keys = meta if cache is None or cache.meta is None else cache.meta.cat(meta)
-        mask, empty = attention_mask(meta, keys, frame_visibility)
-        cos, sin = self.rope.cos_sin(meta.pos, x.dtype)
         aux, stats = x.new_zeros((), dtype=torch.float32), []
         for i in range(spec.depth):
             x, layer_aux, layer_stats = self.layers[i](x, cos, sin, mask, empty, meta, cache, i, spec)
             if layer_stats is not None:
                 aux, stats = aux + layer_aux, stats + [layer_stats]
         if cache is not None:
-            cache.meta = keys
+            cache.commit(x.shape[1])
         return self.norm(x), aux, stats
 
     def _text_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -218,7 +216,9 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                     and frame_visibility.dtype == torch.bool
                     and tuple(frame_visibility.shape) == (b, num_frames, num_frames), "frame_visibility",
                     f"must be a bool tensor (B, T_lat, T_lat) = {(b, num_frames, num_frames)} with visual_inputs")
-        hidden, aux, stats = self._trunk(x, meta, None, frame_visibility)
+        mask, empty = attention_mask(meta, meta, frame_visibility)
+        cos, sin = self.rope.cos_sin(meta.pos, x.dtype)
+        hidden, aux, stats = self._trunk(x, cos, sin, mask, empty, meta, None)
         text_logits, mtp_logits = self._text_outputs(hidden[:, :length])
         visual_logits = None
         if num_frames:
@@ -226,17 +226,40 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         return OmniAROutput(text_logits, mtp_logits, visual_logits, aux, stats)
 
     # ----------------------------------------------------------- incremental
-    def new_cache(self) -> KVCache:
-        """An empty KV cache for :meth:`forward_text` / :meth:`forward_scale`."""
-        return KVCache(self._omniar_config.num_layers, self.active_spec)
+    def new_cache(self, max_frames: int = 1) -> KVCache:
+        """An empty KV cache for :meth:`forward_text` / :meth:`forward_scale`, with buffers and tables
+        for the text and ``max_frames`` latent frames (allocated by ``forward_text``; a longer run
+        regrows them, one copy per doubling)."""
+        return KVCache(self._omniar_config.num_layers, self.active_spec, check_int(max_frames, "max_frames", 1))
+
+    def _check_cache_spec(self, cache: KVCache) -> None:
+        spec = self.active_spec
+        require(cache.spec == spec, "cache", f"was made for sub-model {cache.spec}, the model now runs {spec}")
+
+    def _plan(self, cache: KVCache, text_valid: torch.Tensor, max_frames: int) -> None:
+        """Layout and RoPE tables of the text and ``max_frames`` frames, once per call (and per regrowth)."""
+        cfg = self._omniar_config
+        b, length = text_valid.shape
+        meta = text_meta(text_valid).cat(video_meta(b, length, cfg.scales, max_frames, cfg.vision_mask == "raster",
+                                                    text_valid.device))
+        cos, sin = self.rope.cos_sin(meta.pos, self.text_embed.weight.dtype)
+        cache.max_frames = max_frames
+        cache.plan(meta, cos, sin, cfg.num_kv_heads, cfg.head_dim, self.active_spec.depth)
 
     def forward_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None,
                      cache: KVCache) -> torch.Tensor:
         """Encode the text prefix into an empty ``cache``; returns text logits (B, L, V_text)."""
         require(isinstance(cache, KVCache) and len(cache) == 0, "cache", "must be an empty KVCache")
+        self._check_cache_spec(cache)
         text_mask = self._check_text(text_ids, text_mask)
-        hidden, _, _ = self._trunk(self.text_embed(text_ids), text_meta(text_mask), cache)
-        cache.text_len = text_ids.shape[1]  # only now: a refused pass leaves the cache empty and usable
+        length = text_ids.shape[1]
+        self._plan(cache, text_mask, cache.max_frames)
+        meta = text_meta(text_mask)
+        mask, empty = attention_mask(meta, meta)
+        cache.book(0, length)
+        hidden, _, _ = self._trunk(self.text_embed(text_ids), cache.cos[:length], cache.sin[:length], mask, empty,
+                                   None, cache)
+        cache.text_len = length  # only now: a refused pass leaves the cache empty and usable
         return self._text_outputs(hidden)[0]
 
     def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
@@ -248,8 +271,9 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         models take whole scales, raster models any run of tokens.
         Returns visual logits (B, stop - start, codebook_size)."""
         cfg = self._omniar_config
-        require(isinstance(cache, KVCache) and cache.meta is not None, "cache",
+        require(isinstance(cache, KVCache) and cache.text_len is not None, "cache",
                 "must be a KVCache that went through forward_text")
+        self._check_cache_spec(cache)
         check_int(scale, "scale", 0, len(cfg.scales) - 1)
         check_int(frame, "frame", 0)
         n = cfg.scales[scale]
@@ -266,8 +290,14 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         feats = inputs.flatten(2).transpose(1, 2)[:, None, start:stop]
         scale_ids = torch.full((stop - start,), scale, device=feats.device)
         x = self._embed_vision(feats, scale_ids, frame == 0 and scale == 0 and start == 0)
-        meta = vision_meta(b, cache.text_len, cfg.scales, frame, scale, start, stop, raster, x.device)
-        hidden, _, _ = self._trunk(x, meta, cache)
+        if frame >= cache.max_frames:
+            self._plan(cache, cache.meta.valid[:, :cache.text_len], max(frame + 1, 2 * cache.max_frames))
+        first = cache.text_len + frame * cfg.tokens_per_frame + scale_offsets(cfg.scales)[scale]
+        seq_start, seq_stop = first + start, first + stop
+        cache.book(seq_start, seq_stop)
+        mask = cache.step_mask(seq_start, seq_stop, raster and stop - start > 1)
+        hidden, _, _ = self._trunk(x, cache.cos[seq_start:seq_stop], cache.sin[seq_start:seq_stop], mask, None,
+                                   None, cache)
         if stop < n * n:
             cache.next_block = (frame, scale, stop)
         else:

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import distributed as dist
 from torch import nn
 
+from .._checks import require
+
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     gate, up = h.chunk(2, dim=-1)
@@ -161,9 +163,10 @@ class MoELayer(nn.Module):
         weights = scores.gather(-1, idx)
         return logits, scores, idx, weights / weights.sum(-1, keepdim=True)
 
-    def forward(self, x: torch.Tensor, valid: torch.Tensor, is_text: torch.Tensor, num_experts: int,
-                top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, RouterStats]:
-        """``x`` ``(B, L, d)``, ``valid`` ``(B, L)``, ``is_text`` ``(L,)`` (for statistics only)."""
+    def forward(self, x: torch.Tensor, valid: torch.Tensor | None, is_text: torch.Tensor | None, num_experts: int,
+                top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
+        """``x`` ``(B, L, d)``, ``valid`` ``(B, L)``, ``is_text`` ``(L,)`` (for statistics only; None in
+        eval skips the statistics and returns None for them: generation steps need none)."""
         b, length, d = x.shape
         logits, scores, idx, weights = self.route(x, num_experts, top_k)
         out = dropless_moe(x.reshape(-1, d), idx.reshape(-1, top_k), weights.reshape(-1, top_k),
@@ -171,6 +174,9 @@ class MoELayer(nn.Module):
                            self.impl).view(b, length, d)
         if self.shared is not None:
             out = out + self.shared(x)
+        if valid is None:
+            require(not self.training, "valid", "is needed in training (load balancing)")
+            return out, x.new_zeros((), dtype=torch.float32), None
         vf = valid.to(scores.dtype)[..., None]
         with torch.no_grad():
             chosen = torch.zeros_like(scores).scatter_(-1, idx, 1.0) * vf  # (B, L, E')
