@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from omniar.data.video_io import read_video
-from omniar.demo import elastic_choices, example_prompts
+from omniar.commands.demo import elastic_choices, example_prompts
 from omniar.generation import TextToVideoPipeline
 
 RESULTS = Path(__file__).parent / "results" / "demo_load.json"

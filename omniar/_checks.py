@@ -96,3 +96,19 @@ def named(name: str):
     except ValueError as err:
         _, sep, detail = str(err).partition(": ")
         raise ValueError(f"{name}: {detail if sep else err}") from None
+
+
+def check_device(value: str, name: str = "device") -> "torch.device":
+    """A device this machine has: ``cpu``, or ``cuda[:N]`` when CUDA is available."""
+    import torch  # here, not at the top: the command line's --help must not wait for torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: must be cpu or cuda[:N], got {value!r}") from None
+    require(device.type in ("cpu", "cuda"), name, f"must be cpu or cuda[:N], got {value!r}")
+    if device.type == "cuda":
+        require(torch.cuda.is_available(), name, f"{value!r}: CUDA is not available on this machine")
+        require(device.index is None or device.index < torch.cuda.device_count(), name,
+                f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device

@@ -111,7 +111,8 @@ def test_anchor_keeps_a_fine_tune_closer_to_its_init_from_model(tmp_path):
 
     from omniar.backbone import OmniARModel
     from omniar.tokenizers.text import TextTokenizer
-    from omniar.train.ar import ARDataConfig, collate, load_video_tokenizer, prepare_batch, train
+    from omniar.train.ar import ARDataConfig, collate, prepare_batch, train
+    from omniar.train.common import load_video_tokenizer
     from omniar.train.pretokenize import TokenizedDataset
 
     tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")

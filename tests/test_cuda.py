@@ -1,4 +1,4 @@
-"""CUDA bf16 paths against their fp32 CPU references (skipped without a GPU; run by benchmarks/gpu_checks.sh)."""
+"""CUDA bf16 paths against their fp32 CPU references (skipped without a GPU; run by tools/gpu_checks.sh)."""
 
 import pytest
 import torch

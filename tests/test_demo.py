@@ -12,7 +12,7 @@ from omniar.data.video_io import read_video, write_video
 from test_t2v import PROMPT, tiny_pipeline
 
 gradio_client = pytest.importorskip("gradio_client")
-demo = pytest.importorskip("omniar.demo")
+demo = pytest.importorskip("omniar.commands.demo")
 
 FULL = "full (2 layers, 4 experts, top-2)"
 # prompt, num_frames, guidance, temperature, top_k, top_p, seed, sub-model: the /generate argument order
@@ -112,7 +112,7 @@ def test_tokenizer_tab_rejects_unreadable_upload(client, tmp_path):
 
 
 def test_oversized_upload_is_refused_from_its_header(tmp_path, monkeypatch):
-    from omniar import demo
+    from omniar.commands import demo
 
     Image.new("RGB", (64, 48)).save(tmp_path / "small.png")
     assert demo._load_media(str(tmp_path / "small.png"), 17).shape == (1, 48, 64, 3)
@@ -127,7 +127,7 @@ def test_oversized_upload_is_refused_from_its_header(tmp_path, monkeypatch):
 def test_oversized_upload_is_reported_as_too_large_not_unreadable(pipe, tmp_path, monkeypatch):
     import gradio as gr
 
-    from omniar import demo
+    from omniar.commands import demo
 
     Image.new("RGB", (64, 48)).save(tmp_path / "big.png")
     monkeypatch.setattr(demo, "MAX_UPLOAD_PIXELS", 64 * 48 - 1)

@@ -13,7 +13,7 @@ from test_t2v import tiny_pipeline
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed")
 sync_api = pytest.importorskip("playwright.sync_api")
-demo = pytest.importorskip("omniar.demo")
+demo = pytest.importorskip("omniar.commands.demo")
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
 PROMPT = "a yellow square moves down on a black background"

@@ -8,7 +8,7 @@ from PIL import Image
 
 from omniar.cli import main
 from omniar.data.video_io import read_video
-from omniar.generation.cli import output_paths
+from omniar.commands.generate import output_paths
 from test_t2v import PROMPT, tiny_pipeline
 
 OTHER = "a blue square moves up on a white background"

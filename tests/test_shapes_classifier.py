@@ -7,8 +7,8 @@ import torch
 
 from omniar import assets
 from omniar.data.shapes import MovingShapes
-from omniar.eval.shapes_classifier import (ATTRIBUTES, ShapesClassifier, frames_to_videos, key_frame_set,
-                                           prompt_adherence, train_classifier)
+from omniar.eval.shapes_classifier import ATTRIBUTES, ShapesClassifier, frames_to_videos, prompt_adherence
+from omniar.train.classifier import key_frame_set, train_classifier
 
 
 @pytest.fixture

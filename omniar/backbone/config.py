@@ -125,12 +125,6 @@ class OmniARConfig:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "OmniARConfig":
-        """Build from a dict, ignoring keys that are not fields (diffusers adds ``_class_name`` etc.)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
     def replace(self, **changes: Any) -> "OmniARConfig":
         return dataclasses.replace(self, **changes)
 

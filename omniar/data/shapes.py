@@ -9,6 +9,7 @@ stays fully inside it in every frame. Every clip is a pure function of
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .._checks import check_choice, check_int, require
+from ..pixels import from_uint8
 from ._index import item_index
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -84,16 +86,11 @@ def caption(color: str, shape: str, direction: str, background: str, template: i
     return TEMPLATES[template].format(color=color, shape=shape, direction=direction, background=background)
 
 
-def parse_caption(text: str) -> dict[str, str] | None:
-    """Attributes named in a caption (any template or free text naming one of each), else None."""
-    words = text.lower().replace(",", " ").split()
-    found = {}
-    for key, values in (("color", COLORS), ("shape", SHAPES), ("direction", DIRECTIONS), ("background", BACKGROUNDS)):
-        hits = [w for w in words if w in values]
-        if len(set(hits)) != 1:
-            return None
-        found[key] = hits[0]
-    return found
+def vocabulary() -> list[str]:
+    """Every word of every caption, sorted: a pipeline trained on Moving Shapes records it, so that prompts
+    with other words get a warning."""
+    template_words = re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", " ".join(TEMPLATES)))
+    return sorted({*template_words, *COLORS, *SHAPES, *DIRECTIONS, *BACKGROUNDS})
 
 
 def _check_canvas(size: int, num_frames: int) -> None:
@@ -161,7 +158,7 @@ def render(clip: ShapeClip, size: int = 64, num_frames: int = 17, times: list[in
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
     """uint8 ``(T, H, W, 3)`` -> float ``(3, T, H, W)`` in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+    return from_uint8(torch.from_numpy(frames).permute(3, 0, 1, 2))
 
 
 class MovingShapes(Dataset):

@@ -2,29 +2,21 @@
 Frechet distance (FVD-style) of generated clips.
 
 A small 2D conv net over three key frames with four heads (colour, shape,
-direction, background), trained on real Moving Shapes clips only. Training:
-
-    python -m omniar.eval.shapes_classifier --out omniar/assets/shapes-classifier --steps 1500
-
-(about 0.25 s a step on one CPU core plus ~30 s to render the 8,000 training clips of `--clips`; seconds on a GPU).
+direction, background), trained on real Moving Shapes clips only
+(:func:`omniar.train.classifier.train_classifier`, ``omniar train classifier``).
 """
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
 import torch
-import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from scipy.stats import binomtest
 from torch import nn
-from tqdm import tqdm
 
 from .._checks import check_int, require
 from .._pretrained import PretrainedModel
-from ..data.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, MovingShapes, render, to_tensor
-from ..train.engine import cosine_lr
+from ..data.shapes import BACKGROUNDS, COLORS, DIRECTIONS, SHAPES
+from ..pixels import from_uint8
 
 ATTRIBUTES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "direction": DIRECTIONS,
                                           "background": tuple(BACKGROUNDS)}
@@ -80,7 +72,7 @@ def frames_to_videos(frames) -> torch.Tensor:
     frames = torch.as_tensor(frames)
     require(frames.dtype == torch.uint8 and frames.dim() == 5 and frames.shape[-1] == 3, "frames",
             f"must be uint8 (B, T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
-    return frames.permute(0, 4, 1, 2, 3).float().div(127.5).sub(1)
+    return from_uint8(frames.permute(0, 4, 1, 2, 3))
 
 
 def prompt_adherence(classifier: ShapesClassifier, videos: torch.Tensor, attributes: list[dict[str, str]]
@@ -102,61 +94,3 @@ def prompt_adherence(classifier: ShapesClassifier, videos: torch.Tensor, attribu
     for k in ATTRIBUTES:
         result[k] = sum(p[k] == a[k] for p, a in zip(pred, attributes)) / len(pred)
     return result
-
-
-def key_frame_set(num_clips: int, size: int = 64, num_frames: int = 17, seed: int = 0
-                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Real clips of every combination, rendered at the three frames the classifier looks at only."""
-    data = MovingShapes("all", num_clips, size, num_frames, seed=seed)
-    videos, labels = [], {k: [] for k in ATTRIBUTES}
-    for i in range(num_clips):
-        clip, _ = data.clip(i)
-        videos.append(to_tensor(render(clip, size, num_frames, [0, num_frames // 2, num_frames - 1])))
-        for k, names in ATTRIBUTES.items():
-            labels[k].append(names.index(clip.attributes[k]))
-    return torch.stack(videos), {k: torch.tensor(v) for k, v in labels.items()}
-
-
-def train_classifier(steps: int = 1500, batch_size: int = 64, num_clips: int = 8000, seed: int = 0,
-                     device: str = "cpu", progress: bool = True) -> ShapesClassifier:
-    """Train on real clips of every combination (the judge must know held-out combinations too)."""
-    check_int(steps, "steps", 1)
-    check_int(batch_size, "batch_size", 1)
-    check_int(num_clips, "num_clips", 1)
-    torch.manual_seed(seed)
-    videos, labels = key_frame_set(num_clips, seed=10_000 + seed)
-    model = ShapesClassifier().to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lr(steps, warmup_steps=steps // 10))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in tqdm(range(steps), disable=not progress, desc="classifier"):
-        idx = torch.randint(0, num_clips, (batch_size,), generator=gen)
-        video = videos[idx].to(device)
-        video = video + 0.05 * torch.randn_like(video)  # robustness to the small artefacts of generated clips
-        logits = model(video)
-        loss = sum(F.cross_entropy(logits[k], labels[k][idx].to(device)) for k in ATTRIBUTES)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    return model.eval()
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description="Train the Moving Shapes attribute classifier.")
-    parser.add_argument("--out", default="omniar/assets/shapes-classifier")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--clips", type=int, default=8000)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    model = train_classifier(args.steps, args.batch_size, args.clips, device=args.device)
-    test = MovingShapes("all", 256, seed=777)
-    videos = torch.stack([test[i]["video"] for i in range(256)])
-    print("accuracy on 256 real clips:", prompt_adherence(model, videos, [test[i]["attributes"] for i in range(256)]))
-    model.cpu().save_pretrained(args.out)
-    print("saved", Path(args.out))
-
-
-if __name__ == "__main__":
-    main()

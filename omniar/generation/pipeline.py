@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from .._checks import check_choice, check_float, check_int, check_text, require
 from .._pretrained import read_json, write_folder_atomically
 from ..backbone import OmniARModel
 from ..limits import MAX_BATCH_SIZE, MAX_NUM_FRAMES, MAX_SEED, MAX_TEXT_LEN
+from ..pixels import to_uint8
 from ..backbone.elastic import ElasticSpec, resolve_elastic
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
@@ -32,13 +34,36 @@ from .sampling import GUIDANCE_SCHEDULES, check_filters, guidance_for_scale, gui
 
 DEFAULT_MODEL = "shapes-t2v"
 MAX_PROMPT_CHARS = 1000
+OUTPUT_TYPES = ("uint8", "np", "pil", "pt")
 
 
 @dataclass
 class TextToVideoOutput:
-    frames: np.ndarray  # uint8 (B, T, H, W, 3)
+    """``frames`` by ``output_type``: ``"uint8"`` numpy uint8 (B, T, H, W, 3); ``"np"`` float32 (B, T, H, W, 3)
+    in [0, 1]; ``"pil"`` a list (per clip) of lists of PIL images; ``"pt"`` torch float32 (B, T, 3, H, W) in
+    [0, 1]. The last three are diffusers' conventions, so ``diffusers.utils.export_to_video(frames[0])`` works."""
+
+    frames: np.ndarray | list | torch.Tensor
     codes: MultiScaleCodes
     timings: dict = field(default_factory=dict)
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased words of a prompt, as a vocabulary check sees them."""
+    return re.findall(r"[^\W\d_]+", text.lower())
+
+
+def convert_frames(pixels: torch.Tensor, output_type: str):
+    """(B, 3, T, H, W) in [-1, 1] -> frames of ``output_type`` (see :class:`TextToVideoOutput`)."""
+    frames = to_uint8(pixels).permute(0, 2, 3, 4, 1)  # every type holds exactly the uint8 values
+    if output_type == "uint8":
+        return frames.numpy()
+    if output_type == "pil":
+        from PIL import Image
+
+        return [[Image.fromarray(frame) for frame in clip] for clip in frames.numpy()]
+    unit = frames.float().div(255)
+    return unit.numpy() if output_type == "np" else unit.permute(0, 1, 4, 2, 3).contiguous()
 
 
 def check_tokens(text_tokenizer: TextTokenizer, text: str, max_len: int, name: str = "prompt") -> None:
@@ -63,20 +88,31 @@ def _check_limits(max_text_len: int, max_num_frames: int, max_batch_size: int) -
             check_int(max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE))
 
 
+def _check_vocabulary(vocabulary) -> tuple[str, ...] | None:
+    """A pipeline's vocabulary as a sorted tuple of distinct words, or None (a model that records none)."""
+    if vocabulary is None:
+        return None
+    require(isinstance(vocabulary, (list, tuple)) and all(isinstance(w, str) and words(w) == [w] for w in vocabulary),
+            "vocabulary", "must be None or a list of lower-case words")
+    return tuple(sorted(set(vocabulary)))
+
+
 class TextToVideoPipeline:
     """Text-to-video (and text-to-image: ``num_frames=1``) with the unified AR model.
 
     Components: ``video_tokenizer`` (:class:`VideoTokenizer`), ``text_tokenizer``
     (:class:`TextTokenizer`), ``model`` (:class:`OmniARModel`). ``max_text_len`` is
     the fixed padded prompt length the model was trained with; ``max_num_frames``
-    the longest clip it may generate; ``max_batch_size`` the most prompts per call.
+    the longest clip it may generate; ``max_batch_size`` the most prompts per call; ``vocabulary`` the
+    words of its training captions (None when unknown), for :meth:`unknown_words`.
     Limits are checked before anything is allocated; clips are decoded one at a time,
     one latent frame at a time (measured memory bound: ``benchmarks/generation_memory.py``,
     BENCHMARKS.md).
     """
 
     def __init__(self, video_tokenizer: VideoTokenizer, text_tokenizer: TextTokenizer, model: OmniARModel,
-                 max_text_len: int = 96, max_num_frames: int = 33, max_batch_size: int = 16):
+                 max_text_len: int = 96, max_num_frames: int = 33, max_batch_size: int = 16,
+                 vocabulary: list[str] | tuple[str, ...] | None = None):
         require(isinstance(video_tokenizer, VideoTokenizer), "video_tokenizer", "must be a VideoTokenizer")
         require(isinstance(text_tokenizer, TextTokenizer), "text_tokenizer", "must be a TextTokenizer")
         require(isinstance(model, OmniARModel), "model", "must be an OmniARModel")
@@ -89,6 +125,7 @@ class TextToVideoPipeline:
         self.video_tokenizer, self.text_tokenizer, self.model = video_tokenizer.eval(), text_tokenizer, model.eval()
         self.max_text_len, self.max_num_frames, self.max_batch_size = _check_limits(
             max_text_len, max_num_frames, max_batch_size)
+        self.vocabulary = _check_vocabulary(vocabulary)
 
     # ------------------------------------------------------------ persistence
     @classmethod
@@ -105,10 +142,14 @@ class TextToVideoPipeline:
             _check_limits(**limits)
         except ValueError as err:
             raise ValueError(f"path: {index_file}: {err}") from None
+        try:
+            vocabulary = _check_vocabulary(index.get("vocabulary"))
+        except ValueError as err:
+            raise ValueError(f"path: {index_file}: {err}") from None
         return cls(VideoTokenizer.from_pretrained(str(folder / "video_tokenizer")),
                    TextTokenizer.from_pretrained(folder / "text_tokenizer"),
                    OmniARModel.from_pretrained(str(folder / "model")),
-                   **limits)
+                   **limits, vocabulary=vocabulary)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the pipeline folder atomically (aside, then swapped in)."""
@@ -121,6 +162,7 @@ class TextToVideoPipeline:
         index = {"_class_name": type(self).__name__, "omniar_version": __version__,
                  "max_text_len": self.max_text_len, "max_num_frames": self.max_num_frames,
                  "max_batch_size": self.max_batch_size,
+                 **({"vocabulary": list(self.vocabulary)} if self.vocabulary is not None else {}),
                  "video_tokenizer": ["omniar.tokenizers", "VideoTokenizer"],
                  "text_tokenizer": ["omniar.tokenizers", "TextTokenizer"],
                  "model": ["omniar.backbone", "OmniARModel"]}
@@ -152,9 +194,19 @@ class TextToVideoPipeline:
             check_tokens(self.text_tokenizer, p, self.max_text_len)
         return list(prompts)
 
+    def unknown_words(self, prompt: str) -> list[str]:
+        """Words of ``prompt`` that no training caption used, in order of appearance (none when the
+        folder records no vocabulary): the model ignores them or makes something up."""
+        if self.vocabulary is None:
+            return []
+        return list(dict.fromkeys(w for w in words(prompt) if w not in self.vocabulary))
+
     def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
-                    video, elastic, callback) -> list[str]:
+                    video, elastic, callback, output_type, generator) -> list[str]:
         prompts = self.check_prompts(prompt)
+        check_choice(output_type, "output_type", OUTPUT_TYPES)
+        require(generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"),
+                "generator", "must be None or a CPU torch.Generator (sampling runs on the CPU on every device)")
         require(callback is None or callable(callback), "callback",
                 f"must be callable or None, got {type(callback).__name__}")
         self.video_tokenizer.check_num_frames(num_frames, "num_frames")
@@ -183,7 +235,8 @@ class TextToVideoPipeline:
                  guidance_schedule: str = "constant", top_k: int = 0, top_p: float = 1.0,
                  temperature: float = 1.0, seed: int | None = 0, video: torch.Tensor | None = None,
                  elastic: dict | None = None, callback: Callable[[dict], None] | None = None,
-                 progress: bool = False) -> TextToVideoOutput:
+                 progress: bool = False, output_type: str = "uint8",
+                 generator: torch.Generator | None = None) -> TextToVideoOutput:
         """Generate clips for ``prompt``.
 
         Args:
@@ -192,19 +245,22 @@ class TextToVideoPipeline:
             guidance_schedule: ``constant`` or ``linear`` (ramped from 1 at the coarsest scale).
             top_k, top_p, temperature: sampling filters (0 / 1.0 disable; temperature 0 = greedy).
             seed: makes the result reproducible (bit for bit on CPU); None draws a fresh one.
+            generator: a CPU ``torch.Generator`` to draw from instead of ``seed`` (it advances).
             video: (B, 3, T0, H, W) in [-1, 1], first frames to continue (kept as given).
             elastic: run a sub-model, e.g. ``{"depth": 2}`` or ``{"num_experts": 4, "top_k": 1}``.
             callback: called with ``{"frame", "scale", "codes", "latent"}`` after every scale.
+            output_type: ``"uint8"``, ``"np"``, ``"pil"`` or ``"pt"`` (see :class:`TextToVideoOutput`).
         """
         prompts = self._check_call(prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p,
-                                   temperature, seed, video, elastic, callback)
+                                   temperature, seed, video, elastic, callback, output_type, generator)
         tok, model, dev = self.video_tokenizer, self.model, self.device
         scales, b = tok.scales, len(prompts)
-        generator = torch.Generator()  # private: seed=None must not reseed the caller's global RNG
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
+        if generator is None:
+            generator = torch.Generator()  # private: seed=None must not reseed the caller's global RNG
+            if seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seed)
         use_cfg = guidance_scale != 1.0
         ids, mask = self.text_tokenizer.batch_encode(prompts + ([None] * b if use_cfg else []), self.max_text_len)
         given = tok.encode(video.to(dev)) if video is not None else None
@@ -253,7 +309,7 @@ class TextToVideoPipeline:
         pixels = torch.cat([tok.decode(clip.to(dev), chunk_size=1).float().cpu() for clip in result.split()])
         if video is not None:  # keep the given frames exactly as they were
             pixels[:, :, :video.shape[2]] = video.float().cpu()
-        frames = pixels.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+        frames = convert_frames(pixels, output_type)
         tokens = b * (t_lat - n_given) * sum(n * n for n in scales)
         timings = {"generate_s": gen_s, "decode_s": time.perf_counter() - start - gen_s, "forward_passes": passes,
                    "tokens": tokens, "tokens_per_s": tokens / max(gen_s, 1e-9)}

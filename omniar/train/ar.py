@@ -20,16 +20,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .. import assets
 from .._checks import check_bool, check_choice, check_float, check_int, check_keys, check_output_path, require
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
+from ..data.shapes import vocabulary as shapes_vocabulary
 from ..data.skipped import log_skipped
 from ..generation.pipeline import TextToVideoPipeline, encode_prompts
 from ..limits import MAX_NUM_FRAMES, MAX_NUM_WORKERS, MAX_SEED, MAX_TEXT_LEN
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from .common import (build_model, check_sections, config_cli, last_step, load_init_from, split_train_section,
-                     step_loader)
+from .common import (build_dataset, build_model, check_sections, config_cli, last_step, load_init_from,
+                     load_video_tokenizer, split_train_section, step_loader)
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
@@ -95,15 +95,6 @@ class ARTrainConfig:
         require(self.anchor_weight == 0 or bool(self.init_from), "train.anchor_weight",
                 "needs train.init_from (the model to stay close to)")
         check_choice(self.scale_weighting, "train.scale_weighting", ("scale", "token"))
-
-
-def load_video_tokenizer(name_or_path: str) -> VideoTokenizer:
-    """``train.tokenizer``: a tokenizer folder or the name of a shipped asset."""
-    require(isinstance(name_or_path, str) and (Path(name_or_path).is_dir() or name_or_path in assets.available()),
-            "train.tokenizer", f"must be a tokenizer folder or one of the shipped assets {assets.available()}, "
-            f"got {name_or_path!r}")
-    folder = Path(name_or_path)
-    return VideoTokenizer.from_pretrained(str(folder if folder.is_dir() else assets.path(name_or_path)))
 
 
 def visual_mean(per_token: torch.Tensor, scales: tuple[int, ...], cfg: ARTrainConfig) -> torch.Tensor:
@@ -183,16 +174,6 @@ def collate(items: list[dict]) -> dict:
             "caption": [it["caption"] for it in items]}
 
 
-def build_source_dataset(data_cfg: ARDataConfig, size: int):
-    if data_cfg.dataset == "shapes":
-        from ..data.shapes import MovingShapes
-
-        return MovingShapes("train", data_cfg.num_clips, size, data_cfg.num_frames, data_cfg.seed)
-    from ..data.video_folder import VideoFolderDataset
-
-    return VideoFolderDataset(data_cfg.path, num_frames=data_cfg.num_frames, size=size, seed=data_cfg.seed)
-
-
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
     check_sections(config)
@@ -220,7 +201,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         if anchor is not None:
             anchor.to(engine.device)
         if engine.rank == 0:
-            source = build_source_dataset(data_cfg, tok.resolution)
+            source = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_clips, tok.resolution,
+                                   data_cfg.num_frames, data_cfg.seed)
             log_skipped(engine, 0, data=source)
             settings = {k: getattr(data_cfg, k) for k in ("dataset", "path", "num_frames", "seed")}
             pretokenize(tok, source, data_cfg.cache_dir, data_cfg.num_clips, settings | {"size": tok.resolution},
@@ -276,7 +258,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         final = Path(engine_cfg.out_dir) / "final"
         if engine.rank == 0 and step == train_cfg.steps:
             pipe = TextToVideoPipeline(tok.cpu(), text_tok, engine.module.cpu(), data_cfg.max_text_len,
-                                       data_cfg.max_num_frames)
+                                       data_cfg.max_num_frames, vocabulary=shapes_vocabulary()
+                                       if data_cfg.dataset == "shapes" else None)
             pipe.save_pretrained(final)
     return final
 

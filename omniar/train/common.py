@@ -1,10 +1,12 @@
-"""Pieces shared by the trainers: YAML configs, step-indexed data, progress."""
+"""Pieces shared by the trainers: YAML configs, video datasets, the tokenizer they start from, step-indexed data.
+
+Trainers import from here, never from each other."""
 
 from __future__ import annotations
 
 import argparse
 import re
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -12,8 +14,11 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .._checks import check_int, check_keys, check_output_path, require
+from .. import assets
+from .._checks import check_choice, check_int, check_keys, check_output_path, require
 from .._pretrained import load_checked_state_dict
+from ..limits import MAX_NUM_WORKERS
+from ..tokenizers import VideoTokenizer
 
 
 class _Loader(yaml.SafeLoader):
@@ -133,6 +138,44 @@ def resolve_config(args: argparse.Namespace) -> dict:
     if args.steps is not None:
         train["steps"] = args.steps
     return config
+
+
+@dataclass
+class VideoDataConfig:
+    """The ``data`` section of a trainer that reads clips (tokenizer, refiner)."""
+
+    dataset: str = "shapes"  # "shapes" | "video_folder"
+    path: str | None = None  # JSONL for video_folder
+    size: int = 64
+    num_frames: int = 17
+    num_samples: int = 10_000_000  # shapes: clips are generated, so this is effectively unbounded
+    seed: int = 0
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
+        require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
+        check_int(self.num_workers, "data.num_workers", 0, MAX_NUM_WORKERS)
+
+
+def build_dataset(dataset: str, path: str | None, num_samples: int, size: int, num_frames: int, seed: int):
+    """Training clips: ``num_samples`` Moving Shapes clips of the training split, or a video folder's."""
+    if dataset == "shapes":
+        from ..data.shapes import MovingShapes
+
+        return MovingShapes("train", num_samples, size, num_frames, seed)
+    from ..data.video_folder import VideoFolderDataset
+
+    return VideoFolderDataset(path, num_frames=num_frames, size=size, seed=seed)
+
+
+def load_video_tokenizer(name_or_path: str) -> VideoTokenizer:
+    """``train.tokenizer``: a tokenizer folder or the name of a shipped asset."""
+    require(isinstance(name_or_path, str) and (Path(name_or_path).is_dir() or name_or_path in assets.available()),
+            "train.tokenizer", f"must be a tokenizer folder or one of the shipped assets {assets.available()}, "
+            f"got {name_or_path!r}")
+    folder = Path(name_or_path)
+    return VideoTokenizer.from_pretrained(str(folder if folder.is_dir() else assets.path(name_or_path)))
 
 
 class StepBatchSampler(Sampler[list[int]]):

@@ -32,10 +32,9 @@ from .._checks import check_bool, check_float, check_int, require
 from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
-from .ar import load_video_tokenizer
-from .common import build_model, check_sections, config_cli, last_step, split_train_section
+from .common import (VideoDataConfig, build_dataset, build_model, check_sections, config_cli, last_step,
+                     load_video_tokenizer, split_train_section)
 from .engine import TrainEngine, config_from_dict, cosine_lr
-from .tokenizer import TokenizerDataConfig, build_dataset
 
 
 @dataclass
@@ -110,13 +109,14 @@ class RefinerObjective(nn.Module):
         return loss, terms
 
 
-def cache_decoded_frames(tok: VideoTokenizer, data_cfg: TokenizerDataConfig, num_clips: int, cache: Path,
+def cache_decoded_frames(tok: VideoTokenizer, data_cfg: VideoDataConfig, num_clips: int, cache: Path,
                          progress: bool) -> None:
     """Unless ``cache`` exists: write ``{"decoded", "real"}`` frames (N, 3, H, W) fp16 of the first
     ``num_clips`` clips, decoded by ``tok``."""
     if cache.is_file():
         return
-    dataset = build_dataset(data_cfg)
+    dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
+                            data_cfg.num_frames, data_cfg.seed)
     check_int(num_clips, "train.num_clips", 1, len(dataset))
     decoded, real = [], []
     for start in tqdm(range(0, num_clips, 4), desc="decode", disable=not progress):
@@ -132,7 +132,7 @@ def cache_decoded_frames(tok: VideoTokenizer, data_cfg: TokenizerDataConfig, num
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Run (or resume) refiner training; returns the exported tokenizer folder."""
     check_sections(config)
-    data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
+    data_cfg = config_from_dict(VideoDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), RefinerTrainConfig)
     end = last_step(train_cfg.steps, stop_at)
     base = load_video_tokenizer(train_cfg.tokenizer)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="tokenizer folder (default: the shipped shapes-tokenizer)")
@@ -14,12 +12,15 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_main(args: argparse.Namespace) -> int:
+    import torch
+
     from .. import assets
     from .._checks import check_int, named
     from ..data.shapes import MovingShapes
     from ..data.video_io import check_video_path, write_video
     from ..eval.metrics import psnr
-    from .video import VideoTokenizer
+    from ..pixels import to_uint8
+    from ..tokenizers import VideoTokenizer
 
     check_int(args.seed, "seed", 0)
     out = check_video_path(args.out, "out")
@@ -31,7 +32,7 @@ def cli_main(args: argparse.Namespace) -> int:
     codes = tok.encode(video)
     panels = [video, tok.decode(codes)]
     panels += [tok.decode_partial(codes, s) for s in range(len(tok.scales) - 1)]
-    frames = torch.cat(panels, dim=-1)[0].permute(1, 2, 3, 0).add(1).div(2).clamp(0, 1).numpy()
+    frames = to_uint8(torch.cat(panels, dim=-1)[0]).permute(1, 2, 3, 0).numpy()
     write_video(out, frames, fps=8)
     print(f"caption: {item['caption']}")
     print(f"PSNR {float(psnr(panels[1], video).mean()):.2f} dB; panels: original | reconstruction | "

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._checks import check_int, named, require
-from .data.shapes import HELDOUT, TRAIN_COMBINATIONS, caption
-from .data.video_io import probe_video, read_video, write_video
-from .generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline
+from .._checks import check_device, check_int, named, require
+from ..data.shapes import HELDOUT, TRAIN_COMBINATIONS, MovingShapes, caption
+from ..data.video_io import probe_video, read_video, write_video
+from ..generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline
+from ..pixels import from_uint8, to_uint8, upscale
 
 FPS = 8
 DISPLAY_SIDE = 256  # clips are 32-64 px: nearest-neighbour upscaling keeps them crisp instead of browser-blurred
@@ -77,13 +78,12 @@ def _whole(value, name: str) -> int:
 
 def _upscale(frames: np.ndarray) -> np.ndarray:
     """Nearest-neighbour upscale (..., H, W, 3) by the integer factor that reaches DISPLAY_SIDE."""
-    factor = max(1, math.ceil(DISPLAY_SIDE / frames.shape[-2]))
-    return frames.repeat(factor, axis=-3).repeat(factor, axis=-2)
+    return upscale(frames, max(1, math.ceil(DISPLAY_SIDE / frames.shape[-2])))
 
 
 def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3), rounded like the pipeline's frames."""
-    return pixels.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).cpu().numpy()
+    return to_uint8(pixels).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 class _OutputFiles:
@@ -91,11 +91,12 @@ class _OutputFiles:
 
     def __init__(self):
         self._dir = tempfile.TemporaryDirectory(prefix="omniar-demo-")
+        self.folder = Path(self._dir.name)
         self._files: deque[Path] = deque()
         self._lock = threading.Lock()
 
     def new(self, suffix: str) -> Path:
-        path = Path(self._dir.name) / f"{uuid.uuid4().hex}{suffix}"
+        path = self.folder / f"{uuid.uuid4().hex}{suffix}"
         with self._lock:
             self._files.append(path)
             while len(self._files) > KEEP_OUTPUTS:
@@ -163,6 +164,10 @@ class Demo:
         stats = (f"**{t['generate_s']:.2f} s** generation ({t['forward_passes']} forward passes) + "
                  f"{t['decode_s']:.2f} s decoding · **{t['tokens_per_s']:.0f} tokens/s** · "
                  f"{out.frames.shape[1]} frames of {out.frames.shape[3]}x{out.frames.shape[2]}")
+        unknown = self.pipe.unknown_words(prompt)
+        if unknown:  # the model ignores these or makes something up: say so beside the clip
+            stats = (f"**Unknown words:** {', '.join(unknown)}. The model knows: "
+                     f"{' '.join(self.pipe.vocabulary)}\n\n{stats}")
         return str(path), previews, stats
 
     def _generate(self, prompt, elastic, kwargs, progress):
@@ -188,7 +193,7 @@ class Demo:
         import gradio as gr
         from PIL import Image
 
-        from .eval.metrics import psnr
+        from ..eval.metrics import psnr
 
         if not file:
             raise gr.Error(f"{LABELS['file']}: upload a video or an image first")
@@ -216,6 +221,14 @@ class Demo:
                            *lines])
         return strips, str(path), table
 
+    def example_clip(self) -> str:
+        """A held-out Moving Shapes clip as an mp4 for the Tokenizer tab's one-click example (written once)."""
+        path = self.outputs.folder / "example_clip.mp4"  # outside the rotation of KEEP_OUTPUTS
+        if not path.exists():
+            video = MovingShapes("heldout", 1, self.pipe.video_tokenizer.resolution, MAX_RECONSTRUCT_FRAMES)[0]
+            write_video(path, to_uint8(video["video"]).permute(1, 2, 3, 0).numpy(), fps=FPS)
+        return str(path)
+
     def _fit(self, frames: np.ndarray) -> torch.Tensor:
         """uint8 (T, H, W, 3) -> (1, 3, T, R, R) in [-1, 1]: centre square crop, then antialiased resize to R."""
         _, h, w, _ = frames.shape
@@ -224,7 +237,7 @@ class Demo:
         x = torch.from_numpy(frames[:, top:top + side, left:left + side].copy()).permute(0, 3, 1, 2)
         size = self.pipe.video_tokenizer.resolution
         x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-        return (x / 127.5 - 1).clamp(-1, 1).permute(1, 0, 2, 3)[None]
+        return from_uint8(x).clamp(-1, 1).permute(1, 0, 2, 3)[None]
 
     # --------------------------------------------------------------- layout
     def build(self, concurrency: int = 1, max_queue: int = 32):
@@ -280,7 +293,9 @@ class Demo:
                             f"(first {MAX_RECONSTRUCT_FRAMES} frames, centre crop) and decode it from the "
                             "coarsest scale up.")
                 with gr.Row():
-                    upload = gr.File(label=LABELS["file"], file_types=["image", "video"], type="filepath")
+                    with gr.Column():
+                        upload = gr.File(label=LABELS["file"], file_types=["image", "video"], type="filepath")
+                        gr.Examples([[self.example_clip()]], inputs=[upload], label="Example: a held-out clip")
                     rec_video = gr.Video(label="Reconstruction (all scales)", autoplay=True, loop=True)
                 rec_button = gr.Button("Reconstruct", variant="primary")
                 rec_table = gr.Markdown()
@@ -319,20 +334,6 @@ def launch(pipe: TextToVideoPipeline, host: str = "127.0.0.1", port: int | None 
     app.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                max_file_size="25mb", quiet=not block, footer_links=["api"])
     return app
-
-
-def check_device(value: str, name: str = "device") -> torch.device:
-    """A device this machine has: ``cpu``, or ``cuda[:N]`` when CUDA is available."""
-    try:
-        device = torch.device(value)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"{name}: must be cpu or cuda[:N], got {value!r}") from None
-    require(device.type in ("cpu", "cuda"), name, f"must be cpu or cuda[:N], got {value!r}")
-    if device.type == "cuda":
-        require(torch.cuda.is_available(), name, f"{value!r}: CUDA is not available on this machine")
-        require(device.index is None or device.index < torch.cuda.device_count(), name,
-                f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return device
 
 
 def cli_main(args: argparse.Namespace) -> int:

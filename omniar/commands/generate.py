@@ -1,4 +1,5 @@
-"""``omniar generate``: text -> mp4 / gif / png frames with the embedded default model or a pipeline folder.
+"""``omniar generate``: text -> mp4 / gif / png frames (or, for one frame, png / jpg / webp) with the embedded
+default model or a pipeline folder.
 
 One prompt (``--prompt``) or one per line of a text file (``--batch``; blank lines and ``#`` comments
 skipped). Every prompt uses the same seed, so a batch output equals the single-prompt run.
@@ -8,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .._checks import check_output_path, named, require
-from .sampling import GUIDANCE_SCHEDULES
+from .._checks import check_int, check_output_path, named, require
+from ..generation.sampling import GUIDANCE_SCHEDULES
 
-FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": ""}
+FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
+IMAGE_FORMATS = ("png", "jpg", "webp")  # one frame: --num-frames 1
 DEFAULT_NAME = "t2v"
-_VIDEO_SUFFIXES = {".mp4": "mp4", ".gif": "gif"}
+_SUFFIXES = {".mp4": "mp4", ".gif": "gif", ".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,19 +32,24 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                              "an existing folder or one ending in / gets t2v.mp4 / t2v.gif inside it; "
                              "--batch numbers it: OUT_000, OUT_001, ...")
     parser.add_argument("--format", choices=tuple(FORMATS), default=None,
-                        help="mp4, gif or a folder of png frames (default: from --out's suffix, else mp4)")
+                        help="mp4, gif, a folder of png frames, or for --num-frames 1 an image: png, jpg, webp "
+                             "(default: from --out's suffix, else mp4)")
+    parser.add_argument("--gif", dest="format", action="store_const", const="gif", help="same as --format gif")
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
     parser.add_argument("--num-frames", type=int, default=17, help="1 + 4k frames; 1 makes an image")
-    parser.add_argument("--guidance-scale", type=float, default=3.0)
-    parser.add_argument("--guidance-schedule", default="constant", choices=GUIDANCE_SCHEDULES)
-    parser.add_argument("--top-k", type=int, default=0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance; 1 = off")
+    parser.add_argument("--guidance-schedule", default="constant", choices=GUIDANCE_SCHEDULES,
+                        help="linear ramps guidance up from 1 at the coarsest scale")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest codes; 0 = off")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
+    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same clip")
     parser.add_argument("--depth", type=int, default=None, help="elastic sub-model: number of layers")
     parser.add_argument("--num-experts", type=int, default=None, help="elastic sub-model: experts per layer")
     parser.add_argument("--experts-top-k", type=int, default=None, help="elastic sub-model: experts per token")
-    parser.add_argument("--fps", type=int, default=8)
+    parser.add_argument("--fps", type=int, default=8, help="frames per second of a video")
+    parser.add_argument("--upscale", type=int, default=1, metavar="N",
+                        help="enlarge each frame N times (nearest neighbour: sharp pixels)")
 
 
 def output_paths(out: str | None, fmt: str | None, count: int | None) -> tuple[str, list[Path]]:
@@ -51,7 +59,7 @@ def output_paths(out: str | None, fmt: str | None, count: int | None) -> tuple[s
     base = Path(out, DEFAULT_NAME) if into_folder else Path(out if out is not None else f"outputs/{DEFAULT_NAME}")
     # "" has no name to add a suffix to; as png-frames, ".", "/" and ".." name no folder of their own
     require(base.name not in ("", ".."), "out", f"must end in a file or folder name, got {out!r}")
-    implied = _VIDEO_SUFFIXES.get(base.suffix.lower())
+    implied = _SUFFIXES.get(base.suffix.lower())
     if implied is not None:
         require(fmt in (None, implied), "format", f"{fmt} conflicts with --out {base.name!r}; drop the suffix "
                 "or make them agree")
@@ -76,6 +84,18 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def write_image(path: Path, frame) -> Path:
+    """One frame as png / jpg / webp (by the suffix), written atomically."""
+    from PIL import Image
+
+    from .._pretrained import write_file_atomically
+
+    image_format = {".png": "PNG", ".jpg": "JPEG", ".webp": "WEBP"}[path.suffix]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(path, lambda tmp: Image.fromarray(frame).save(tmp, format=image_format))
+    return path
+
+
 def write_png_frames(folder: Path, frames) -> Path:
     """frame_000.png, frame_001.png, ... in ``folder``; earlier frame_*.png there are removed first."""
     from PIL import Image
@@ -88,15 +108,29 @@ def write_png_frames(folder: Path, frames) -> Path:
     return folder
 
 
+def warn_unknown_words(pipe, prompts: list[str], batch: bool) -> None:
+    """One stderr line per prompt with words the model never saw in training, naming them and its vocabulary."""
+    for number, prompt in enumerate(prompts, 1):
+        unknown = pipe.unknown_words(prompt)
+        if unknown:
+            where = f"prompt {number}" if batch else "prompt"
+            print(f"omniar: warning: {where}: the model does not know {', '.join(map(repr, unknown))}; it knows: "
+                  f"{' '.join(pipe.vocabulary)}", file=sys.stderr)
+
+
 def cli_main(args: argparse.Namespace) -> int:
     from ..backbone.elastic import resolve_elastic
     from ..data.video_io import check_fps, write_video
-    from .pipeline import TextToVideoPipeline
+    from ..generation.pipeline import TextToVideoPipeline
+    from ..pixels import upscale
 
     # everything that can be checked without the model fails before it loads
     prompts = [args.prompt] if args.batch is None else read_prompts(args.batch)
     fmt, paths = output_paths(args.out, args.format, None if args.batch is None else len(prompts))
+    require(fmt not in IMAGE_FORMATS or args.num_frames == 1, "out", f"{fmt} holds one image: add "
+            "--num-frames 1, or write a video (.mp4, .gif) or --format png-frames")
     check_fps(args.fps)
+    check_int(args.upscale, "upscale", 1, 16)
     with named("model"):
         pipe = TextToVideoPipeline.from_pretrained(args.model)
     batch = args.batch is not None
@@ -105,6 +139,7 @@ def cli_main(args: argparse.Namespace) -> int:
             pipe.check_prompts(prompt)
         except ValueError as err:
             raise ValueError(f"batch: prompt {number}: {err}" if batch else str(err)) from None
+    warn_unknown_words(pipe, prompts, batch)
     # checked here, not per prompt, and named as the flags: --experts-top-k is the pipeline's elastic top_k
     resolve_elastic(pipe.model.omniar_config, args.depth, args.num_experts, args.experts_top_k,
                     names=("depth", "num_experts", "experts_top_k"))
@@ -115,9 +150,14 @@ def cli_main(args: argparse.Namespace) -> int:
         out = pipe(prompt, num_frames=args.num_frames, guidance_scale=args.guidance_scale,
                    guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
                    temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=not batch)
+        frames = upscale(out.frames[0], args.upscale)
         try:
-            written = (write_png_frames(path, out.frames[0]) if fmt == "png-frames"
-                       else write_video(path, out.frames[0], fps=args.fps))
+            if fmt == "png-frames":
+                written = write_png_frames(path, frames)
+            elif fmt in IMAGE_FORMATS:
+                written = write_image(path, frames[0])
+            else:
+                written = write_video(path, frames, fps=args.fps)
         except OSError as err:
             raise ValueError(f"out: cannot write {path}: {err.strerror or err}") from err
         t = out.timings
