@@ -1,5 +1,5 @@
-# Sourced by the device scripts (benchmarks/gpu_*.sh). A lent GPU machine's image has torch, timm, safetensors, ...
-# but not diffusers or DeepSpeed: `make gpu-site` packs them here into .gpu/site.tar.xz, which each device call
+# Sourced by the device scripts (tools/gpu_*.sh). The GPU machine's image has torch, timm, safetensors, ...
+# but not diffusers or DeepSpeed: `bash tools/gpu_site.sh` packs them here into .gpu/site.tar.xz, which each device call
 # carries. SITE=none skips the unpacking (a dry run in this checkout's venv: PYTHON=.venv/bin/python).
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}

@@ -3,7 +3,7 @@
 # right in ~75 % of reconstructions), and it had 2,600 of the 6,000 steps its config plans. Train it longer from
 # the shipped weights, with and without edge weighting, both arms at once on the one GPU; score them and the
 # shipped one side by side on the selection set (128 held-out clips, seed 3031) and the report set (64, seed 2024).
-# Here: `make gpu-site`. Then one device call, carrying .gpu:  bash benchmarks/gpu_tokenizer.sh
+# Here: `bash tools/gpu_site.sh`. Then one device call, carrying .gpu:  bash tools/gpu_tokenizer.sh
 # STEPS per arm (default 1000; the H100 ran 0.2 s a step alone, so about 7 minutes is the estimate for both).
 # $OUT gets tokenizer_runs.json (every score, the pick and the rule), train_w0.log, train_w10.log and tokenizer/,
 # the picked arm in 12 MB shards. Rule, set before any run: the pick keeps the report set's targets
@@ -16,7 +16,7 @@
 # Dry run here: OUT=/tmp/gt SITE=none PYTHON=.venv/bin/python DEVICE=cpu PRECISION=fp32 STEPS=2 BATCH=2 CLIPS=4
 set -euo pipefail
 OUT=${OUT:-runs/gpu_tokenizer}
-source benchmarks/gpu_env.sh
+source tools/gpu_env.sh
 STEPS=${STEPS:-1000} BATCH=${BATCH:-32} DEVICE=${DEVICE:-cuda} PRECISION=${PRECISION:-bf16} CLIPS=${CLIPS:-}
 WORK=${WORK:-/tmp/gpu_tokenizer}
 SHIPPED=omniar/assets/shapes-t2v/video_tokenizer

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The prepared run for a lent GPU machine. Here: `make gpu-site` (see gpu_env.sh). Then one
-# device call, carrying .gpu:  bash benchmarks/gpu_checks.sh   (about 4 minutes)
+# The prepared run for a separate GPU machine. Here: `bash tools/gpu_site.sh` (see gpu_env.sh). Then one
+# device call, carrying .gpu:  bash tools/gpu_checks.sh   (about 4 minutes)
 # It runs the CUDA tests, the MoE benchmark and the pipeline speed in bf16; env.txt, tests.txt,
 # moe_cuda.json and pipeline_speed_cuda.json land in $OUT.
 set -euo pipefail
 OUT=${OUT:-runs/gpu_checks}
-source benchmarks/gpu_env.sh
+source tools/gpu_env.sh
 "$PYTHON" - <<'PY' | tee "$OUT/env.txt"
 import torch, torch.nn.functional as F
 print(torch.__version__, torch.cuda.get_device_name(), "F.grouped_mm:", hasattr(F, "grouped_mm"),
