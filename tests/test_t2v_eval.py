@@ -51,3 +51,38 @@ def test_cli_refuses_bad_counts_before_any_work(capsys, monkeypatch, option, val
     monkeypatch.setattr(TextToVideoPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
     assert main(["eval", "t2v", option, value]) == 2
     assert f"omniar: error: {option}: must be >= " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("place, message", [
+    ("FILE/report.json", "out: cannot write FILE/report.json: FILE is not a folder"),
+    ("WORK", "out: WORK exists and is not a file"),
+])
+def test_bad_out_fails_before_any_work(tmp_path, capsys, monkeypatch, place, message):
+    from omniar.cli import main
+    from omniar.generation import TextToVideoPipeline
+
+    monkeypatch.setattr(TextToVideoPipeline, "from_pretrained", lambda *a: pytest.fail("work before the check"))
+    (tmp_path / "file").write_text("x")
+    paths = {"FILE": str(tmp_path / "file"), "WORK": str(tmp_path)}
+    for key, path in paths.items():
+        place, message = place.replace(key, path), message.replace(key, path)
+    assert main(["eval", "t2v", "--clips", "2", "--out", place]) == 2
+    assert capsys.readouterr().err == f"omniar: error: {message}\n"
+
+
+def test_default_out_is_not_the_shipped_record():
+    from omniar.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "t2v"]).out == "t2v_eval.json"  # in the working directory
+
+
+def test_collapse_count_flags_smears_not_objects():
+    from omniar.eval.t2v import COLLAPSE_FRACTION, object_fraction, real_clips
+
+    combos = eval_combinations("seen", 12, 0)
+    real = real_clips(combos, 9, 64, seed=1)
+    assert object_fraction(real, combos).max() < 0.1  # a real object covers under 8 % of a frame
+    smeared = real.clone()
+    smeared[3, :, 4, :40] = 0.3  # a grey band over 62 % of one frame of clip 3 (on either background)
+    frac = object_fraction(smeared, combos)
+    assert frac[3] > COLLAPSE_FRACTION and (frac[torch.arange(12) != 3] < 0.1).all()

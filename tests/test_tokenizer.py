@@ -185,3 +185,62 @@ def test_bf16_tokenizer_encodes_and_decodes():
     out = tok16.decode(codes)
     assert out.dtype == torch.bfloat16 and out.shape == video.shape and torch.isfinite(out.float()).all()
     assert tok16(video.bfloat16()).reconstruction.shape == video.shape
+
+
+DESIGNS = [dict(conv="2+1d"), dict(fold_time=True), dict(fold_time=True, conv="2+1d")]
+
+
+@pytest.mark.parametrize("design", DESIGNS, ids=["2+1d", "fold", "fold-2+1d"])
+def test_cheap_designs_are_causal_and_decode_in_chunks_exactly(design):
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TINY, **design).eval()
+    video = clips(2, 17)
+    later = video.clone()
+    later[:, :, 9:] = -later[:, :, 9:]
+    with torch.no_grad():
+        a, b = tok.encoder(video), tok.encoder(later)
+        alone = tok.encoder(video[:, :, :1])
+    assert torch.equal(a[:, :, :3], b[:, :, :3]) and not torch.allclose(a[:, :, 3:], b[:, :, 3:])
+    torch.testing.assert_close(a[:, :, :1], alone, rtol=0, atol=1e-6)  # frame 0 is encoded alone
+    full = tok.decode_latent(a)
+    changed = a.clone()
+    changed[:, :, 3:] = 0
+    assert torch.equal(tok.decode_latent(changed)[:, :, :9], full[:, :, :9])  # decoder causal too
+    for chunk in (1, 2, 3):
+        torch.testing.assert_close(tok.decode_latent(a, chunk_size=chunk), full, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("design", DESIGNS[1:2] + [{}], ids=["fold", "3d"])
+def test_short_clip_training_gives_full_clip_shapes(design):
+    """Trained on 5-frame clips (1 + 4k, the cheap setting), a tokenizer still takes any 1 + 4k frames."""
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TINY, **design)
+    opt = torch.optim.AdamW(tok.parameters(), 1e-3)
+    out = tok(clips(2, 5))
+    (out.reconstruction - clips(2, 5)).square().mean().backward()
+    opt.step()
+    tok.eval()
+    for frames in (1, 17, 33):
+        codes = tok.encode(clips(1, frames))
+        assert [tuple(c.shape) for c in codes.codes] == [(1, 1 + (frames - 1) // 4, n, n) for n in (1, 2, 4, 8)]
+        assert tok.decode(codes).shape == (1, 3, frames, 32, 32)
+
+
+def test_truncated_forward_reconstructs_from_coarse_scales_only():
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TINY, fold_time=True).eval()
+    video = clips(3, 9)
+    upto = torch.tensor([0, 2, 3])
+    out = tok(video, upto)
+    for b, s in enumerate(upto.tolist()):
+        expect = tok.decode_partial(MultiScaleCodes([c[b:b + 1] for c in out.codes.codes], tok.scales, 9), s)
+        torch.testing.assert_close(out.reconstruction[b:b + 1].clamp(-1, 1), expect, rtol=0, atol=1e-5)
+    torch.testing.assert_close(tok(video, torch.tensor([3, 3, 3])).reconstruction, tok(video).reconstruction)
+    # a truncated clip trains the decoder and the code refinement, never the encoder (no straight-through)
+    tok.zero_grad()
+    tok(video[:1], torch.tensor([1])).reconstruction.square().mean().backward()
+    assert all(p.grad is None or not p.grad.any() for p in tok.encoder.parameters())
+    assert any(p.grad is not None and p.grad.any() for p in tok.decoder.parameters())
+    for bad in (torch.tensor([4, 0, 0]), torch.tensor([0, 0]), torch.tensor([0.0, 1.0, 2.0])):
+        with pytest.raises(ValueError, match="upto_scale"):
+            tok(video, bad)

@@ -169,3 +169,26 @@ def test_edge_weighted_loss_counts_errors_at_edges_more(tmp_path):
     assert reconstruction_loss(at_edge, video, 1.0, 4.0) > 2 * reconstruction_loss(in_flat, video, 1.0, 4.0)
     with pytest.raises(ValueError, match="train.edge_weight"):
         train(tiny_config(tmp_path, 1, edge_weight=-1.0), progress=False)
+
+
+def test_truncation_draws_coarse_prefixes_at_the_given_rate():
+    from omniar.train.tokenizer import truncation
+
+    g = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    assert torch.equal(truncation(64, 4, 0.0, g()), torch.full((64,), 3))
+    all_cut = truncation(4000, 4, 1.0, g())
+    assert all_cut.max() == 2 and set(all_cut.tolist()) == {0, 1, 2}
+    some = truncation(4000, 4, 0.25, g())
+    assert 0.2 < (some < 3).float().mean() < 0.3
+    assert torch.equal(some, truncation(4000, 4, 0.25, g()))  # seeded: a resumed step draws the same
+
+
+def test_fold_time_run_with_truncation_resumes_exactly(tmp_path):
+    def config(out):
+        c = tiny_config(out, 6, save_every=3, truncate_prob=0.5)
+        c["model"]["fold_time"] = True
+        return c
+
+    straight = weights(train(config(tmp_path / "a"), progress=False))
+    train(config(tmp_path / "b"), progress=False, stop_at=3)
+    assert_bitwise_equal(straight, weights(train(config(tmp_path / "b"), progress=False)))

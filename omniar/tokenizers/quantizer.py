@@ -61,26 +61,34 @@ class MultiScaleResidualVQ(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
         return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
 
-    def forward(self, f: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def forward(self, f: torch.Tensor, upto_scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Quantize latents f (M, C, N, N).
 
-        Returns (f_hat with a straight-through gradient to f, codes per scale, VQ loss).
+        Returns (f_hat with a straight-through gradient to f, codes per scale, VQ loss). With
+        ``upto_scale`` (M,) ints, map m returns only the accumulation of scales ``0..upto_scale[m]``
+        instead (no straight-through gradient): the partial sums a coarse-to-fine preview decodes.
         """
         with torch.autocast(f.device.type, enabled=False):
             f = f.float()
             f_hat = torch.zeros_like(f)
-            codes, residuals = [], []
+            codes, residuals, partial = [], [], []
             for s, n in enumerate(self.scales):
                 r = resize(f - f_hat, n)
                 idx = self.lookup(r.detach())
                 f_hat = f_hat + self.embed_scale(idx, s)
                 codes.append(idx)
                 residuals.append(r.detach())
+                partial.append(f_hat)
             loss = self.beta * F.mse_loss(f, f_hat.detach()) + F.mse_loss(f_hat, f.detach())
             if self.training:
                 self._ema_update(residuals, codes)
         # Value f_hat; gradient reaches the encoder straight through and the refinement convs directly.
-        return f_hat + (f - f.detach()), codes, loss
+        out = f_hat + (f - f.detach())
+        if upto_scale is not None:
+            pick = torch.stack(partial[:-1] + [out], 1)  # (M, S, C, N, N)
+            out = pick[torch.arange(f.shape[0], device=f.device), upto_scale.to(f.device)]
+        return out, codes, loss
 
     @torch.no_grad()
     def _ema_update(self, residuals: list[torch.Tensor], codes: list[torch.Tensor]) -> None:

@@ -16,7 +16,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from .._checks import check_bool, check_choice, check_float, check_int, require
 from .._pretrained import PretrainedModel
-from .causal3d import Decoder3d, Encoder3d, FrameRefiner
+from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE, MAX_SCALE
+from .causal3d import CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner
 from .codes import MultiScaleCodes
 from .quantizer import MultiScaleResidualVQ, resize
 
@@ -50,6 +51,11 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         refiner_channels: the refiner's width.
         refiner_norm: a per-channel GroupNorm before the refiner's last SiLU, so a residual stream
             drifting in training cannot zero every activation; the shipped refiner predates it (false).
+        conv: ``"3d"`` full k x k x k causal convs; ``"2+1d"`` a k x k spatial conv then a causal k-frame
+            temporal conv (fewer FLOPs, same receptive field; not faster on CPU: see BENCHMARKS.md).
+        fold_time: :class:`~omniar.tokenizers.causal3d.FoldEncoder` / ``FoldDecoder``: each latent frame's
+            ``temporal_compression`` frames folded into channels, per-frame 2D levels, causal 3D blocks (of
+            ``conv``) only at the latent resolution. Much cheaper to train than the full 3D nets.
     """
 
     @register_to_config
@@ -58,33 +64,38 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
                  scales: tuple[int, ...] = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
-                 refiner_norm: bool = True):
+                 refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False):
         super().__init__()
-        check_int(in_channels, "in_channels", 1)
+        check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
         check_choice(spatial_compression, "spatial_compression", (4, 8, 16))
-        channels = [check_int(int(c), "channels", 1) for c in channels]
+        require(isinstance(channels, (list, tuple)), "channels", f"must be a list of ints, got {channels!r}")
+        channels = [check_int(c, "channels", 1, MAX_CHANNELS) for c in channels]
         n_space = int(math.log2(spatial_compression))
         require(len(channels) == n_space + 1, "channels",
                 f"needs log2(spatial_compression) + 1 = {n_space + 1} entries, got {len(channels)}")
-        scales = tuple(int(s) for s in scales)
+        require(isinstance(scales, (list, tuple)), "scales", f"must be a list of ints, got {scales!r}")
+        scales = tuple(check_int(s, "scales", 1, MAX_SCALE) for s in scales)
         require(len(scales) >= 1 and all(a < b for a, b in zip(scales, scales[1:])) and scales[0] >= 1,
                 "scales", f"must be strictly increasing positive ints, got {scales}")
-        check_int(num_res_blocks, "num_res_blocks", 1)
-        check_int(latent_channels, "latent_channels", 1)
-        check_int(codebook_size, "codebook_size", 2)
-        check_int(num_refine, "num_refine", 1)
+        check_int(num_res_blocks, "num_res_blocks", 1, MAX_BLOCKS)
+        check_int(latent_channels, "latent_channels", 1, MAX_CHANNELS)
+        check_int(codebook_size, "codebook_size", 2, MAX_CODEBOOK_SIZE)
+        check_int(num_refine, "num_refine", 1, MAX_BLOCKS)
         check_float(beta, "beta", 0.0)
         check_float(ema_decay, "ema_decay", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
         check_float(refine_ratio, "refine_ratio", 0.0, 1.0)
         check_float(dead_code_threshold, "dead_code_threshold", 0.0)
-        check_int(refiner_blocks, "refiner_blocks", 0)
-        check_int(refiner_channels, "refiner_channels", 1)
+        check_int(refiner_blocks, "refiner_blocks", 0, MAX_BLOCKS)
+        check_int(refiner_channels, "refiner_channels", 1, MAX_CHANNELS)
         check_bool(refiner_norm, "refiner_norm")
-        self.encoder = Encoder3d(in_channels, channels, num_res_blocks, latent_channels,
-                                 spatial_compression, temporal_compression)
-        self.decoder = Decoder3d(in_channels, channels, num_res_blocks, latent_channels,
-                                 spatial_compression, temporal_compression)
+        check_choice(conv, "conv", CONV_MODES)
+        check_bool(fold_time, "fold_time")
+        nets = (FoldEncoder, FoldDecoder) if fold_time else (Encoder3d, Decoder3d)
+        self.encoder = nets[0](in_channels, channels, num_res_blocks, latent_channels,
+                               spatial_compression, temporal_compression, conv)
+        self.decoder = nets[1](in_channels, channels, num_res_blocks, latent_channels,
+                               spatial_compression, temporal_compression, conv)
         self.quantizer = MultiScaleResidualVQ(latent_channels, codebook_size, scales, beta, ema_decay,
                                               num_refine, refine_ratio, dead_code_threshold)
         self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm)
@@ -144,11 +155,13 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
                     "codes", f"indices must be integers in [0, {self.config.codebook_size})")
 
     # --------------------------------------------------------------- internals
-    def _quantize(self, latent: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Quantize each latent frame on its own: (B, C, t, N, N) -> f_hat, codes (B, t, n, n), loss."""
+    def _quantize(self, latent: torch.Tensor, upto_scale: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Quantize each latent frame on its own: (B, C, t, N, N) -> f_hat, codes (B, t, n, n), loss.
+        ``upto_scale`` (B,): keep only scales ``0..upto_scale[b]`` of every frame of clip b in f_hat."""
         b, _, t = latent.shape[:3]
         f = latent.transpose(1, 2).flatten(0, 1)
-        f_hat, codes, loss = self.quantizer(f)
+        f_hat, codes, loss = self.quantizer(f, None if upto_scale is None else upto_scale.repeat_interleave(t))
         f_hat = f_hat.unflatten(0, (b, t)).transpose(1, 2)
         return f_hat, [c.unflatten(0, (b, t)) for c in codes], loss
 
@@ -168,10 +181,17 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         return self.refiner(frames).unflatten(0, (b, t)).transpose(1, 2)
 
     # ------------------------------------------------------------------ public
-    def forward(self, video: torch.Tensor) -> TokenizerOutput:
-        """Training forward: reconstruction, VQ loss and codes."""
+    def forward(self, video: torch.Tensor, upto_scale: torch.Tensor | None = None) -> TokenizerOutput:
+        """Training forward: reconstruction, VQ loss and codes. ``upto_scale`` (B,) ints in
+        ``[0, len(scales))`` reconstructs clip b from scales ``0..upto_scale[b]`` only (training the decoder
+        on coarse-to-fine previews); the codes and VQ loss are those of all scales either way."""
         self.check_video(video)
-        f_hat, codes, loss = self._quantize(self.encoder(video))
+        if upto_scale is not None:
+            require(isinstance(upto_scale, torch.Tensor) and upto_scale.shape == (video.shape[0],)
+                    and not upto_scale.is_floating_point(), "upto_scale", "must be an int tensor of shape (B,)")
+            require(bool(((upto_scale >= 0) & (upto_scale < len(self.scales))).all()), "upto_scale",
+                    f"values must lie in [0, {len(self.scales)})")
+        f_hat, codes, loss = self._quantize(self.encoder(video), upto_scale)
         rec = self.refine(self.decoder(f_hat.to(video.dtype)))
         return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))
 

@@ -19,8 +19,10 @@ from tqdm import tqdm
 from .._checks import check_choice, check_float, check_int, check_keys, require
 from ..data.skipped import log_skipped
 from ..eval.metrics import psnr
+from ..limits import MAX_NUM_WORKERS
 from ..tokenizers import VideoTokenizer
-from .common import check_sections, config_cli, last_step, load_init_from, split_train_section, step_loader
+from .common import (build_model, check_sections, config_cli, last_step, load_init_from, split_train_section,
+                     step_loader)
 from .engine import TrainEngine, config_from_dict, cosine_lr
 
 
@@ -37,7 +39,7 @@ class TokenizerDataConfig:
     def __post_init__(self) -> None:
         check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
         require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
-        check_int(self.num_workers, "data.num_workers", 0)
+        check_int(self.num_workers, "data.num_workers", 0, MAX_NUM_WORKERS)
 
 
 @dataclass
@@ -51,11 +53,15 @@ class TokenizerTrainConfig:
     # "decoder": freeze encoder and quantizer so every code stays the same (AR models trained on
     # this tokenizer's codes stay valid) and fine-tune only the decoder on the quantized latents.
     trainable: str = "all"
+    # Share of clips reconstructed from a random coarse prefix of the scales (0..S-2) instead of all of them,
+    # so the decoder learns to turn partial accumulations into faithful blurry previews (VAR-style).
+    truncate_prob: float = 0.0
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
         check_float(self.l1_weight, "train.l1_weight", 0.0)
         check_float(self.edge_weight, "train.edge_weight", 0.0)
+        check_float(self.truncate_prob, "train.truncate_prob", 0.0, 1.0)
         check_choice(self.trainable, "train.trainable", ("all", "decoder"))
         require(self.trainable == "all" or bool(self.init_from), "train.trainable",
                 "'decoder' needs train.init_from (a trained encoder and codebook to keep)")
@@ -82,6 +88,14 @@ def reconstruction_loss(rec: torch.Tensor, video: torch.Tensor, l1_weight: float
     return (err * w).mean() / w.mean()
 
 
+def truncation(batch: int, num_scales: int, prob: float, gen: torch.Generator) -> torch.Tensor:
+    """Per-clip last scale to reconstruct from, (batch,) long: ``num_scales - 1`` (all scales) except, with
+    probability ``prob``, a uniform draw from ``0..num_scales - 2``."""
+    upto = torch.randint(0, max(num_scales - 1, 1), (batch,), generator=gen)
+    keep_all = torch.rand(batch, generator=gen) >= prob
+    return torch.where(keep_all | (num_scales == 1), num_scales - 1, upto)
+
+
 def build_dataset(cfg: TokenizerDataConfig):
     if cfg.dataset == "shapes":
         from ..data.shapes import MovingShapes
@@ -103,7 +117,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     end = last_step(train_cfg.steps, stop_at)
     model_cfg = check_keys(config.get("model", {}), "model", inspect.signature(VideoTokenizer).parameters)
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
-    model = VideoTokenizer(**model_cfg)
+    model = build_model(VideoTokenizer, model_cfg)
     if train_cfg.init_from:
         load_init_from(model, train_cfg.init_from, "a tokenizer folder")
     require(model.resolution == data_cfg.size, "data.size",
@@ -126,16 +140,20 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         step = start
         for batch in loader:
             video = batch["video"].to(engine.device, non_blocking=True)
+            upto = truncation(video.shape[0], len(model.scales), train_cfg.truncate_prob, engine.generator(step))
             with engine.autocast():
-                out = engine.ds(video)
+                out = engine.ds(video, upto)
                 rec = out.reconstruction.float()
                 loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight) + out.vq_loss
+            full = upto == len(model.scales) - 1
             engine.backward_step(loss)
             step += 1
             bar.update(1)
             if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
                 scalars = {"loss": loss.item(), "vq_loss": out.vq_loss.item(),
-                           "psnr": psnr(rec, video).mean().item(), "codebook_usage": engine.module.codebook_usage(),
+                           # clips decoded from all scales (the truncated ones are previews)
+                           "psnr": psnr(rec[full], video[full]).mean().item() if full.any() else float("nan"),
+                           "codebook_usage": engine.module.codebook_usage(),
                            "lr": engine.lr, "skipped_steps": engine.skipped_steps}
                 engine.log_scalars(scalars, step)
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
