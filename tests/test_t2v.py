@@ -15,6 +15,7 @@ from _train_helpers import tiny_ar_config
 from omniar.backbone import OmniARConfig, OmniARModel
 from omniar.data.shapes import MovingShapes
 from omniar.generation import TextToVideoPipeline
+from omniar.generation.pipeline import convert_frames
 from omniar.tokenizers import VideoTokenizer
 from omniar.tokenizers.text import TextTokenizer
 
@@ -220,13 +221,35 @@ def test_ar_training_starts_from_init_from(tmp_path):
         train(other, progress=False)
 
 
-def test_pipeline_decodes_one_clip_and_one_latent_frame_at_a_time(pipe, monkeypatch):
+def test_pipeline_decodes_a_few_clips_and_one_latent_frame_at_a_time(pipe, monkeypatch):
     calls, decode = [], pipe.video_tokenizer.decode
     monkeypatch.setattr(pipe.video_tokenizer, "decode", lambda codes, chunk_size=None: (
         calls.append((codes.batch_size, chunk_size)), decode(codes, chunk_size))[1])
-    out = pipe([PROMPT] * 3, num_frames=9, seed=0)
-    assert calls == [(1, 1)] * 3
-    assert out.frames.shape == (3, 9, 32, 32, 3)
+    out = pipe([PROMPT] * 5, num_frames=9, seed=0)
+    assert calls == [(4, 1), (1, 1)]  # DECODE_CLIPS = 4
+    assert out.frames.shape == (5, 9, 32, 32, 3)
+    monkeypatch.undo()
+    alone = np.concatenate([convert_frames(pipe.video_tokenizer.decode(clip, chunk_size=1), "uint8")
+                            for clip in out.codes.split()])
+    assert np.abs(alone.astype(np.int16) - out.frames).max() <= 1  # equal up to conv blocking
+
+
+def test_decode_dtype_bf16_keeps_codes_and_stays_close():
+    """``to(decode_dtype=bf16)`` decodes with a bf16 copy: the codes are the fp32 call's exactly (generation
+    keeps the fp32 tokenizer), the frames within 3 % of the uint8 range on average and 10 % at worst."""
+    pipe = tiny_pipeline()
+    want = pipe([PROMPT] * 2, num_frames=9, seed=0)
+    got = pipe.to(decode_dtype=torch.bfloat16)([PROMPT] * 2, num_frames=9, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(want.codes.codes, got.codes.codes))
+    diff = np.abs(want.frames.astype(np.int16) - got.frames.astype(np.int16))
+    assert diff.mean() < 0.03 * 255 and diff.max() < 0.1 * 255, (diff.mean(), diff.max())
+    assert not np.array_equal(want.frames, got.frames)  # the copy really ran in bf16
+    assert next(pipe.video_tokenizer.parameters()).dtype == torch.float32
+    back = pipe.to(decode_dtype=torch.float32)([PROMPT] * 2, num_frames=9, seed=0)
+    assert np.array_equal(back.frames, want.frames) and pipe.decode_tokenizer is None
+    for bad in ("bf16", torch.int8):
+        with pytest.raises(ValueError, match="decode_dtype"):
+            pipe.to(decode_dtype=bad)
 
 
 def _memory_worker(kind: str, batch: int) -> dict:

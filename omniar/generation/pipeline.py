@@ -8,6 +8,7 @@ a class named in a file: the component classes are fixed here.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from .. import __version__, assets
@@ -34,6 +36,9 @@ from .sampling import GUIDANCE_SCHEDULES, check_filters, guidance_for_scale, gui
 
 DEFAULT_MODEL = "shapes-t2v"
 MAX_PROMPT_CHARS = 1000
+# Clips per decoder call: batching 4 cut the per-clip decode ~9 % on the 2-core CPU (BENCHMARKS.md),
+# while decode memory stays bounded by 4 clips' latent frame instead of growing with the batch.
+DECODE_CLIPS = 4
 OUTPUT_TYPES = ("uint8", "np", "pil", "pt")
 
 
@@ -105,7 +110,7 @@ class TextToVideoPipeline:
     the fixed padded prompt length the model was trained with; ``max_num_frames``
     the longest clip it may generate; ``max_batch_size`` the most prompts per call; ``vocabulary`` the
     words of its training captions (None when unknown), for :meth:`unknown_words`.
-    Limits are checked before anything is allocated; clips are decoded one at a time,
+    Limits are checked before anything is allocated; clips are decoded ``DECODE_CLIPS`` at a time,
     one latent frame at a time (measured memory bound: ``benchmarks/generation_memory.py``,
     BENCHMARKS.md).
     """
@@ -125,6 +130,7 @@ class TextToVideoPipeline:
         self.video_tokenizer, self.text_tokenizer, self.model = video_tokenizer.eval(), text_tokenizer, model.eval()
         self.max_text_len, self.max_num_frames, self.max_batch_size = _check_limits(
             max_text_len, max_num_frames, max_batch_size)
+        self.decode_tokenizer: VideoTokenizer | None = None  # a lower-precision copy (``to(decode_dtype=)``)
         self.vocabulary = _check_vocabulary(vocabulary)
 
     # ------------------------------------------------------------ persistence
@@ -168,10 +174,23 @@ class TextToVideoPipeline:
                  "model": ["omniar.backbone", "OmniARModel"]}
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
-    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> "TextToVideoPipeline":
-        """Move the model (optionally cast, e.g. bf16 on CUDA) and the tokenizer (kept fp32)."""
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+           decode_dtype: torch.dtype | None = None) -> "TextToVideoPipeline":
+        """Move the model (optionally cast: ``dtype``, e.g. bf16) and the tokenizer (kept fp32: generation
+        accumulates its codebook entries, so the codes do not depend on ``decode_dtype``). ``decode_dtype``
+        (e.g. ``torch.bfloat16``) decodes the frames with a copy of the tokenizer in that dtype; float32
+        drops the copy. None keeps what was set."""
+        for value, name in ((dtype, "dtype"), (decode_dtype, "decode_dtype")):
+            require(value is None or (isinstance(value, torch.dtype) and value.is_floating_point), name,
+                    f"must be None or a floating torch.dtype, got {value!r}")
         self.model.to(device, dtype)
         self.video_tokenizer.to(device)
+        if decode_dtype is not None:
+            # nn.Module.to: diffusers' override warns about fp32-kept modules, and this tokenizer has none
+            self.decode_tokenizer = (None if decode_dtype == torch.float32 else
+                                     nn.Module.to(copy.deepcopy(self.video_tokenizer), dtype=decode_dtype))
+        if self.decode_tokenizer is not None:
+            self.decode_tokenizer.to(device)
         return self
 
     @property
@@ -304,9 +323,12 @@ class TextToVideoPipeline:
             bar.close()
         gen_s = time.perf_counter() - start
         result = MultiScaleCodes(codes, scales, num_frames)
-        # One clip and one latent frame at a time: the CPU conv3d's column buffers grow with the
-        # decoded block, so this keeps decode memory independent of batch size and clip length.
-        pixels = torch.cat([tok.decode(clip.to(dev), chunk_size=1).float().cpu() for clip in result.split()])
+        # DECODE_CLIPS clips and one latent frame at a time: the CPU conv3d's column buffers grow with
+        # the decoded block, so this bounds decode memory whatever the batch size and clip length.
+        decoder = tok if self.decode_tokenizer is None else self.decode_tokenizer
+        groups = [MultiScaleCodes([c[i:i + DECODE_CLIPS].to(dev) for c in codes], scales, num_frames)
+                  for i in range(0, b, DECODE_CLIPS)]
+        pixels = torch.cat([decoder.decode(group, chunk_size=1).float().cpu() for group in groups])
         if video is not None:  # keep the given frames exactly as they were
             pixels[:, :, :video.shape[2]] = video.float().cpu()
         frames = convert_frames(pixels, output_type)
