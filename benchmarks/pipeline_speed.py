@@ -1,61 +1,182 @@
-"""Speed of the default text-to-video pipeline: wall time, generation vs decoding, forward passes and
-tokens per second of one 17-frame clip per prompt, at a few batch sizes (median of ``--repeats`` after
-one warm-up call).
+"""Speed of the default text-to-video pipeline against a kept copy of an earlier revision.
 
-    python benchmarks/pipeline_speed.py [--device cuda] [--batches 1 8 16] [--repeats 3]
-        [--out benchmarks/results/pipeline_speed.json]
+For each (batch, frames) of the grid and each setting, one call per round: wall, generate and decode
+seconds, the generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass),
+and (``--memory``) the peak of live tensor memory. Settings: ``fp32`` (the default),
+``bf16-decode`` (``pipe.to(decode_dtype=torch.bfloat16)``: same codes, frames decoded in bf16) and
+``bf16`` (model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before
+#29), is exported with ``git archive`` and runs fp32 in its own worker process; rounds interleave
+baseline and current calls with the same seeds, and each ratio is the median over rounds of the
+per-round ratio, so load on a shared machine hits both sides alike.
 
-On CUDA the AR model runs in bf16 and the tokenizer in fp32 (``TextToVideoPipeline.to``).
+    OMP_NUM_THREADS=2 python benchmarks/pipeline_speed.py [--batches 1 4 16] [--frames 1 9 17 33]
+        [--rounds 3] [--memory] [--out benchmarks/results/pipeline_speed.json]
+    python benchmarks/pipeline_speed.py --rule 64   # the bf16 precision rule (BENCHMARKS.md)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from omniar.generation import TextToVideoPipeline
-
+SETTINGS = ("fp32", "bf16-decode", "bf16")
+BASELINE = "505d484"
 PROMPTS = ["a red circle moves right on a black background", "a blue square moves up on a white background",
            "a green triangle moves left on a black background", "a yellow circle moves down on a white background"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(setting: str):
+    from omniar.generation import TextToVideoPipeline
+
+    pipe = TextToVideoPipeline.from_pretrained()
+    if setting != "fp32":  # the baseline never gets here: it predates decode_dtype
+        pipe.to(dtype=torch.bfloat16 if setting == "bf16" else None, decode_dtype=torch.bfloat16)
+    return pipe
+
+
+def call(pipe, batch: int, frames: int, seed: int, memory: bool) -> dict:
+    """One timed call; per-latent-frame generate times from the callback after each frame's last scale."""
+    last, ends = len(pipe.video_tokenizer.scales) - 1, []
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+
+    def run(callback=None):
+        return pipe(prompts, num_frames=frames, seed=seed, callback=callback)
+
+    start = time.perf_counter()
+    out = run(lambda d: ends.append(time.perf_counter()) if d["scale"] == last else None)
+    row = {"wall_s": time.perf_counter() - start, **{k: out.timings[k] for k in ("generate_s", "decode_s")}}
+    per_frame = [b - a for a, b in zip(ends, ends[1:])]  # latent frames 1 .. T-1
+    if per_frame:
+        row.update(frame_first_s=per_frame[0], frame_middle_s=per_frame[len(per_frame) // 2],
+                   frame_last_s=per_frame[-1])
+    if memory:
+        from generation_memory import tensor_peak_mib
+
+        row["tensor_peak_mib"] = tensor_peak_mib(run)
+    return row
+
+
+def worker() -> None:
+    """Serve ``{"setting", "batch", "frames", "seed", "memory"}`` requests, one JSON line each way."""
+    pipes = {}
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["setting"] not in pipes:
+            pipes[req["setting"]] = load(req["setting"])
+            call(pipes[req["setting"]], 1, 1, 0, False)  # warm-up
+        print(json.dumps(call(pipes[req["setting"]], req["batch"], req["frames"], req["seed"], req["memory"])),
+              flush=True)
+
+
+class Worker:
+    def __init__(self, pythonpath: str) -> None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([pythonpath, str(ROOT / "benchmarks")])}
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+    def __call__(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker died on {req}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def median_row(rows: list[dict]) -> dict:
+    return {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+
+
+def speed(args) -> dict:
+    result = {"machine": f"CPU {platform.machine()}, {os.cpu_count()} cores, "
+                         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+              "torch": torch.__version__, "baseline": args.baseline, "rounds": args.rounds, "grid": {}}
+    with tempfile.TemporaryDirectory() as old:
+        archive = subprocess.run(["git", "archive", args.baseline, "omniar"], cwd=ROOT, check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
+        base, new = Worker(old), Worker(str(ROOT))
+        try:
+            for batch in args.batches:
+                for frames in args.frames:
+                    rounds = {s: [] for s in ("baseline",) + tuple(args.settings)}
+                    for r in range(args.rounds):
+                        req = dict(batch=batch, frames=frames, seed=r, memory=False)
+                        rounds["baseline"].append(base(setting="fp32", **req))
+                        for s in args.settings:
+                            rounds[s].append(new(setting=s, **req))
+                    row = {s: median_row(rows) for s, rows in rounds.items()}
+                    for s in args.settings:
+                        row[s]["wall_ratio_vs_baseline"] = statistics.median(
+                            b["wall_s"] / n["wall_s"] for b, n in zip(rounds["baseline"], rounds[s]))
+                        row[s]["generate_ratio_vs_baseline"] = statistics.median(
+                            b["generate_s"] / n["generate_s"] for b, n in zip(rounds["baseline"], rounds[s]))
+                        row[s]["decode_share"] = row[s]["decode_s"] / row[s]["wall_s"]
+                    if args.memory:
+                        req = dict(batch=batch, frames=frames, seed=0, memory=True)
+                        row["baseline"]["tensor_peak_mib"] = base(setting="fp32", **req)["tensor_peak_mib"]
+                        for s in args.settings:
+                            row[s]["tensor_peak_mib"] = new(setting=s, **req)["tensor_peak_mib"]
+                    result["grid"][f"{batch}x{frames}"] = row
+                    print(f"{batch} x {frames}: {json.dumps(row)}", flush=True)
+        finally:
+            base.close()
+            new.close()
+    return result
+
+
+def rule(n: int) -> dict:
+    """The precision rule written in BENCHMARKS.md before the run: a bf16 setting may become the default
+    if ``omniar eval t2v``'s full/seen adherence is inside the fp32 run's 95 % interval and its Frechet
+    distance within 10 % of fp32's."""
+    from omniar.eval.t2v import evaluate_split, load_classifier
+
+    classifier = load_classifier()
+    scores = {s: evaluate_split(load(s), classifier, "seen", n) for s in SETTINGS}
+    ref = scores["fp32"]
+    low, high = ref["all_ci95"]  # Wilson interval of the fp32 adherence
+    out = {"n": n, "scores": scores}
+    for s in SETTINGS[1:]:
+        out[f"{s}_passes"] = bool(low <= scores[s]["all"] <= high
+                                  and abs(scores[s]["frechet"] - ref["frechet"]) <= 0.1 * ref["frechet"])
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--frames", type=int, nargs="+", default=[1, 9, 17, 33])
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--baseline", default=BASELINE, help="git revision of the kept baseline")
+    parser.add_argument("--memory", action="store_true", help="also the peak of live tensor memory")
+    parser.add_argument("--rule", type=int, metavar="N", help="run the bf16 precision rule on N clips instead")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/pipeline_speed.json")
     args = parser.parse_args()
-    if min(args.batches) < 1 or args.repeats < 1:
-        parser.error("--batches and --repeats must be >= 1")
-    cuda = args.device.startswith("cuda")
-    pipe = TextToVideoPipeline.from_pretrained().to(args.device, torch.bfloat16 if cuda else None)
-    result = {"device": torch.cuda.get_device_name(args.device) if cuda else f"CPU {platform.machine()}, "
-              f"{torch.get_num_threads()} threads", "dtype": "bfloat16 model, fp32 tokenizer" if cuda else "fp32",
-              "torch": torch.__version__}
-    for batch in args.batches:
-        prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
-        runs = []
-        for i in range(args.repeats + 1):  # the first call warms up kernels and allocators
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            timings = pipe(prompts, seed=i).timings  # frames come back on the CPU: the call has synchronised
-            runs.append({"wall_s": time.perf_counter() - start, **timings})
-        runs = runs[1:]
-        row = {key: statistics.median(r[key] for r in runs) for key in ("wall_s", "generate_s", "decode_s")}
-        row.update(forward_passes=runs[0]["forward_passes"], tokens=runs[0]["tokens"])
-        row["tokens_per_s"] = row["tokens"] / row["generate_s"]
-        result[f"batch{batch}"] = row
-        print(f"batch {batch}: {json.dumps(row)}", flush=True)
+    if args.worker:
+        return worker()
+    if min(args.batches) < 1 or args.rounds < 1:
+        parser.error("--batches and --rounds must be >= 1")
+    result = rule(args.rule) if args.rule else speed(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
