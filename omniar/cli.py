@@ -22,7 +22,7 @@ _GROUPS = {
         "uda": ("omniar.uda.train", "BiPC / DANN / source-only domain adaptation of a timm classifier"),
     }),
     "eval": ("evaluate a model", {
-        "t2v": ("omniar.eval.t2v", "prompt adherence and Frechet distance of text-to-video on Moving Shapes"),
+        "t2v": ("omniar.commands.eval_t2v", "prompt adherence and Frechet distance of text-to-video on Moving Shapes"),
     }),
 }
 _COMMANDS = {

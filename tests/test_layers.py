@@ -66,16 +66,8 @@ def test_every_module_has_a_layer():
     assert parts == set(LAYERS) - {"base"} | BASE
 
 
-# The one upward import left: ``omniar eval t2v``'s command-line part, which moves to omniar/commands/ once the
-# pending edit of eval/t2v.py has landed. When it moves, this test fails until the entry is removed.
-PENDING = {("omniar/eval/t2v.py", "omniar.generation")}
-
-
 def test_imports_only_go_down_the_layers():
-    problems = [problem for path in sorted(PACKAGE.rglob("*.py")) for problem in upward_imports(path)]
-    pending = [p for p in problems if any(p.startswith(f"{src}:") and f"imports {dst} " in p for src, dst in PENDING)]
-    assert [p for p in problems if p not in pending] == []
-    assert len(pending) == len(PENDING)
+    assert [problem for path in sorted(PACKAGE.rglob("*.py")) for problem in upward_imports(path)] == []
 
 
 @pytest.mark.parametrize("source, target", [("omniar/tokenizers/video.py", "omniar.train.engine"),

@@ -19,27 +19,10 @@ from tqdm import tqdm
 from .._checks import check_choice, check_float, check_int, check_keys, require
 from ..data.skipped import log_skipped
 from ..eval.metrics import psnr
-from ..limits import MAX_NUM_WORKERS
 from ..tokenizers import VideoTokenizer
-from .common import (build_model, check_sections, config_cli, last_step, load_init_from, split_train_section,
-                     step_loader)
+from .common import (VideoDataConfig, build_dataset, build_model, check_sections, config_cli, last_step,
+                     load_init_from, split_train_section, step_loader)
 from .engine import TrainEngine, config_from_dict, cosine_lr
-
-
-@dataclass
-class TokenizerDataConfig:
-    dataset: str = "shapes"  # "shapes" | "video_folder"
-    path: str | None = None  # JSONL for video_folder
-    size: int = 64
-    num_frames: int = 17
-    num_samples: int = 10_000_000  # shapes: clips are generated, so this is effectively unbounded
-    seed: int = 0
-    num_workers: int = 0
-
-    def __post_init__(self) -> None:
-        check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
-        require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
-        check_int(self.num_workers, "data.num_workers", 0, MAX_NUM_WORKERS)
 
 
 @dataclass
@@ -96,23 +79,13 @@ def truncation(batch: int, num_scales: int, prob: float, gen: torch.Generator) -
     return torch.where(keep_all | (num_scales == 1), num_scales - 1, upto)
 
 
-def build_dataset(cfg: TokenizerDataConfig):
-    if cfg.dataset == "shapes":
-        from ..data.shapes import MovingShapes
-
-        return MovingShapes("train", cfg.num_samples, cfg.size, cfg.num_frames, cfg.seed)
-    from ..data.video_folder import VideoFolderDataset
-
-    return VideoFolderDataset(cfg.path, num_frames=cfg.num_frames, size=cfg.size, seed=cfg.seed)
-
-
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Run (or resume) tokenizer training; returns the exported model folder.
 
     ``stop_at`` ends this invocation after that many steps (with a checkpoint) while the
     schedule still spans ``train.steps``: a later call resumes where it stopped."""
     check_sections(config)
-    data_cfg = config_from_dict(TokenizerDataConfig, config.get("data", {}), "data")
+    data_cfg = config_from_dict(VideoDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), TokenizerTrainConfig)
     end = last_step(train_cfg.steps, stop_at)
     model_cfg = check_keys(config.get("model", {}), "model", inspect.signature(VideoTokenizer).parameters)
@@ -132,7 +105,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             for module in frozen:
                 module.eval()  # eval mode: no codebook EMA updates or code restarts
         start = engine.resume()
-        dataset = build_dataset(data_cfg)
+        dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
+                                data_cfg.num_frames, data_cfg.seed)
         log_skipped(engine, start, data=dataset)
         loader = step_loader(dataset, engine_cfg.micro_batch_size, start, end,
                              engine.rank, engine.world_size, data_cfg.num_workers)
