@@ -260,7 +260,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         hidden, _, _ = self._trunk(self.text_embed(text_ids), cache.cos[:length], cache.sin[:length], mask, empty,
                                    None, cache)
         cache.text_len = length  # only now: a refused pass leaves the cache empty and usable
-        return self._text_outputs(hidden)[0]
+        return self.text_head(hidden)  # not the MTP heads: nobody reads them here
 
     def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
                       start: int = 0, stop: int | None = None) -> torch.Tensor:
