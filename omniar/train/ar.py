@@ -8,6 +8,10 @@ dropout (null prompt, for classifier-free guidance), Cross-Frame Error
 Correction (corrupt a random share of earlier codes, re-quantize the later
 scales against the corrupted accumulation), Random Frame Mask (hide earlier
 frames from a frame's attention), elastic sub-model sampling.
+
+TensorBoard: the loss (``loss/full`` and, on steps that sampled a sub-model, ``loss/elastic``, which
+``loss`` adds up), its parts, grad norm, throughput (clips/s and tokens/s), the config, and every
+``train.sample_every`` steps clips generated for the first captions of the training data.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import copy
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -80,9 +85,11 @@ class ARTrainConfig:
     # of a frozen copy of the init_from model, KL weighted by this, so a fine-tune on a small set (e.g.
     # of a sub-model) moves the full model less. 0 = off; > 0 needs train.init_from.
     anchor_weight: float = 0.0
+    sample_every: int = 500  # steps between generated sample clips in TensorBoard (0 = none)
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
+        check_int(self.sample_every, "train.sample_every", 0)
         for name in ("caption_dropout", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio"):
             check_float(getattr(self, name), f"train.{name}", 0.0, 1.0)
         check_float(self.text_weight, "train.text_weight", 0.0)
@@ -174,6 +181,16 @@ def collate(items: list[dict]) -> dict:
             "caption": [it["caption"] for it in items]}
 
 
+SAMPLE_PROMPTS = 3  # the captions of training clips 0..2: the same prompts at every sampling
+
+
+def sample_clips(tok: VideoTokenizer, text_tok: TextTokenizer, model: OmniARModel, prompts: list[str],
+                 num_frames: int, max_text_len: int) -> np.ndarray:
+    """uint8 (P, T, H, W, 3): one ``num_frames`` clip per prompt from ``model``, the pipeline's defaults, seed 0."""
+    pipe = TextToVideoPipeline(tok, text_tok, model, max_text_len, num_frames)
+    return pipe(prompts, num_frames=num_frames, seed=0).frames
+
+
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
     check_sections(config)
@@ -211,6 +228,12 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         engine._barrier()
         data = TokenizedDataset(data_cfg.cache_dir)
         start = engine.resume()
+        engine.log_hparams(config)
+        prompts = data.captions[:SAMPLE_PROMPTS] if train_cfg.sample_every and engine.rank == 0 else []
+        if prompts:  # the rows of the "samples" image, top to bottom
+            engine.log_text("samples/prompts", "\n\n".join(f"{i}. {p}" for i, p in enumerate(prompts)), start)
+        # the first frame and one motion step (one frame for image data): cheap enough to do often
+        sample_frames = min(data_cfg.num_frames, 1 + tok.config.temporal_compression)
         loader = step_loader(data, engine_cfg.micro_batch_size, start, end, engine.rank, engine.world_size,
                              collate_fn=collate)
         bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="ar")
@@ -228,6 +251,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                     kl = distill_loss(out, reference, tok.scales, train_cfg)
                     loss = loss + train_cfg.anchor_weight * kl
                     parts["anchor_kl"] = kl.item()
+                parts["loss/full"] = loss.item()
                 if train_cfg.elastic:
                     spec = engine.module.sample_elastic(g)
                     if spec != engine.module.active_spec:
@@ -239,19 +263,24 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                             kl = distill_loss(sub_out, out, tok.scales, train_cfg)
                             sub_loss = sub_loss + train_cfg.elastic_distill * kl
                             parts["elastic_kl"] = kl.item()
+                        parts["loss/elastic"] = sub_loss.item()
                         loss = loss + sub_loss
             if engine.backward_step(loss):
                 engine.module.update_router_biases()
             step += 1
             bar.update(1)
             if step % engine_cfg.log_every == 0 or step == end:
-                scalars = {"loss": loss.item(), **parts, "lr": engine.lr, "skipped_steps": engine.skipped_steps}
+                scalars = {"loss": loss.item(), **parts}
                 for i, stats in enumerate(out.router_stats):
                     for key, value in stats.to_dict().items():
                         if isinstance(value, (int, float)):
                             scalars[f"router/{i}/{key}"] = value
-                engine.log_scalars(scalars, step)
+                engine.log_step(scalars, step, samples=ids.shape[0], tokens=ids.numel() + targets.numel())
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{parts['visual_ce']:.3f}")
+            if prompts and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
+                with engine.paused(engine.module):
+                    engine.log_filmstrips("samples", sample_clips(tok, text_tok, engine.module, prompts,
+                                                                  sample_frames, data_cfg.max_text_len), step)
             if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
                 break
         bar.close()

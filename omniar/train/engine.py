@@ -20,11 +20,13 @@ import shutil
 import signal
 import socket
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -137,7 +139,8 @@ def init_distributed() -> None:
 
 
 class TrainEngine:
-    """DeepSpeed engine + atomic checkpoints + TensorBoard + non-finite-loss guard.
+    """DeepSpeed engine + atomic checkpoints + TensorBoard (scalars, throughput, grad norm, hparams,
+    preview images) + non-finite-loss guard.
 
     A context manager: leaving the ``with`` block, also by an exception, closes the TensorBoard writer
     and gives SIGTERM back its default action."""
@@ -178,6 +181,8 @@ class TrainEngine:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.bad_steps = 0
         self.skipped_steps = 0
+        self._grad_norm: torch.Tensor | float = float("nan")
+        self._clock = (time.perf_counter(), 0)  # throughput since (time, step); resume() restarts it
         self.stop_requested = False  # set by SIGTERM: trainers save a checkpoint and return
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._on_sigterm)
@@ -228,11 +233,22 @@ class TrainEngine:
             if self.bad_steps >= self.config.max_bad_steps:
                 raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses; stopping. "
                                          f"The last good checkpoint in {self.ckpt_dir} is intact.")
+            self._grad_norm = float("nan")
             return False
         self.bad_steps = 0
         self.ds.backward(loss)
+        # ZeRO's optimizer keeps the global norm before clipping; stage 0's clipping discards it, so the
+        # (already all-reduced) gradients are measured here, before the step clips and clears them
+        stage0 = None if self.config.zero_stage else torch.nn.utils.get_total_norm(
+            [p.grad for p in self.module.parameters() if p.grad is not None])
         self.ds.step()
+        self._grad_norm = stage0 if stage0 is not None else self.ds.get_global_grad_norm()
         return True
+
+    @property
+    def grad_norm(self) -> float:
+        """Global gradient norm of the last step, before clipping (NaN after a skipped step)."""
+        return float(self._grad_norm)
 
     @property
     def lr(self) -> float:
@@ -242,6 +258,62 @@ class TrainEngine:
         if self._writer is not None:
             for key, value in scalars.items():
                 self._writer.add_scalar(key, float(value), step)
+
+    def log_step(self, scalars: dict[str, float], step: int, samples: int, tokens: int | None = None) -> None:
+        """Log a trainer's ``scalars`` after ``step`` with the engine's own: lr, skipped steps, grad norm and
+        the throughput since the last call (or the resume), ``samples``/``tokens`` being one rank's per step."""
+        now, (since, last) = time.perf_counter(), self._clock
+        rate = (step - last) * self.world_size / max(now - since, 1e-9)
+        scalars = scalars | {"lr": self.lr, "skipped_steps": self.skipped_steps, "grad_norm": self.grad_norm,
+                             "throughput/samples_per_s": samples * rate}
+        if tokens is not None:
+            scalars["throughput/tokens_per_s"] = tokens * rate
+        self.log_scalars(scalars, step)
+        self._clock = (now, step)
+
+    @contextlib.contextmanager
+    def paused(self, module: nn.Module):
+        """Work beside training (previews, evaluation): ``module`` in eval mode under ``no_grad``, each of its
+        submodules back in its own mode afterwards (frozen parts stay in eval mode), and the time spent left
+        out of the throughput."""
+        start, modes = time.perf_counter(), [(m, m.training) for m in module.modules()]
+        try:
+            with torch.no_grad():
+                yield module.eval()
+        finally:
+            for m, training in modes:
+                m.train(training)
+            self._clock = (self._clock[0] + time.perf_counter() - start, self._clock[1])
+
+    def log_hparams(self, config: dict) -> None:
+        """The run's config as TensorBoard hparams (sections flattened to ``section.key``; lists and None as
+        text), tied to the ``loss`` scalar."""
+        if self._writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        def flat(values: dict, prefix: str = "") -> dict:
+            out = {}
+            for key, value in values.items():
+                if isinstance(value, dict):
+                    out |= flat(value, f"{prefix}{key}.")
+                else:
+                    out[prefix + key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+            return out
+
+        for summary in hparams(flat(config), {"loss": None}):  # into this run (add_hparams would start another)
+            self._writer.file_writer.add_summary(summary)
+
+    def log_filmstrips(self, tag: str, frames: torch.Tensor | np.ndarray, step: int) -> None:
+        """uint8 frames (rows, T, H, W, 3) as one image: a row per clip, time from left to right."""
+        if self._writer is not None:
+            r, t, h, w, c = frames.shape
+            image = torch.as_tensor(frames).cpu().permute(0, 2, 1, 3, 4).reshape(r * h, t * w, c)
+            self._writer.add_image(tag, image.numpy(), step, dataformats="HWC")
+
+    def log_text(self, tag: str, text: str, step: int) -> None:
+        if self._writer is not None:
+            self._writer.add_text(tag, text, step)
 
     # ------------------------------------------------------------- checkpoints
     def checkpoint_due(self, step: int, last: int) -> bool:
@@ -277,7 +349,13 @@ class TrainEngine:
         return final
 
     def resume(self) -> int:
-        """Load the newest complete checkpoint; return the number of steps already done (0 if none)."""
+        """Load the newest complete checkpoint; return the number of steps already done (0 if none).
+        The throughput clock starts here."""
+        step = self._load_newest()
+        self._clock = (time.perf_counter(), step)
+        return step
+
+    def _load_newest(self) -> int:
         found = self.checkpoints()
         if not found:
             return 0

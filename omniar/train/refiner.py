@@ -181,6 +181,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         engine._barrier()
         frames = load_file(cache)
         start = engine.resume()
+        engine.log_hparams(config)
         bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="refiner")
         step = start
         while step < end:
@@ -195,9 +196,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
                 refined = terms.pop("refined").detach().clamp(-1, 1)
                 before, after = psnr(x, y).mean().item(), psnr(refined, y).mean().item()
-                engine.log_scalars({"loss": loss.item(), "psnr": after, "psnr_gain": after - before,
-                                    "lr": engine.lr, "skipped_steps": engine.skipped_steps}
-                                   | {k: v.item() for k, v in terms.items()}, step)
+                engine.log_step({"loss": loss.item(), "psnr": after, "psnr_gain": after - before}
+                                | {k: v.item() for k, v in terms.items()}, step, samples=x.shape[0])  # frames
                 bar.set_postfix(loss=f"{loss.item():.5f}", gain=f"{after - before:+.2f} dB")
             if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
                 break

@@ -1,9 +1,11 @@
 """Train the video tokenizer on DeepSpeed: ``omniar train tokenizer --config configs/tokenizer_shapes.yaml``.
 
 Loss: MSE + L1 reconstruction (optionally weighted toward edges) + the
-quantizer's VQ loss. Logs loss, PSNR and codebook usage to TensorBoard;
-checkpoints atomically; resumes from the newest complete checkpoint; exports
-``save_pretrained`` weights to ``<out_dir>/final``.
+quantizer's VQ loss. Logs loss, PSNR, codebook usage, grad norm, throughput and the
+config to TensorBoard, and every ``train.sample_every`` steps the first training clips
+beside their reconstructions and coarse-to-fine previews; checkpoints atomically;
+resumes from the newest complete checkpoint; exports ``save_pretrained`` weights to
+``<out_dir>/final``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from tqdm import tqdm
 from .._checks import check_choice, check_float, check_int, check_keys, require
 from ..data.skipped import log_skipped
 from ..eval.metrics import psnr
+from ..pixels import to_uint8
 from ..tokenizers import VideoTokenizer
 from .common import (VideoDataConfig, build_dataset, build_model, check_sections, config_cli, last_step,
                      load_init_from, split_train_section, step_loader)
@@ -39,9 +42,11 @@ class TokenizerTrainConfig:
     # Share of clips reconstructed from a random coarse prefix of the scales (0..S-2) instead of all of them,
     # so the decoder learns to turn partial accumulations into faithful blurry previews (VAR-style).
     truncate_prob: float = 0.0
+    sample_every: int = 500  # steps between reconstruction previews in TensorBoard (0 = none)
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
+        check_int(self.sample_every, "train.sample_every", 0)
         check_float(self.l1_weight, "train.l1_weight", 0.0)
         check_float(self.edge_weight, "train.edge_weight", 0.0)
         check_float(self.truncate_prob, "train.truncate_prob", 0.0, 1.0)
@@ -79,6 +84,17 @@ def truncation(batch: int, num_scales: int, prob: float, gen: torch.Generator) -
     return torch.where(keep_all | (num_scales == 1), num_scales - 1, upto)
 
 
+PREVIEW_CLIPS = 2  # training clips 0, 1: the same clips at every preview
+
+
+def reconstruction_filmstrips(model: VideoTokenizer, video: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 2 + S - 1, T, H, W, 3) for ``video`` (B, 3, T, H, W) in [-1, 1]: per clip the rows original,
+    reconstruction and the coarse-to-fine previews decoded from scales 0..s for s = 0..S-2."""
+    codes = model.encode(video)
+    rows = [video, model.decode(codes)] + [model.decode_partial(codes, s) for s in range(len(model.scales) - 1)]
+    return to_uint8(torch.stack(rows, 1)).permute(0, 1, 3, 4, 5, 2)
+
+
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Run (or resume) tokenizer training; returns the exported model folder.
 
@@ -108,6 +124,11 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
                                 data_cfg.num_frames, data_cfg.seed)
         log_skipped(engine, start, data=dataset)
+        engine.log_hparams(config)
+        preview = None
+        if train_cfg.sample_every and engine.rank == 0:
+            clips = range(min(PREVIEW_CLIPS, len(dataset)))
+            preview = torch.stack([dataset[i]["video"] for i in clips]).to(engine.device)
         loader = step_loader(dataset, engine_cfg.micro_batch_size, start, end,
                              engine.rank, engine.world_size, data_cfg.num_workers)
         bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="tokenizer")
@@ -127,11 +148,14 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 scalars = {"loss": loss.item(), "vq_loss": out.vq_loss.item(),
                            # clips decoded from all scales (the truncated ones are previews)
                            "psnr": psnr(rec[full], video[full]).mean().item() if full.any() else float("nan"),
-                           "codebook_usage": engine.module.codebook_usage(),
-                           "lr": engine.lr, "skipped_steps": engine.skipped_steps}
-                engine.log_scalars(scalars, step)
+                           "codebook_usage": engine.module.codebook_usage()}
+                engine.log_step(scalars, step, samples=video.shape[0])
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
                                 usage=f"{scalars['codebook_usage']:.2f}")
+            if preview is not None and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
+                with engine.paused(engine.module) as tokenizer:
+                    for i, clip in enumerate(reconstruction_filmstrips(tokenizer, preview)):
+                        engine.log_filmstrips(f"reconstruction/{i}", clip, step)
             if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
                 break
         bar.close()

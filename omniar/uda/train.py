@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -281,6 +281,7 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
             relation = load_or_learn_relation(model, relation_source if relation_source is not None else source,
                                               num_classes, cache, dev, cfg)
         start = engine.resume()
+        engine.log_hparams(asdict(cfg))
         log_skipped(engine, start, source=source, target=target)
         history_file = out / "history.json"
         history = json.loads(history_file.read_text())[: start // per_epoch] \
@@ -323,10 +324,12 @@ def train_uda(cfg: UDAConfig, source: Dataset, target: Dataset, target_eval: Dat
             engine.backward_step(loss)
             done = step + 1
             if done % per_epoch == 0:
-                history.append(evaluate(model, target_eval if target_eval is not None else target, dev,
-                                        cfg.metric, num_workers=cfg.num_workers))
-                engine.log_scalars({"target_acc": history[-1], "loss": loss.item(),
-                                    **{k: v.item() for k, v in scalars.items()}}, done)
+                with engine.paused(model):
+                    history.append(evaluate(model, target_eval if target_eval is not None else target, dev,
+                                            cfg.metric, num_workers=cfg.num_workers))
+                engine.log_step({"target_acc": history[-1], "loss": loss.item(),
+                                 **{k: v.item() for k, v in scalars.items()}}, done,
+                                samples=len(xs) + (len(xt) if tgt is not None else 0))
                 if engine.rank == 0:
                     write_file_atomically(history_file, lambda tmp: tmp.write_text(json.dumps(history)))
                 bar.set_postfix(epoch=len(history), target_acc=f"{history[-1]:.2f}")
