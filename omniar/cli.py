@@ -28,6 +28,7 @@ _GROUPS = {
 _COMMANDS = {
     "generate": ("omniar.commands.generate", "generate a video (or image) from text"),
     "reconstruct": ("omniar.commands.reconstruct", "tokenize and reconstruct a Moving Shapes clip to mp4"),
+    "plan": ("omniar.commands.plan", "parameters, tokens and DeepSpeed memory per GPU of an AR config"),
     "demo": ("omniar.commands.demo", "Gradio app: text-to-video and tokenizer reconstructions on 127.0.0.1:7860"),
 }
 
