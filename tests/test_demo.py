@@ -3,12 +3,12 @@
 import av
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from omniar.cli import build_parser
 from omniar.data.shapes import MovingShapes
 from omniar.data.video_io import read_video, write_video
+from omniar.pixels import to_uint8
 from test_t2v import PROMPT, tiny_pipeline
 
 gradio_client = pytest.importorskip("gradio_client")
@@ -90,7 +90,7 @@ def test_bad_setting_returns_error_naming_it(client, index, value, message):
 
 def test_tokenizer_tab_reconstructs_per_scale(client, tmp_path):
     clip = MovingShapes("all", 1, 48, 6, seed=0)[0]["video"]  # 6 frames at 48 px: cropped to 5, resized to 32
-    frames = clip.add(1).mul(127.5).round().to(torch.uint8).permute(1, 2, 3, 0).numpy()
+    frames = to_uint8(clip).permute(1, 2, 3, 0).numpy()
     write_video(tmp_path / "clip.mp4", frames)
     strips, path, table = client.predict(gradio_client.handle_file(str(tmp_path / "clip.mp4")),
                                          api_name="/reconstruct")

@@ -109,5 +109,5 @@ def test_shipped_classifier_is_accurate():
 
 @pytest.mark.slow
 def test_trained_classifier_is_accurate():
-    # The shipping recipe (~15 min on one CPU core). 800 steps on 4000 clips is not enough: shape ~0.7.
+    # The shipping recipe. 800 steps on 4000 clips is not enough: shape ~0.7.
     check_accuracy(train_classifier(progress=False), 0.95)

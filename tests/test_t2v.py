@@ -16,6 +16,7 @@ from omniar.backbone import OmniARConfig, OmniARModel
 from omniar.data.shapes import MovingShapes
 from omniar.generation import TextToVideoPipeline
 from omniar.generation.pipeline import convert_frames
+from omniar.pixels import to_uint8
 from omniar.tokenizers import VideoTokenizer
 from omniar.tokenizers.text import TextTokenizer
 
@@ -68,7 +69,7 @@ def test_save_load_roundtrip(pipe, tmp_path):
 def test_continuation_keeps_given_frames(pipe):
     video = MovingShapes("all", 1, 32, 5, seed=0)[0]["video"][None]
     out = pipe(PROMPT, num_frames=9, video=video, seed=0)
-    given = video.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 4, 1).numpy()
+    given = to_uint8(video).permute(0, 2, 3, 4, 1).numpy()
     assert out.frames.shape[1] == 9
     assert np.array_equal(out.frames[:, :5], given)
     assert out.timings["tokens"] == 1 * (3 - 2) * 85  # only the last latent frame is sampled

@@ -6,7 +6,7 @@ from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent
 # Assets shipped as a component of another: the tokenizer is stored once, inside the default
-# pipeline, which keeps the package (and every copy of the source tree) 28 MB smaller.
+# pipeline, which keeps the package (and every copy of the source tree) one tokenizer's weights smaller.
 _COMPONENTS = {"shapes-tokenizer": "shapes-t2v/video_tokenizer"}
 
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import check_choice, check_float, check_int, require
+from ..pixels import from_uint8
 from .skipped import Skipped, SkippingDataset, file_problem
 from .video_io import probe_video, read_video
 
@@ -51,7 +52,7 @@ def resize_center_crop(frames: np.ndarray, size: int) -> torch.Tensor:
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
     top, left = (nh - size) // 2, (nw - size) // 2
     x = x[:, :, top:top + size, left:left + size]
-    return x.permute(1, 0, 2, 3).div(127.5).sub(1).clamp(-1, 1)
+    return from_uint8(x.permute(1, 0, 2, 3)).clamp(-1, 1)
 
 
 def find_jsonl(root_or_jsonl: str | os.PathLike) -> Path:

@@ -1,7 +1,6 @@
 """Train the Moving Shapes attribute classifier (:class:`~omniar.eval.shapes_classifier.ShapesClassifier`), the
-judge of prompt adherence: ``omniar train classifier``. About 0.25 s a step on one CPU core, plus ~30 s to
-render the 8,000 training clips; seconds on a GPU. It trains in one process, without DeepSpeed: it is small
-and trained once.
+judge of prompt adherence: ``omniar train classifier``. It trains in one process, without DeepSpeed: it is
+small and trained once.
 """
 
 from __future__ import annotations

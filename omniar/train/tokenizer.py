@@ -32,8 +32,8 @@ from .engine import TrainEngine, config_from_dict, cosine_lr
 class TokenizerTrainConfig:
     steps: int = 1000
     l1_weight: float = 1.0
-    # Small objects cover few pixels, so a plain mean lets their outline go (a 12 px circle decodes as a
-    # blob at 30 dB). > 0 weights each pixel by 1 + edge_weight * (edge strength near it): see edge_weights.
+    # Small objects cover few pixels, so a plain mean lets their outline go (a small circle can decode as a
+    # blob while the PSNR stays high). > 0 weights each pixel by 1 + edge_weight * (edge strength near it).
     edge_weight: float = 0.0
     init_from: str | None = None  # pretrained tokenizer folder to start from (fine-tuning / longer runs)
     # "decoder": freeze encoder and quantizer so every code stays the same (AR models trained on

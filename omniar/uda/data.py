@@ -26,6 +26,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from .._checks import check_int, require
 from ..data._index import item_index
 from ..data.skipped import Skipped, SkippingDataset, file_problem, logger
+from ..pixels import from_uint8
 
 
 # ----------------------------------------------------------------- image domains
@@ -218,7 +219,7 @@ def _draws_every(font: str, chars: str) -> bool:
 
 def _to_tensor(gray: np.ndarray) -> torch.Tensor:
     """(H, W) uint8 -> (3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(gray).float().div(127.5).sub(1).expand(3, -1, -1).clone()
+    return from_uint8(torch.from_numpy(gray)).expand(3, -1, -1).clone()
 
 
 def render_char(char: str, font: str, rng: np.random.Generator, augment: bool = True) -> torch.Tensor:
