@@ -2,16 +2,19 @@
 
 For each (batch, frames) of the grid and each setting, one call per round: wall, generate and decode
 seconds, the generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass),
-and (``--memory``) the peak of live tensor memory. Settings: ``fp32`` (the default),
+and (``--memory``) the peak of live tensor memory. Each time is also taken as the process's CPU time
+(``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates
+wall times by whole seconds but not the CPU time the call consumes (with one thread, CPU time is
+the wall time of an idle machine). Settings: ``fp32`` (the default),
 ``bf16-decode`` (``pipe.to(decode_dtype=torch.bfloat16)``: same codes, frames decoded in bf16) and
 ``bf16`` (model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before
 #29), is exported with ``git archive`` and runs fp32 in its own worker process; rounds interleave
 baseline and current calls with the same seeds, and each ratio is the median over rounds of the
 per-round ratio, so load on a shared machine hits both sides alike.
 
-    OMP_NUM_THREADS=2 python benchmarks/pipeline_speed.py [--batches 1 4 16] [--frames 1 9 17 33]
+    OMP_NUM_THREADS=1 python benchmarks/pipeline_speed.py [--device cuda] [--batches 1 4 16] [--frames 1 9 17 33]
         [--rounds 3] [--memory] [--out benchmarks/results/pipeline_speed.json]
-    python benchmarks/pipeline_speed.py --rule 64   # the bf16 precision rule (BENCHMARKS.md)
+    python benchmarks/pipeline_speed.py --rule 64 [--settings bf16-decode]   # the precision rule (BENCHMARKS.md)
 """
 
 from __future__ import annotations
@@ -36,10 +39,10 @@ PROMPTS = ["a red circle moves right on a black background", "a blue square move
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load(setting: str):
+def load(setting: str, device: str = "cpu"):
     from omniar.generation import TextToVideoPipeline
 
-    pipe = TextToVideoPipeline.from_pretrained()
+    pipe = TextToVideoPipeline.from_pretrained().to(device)
     if setting != "fp32":  # the baseline never gets here: it predates decode_dtype
         pipe.to(dtype=torch.bfloat16 if setting == "bf16" else None, decode_dtype=torch.bfloat16)
     return pipe
@@ -53,13 +56,18 @@ def call(pipe, batch: int, frames: int, seed: int, memory: bool) -> dict:
     def run(callback=None):
         return pipe(prompts, num_frames=frames, seed=seed, callback=callback)
 
-    start = time.perf_counter()
-    out = run(lambda d: ends.append(time.perf_counter()) if d["scale"] == last else None)
-    row = {"wall_s": time.perf_counter() - start, **{k: out.timings[k] for k in ("generate_s", "decode_s")}}
-    per_frame = [b - a for a, b in zip(ends, ends[1:])]  # latent frames 1 .. T-1
-    if per_frame:
-        row.update(frame_first_s=per_frame[0], frame_middle_s=per_frame[len(per_frame) // 2],
-                   frame_last_s=per_frame[-1])
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize(pipe.device)  # the frames come back on the CPU: the call ends synchronised
+    start, start_cpu = time.perf_counter(), time.process_time()
+    out = run(lambda d: ends.append((time.perf_counter(), time.process_time())) if d["scale"] == last else None)
+    row = {"wall_s": time.perf_counter() - start, **{k: out.timings[k] for k in ("generate_s", "decode_s")},
+           "cpu_s": time.process_time() - start_cpu, "generate_cpu_s": ends[-1][1] - start_cpu}
+    row["decode_cpu_s"] = row["cpu_s"] - row["generate_cpu_s"]  # also the codes' assembly, a few ms
+    for clock, suffix in ((0, "s"), (1, "cpu_s")):
+        per_frame = [b[clock] - a[clock] for a, b in zip(ends, ends[1:])]  # latent frames 1 .. T-1
+        if per_frame:
+            row.update({f"frame_first_{suffix}": per_frame[0], f"frame_middle_{suffix}": per_frame[len(per_frame) // 2],
+                        f"frame_last_{suffix}": per_frame[-1]})
     if memory:
         from generation_memory import tensor_peak_mib
 
@@ -68,12 +76,12 @@ def call(pipe, batch: int, frames: int, seed: int, memory: bool) -> dict:
 
 
 def worker() -> None:
-    """Serve ``{"setting", "batch", "frames", "seed", "memory"}`` requests, one JSON line each way."""
+    """Serve ``{"setting", "device", "batch", "frames", "seed", "memory"}`` requests, one JSON line each way."""
     pipes = {}
     for line in sys.stdin:
         req = json.loads(line)
         if req["setting"] not in pipes:
-            pipes[req["setting"]] = load(req["setting"])
+            pipes[req["setting"]] = load(req["setting"], req["device"])
             call(pipes[req["setting"]], 1, 1, 0, False)  # warm-up
         print(json.dumps(call(pipes[req["setting"]], req["batch"], req["frames"], req["seed"], req["memory"])),
               flush=True)
@@ -103,8 +111,10 @@ def median_row(rows: list[dict]) -> dict:
 
 
 def speed(args) -> dict:
-    result = {"machine": f"CPU {platform.machine()}, {os.cpu_count()} cores, "
-                         f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
+    cuda = args.device.startswith("cuda")
+    result = {"machine": torch.cuda.get_device_name(args.device) if cuda else
+              f"CPU {platform.machine()}, {os.cpu_count()} cores, "
+              f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
               "torch": torch.__version__, "baseline": args.baseline, "rounds": args.rounds, "grid": {}}
     with tempfile.TemporaryDirectory() as old:
         archive = subprocess.run(["git", "archive", args.baseline, "omniar"], cwd=ROOT, check=True,
@@ -116,19 +126,18 @@ def speed(args) -> dict:
                 for frames in args.frames:
                     rounds = {s: [] for s in ("baseline",) + tuple(args.settings)}
                     for r in range(args.rounds):
-                        req = dict(batch=batch, frames=frames, seed=r, memory=False)
+                        req = dict(device=args.device, batch=batch, frames=frames, seed=r, memory=False)
                         rounds["baseline"].append(base(setting="fp32", **req))
                         for s in args.settings:
                             rounds[s].append(new(setting=s, **req))
                     row = {s: median_row(rows) for s, rows in rounds.items()}
                     for s in args.settings:
-                        row[s]["wall_ratio_vs_baseline"] = statistics.median(
-                            b["wall_s"] / n["wall_s"] for b, n in zip(rounds["baseline"], rounds[s]))
-                        row[s]["generate_ratio_vs_baseline"] = statistics.median(
-                            b["generate_s"] / n["generate_s"] for b, n in zip(rounds["baseline"], rounds[s]))
-                        row[s]["decode_share"] = row[s]["decode_s"] / row[s]["wall_s"]
+                        for key in ("wall_s", "generate_s", "cpu_s", "generate_cpu_s", "decode_cpu_s"):
+                            row[s][f"{key}_ratio_vs_baseline"] = statistics.median(
+                                b[key] / n[key] for b, n in zip(rounds["baseline"], rounds[s]))
+                        row[s]["decode_share_cpu"] = row[s]["decode_cpu_s"] / row[s]["cpu_s"]
                     if args.memory:
-                        req = dict(batch=batch, frames=frames, seed=0, memory=True)
+                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=True)
                         row["baseline"]["tensor_peak_mib"] = base(setting="fp32", **req)["tensor_peak_mib"]
                         for s in args.settings:
                             row[s]["tensor_peak_mib"] = new(setting=s, **req)["tensor_peak_mib"]
@@ -140,18 +149,18 @@ def speed(args) -> dict:
     return result
 
 
-def rule(n: int) -> dict:
+def rule(n: int, settings: list[str], device: str) -> dict:
     """The precision rule written in BENCHMARKS.md before the run: a bf16 setting may become the default
     if ``omniar eval t2v``'s full/seen adherence is inside the fp32 run's 95 % interval and its Frechet
     distance within 10 % of fp32's."""
     from omniar.eval.t2v import evaluate_split, load_classifier
 
     classifier = load_classifier()
-    scores = {s: evaluate_split(load(s), classifier, "seen", n) for s in SETTINGS}
+    scores = {s: evaluate_split(load(s, device), classifier, "seen", n) for s in dict.fromkeys(["fp32", *settings])}
     ref = scores["fp32"]
     low, high = ref["all_ci95"]  # Wilson interval of the fp32 adherence
     out = {"n": n, "scores": scores}
-    for s in SETTINGS[1:]:
+    for s in list(scores)[1:]:
         out[f"{s}_passes"] = bool(low <= scores[s]["all"] <= high
                                   and abs(scores[s]["frechet"] - ref["frechet"]) <= 0.1 * ref["frechet"])
     return out
@@ -159,6 +168,7 @@ def rule(n: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--frames", type=int, nargs="+", default=[1, 9, 17, 33])
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
@@ -173,7 +183,9 @@ def main() -> None:
         return worker()
     if min(args.batches) < 1 or args.rounds < 1:
         parser.error("--batches and --rounds must be >= 1")
-    result = rule(args.rule) if args.rule else speed(args)
+    if args.memory and args.device != "cpu":
+        parser.error("--memory measures CPU tensors only")
+    result = rule(args.rule, args.settings, args.device) if args.rule else speed(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
