@@ -178,8 +178,8 @@ class TextToVideoPipeline:
            decode_dtype: torch.dtype | None = None) -> "TextToVideoPipeline":
         """Move the model (optionally cast: ``dtype``, e.g. bf16) and the tokenizer (kept fp32: generation
         accumulates its codebook entries, so the codes do not depend on ``decode_dtype``). ``decode_dtype``
-        (e.g. ``torch.bfloat16``) decodes the frames with a copy of the tokenizer in that dtype; float32
-        drops the copy. None keeps what was set."""
+        (e.g. ``torch.bfloat16``) decodes the frames with a copy of the tokenizer in that dtype, taken now
+        (set it again after changing the tokenizer's weights); float32 drops the copy. None keeps what was set."""
         for value, name in ((dtype, "dtype"), (decode_dtype, "decode_dtype")):
             require(value is None or (isinstance(value, torch.dtype) and value.is_floating_point), name,
                     f"must be None or a floating torch.dtype, got {value!r}")
