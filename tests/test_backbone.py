@@ -151,6 +151,35 @@ def test_bf16_cached_steps_stay_close_to_fp32():
     assert (got.float() - want).abs().max() < 0.02 * want.abs().max()
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("vision_mask", ["block", "raster"])
+def test_evicted_slots_are_never_attended(vision_mask):
+    """Evicting frame 0's visual tokens at the frame boundary (what long-video eviction does) gives
+    frame 1 exactly the full forward in which frame 1 may not see frame 0; the text stays."""
+    model = tiny(vision_mask=vision_mask)
+    ids, mask, vis = batch()
+    fv = torch.ones(B, T, T, dtype=torch.bool)
+    fv[:, 1, 0] = False
+    want = model(ids, mask, vis, frame_visibility=fv).visual_logits[:, 1]
+    cache = model.new_cache(T)
+    model.forward_text(ids, mask, cache)
+    per_frame = sum(n * n for n in SCALES)
+    for s in range(len(SCALES)):
+        model.forward_scale(vis[s][:, 0], 0, s, cache)
+    keep = torch.ones(len(cache), dtype=torch.bool)
+    keep[L:] = False
+    cache.evict(keep)
+    assert len(cache) == L and torch.equal(cache.slot_index[:L], torch.arange(L))
+    runs = [(s, i, i + 1) for s, n in enumerate(SCALES) for i in range(n * n)] if vision_mask == "raster" else \
+        [(s, 0, n * n) for s, n in enumerate(SCALES)]
+    got = torch.cat([model.forward_scale(vis[s][:, 1], 1, s, cache, a, b) for s, a, b in runs], dim=1)
+    assert (got - want).abs().max() < 1e-4
+    assert len(cache) == L + per_frame  # frame 1 took the freed slots; they name its sequence indices
+    assert torch.equal(cache.slot_index[L:len(cache)], L + per_frame + torch.arange(per_frame))
+    with pytest.raises(ValueError, match="keep"):
+        cache.evict(torch.ones(3, dtype=torch.bool))
+
+
 def test_new_cache_checks_max_frames():
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="max_frames"):

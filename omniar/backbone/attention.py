@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import require
 from .layout import TokenMeta
 from .rope import apply_rope
 
@@ -23,9 +24,10 @@ class KVCache:
       ``sin`` hold the layout and RoPE tables of every token the call may produce (the text and
       ``max_frames`` frames), built once in ``forward_text``;
     * slot: where its keys/values sit in the buffers ``keys[layer]`` / ``values[layer]``
-      ``(B, kv_heads, capacity, head_dim)``. Slots ``[0, len(cache))`` are held; ``key_ok``
-      ``(B, capacity)`` says which of them are real tokens and ``slot_block`` ``(capacity,)``
-      gives their block id: the attention mask of a step is read from these, not rebuilt.
+      ``(B, kv_heads, capacity, head_dim)``. Slots ``[0, len(cache))`` are held, in sequence order;
+      ``slot_index`` ``(capacity,)`` maps each to its sequence index (so its position, frame and
+      block are ``meta``'s) and ``key_ok`` ``(B, capacity)`` says which are real tokens: the
+      attention mask of a step is read from these, not rebuilt. :meth:`evict` drops slots.
     """
 
     def __init__(self, num_layers: int, spec: tuple, max_frames: int) -> None:
@@ -37,7 +39,7 @@ class KVCache:
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         self.key_ok: torch.Tensor | None = None
-        self.slot_block: torch.Tensor | None = None
+        self.slot_index: torch.Tensor | None = None
         self.length = 0
         self.text_len: int | None = None
         self.next_block = (0, 0, 0)
@@ -54,10 +56,10 @@ class KVCache:
         shape = (b, num_kv_heads, capacity, head_dim)
         held = self.length
         key_ok = meta.valid.new_zeros(b, capacity)
-        slot_block = meta.block.new_zeros(capacity)
+        slot_index = meta.block.new_zeros(capacity)
         if held:
-            key_ok[:, :held], slot_block[:held] = self.key_ok[:, :held], self.slot_block[:held]
-        self.key_ok, self.slot_block = key_ok, slot_block
+            key_ok[:, :held], slot_index[:held] = self.key_ok[:, :held], self.slot_index[:held]
+        self.key_ok, self.slot_index = key_ok, slot_index
         for i in range(depth):
             for buffers in (self.keys, self.values):
                 new = cos.new_empty(shape)
@@ -69,15 +71,31 @@ class KVCache:
         """Give sequence tokens ``[start, stop)`` the slots after the held ones."""
         a, b = self.length, self.length + stop - start
         self.key_ok[:, a:b] = self.meta.valid[:, start:stop]
-        self.slot_block[a:b] = self.meta.block[start:stop]
+        self.slot_index[a:b] = torch.arange(start, stop, device=self.slot_index.device)
 
     def step_mask(self, start: int, stop: int, raster: bool) -> torch.Tensor:
         """Mask ``(B, 1, Lq, Lk)`` (True = attend) of booked tokens ``[start, stop)`` over the slots up to
         theirs. A next-scale step is one block, which sees every held slot: a view of ``key_ok``."""
         mask = self.key_ok[:, None, None, :self.length + stop - start]
         if raster:
-            mask = mask & (self.slot_block[:mask.shape[-1]] <= self.meta.block[start:stop, None])
+            mask = mask & (self.meta.block[self.slot_index[:mask.shape[-1]]] <= self.meta.block[start:stop, None])
         return mask
+
+    def evict(self, keep: torch.Tensor) -> None:
+        """Drop the held slots where ``keep`` (``(len(cache),)`` bool) is False: the kept ones move to the
+        front in order, in every layer, so later steps never attend the dropped tokens. Positions stay
+        as cached (the keys carry their RoPE rotation); ``slot_index`` still names each kept token."""
+        require(isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and tuple(keep.shape) == (self.length,),
+                "keep", f"must be a bool tensor of shape ({self.length},), one entry per held slot")
+        idx = keep.nonzero().squeeze(1).to(self.slot_index.device)
+        n = idx.numel()
+        for buffers in (self.keys, self.values):
+            for buf in buffers:
+                if buf is not None:
+                    buf[:, :, :n] = buf[:, :, :self.length].index_select(2, idx)
+        self.key_ok[:, :n] = self.key_ok[:, :self.length].index_select(1, idx)
+        self.slot_index[:n] = self.slot_index[:self.length].index_select(0, idx)
+        self.length = n
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new keys/values after the held slots; returns all of them (views, no copy)."""
