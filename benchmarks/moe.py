@@ -6,6 +6,12 @@ over rounds of the two times taken in the same round. Also: achieved GFLOP/s of 
 full ``OmniARModel`` forward against this machine's measured fp32 matmul rate.
 
     python benchmarks/moe.py [--out benchmarks/results/moe.json] [--device cuda --dtype bf16]
+    python benchmarks/moe.py --dim 256 --experts 8 --expert-hidden 128 --tokens 8192   # the shipped sizes
+    python benchmarks/moe.py --dim 256 --experts 8 --expert-hidden 128 --generation 2 8 32 128 \
+        --out benchmarks/results/moe_generation.json
+
+``--generation N ...``: eval-time forward only (no autograd) at those token counts, as a generation
+step runs the layer: ours without routing statistics (what ``forward_scale`` runs) and with them.
 """
 
 from __future__ import annotations
@@ -106,6 +112,29 @@ def paired_ratio(ours: list[float], theirs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ratios), "rounds_faster": sum(r < 1 for r in ratios) / len(ratios)}
 
 
+def generation_sizes(candidates: dict, dim: int, token_counts: list[int], repeats: int, device: torch.device,
+                     dtype: torch.dtype) -> dict:
+    """Forward-only paired ratios of ``candidates`` (name -> fn(x)) against ``"ours"`` per token count."""
+    out = {}
+    with torch.no_grad():
+        for n in token_counts:
+            x = torch.randn(1, n, dim, device=device, dtype=dtype)
+            times = {name: [] for name in candidates}
+            for r in range(repeats + 1):  # round 0 warms up
+                for name, fn in candidates.items():
+                    sync(device)
+                    t0 = time.perf_counter()
+                    fn(x)
+                    sync(device)
+                    if r:
+                        times[name].append(time.perf_counter() - t0)
+            out[str(n)] = {"median_s": {name: statistics.median(t) for name, t in times.items()},
+                           "ours_vs": {name: paired_ratio(times["ours"], t) for name, t in times.items()
+                                       if name != "ours"}}
+            print(n, json.dumps(out[str(n)]), flush=True)
+    return out
+
+
 def matmul_gflops(a: torch.Tensor, b: torch.Tensor) -> float:
     sync(a.device)
     t0 = time.perf_counter()
@@ -160,7 +189,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=21, help="rounds")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--generation", type=int, nargs="+", metavar="N",
+                        help="eval forward-only at these token counts instead")
     args = parser.parse_args()
+    if args.generation and (min(args.generation) < 1 or max(args.generation) > args.tokens):
+        parser.error("--generation token counts must be in [1, --tokens]")
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     d, h, e, k = args.dim, args.expert_hidden, args.experts, args.top_k
@@ -188,6 +221,21 @@ def main() -> None:
         "masked_loop": (lambda xi: loop(xi).square().mean(), list(loop.parameters())),
         "deepspeed": (lambda xi: (lambda o: o[0].square().mean() + o[1])(ds(xi)), list(ds.parameters())),
     }
+    if args.generation:
+        for module in (ours, dense, loop, ds):
+            module.eval()
+        result = {"config": {"dim": d, "experts": e, "top_k": k, "expert_hidden": h, "dense_hidden": (k + 1) * h,
+                             "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
+                             "torch": torch.__version__, "rounds": args.repeats},
+                  "tokens": generation_sizes({
+                      "ours": lambda xi: ours(xi, None, None, e, k, 0),
+                      "ours_with_statistics": lambda xi: ours(xi, valid[:, :xi.shape[1]], is_text[:xi.shape[1]],
+                                                              e, k, 0),
+                      "dense": dense, "masked_loop": loop, "deepspeed": ds},
+                      d, args.generation, args.repeats, device, dtype)}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        return
     times = round_robin(candidates, x, args.repeats)
     seconds = {name: statistics.median(t) for name, t in times.items()}
     paired = {name: paired_ratio(times["ours"], t) for name, t in times.items() if name != "ours"}
