@@ -36,8 +36,8 @@ from .sampling import GUIDANCE_SCHEDULES, check_filters, guidance_for_scale, gui
 
 DEFAULT_MODEL = "shapes-t2v"
 MAX_PROMPT_CHARS = 1000
-# Clips per decoder call: batching 4 cut the per-clip decode ~9 % on the 2-core CPU (BENCHMARKS.md),
-# while decode memory stays bounded by 4 clips' latent frame instead of growing with the batch.
+# Clips per decoder call: on the CPU batching saves little (decode 2-3 % faster at 4-16 clips,
+# BENCHMARKS.md), so a few clips keep decode memory bounded instead of growing with the batch.
 DECODE_CLIPS = 4
 OUTPUT_TYPES = ("uint8", "np", "pil", "pt")
 
