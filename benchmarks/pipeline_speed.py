@@ -2,7 +2,7 @@
 
 For each (batch, frames) of the grid and each setting, one call per round: wall, generate and decode
 seconds, the generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass),
-and (``--memory``) the peak of live tensor memory. Each time is also taken as the process's CPU time
+and (``--memory``, current path only) the peak of live tensor memory. Each time is also taken as the process's CPU time
 (``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates
 wall times by whole seconds but not the CPU time the call consumes (with one thread, CPU time is
 the wall time of an idle machine). Settings: ``fp32`` (the default),
@@ -136,9 +136,8 @@ def speed(args) -> dict:
                             row[s][f"{key}_ratio_vs_baseline"] = statistics.median(
                                 b[key] / n[key] for b, n in zip(rounds["baseline"], rounds[s]))
                         row[s]["decode_share_cpu"] = row[s]["decode_cpu_s"] / row[s]["cpu_s"]
-                    if args.memory:
+                    if args.memory:  # current path only: the meter's module imports today's demo code
                         req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=True)
-                        row["baseline"]["tensor_peak_mib"] = base(setting="fp32", **req)["tensor_peak_mib"]
                         for s in args.settings:
                             row[s]["tensor_peak_mib"] = new(setting=s, **req)["tensor_peak_mib"]
                     result["grid"][f"{batch}x{frames}"] = row

@@ -222,17 +222,22 @@ def test_ar_training_starts_from_init_from(tmp_path):
         train(other, progress=False)
 
 
-def test_pipeline_decodes_a_few_clips_and_one_latent_frame_at_a_time(pipe, monkeypatch):
-    calls, decode = [], pipe.video_tokenizer.decode
+@pytest.mark.parametrize("clips, calls", [(1, [(1, 1)] * 5), (4, [(4, 1), (1, 1)])])
+def test_pipeline_decodes_decode_batch_size_clips_and_one_latent_frame_at_a_time(pipe, monkeypatch, clips, calls):
+    seen, decode = [], pipe.video_tokenizer.decode
     monkeypatch.setattr(pipe.video_tokenizer, "decode", lambda codes, chunk_size=None: (
-        calls.append((codes.batch_size, chunk_size)), decode(codes, chunk_size))[1])
+        seen.append((codes.batch_size, chunk_size)), decode(codes, chunk_size))[1])
+    monkeypatch.setattr(pipe, "decode_batch_size", clips)
     out = pipe([PROMPT] * 5, num_frames=9, seed=0)
-    assert calls == [(4, 1), (1, 1)]  # DECODE_CLIPS = 4
+    assert seen == calls
     assert out.frames.shape == (5, 9, 32, 32, 3)
     monkeypatch.undo()
     alone = np.concatenate([convert_frames(pipe.video_tokenizer.decode(clip, chunk_size=1), "uint8")
                             for clip in out.codes.split()])
     assert np.abs(alone.astype(np.int16) - out.frames).max() <= 1  # equal up to conv blocking
+    for bad in (0, 65, 2.0):  # 65: over omniar.limits.MAX_BATCH_SIZE
+        with pytest.raises(ValueError, match="decode_batch_size"):
+            pipe.decode_batch_size = bad
 
 
 def test_decode_dtype_bf16_keeps_codes_and_stays_close():

@@ -36,9 +36,6 @@ from .sampling import GUIDANCE_SCHEDULES, check_filters, guidance_for_scale, gui
 
 DEFAULT_MODEL = "shapes-t2v"
 MAX_PROMPT_CHARS = 1000
-# Clips per decoder call: on the CPU batching saves little (decode 2-3 % faster at 4-16 clips,
-# BENCHMARKS.md), so a few clips keep decode memory bounded instead of growing with the batch.
-DECODE_CLIPS = 4
 OUTPUT_TYPES = ("uint8", "np", "pil", "pt")
 
 
@@ -110,9 +107,9 @@ class TextToVideoPipeline:
     the fixed padded prompt length the model was trained with; ``max_num_frames``
     the longest clip it may generate; ``max_batch_size`` the most prompts per call; ``vocabulary`` the
     words of its training captions (None when unknown), for :meth:`unknown_words`.
-    Limits are checked before anything is allocated; clips are decoded ``DECODE_CLIPS`` at a time,
-    one latent frame at a time (measured memory bound: ``benchmarks/generation_memory.py``,
-    BENCHMARKS.md).
+    Limits are checked before anything is allocated; clips are decoded ``decode_batch_size`` at a
+    time (default 1), one latent frame at a time (measured memory bound:
+    ``benchmarks/generation_memory.py``, BENCHMARKS.md).
     """
 
     def __init__(self, video_tokenizer: VideoTokenizer, text_tokenizer: TextTokenizer, model: OmniARModel,
@@ -131,6 +128,7 @@ class TextToVideoPipeline:
         self.max_text_len, self.max_num_frames, self.max_batch_size = _check_limits(
             max_text_len, max_num_frames, max_batch_size)
         self.decode_tokenizer: VideoTokenizer | None = None  # a lower-precision copy (``to(decode_dtype=)``)
+        self.decode_batch_size = 1
         self.vocabulary = _check_vocabulary(vocabulary)
 
     # ------------------------------------------------------------ persistence
@@ -192,6 +190,16 @@ class TextToVideoPipeline:
         if self.decode_tokenizer is not None:
             self.decode_tokenizer.to(device)
         return self
+
+    @property
+    def decode_batch_size(self) -> int:
+        """Clips per decoder call. On the CPU 4 decoded a batch of 16 0-11 % faster than 1 and doubled
+        the call's peak tensor memory (BENCHMARKS.md), so the default stays 1."""
+        return self._decode_batch_size
+
+    @decode_batch_size.setter
+    def decode_batch_size(self, value: int) -> None:
+        self._decode_batch_size = check_int(value, "decode_batch_size", 1, MAX_BATCH_SIZE)
 
     @property
     def device(self) -> torch.device:
@@ -323,11 +331,12 @@ class TextToVideoPipeline:
             bar.close()
         gen_s = time.perf_counter() - start
         result = MultiScaleCodes(codes, scales, num_frames)
-        # DECODE_CLIPS clips and one latent frame at a time: the CPU conv3d's column buffers grow with
-        # the decoded block, so this bounds decode memory whatever the batch size and clip length.
+        # decode_batch_size clips and one latent frame at a time: the CPU conv3d's column buffers grow
+        # with the decoded block, so this bounds decode memory whatever the batch size and clip length.
         decoder = tok if self.decode_tokenizer is None else self.decode_tokenizer
-        groups = [MultiScaleCodes([c[i:i + DECODE_CLIPS].to(dev) for c in codes], scales, num_frames)
-                  for i in range(0, b, DECODE_CLIPS)]
+        step = self.decode_batch_size
+        groups = [MultiScaleCodes([c[i:i + step].to(dev) for c in codes], scales, num_frames)
+                  for i in range(0, b, step)]
         pixels = torch.cat([decoder.decode(group, chunk_size=1).float().cpu() for group in groups])
         if video is not None:  # keep the given frames exactly as they were
             pixels[:, :, :video.shape[2]] = video.float().cpu()
