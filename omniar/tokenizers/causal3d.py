@@ -96,9 +96,9 @@ class ResBlock3d(nn.Module):
 class ResBlock2d(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.block = nn.Sequential(nn.GroupNorm(_groups(cin), cin, eps=1e-6), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
-                                   nn.GroupNorm(_groups(cout), cout, eps=1e-6), nn.SiLU(),
-                                   nn.Conv2d(cout, cout, 3, padding=1))
+        self.block = nn.Sequential(nn.GroupNorm(_groups(cin), cin, eps=1e-6), nn.SiLU(),
+                                   nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(_groups(cout), cout, eps=1e-6),
+                                   nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
