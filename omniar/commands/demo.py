@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._checks import check_device, check_int, named, require
+from .._checks import check_device, check_int, named
 from ..data.shapes import HELDOUT, TRAIN_COMBINATIONS, MovingShapes, caption
 from ..data.video_io import probe_video, read_video, write_video
 from ..generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline

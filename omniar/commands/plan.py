@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -27,13 +26,13 @@ with contextlib.redirect_stdout(sys.stderr):
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
 from .. import assets
-from .._checks import check_int, check_keys, require
+from .._checks import check_int, require
 from .._pretrained import read_json
-from ..backbone import MoELayer, OmniARConfig, OmniARModel
+from ..backbone import MoELayer, OmniARModel
 from ..tokenizers import VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from ..train.ar import ARDataConfig, ARTrainConfig
-from ..train.common import apply_overrides, build_model, check_sections, load_yaml, split_train_section
+from ..train.ar import ARDataConfig, ARTrainConfig, check_model_section, model_config
+from ..train.common import apply_overrides, check_sections, load_yaml, split_train_section
 from ..train.engine import config_from_dict
 
 GIB = 2**30
@@ -108,15 +107,10 @@ def plan(config: dict, gpus: int, ep_sizes: list[int] | None = None) -> dict:
     check_int(gpus, "--gpus", 1)
     data = config_from_dict(ARDataConfig, config.get("data", {}), "data")
     engine, train = split_train_section(config.get("train", {}), ARTrainConfig)
-    model_fields = check_keys(config.get("model", {}), "model", {f.name for f in fields(OmniARConfig)})
-    derived = {"codebook_size", "code_dim", "scales", "text_vocab_size"} & set(model_fields)
-    require(not derived, "model", f"{sorted(derived)} are set from train.tokenizer and the text tokenizer; "
-            "remove them")
+    model_fields = check_model_section(config.get("model", {}))
     tok = tokenizer_on_meta(train.tokenizer)
     tok.check_num_frames(data.num_frames, "data.num_frames")
-    cfg = build_model(OmniARConfig, model_fields | dict(
-        codebook_size=tok.config.codebook_size, code_dim=tok.config.latent_channels, scales=tok.scales,
-        text_vocab_size=TextTokenizer().vocab_size))
+    cfg = model_config(model_fields, tok, TextTokenizer())
     with torch.device("meta"):
         model = OmniARModel.from_config_obj(cfg)
     total = sum(p.numel() for p in model.parameters())

@@ -191,22 +191,33 @@ def sample_clips(tok: VideoTokenizer, text_tok: TextTokenizer, model: OmniARMode
     return pipe(prompts, num_frames=num_frames, seed=0).frames
 
 
+def check_model_section(section: dict) -> dict:
+    """The ``model`` section of an AR config: OmniARConfig fields, none of those derived from the tokenizers."""
+    model_fields = check_keys(section, "model", {f.name for f in fields(OmniARConfig)})
+    derived = {"codebook_size", "code_dim", "scales", "text_vocab_size"} & set(model_fields)
+    require(not derived, "model", f"{sorted(derived)} are set from train.tokenizer and the text tokenizer; "
+            "remove them")
+    return model_fields
+
+
+def model_config(model_fields: dict, tok: VideoTokenizer, text_tok: TextTokenizer) -> OmniARConfig:
+    """The AR model's config: the ``model`` section plus what the video and text tokenizers fix."""
+    return build_model(OmniARConfig, model_fields | dict(
+        codebook_size=tok.config.codebook_size, code_dim=tok.config.latent_channels, scales=tuple(tok.scales),
+        text_vocab_size=text_tok.vocab_size))
+
+
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
     check_sections(config)
     data_cfg = config_from_dict(ARDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), ARTrainConfig)
     end = last_step(train_cfg.steps, stop_at)
-    model_fields = check_keys(config.get("model", {}), "model", {f.name for f in fields(OmniARConfig)})
-    derived = {"codebook_size", "code_dim", "scales", "text_vocab_size"} & set(model_fields)
-    require(not derived, "model", f"{sorted(derived)} are set from train.tokenizer and the text tokenizer; "
-            "remove them")
+    model_fields = check_model_section(config.get("model", {}))
     tok = load_video_tokenizer(train_cfg.tokenizer)
     tok.check_num_frames(data_cfg.num_frames, "data.num_frames")
     text_tok = TextTokenizer()
-    model_cfg = build_model(OmniARConfig, model_fields | dict(
-        codebook_size=tok.config.codebook_size, code_dim=tok.config.latent_channels, scales=tuple(tok.scales),
-        text_vocab_size=text_tok.vocab_size))
+    model_cfg = model_config(model_fields, tok, text_tok)
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = OmniARModel.from_config_obj(model_cfg)
     if train_cfg.init_from:
