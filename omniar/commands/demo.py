@@ -209,7 +209,7 @@ class Demo:
         video = self._fit(frames)
         with self._lock, torch.no_grad():
             codes = tok.encode(video.to(tok.device))
-            recs = [tok.decode_partial(codes, s).float().cpu() for s in range(len(tok.scales))]
+            recs = [rec.float().cpu() for rec in tok.decode_previews(codes)]
         strips, lines = [], []
         for n, rec in zip(tok.scales, recs):
             strip = _to_uint8(rec)[0][:: max(1, len(frames) // 4)][:5]  # up to 5 frames, evenly spread

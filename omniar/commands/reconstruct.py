@@ -30,8 +30,8 @@ def cli_main(args: argparse.Namespace) -> int:
     item = MovingShapes("heldout", args.seed + 1, tok.resolution, n, seed=1234)[args.seed]
     video = item["video"][None]
     codes = tok.encode(video)
-    panels = [video, tok.decode(codes)]
-    panels += [tok.decode_partial(codes, s) for s in range(len(tok.scales) - 1)]
+    *previews, full = tok.decode_previews(codes)
+    panels = [video, full, *previews]
     frames = to_uint8(torch.cat(panels, dim=-1)[0]).permute(1, 2, 3, 0).numpy()
     write_video(out, frames, fps=8)
     print(f"caption: {item['caption']}")

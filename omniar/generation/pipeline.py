@@ -144,9 +144,6 @@ class TextToVideoPipeline:
             require(value is not None, "path", f"{index_file} lacks {key!r}")
         try:  # before any component is loaded
             _check_limits(**limits)
-        except ValueError as err:
-            raise ValueError(f"path: {index_file}: {err}") from None
-        try:
             vocabulary = _check_vocabulary(index.get("vocabulary"))
         except ValueError as err:
             raise ValueError(f"path: {index_file}: {err}") from None

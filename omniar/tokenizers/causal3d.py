@@ -82,6 +82,10 @@ def _norm(channels: int) -> FrameGroupNorm:
     return FrameGroupNorm(_groups(channels), channels, eps=1e-6)
 
 
+def _norm2d(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(_groups(channels), channels, eps=1e-6)
+
+
 class ResBlock3d(nn.Module):
     def __init__(self, cin: int, cout: int, mode: str = "3d"):
         super().__init__()
@@ -96,9 +100,8 @@ class ResBlock3d(nn.Module):
 class ResBlock2d(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.block = nn.Sequential(nn.GroupNorm(_groups(cin), cin, eps=1e-6), nn.SiLU(),
-                                   nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(_groups(cout), cout, eps=1e-6),
-                                   nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
+        self.block = nn.Sequential(_norm2d(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
+                                   _norm2d(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -266,7 +269,7 @@ class FoldDecoder(_StreamingDecoder):
             layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(rev[i], rev[i], 3, padding=1)]
             for j in range(num_res_blocks):
                 layers.append(ResBlock2d(rev[i] if j == 0 else rev[i + 1], rev[i + 1]))
-        layers += [nn.GroupNorm(_groups(rev[-1]), rev[-1], eps=1e-6), nn.SiLU(),
+        layers += [_norm2d(rev[-1]), nn.SiLU(),
                    nn.Conv2d(rev[-1], out_channels * temporal_compression, 3, padding=1)]
         self.frames = nn.Sequential(*layers)
         self.unfold = TimeUnfold(temporal_compression)

@@ -236,6 +236,11 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         check_int(upto_scale, "upto_scale", 0, len(self.scales) - 1)
         return self.decode_latent(self._codes_to_latent(codes, upto_scale), chunk_size)
 
+    def decode_previews(self, codes: MultiScaleCodes) -> list[torch.Tensor]:
+        """Every coarse-to-fine decode of ``codes``: entry s decodes scales ``0..s``, the last one is the full
+        :meth:`decode`."""
+        return [self.decode_partial(codes, s) for s in range(len(self.scales))]
+
     @torch.no_grad()
     def codes_to_accumulated(self, codes: MultiScaleCodes) -> list[torch.Tensor]:
         """Teacher-forcing inputs for the AR model.

@@ -90,8 +90,8 @@ PREVIEW_CLIPS = 2  # training clips 0, 1: the same clips at every preview
 def reconstruction_filmstrips(model: VideoTokenizer, video: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 2 + S - 1, T, H, W, 3) for ``video`` (B, 3, T, H, W) in [-1, 1]: per clip the rows original,
     reconstruction and the coarse-to-fine previews decoded from scales 0..s for s = 0..S-2."""
-    codes = model.encode(video)
-    rows = [video, model.decode(codes)] + [model.decode_partial(codes, s) for s in range(len(model.scales) - 1)]
+    *previews, full = model.decode_previews(model.encode(video))
+    rows = [video, full, *previews]
     return to_uint8(torch.stack(rows, 1)).permute(0, 1, 3, 4, 5, 2)
 
 
