@@ -109,9 +109,13 @@ def test_cached_steps_equal_the_full_forward_with_cfg_across_frames(pipe, monkey
 
     monkeypatch.setattr(pipe.model, "forward_scale", record)
     prompts = [PROMPT, "a blue square moves up on a white background"]
-    pipe(prompts, num_frames=9, guidance_scale=3.0, seed=0)
+    out = pipe(prompts, num_frames=9, guidance_scale=3.0, seed=0)
     scales = pipe.video_tokenizer.scales
     assert [(f, s) for f, s, _, _ in steps] == [(f, s) for f in range(3) for s in range(len(scales))]
+    # generation steps and teacher forcing build the inputs with the same tokenizer step rule
+    teacher = pipe.video_tokenizer.codes_to_accumulated(out.codes)
+    for f, s, inputs, _ in steps:
+        assert torch.allclose(inputs[:2], teacher[s][:, f], atol=1e-6) and torch.equal(inputs[:2], inputs[2:]), (f, s)
     ids, mask = pipe.text_tokenizer.batch_encode(prompts + [None, None], pipe.max_text_len)
     vis = [torch.stack([x for _, s2, x, _ in steps if s2 == s], dim=1) for s in range(len(scales))]
     full = pipe.model(ids, mask, vis).visual_logits

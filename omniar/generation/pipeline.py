@@ -23,7 +23,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .. import __version__, assets
-from .._checks import check_choice, check_float, check_int, check_text, require
+from .._checks import check_choice, check_float, check_int, require
 from .._pretrained import read_json, write_folder_atomically
 from ..backbone import OmniARModel
 from ..limits import MAX_BATCH_SIZE, MAX_NUM_FRAMES, MAX_SEED, MAX_TEXT_LEN
@@ -31,7 +31,6 @@ from ..pixels import to_uint8
 from ..backbone.elastic import ElasticSpec, resolve_elastic
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from ..tokenizers.quantizer import resize
 from .sampling import GUIDANCE_SCHEDULES, check_filters, guidance_for_scale, guided_logits, sample
 
 DEFAULT_MODEL = "shapes-t2v"
@@ -66,21 +65,6 @@ def convert_frames(pixels: torch.Tensor, output_type: str):
         return [[Image.fromarray(frame) for frame in clip] for clip in frames.numpy()]
     unit = frames.float().div(255)
     return unit.numpy() if output_type == "np" else unit.permute(0, 1, 4, 2, 3).contiguous()
-
-
-def check_tokens(text_tokenizer: TextTokenizer, text: str, max_len: int, name: str = "prompt") -> None:
-    """Refuse a text longer than ``max_len`` ids, naming ``name``."""
-    n = len(text_tokenizer.encode(check_text(text, name)))
-    require(n <= max_len, name, f"is too long: {n} tokens, the model takes at most {max_len}")
-
-
-def encode_prompts(text_tokenizer: TextTokenizer, prompts: list[str | None], max_len: int,
-                   name: str = "prompt") -> tuple[torch.Tensor, torch.Tensor]:
-    """Ids padded to exactly ``max_len`` (fixed, so vision positions never depend on the batch); None = null prompt."""
-    for text in prompts:
-        if text is not None:
-            check_tokens(text_tokenizer, text, max_len, name)
-    return text_tokenizer.batch_encode(prompts, max_len)
 
 
 def _check_limits(max_text_len: int, max_num_frames: int, max_batch_size: int) -> tuple[int, int, int]:
@@ -206,6 +190,12 @@ class TextToVideoPipeline:
     def check_prompts(self, prompt: str | list[str]) -> list[str]:
         """The prompts of a call as a list, or a ``ValueError`` naming ``prompt``: lets a caller with many
         calls (``omniar generate --batch``) check every prompt before any work."""
+        prompts = self._prompt_list(prompt)
+        self.text_tokenizer.batch_encode(prompts, self.max_text_len, name="prompt")  # too long?
+        return prompts
+
+    def _prompt_list(self, prompt: str | list[str]) -> list[str]:
+        """:meth:`check_prompts` but the length in tokens, which a call checks as it encodes them."""
         prompts = [prompt] if isinstance(prompt, str) else prompt
         require(isinstance(prompts, (list, tuple)) and len(prompts) > 0
                 and all(isinstance(p, str) for p in prompts), "prompt", "must be a string or a list of strings")
@@ -215,7 +205,6 @@ class TextToVideoPipeline:
             require(p.strip() != "", "prompt", "must not be empty")
             require(len(p) <= MAX_PROMPT_CHARS, "prompt", f"must be at most {MAX_PROMPT_CHARS} characters, "
                     f"got {len(p)}")
-            check_tokens(self.text_tokenizer, p, self.max_text_len)
         return list(prompts)
 
     def unknown_words(self, prompt: str) -> list[str]:
@@ -227,7 +216,7 @@ class TextToVideoPipeline:
 
     def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
                     video, elastic, callback, output_type, generator) -> list[str]:
-        prompts = self.check_prompts(prompt)
+        prompts = self._prompt_list(prompt)
         check_choice(output_type, "output_type", OUTPUT_TYPES)
         require(generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"),
                 "generator", "must be None or a CPU torch.Generator (sampling runs on the CPU on every device)")
@@ -286,10 +275,10 @@ class TextToVideoPipeline:
             else:
                 generator.manual_seed(seed)
         use_cfg = guidance_scale != 1.0
-        ids, mask = self.text_tokenizer.batch_encode(prompts + ([None] * b if use_cfg else []), self.max_text_len)
+        ids, mask = self.text_tokenizer.batch_encode(prompts + ([None] * b if use_cfg else []), self.max_text_len,
+                                                     name="prompt")
         given = tok.encode(video.to(dev)) if video is not None else None
         n_given = given.num_latent_frames if given is not None else 0
-        given_inputs = tok.codes_to_accumulated(given) if given is not None else None
         t_lat = tok.num_latent_frames(num_frames)
         ctx = model.elastic(**elastic) if elastic else contextlib.nullcontext()
         codes = [torch.empty(b, t_lat, n, n, dtype=torch.long) for n in scales]
@@ -305,12 +294,8 @@ class TextToVideoPipeline:
                 f_hat = None
                 for s, n in enumerate(scales):
                     if f < n_given:
-                        inp, idx = given_inputs[s][:, f], given.codes[s][:, f].cpu()
-                    else:
-                        src = f_hat if s > 0 else (prev if prev is not None else None)
-                        inp = resize(src, n) if src is not None else torch.zeros(b, tok.config.latent_channels, n, n,
-                                                                                device=dev)
-                    inp = inp.to(dev, model.dtype)
+                        idx = given.codes[s][:, f].cpu()
+                    inp = tok.scale_input(f_hat if s > 0 else prev, s, b).to(dev, model.dtype)
                     logits = model.forward_scale(torch.cat([inp, inp]) if use_cfg else inp, f, s, cache).float()
                     passes += 1
                     if f >= n_given:
@@ -320,8 +305,7 @@ class TextToVideoPipeline:
                         idx = sample(logits, temperature, top_k, top_p, generator).view(b, n, n)
                         bar.update(1)
                     codes[s][:, f] = idx
-                    part = tok.quantizer.embed_scale(idx.to(dev), s)
-                    f_hat = part if f_hat is None else f_hat + part
+                    f_hat = tok.accumulate(f_hat, idx, s)
                     if callback is not None:
                         callback({"frame": f, "scale": s, "codes": idx, "latent": f_hat})
                 prev = f_hat

@@ -62,17 +62,16 @@ class TextTokenizer:
         return cls(path)
 
     def encode(self, text: str, add_bos: bool = True, add_eos: bool = True, max_length: int | None = None,
-               truncate: bool = False) -> list[int]:
-        """Ids of ``text``; longer than ``max_length`` raises unless ``truncate``."""
-        check_text(text, "text")
+               truncate: bool = False, name: str = "text") -> list[int]:
+        """Ids of ``text``; longer than ``max_length`` raises (naming ``name``) unless ``truncate``."""
+        check_text(text, name)
         body = self._hf.encode(text, add_special_tokens=False).ids if self._hf else list(text.encode("utf-8"))
         ids = ([self.bos_id] if add_bos else []) + body + ([self.eos_id] if add_eos else [])
         check_bool(truncate, "truncate")
         if max_length is not None:
             check_int(max_length, "max_length", 1)
             if len(ids) > max_length:
-                require(truncate, "text", f"encodes to {len(ids)} tokens > max_length={max_length} "
-                        "(pass truncate=True to cut it)")
+                require(truncate, name, f"is too long: {len(ids)} tokens, at most {max_length} fit")
                 ids = ids[:max_length]
         return ids
 
@@ -103,17 +102,18 @@ class TextTokenizer:
         """The prompt used for the unconditional branch of classifier-free guidance."""
         return [self.bos_id, self.null_id, self.eos_id]
 
-    def batch_encode(self, texts: list[str | None], max_length: int, truncate: bool = False
+    def batch_encode(self, texts: list[str | None], max_length: int, truncate: bool = False, name: str = "texts"
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Ids right-padded to exactly ``max_length`` (B, max_length) and a bool mask (True = real token).
-        A ``None`` entry stands for the null prompt."""
+        A ``None`` entry stands for the null prompt; errors name ``name``."""
         require(isinstance(texts, (list, tuple)) and len(texts) > 0
-                and all(t is None or isinstance(t, str) for t in texts), "texts",
+                and all(t is None or isinstance(t, str) for t in texts), name,
                 "must be a non-empty list of str (or None for the null prompt)")
         check_int(max_length, "max_length", 1)
         ids = torch.full((len(texts), max_length), self.pad_id, dtype=torch.long)
         for row, text in enumerate(texts):
-            enc = self.null_prompt() if text is None else self.encode(text, max_length=max_length, truncate=truncate)
+            enc = self.null_prompt() if text is None else self.encode(text, max_length=max_length, truncate=truncate,
+                                                                      name=name)
             require(len(enc) <= max_length, "max_length", f"must be >= {len(enc)} to hold the null prompt")
             ids[row, :len(enc)] = torch.tensor(enc, dtype=torch.long)
         return ids, ids != self.pad_id

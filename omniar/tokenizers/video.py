@@ -241,26 +241,36 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         :meth:`decode`."""
         return [self.decode_partial(codes, s) for s in range(len(self.scales))]
 
+    # ------------------------------------------------- AR steps (training and generation)
+    def scale_input(self, source: torch.Tensor | None, s: int, batch_size: int) -> torch.Tensor:
+        """The AR model's input for scale ``s`` of a latent frame: ``source`` (B, C, N, N) area-resized to
+        n_s x n_s. ``source`` is the frame's accumulation of scales < s (:meth:`accumulate`), and for s = 0
+        the previous frame's full accumulation; None (the first frame's scale 0) gives zeros."""
+        n = self.scales[s]
+        if source is None:
+            return torch.zeros(batch_size, self.config.latent_channels, n, n, device=self.device)
+        return resize(source, n)
+
+    def accumulate(self, f_hat: torch.Tensor | None, idx: torch.Tensor, s: int) -> torch.Tensor:
+        """``f_hat`` (B, C, N, N; None before scale 0) plus the refined code map of scale ``s`` codes ``idx``
+        (B, n_s, n_s): the running reconstruction of a latent frame, coarse to fine."""
+        part = self.quantizer.embed_scale(idx.to(self.device), s)
+        return part if f_hat is None else f_hat + part
+
     @torch.no_grad()
     def codes_to_accumulated(self, codes: MultiScaleCodes) -> list[torch.Tensor]:
-        """Teacher-forcing inputs for the AR model.
-
-        Returns one float tensor per scale s of shape (B, T_lat, C, n_s, n_s): the
-        accumulated reconstruction of scales < s of the same latent frame, area-resized
-        to n_s. For s = 0 it is the previous latent frame's full reconstruction resized
-        to n_0 (zeros for frame 0, whose first position is the begin-of-video token).
-        """
+        """Teacher-forcing inputs for the AR model: per scale s, (B, T_lat, C, n_s, n_s), the
+        :meth:`scale_input` of every latent frame at once (the same steps generation takes one at a time)."""
         self._check_codes(codes)
         b, t = codes.batch_size, codes.num_latent_frames
-        flat = [c.to(self.device).flatten(0, 1) for c in codes.codes]
-        inputs, f_hat = [None], 0
-        for s, n in enumerate(self.scales):
+        inputs, f_hat = [None], None
+        for s, idx in enumerate(codes.codes):
             if s > 0:
-                inputs.append(resize(f_hat, n))
-            f_hat = f_hat + self.quantizer.embed_scale(flat[s], s)
+                inputs.append(self.scale_input(f_hat, s, b * t))
+            f_hat = self.accumulate(f_hat, idx.flatten(0, 1), s)
         full = f_hat.unflatten(0, (b, t))  # each frame's full accumulation feeds the next frame's scale 0
-        inputs[0] = resize(torch.cat([torch.zeros_like(full[:, :1]), full[:, :-1]], dim=1).flatten(0, 1),
-                           self.scales[0])
+        previous = torch.cat([torch.zeros_like(full[:, :1]), full[:, :-1]], 1)  # frame 0: zeros, as in generation
+        inputs[0] = self.scale_input(previous.flatten(0, 1), 0, b * t)
         return [x.unflatten(0, (b, t)) for x in inputs]
 
     def codebook_usage(self) -> float:

@@ -29,7 +29,7 @@ from .._checks import check_bool, check_choice, check_float, check_int, check_ke
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..data.shapes import vocabulary as shapes_vocabulary
 from ..data.skipped import log_skipped
-from ..generation.pipeline import TextToVideoPipeline, encode_prompts
+from ..generation.pipeline import TextToVideoPipeline
 from ..limits import MAX_NUM_FRAMES, MAX_NUM_WORKERS, MAX_SEED, MAX_TEXT_LEN
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
@@ -159,7 +159,7 @@ def prepare_batch(batch: dict, tok: VideoTokenizer, text_tok: TextTokenizer, cfg
     b, t = latent.shape[0], latent.shape[2]
     drop = torch.rand(b, generator=g) < cfg.caption_dropout
     captions = [None if d else c for d, c in zip(drop.tolist(), batch["caption"])]
-    ids, mask = encode_prompts(text_tok, captions, data_cfg.max_text_len, "caption")
+    ids, mask = text_tok.batch_encode(captions, data_cfg.max_text_len, name="caption")
     num_frames = 1 + tok.config.temporal_compression * (t - 1)
     if cfg.cfec_max_rate > 0:
         rate = (torch.rand(b, generator=g) * cfg.cfec_max_rate).repeat_interleave(t)
