@@ -1,5 +1,5 @@
 """The ``omniar`` command line: ``omniar train tokenizer|refiner|ar|classifier|uda``, ``omniar eval t2v``,
-``omniar generate``, ``omniar reconstruct``, ``omniar demo``.
+``omniar data shapes``, ``omniar generate``, ``omniar reconstruct``, ``omniar demo``.
 
 Only the module of the chosen subcommand is imported (each brings torch and more), so ``omniar --help``
 answers at once.
@@ -23,6 +23,9 @@ _GROUPS = {
     }),
     "eval": ("evaluate a model", {
         "t2v": ("omniar.commands.eval_t2v", "prompt adherence and Frechet distance of text-to-video on Moving Shapes"),
+    }),
+    "data": ("make a dataset", {
+        "shapes": ("omniar.commands.data", "write Moving Shapes clips as a video folder: mp4 files + captions.jsonl"),
     }),
 }
 _COMMANDS = {

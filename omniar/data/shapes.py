@@ -4,11 +4,16 @@ One filled object (circle, square or up-pointing triangle) of one of five colour
 moves left, right, up or down at constant speed over a black or white canvas and
 stays fully inside it in every frame. Every clip is a pure function of
 ``(seed, index)``, so splits are reproducible without storing any data.
+
+A canvas ``size`` is a side (square) or a ``(height, width)`` pair. Object size and
+speed are defined for a 64 px side and scale with the shorter side; a longer side
+only gives the object more room to travel along it.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import re
 from dataclasses import dataclass
 
@@ -56,8 +61,9 @@ TEMPLATES = (
     "on a {background} background, a {color} {shape} moves {direction}",
     "{color} {shape} going {direction}, {background} background",
 )
-SIZE_RANGE = (0.18, 0.28)  # object diameter / side as a fraction of the canvas side
-SPEED_RANGE = (1.5, 2.5)  # pixels per frame at a 64 px canvas, scaled with the size
+SIZE_RANGE = (0.18, 0.28)  # object diameter / side as a fraction of the canvas's shorter side
+SPEED_RANGE = (1.5, 2.5)  # pixels per frame at a 64 px shorter side, scaled with it
+SIDE_RANGE = (32, 1024)  # canvas sides (multiples of 16); 1024 = the largest latent grid (limits.MAX_SCALE) x 8 px
 _SUPERSAMPLE = 4  # sub-pixel samples per axis: anti-aliased edges make sub-pixel motion visible
 _VELOCITY = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
 
@@ -93,42 +99,74 @@ def vocabulary() -> list[str]:
     return sorted({*template_words, *COLORS, *SHAPES, *DIRECTIONS, *BACKGROUNDS})
 
 
-def _check_canvas(size: int, num_frames: int) -> None:
-    check_int(size, "size", 32, 256)
-    require(size % 16 == 0, "size", f"must be a multiple of 16, got {size}")
+def canvas(size: int | tuple[int, int]) -> tuple[int, int]:
+    """``(height, width)`` of a canvas given as one side (square) or a ``(height, width)`` pair, checked."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        sides, names = (size, size), ("side", "side")
+    else:
+        require(isinstance(size, (tuple, list)) and len(size) == 2, "size",
+                f"must be an int or a (height, width) pair, got {size!r}")
+        sides, names = tuple(size), ("height", "width")
+    low, high = SIDE_RANGE
+    for side, name in zip(sides, names):
+        require(isinstance(side, int) and not isinstance(side, bool), "size", f"{name} must be an int, got {side!r}")
+        require(low <= side <= high and side % 16 == 0, "size",
+                f"{name} must be a multiple of 16 in [{low}, {high}], got {side}")
+    return sides
+
+
+def _check_canvas(size: int | tuple[int, int], num_frames: int) -> tuple[int, int]:
+    height, width = canvas(size)
     check_int(num_frames, "num_frames", 1)
-    # Slowest motion of the smallest object must still fit inside the canvas.
+    # Slowest motion of the smallest object must still fit along the shorter side (any direction may be drawn).
     need = SIZE_RANGE[0] + SPEED_RANGE[0] * (num_frames - 1) / 64
     require(need <= 1.0, "num_frames",
             f"too long for the canvas: at most {int((1 - SIZE_RANGE[0]) * 64 / SPEED_RANGE[0]) + 1} frames")
+    return height, width
 
 
-def sample_clip(rng: np.random.Generator, combination: tuple[str, str, str, str], size: int = 64,
-                num_frames: int = 17) -> ShapeClip:
-    """Draw size, speed and start position so the object stays inside the canvas in every frame."""
-    _check_canvas(size, num_frames)
+def sample_clip(rng: np.random.Generator, combination: tuple[str, str, str, str],
+                size: int | tuple[int, int] = 64, num_frames: int = 17) -> ShapeClip:
+    """Draw size, speed and start position so the object stays inside the canvas in every frame.
+
+    On a square canvas the formulas reduce to the square-only ones they replaced, so every clip drawn before
+    non-square canvases existed is unchanged, bit for bit (tests/test_data_folder.py)."""
+    height, width = _check_canvas(size, num_frames)
     color, shape, direction, background = combination
-    scale = size / 64
+    short = min(height, width)
+    scale = short / 64
+    vx, vy = _VELOCITY[direction]
+    length = width if vx else height  # the canvas along the motion
     travel_frac = SPEED_RANGE[0] * (num_frames - 1) / 64
     d_frac = rng.uniform(SIZE_RANGE[0], min(SIZE_RANGE[1], 1.0 - travel_frac))
-    diameter = d_frac * size
-    max_speed = min(SPEED_RANGE[1] * scale, (size - diameter) / max(num_frames - 1, 1))
+    diameter = d_frac * short
+    max_speed = min(SPEED_RANGE[1] * scale, (length - diameter) / max(num_frames - 1, 1))
     speed = rng.uniform(SPEED_RANGE[0] * scale, max(max_speed, SPEED_RANGE[0] * scale))
     half = diameter / 2
-    vx, vy = _VELOCITY[direction]
     travel = speed * (num_frames - 1)
     lo = [half + max(0.0, -v) * travel for v in (vx, vy)]
-    hi = [size - half - max(0.0, v) * travel for v in (vx, vy)]
+    hi = [side - half - max(0.0, v) * travel for v, side in ((vx, width), (vy, height))]
     start = (float(rng.uniform(lo[0], hi[0])), float(rng.uniform(lo[1], hi[1])))
     return ShapeClip(color, shape, direction, background, float(diameter), float(speed), start)
 
 
-def _coverage(shape: str, cx: float, cy: float, d: float, size: int) -> np.ndarray:
-    """Fraction of each pixel covered by the shape, (size, size) float32, by supersampling."""
+def _span(c: float, r: float, n: int) -> tuple[int, int]:
+    """Pixels ``[lo, hi)`` of an axis of ``n`` pixels that a shape of radius ``r`` centred at ``c`` may cover
+    (one more on each side against rounding; empty when it lies off the canvas)."""
+    lo = min(n, max(0, math.floor(c - r) - 1))
+    return lo, max(lo, min(n, math.floor(c + r) + 2))
+
+
+def _coverage(shape: str, cx: float, cy: float, d: float, height: int, width: int) -> np.ndarray:
+    """Fraction of each pixel covered by the shape, (height, width) float32, by supersampling.
+
+    Only the shape's bounding box is sampled, so large canvases stay cheap; a pixel's coverage is a count of
+    samples / 16, exact in float32, so it does not depend on the window."""
     s = _SUPERSAMPLE
-    coords = (np.arange(size * s, dtype=np.float32) + 0.5) / s
-    x, y = coords[None, :] - cx, coords[:, None] - cy
     r = d / 2
+    (x0, x1), (y0, y1) = _span(cx, r, width), _span(cy, r, height)
+    x = (np.arange(x0 * s, x1 * s, dtype=np.float32) + 0.5)[None, :] / s - cx
+    y = (np.arange(y0 * s, y1 * s, dtype=np.float32) + 0.5)[:, None] / s - cy
     if shape == "circle":
         inside = x * x + y * y <= r * r
     elif shape == "square":
@@ -137,21 +175,24 @@ def _coverage(shape: str, cx: float, cy: float, d: float, size: int) -> np.ndarr
         h = d * np.sqrt(3) / 2
         yy = y + h / 2  # 0 at the apex, h at the base
         inside = (yy >= 0) & (yy <= h) & (np.abs(x) <= yy / np.sqrt(3))
-    return inside.reshape(size, s, size, s).mean(axis=(1, 3), dtype=np.float32)
+    out = np.zeros((height, width), np.float32)
+    out[y0:y1, x0:x1] = inside.reshape(y1 - y0, s, x1 - x0, s).mean(axis=(1, 3), dtype=np.float32)
+    return out
 
 
-def render(clip: ShapeClip, size: int = 64, num_frames: int = 17, times: list[int] | None = None) -> np.ndarray:
+def render(clip: ShapeClip, size: int | tuple[int, int] = 64, num_frames: int = 17,
+           times: list[int] | None = None) -> np.ndarray:
     """Render a clip to uint8 frames ``(T, H, W, 3)``; ``times`` picks a subset of the frame indices."""
-    _check_canvas(size, num_frames)
+    height, width = _check_canvas(size, num_frames)
     times = list(range(num_frames)) if times is None else times
     require(all(0 <= t < num_frames for t in times), "times", f"must lie in [0, {num_frames})")
     fg = np.asarray(COLORS[clip.color], np.float32)
     bg = np.asarray(BACKGROUNDS[clip.background], np.float32)
     vx, vy = _VELOCITY[clip.direction]
-    frames = np.empty((len(times), size, size, 3), np.uint8)
+    frames = np.empty((len(times), height, width, 3), np.uint8)
     for i, t in enumerate(times):
         cx, cy = clip.start[0] + vx * clip.speed * t, clip.start[1] + vy * clip.speed * t
-        a = _coverage(clip.shape, cx, cy, clip.diameter, size)[..., None]
+        a = _coverage(clip.shape, cx, cy, clip.diameter, height, width)[..., None]
         frames[i] = np.rint(a * fg + (1 - a) * bg).astype(np.uint8)
     return frames
 
@@ -168,15 +209,15 @@ class MovingShapes(Dataset):
         split: ``"train"`` (every combination except :data:`HELDOUT`), ``"heldout"``
             (only those 12) or ``"all"``.
         num_samples: dataset length; item ``i`` is a pure function of ``(seed, i)``.
-        size: canvas side, a multiple of 16 in [32, 256].
+        size: canvas side (square) or ``(height, width)``, sides multiples of 16 in :data:`SIDE_RANGE`.
         num_frames: frames per clip.
         seed: dataset seed; use different seeds for training and evaluation sets.
         paraphrase: pick a random caption template per item (training); otherwise canonical.
     Items: ``{"video": float (3, T, H, W) in [-1, 1], "caption": str, "attributes": dict}``.
     """
 
-    def __init__(self, split: str = "train", num_samples: int = 1024, size: int = 64, num_frames: int = 17,
-                 seed: int = 0, paraphrase: bool | None = None):
+    def __init__(self, split: str = "train", num_samples: int = 1024, size: int | tuple[int, int] = 64,
+                 num_frames: int = 17, seed: int = 0, paraphrase: bool | None = None):
         check_choice(split, "split", ("train", "heldout", "all"))
         check_int(num_samples, "num_samples", 1)
         check_int(seed, "seed", 0)
