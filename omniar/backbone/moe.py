@@ -10,6 +10,9 @@
   (``torch.nn.functional.grouped_mm``) when it runs for these tensors, else one
   GEMM per expert. No capacity, no dropped tokens.
 * Elastic width uses the first ``num_experts`` experts (nested sub-models).
+* Expert parallelism (:meth:`MoELayer.shard_experts`): each rank of an expert-parallel group keeps
+  ``num_experts / ep_size`` routed experts; rows travel to their expert's rank and back by all-to-all
+  with per-rank split sizes (still dropless). Router, bias and shared experts stay replicated.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                   use_grouped_mm: bool) -> torch.Tensor:
     """SwiGLU of expert e over its rows of ``xs`` (rows sorted by expert, ``counts[e]`` each)."""
+    if xs.shape[0] == 0:  # an expert-parallel rank sent no rows: stay in the graph (the all-to-all's
+        return swiglu(xs @ w_in[0]) @ w_out[0]  # backward runs on every rank); grouped_mm's backward rejects it
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
         return _GROUPED_MM(swiglu(_GROUPED_MM(xs, w_in, offs=offs)), w_out, offs=offs)
@@ -75,19 +80,57 @@ def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_
     return torch.cat([swiglu(c @ wi) @ wo for c, wi, wo in groups if c.shape[0]])
 
 
+class _AllToAll(torch.autograd.Function):
+    """Rows of ``x``, ``send[r]`` of them to rank r of ``group``, ``recv[r]`` received from each;
+    the gradient goes back the same way."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], group) -> torch.Tensor:
+        ctx.back = recv, send, group
+        out = x.new_empty((sum(recv), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv, send, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllToAll.apply(grad, *ctx.back), None, None, None
+
+
+def expert_parallel_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
+                           use_grouped_mm: bool, group) -> torch.Tensor:
+    """:func:`expert_swiglu` over experts spread on ``group``: rank r holds experts ``[r E_l, (r + 1) E_l)``
+    (``w_in`` ``(E_l, d, 2h)``), ``counts`` has one entry per expert of the group. Each rank's rows go to
+    their experts' rank and come back in their order, by two all-to-alls with this step's split sizes."""
+    size, local = dist.get_world_size(group), w_in.shape[0]
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)
+    received = received.view(size, local)  # rows from each source rank for each of this rank's experts
+    send, recv = counts.view(size, local).sum(1).tolist(), received.sum(1).tolist()
+    rows = _AllToAll.apply(xs, send, recv, group)  # by source rank, then by expert
+    expert = torch.arange(local, device=xs.device).repeat(size).repeat_interleave(received.flatten())
+    order = expert.argsort(stable=True)
+    ys = expert_swiglu(rows.index_select(0, order), received.sum(0), w_in, w_out, use_grouped_mm)
+    return _AllToAll.apply(ys.index_select(0, order.argsort()), recv, send, group)
+
+
 def dropless_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, w_in: torch.Tensor,
-                 w_out: torch.Tensor, impl: str = "auto") -> torch.Tensor:
+                 w_out: torch.Tensor, impl: str = "auto", group=None) -> torch.Tensor:
     """Routed-expert output ``(N, d)`` for tokens ``x`` ``(N, d)`` sent to ``expert_idx`` ``(N, k)``
-    with combine ``weights`` ``(N, k)``; ``w_in`` ``(E, d, 2h)``, ``w_out`` ``(E, h, d)``."""
+    with combine ``weights`` ``(N, k)``; ``w_in`` ``(E, d, 2h)``, ``w_out`` ``(E, h, d)``. With an
+    expert-parallel ``group`` they hold this rank's experts (see :func:`expert_parallel_swiglu`)."""
     k = expert_idx.shape[1]
     w_in, w_out = w_in.to(x.dtype), w_out.to(x.dtype)
     flat = expert_idx.reshape(-1)
     order = flat.argsort(stable=True)
     token = order // k
-    counts = torch.bincount(flat, minlength=w_in.shape[0])
+    counts = torch.bincount(flat, minlength=w_in.shape[0] * (1 if group is None else dist.get_world_size(group)))
     use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, w_in, w_out))
     # index_select / index_add_ rather than x[idx]: their backward passes are plain gathers/scatters.
-    ys = expert_swiglu(x.index_select(0, token), counts, w_in, w_out, use_gmm)
+    xs = x.index_select(0, token)
+    if group is None:
+        ys = expert_swiglu(xs, counts, w_in, w_out, use_gmm)
+    else:
+        ys = expert_parallel_swiglu(xs, counts, w_in, w_out, use_gmm, group)
     ys = ys * weights.reshape(-1)[order].to(ys.dtype)[:, None]
     return torch.zeros_like(x).index_add_(0, token, ys)
 
@@ -146,6 +189,21 @@ class MoELayer(nn.Module):
         self.register_buffer("load_error", torch.zeros(num_experts), persistent=False)
         self.gating, self.impl = gating, impl
         self.seq_balance_loss_coef, self.router_z_loss_coef = seq_balance_loss_coef, router_z_loss_coef
+        self.ep_group = None  # the expert-parallel process group once shard_experts ran
+
+    def shard_experts(self, group, group_name: str) -> None:
+        """Keep only this rank's share of the routed experts, rank r of ``group`` (size ep) experts
+        ``[r E/ep, (r + 1) E/ep)``, and mark them as ``deepspeed.moe`` marks expert parameters
+        (``allreduce=False``, ``group_name``: DeepSpeed reduces their gradients over the expert-data-parallel
+        group ``group_name`` only). Call it once, after the weights are initialised the same on every rank."""
+        size, rank, total = dist.get_world_size(group), dist.get_rank(group), self.w_in.shape[0]
+        require(total % size == 0, "ep_size", f"must divide num_experts={total}, got {size}")
+        local = total // size
+        for name in ("w_in", "w_out"):
+            shard = nn.Parameter(getattr(self, name).detach()[rank * local:(rank + 1) * local].clone())
+            shard.allreduce, shard.group_name = False, group_name
+            setattr(self, name, shard)
+        self.ep_group = group
 
     @staticmethod
     def first_experts(weight: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -169,9 +227,11 @@ class MoELayer(nn.Module):
         eval skips the statistics and returns None for them: generation steps need none)."""
         b, length, d = x.shape
         logits, scores, idx, weights = self.route(x, num_experts, top_k)
-        out = dropless_moe(x.reshape(-1, d), idx.reshape(-1, top_k), weights.reshape(-1, top_k),
-                           self.first_experts(self.w_in, num_experts), self.first_experts(self.w_out, num_experts),
-                           self.impl).view(b, length, d)
+        # expert-parallel: this rank's experts whatever the width (tokens of a narrower one just skip the rest)
+        w_in, w_out = ((self.w_in, self.w_out) if self.ep_group is not None else
+                       (self.first_experts(self.w_in, num_experts), self.first_experts(self.w_out, num_experts)))
+        out = dropless_moe(x.reshape(-1, d), idx.reshape(-1, top_k), weights.reshape(-1, top_k), w_in, w_out,
+                           self.impl, self.ep_group).view(b, length, d)
         if self.shared is not None:
             out = out + self.shared(x)
         if valid is None:
@@ -202,3 +262,17 @@ class MoELayer(nn.Module):
             dist.all_reduce(self.load_error)
         self.selection_bias += step * self.load_error.sign()
         self.load_error.zero_()
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with the routed experts of every expert-parallel :class:`MoELayer` gathered
+    whole from its group, the state of the unsharded model. A collective: every rank of the groups calls it."""
+    state = model.state_dict()
+    for prefix, layer in model.named_modules():
+        if isinstance(layer, MoELayer) and layer.ep_group is not None:
+            for name in ("w_in", "w_out"):
+                shard = getattr(layer, name).detach().contiguous()
+                parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(layer.ep_group))]
+                dist.all_gather(parts, shard, group=layer.ep_group)
+                state[f"{prefix}.{name}" if prefix else name] = torch.cat(parts)
+    return state

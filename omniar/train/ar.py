@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from .._checks import check_bool, check_choice, check_float, check_int, check_keys, check_output_path, require
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
+from ..backbone.moe import gathered_state_dict
 from ..data.shapes import vocabulary as shapes_vocabulary
 from ..data.skipped import log_skipped
 from ..generation.pipeline import TextToVideoPipeline
@@ -218,6 +219,9 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     tok.check_num_frames(data_cfg.num_frames, "data.num_frames")
     text_tok = TextTokenizer()
     model_cfg = model_config(model_fields, tok, text_tok)
+    require(model_cfg.num_experts % engine_cfg.ep_size == 0, "train.ep_size",
+            f"must divide model.num_experts={model_cfg.num_experts}, got {engine_cfg.ep_size}")
+    expert_parallel = engine_cfg.ep_size > 1  # then every collective of the MoE layers needs all ranks
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = OmniARModel.from_config_obj(model_cfg)
     if train_cfg.init_from:
@@ -240,7 +244,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         data = TokenizedDataset(data_cfg.cache_dir)
         start = engine.resume()
         engine.log_hparams(config)
-        prompts = data.captions[:SAMPLE_PROMPTS] if train_cfg.sample_every and engine.rank == 0 else []
+        sampling = train_cfg.sample_every and (engine.rank == 0 or expert_parallel)  # rank 0 logs them
+        prompts = data.captions[:SAMPLE_PROMPTS] if sampling else []
         if prompts:  # the rows of the "samples" image, top to bottom
             engine.log_text("samples/prompts", "\n\n".join(f"{i}. {p}" for i, p in enumerate(prompts)), start)
         # the first frame and one motion step (one frame for image data): cheap enough to do often
@@ -264,7 +269,9 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                     parts["anchor_kl"] = kl.item()
                 parts["loss/full"] = loss.item()
                 if train_cfg.elastic:
-                    spec = engine.module.sample_elastic(g)
+                    # expert-parallel ranks must all run the same sub-model: their all-to-alls pair up
+                    spec = engine.module.sample_elastic(
+                        engine.generator(step, salt=1, shared=True) if expert_parallel else g)
                     if spec != engine.module.active_spec:
                         with engine.module.elastic(*spec):
                             sub_out = engine.ds(ids, mask, inputs, visibility)
@@ -296,8 +303,15 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 break
         bar.close()
         final = Path(engine_cfg.out_dir) / "final"
+        if step == train_cfg.steps:
+            model = engine.module
+            if expert_parallel:  # the whole model, every layer's experts gathered (a collective)
+                state = gathered_state_dict(model)
+                model = OmniARModel.from_config_obj(model_cfg) if engine.rank == 0 else None
+                if model is not None:
+                    model.load_state_dict(state)
         if engine.rank == 0 and step == train_cfg.steps:
-            pipe = TextToVideoPipeline(tok.cpu(), text_tok, engine.module.cpu(), data_cfg.max_text_len,
+            pipe = TextToVideoPipeline(tok.cpu(), text_tok, model.cpu(), data_cfg.max_text_len,
                                        data_cfg.max_num_frames, vocabulary=shapes_vocabulary()
                                        if data_cfg.dataset == "shapes" else None)
             pipe.save_pretrained(final)

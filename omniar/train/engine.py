@@ -1,7 +1,10 @@
 """A thin DeepSpeed training engine shared by every omniar trainer.
 
 One CPU process works without a launcher (gloo is initialised here); under the
-``deepspeed`` launcher the same code runs data-parallel with ZeRO stage 0-2.
+``deepspeed`` launcher the same code runs data-parallel with ZeRO stage 0-2, and
+with ``ep_size`` > 1 each MoE layer's routed experts are sharded over
+expert-parallel groups of that many ranks (DeepSpeed's ``ep_size_<n>`` groups;
+see docs/scaling.md).
 Checkpoints are written atomically: DeepSpeed writes into a hidden temporary
 tag directory which is renamed to ``step_XXXXXXXX`` only once every rank has
 finished, so a crash mid-write never leaves a directory that resume would pick.
@@ -32,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .._checks import check_choice, check_float, check_int, check_keys, check_output_path, require
+from ..backbone.moe import MoELayer
 from ..limits import MAX_MICRO_BATCH_SIZE, MAX_SEED
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -43,6 +47,7 @@ class EngineConfig:
 
     out_dir: str = "runs/default"
     zero_stage: int = 0
+    ep_size: int = 1  # expert parallelism: ranks that share out each MoE layer's routed experts
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
@@ -59,6 +64,7 @@ class EngineConfig:
     def __post_init__(self) -> None:
         check_output_path(self.out_dir, "train.out_dir", folder=True)
         check_int(self.zero_stage, "train.zero_stage", 0, 2)
+        check_int(self.ep_size, "train.ep_size", 1)
         check_float(self.lr, "train.lr", 0.0, low_inclusive=False)
         check_float(self.weight_decay, "train.weight_decay", 0.0)
         check_float(self.grad_clip, "train.grad_clip", 0.0)
@@ -138,6 +144,44 @@ def init_distributed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def shard_experts(model: nn.Module, ep_size: int):
+    """Shard every MoE layer's routed experts over DeepSpeed's expert-parallel groups of ``ep_size`` ranks
+    (``deepspeed.utils.groups``, as ``deepspeed.moe`` creates them: consecutive ranks share out the experts,
+    the ranks holding the same experts form the expert-data-parallel group that reduces their gradients).
+    Returns this rank's expert-parallel group and its rank in its expert-data-parallel group."""
+    from deepspeed.utils import groups
+
+    layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    require(bool(layers), "train.ep_size", f"is {ep_size}, but this model has no MoE layers to shard")
+    groups._create_expert_and_data_parallel(ep_size)
+    name = f"ep_size_{ep_size}"
+    for layer in layers:
+        layer.shard_experts(groups._get_expert_parallel_group(name), name)
+    return groups._get_expert_parallel_group(name), groups._get_expert_data_parallel_rank(name)
+
+
+@contextlib.contextmanager
+def _expert_params_recognised():
+    """DeepSpeed switches its expert handling on (``has_moe_layers``: expert gradients reduced over the
+    expert-data-parallel group only, ZeRO partitions per expert group, an optimizer file per expert-parallel
+    rank) only when it finds its own MoE classes in the model (an isinstance check). omniar's layer marks its
+    experts as ``deepspeed.moe`` does (``allreduce=False``); inside this block those marks switch it on too."""
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    real = DeepSpeedEngine._configure_distributed_model
+
+    def configure(engine, model):
+        real(engine, model)
+        engine.has_moe_layers = engine.has_moe_layers or any(is_moe_param(p) for p in model.parameters())
+
+    DeepSpeedEngine._configure_distributed_model = configure
+    try:
+        yield
+    finally:
+        DeepSpeedEngine._configure_distributed_model = real
+
+
 class TrainEngine:
     """DeepSpeed engine + atomic checkpoints + TensorBoard (scalars, throughput, grad norm, hparams,
     preview images) + non-finite-loss guard.
@@ -158,11 +202,21 @@ class TrainEngine:
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick the fastest conv kernels
         model = model.to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._ep_group, self._ep_data_rank = None, 0
+        if config.ep_size > 1:
+            from deepspeed.moe.utils import configure_moe_param_groups
+
+            require(self.world_size % config.ep_size == 0, "train.ep_size",
+                    f"must divide the number of processes ({self.world_size}), got {config.ep_size}")
+            require(optimizer_factory is None, "train.ep_size", "> 1 needs the engine's own optimizer")
+            self._ep_group, self._ep_data_rank = shard_experts(model, config.ep_size)
+            # ZeRO needs the expert parameters in their own groups, named after their process group
+            params = configure_moe_param_groups([p for p in model.parameters() if p.requires_grad])
         if optimizer_factory is not None:
             optimizer = optimizer_factory(model)
         else:
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                          betas=config.betas, weight_decay=config.weight_decay)
+            optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         if lr_lambda is None:
             warm = config.warmup_steps
             lr_lambda = lambda step: min(1.0, (step + 1) / warm) if warm else 1.0  # noqa: E731
@@ -174,8 +228,9 @@ class TrainEngine:
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
         }
-        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+        with _expert_params_recognised():
+            self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
         self.ds.checkpoint_engine = _AllowlistLoads(self.ds.checkpoint_engine)
         self.out_dir = Path(config.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -208,11 +263,13 @@ class TrainEngine:
     def module(self) -> nn.Module:
         return self.ds.module
 
-    def generator(self, step: int, salt: int = 0) -> torch.Generator:
-        """CPU generator seeded by (seed, step, rank, salt): the randomness of one step, resumable."""
+    def generator(self, step: int, salt: int = 0, shared: bool = False) -> torch.Generator:
+        """CPU generator seeded by (seed, step, rank, salt): the randomness of one step, resumable; ``shared``:
+        rank 0's on every rank (draws that all ranks must agree on)."""
         g = torch.Generator()
+        rank = 0 if shared else self.rank
         # modulo the generator's seed range: large seeds would overflow it
-        g.manual_seed((((self.config.seed * 1_000_003 + step) * 1009 + self.rank) * 7919 + salt) % (MAX_SEED + 1))
+        g.manual_seed((((self.config.seed * 1_000_003 + step) * 1009 + rank) * 7919 + salt) % (MAX_SEED + 1))
         return g
 
     def autocast(self):
@@ -239,11 +296,23 @@ class TrainEngine:
         self.ds.backward(loss)
         # ZeRO's optimizer keeps the global norm before clipping; stage 0's clipping discards it, so the
         # (already all-reduced) gradients are measured here, before the step clips and clears them
-        stage0 = None if self.config.zero_stage else torch.nn.utils.get_total_norm(
-            [p.grad for p in self.module.parameters() if p.grad is not None])
+        stage0 = None if self.config.zero_stage else self._grad_norm_stage0()
         self.ds.step()
         self._grad_norm = stage0 if stage0 is not None else self.ds.get_global_grad_norm()
         return True
+
+    def _grad_norm_stage0(self) -> torch.Tensor:
+        """Norm of the reduced gradients; the squares of the expert shards' are summed over the expert-parallel
+        group (each of its ranks holds other experts)."""
+        from deepspeed.moe.utils import split_params_grads_into_shared_and_expert_params
+
+        dense, experts = split_params_grads_into_shared_and_expert_params(list(self.module.parameters()))
+        norm = torch.nn.utils.get_total_norm(dense)
+        if self._ep_group is None:
+            return norm
+        experts = torch.nn.utils.get_total_norm(experts) ** 2
+        dist.all_reduce(experts, group=self._ep_group)
+        return (norm ** 2 + experts).sqrt()
 
     @property
     def grad_norm(self) -> float:
@@ -335,8 +404,14 @@ class TrainEngine:
         if self.rank == 0 and (self.ckpt_dir / tmp_tag).exists():
             shutil.rmtree(self.ckpt_dir / tmp_tag)
         self._barrier()
-        self.ds.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag, client_state={"step": step},
-                                save_latest=False)
+        self.ds.save_checkpoint(str(self.ckpt_dir), tag=tmp_tag,
+                                client_state={"step": step, "ep_size": self.config.ep_size}, save_latest=False)
+        if self._ep_group is not None and self._ep_data_rank == 0:
+            from deepspeed.moe.utils import is_moe_param
+
+            # DeepSpeed's model file holds rank 0's experts only (it finds no MoE class of its own to split out)
+            torch.save({n: p.detach().cpu() for n, p in self.module.named_parameters() if is_moe_param(p)},
+                       self.ckpt_dir / tmp_tag / self._expert_shard_name())
         self._barrier()
         final = self.ckpt_dir / tag
         if self.rank == 0:
@@ -377,6 +452,9 @@ class TrainEngine:
         stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
         require(stage == self.config.zero_stage, "train.zero_stage", f"is {self.config.zero_stage}, but {newest} "
                 f"was written with ZeRO stage {stage}; set it back to resume, or train into a new --out")
+        ep_size = states.get("ep_size", 1)
+        require(ep_size == self.config.ep_size, "train.ep_size", f"is {self.config.ep_size}, but {newest} was "
+                f"written with ep_size {ep_size}; set it back to resume, or train into a new --out")
         try:
             _, client = self.ds.load_checkpoint(str(self.ckpt_dir), tag=newest.name)
         except UnsafeCheckpointError:
@@ -387,7 +465,19 @@ class TrainEngine:
             raise ValueError(f"checkpoint: {newest} does not match this model/optimizer: "
                              f"{' '.join(lines[:3])}{more}") from None
         require(client is not None and "step" in client, "checkpoint", f"{newest} has no step record")
+        if self._ep_group is not None:
+            shard = newest / self._expert_shard_name()
+            require(shard.is_file(), "checkpoint", f"{shard} is missing; move {newest} aside to resume from the "
+                    "previous checkpoint")
+            saved = load_checkpoint_file(shard, "cpu")
+            with torch.no_grad():
+                for name, p in self.module.named_parameters():
+                    if name in saved:
+                        p.copy_(saved[name])
         return int(client["step"])
+
+    def _expert_shard_name(self) -> str:
+        return f"expert_shard_ep{dist.get_rank(self._ep_group):03d}.pt"
 
     def _barrier(self) -> None:
         if self.world_size > 1:
