@@ -19,6 +19,7 @@ MAX_MTP_K = 16
 # TextToVideoPipeline (model_index.json)
 MAX_BATCH_SIZE = 64
 MAX_NUM_FRAMES = 257
+MAX_LONG_NUM_FRAMES = 1025  # a call with a kv_budget: its memory does not grow with the clip
 MAX_TEXT_LEN = 4096
 
 # training configs

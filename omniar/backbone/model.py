@@ -13,7 +13,7 @@ from torch import nn
 
 from .._checks import check_int, require
 from .._pretrained import PretrainedModel
-from .attention import Attention, KVCache
+from .attention import Attention, KVBudget, KVCache
 from .config import OmniARConfig, config_signature
 from .elastic import ElasticSpec, resolve_elastic, sample_elastic, slice_state_dict, submodel_config
 from .layout import TokenMeta, attention_mask, scale_offsets, text_meta, video_meta
@@ -226,11 +226,19 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         return OmniAROutput(text_logits, mtp_logits, visual_logits, aux, stats)
 
     # ----------------------------------------------------------- incremental
-    def new_cache(self, max_frames: int = 1) -> KVCache:
+    def new_cache(self, max_frames: int = 1, budget: KVBudget | None = None) -> KVCache:
         """An empty KV cache for :meth:`forward_text` / :meth:`forward_scale`, with buffers and tables
         for the text and ``max_frames`` latent frames (allocated by ``forward_text``; a longer run
-        regrows them, one copy per doubling)."""
-        return KVCache(self._omniar_config.num_layers, self.active_spec, check_int(max_frames, "max_frames", 1))
+        regrows them, one copy per doubling). With a ``budget`` the buffers hold the text and
+        ``budget.tokens`` visual tokens, at least two frames (the newest and the next): ``forward_scale``
+        makes room at frame boundaries (:meth:`KVCache.make_room`)."""
+        check_int(max_frames, "max_frames", 1)
+        per_frame = self._omniar_config.tokens_per_frame
+        require(budget is None or isinstance(budget, KVBudget), "budget", "must be None or a KVBudget")
+        require(budget is None or budget.tokens >= 2 * per_frame, "kv_budget",
+                f"must be at least two frames' tokens ({2 * per_frame}) to hold the newest and the next frame, "
+                f"got {budget and budget.tokens}")
+        return KVCache(self._omniar_config.num_layers, self.active_spec, max_frames, budget)
 
     def _check_cache_spec(self, cache: KVCache) -> None:
         spec = self.active_spec
@@ -244,7 +252,9 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                                                     text_valid.device))
         cos, sin = self.rope.cos_sin(meta.pos, self.text_embed.weight.dtype)
         cache.max_frames = max_frames
-        cache.plan(meta, cos, sin, cfg.num_kv_heads, cfg.head_dim, self.active_spec.depth)
+        visual = max_frames * cfg.tokens_per_frame
+        capacity = length + (visual if cache.budget is None else min(visual, cache.budget.tokens))
+        cache.plan(meta, cos, sin, cfg.num_kv_heads, cfg.head_dim, self.active_spec.depth, capacity)
 
     def forward_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None,
                      cache: KVCache) -> torch.Tensor:
@@ -292,6 +302,8 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         x = self._embed_vision(feats, scale_ids, frame == 0 and scale == 0 and start == 0)
         if frame >= cache.max_frames:
             self._plan(cache, cache.meta.valid[:, :cache.text_len], max(frame + 1, 2 * cache.max_frames))
+        if (scale, start) == (0, 0) and frame > 0:
+            cache.make_room(cfg.tokens_per_frame, self.rope)
         first = cache.text_len + frame * cfg.tokens_per_frame + scale_offsets(cfg.scales)[scale]
         seq_start, seq_stop = first + start, first + stop
         cache.book(seq_start, seq_stop)

@@ -3,6 +3,8 @@ default model or a pipeline folder.
 
 One prompt (``--prompt``) or one per line of a text file (``--batch``; blank lines and ``#`` comments
 skipped). Every prompt uses the same seed, so a batch output equals the single-prompt run.
+Long clips: ``--kv-budget`` bounds the KV cache (and lifts the frame limit), ``--stream`` writes the mp4 as
+frames are made; ``--init-video`` / ``--init-image`` continue given frames.
 """
 
 from __future__ import annotations
@@ -10,12 +12,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
+import numpy as np
+import torch
 from tqdm import tqdm
 
 from .._checks import check_int, check_output_path, named, require
+from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
 from ..generation.sampling import GUIDANCE_SCHEDULES
+from ..pixels import from_uint8
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
 IMAGE_FORMATS = ("png", "jpg", "webp")  # one frame: --num-frames 1
@@ -50,6 +57,19 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, default=8, help="frames per second of a video")
     parser.add_argument("--upscale", type=int, default=1, metavar="N",
                         help="enlarge each frame N times (nearest neighbour: sharp pixels)")
+    long = parser.add_argument_group("long video (docs/long_video.md)")
+    long.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
+                      help="visual tokens each layer's KV cache may hold (e.g. 384); lifts --num-frames to 1025")
+    long.add_argument("--kv-policy", choices=KV_POLICIES, default=None,
+                      help="how a budgeted cache makes room: window or nacl (default with a budget: the pipeline's)")
+    long.add_argument("--random-ratio", type=float, default=0.0, help="nacl: share of evictions drawn at random")
+    long.add_argument("--kv-rope", choices=KV_ROPE_MODES, default=None,
+                      help="temporal positions of kept keys (default with a budget: the pipeline's)")
+    long.add_argument("--stream", action="store_true",
+                      help="write the mp4 frame by frame as it is generated: the clip is never held whole")
+    init = long.add_mutually_exclusive_group()
+    init.add_argument("--init-video", metavar="FILE", help="continue this video (its first 1 + 4k frames)")
+    init.add_argument("--init-image", metavar="FILE", help="start from this image (image-to-video)")
 
 
 def output_paths(out: str | None, fmt: str | None, count: int | None) -> tuple[str, list[Path]]:
@@ -108,6 +128,82 @@ def write_png_frames(folder: Path, frames) -> Path:
     return folder
 
 
+def fit_frames(frames: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> (1, 3, T, size, size) in [-1, 1]: centre square crop, then antialiased resize."""
+    _, h, w, _ = frames.shape
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    x = torch.from_numpy(frames[:, top:top + side, left:left + side].copy()).permute(0, 3, 1, 2)
+    if side != size:
+        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
+    return from_uint8(x).clamp(-1, 1).permute(1, 0, 2, 3)[None]
+
+
+def read_init(args: argparse.Namespace, size: int, tau: int) -> torch.Tensor | None:
+    """The frames to continue (``--init-video`` / ``--init-image``) as (1, 3, 1 + tau k, size, size), the longest
+    such start shorter than ``--num-frames``; None without either flag."""
+    from ..data.video_io import read_video
+
+    name, path = ("init_video", args.init_video) if args.init_video else ("init_image", args.init_image)
+    if path is None:
+        return None
+    require(Path(path).is_file(), name, f"file not found: {path}")
+    require(args.num_frames > 1, name, "needs --num-frames > 1 to continue from")
+    try:
+        if name == "init_image":
+            from PIL import Image
+
+            with Image.open(path) as image:
+                frames = np.asarray(image.convert("RGB"))[None]
+        else:
+            frames = read_video(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{name}: cannot read {path}: {err}") from err
+    count = 1 + min(len(frames) - 1, args.num_frames - 2) // tau * tau
+    return fit_frames(frames[:count], size)
+
+
+class StreamWriter:
+    """An mp4 (H.264 / yuv420p at crf 12, as ``write_video``) written frame by frame: only the encoder's few
+    frames are held. It appears at ``path`` only once complete (temp file in the same folder, then rename)."""
+
+    def __init__(self, path: Path, fps: int):
+        import av
+
+        from ..data.video_io import _umask
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.mp4", dir=path.parent)
+        os.close(fd)
+        self.path, self._fps, self._av, self._umask = path, fps, av, _umask
+        self._container = av.open(self._tmp, mode="w", format="mp4")
+        self._stream = None
+
+    def write(self, frames: np.ndarray) -> None:
+        """uint8 (t, H, W, 3) frames (even sides), appended."""
+        if self._stream is None:
+            self._stream = self._container.add_stream("libx264", rate=self._fps)
+            self._stream.width, self._stream.height = frames.shape[2], frames.shape[1]
+            self._stream.pix_fmt, self._stream.options = "yuv420p", {"crf": "12"}
+        for frame in frames:
+            self._container.mux(self._stream.encode(self._av.VideoFrame.from_ndarray(frame, format="rgb24")))
+
+    def __enter__(self) -> "StreamWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        try:
+            if kind is None:
+                self._container.mux(self._stream.encode())
+            self._container.close()
+            if kind is None:
+                os.chmod(self._tmp, 0o666 & ~self._umask())  # mkstemp makes it owner-only, as write_video fixes
+                os.replace(self._tmp, self.path)
+        finally:
+            if os.path.exists(self._tmp):  # failed: leave no partial file behind
+                os.remove(self._tmp)
+
+
 def warn_unknown_words(pipe, prompts: list[str], batch: bool) -> None:
     """One stderr line per prompt with words the model never saw in training, naming them and its vocabulary."""
     for number, prompt in enumerate(prompts, 1):
@@ -131,8 +227,11 @@ def cli_main(args: argparse.Namespace) -> int:
             "--num-frames 1, or write a video (.mp4, .gif) or --format png-frames")
     check_fps(args.fps)
     check_int(args.upscale, "upscale", 1, 16)
+    require(not args.stream or fmt == "mp4", "stream", f"writes an mp4 as it goes, not {fmt}")
     with named("model"):
         pipe = TextToVideoPipeline.from_pretrained(args.model)
+    tok = pipe.video_tokenizer
+    video = read_init(args, tok.resolution, tok.config.temporal_compression)
     batch = args.batch is not None
     for number, prompt in enumerate(prompts, 1):  # all of them before the first clip is written
         try:
@@ -147,17 +246,26 @@ def cli_main(args: argparse.Namespace) -> int:
                                  ("top_k", args.experts_top_k)) if v is not None}
     for prompt, path in tqdm(list(zip(prompts, paths)), desc="prompts", disable=not batch):
         # the prompts are checked and the other settings are the same for each: a bad one fails the first call
-        out = pipe(prompt, num_frames=args.num_frames, guidance_scale=args.guidance_scale,
-                   guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
-                   temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=not batch)
-        frames = upscale(out.frames[0], args.upscale)
+        kwargs = dict(num_frames=args.num_frames, guidance_scale=args.guidance_scale,
+                      guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
+                      temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=not batch,
+                      video=video, kv_budget=args.kv_budget, kv_policy=args.kv_policy,
+                      random_ratio=args.random_ratio, kv_rope=args.kv_rope)
         try:
-            if fmt == "png-frames":
-                written = write_png_frames(path, frames)
-            elif fmt in IMAGE_FORMATS:
-                written = write_image(path, frames[0])
+            if args.stream:
+                with StreamWriter(path, args.fps) as writer:
+                    out = pipe(prompt, on_frames=lambda frames: writer.write(upscale(frames[0], args.upscale)),
+                               **kwargs)
+                written = path
             else:
-                written = write_video(path, frames, fps=args.fps)
+                out = pipe(prompt, **kwargs)
+                frames = upscale(out.frames[0], args.upscale)
+                if fmt == "png-frames":
+                    written = write_png_frames(path, frames)
+                elif fmt in IMAGE_FORMATS:
+                    written = write_image(path, frames[0])
+                else:
+                    written = write_video(path, frames, fps=args.fps)
         except OSError as err:
             raise ValueError(f"out: cannot write {path}: {err.strerror or err}") from err
         t = out.timings

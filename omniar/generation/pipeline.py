@@ -26,7 +26,8 @@ from .. import __version__, assets
 from .._checks import check_choice, check_float, check_int, require
 from .._pretrained import read_json, write_folder_atomically
 from ..backbone import OmniARModel
-from ..limits import MAX_BATCH_SIZE, MAX_NUM_FRAMES, MAX_SEED, MAX_TEXT_LEN
+from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES, KVBudget
+from ..limits import MAX_BATCH_SIZE, MAX_LONG_NUM_FRAMES, MAX_NUM_FRAMES, MAX_SEED, MAX_TEXT_LEN
 from ..pixels import to_uint8
 from ..backbone.elastic import ElasticSpec, resolve_elastic
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
@@ -36,6 +37,9 @@ from .sampling import GUIDANCE_SCHEDULES, check_filters, guidance_for_scale, gui
 DEFAULT_MODEL = "shapes-t2v"
 MAX_PROMPT_CHARS = 1000
 OUTPUT_TYPES = ("uint8", "np", "pil", "pt")
+# a call with a kv_budget and no kv_policy / kv_rope: chosen by the long-video benchmark (BENCHMARKS.md)
+DEFAULT_KV_POLICY = "nacl"
+DEFAULT_KV_ROPE = "extrapolate"
 
 
 @dataclass
@@ -215,15 +219,24 @@ class TextToVideoPipeline:
         return list(dict.fromkeys(w for w in words(prompt) if w not in self.vocabulary))
 
     def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
-                    video, elastic, callback, output_type, generator) -> list[str]:
+                    video, elastic, callback, output_type, generator, kv_budget, kv_policy, random_ratio, kv_rope,
+                    on_frames) -> list[str]:
         prompts = self._prompt_list(prompt)
         check_choice(output_type, "output_type", OUTPUT_TYPES)
         require(generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"),
                 "generator", "must be None or a CPU torch.Generator (sampling runs on the CPU on every device)")
-        require(callback is None or callable(callback), "callback",
-                f"must be callable or None, got {type(callback).__name__}")
+        for fn, name in ((callback, "callback"), (on_frames, "on_frames")):
+            require(fn is None or callable(fn), name, f"must be callable or None, got {type(fn).__name__}")
         self.video_tokenizer.check_num_frames(num_frames, "num_frames")
-        check_int(num_frames, "num_frames", 1, self.max_num_frames)
+        if kv_budget is None:
+            require(kv_policy in (None, "none"), "kv_policy", f"{kv_policy!r} needs a kv_budget")
+            check_int(num_frames, "num_frames", 1, self.max_num_frames)
+        else:
+            check_int(kv_budget, "kv_budget", 1)
+            check_choice(kv_policy, "kv_policy", (None,) + KV_POLICIES[1:])
+            check_int(num_frames, "num_frames", 1, MAX_LONG_NUM_FRAMES)
+        check_float(random_ratio, "random_ratio", 0.0, 1.0)
+        check_choice(kv_rope, "kv_rope", (None,) + KV_ROPE_MODES)
         check_float(guidance_scale, "guidance_scale", 0.0)
         check_choice(guidance_schedule, "guidance_schedule", GUIDANCE_SCHEDULES)
         check_filters(top_k, top_p)
@@ -249,11 +262,14 @@ class TextToVideoPipeline:
                  temperature: float = 1.0, seed: int | None = 0, video: torch.Tensor | None = None,
                  elastic: dict | None = None, callback: Callable[[dict], None] | None = None,
                  progress: bool = False, output_type: str = "uint8",
-                 generator: torch.Generator | None = None) -> TextToVideoOutput:
+                 generator: torch.Generator | None = None, kv_budget: int | None = None,
+                 kv_policy: str | None = None, random_ratio: float = 0.0, kv_rope: str | None = None,
+                 on_frames: Callable | None = None) -> TextToVideoOutput:
         """Generate clips for ``prompt``.
 
         Args:
-            num_frames: 1 + tau * k frames (1 = an image), at most ``max_num_frames``.
+            num_frames: 1 + tau * k frames (1 = an image), at most ``max_num_frames``; with a ``kv_budget`` at
+                most ``omniar.limits.MAX_LONG_NUM_FRAMES`` (1,025).
             guidance_scale: classifier-free guidance (1 = off, 0 = unconditional).
             guidance_schedule: ``constant`` or ``linear`` (ramped from 1 at the coarsest scale).
             top_k, top_p, temperature: sampling filters (0 / 1.0 disable; temperature 0 = greedy).
@@ -263,9 +279,20 @@ class TextToVideoPipeline:
             elastic: run a sub-model, e.g. ``{"depth": 2}`` or ``{"num_experts": 4, "top_k": 1}``.
             callback: called with ``{"frame", "scale", "codes", "latent"}`` after every scale.
             output_type: ``"uint8"``, ``"np"``, ``"pil"`` or ``"pt"`` (see :class:`TextToVideoOutput`).
+            kv_budget: visual tokens each layer's KV cache may hold (the text is always kept); None: unbounded.
+            kv_policy: how a budgeted cache makes room at frame boundaries: ``"window"`` or ``"nacl"``
+                (:class:`omniar.backbone.attention.KVBudget`); None: ``DEFAULT_KV_POLICY`` with a budget,
+                ``"none"`` (no eviction) without.
+            random_ratio: ``nacl``'s share of evictions drawn at random (by the scores), from the call's
+                generator.
+            kv_rope: temporal positions of kept keys, ``"extrapolate"`` or ``"rebase"``; None: ``DEFAULT_KV_ROPE``.
+            on_frames: streaming: called with each latent frame's decoded frames (B, t, ...) of ``output_type``
+                as soon as it is generated (t = 1, then tau), so the clip is never held whole; the output's
+                ``frames`` is then None. The whole batch is decoded at once, one latent frame at a time.
         """
         prompts = self._check_call(prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p,
-                                   temperature, seed, video, elastic, callback, output_type, generator)
+                                   temperature, seed, video, elastic, callback, output_type, generator,
+                                   kv_budget, kv_policy, random_ratio, kv_rope, on_frames)
         tok, model, dev = self.video_tokenizer, self.model, self.device
         scales, b = tok.scales, len(prompts)
         if generator is None:
@@ -274,20 +301,27 @@ class TextToVideoPipeline:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
+        budget = None if kv_budget is None else KVBudget(kv_budget, kv_policy or DEFAULT_KV_POLICY, random_ratio,
+                                                         kv_rope or DEFAULT_KV_ROPE, generator)
         use_cfg = guidance_scale != 1.0
         ids, mask = self.text_tokenizer.batch_encode(prompts + ([None] * b if use_cfg else []), self.max_text_len,
                                                      name="prompt")
-        given = tok.encode(video.to(dev)) if video is not None else None
-        n_given = given.num_latent_frames if given is not None else 0
         t_lat = tok.num_latent_frames(num_frames)
         ctx = model.elastic(**elastic) if elastic else contextlib.nullcontext()
+        decoder = tok if self.decode_tokenizer is None else self.decode_tokenizer
         codes = [torch.empty(b, t_lat, n, n, dtype=torch.long) for n in scales]
         start = time.perf_counter()
         passes = 0
-        with ctx:
-            cache = model.new_cache(t_lat)
+        with ctx, contextlib.ExitStack() as stream:
+            cache = model.new_cache(t_lat, budget)
+            given = tok.encode(video.to(dev)) if video is not None else None
+            n_given = given.num_latent_frames if given is not None else 0
             model.forward_text(ids.to(dev), mask.to(dev), cache)
             passes += 1
+            if on_frames is not None:
+                # the decoder's causal state carries from one latent frame to the next (exact, tested)
+                stream.enter_context(decoder.decoder.streaming())
+                shown = 0  # pixel frames handed over so far
             prev = None  # previous latent frame's full accumulation (B, C, N, N)
             bar = tqdm(total=(t_lat - n_given) * len(scales), disable=not progress, desc="generate")
             for f in range(t_lat):
@@ -309,20 +343,33 @@ class TextToVideoPipeline:
                     if callback is not None:
                         callback({"frame": f, "scale": s, "codes": idx, "latent": f_hat})
                 prev = f_hat
+                if on_frames is not None:
+                    pixels = decoder.refine(decoder.decoder(f_hat[:, :, None].to(decoder.dtype))).clamp(-1, 1)
+                    pixels = self._keep_given(pixels.float().cpu(), video, shown)
+                    shown += pixels.shape[2]
+                    on_frames(convert_frames(pixels, output_type))
             bar.close()
         gen_s = time.perf_counter() - start
         result = MultiScaleCodes(codes, scales, num_frames)
-        # decode_batch_size clips and one latent frame at a time: the CPU conv3d's column buffers grow
-        # with the decoded block, so this bounds decode memory whatever the batch size and clip length.
-        decoder = tok if self.decode_tokenizer is None else self.decode_tokenizer
-        step = self.decode_batch_size
-        groups = [MultiScaleCodes([c[i:i + step].to(dev) for c in codes], scales, num_frames)
-                  for i in range(0, b, step)]
-        pixels = torch.cat([decoder.decode(group, chunk_size=1).float().cpu() for group in groups])
-        if video is not None:  # keep the given frames exactly as they were
-            pixels[:, :, :video.shape[2]] = video.float().cpu()
-        frames = convert_frames(pixels, output_type)
+        frames = None
+        if on_frames is None:
+            # decode_batch_size clips and one latent frame at a time: the CPU conv3d's column buffers grow
+            # with the decoded block, so this bounds decode memory whatever the batch size and clip length.
+            step = self.decode_batch_size
+            groups = [MultiScaleCodes([c[i:i + step].to(dev) for c in codes], scales, num_frames)
+                      for i in range(0, b, step)]
+            pixels = torch.cat([decoder.decode(group, chunk_size=1).float().cpu() for group in groups])
+            frames = convert_frames(self._keep_given(pixels, video, 0), output_type)
         tokens = b * (t_lat - n_given) * sum(n * n for n in scales)
         timings = {"generate_s": gen_s, "decode_s": time.perf_counter() - start - gen_s, "forward_passes": passes,
                    "tokens": tokens, "tokens_per_s": tokens / max(gen_s, 1e-9)}
         return TextToVideoOutput(frames, result, timings)
+
+    @staticmethod
+    def _keep_given(pixels: torch.Tensor, video: torch.Tensor | None, first: int) -> torch.Tensor:
+        """Decoded frames ``first, first + 1, ...`` (B, 3, t, H, W) with those the caller gave (``video``) put back
+        exactly as they were."""
+        if video is not None and first < video.shape[2]:
+            given = video[:, :, first:first + pixels.shape[2]]
+            pixels[:, :, :given.shape[2]] = given.float().cpu()
+        return pixels
