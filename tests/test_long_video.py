@@ -233,3 +233,31 @@ def test_cli_bad_long_video_flags_exit_2(model_dir, tmp_path, capsys, args, mess
     code = main(["generate", "--model", model_dir, "--prompt", PROMPT, "--num-frames", "9", "--out",
                  str(tmp_path / "x.mp4"), *args])
     assert code == 2 and message in capsys.readouterr().err
+
+
+def test_demo_continues_an_upload(pipe, tmp_path, monkeypatch):
+    """The text-to-video tab's optional upload, through its /continue route: the clip starts with its frames
+    (an image: image-to-video); /generate keeps its arguments."""
+    gradio_client = pytest.importorskip("gradio_client")
+    demo = pytest.importorskip("omniar.commands.demo")
+    from PIL import Image
+
+    image = to_uint8(MovingShapes("all", 1, 32, 1, seed=0)[0]["video"]).permute(1, 2, 3, 0).numpy()[0]
+    Image.fromarray(image).save(tmp_path / "start.png")
+    clips, original = [], demo.Demo._generate
+
+    def record(self, prompt, elastic, kwargs, progress):
+        out, previews = original(self, prompt, elastic, kwargs, progress)
+        clips.append(out.frames[0])
+        return out, previews
+
+    monkeypatch.setattr(demo.Demo, "_generate", record)
+    app = demo.launch(pipe, port=None, block=False)
+    try:
+        client = gradio_client.Client(app.local_url, verbose=False)
+        settings = (PROMPT, 9, 3.0, 1.0, 0, 1.0, 0, "full (2 layers, 4 experts, top-2)")
+        client.predict(*settings, gradio_client.handle_file(str(tmp_path / "start.png")), api_name="/continue")
+        client.predict(*settings, api_name="/generate")
+    finally:
+        app.close()
+    assert np.array_equal(clips[0][0], image) and not np.array_equal(clips[1][0], image)

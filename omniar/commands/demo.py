@@ -22,7 +22,8 @@ from .._checks import check_device, check_int, named
 from ..data.shapes import HELDOUT, TRAIN_COMBINATIONS, MovingShapes, caption
 from ..data.video_io import probe_video, read_video, write_video
 from ..generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline
-from ..pixels import from_uint8, to_uint8, upscale
+from ..pixels import to_uint8, upscale
+from .generate import fit_frames
 
 FPS = 8
 DISPLAY_SIDE = 256  # clips are 32-64 px: nearest-neighbour upscaling keeps them crisp instead of browser-blurred
@@ -32,7 +33,8 @@ KEEP_OUTPUTS = 64  # files written here; Gradio copies each into its cache befor
 
 # pipeline argument -> the label of its control, so error messages name what the visitor sees
 LABELS = {"prompt": "Prompt", "num_frames": "Frames", "guidance_scale": "Guidance", "temperature": "Temperature",
-          "top_k": "Top-k", "top_p": "Top-p", "seed": "Seed", "elastic": "Sub-model", "file": "Video or image"}
+          "top_k": "Top-k", "top_p": "Top-p", "seed": "Seed", "elastic": "Sub-model", "file": "Video or image",
+          "start": "Start from"}
 
 
 def example_prompts() -> tuple[list[str], list[str]]:
@@ -144,8 +146,10 @@ class Demo:
 
     # ------------------------------------------------------------- handlers
     def generate(self, prompt, num_frames, guidance_scale, temperature, top_k, top_p, seed, sub_model,
-                 progress=None):
-        """-> (mp4 path, first-frame previews one per scale, timing text). Raises ``gr.Error`` on bad input."""
+                 progress=None, start=None):
+        """-> (mp4 path, first-frame previews one per scale, timing text). Raises ``gr.Error`` on bad input.
+        ``start``: an uploaded video or image (a path, or Gradio's file data) whose first 1 + tau k frames are
+        continued."""
         try:
             if not isinstance(prompt, str):  # the pipeline would take a list as a batch: one clip per request
                 raise ValueError(f"prompt: must be a string, got {type(prompt).__name__}")
@@ -154,6 +158,8 @@ class Demo:
                           seed=_whole(seed, "seed"))
             if not isinstance(sub_model, str) or sub_model not in self.elastic:
                 raise ValueError(f"elastic: must be one of {list(self.elastic)}, got {sub_model!r}")
+            if start is not None:
+                kwargs["video"] = self._start_frames(start, kwargs["num_frames"])
             with self._lock:
                 out, previews = self._generate(prompt, self.elastic[sub_model], kwargs, progress)
         except ValueError as err:
@@ -169,6 +175,22 @@ class Demo:
             stats = (f"**Unknown words:** {', '.join(unknown)}. The model knows: "
                      f"{' '.join(self.pipe.vocabulary)}\n\n{stats}")
         return str(path), previews, stats
+
+    def _start_frames(self, start, num_frames) -> torch.Tensor:
+        """An uploaded start -> (1, 3, 1 + tau k, R, R): its longest such start shorter than ``num_frames``."""
+        from PIL import Image
+
+        path = start.get("path") if isinstance(start, dict) else start  # preprocess=False: Gradio's file data
+        if not isinstance(path, str) or not isinstance(num_frames, int) or num_frames < 2:
+            raise ValueError("start: upload a video or an image and ask for more than one frame")
+        try:
+            frames = _load_media(path, num_frames - 1)
+        except UploadTooLarge as err:
+            raise ValueError(f"start: {str(err).partition(': ')[2]}") from err
+        except (ValueError, OSError, Image.DecompressionBombError) as err:
+            raise ValueError(f"start: cannot read it as a video or an image ({err})") from err
+        tau = self.pipe.video_tokenizer.config.temporal_compression
+        return fit_frames(frames[:1 + (len(frames) - 1) // tau * tau], self.pipe.video_tokenizer.resolution)
 
     def _generate(self, prompt, elastic, kwargs, progress):
         tok = self.pipe.video_tokenizer
@@ -206,7 +228,7 @@ class Demo:
             raise gr.Error(f"{LABELS['file']}: cannot read it as a video or an image ({err})") from err
         tau = tok.config.temporal_compression
         frames = frames[:1 + (len(frames) - 1) // tau * tau]  # the causal layout takes 1 + tau * k frames
-        video = self._fit(frames)
+        video = fit_frames(frames, tok.resolution)
         with self._lock, torch.no_grad():
             codes = tok.encode(video.to(tok.device))
             recs = [rec.float().cpu() for rec in tok.decode_previews(codes)]
@@ -228,16 +250,6 @@ class Demo:
             video = MovingShapes("heldout", 1, self.pipe.video_tokenizer.resolution, MAX_RECONSTRUCT_FRAMES)[0]
             write_video(path, to_uint8(video["video"]).permute(1, 2, 3, 0).numpy(), fps=FPS)
         return str(path)
-
-    def _fit(self, frames: np.ndarray) -> torch.Tensor:
-        """uint8 (T, H, W, 3) -> (1, 3, T, R, R) in [-1, 1]: centre square crop, then antialiased resize to R."""
-        _, h, w, _ = frames.shape
-        side = min(h, w)
-        top, left = (h - side) // 2, (w - side) // 2
-        x = torch.from_numpy(frames[:, top:top + side, left:left + side].copy()).permute(0, 3, 1, 2)
-        size = self.pipe.video_tokenizer.resolution
-        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-        return from_uint8(x).clamp(-1, 1).permute(1, 0, 2, 3)[None]
 
     # --------------------------------------------------------------- layout
     def build(self, concurrency: int = 1, max_queue: int = 32):
@@ -272,6 +284,9 @@ class Demo:
                             sub_model = gr.Dropdown(list(self.elastic), value=next(iter(self.elastic)),
                                                     label=LABELS["elastic"], info="elastic sub-model size")
                         button = gr.Button("Generate", variant="primary", elem_id="generate")
+                        with gr.Accordion("Start from a video or an image (optional)", open=False):
+                            start = gr.File(label=LABELS["start"], file_types=["image", "video"], type="filepath")
+                            continue_button = gr.Button("Continue it", elem_id="continue")
                     with gr.Column():
                         video = gr.Video(label="Video", autoplay=True, loop=True, height=400, elem_id="video")
                         stats = gr.Markdown(elem_id="stats")
@@ -283,11 +298,20 @@ class Demo:
                     return self.generate(prompt, num_frames, guidance_scale, temperature, top_k, top_p, seed,
                                          sub_model, progress)
 
+                def continue_start(prompt, num_frames, guidance_scale, temperature, top_k, top_p, seed, sub_model,
+                                   start, progress=gr.Progress()):
+                    return self.generate(prompt, num_frames, guidance_scale, temperature, top_k, top_p, seed,
+                                         sub_model, progress, start)
+
+                settings = [prompt, frames, guidance, temperature, top_k, top_p, seed, sub_model]
                 # preprocess=False: every value reaches our own checks, so even API clients sending
                 # out-of-range numbers get a message naming the setting, not a generic bounds error.
-                button.click(generate, [prompt, frames, guidance, temperature, top_k, top_p, seed, sub_model],
-                             [video, previews, stats], api_name="generate", preprocess=False,
+                button.click(generate, settings, [video, previews, stats], api_name="generate", preprocess=False,
                              concurrency_id="model")
+                # its own route, so /generate keeps its arguments; an upload still has to be in Gradio's cache
+                # (checked before any handler, preprocess or not)
+                continue_button.click(continue_start, settings + [start], [video, previews, stats],
+                                      api_name="continue", preprocess=False, concurrency_id="model")
             with gr.Tab("Tokenizer"):
                 gr.Markdown(f"Encode a video or an image with the {tok.resolution} px multi-scale tokenizer "
                             f"(first {MAX_RECONSTRUCT_FRAMES} frames, centre crop) and decode it from the "
