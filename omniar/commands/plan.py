@@ -31,7 +31,7 @@ from .._pretrained import read_json
 from ..backbone import MoELayer, OmniARModel
 from ..tokenizers import VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from ..train.ar import ARDataConfig, ARTrainConfig, check_model_section, model_config
+from ..train.ar import ARDataConfig, ARTrainConfig, check_ep_size, check_model_section, model_config
 from ..train.common import apply_overrides, check_sections, load_yaml, split_train_section
 from ..train.engine import config_from_dict
 
@@ -111,6 +111,8 @@ def plan(config: dict, gpus: int, ep_sizes: list[int] | None = None) -> dict:
     tok = tokenizer_on_meta(train.tokenizer)
     tok.check_num_frames(data.num_frames, "data.num_frames")
     cfg = model_config(model_fields, tok, TextTokenizer())
+    check_ep_size(engine.ep_size, cfg)
+    require(gpus % engine.ep_size == 0, "train.ep_size", f"must divide --gpus={gpus}, got {engine.ep_size}")
     with torch.device("meta"):
         model = OmniARModel.from_config_obj(cfg)
     total = sum(p.numel() for p in model.parameters())
@@ -133,6 +135,7 @@ def plan(config: dict, gpus: int, ep_sizes: list[int] | None = None) -> dict:
         "tokens_per_sample": {"text": text, "latent_frames": frames, "per_frame": cfg.tokens_per_frame,
                               "scales": list(cfg.scales), "total": per_sample},
         "gpus": gpus, "micro_batch_size": engine.micro_batch_size, "zero_stage": engine.zero_stage,
+        "ep_size": engine.ep_size,
         "tokens_per_step": per_sample * engine.micro_batch_size * gpus, "memory_per_gpu": rows,
     }
 

@@ -208,6 +208,12 @@ def model_config(model_fields: dict, tok: VideoTokenizer, text_tok: TextTokenize
         text_vocab_size=text_tok.vocab_size))
 
 
+def check_ep_size(ep_size: int, model_cfg: OmniARConfig) -> None:
+    """``train.ep_size`` shares out each MoE layer's routed experts evenly."""
+    require(model_cfg.num_experts % ep_size == 0, "train.ep_size",
+            f"must divide model.num_experts={model_cfg.num_experts}, got {ep_size}")
+
+
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
     check_sections(config)
@@ -219,8 +225,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     tok.check_num_frames(data_cfg.num_frames, "data.num_frames")
     text_tok = TextTokenizer()
     model_cfg = model_config(model_fields, tok, text_tok)
-    require(model_cfg.num_experts % engine_cfg.ep_size == 0, "train.ep_size",
-            f"must divide model.num_experts={model_cfg.num_experts}, got {engine_cfg.ep_size}")
+    check_ep_size(engine_cfg.ep_size, model_cfg)
     expert_parallel = engine_cfg.ep_size > 1  # then every collective of the MoE layers needs all ranks
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = OmniARModel.from_config_obj(model_cfg)
