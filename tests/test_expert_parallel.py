@@ -1,7 +1,8 @@
 """Expert parallelism (``train.ep_size``) on 2 CPU processes (gloo): with the same weights and batch, the
 forward output, loss and every parameter's gradient equal the single-process run, also when every token goes
 to one rank's experts (the other receives no rows); an AR run stopped early (``stop_at``) and resumed ends
-bitwise equal to an uninterrupted one; its export holds every expert and loads on one process.
+bitwise equal to an uninterrupted one, at ZeRO-0 and ZeRO-2; its export holds every expert and loads on one
+process.
 
 Both ranks run all scenarios in one launch (:data:`WORKER`, env rendezvous like the ``deepspeed`` launcher),
 the single-process references run here."""
@@ -42,11 +43,13 @@ for routing in ROUTINGS:
     engine.ds.backward(loss)  # DeepSpeed reduces: experts over their expert-data-parallel group only
     torch.save({"logits": result.visual_logits.detach(), "loss": loss.detach(),
                 "grads": {n: p.grad for n, p in model.named_parameters()}}, f"{out}/{routing}-{rank}.pt")
-config = yaml.safe_load(open(f"{out}/ar.yaml"))
-ar.train(config, progress=False)
-config["train"]["out_dir"] = f"{out}/run"
-ar.train(config, progress=False, stop_at=2)  # stops with a checkpoint after step 2 ...
-ar.train(config, progress=False)  # ... and the same command resumes from it
+for zero_stage in (0, 2):  # 2: DeepSpeed partitions the experts' optimizer groups over expert-data-parallel ranks
+    config = yaml.safe_load(open(f"{out}/ar.yaml"))
+    config["train"].update(zero_stage=zero_stage, out_dir=f"{out}/reference-zero{zero_stage}")
+    ar.train(config, progress=False)
+    config["train"]["out_dir"] = f"{out}/run-zero{zero_stage}"
+    ar.train(config, progress=False, stop_at=2)  # stops with a checkpoint after step 2 ...
+    ar.train(config, progress=False)  # ... and the same command resumes from it
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()  # else gloo's threads may abort the exit of a rank left waiting
 '''
@@ -85,8 +88,7 @@ def ep_run(tmp_path_factory):
     """Both ranks through :data:`WORKER`; its folder."""
     tmp = tmp_path_factory.mktemp("ep")
     save_tiny_tokenizer(tmp)
-    config = tiny_ar_config(tmp, 8, steps=4, save_every=100, log_every=1, micro_batch_size=1, ep_size=2,
-                            out_dir=str(tmp / "reference"))
+    config = tiny_ar_config(tmp, 8, steps=4, save_every=100, log_every=1, micro_batch_size=1, ep_size=2)
     (tmp / "ar.yaml").write_text(yaml.safe_dump(config))
     (tmp / "worker.py").write_text(WORKER)
     env = subprocess_env(PYTHONPATH=str(ROOT), TESTS=str(ROOT / "tests"), CUDA_VISIBLE_DEVICES="",
@@ -125,19 +127,22 @@ def test_forward_loss_and_gradients_equal_single_process(ep_run, routing):
         assert ranks[1]["grads"]["layers.0.ffn.w_in"].abs().sum() > 0
 
 
-def test_stop_and_resume_is_bitwise_equal_and_checkpoints_hold_each_shard(ep_run):
-    assert_bitwise_equal(weights(ep_run / "reference" / "final"), weights(ep_run / "run" / "final"))
-    assert {p.name for p in (ep_run / "run" / "checkpoints").iterdir()} == {"step_00000002", "step_00000004"}
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_stop_and_resume_is_bitwise_equal_and_checkpoints_hold_each_shard(ep_run, zero_stage):
+    run = ep_run / f"run-zero{zero_stage}"
+    assert_bitwise_equal(weights(ep_run / f"reference-zero{zero_stage}" / "final"), weights(run / "final"))
+    assert {p.name for p in (run / "checkpoints").iterdir() if p.is_dir()} == {"step_00000002", "step_00000004"}
     for step in ("step_00000002", "step_00000004"):
-        files = {p.name for p in (ep_run / "run" / "checkpoints" / step).iterdir()}
+        files = {p.name for p in (run / "checkpoints" / step).iterdir()}
         assert {"expert_shard_ep000.pt", "expert_shard_ep001.pt"} <= files
 
 
 def test_export_gathers_every_expert_and_loads_on_one_process(ep_run):
     from omniar.generation import TextToVideoPipeline
 
-    pipe = TextToVideoPipeline.from_pretrained(ep_run / "run" / "final")
-    shards = [load_checkpoint_file(ep_run / "run" / "checkpoints" / "step_00000004" / f"expert_shard_ep00{r}.pt")
+    run = ep_run / "run-zero0"
+    pipe = TextToVideoPipeline.from_pretrained(run / "final")
+    shards = [load_checkpoint_file(run / "checkpoints" / "step_00000004" / f"expert_shard_ep00{r}.pt")
               for r in range(2)]
     state = pipe.model.state_dict()
     for name in shards[0]:
