@@ -70,8 +70,10 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
                   use_grouped_mm: bool) -> torch.Tensor:
     """SwiGLU of expert e over its rows of ``xs`` (rows sorted by expert, ``counts[e]`` each)."""
-    if xs.shape[0] == 0:  # an expert-parallel rank sent no rows: stay in the graph (the all-to-all's
-        return swiglu(xs @ w_in[0]) @ w_out[0]  # backward runs on every rank); grouped_mm's backward rejects it
+    if xs.shape[0] == 0:
+        # an expert-parallel rank that received no rows stays in the graph (the all-to-all's backward must run
+        # on every rank); grouped_mm's backward rejects zero rows
+        return swiglu(xs @ w_in[0]) @ w_out[0]
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
         return _GROUPED_MM(swiglu(_GROUPED_MM(xs, w_in, offs=offs)), w_out, offs=offs)
@@ -264,15 +266,19 @@ class MoELayer(nn.Module):
         self.load_error.zero_()
 
 
-def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor] | None:
     """``model.state_dict()`` with the routed experts of every expert-parallel :class:`MoELayer` gathered
-    whole from its group, the state of the unsharded model. A collective: every rank of the groups calls it."""
-    state = model.state_dict()
+    whole, the state of the unsharded model, on the first rank of each expert-parallel group (None on the
+    others). A collective: every rank calls it."""
+    state, leader = model.state_dict(), True
     for prefix, layer in model.named_modules():
         if isinstance(layer, MoELayer) and layer.ep_group is not None:
+            group = layer.ep_group
+            leader = dist.get_rank(group) == 0
             for name in ("w_in", "w_out"):
                 shard = getattr(layer, name).detach().contiguous()
-                parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(layer.ep_group))]
-                dist.all_gather(parts, shard, group=layer.ep_group)
-                state[f"{prefix}.{name}" if prefix else name] = torch.cat(parts)
-    return state
+                parts = [torch.empty_like(shard) for _ in range(dist.get_world_size(group))] if leader else None
+                dist.gather(shard, parts, dst=dist.get_global_rank(group, 0), group=group)
+                if leader:
+                    state[f"{prefix}.{name}" if prefix else name] = torch.cat(parts)
+    return state if leader else None

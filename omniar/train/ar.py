@@ -312,14 +312,14 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             model = engine.module
             if expert_parallel:  # the whole model, every layer's experts gathered (a collective)
                 state = gathered_state_dict(model)
-                model = OmniARModel.from_config_obj(model_cfg) if engine.rank == 0 else None
-                if model is not None:
+                if engine.rank == 0:
+                    model = OmniARModel.from_config_obj(model_cfg)
                     model.load_state_dict(state)
-        if engine.rank == 0 and step == train_cfg.steps:
-            pipe = TextToVideoPipeline(tok.cpu(), text_tok, model.cpu(), data_cfg.max_text_len,
-                                       data_cfg.max_num_frames, vocabulary=shapes_vocabulary()
-                                       if data_cfg.dataset == "shapes" else None)
-            pipe.save_pretrained(final)
+            if engine.rank == 0:
+                pipe = TextToVideoPipeline(tok.cpu(), text_tok, model.cpu(), data_cfg.max_text_len,
+                                           data_cfg.max_num_frames, vocabulary=shapes_vocabulary()
+                                           if data_cfg.dataset == "shapes" else None)
+                pipe.save_pretrained(final)
     return final
 
 

@@ -469,11 +469,14 @@ class TrainEngine:
             shard = newest / self._expert_shard_name()
             require(shard.is_file(), "checkpoint", f"{shard} is missing; move {newest} aside to resume from the "
                     "previous checkpoint")
+            from deepspeed.moe.utils import is_moe_param
+
             saved = load_checkpoint_file(shard, "cpu")
+            experts = {name: p for name, p in self.module.named_parameters() if is_moe_param(p)}
+            require(saved.keys() == experts.keys(), "checkpoint", f"{shard} does not hold this model's experts")
             with torch.no_grad():
-                for name, p in self.module.named_parameters():
-                    if name in saved:
-                        p.copy_(saved[name])
+                for name, p in experts.items():
+                    p.copy_(saved[name])
         return int(client["step"])
 
     def _expert_shard_name(self) -> str:
