@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from omniar.backbone import MoELayer, RouterStats, dropless_moe, grouped_mm_supported
-from omniar.backbone.moe import swiglu
+from omniar.backbone.moe import expert_swiglu, swiglu
 
 D, H, E = 16, 8, 6
 
@@ -62,6 +62,18 @@ def test_grouped_mm_and_loop_agree_with_gradients():
     for a, b in zip(*grads):
         assert (a - b).abs().max() < 1e-4
     assert grads[0][2][3].abs().sum() == 0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_rows_stay_in_the_graph(impl):
+    """An expert-parallel rank may receive no rows: its experts still return (0, d) inside the autograd graph,
+    so the backward reaches the all-to-all that brought them (which every rank must run)."""
+    m = layer()
+    xs = torch.zeros(0, D, requires_grad=True)
+    ys = expert_swiglu(xs, torch.zeros(E, dtype=torch.long), m.w_in, m.w_out, impl == "grouped_mm")
+    assert ys.shape == (0, D)
+    ys.sum().backward()
+    assert xs.grad.shape == (0, D) and m.w_in.grad.abs().sum() == 0
 
 
 @pytest.mark.parametrize("gating,skew", [("sigmoid", 1.0), ("softmax", 0.5)])
