@@ -65,6 +65,24 @@ def test_resize_center_crop():
     assert tall.shape == (3, 1, 24, 24) and torch.allclose(tall, -torch.ones(1))
 
 
+def test_resize_center_crop_to_height_and_width():
+    frames = np.zeros((1, 40, 80, 3), np.uint8)
+    frames[:, 10:30, 20:60] = 255  # a centred 20 x 40 block
+    whole = resize_center_crop(frames, (20, 40))  # same aspect: the whole frame, halved
+    assert whole.shape == (3, 1, 20, 40)
+    assert torch.allclose(whole[:, :, 6:14, 11:29], torch.ones(1)) and torch.allclose(whole[:, :, :4], -torch.ones(1))
+    strip = resize_center_crop(frames, (16, 48))  # wider than the frame: scaled to 24 x 48, rows 4..20 kept
+    assert strip.shape == (3, 1, 16, 48) and torch.allclose(strip[:, :, 4:12, 15:33], torch.ones(1))
+    assert torch.equal(resize_center_crop(frames, (24, 24)), resize_center_crop(frames, 24))  # a square pair = int
+
+
+def test_items_at_height_and_width(folder):
+    ds = VideoFolderDataset(folder, num_frames=5, size=(24, 32), sample="start")  # sources are 40 x 48
+    assert ds[0]["video"].shape == (3, 5, 24, 32) and source_frames(ds[0]["video"]) == list(range(5))
+    with pytest.warns(DataWarning, match="40x48 frames .*needs at least 48x40"), pytest.raises(ValueError):
+        VideoFolderDataset(folder, num_frames=5, size=(48, 40))  # taller than the sources: would upscale
+
+
 def test_items_relative_and_absolute_paths(folder):
     ds = VideoFolderDataset(folder / "data.jsonl", num_frames=9, size=32, sample="start")
     assert len(ds) == 2
@@ -96,7 +114,8 @@ def test_fps_resampling_on_decoded_frames(folder):
 
 def test_argument_errors(folder, tmp_path):
     jsonl = folder / "data.jsonl"
-    for kwargs, name in [({"num_frames": 0}, "num_frames"), ({"size": 4}, "size"), ({"fps": 0}, "fps"),
+    for kwargs, name in [({"num_frames": 0}, "num_frames"), ({"size": 4}, "size"), ({"size": (4, 48)}, "size"),
+                         ({"size": (48, 48, 3)}, "size"), ({"size": "48x80"}, "size"), ({"fps": 0}, "fps"),
                          ({"sample": "middle"}, "sample"), ({"seed": -1}, "seed")]:
         with pytest.raises(ValueError, match=name):
             VideoFolderDataset(jsonl, **kwargs)

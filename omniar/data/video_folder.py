@@ -1,7 +1,7 @@
 """A captioned video-folder dataset: a JSONL of ``{"video": path, "caption": text}`` lines.
 
 Clips of ``num_frames`` frames are sampled (optionally resampled to a target
-frame rate), resized on the short side and centre-cropped to ``size`` x ``size``.
+frame rate), resized to cover ``size`` (a side, or ``(height, width)``) and centre-cropped to it.
 """
 
 from __future__ import annotations
@@ -43,15 +43,26 @@ def clip_indices(num_source: int, source_fps: float, num_frames: int, fps: float
     return [first + int(i * step + 0.5) for i in range(num_frames)]
 
 
-def resize_center_crop(frames: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (3, T, size, size) in [-1, 1]."""
+def frame_size(size: int | tuple[int, int], name: str = "size") -> tuple[int, int]:
+    """``(height, width)`` of a target given as one side (square) or a ``(height, width)`` pair, each >= 8."""
+    if isinstance(size, (tuple, list)):
+        require(len(size) == 2, name, f"must be an int or a (height, width) pair, got {size!r}")
+        return check_int(size[0], name, 8), check_int(size[1], name, 8)
+    side = check_int(size, name, 8)
+    return side, side
+
+
+def resize_center_crop(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> float (3, T, height, width) in [-1, 1] for ``size`` = side or (height, width):
+    resized (antialiased) as little as covers the target, then centre-cropped to it."""
+    th, tw = frame_size(size)
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float()
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    scale = max(th / h, tw / w)  # for a square target: the short side becomes the side
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
     x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    x = x[:, :, top:top + size, left:left + size]
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    x = x[:, :, top:top + th, left:left + tw]
     return from_uint8(x.permute(1, 0, 2, 3)).clamp(-1, 1)
 
 
@@ -95,26 +106,28 @@ class VideoFolderDataset(SkippingDataset):
         root_or_jsonl: a JSONL with one ``{"video": ..., "caption": ...}`` per line (relative
             video paths are relative to the JSONL's folder), or a folder holding exactly one.
         num_frames: frames per clip.
-        size: output side (short-side resize + centre crop).
+        size: output frame size: a side (square) or ``(height, width)``; each video is resized as little as
+            covers it and centre-cropped to it (``omniar data shapes --size 48x80`` clips read back whole at
+            ``(48, 80)``).
         fps: target frame rate (None keeps the source rate).
         sample: where the clip starts: ``random`` (seeded by (seed, index)), ``start`` or ``center``.
         seed: seed of the random clip starts.
-    Items: ``{"video": float (3, T, size, size) in [-1, 1], "caption": str}``.
+    Items: ``{"video": float (3, T, height, width) in [-1, 1], "caption": str}``.
 
     Bad data is left out, never fatal (see :mod:`omniar.data.skipped`): every video is checked once, at
     construction, from its headers, and skipped with one ``DataWarning`` when it is ``missing``,
     ``empty``, ``unreadable`` (not a video, or cut short before its index), ``grayscale`` (a grayscale
-    pixel format), ``too_short`` (fewer frames than one clip at ``fps`` needs) or ``wrong_size`` (a short
-    side below ``size``, which would be upscaled, or a long side over ``MAX_ASPECT`` times the short one,
-    of which the centre crop would keep little). Malformed JSONL lines are skipped as ``malformed_line``
+    pixel format), ``too_short`` (fewer frames than one clip at ``fps`` needs) or ``wrong_size`` (a height
+    or width below the target's, which would be upscaled, or a long side over ``MAX_ASPECT`` times the
+    short one, of which the centre crop would keep little). Malformed JSONL lines are skipped as ``malformed_line``
     with their line numbers. A video that passes but fails to decode is replaced at load time by the next
     item (``decode_error``, counted across DataLoader workers). ``skipped`` holds them all; nothing usable raises ``ValueError``.
     """
 
-    def __init__(self, root_or_jsonl: str | os.PathLike, num_frames: int = 17, size: int = 64,
+    def __init__(self, root_or_jsonl: str | os.PathLike, num_frames: int = 17, size: int | tuple[int, int] = 64,
                  fps: float | None = None, sample: str = "random", seed: int = 0):
         check_int(num_frames, "num_frames", 1)
-        check_int(size, "size", 8)
+        self.height, self.width = frame_size(size)
         if fps is not None:
             check_float(fps, "fps", 0.0, low_inclusive=False)
         check_choice(sample, "sample", ("random", "start", "center"))
@@ -144,9 +157,9 @@ class VideoFolderDataset(SkippingDataset):
         if info.grayscale:
             return "grayscale", f"grayscale pixel format {info.pix_fmt}; colour video needed"
         short, long = sorted((info.width, info.height))
-        if short < self.size or long > MAX_ASPECT * short:
-            return "wrong_size", (f"{info.width}x{info.height} frames; needs a short side >= {self.size} "
-                                  f"and an aspect ratio <= {MAX_ASPECT:g}")
+        if info.height < self.height or info.width < self.width or long > MAX_ASPECT * short:
+            return "wrong_size", (f"{info.height}x{info.width} frames (height x width); needs at least "
+                                  f"{self.height}x{self.width} and an aspect ratio <= {MAX_ASPECT:g}")
         try:
             clip_indices(info.num_frames, info.fps, self.num_frames, self.fps, 0.0)
         except ValueError as err:

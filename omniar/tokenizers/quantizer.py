@@ -1,8 +1,8 @@
 """Multi-scale residual vector quantizer (VAR-style), applied to each latent frame on its own.
 
-For scale s of size n: area-downsample what the coarser scales left unexplained
-to n x n, take the nearest code of one shared codebook, upsample the code map to
-the latent grid, refine it with a small conv mixed with identity, and add it to
+For scale s of size h x w: area-downsample what the coarser scales left unexplained
+to h x w, take the nearest code of one shared codebook, upsample the code map to
+the latent grid (the last scale), refine it with a small conv mixed with identity, and add it to
 the running reconstruction ``f_hat``. The codebook is a k-means style EMA of the
 residual vectors assigned to each code, and codes unused for a while are
 restarted on random residuals, which keeps codebook usage high.
@@ -10,23 +10,42 @@ restarted on random residuals, which keeps codebook usage high.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .codes import Scales, scale_shapes
 
-def resize(x: torch.Tensor, n: int) -> torch.Tensor:
-    """Area-downsample (or identity) a (M, C, N, N) map to n x n."""
-    return x if x.shape[-1] == n else F.interpolate(x, size=(n, n), mode="area")
+
+def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Area-downsample (or identity) a (M, C, H, W) map to ``size`` (h, w)."""
+    return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
+
+
+def refine_index(s: int, num_scales: int, num_refine: int) -> int:
+    """The refinement conv (phi) of scale ``s``. With a conv per scale or more, scales spread over the convs
+    by relative position (the rule saved tokenizers were trained with). With more scales than convs, VAR's
+    partial sharing: the conv whose tick, of ``num_refine`` evenly spaced in (0, 1), is nearest to
+    ``s / (num_scales - 1)`` (VAR's ticks, with its narrower spread for 4 convs)."""
+    if num_scales == 1:
+        return 0
+    at = s / (num_scales - 1)
+    if num_scales <= num_refine:
+        return round(at * (num_refine - 1))
+    k = num_refine
+    margin = 1 / 3 / k if k == 4 else 1 / 2 / k
+    ticks = np.linspace(margin, 1 - margin, k)
+    return int(np.argmin(np.abs(ticks - at)))
 
 
 class MultiScaleResidualVQ(nn.Module):
-    def __init__(self, dim: int, codebook_size: int, scales: tuple[int, ...], beta: float = 0.25,
+    def __init__(self, dim: int, codebook_size: int, scales: Scales, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05):
         super().__init__()
-        self.scales, self.beta, self.decay = tuple(scales), beta, ema_decay
+        self.shapes, self.beta, self.decay = scale_shapes(scales), beta, ema_decay
         self.refine_ratio, self.dead_code_threshold = refine_ratio, dead_code_threshold
         self.refine = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(num_refine))
         self.register_buffer("codebook", torch.randn(codebook_size, dim) * 0.1)
@@ -40,22 +59,17 @@ class MultiScaleResidualVQ(nn.Module):
     def codebook_size(self) -> int:
         return self.codebook.shape[0]
 
-    def _refine_index(self, s: int) -> int:
-        # Scales share refinement convs by their relative position, coarse to fine.
-        k = len(self.refine)
-        return 0 if len(self.scales) == 1 else round(s / (len(self.scales) - 1) * (k - 1))
-
     def embed_scale(self, idx: torch.Tensor, s: int) -> torch.Tensor:
-        """Contribution of scale ``s`` codes ``idx`` (M, n, n) to f_hat: (M, C, N, N)."""
+        """Contribution of scale ``s`` codes ``idx`` (M, h, w) to f_hat: (M, C, H, W)."""
         z = F.embedding(idx, self.codebook).permute(0, 3, 1, 2)
-        n_full = self.scales[-1]
-        if z.shape[-1] != n_full:
-            z = F.interpolate(z, size=(n_full, n_full), mode="bicubic", align_corners=False)
-        conv = self.refine[self._refine_index(s)]
+        full = self.shapes[-1]
+        if tuple(z.shape[-2:]) != full:
+            z = F.interpolate(z, size=full, mode="bicubic", align_corners=False)
+        conv = self.refine[refine_index(s, len(self.shapes), len(self.refine))]
         return (1 - self.refine_ratio) * z + self.refine_ratio * conv(z)
 
     def lookup(self, r: torch.Tensor) -> torch.Tensor:
-        """Nearest code (L2) of each vector of a (M, C, n, n) map -> (M, n, n)."""
+        """Nearest code (L2) of each vector of a (M, C, h, w) map -> (M, h, w)."""
         flat = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])
         cb = self.codebook.to(flat.dtype)  # a bf16 model still quantizes its fp32 latents in fp32
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
@@ -63,7 +77,7 @@ class MultiScaleResidualVQ(nn.Module):
 
     def forward(self, f: torch.Tensor, upto_scale: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Quantize latents f (M, C, N, N).
+        """Quantize latents f (M, C, H, W).
 
         Returns (f_hat with a straight-through gradient to f, codes per scale, VQ loss). With
         ``upto_scale`` (M,) ints, map m returns only the accumulation of scales ``0..upto_scale[m]``
@@ -73,8 +87,8 @@ class MultiScaleResidualVQ(nn.Module):
             f = f.float()
             f_hat = torch.zeros_like(f)
             codes, residuals, partial = [], [], []
-            for s, n in enumerate(self.scales):
-                r = resize(f - f_hat, n)
+            for s, size in enumerate(self.shapes):
+                r = resize(f - f_hat, size)
                 idx = self.lookup(r.detach())
                 f_hat = f_hat + self.embed_scale(idx, s)
                 codes.append(idx)
@@ -86,7 +100,7 @@ class MultiScaleResidualVQ(nn.Module):
         # Value f_hat; gradient reaches the encoder straight through and the refinement convs directly.
         out = f_hat + (f - f.detach())
         if upto_scale is not None:
-            pick = torch.stack(partial[:-1] + [out], 1)  # (M, S, C, N, N)
+            pick = torch.stack(partial[:-1] + [out], 1)  # (M, S, C, H, W)
             out = pick[torch.arange(f.shape[0], device=f.device), upto_scale.to(f.device)]
         return out, codes, loss
 
@@ -123,7 +137,7 @@ class MultiScaleResidualVQ(nn.Module):
     @torch.no_grad()
     def quantize_corrupted(self, f: torch.Tensor, rate: torch.Tensor,
                            generator: torch.Generator) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Self-correcting re-quantization of latents f (M, C, N, N) (Infinity's idea for a codebook).
+        """Self-correcting re-quantization of latents f (M, C, H, W) (Infinity's idea for a codebook).
 
         At each scale a share ``rate[m]`` of sample m's codes is replaced by random codes, and the
         next scale quantizes what the *corrupted* accumulation leaves unexplained. Returns
@@ -132,8 +146,8 @@ class MultiScaleResidualVQ(nn.Module):
         """
         f_hat = torch.zeros_like(f)
         targets, noisy_codes = [], []
-        for s, n in enumerate(self.scales):
-            idx = self.lookup(resize(f - f_hat, n))
+        for s, size in enumerate(self.shapes):
+            idx = self.lookup(resize(f - f_hat, size))
             flip = torch.rand(idx.shape, generator=generator).to(idx.device) < rate.to(idx.device)[:, None, None]
             noise = torch.randint(0, self.codebook_size, idx.shape, generator=generator).to(idx.device)
             noisy = torch.where(flip, noise, idx)
@@ -148,7 +162,7 @@ class MultiScaleResidualVQ(nn.Module):
 
     def codes_to_latent(self, codes: list[torch.Tensor], upto_scale: int | None = None) -> torch.Tensor:
         """Sum of the refined code maps of scales ``0..upto_scale`` (inclusive; default all)."""
-        last = len(self.scales) - 1 if upto_scale is None else upto_scale
+        last = len(self.shapes) - 1 if upto_scale is None else upto_scale
         f_hat = 0
         for s in range(last + 1):
             f_hat = f_hat + self.embed_scale(codes[s], s)

@@ -1,8 +1,8 @@
 """``VideoTokenizer``: causal 3D conv autoencoder + multi-scale residual VQ per latent frame.
 
 A video ``(B, 3, T, H, W)`` in [-1, 1] with ``T = 1 + tau * k`` becomes
-``1 + k`` latent frames of ``N x N`` (``N = H / spatial_compression``), each a
-stack of code maps of sizes ``config.scales`` (coarse to fine, last = N).
+``1 + k`` latent frames of ``h x w`` (``H / spatial_compression`` x ``W / spatial_compression``),
+each a stack of code maps of the sizes of ``config.scales`` (coarse to fine, last = the latent grid).
 An image is a one-frame video.
 """
 
@@ -16,9 +16,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from .._checks import check_bool, check_choice, check_float, check_int, require
 from .._pretrained import PretrainedModel
-from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE, MAX_SCALE
+from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE
 from .causal3d import CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner
-from .codes import MultiScaleCodes
+from .codes import MultiScaleCodes, Scales, check_scales, scale_shapes, tokens_per_frame
 from .quantizer import MultiScaleResidualVQ, resize
 
 
@@ -39,11 +39,15 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         latent_channels: latent / code dimension.
         temporal_compression: tau in {1, 2, 4}; the first frame is always encoded alone.
         spatial_compression: 4, 8 or 16.
-        scales: code map sizes, strictly increasing; the last is the latent grid N.
+        scales: code map sizes, coarse to fine; the last is the latent grid, so it sets the frame size
+            (latent grid x ``spatial_compression``). Ints ``n`` for square ``n x n`` maps, or ``(h, w)`` pairs
+            (each side growing or staying, more tokens each scale), e.g. ``[[1, 1], [2, 3], [3, 5], [5, 8]]``
+            for 40 x 64 frames at spatial compression 8.
         codebook_size: number of shared codes.
         beta: commitment weight of the VQ loss.
         ema_decay: codebook EMA decay.
-        num_refine: shared refinement convs across scales (VAR's phi).
+        num_refine: shared refinement convs across scales (VAR's phi); with more scales than convs, each
+            scale takes the conv nearest to its relative position (:func:`~omniar.tokenizers.quantizer.refine_index`).
         refine_ratio: mix of refinement conv vs identity.
         dead_code_threshold: EMA assignment count under which a code is restarted.
         refiner_blocks: residual blocks of the per-frame 2D refiner applied to the decoded frames
@@ -61,7 +65,7 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 3, channels: tuple[int, ...] = (32, 64, 128, 128), num_res_blocks: int = 1,
                  latent_channels: int = 16, temporal_compression: int = 4, spatial_compression: int = 8,
-                 scales: tuple[int, ...] = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
+                 scales: Scales = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
                  refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False):
@@ -74,10 +78,7 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         n_space = int(math.log2(spatial_compression))
         require(len(channels) == n_space + 1, "channels",
                 f"needs log2(spatial_compression) + 1 = {n_space + 1} entries, got {len(channels)}")
-        require(isinstance(scales, (list, tuple)), "scales", f"must be a list of ints, got {scales!r}")
-        scales = tuple(check_int(s, "scales", 1, MAX_SCALE) for s in scales)
-        require(len(scales) >= 1 and all(a < b for a, b in zip(scales, scales[1:])) and scales[0] >= 1,
-                "scales", f"must be strictly increasing positive ints, got {scales}")
+        scales = check_scales(scales)
         check_int(num_res_blocks, "num_res_blocks", 1, MAX_BLOCKS)
         check_int(latent_channels, "latent_channels", 1, MAX_CHANNELS)
         check_int(codebook_size, "codebook_size", 2, MAX_CODEBOOK_SIZE)
@@ -103,13 +104,37 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
 
     # ------------------------------------------------------------------ shapes
     @property
-    def scales(self) -> tuple[int, ...]:
-        return tuple(self.config.scales)
+    def scales(self) -> Scales:
+        """The schedule as configured, canonical (:func:`~omniar.tokenizers.codes.check_scales`): ints for a
+        square one, else (h, w) pairs. Read sizes through :attr:`scale_shapes`."""
+        return check_scales(self.config.scales)
 
     @property
-    def resolution(self) -> int:
-        """Pixel side of the frames this tokenizer takes (latent grid x spatial compression)."""
-        return self.scales[-1] * self.config.spatial_compression
+    def scale_shapes(self) -> tuple[tuple[int, int], ...]:
+        """``(h, w)`` of every scale's code map, coarse to fine."""
+        return scale_shapes(self.scales)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return tokens_per_frame(self.scales)
+
+    @property
+    def latent_size(self) -> tuple[int, int]:
+        """``(h, w)`` of the latent grid: the last scale."""
+        return self.scale_shapes[-1]
+
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """``(height, width)`` in pixels of the frames this tokenizer takes."""
+        h, w = self.latent_size
+        return h * self.config.spatial_compression, w * self.config.spatial_compression
+
+    @property
+    def resolution(self) -> int | tuple[int, int]:
+        """The frame size as the datasets take it (``MovingShapes``, ``VideoFolderDataset``): the side of a
+        square tokenizer, else ``(height, width)``."""
+        h, w = self.frame_size
+        return h if h == w else (h, w)
 
     def num_latent_frames(self, num_frames: int) -> int:
         return 1 + (num_frames - 1) // self.config.temporal_compression
@@ -129,19 +154,21 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         require(b >= 1, name, "batch size must be >= 1")
         require(c == self.config.in_channels, name, f"must have {self.config.in_channels} channels, got {c}")
         self.check_num_frames(t, f"{name} (frames)")
-        res = self.resolution
-        require(h == res and w == res, name, f"frames must be {res}x{res} for scales {self.scales}, got {h}x{w}")
+        fh, fw = self.frame_size
+        require((h, w) == (fh, fw), name, f"frames must be {fh}x{fw} (height x width) for scales {self.scales}, "
+                f"got {h}x{w}")
         require(bool(torch.isfinite(video).all()), name, "contains NaN or Inf")
         require(float(video.abs().max()) <= 1.0 + 1e-3, name, "values must lie in [-1, 1]")
 
     def check_latent(self, latent: torch.Tensor, name: str = "latent") -> None:
-        """Raise ``ValueError`` naming ``name`` unless ``latent`` is a finite (B, C_lat, t, N, N) map."""
-        n, c = self.scales[-1], self.config.latent_channels
+        """Raise ``ValueError`` naming ``name`` unless ``latent`` is a finite (B, C_lat, t, h, w) map."""
+        (lh, lw), c = self.latent_size, self.config.latent_channels
+        got = getattr(latent, "shape", type(latent).__name__)
         require(isinstance(latent, torch.Tensor) and latent.dim() == 5 and latent.is_floating_point(), name,
-                f"must be a float tensor (B, {c}, t, {n}, {n}), got {getattr(latent, 'shape', type(latent).__name__)}")
+                f"must be a float tensor (B, {c}, t, {lh}, {lw}), got {got}")
         b, lc, t, h, w = latent.shape
-        require(b >= 1 and t >= 1 and lc == c and h == w == n, name,
-                f"must have shape (B >= 1, {c}, t >= 1, {n}, {n}), got {tuple(latent.shape)}")
+        require(b >= 1 and t >= 1 and lc == c and (h, w) == (lh, lw), name,
+                f"must have shape (B >= 1, {c}, t >= 1, {lh}, {lw}), got {tuple(latent.shape)}")
         require(bool(torch.isfinite(latent).all()), name, "contains NaN or Inf")
 
     def _check_codes(self, codes: MultiScaleCodes) -> None:
@@ -157,7 +184,7 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
     # --------------------------------------------------------------- internals
     def _quantize(self, latent: torch.Tensor, upto_scale: torch.Tensor | None = None
                   ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Quantize each latent frame on its own: (B, C, t, N, N) -> f_hat, codes (B, t, n, n), loss.
+        """Quantize each latent frame on its own: (B, C, t, h, w) -> f_hat, codes (B, t, h_s, w_s), loss.
         ``upto_scale`` (B,): keep only scales ``0..upto_scale[b]`` of every frame of clip b in f_hat."""
         b, _, t = latent.shape[:3]
         f = latent.transpose(1, 2).flatten(0, 1)
@@ -197,13 +224,13 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
 
     @torch.no_grad()
     def encode_latent(self, video: torch.Tensor) -> torch.Tensor:
-        """Video -> continuous latents (B, C, T_lat, N, N) before quantization."""
+        """Video -> continuous latents (B, C, T_lat, h, w) before quantization."""
         self.check_video(video)
         return self.encoder(video.to(self.device, self.dtype))
 
     @torch.no_grad()
     def quantize_latent(self, latent: torch.Tensor) -> MultiScaleCodes:
-        """Continuous latents (B, C, T_lat, N, N) -> :class:`MultiScaleCodes`."""
+        """Continuous latents (B, C, T_lat, h, w) -> :class:`MultiScaleCodes`."""
         self.check_latent(latent)
         _, codes, _ = self._quantize(latent.to(self.device, self.dtype))
         return MultiScaleCodes(codes, self.scales, 1 + self.config.temporal_compression * (latent.shape[2] - 1))
@@ -214,7 +241,7 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
 
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """Decode continuous latents (B, C, t, N, N); ``chunk_size`` latent frames at a time if given."""
+        """Decode continuous latents (B, C, t, h, w); ``chunk_size`` latent frames at a time if given."""
         self.check_latent(latent)
         if chunk_size is None:
             return self.refine(self.decoder(latent)).clamp(-1, 1)
@@ -243,23 +270,23 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
 
     # ------------------------------------------------- AR steps (training and generation)
     def scale_input(self, source: torch.Tensor | None, s: int, batch_size: int) -> torch.Tensor:
-        """The AR model's input for scale ``s`` of a latent frame: ``source`` (B, C, N, N) area-resized to
-        n_s x n_s. ``source`` is the frame's accumulation of scales < s (:meth:`accumulate`), and for s = 0
-        the previous frame's full accumulation; None (the first frame's scale 0) gives zeros."""
-        n = self.scales[s]
+        """The AR model's input for scale ``s`` of a latent frame: ``source`` (B, C, h, w) area-resized to
+        scale s's (h_s, w_s). ``source`` is the frame's accumulation of scales < s (:meth:`accumulate`), and
+        for s = 0 the previous frame's full accumulation; None (the first frame's scale 0) gives zeros."""
+        size = self.scale_shapes[s]
         if source is None:
-            return torch.zeros(batch_size, self.config.latent_channels, n, n, device=self.device)
-        return resize(source, n)
+            return torch.zeros(batch_size, self.config.latent_channels, *size, device=self.device)
+        return resize(source, size)
 
     def accumulate(self, f_hat: torch.Tensor | None, idx: torch.Tensor, s: int) -> torch.Tensor:
-        """``f_hat`` (B, C, N, N; None before scale 0) plus the refined code map of scale ``s`` codes ``idx``
-        (B, n_s, n_s): the running reconstruction of a latent frame, coarse to fine."""
+        """``f_hat`` (B, C, h, w; None before scale 0) plus the refined code map of scale ``s`` codes ``idx``
+        (B, h_s, w_s): the running reconstruction of a latent frame, coarse to fine."""
         part = self.quantizer.embed_scale(idx.to(self.device), s)
         return part if f_hat is None else f_hat + part
 
     @torch.no_grad()
     def codes_to_accumulated(self, codes: MultiScaleCodes) -> list[torch.Tensor]:
-        """Teacher-forcing inputs for the AR model: per scale s, (B, T_lat, C, n_s, n_s), the
+        """Teacher-forcing inputs for the AR model: per scale s, (B, T_lat, C, h_s, w_s), the
         :meth:`scale_input` of every latent frame at once (the same steps generation takes one at a time)."""
         self._check_codes(codes)
         b, t = codes.batch_size, codes.num_latent_frames
