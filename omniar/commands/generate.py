@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from .._checks import check_int, check_output_path, named, require
 from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
+from ..generation.pipeline import DEFAULT_RANDOM_RATIO
 from ..generation.sampling import GUIDANCE_SCHEDULES
 from ..pixels import from_uint8
 
@@ -62,7 +63,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                       help="visual tokens each layer's KV cache may hold (e.g. 384); lifts --num-frames to 1025")
     long.add_argument("--kv-policy", choices=KV_POLICIES, default=None,
                       help="how a budgeted cache makes room: window or nacl (default with a budget: the pipeline's)")
-    long.add_argument("--random-ratio", type=float, default=0.0, help="nacl: share of evictions drawn at random")
+    long.add_argument("--random-ratio", type=float, default=DEFAULT_RANDOM_RATIO,
+                      help="nacl: share of evictions drawn at random")
     long.add_argument("--kv-rope", choices=KV_ROPE_MODES, default=None,
                       help="temporal positions of kept keys (default with a budget: the pipeline's)")
     long.add_argument("--stream", action="store_true",
