@@ -150,7 +150,10 @@ def test_export_gathers_every_expert_and_loads_on_one_process(ep_run):
     assert pipe("a red circle moves right on a black background", num_frames=1, seed=0).frames.shape[1] == 1
 
 
-def test_ep_size_errors_name_the_option(tmp_path):
+def test_ep_size_errors_name_the_option(ep_run, tmp_path):
+    with TrainEngine(model_for("spread"), EngineConfig(out_dir=str(ep_run / "run-zero0"))) as engine:
+        with pytest.raises(ValueError, match=r"train.ep_size: is 1, but .*step_00000004 was written with ep_size 2"):
+            engine.resume()  # refused before anything loads
     with pytest.raises(ValueError, match="train.ep_size: must be >= 1"):
         EngineConfig(out_dir=str(tmp_path), ep_size=0)
     with pytest.raises(ValueError, match=r"train.ep_size: must divide the number of processes \(1\), got 2"):
