@@ -254,7 +254,7 @@ def test_demo_continues_an_upload(pipe, tmp_path, monkeypatch):
     monkeypatch.setattr(demo.Demo, "_generate", record)
     app = demo.launch(pipe, port=None, block=False)
     try:
-        client = gradio_client.Client(app.local_url, verbose=False)
+        client = gradio_client.Client(app.local_url, verbose=False, httpx_kwargs={"timeout": 300})  # a busy CPU
         settings = (PROMPT, 9, 3.0, 1.0, 0, 1.0, 0, "full (2 layers, 4 experts, top-2)")
         client.predict(*settings, gradio_client.handle_file(str(tmp_path / "start.png")), api_name="/continue")
         client.predict(*settings, api_name="/generate")
