@@ -42,7 +42,9 @@ for routing in ROUTINGS:
     loss = loss_of(result, targets)
     engine.ds.backward(loss)  # DeepSpeed reduces: experts over their expert-data-parallel group only
     torch.save({"logits": result.visual_logits.detach(), "loss": loss.detach(),
-                "grads": {n: p.grad for n, p in model.named_parameters()}}, f"{out}/{routing}-{rank}.pt")
+                "grads": {n: p.grad for n, p in model.named_parameters()},
+                "norm": engine._grad_norm_stage0()},  # what ZeRO-0 clips with and logs under expert parallelism
+               f"{out}/{routing}-{rank}.pt")
 for zero_stage in (0, 2):  # 2: DeepSpeed partitions the experts' optimizer groups over expert-data-parallel ranks
     config = yaml.safe_load(open(f"{out}/ar.yaml"))
     config["train"].update(zero_stage=zero_stage, out_dir=f"{out}/reference-zero{zero_stage}")
@@ -122,6 +124,8 @@ def test_forward_loss_and_gradients_equal_single_process(ep_run, routing):
             ep_grad = ranks[0]["grads"][name]
         expected = torch.zeros_like(p) if p.grad is None else p.grad  # DeepSpeed fills unused ones with zeros
         assert torch.allclose(ep_grad, expected, atol=1e-6, rtol=1e-4), name
+    norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(ranks[0]["norm"], norm) and torch.allclose(ranks[1]["norm"], norm)
     if routing == "rank1_only":  # rank 0's experts got no rows, and did not hang
         assert ranks[0]["grads"]["layers.0.ffn.w_in"].abs().sum() == 0
         assert ranks[1]["grads"]["layers.0.ffn.w_in"].abs().sum() > 0

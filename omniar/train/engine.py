@@ -213,6 +213,9 @@ class TrainEngine:
             self._ep_group, self._ep_data_rank = shard_experts(model, config.ep_size)
             # ZeRO needs the expert parameters in their own groups, named after their process group
             params = configure_moe_param_groups([p for p in model.parameters() if p.requires_grad])
+        # DeepSpeed's ZeRO-0 clipping takes the mean of the ranks' local gradient norms: with expert parallelism
+        # that is not the norm over all experts (ZeRO-1/2's is), so the step would differ from one process's
+        self._clips_itself = self._ep_group is not None and config.zero_stage == 0
         if optimizer_factory is not None:
             optimizer = optimizer_factory(model)
         else:
@@ -223,7 +226,8 @@ class TrainEngine:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         ds_config = {
             "train_micro_batch_size_per_gpu": config.micro_batch_size,
-            "gradient_clipping": config.grad_clip,
+            # ZeRO-0 under expert parallelism clips here instead (backward_step)
+            "gradient_clipping": 0.0 if self._clips_itself else config.grad_clip,
             "zero_optimization": {"stage": config.zero_stage},
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 10**9,
@@ -297,6 +301,8 @@ class TrainEngine:
         # ZeRO's optimizer keeps the global norm before clipping; stage 0's clipping discards it, so the
         # (already all-reduced) gradients are measured here, before the step clips and clears them
         stage0 = None if self.config.zero_stage else self._grad_norm_stage0()
+        if self._clips_itself and self.config.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(self.module.parameters(), self.config.grad_clip, stage0)
         self.ds.step()
         self._grad_norm = stage0 if stage0 is not None else self.ds.get_global_grad_norm()
         return True
