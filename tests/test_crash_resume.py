@@ -50,7 +50,7 @@ assert kind in ("", "step", "write", "rename"), kind
 armed = bool(kind) and os.environ.get("RANK", "0") == os.environ.get("CRASH_RANK", "0")
 tmp_tag = f".tmp-step_{int(at):08d}" if at else None
 real_replace, real_save = os.replace, torch.save
-real_resume, real_backward_step = TrainEngine.resume, TrainEngine.backward_step
+real_resume, real_step = TrainEngine.resume, TrainEngine.step
 real_load = ds_engine.DeepSpeedEngine.load_checkpoint
 loaded = []
 
@@ -77,11 +77,11 @@ def resume(self):
     return start
 
 
-def backward_step(self, loss):
+def step(self):
     self._crash_step += 1
     if armed and kind == "step" and self._crash_step == int(at):
         self.ds.step = lambda *a, **k: hang(f"step {at}: after backward, before the optimizer step")
-    return real_backward_step(self, loss)
+    return real_step(self)
 
 
 def save(obj, f, *args, **kwargs):
@@ -99,7 +99,7 @@ def replace(src, dst, *args, **kwargs):
 
 
 ds_engine.DeepSpeedEngine.load_checkpoint = load_checkpoint
-TrainEngine.resume, TrainEngine.backward_step = resume, backward_step
+TrainEngine.resume, TrainEngine.step = resume, step
 torch.save, os.replace = save, replace
 sys.exit(cli.main(sys.argv[1:]))
 '''

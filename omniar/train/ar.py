@@ -35,7 +35,7 @@ from ..limits import MAX_NUM_FRAMES, MAX_NUM_WORKERS, MAX_SEED, MAX_TEXT_LEN
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
 from .common import (build_dataset, build_model, check_sections, config_cli, last_step, load_init_from,
-                     load_video_tokenizer, split_train_section, step_loader)
+                     load_video_tokenizer, mean_scalars, split_train_section, step_loader)
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
@@ -256,50 +256,55 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         # the first frame and one motion step (one frame for image data): cheap enough to do often
         sample_frames = min(data_cfg.num_frames, 1 + tok.config.temporal_compression)
         loader = step_loader(data, engine_cfg.micro_batch_size, start, end, engine.rank, engine.world_size,
-                             collate_fn=collate)
+                             collate_fn=collate, accum=engine_cfg.grad_accum_steps)
         bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="ar")
         step = start
-        for batch in loader:
-            g = engine.generator(step)
-            ids, mask, inputs, targets, visibility = prepare_batch(batch, tok, text_tok, train_cfg, data_cfg, g,
-                                                                   engine.device)
-            with engine.autocast():
-                out = engine.ds(ids, mask, inputs, visibility)
-                loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
-                if anchor is not None:
-                    with torch.no_grad():
-                        reference = anchor(ids, mask, inputs, visibility)
-                    kl = distill_loss(out, reference, tok.scales, train_cfg)
-                    loss = loss + train_cfg.anchor_weight * kl
-                    parts["anchor_kl"] = kl.item()
-                parts["loss/full"] = loss.item()
-                if train_cfg.elastic:
-                    # expert-parallel ranks must all run the same sub-model: their all-to-alls pair up
-                    spec = engine.module.sample_elastic(
-                        engine.generator(step, salt=1, shared=True) if expert_parallel else g)
-                    if spec != engine.module.active_spec:
-                        with engine.module.elastic(*spec):
-                            sub_out = engine.ds(ids, mask, inputs, visibility)
-                        sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
-                        parts["elastic_visual_ce"] = sub_parts["visual_ce"]
-                        if train_cfg.elastic_distill > 0:
-                            kl = distill_loss(sub_out, out, tok.scales, train_cfg)
-                            sub_loss = sub_loss + train_cfg.elastic_distill * kl
-                            parts["elastic_kl"] = kl.item()
-                        parts["loss/elastic"] = sub_loss.item()
-                        loss = loss + sub_loss
-            if engine.backward_step(loss):
-                engine.module.update_router_biases()
+        for micro_batches in loader:
+            logging = (step + 1) % engine_cfg.log_every == 0 or step + 1 == end
+            rows = []
+            for micro, batch in enumerate(micro_batches):
+                g = engine.generator(step, micro=micro)
+                ids, mask, inputs, targets, visibility = prepare_batch(batch, tok, text_tok, train_cfg, data_cfg, g,
+                                                                       engine.device)
+                with engine.autocast():
+                    out = engine.ds(ids, mask, inputs, visibility)
+                    loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
+                    if anchor is not None:
+                        with torch.no_grad():
+                            reference = anchor(ids, mask, inputs, visibility)
+                        kl = distill_loss(out, reference, tok.scales, train_cfg)
+                        loss = loss + train_cfg.anchor_weight * kl
+                        parts["anchor_kl"] = kl.item()
+                    parts["loss/full"] = loss.item()
+                    if train_cfg.elastic:
+                        # expert-parallel ranks must all run the same sub-model: their all-to-alls pair up
+                        spec = engine.module.sample_elastic(
+                            engine.generator(step, salt=1, shared=True, micro=micro) if expert_parallel else g)
+                        if spec != engine.module.active_spec:
+                            with engine.module.elastic(*spec):
+                                sub_out = engine.ds(ids, mask, inputs, visibility)
+                            sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
+                            parts["elastic_visual_ce"] = sub_parts["visual_ce"]
+                            if train_cfg.elastic_distill > 0:
+                                kl = distill_loss(sub_out, out, tok.scales, train_cfg)
+                                sub_loss = sub_loss + train_cfg.elastic_distill * kl
+                                parts["elastic_kl"] = kl.item()
+                            parts["loss/elastic"] = sub_loss.item()
+                            loss = loss + sub_loss
+                engine.backward(loss)
+                if logging:
+                    rows.append({"loss": loss.item(), **parts} | {
+                        f"router/{i}/{key}": value for i, stats in enumerate(out.router_stats)
+                        for key, value in stats.to_dict().items() if isinstance(value, (int, float))})
+            if engine.step():
+                engine.module.update_router_biases()  # from the load of all the step's micro-batches
             step += 1
             bar.update(1)
-            if step % engine_cfg.log_every == 0 or step == end:
-                scalars = {"loss": loss.item(), **parts}
-                for i, stats in enumerate(out.router_stats):
-                    for key, value in stats.to_dict().items():
-                        if isinstance(value, (int, float)):
-                            scalars[f"router/{i}/{key}"] = value
-                engine.log_step(scalars, step, samples=ids.shape[0], tokens=ids.numel() + targets.numel())
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{parts['visual_ce']:.3f}")
+            if logging:
+                scalars = mean_scalars(rows)
+                engine.log_step(scalars, step, samples=ids.shape[0] * len(micro_batches),
+                                tokens=(ids.numel() + targets.numel()) * len(micro_batches))
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{scalars['visual_ce']:.3f}")
             if prompts and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
                 with engine.paused(engine.module):
                     engine.log_filmstrips("samples", sample_clips(tok, text_tok, engine.module, prompts,

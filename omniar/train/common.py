@@ -5,6 +5,7 @@ Trainers import from here, never from each other."""
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -179,25 +180,34 @@ def load_video_tokenizer(name_or_path: str) -> VideoTokenizer:
 
 
 class StepBatchSampler(Sampler[list[int]]):
-    """Batches of dataset indices that depend only on (step, rank): resuming at step k
-    reproduces exactly the batches an uninterrupted run would have seen."""
+    """Micro-batches of dataset indices that depend only on (step, micro-batch, rank), ``accum`` per step:
+    resuming at step k reproduces exactly the batches an uninterrupted run would have seen."""
 
     def __init__(self, dataset_len: int, batch_size: int, start_step: int, total_steps: int, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, accum: int = 1):
         self.n, self.bs, self.start, self.total = dataset_len, batch_size, start_step, total_steps
-        self.rank, self.world = rank, world_size
+        self.rank, self.world, self.accum = rank, world_size, accum
 
     def __len__(self) -> int:
-        return max(0, self.total - self.start)
+        return max(0, self.total - self.start) * self.accum
 
     def __iter__(self) -> Iterator[list[int]]:
-        for step in range(self.start, self.total):
-            first = (step * self.world + self.rank) * self.bs
+        for micro in range(self.start * self.accum, self.total * self.accum):
+            first = (micro * self.world + self.rank) * self.bs
             yield [(first + i) % self.n for i in range(self.bs)]
 
 
 def step_loader(dataset: Dataset, batch_size: int, start_step: int, total_steps: int, rank: int, world_size: int,
-                num_workers: int = 0, collate_fn: Any = None) -> DataLoader:
-    sampler = StepBatchSampler(len(dataset), batch_size, start_step, total_steps, rank, world_size)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
-                      persistent_workers=False, pin_memory=torch.cuda.is_available())
+                num_workers: int = 0, collate_fn: Any = None, accum: int = 1) -> Iterator[list]:
+    """The micro-batches of steps ``start_step..total_steps - 1``, as one list of ``accum`` per step."""
+    sampler = StepBatchSampler(len(dataset), batch_size, start_step, total_steps, rank, world_size, accum)
+    loader = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=collate_fn,
+                             persistent_workers=False, pin_memory=torch.cuda.is_available()))
+    while step := list(itertools.islice(loader, accum)):
+        yield step
+
+
+def mean_scalars(rows: list[dict[str, float]]) -> dict[str, float]:
+    """A step's scalars: per key, the mean over the micro-batches that logged it."""
+    keys = dict.fromkeys(key for row in rows for key in row)
+    return {key: sum(row[key] for row in rows if key in row) / sum(key in row for row in rows) for key in keys}

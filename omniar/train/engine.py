@@ -24,6 +24,7 @@ import signal
 import socket
 import threading
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,8 @@ class EngineConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.99)
     grad_clip: float = 1.0
-    micro_batch_size: int = 8  # per process; no gradient accumulation: a trainer step is one optimizer step
+    micro_batch_size: int = 8  # per process and micro-batch
+    grad_accum_steps: int = 1  # micro-batches per optimizer step; train.steps counts optimizer steps
     warmup_steps: int = 0
     seed: int = 0
     precision: str = "fp32"  # "bf16": torch.autocast with fp32 master weights
@@ -69,6 +71,7 @@ class EngineConfig:
         check_float(self.weight_decay, "train.weight_decay", 0.0)
         check_float(self.grad_clip, "train.grad_clip", 0.0)
         check_int(self.micro_batch_size, "train.micro_batch_size", 1, MAX_MICRO_BATCH_SIZE)
+        check_int(self.grad_accum_steps, "train.grad_accum_steps", 1)
         check_int(self.warmup_steps, "train.warmup_steps", 0)
         check_int(self.seed, "train.seed", 0, MAX_SEED)
         check_choice(self.precision, "train.precision", ("fp32", "bf16"))
@@ -220,12 +223,14 @@ class TrainEngine:
             optimizer = optimizer_factory(model)
         else:
             optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        self._torch_optimizer = optimizer  # the one DeepSpeed's (ZeRO) optimizer steps: step() skips through it
         if lr_lambda is None:
             warm = config.warmup_steps
             lr_lambda = lambda step: min(1.0, (step + 1) / warm) if warm else 1.0  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
         ds_config = {
             "train_micro_batch_size_per_gpu": config.micro_batch_size,
+            "gradient_accumulation_steps": config.grad_accum_steps,
             # ZeRO-0 under expert parallelism clips here instead (backward_step)
             "gradient_clipping": 0.0 if self._clips_itself else config.grad_clip,
             "zero_optimization": {"stage": config.zero_stage},
@@ -240,6 +245,8 @@ class TrainEngine:
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.bad_steps = 0
         self.skipped_steps = 0
+        self._micro = 0  # backward() calls in the current optimizer step
+        self._spoiled = False  # a micro-batch of the current step had a non-finite loss
         self._grad_norm: torch.Tensor | float = float("nan")
         self._clock = (time.perf_counter(), 0)  # throughput since (time, step); resume() restarts it
         self.stop_requested = False  # set by SIGTERM: trainers save a checkpoint and return
@@ -267,13 +274,14 @@ class TrainEngine:
     def module(self) -> nn.Module:
         return self.ds.module
 
-    def generator(self, step: int, salt: int = 0, shared: bool = False) -> torch.Generator:
-        """CPU generator seeded by (seed, step, rank, salt): the randomness of one step, resumable; ``shared``:
-        rank 0's on every rank (draws that all ranks must agree on)."""
+    def generator(self, step: int, salt: int = 0, shared: bool = False, micro: int = 0) -> torch.Generator:
+        """CPU generator seeded by (seed, step, micro-batch, rank, salt): the randomness of micro-batch ``micro``
+        of one step, resumable; ``shared``: rank 0's on every rank (draws that all ranks must agree on)."""
         g = torch.Generator()
         rank = 0 if shared else self.rank
+        index = step * self.config.grad_accum_steps + micro
         # modulo the generator's seed range: large seeds would overflow it
-        g.manual_seed((((self.config.seed * 1_000_003 + step) * 1009 + rank) * 7919 + salt) % (MAX_SEED + 1))
+        g.manual_seed((((self.config.seed * 1_000_003 + index) * 1009 + rank) * 7919 + salt) % (MAX_SEED + 1))
         return g
 
     def autocast(self):
@@ -283,21 +291,40 @@ class TrainEngine:
         return contextlib.nullcontext()
 
     def backward_step(self, loss: torch.Tensor) -> bool:
-        """Backward + optimizer step. A non-finite loss (on any rank) skips the step and returns False;
-        ``max_bad_steps`` in a row raise :class:`NonFiniteLossError`."""
+        """:meth:`backward` + :meth:`step`, for ``grad_accum_steps`` 1."""
+        self.backward(loss)
+        return self.step()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one of the ``grad_accum_steps`` micro-batches of a step (DeepSpeed divides the loss by
+        their number; the last one reduces the gradients). A non-finite loss on any rank spoils the step, which
+        :meth:`step` then skips; its backward still runs, so every rank and ZeRO stage communicates as usual."""
         finite = torch.tensor(float(torch.isfinite(loss.detach()).all()), device=self.device)
         if self.world_size > 1:
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite):
+        self._spoiled |= not bool(finite)
+        self._micro += 1
+        self.ds.set_gradient_accumulation_boundary(self._micro == self.config.grad_accum_steps)
+        self.ds.backward(loss)
+
+    def step(self) -> bool:
+        """The optimizer step after ``grad_accum_steps`` :meth:`backward` calls. A spoiled step changes no weight
+        and no optimizer state and returns False; ``max_bad_steps`` in a row raise :class:`NonFiniteLossError`.
+        The LR schedule advances either way: step k always runs at the schedule's rate of step k."""
+        if self._micro != self.config.grad_accum_steps:
+            raise RuntimeError(f"step() after {self._micro} backward() calls; train.grad_accum_steps is "
+                               f"{self.config.grad_accum_steps}")
+        self._micro, spoiled, self._spoiled = 0, self._spoiled, False
+        if spoiled:
             self.bad_steps += 1
             self.skipped_steps += 1
             if self.bad_steps >= self.config.max_bad_steps:
                 raise NonFiniteLossError(f"{self.bad_steps} consecutive non-finite losses; stopping. "
                                          f"The last good checkpoint in {self.ckpt_dir} is intact.")
+            self._skip_step()
             self._grad_norm = float("nan")
             return False
         self.bad_steps = 0
-        self.ds.backward(loss)
         # ZeRO's optimizer keeps the global norm before clipping; stage 0's clipping discards it, so the
         # (already all-reduced) gradients are measured here, before the step clips and clears them
         stage0 = None if self.config.zero_stage else self._grad_norm_stage0()
@@ -306,6 +333,20 @@ class TrainEngine:
         self.ds.step()
         self._grad_norm = stage0 if stage0 is not None else self.ds.get_global_grad_norm()
         return True
+
+    def _skip_step(self) -> None:
+        """DeepSpeed's step with the optimizer's own update left out: its bookkeeping (gradients cleared, ZeRO's
+        buffers reset) runs as after any step, the weights and the optimizer state stay."""
+        real, epoch = self._torch_optimizer.step, self.scheduler.last_epoch
+        self._torch_optimizer.step = lambda *args, **kwargs: None
+        try:
+            with warnings.catch_warnings():  # torch warns of a schedule stepped without the optimizer: deliberate
+                warnings.filterwarnings("ignore", r".*lr_scheduler\.step\(\)")
+                self.ds.step()
+                if self.scheduler.last_epoch == epoch:  # ZeRO-1/2 skip a non-finite gradient without the schedule
+                    self.scheduler.step()
+        finally:
+            self._torch_optimizer.step = real
 
     def _grad_norm_stage0(self) -> torch.Tensor:
         """Norm of the reduced gradients; the squares of the expert shards' are summed over the expert-parallel

@@ -33,7 +33,7 @@ from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .common import (VideoDataConfig, build_dataset, build_model, check_sections, config_cli, last_step,
-                     load_video_tokenizer, split_train_section)
+                     load_video_tokenizer, mean_scalars, split_train_section)
 from .engine import TrainEngine, config_from_dict, cosine_lr
 
 
@@ -185,20 +185,27 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="refiner")
         step = start
         while step < end:
-            idx = torch.randint(0, len(frames["decoded"]), (engine_cfg.micro_batch_size,),
-                                generator=engine.generator(step))
-            x, y = (frames[k][idx].to(engine.device).float() for k in ("decoded", "real"))
-            with engine.autocast():
-                loss, terms = engine.ds(x, y, train_cfg.adv_weight if step >= train_cfg.adv_start else 0.0)
-            engine.backward_step(loss)
+            logging = (step + 1) % engine_cfg.log_every == 0 or step + 1 == train_cfg.steps
+            rows = []
+            for micro in range(engine_cfg.grad_accum_steps):
+                idx = torch.randint(0, len(frames["decoded"]), (engine_cfg.micro_batch_size,),
+                                    generator=engine.generator(step, micro=micro))
+                x, y = (frames[k][idx].to(engine.device).float() for k in ("decoded", "real"))
+                with engine.autocast():
+                    loss, terms = engine.ds(x, y, train_cfg.adv_weight if step >= train_cfg.adv_start else 0.0)
+                engine.backward(loss)
+                if logging:
+                    refined = terms.pop("refined").detach().clamp(-1, 1)
+                    before, after = psnr(x, y).mean().item(), psnr(refined, y).mean().item()
+                    rows.append({"loss": loss.item(), "psnr": after, "psnr_gain": after - before}
+                                | {k: v.item() for k, v in terms.items()})
+            engine.step()
             step += 1
             bar.update(1)
-            if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
-                refined = terms.pop("refined").detach().clamp(-1, 1)
-                before, after = psnr(x, y).mean().item(), psnr(refined, y).mean().item()
-                engine.log_step({"loss": loss.item(), "psnr": after, "psnr_gain": after - before}
-                                | {k: v.item() for k, v in terms.items()}, step, samples=x.shape[0])  # frames
-                bar.set_postfix(loss=f"{loss.item():.5f}", gain=f"{after - before:+.2f} dB")
+            if logging:
+                scalars = mean_scalars(rows)
+                engine.log_step(scalars, step, samples=x.shape[0] * engine_cfg.grad_accum_steps)  # frames
+                bar.set_postfix(loss=f"{scalars['loss']:.5f}", gain=f"{scalars['psnr_gain']:+.2f} dB")
             if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
                 break
         bar.close()

@@ -24,7 +24,7 @@ from ..eval.metrics import psnr
 from ..pixels import to_uint8
 from ..tokenizers import VideoTokenizer
 from .common import (VideoDataConfig, build_dataset, build_model, check_sections, config_cli, last_step,
-                     load_init_from, split_train_section, step_loader)
+                     load_init_from, mean_scalars, split_train_section, step_loader)
 from .engine import TrainEngine, config_from_dict, cosine_lr
 
 
@@ -130,26 +130,31 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             clips = range(min(PREVIEW_CLIPS, len(dataset)))
             preview = torch.stack([dataset[i]["video"] for i in clips]).to(engine.device)
         loader = step_loader(dataset, engine_cfg.micro_batch_size, start, end,
-                             engine.rank, engine.world_size, data_cfg.num_workers)
+                             engine.rank, engine.world_size, data_cfg.num_workers, accum=engine_cfg.grad_accum_steps)
         bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="tokenizer")
         step = start
-        for batch in loader:
-            video = batch["video"].to(engine.device, non_blocking=True)
-            upto = truncation(video.shape[0], len(model.scales), train_cfg.truncate_prob, engine.generator(step))
-            with engine.autocast():
-                out = engine.ds(video, upto)
-                rec = out.reconstruction.float()
-                loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight) + out.vq_loss
-            full = upto == len(model.scales) - 1
-            engine.backward_step(loss)
+        for micro_batches in loader:
+            logging = (step + 1) % engine_cfg.log_every == 0 or step + 1 == train_cfg.steps
+            rows = []
+            for micro, batch in enumerate(micro_batches):
+                video = batch["video"].to(engine.device, non_blocking=True)
+                upto = truncation(video.shape[0], len(model.scales), train_cfg.truncate_prob,
+                                  engine.generator(step, micro=micro))
+                with engine.autocast():
+                    out = engine.ds(video, upto)
+                    rec = out.reconstruction.float()
+                    loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight) + out.vq_loss
+                engine.backward(loss)
+                if logging:
+                    full = upto == len(model.scales) - 1  # clips decoded from all scales (the rest are previews)
+                    rows.append({"loss": loss.item(), "vq_loss": out.vq_loss.item()}
+                                | ({"psnr": psnr(rec[full], video[full]).mean().item()} if full.any() else {}))
+            engine.step()
             step += 1
             bar.update(1)
-            if step % engine_cfg.log_every == 0 or step == train_cfg.steps:
-                scalars = {"loss": loss.item(), "vq_loss": out.vq_loss.item(),
-                           # clips decoded from all scales (the truncated ones are previews)
-                           "psnr": psnr(rec[full], video[full]).mean().item() if full.any() else float("nan"),
-                           "codebook_usage": engine.module.codebook_usage()}
-                engine.log_step(scalars, step, samples=video.shape[0])
+            if logging:
+                scalars = {"psnr": float("nan")} | mean_scalars(rows) | {"codebook_usage": engine.module.codebook_usage()}
+                engine.log_step(scalars, step, samples=video.shape[0] * len(micro_batches))
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
                                 usage=f"{scalars['codebook_usage']:.2f}")
             if preview is not None and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
