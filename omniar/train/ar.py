@@ -291,13 +291,12 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                                 parts["elastic_kl"] = kl.item()
                             parts["loss/elastic"] = sub_loss.item()
                             loss = loss + sub_loss
-                engine.backward(loss)
+                if engine.backward_step(loss):  # the step's last micro-batch, and the optimizer stepped
+                    engine.module.update_router_biases()  # from the load of all its micro-batches
                 if logging:
                     rows.append({"loss": loss.item(), **parts} | {
                         f"router/{i}/{key}": value for i, stats in enumerate(out.router_stats)
                         for key, value in stats.to_dict().items() if isinstance(value, (int, float))})
-            if engine.step():
-                engine.module.update_router_biases()  # from the load of all the step's micro-batches
             step += 1
             bar.update(1)
             if logging:

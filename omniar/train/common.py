@@ -129,6 +129,9 @@ def _add_config_arguments(parser: argparse.ArgumentParser, default_config: str) 
                         help="stop (with a checkpoint) after STEP steps; rerun the same command to resume")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config value, e.g. --set train.lr=3e-4 (repeatable)")
+    parser.add_argument("--deepspeed-config", default=None, metavar="FILE",
+                        help="DeepSpeed JSON merged into omniar's settings (sets train.deepspeed_config); a key "
+                             "that omniar sets otherwise is refused, naming it")
 
 
 def resolve_config(args: argparse.Namespace) -> dict:
@@ -138,6 +141,8 @@ def resolve_config(args: argparse.Namespace) -> dict:
         train["out_dir"] = str(check_output_path(args.out, "out", folder=True))
     if args.steps is not None:
         train["steps"] = args.steps
+    if args.deepspeed_config is not None:
+        train["deepspeed_config"] = args.deepspeed_config
     return config
 
 

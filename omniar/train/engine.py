@@ -15,6 +15,8 @@ resumed run repeats exactly what an uninterrupted run would have done.
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import math
 import os
 import pickle
@@ -62,6 +64,7 @@ class EngineConfig:
     save_every: int = 500
     keep_checkpoints: int = 2
     max_bad_steps: int = 10  # consecutive non-finite losses before the run stops
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged into omniar's (--deepspeed-config)
 
     def __post_init__(self) -> None:
         check_output_path(self.out_dir, "train.out_dir", folder=True)
@@ -82,6 +85,65 @@ class EngineConfig:
         require(isinstance(self.betas, (list, tuple)) and len(self.betas) == 2, "train.betas",
                 f"must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = tuple(check_float(b, "train.betas", 0.0, 1.0, high_inclusive=False) for b in self.betas)
+        if self.deepspeed_config is not None:  # a conflict is refused before any work (the launcher sets WORLD_SIZE)
+            self.ds_config(int(os.environ.get("WORLD_SIZE", "1")))
+
+    def ds_config(self, world_size: int, clip: bool = True) -> dict:
+        """DeepSpeed's config: what omniar must set, merged with ``deepspeed_config``'s other settings (a key set
+        in both must have omniar's value). ``clip``: False where the engine clips itself."""
+        ours = {
+            "train_batch_size": self.micro_batch_size * self.grad_accum_steps * world_size,
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": self.grad_accum_steps,
+            "gradient_clipping": self.grad_clip if clip else 0.0,
+            "zero_optimization": {"stage": self.zero_stage},
+            "zero_allow_untested_optimizer": True,  # omniar's own AdamW
+            "fp16": {"enabled": False},  # train.precision is autocast over fp32 weights
+            "bf16": {"enabled": False},
+            "steps_per_print": 10**9,
+        }
+        if self.deepspeed_config is None:
+            return ours
+        user = _load_json(self.deepspeed_config)
+        for key in ("optimizer", "scheduler"):
+            require(key not in user, "train.deepspeed_config", f"{self.deepspeed_config} sets {key}, but omniar builds "
+                    "the optimizer and its LR schedule itself (train.lr, train.betas, train.weight_decay, "
+                    "train.warmup_steps)")
+        merged = copy.deepcopy(ours)
+        _merge(merged, user, "", self.deepspeed_config)
+        return merged
+
+
+def _load_json(path: str) -> dict:
+    """A DeepSpeed config file: a JSON object (``train.deepspeed_config``)."""
+    require(isinstance(path, str) and Path(path).is_file(), "train.deepspeed_config", f"file not found: {path!r}")
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"train.deepspeed_config: {path} is not JSON ({err})") from None
+    require(isinstance(data, dict), "train.deepspeed_config", f"{path} must hold a JSON object")
+    return data
+
+
+# the option behind each DeepSpeed setting omniar makes, named when a user's config disagrees
+_OWNERS = {"train_batch_size": "train.micro_batch_size x train.grad_accum_steps x processes",
+           "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps":
+           "train.grad_accum_steps", "gradient_clipping": "train.grad_clip", "zero_optimization.stage":
+           "train.zero_stage", "fp16": "train.precision", "bf16": "train.precision"}
+
+
+def _merge(ours: dict, theirs: dict, prefix: str, source: str) -> None:
+    """Merge ``theirs`` into ``ours`` in place; a key both set to different values is refused, naming it."""
+    for key, value in theirs.items():
+        path = prefix + key
+        if isinstance(value, dict) and isinstance(ours.get(key), dict):
+            _merge(ours[key], value, path + ".", source)
+            continue
+        owner = _OWNERS.get(path) or _OWNERS.get(path.split(".")[0]) or "omniar"
+        require(key not in ours or ours[key] == value, "train.deepspeed_config",
+                f"{source} sets {path} to {value!r}, but omniar sets it to {ours.get(key)!r} ({owner}); "
+                "remove it from the file" + ("" if owner == "omniar" else f" or set {owner.split(' ')[0]}"))
+        ours[key] = value
 
 
 class NonFiniteLossError(RuntimeError):
@@ -228,15 +290,8 @@ class TrainEngine:
             warm = config.warmup_steps
             lr_lambda = lambda step: min(1.0, (step + 1) / warm) if warm else 1.0  # noqa: E731
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": config.micro_batch_size,
-            "gradient_accumulation_steps": config.grad_accum_steps,
-            # ZeRO-0 under expert parallelism clips here instead (backward_step)
-            "gradient_clipping": 0.0 if self._clips_itself else config.grad_clip,
-            "zero_optimization": {"stage": config.zero_stage},
-            "zero_allow_untested_optimizer": True,
-            "steps_per_print": 10**9,
-        }
+        # ZeRO-0 under expert parallelism clips in step() instead
+        ds_config = config.ds_config(self.world_size, clip=not self._clips_itself)
         with _expert_params_recognised():
             self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
@@ -291,9 +346,10 @@ class TrainEngine:
         return contextlib.nullcontext()
 
     def backward_step(self, loss: torch.Tensor) -> bool:
-        """:meth:`backward` + :meth:`step`, for ``grad_accum_steps`` 1."""
+        """:meth:`backward` of a micro-batch, and after the step's last one :meth:`step`; True once that step
+        was taken (False before it and for a skipped step)."""
         self.backward(loss)
-        return self.step()
+        return self._micro == self.config.grad_accum_steps and self.step()
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of one of the ``grad_accum_steps`` micro-batches of a step (DeepSpeed divides the loss by

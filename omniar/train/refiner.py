@@ -193,13 +193,12 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 x, y = (frames[k][idx].to(engine.device).float() for k in ("decoded", "real"))
                 with engine.autocast():
                     loss, terms = engine.ds(x, y, train_cfg.adv_weight if step >= train_cfg.adv_start else 0.0)
-                engine.backward(loss)
+                engine.backward_step(loss)  # the last one also steps
                 if logging:
                     refined = terms.pop("refined").detach().clamp(-1, 1)
                     before, after = psnr(x, y).mean().item(), psnr(refined, y).mean().item()
                     rows.append({"loss": loss.item(), "psnr": after, "psnr_gain": after - before}
                                 | {k: v.item() for k, v in terms.items()})
-            engine.step()
             step += 1
             bar.update(1)
             if logging:

@@ -144,12 +144,11 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                     out = engine.ds(video, upto)
                     rec = out.reconstruction.float()
                     loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight) + out.vq_loss
-                engine.backward(loss)
+                engine.backward_step(loss)  # the last one also steps
                 if logging:
                     full = upto == len(model.scales) - 1  # clips decoded from all scales (the rest are previews)
                     rows.append({"loss": loss.item(), "vq_loss": out.vq_loss.item()}
                                 | ({"psnr": psnr(rec[full], video[full]).mean().item()} if full.any() else {}))
-            engine.step()
             step += 1
             bar.update(1)
             if logging:
