@@ -34,8 +34,8 @@ from ..generation.pipeline import TextToVideoPipeline
 from ..limits import MAX_NUM_FRAMES, MAX_NUM_WORKERS, MAX_SEED, MAX_TEXT_LEN
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from .common import (build_dataset, build_model, check_sections, config_cli, last_step, load_init_from,
-                     load_video_tokenizer, mean_scalars, split_train_section, step_loader)
+from .common import (build_dataset, build_model, check_sections, checkpoint_blocks, config_cli, last_step,
+                     load_init_from, load_video_tokenizer, mean_scalars, split_train_section, step_loader)
 from .engine import TrainEngine, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
@@ -87,9 +87,13 @@ class ARTrainConfig:
     # of a sub-model) moves the full model less. 0 = off; > 0 needs train.init_from.
     anchor_weight: float = 0.0
     sample_every: int = 500  # steps between generated sample clips in TensorBoard (0 = none)
+    # recompute each transformer block in backward instead of keeping its activations: less memory, about
+    # one more forward pass of compute
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
+        check_bool(self.activation_checkpointing, "train.activation_checkpointing")
         check_int(self.sample_every, "train.sample_every", 0)
         for name in ("caption_dropout", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio"):
             check_float(getattr(self, name), f"train.{name}", 0.0, 1.0)
@@ -233,6 +237,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         load_init_from(model, train_cfg.init_from, "a pipeline folder (no model/)", "model")
     # the init_from weights, also on resume (a resumed run reloads only the trained model's state)
     anchor = copy.deepcopy(model).eval().requires_grad_(False) if train_cfg.anchor_weight > 0 else None
+    if train_cfg.activation_checkpointing:
+        checkpoint_blocks(model.layers)
     with TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
         tok.to(engine.device).eval().requires_grad_(False)
         if anchor is not None:

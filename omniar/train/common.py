@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+import torch.utils.checkpoint
 import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -210,6 +211,39 @@ def step_loader(dataset: Dataset, batch_size: int, start_step: int, total_steps:
                              persistent_workers=False, pin_memory=torch.cuda.is_available()))
     while step := list(itertools.islice(loader, accum)):
         yield step
+
+
+def checkpoint_blocks(blocks) -> None:
+    """``train.activation_checkpointing``: each of ``blocks`` (modules) keeps only its inputs in a training
+    forward and recomputes its activations in backward. Only ``forward`` is wrapped: parameters, state_dict
+    keys and eval or no-grad calls (generation) stay as they are."""
+    for block in blocks:
+        block.forward = _checkpointed(block, block.forward)
+
+
+def _checkpointed(block: torch.nn.Module, forward: Callable) -> Callable:
+    def run(*args, **kwargs):
+        if not (block.training and torch.is_grad_enabled()):
+            return forward(*args, **kwargs)
+        calls = 0
+
+        def body(*args, **kwargs):
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                return forward(*args, **kwargs)
+            # the recomputation must not repeat the forward's buffer updates (e.g. an MoE layer's load count)
+            saved = [b.clone() for b in block.buffers()]
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                with torch.no_grad():
+                    for buffer, value in zip(block.buffers(), saved):
+                        buffer.copy_(value)
+
+        return torch.utils.checkpoint.checkpoint(body, *args, use_reentrant=False, **kwargs)
+
+    return run
 
 
 def mean_scalars(rows: list[dict[str, float]]) -> dict[str, float]:
