@@ -43,8 +43,8 @@ def decode_cached(model: OmniARModel, ids, mask, inputs, per_token: bool) -> tup
     model.forward_text(ids, mask, cache)
     passes, tokens = 1, ids.shape[1]
     for f in range(inputs[0].shape[1]):
-        for s, n in enumerate(cfg.scales):
-            runs = [(i, i + 1) for i in range(n * n)] if per_token else [(0, n * n)]
+        for s, (h, w) in enumerate(cfg.scale_shapes):
+            runs = [(i, i + 1) for i in range(h * w)] if per_token else [(0, h * w)]
             for start, stop in runs:
                 model.forward_scale(inputs[s][:, f], f, s, cache, start, stop).argmax(-1)
                 passes, tokens = passes + 1, tokens + stop - start
@@ -73,14 +73,14 @@ def decode_exact_prefix(model: OmniARModel, ids, mask, inputs) -> tuple[int, int
     meta_all = text_meta(mask).cat(video_meta(b, length, cfg.scales, frames, False, ids.device))
     passes, tokens, end = 0, 0, length
     for _ in range(frames):
-        for n in cfg.scales:
-            end += n * n
+        for h, w in cfg.scale_shapes:
+            end += h * w
             meta = TokenMeta(meta_all.block[:end], meta_all.frame[:end], meta_all.valid[:, :end],
                              meta_all.pos[:end])
             attn, empty = attention_mask(meta, meta)
             cos, sin = model.rope.cos_sin(meta.pos, x_all.dtype)
             hidden = model._trunk(x_all[:, :end], cos, sin, attn, empty, None, None)[0]
-            model.visual_head(hidden[:, end - n * n:]).argmax(-1)
+            model.visual_head(hidden[:, end - h * w:]).argmax(-1)
             passes, tokens = passes + 1, tokens + end
     return passes, tokens
 
@@ -130,7 +130,7 @@ def main() -> None:
     fine.load_state_dict(slice_state_dict(ours.state_dict(), fine.state_dict()))  # scale embedding row 0
     ids = torch.randint(0, 256, (batch, args.text_len))
     mask = torch.ones(batch, args.text_len, dtype=torch.bool)
-    inputs = [torch.randn(batch, frames, cfg.code_dim, n, n) for n in cfg.scales]
+    inputs = [torch.randn(batch, frames, cfg.code_dim, h, w) for h, w in cfg.scale_shapes]
     fine_inputs = inputs[-1:]
     fns = {"next_scale_cache": lambda: decode_cached(ours, ids, mask, inputs, False),
            "raster_finest_grid_cache": lambda: decode_cached(fine, ids, mask, fine_inputs, True),

@@ -151,7 +151,7 @@ def model_forward_rate(repeats: int, device: torch.device, dtype: torch.dtype) -
     model = OmniARModel.from_config_obj(cfg).eval().to(device, dtype)
     b, text_len, frames = (4, 32, 5) if device.type == "cpu" else (64, 32, 5)
     ids = torch.randint(0, 256, (b, text_len), device=device)
-    vis = [torch.randn(b, frames, cfg.code_dim, n, n, device=device, dtype=dtype) for n in cfg.scales]
+    vis = [torch.randn(b, frames, cfg.code_dim, h, w, device=device, dtype=dtype) for h, w in cfg.scale_shapes]
     moes = [blk.ffn for blk in model.layers if isinstance(blk.ffn, MoELayer)]
     side = 2048 if device.type == "cpu" else 8192
     a, w = (torch.randn(side, side, device=device, dtype=dtype) for _ in range(2))

@@ -68,11 +68,13 @@ def main() -> None:
         "ssim": float(torch.cat(ssims).mean()),
         "codebook_usage": len(used) / tok.config.codebook_size,
         "attributes_kept": prompt_adherence(load_classifier(), torch.cat(recs), attributes),
-        "psnr_per_scale_db": {str(n): float(torch.cat(v).mean()) for n, v in zip(tok.scales, per_scale)},
+        # keys: the side of a square map (as before), else "hxw"
+        "psnr_per_scale_db": {(str(h) if h == w else f"{h}x{w}"): float(torch.cat(v).mean())
+                              for (h, w), v in zip(tok.scale_shapes, per_scale)},
         "encode_frames_per_s": frames / enc_s,
         "decode_frames_per_s": frames / dec_s,
         "encode_decode_frames_per_s": frames / (enc_s + dec_s),
-        "tokens_per_clip": tok.num_latent_frames(args.frames) * sum(n * n for n in tok.scales),
+        "tokens_per_clip": tok.num_latent_frames(args.frames) * tok.tokens_per_frame,
         "machine": (torch.cuda.get_device_name(device) if device.type == "cuda" else
                     f"{platform.machine()} {torch.get_num_threads()} threads, CPU") + f", torch {torch.__version__}",
     }

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._checks import check_choice, check_float, check_int, require
-from ..limits import (MAX_CHANNELS, MAX_CODEBOOK_SIZE, MAX_EXPERTS, MAX_HEADS, MAX_LAYERS, MAX_MTP_K, MAX_SCALE,
-                      MAX_TEXT_VOCAB)
+from .._scales import Scales, check_scales, scale_shapes, tokens_per_frame
+from ..limits import MAX_CHANNELS, MAX_CODEBOOK_SIZE, MAX_EXPERTS, MAX_HEADS, MAX_LAYERS, MAX_MTP_K, MAX_TEXT_VOCAB
 
 
 @dataclass
@@ -22,9 +22,11 @@ class OmniARConfig:
 
     Sequence: ``text_vocab_size`` byte-level text ids, then ``codebook_size``
     visual codes per position; visual inputs have ``code_dim`` channels
-    (the tokenizer's ``latent_channels``) and come in ``scales`` (last = N,
-    the latent grid). ``mtp_k`` is the text group size: position i predicts
-    tokens i+1 .. i+mtp_k (``mtp_k - 1`` extra heads). ``vision_mask`` is
+    (the tokenizer's ``latent_channels``) and come in ``scales``, coarse to
+    fine: ints (square maps) or ``(h, w)`` pairs, the last being the latent
+    grid (the tokenizer's schedule, in the same canonical form). ``mtp_k`` is
+    the text group size: position i predicts tokens i+1 .. i+mtp_k
+    (``mtp_k - 1`` extra heads). ``vision_mask`` is
     ``"block"`` (next-scale, block-causal) or ``"raster"`` (one token per
     step, the baseline). MoE: ``num_experts`` routed experts of hidden size
     ``expert_hidden_size`` (``top_k`` active) plus ``num_shared_experts``;
@@ -42,7 +44,7 @@ class OmniARConfig:
     text_vocab_size: int = 261
     codebook_size: int = 512
     code_dim: int = 16
-    scales: tuple[int, ...] = (1, 2, 4, 8)
+    scales: Scales = (1, 2, 4, 8)
     hidden_size: int = 256
     num_layers: int = 4
     num_heads: int = 4
@@ -70,11 +72,8 @@ class OmniARConfig:
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
-        require(isinstance(self.scales, (tuple, list)) and len(self.scales) > 0, "scales",
-                f"must be a non-empty sequence of ints, got {self.scales!r}")
-        self.scales = tuple(check_int(n, "scales", 1, MAX_SCALE) for n in self.scales)
-        require(all(a < b for a, b in zip(self.scales, self.scales[1:])), "scales",
-                f"must be strictly increasing, got {self.scales}")
+        # canonical: an all-int schedule stays a tuple of ints, so saved configs load unchanged
+        self.scales = check_scales(self.scales)
         # bounded (omniar.limits): a model folder's config.json must not size the allocations at will
         for name, high in (("text_vocab_size", MAX_TEXT_VOCAB), ("codebook_size", MAX_CODEBOOK_SIZE),
                            ("code_dim", MAX_CHANNELS), ("hidden_size", MAX_CHANNELS), ("num_layers", MAX_LAYERS),
@@ -119,8 +118,13 @@ class OmniARConfig:
         return (self.top_k + self.num_shared_experts) * self.expert_hidden_size
 
     @property
+    def scale_shapes(self) -> tuple[tuple[int, int], ...]:
+        """``(h, w)`` of every scale's map."""
+        return scale_shapes(self.scales)
+
+    @property
     def tokens_per_frame(self) -> int:
-        return sum(n * n for n in self.scales)
+        return tokens_per_frame(self.scales)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

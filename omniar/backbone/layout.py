@@ -9,10 +9,11 @@ everything before. The full forward and the KV-cache steps build their masks
 from the same metadata, so both paths attend identically.
 
 Positions are ``(t, h, w, scale)``: text token i sits at ``(i, i, i, 0)``;
-vision token (i, j) of an n x n scale of latent frame f sits at
-``(L + f, L + (i + 0.5) N / n, L + (j + 0.5) N / n, s)`` with L the padded
+vision token (i, j) of an h x w scale s of latent frame f sits at
+``(L + f, L + (i + 0.5) H / h, L + (j + 0.5) W / w, s)`` with L the padded
 text length of the batch (so positions never depend on per-sample padding)
-and N the finest scale.
+and H x W the finest scale: each axis is stretched on its own, so every scale
+of any schedule, square or not, spans the same finest grid.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from .._scales import Scales, scale_shapes, tokens_per_frame
 
 
 @dataclass
@@ -50,36 +53,41 @@ def text_meta(valid: torch.Tensor) -> TokenMeta:
     return TokenMeta(idx, torch.full_like(idx, -1), valid, pos)
 
 
-def scale_offsets(scales: tuple[int, ...]) -> list[int]:
+def scale_offsets(scales: Scales) -> list[int]:
     """Index of each scale's first token inside a frame."""
     offsets, total = [], 0
-    for n in scales:
+    for h, w in scale_shapes(scales):
         offsets.append(total)
-        total += n * n
+        total += h * w
     return offsets
 
 
-def vision_meta(batch: int, text_len: int, scales: tuple[int, ...], frame: int, scale: int,
+def frame_scale_ids(scales: Scales) -> torch.Tensor:
+    """Scale index of every token of a frame, ``(tokens_per_frame,)`` long."""
+    return torch.cat([torch.full((h * w,), s) for s, (h, w) in enumerate(scale_shapes(scales))])
+
+
+def vision_meta(batch: int, text_len: int, scales: Scales, frame: int, scale: int,
                 start: int, stop: int, raster: bool, device: torch.device) -> TokenMeta:
     """Metadata of tokens ``[start, stop)`` (row-major) of block (``frame``, ``scale``)."""
-    n, fine = scales[scale], scales[-1]
-    first = text_len + frame * sum(m * m for m in scales) + scale_offsets(scales)[scale]
+    shapes = scale_shapes(scales)
+    (h, w), (fine_h, fine_w) = shapes[scale], shapes[-1]
+    first = text_len + frame * tokens_per_frame(scales) + scale_offsets(scales)[scale]
     idx = torch.arange(start, stop, device=device)
     block = first + idx if raster else torch.full_like(idx, first)
-    step = fine / n
     pos = torch.stack([torch.full((stop - start,), float(text_len + frame), device=device),
-                       text_len + (torch.div(idx, n, rounding_mode="floor") + 0.5) * step,
-                       text_len + (idx % n + 0.5) * step,
+                       text_len + (torch.div(idx, w, rounding_mode="floor") + 0.5) * (fine_h / h),
+                       text_len + (idx % w + 0.5) * (fine_w / w),
                        torch.full((stop - start,), float(scale), device=device)], dim=1)
     return TokenMeta(block, torch.full_like(idx, frame), torch.ones(batch, stop - start, dtype=torch.bool,
                                                                       device=device), pos)
 
 
-def video_meta(batch: int, text_len: int, scales: tuple[int, ...], num_frames: int, raster: bool,
+def video_meta(batch: int, text_len: int, scales: Scales, num_frames: int, raster: bool,
                device: torch.device) -> TokenMeta:
     """Metadata of ``num_frames`` whole frames, frame-major then coarse to fine."""
-    metas = [vision_meta(batch, text_len, scales, f, s, 0, n * n, raster, device)
-             for f in range(num_frames) for s, n in enumerate(scales)]
+    metas = [vision_meta(batch, text_len, scales, f, s, 0, h * w, raster, device)
+             for f in range(num_frames) for s, (h, w) in enumerate(scale_shapes(scales))]
     return TokenMeta(*(torch.cat([getattr(m, key) for m in metas], dim=1 if key == "valid" else 0)
                        for key in ("block", "frame", "valid", "pos")))
 

@@ -3,8 +3,9 @@
 The ``head_dim / 2`` rotary frequency pairs are split between the four axes
 (scale gets 1/8, the rest goes t : h : w = 1 : 1.5 : 1.5); each axis has its
 own geometric frequency ladder. Positions come from :mod:`layout`; because a
-token's (h, w) is its centre on the finest grid, every scale of a frame shares
-one spatial frame of reference.
+token's (h, w) is its centre on the finest grid (each axis stretched on its
+own, so non-square maps too), every scale of a frame shares one spatial frame
+of reference.
 """
 
 from __future__ import annotations

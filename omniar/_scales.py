@@ -1,0 +1,41 @@
+"""Scale schedules (coarse to fine code-map sizes) shared by the tokenizer and the backbone, which may not
+import each other: validation to a canonical form, and the ``(h, w)`` and token count of every map."""
+
+from __future__ import annotations
+
+from ._checks import check_int, require
+from .limits import MAX_SCALE
+
+Scales = tuple[int, ...] | tuple[tuple[int, int], ...]
+
+
+def check_scales(scales, name: str = "scales") -> Scales:
+    """A scale schedule, coarse to fine, in canonical form: a tuple of ints (square ``n x n`` maps) when
+    every entry is an int, else a tuple of ``(h, w)`` pairs (an int entry ``n`` meaning ``(n, n)``).
+    Each side grows or stays and each map has more tokens than the one before; the last is the latent grid."""
+    require(isinstance(scales, (list, tuple)) and len(scales) >= 1, name,
+            f"must be a non-empty list of ints or (h, w) pairs, got {scales!r}")
+    shapes = []
+    for entry in scales:
+        if isinstance(entry, (list, tuple)):
+            require(len(entry) == 2, name, f"a pair must be (h, w), got {entry!r}")
+            shapes.append(tuple(check_int(side, name, 1, MAX_SCALE) for side in entry))
+        else:
+            n = check_int(entry, name, 1, MAX_SCALE)
+            shapes.append((n, n))
+    for (h0, w0), (h1, w1) in zip(shapes, shapes[1:]):
+        require(h0 <= h1 and w0 <= w1 and h0 * w0 < h1 * w1, name,
+                f"must grow coarse to fine (no side shrinking, more tokens each scale), got {list(scales)}")
+    if all(not isinstance(entry, (list, tuple)) for entry in scales):
+        return tuple(h for h, _ in shapes)
+    return tuple(shapes)
+
+
+def scale_shapes(scales: Scales) -> tuple[tuple[int, int], ...]:
+    """``(h, w)`` of every code map of a (canonical) schedule."""
+    return tuple((s, s) if isinstance(s, int) else tuple(s) for s in scales)
+
+
+def tokens_per_frame(scales: Scales) -> int:
+    """Tokens of one latent frame: the sum of ``h * w`` over the scales."""
+    return sum(h * w for h, w in scale_shapes(scales))
