@@ -1,6 +1,8 @@
 """Long video (#27): KV budgets (window / NACL eviction, RoPE extrapolation / re-basing), streaming output,
 continuation from given frames in the CLI, and the argument checks."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -162,23 +164,26 @@ def model_dir(pipe, tmp_path_factory):
 
 
 def test_cli_stream_writes_the_in_memory_clip(pipe, model_dir, tmp_path, monkeypatch):
-    import omniar.commands.generate as generate
+    import omniar.data.video_io as video_io
 
-    handed, write_frames = [], generate.StreamWriter.write
+    handed, writer = [], video_io.mp4_writer
 
-    def record(writer, frames):
-        handed.append(frames.copy())
-        write_frames(writer, frames)
+    @contextlib.contextmanager
+    def recording(*args, **kwargs):
+        with writer(*args, **kwargs) as write:
+            yield lambda frames: (handed.append(frames.copy()), write(frames))
 
-    monkeypatch.setattr(generate.StreamWriter, "write", record)
+    monkeypatch.setattr(video_io, "mp4_writer", recording)
     out = tmp_path / "long.mp4"
     args = ["--prompt", PROMPT, "--num-frames", "25", "--kv-budget", "170", "--kv-policy", "nacl",
             "--random-ratio", "0.25", "--seed", "3"]
     assert main(["generate", "--model", model_dir, "--out", str(out), "--stream", *args]) == 0
     want = pipe(PROMPT, num_frames=25, kv_budget=170, kv_policy="nacl", random_ratio=0.25, seed=3).frames[0]
-    assert np.array_equal(np.concatenate(handed), want)
-    # the file decodes like write_video's of the in-memory clip (H.264 is lossy, on noise too)
-    assert np.array_equal(read_video(out), read_video(write_video(tmp_path / "memory.mp4", want)))
+    assert len(handed) > 1 and np.array_equal(np.concatenate(handed), want)  # frames handed over as they come
+    # and the file holds them as write_video writes the in-memory clip (H.264 is lossy, more so on noise; its
+    # threads need not encode two runs bit for bit alike)
+    whole = read_video(write_video(tmp_path / "memory.mp4", want)).astype(int)
+    assert np.abs(read_video(out) - whole).mean() < 1
 
 
 @pytest.mark.parametrize("init", ["video", "image"])

@@ -6,8 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from omniar.data import video_io
-from omniar.data.video_io import read_video, video_fps, video_info, write_video
+from omniar.data.video_io import mp4_writer, read_video, video_fps, video_info, write_video
 
 
 def moving_square(t=24, h=40, w=48):
@@ -78,19 +77,50 @@ def test_written_file_has_a_normal_new_file_mode(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644
 
 
-def test_write_is_atomic(tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["encoder", "stream"])
+def test_write_is_atomic(tmp_path, monkeypatch, where):
+    import av
+
     path = write_video(tmp_path / "a.mp4", moving_square(4))
     before = path.read_bytes()
+    if where == "encoder":  # dies after the temporary file holds a few frames
+        real, count = av.VideoFrame.from_ndarray, iter(range(100))
 
-    def broken(tmp, frames, fps):
-        tmp.write_bytes(b"half a video")
-        raise RuntimeError("encoder died")
+        def broken(*args, **kwargs):
+            if next(count) == 5:
+                raise RuntimeError("encoder died")
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(video_io, "_write_mp4", broken)
-    with pytest.raises(RuntimeError, match="encoder died"):
-        write_video(path, moving_square(8))
+        monkeypatch.setattr(av.VideoFrame, "from_ndarray", broken)
+        with pytest.raises(RuntimeError, match="encoder died"):
+            write_video(path, moving_square(8))
+    else:  # what streams the frames dies midway (a generation that fails)
+        with pytest.raises(RuntimeError, match="generation died"):
+            with mp4_writer(path) as write:
+                write(moving_square(8))
+                raise RuntimeError("generation died")
     assert path.read_bytes() == before  # the old file is intact
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.mp4"]  # and no temp file is left
+
+
+def test_mp4_writer_streams_what_write_video_writes(tmp_path):
+    frames = moving_square(9)
+    with mp4_writer(tmp_path / "stream.mp4", fps=8) as write:
+        assert not (tmp_path / "stream.mp4").exists()  # only once complete
+        for start in range(0, 9, 4):
+            write(frames[start:start + 4])
+        with pytest.raises(ValueError, match="frames: must keep the first frames' size 40x48, got 8x8"):
+            write(frames[:1, :8, :8])
+    streamed = read_video(tmp_path / "stream.mp4")
+    assert streamed.shape == frames.shape
+    assert np.abs(streamed.astype(int) - read_video(write_video(tmp_path / "whole.mp4", frames))).mean() < 1
+    with pytest.raises(ValueError, match="frames: none were written"):
+        with mp4_writer(tmp_path / "empty.mp4"):
+            pass
+    assert not (tmp_path / "empty.mp4").exists()
+    with pytest.raises(ValueError, match="path: must end in .mp4"):
+        with mp4_writer(tmp_path / "x.gif"):
+            pass
 
 
 def test_errors_name_the_argument(tmp_path, mp4):

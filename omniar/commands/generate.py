@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -165,47 +164,6 @@ def read_init(args: argparse.Namespace, size: int, tau: int) -> torch.Tensor | N
     return fit_frames(frames[:count], size)
 
 
-class StreamWriter:
-    """An mp4 (H.264 / yuv420p at crf 12, as ``write_video``) written frame by frame: only the encoder's few
-    frames are held. It appears at ``path`` only once complete (temp file in the same folder, then rename)."""
-
-    def __init__(self, path: Path, fps: int):
-        import av
-
-        from ..data.video_io import _umask
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.mp4", dir=path.parent)
-        os.close(fd)
-        self.path, self._fps, self._av, self._umask = path, fps, av, _umask
-        self._container = av.open(self._tmp, mode="w", format="mp4")
-        self._stream = None
-
-    def write(self, frames: np.ndarray) -> None:
-        """uint8 (t, H, W, 3) frames (even sides), appended."""
-        if self._stream is None:
-            self._stream = self._container.add_stream("libx264", rate=self._fps)
-            self._stream.width, self._stream.height = frames.shape[2], frames.shape[1]
-            self._stream.pix_fmt, self._stream.options = "yuv420p", {"crf": "12"}
-        for frame in frames:
-            self._container.mux(self._stream.encode(self._av.VideoFrame.from_ndarray(frame, format="rgb24")))
-
-    def __enter__(self) -> "StreamWriter":
-        return self
-
-    def __exit__(self, kind, *_) -> None:
-        try:
-            if kind is None:
-                self._container.mux(self._stream.encode())
-            self._container.close()
-            if kind is None:
-                os.chmod(self._tmp, 0o666 & ~self._umask())  # mkstemp makes it owner-only, as write_video fixes
-                os.replace(self._tmp, self.path)
-        finally:
-            if os.path.exists(self._tmp):  # failed: leave no partial file behind
-                os.remove(self._tmp)
-
-
 def warn_unknown_words(pipe, prompts: list[str], batch: bool) -> None:
     """One stderr line per prompt with words the model never saw in training, naming them and its vocabulary."""
     for number, prompt in enumerate(prompts, 1):
@@ -218,7 +176,7 @@ def warn_unknown_words(pipe, prompts: list[str], batch: bool) -> None:
 
 def cli_main(args: argparse.Namespace) -> int:
     from ..backbone.elastic import resolve_elastic
-    from ..data.video_io import check_fps, write_video
+    from ..data.video_io import check_fps, mp4_writer, write_video
     from ..generation.pipeline import TextToVideoPipeline
     from ..pixels import upscale
 
@@ -255,9 +213,8 @@ def cli_main(args: argparse.Namespace) -> int:
                       random_ratio=args.random_ratio, kv_rope=args.kv_rope)
         try:
             if args.stream:
-                with StreamWriter(path, args.fps) as writer:
-                    out = pipe(prompt, on_frames=lambda frames: writer.write(upscale(frames[0], args.upscale)),
-                               **kwargs)
+                with mp4_writer(path, args.fps) as write:
+                    out = pipe(prompt, on_frames=lambda frames: write(upscale(frames[0], args.upscale)), **kwargs)
                 written = path
             else:
                 out = pipe(prompt, **kwargs)

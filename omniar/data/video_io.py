@@ -35,20 +35,52 @@ def _write_gif(path: Path, frames: np.ndarray, fps: int) -> None:
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
 
 
-def _write_mp4(path: Path, frames: np.ndarray, fps: int) -> None:
+@contextmanager
+def mp4_writer(path: str | os.PathLike, fps: int = 8):
+    """Write an H.264 / yuv420p mp4 frame by frame: yields ``write(frames)`` (uint8 (t, H, W, 3) or floats in
+    [0, 1], the same H and W each call). Only the encoder's few frames are held. The file appears at ``path``
+    when the block completes, never partly written; odd sides are padded by one edge pixel (yuv420p)."""
     import av
 
-    _, h, w, _ = frames.shape
-    if h % 2 or w % 2:  # yuv420p needs even sides
-        frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
-    with av.open(str(path), mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "12"}  # near-lossless: round trips stay within a few grey levels
-        for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
-        container.mux(stream.encode())
+    path = check_video_path(path)
+    require(path.suffix.lower() == ".mp4", "path", f"must end in .mp4, got {path.name!r}")
+    check_fps(fps)
+    with _atomic_output(path) as tmp, av.open(str(tmp), mode="w", format="mp4") as container:
+        stream = None
+
+        def write(frames) -> None:
+            nonlocal stream
+            frames = _as_uint8(frames)
+            _, h, w, _ = frames.shape
+            frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+            if stream is None:
+                stream = container.add_stream("libx264", rate=fps)
+                stream.width, stream.height = frames.shape[2], frames.shape[1]
+                stream.pix_fmt = "yuv420p"
+                stream.options = {"crf": "12"}  # near-lossless: round trips stay within a few grey levels
+            require((stream.height, stream.width) == frames.shape[1:3], "frames",
+                    f"must keep the first frames' size {stream.height}x{stream.width}, got {h}x{w}")
+            for frame in frames:
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+
+        yield write
+        require(stream is not None, "frames", "none were written")
+        container.mux(stream.encode())  # flush the frames the encoder still holds
+
+
+@contextmanager
+def _atomic_output(path: Path):
+    """A temporary path beside ``path`` that becomes ``path`` only if the block completes (no partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix.lower()}", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal new file's mode
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the writer failed: leave no partial file behind
+            os.remove(tmp)
 
 
 def _umask() -> int:
@@ -80,19 +112,14 @@ def write_video(path: str | os.PathLike, frames, fps: int = 8) -> Path:
     same, but reading it back gives fewer frames.
     """
     path = check_video_path(path)
-    suffix = path.suffix.lower()
     check_fps(fps)
     frames = _as_uint8(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{suffix}", dir=path.parent)
-    os.close(fd)
-    try:
-        (_write_gif if suffix == ".gif" else _write_mp4)(Path(tmp), frames, fps)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal new file's mode
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):  # the writer failed: leave no partial file behind
-            os.remove(tmp)
+    if path.suffix.lower() == ".gif":
+        with _atomic_output(path) as tmp:
+            _write_gif(tmp, frames, fps)
+    else:
+        with mp4_writer(path, fps) as write:
+            write(frames)
     return path
 
 
