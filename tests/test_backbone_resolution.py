@@ -19,14 +19,8 @@ PAIRS = ((1, 1), (2, 3), (3, 5), (6, 10))
 SCHEDULES = [(1, 2, 4, 8), VAR, PAIRS, ((1, 2), (2, 2), (2, 4), (4, 8))]  # last: a side that stays
 B, L, T, C = 2, 5, 2, 4
 CPU = torch.device("cpu")
-# OmniARModel (model.py) still builds n x n maps: its frame_scale_ids buffer, the visual_inputs shape check and
-# forward_scale's token count read cfg.scales[s] as an int. Pair schedules run once model.py takes the helpers.
-NEEDS_MODEL_PY = pytest.mark.skip(reason="needs the #26 model.py change (frame_scale_ids / cfg.scale_shapes in "
-                                         "OmniARModel.__init__, forward and forward_scale): model.py is being "
-                                         "edited for long-video KV eviction")
 # VAR's first six scales: uneven steps (fine/n = 6, 3, 2, 1.5, 1.2, 1) at 91 tokens a frame, not 680 (a CPU test)
-MODEL_SCHEDULES = [VAR[:6], pytest.param(PAIRS, marks=NEEDS_MODEL_PY),
-                   pytest.param(((1, 2), (2, 3)), marks=NEEDS_MODEL_PY)]
+MODEL_SCHEDULES = [VAR[:6], PAIRS, ((1, 2), (2, 3))]
 
 
 def per_frame(scales):
@@ -216,3 +210,23 @@ def test_extracted_submodel_round_trip(scales, tmp_path):
     loaded = OmniARModel.from_pretrained(str(tmp_path)).eval()
     assert loaded.omniar_config.scales == model.omniar_config.scales
     assert (loaded(ids, mask, vis).visual_logits - want).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_forward_checks_name_h_and_w_of_pair_schedules():
+    """A (2, 3) map is not a 2 x 2 or 3 x 3 one: the shape checks read each scale's (h, w)."""
+    model = tiny(PAIRS)
+    ids, mask, vis = batch(PAIRS)
+    assert model.frame_scale_ids.tolist() == [0] + [1] * 6 + [2] * 15 + [3] * 60
+    bad = list(vis)
+    bad[1] = torch.zeros(B, T, C, 3, 2)
+    with pytest.raises(ValueError, match=r"visual_inputs.*scale 1 must have shape \(B=2, T_lat>0, 4, 2, 3\)"):
+        model(ids, mask, bad)
+    cache = model.new_cache(1)
+    model.forward_text(ids, mask, cache)
+    model.forward_scale(vis[0][:, 0], 0, 0, cache)
+    with pytest.raises(ValueError, match=r"inputs.*\(2, 4, 2, 3\)"):
+        model.forward_scale(torch.zeros(B, C, 3, 3), 0, 1, cache)
+    with pytest.raises(ValueError, match="stop.*<= 6"):
+        model.forward_scale(vis[1][:, 0], 0, 1, cache, 0, 7)
+    assert model.forward_scale(vis[1][:, 0], 0, 1, cache).shape == (B, 6, 16)

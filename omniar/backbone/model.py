@@ -16,7 +16,7 @@ from .._pretrained import PretrainedModel
 from .attention import Attention, KVBudget, KVCache
 from .config import OmniARConfig, config_signature
 from .elastic import ElasticSpec, resolve_elastic, sample_elastic, slice_state_dict, submodel_config
-from .layout import TokenMeta, attention_mask, scale_offsets, text_meta, video_meta
+from .layout import TokenMeta, attention_mask, frame_scale_ids, scale_offsets, text_meta, video_meta
 from .moe import MoELayer, RouterStats, SwiGLU
 from .rope import MultiScaleRoPE
 
@@ -76,8 +76,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         self.text_head = nn.Linear(d, cfg.text_vocab_size, bias=False)
         self.mtp_heads = nn.ModuleList(nn.Linear(d, cfg.text_vocab_size, bias=False) for _ in range(cfg.mtp_k - 1))
         self.visual_head = nn.Linear(d, cfg.codebook_size, bias=False)
-        scale_ids = torch.cat([torch.full((n * n,), s) for s, n in enumerate(cfg.scales)])
-        self.register_buffer("frame_scale_ids", scale_ids, persistent=False)
+        self.register_buffer("frame_scale_ids", frame_scale_ids(cfg.scales), persistent=False)
         self._elastic: ElasticSpec | None = None
         for name, p in self.named_parameters():
             if p.dim() >= 2 or name == "bov":
@@ -189,7 +188,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         """Teacher-forced pass over the whole sequence.
 
         ``text_ids`` (B, L) right-padded, ``text_mask`` (B, L) bool (True = real);
-        ``visual_inputs[s]`` (B, T_lat, code_dim, n_s, n_s): the accumulated inputs of
+        ``visual_inputs[s]`` (B, T_lat, code_dim, h_s, w_s): the accumulated inputs of
         scale s (``VideoTokenizer.codes_to_accumulated``); ``frame_visibility``
         (B, T_lat, T_lat) bool [query frame, key frame] hides earlier frames (Random
         Frame Mask); a frame always sees itself and the text.
@@ -204,9 +203,9 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                     and all(isinstance(v, torch.Tensor) for v in visual_inputs), "visual_inputs",
                     f"must be a list of {len(cfg.scales)} tensors, one per scale")
             num_frames = visual_inputs[0].shape[1] if visual_inputs[0].dim() == 5 else 0
-            for s, (v, n) in enumerate(zip(visual_inputs, cfg.scales)):
-                require(v.dim() == 5 and tuple(v.shape) == (b, num_frames, cfg.code_dim, n, n) and num_frames > 0,
-                        "visual_inputs", f"scale {s} must have shape (B={b}, T_lat>0, {cfg.code_dim}, {n}, {n}) "
+            for s, (v, (h, w)) in enumerate(zip(visual_inputs, cfg.scale_shapes)):
+                require(v.dim() == 5 and tuple(v.shape) == (b, num_frames, cfg.code_dim, h, w) and num_frames > 0,
+                        "visual_inputs", f"scale {s} must have shape (B={b}, T_lat>0, {cfg.code_dim}, {h}, {w}) "
                                          f"with T_lat shared, got {tuple(v.shape)}")
             feats = torch.cat([v.flatten(3).transpose(2, 3) for v in visual_inputs], dim=2)
             x = torch.cat([x, self._embed_vision(feats, self.frame_scale_ids, True)], dim=1)
@@ -275,7 +274,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
     def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
                       start: int = 0, stop: int | None = None) -> torch.Tensor:
         """One step: tokens ``[start, stop)`` (row-major; default the whole scale) of block
-        (``frame``, ``scale``), appended to ``cache``. ``inputs`` (B, code_dim, n_s, n_s) is the
+        (``frame``, ``scale``), appended to ``cache``. ``inputs`` (B, code_dim, h_s, w_s) is the
         scale's accumulated input; at frame 0 scale 0, BOV replaces the input of token 0 only (the
         other tokens of a scales[0] > 1 still read ``inputs``). Blocks must come in order; next-scale
         models take whole scales, raster models any run of tokens.
@@ -286,17 +285,17 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         self._check_cache_spec(cache)
         check_int(scale, "scale", 0, len(cfg.scales) - 1)
         check_int(frame, "frame", 0)
-        n = cfg.scales[scale]
-        stop = n * n if stop is None else check_int(stop, "stop", 1, n * n)
+        h, w = cfg.scale_shapes[scale]
+        stop = h * w if stop is None else check_int(stop, "stop", 1, h * w)
         check_int(start, "start", 0, stop - 1)
         require((frame, scale, start) == cache.next_block, "frame/scale/start",
                 f"the cache expects block (frame, scale, start) = {cache.next_block}, got {(frame, scale, start)}")
         raster = cfg.vision_mask == "raster"
-        require(raster or (start, stop) == (0, n * n), "start/stop",
+        require(raster or (start, stop) == (0, h * w), "start/stop",
                 "next-scale models take a whole scale per step")
         b = cache.meta.valid.shape[0]
-        require(isinstance(inputs, torch.Tensor) and tuple(inputs.shape) == (b, cfg.code_dim, n, n), "inputs",
-                f"must have shape {(b, cfg.code_dim, n, n)}, got {getattr(inputs, 'shape', inputs)}")
+        require(isinstance(inputs, torch.Tensor) and tuple(inputs.shape) == (b, cfg.code_dim, h, w), "inputs",
+                f"must have shape {(b, cfg.code_dim, h, w)}, got {getattr(inputs, 'shape', inputs)}")
         feats = inputs.flatten(2).transpose(1, 2)[:, None, start:stop]
         scale_ids = torch.full((stop - start,), scale, device=feats.device)
         x = self._embed_vision(feats, scale_ids, frame == 0 and scale == 0 and start == 0)
@@ -310,7 +309,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         mask = cache.step_mask(seq_start, seq_stop, raster and stop - start > 1)
         hidden, _, _ = self._trunk(x, cache.cos[seq_start:seq_stop], cache.sin[seq_start:seq_stop], mask, None,
                                    None, cache)
-        if stop < n * n:
+        if stop < h * w:
             cache.next_block = (frame, scale, stop)
         else:
             cache.next_block = (frame, scale + 1, 0) if scale + 1 < len(cfg.scales) else (frame + 1, 0, 0)
