@@ -109,7 +109,7 @@ class TextToVideoPipeline:
         require(isinstance(text_tokenizer, TextTokenizer), "text_tokenizer", "must be a TextTokenizer")
         require(isinstance(model, OmniARModel), "model", "must be an OmniARModel")
         mc, tc = model.omniar_config, video_tokenizer.config
-        require(tuple(mc.scales) == tuple(tc.scales) and mc.codebook_size == tc.codebook_size
+        require(mc.scales == video_tokenizer.scales and mc.codebook_size == tc.codebook_size
                 and mc.code_dim == tc.latent_channels, "model",
                 "scales / codebook_size / code_dim must match the video tokenizer")
         require(mc.text_vocab_size == text_tokenizer.vocab_size, "model",
@@ -220,6 +220,26 @@ class TextToVideoPipeline:
             return []
         return list(dict.fromkeys(w for w in words(prompt) if w not in self.vocabulary))
 
+    @property
+    def frame_size(self) -> tuple[int, int]:
+        """``(height, width)`` of the frames: the tokenizer's, which its scale schedule fixes."""
+        return self.video_tokenizer.frame_size
+
+    def check_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """``(height, width)`` of a call (None: :attr:`frame_size`), or a ``ValueError`` naming the one that differs.
+        Only the built size is accepted: the AR model's sequence layout and positions are those of its scale
+        schedule, whose last map is the tokenizer's latent grid, so another size needs a tokenizer and a model
+        trained for it (docs/own_data.md), not a resized input."""
+        size = self.frame_size
+        for value, built, name in ((height, size[0], "height"), (width, size[1], "width")):
+            if value is not None:
+                check_int(value, name, 1)
+                require(value == built, name,
+                        f"must be {built}: this pipeline makes {size[0]}x{size[1]} (height x width) frames, the size "
+                        f"its scale schedule {self.video_tokenizer.scales} was trained for; got {value}. Another "
+                        "size needs a tokenizer and a model trained for it (docs/own_data.md)")
+        return size
+
     def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
                     video, elastic, callback, output_type, generator, kv_budget, kv_policy, random_ratio, kv_rope,
                     on_frames) -> list[str]:
@@ -266,7 +286,8 @@ class TextToVideoPipeline:
                  progress: bool = False, output_type: str = "uint8",
                  generator: torch.Generator | None = None, kv_budget: int | None = None,
                  kv_policy: str | None = None, random_ratio: float = DEFAULT_RANDOM_RATIO, kv_rope: str | None = None,
-                 on_frames: Callable | None = None) -> TextToVideoOutput:
+                 on_frames: Callable | None = None, height: int | None = None,
+                 width: int | None = None) -> TextToVideoOutput:
         """Generate clips for ``prompt``.
 
         Args:
@@ -291,10 +312,13 @@ class TextToVideoPipeline:
             on_frames: streaming: called with each latent frame's decoded frames (B, t, ...) of ``output_type``
                 as soon as it is generated (t = 1, then tau), so the clip is never held whole; the output's
                 ``frames`` is then None. The whole batch is decoded at once, one latent frame at a time.
+            height, width: the frame size; None (the default) is the size the pipeline was built for
+                (:meth:`check_size`), the only one it can make.
         """
         prompts = self._check_call(prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p,
                                    temperature, seed, video, elastic, callback, output_type, generator,
                                    kv_budget, kv_policy, random_ratio, kv_rope, on_frames)
+        self.check_size(height, width)
         tok, model, dev = self.video_tokenizer, self.model, self.device
         scales, b = tok.scales, len(prompts)
         if generator is None:
@@ -311,7 +335,7 @@ class TextToVideoPipeline:
         t_lat = tok.num_latent_frames(num_frames)
         ctx = model.elastic(**elastic) if elastic else contextlib.nullcontext()
         decoder = tok if self.decode_tokenizer is None else self.decode_tokenizer
-        codes = [torch.empty(b, t_lat, n, n, dtype=torch.long) for n in scales]
+        codes = [torch.empty(b, t_lat, h, w, dtype=torch.long) for h, w in tok.scale_shapes]
         start = time.perf_counter()
         passes = 0
         with ctx, contextlib.ExitStack() as stream:
@@ -324,11 +348,11 @@ class TextToVideoPipeline:
                 # the decoder's causal state carries from one latent frame to the next (exact, tested)
                 stream.enter_context(decoder.decoder.streaming())
                 shown = 0  # pixel frames handed over so far
-            prev = None  # previous latent frame's full accumulation (B, C, N, N)
+            prev = None  # previous latent frame's full accumulation (B, C, h, w)
             bar = tqdm(total=(t_lat - n_given) * len(scales), disable=not progress, desc="generate")
             for f in range(t_lat):
                 f_hat = None
-                for s, n in enumerate(scales):
+                for s, (h, w) in enumerate(tok.scale_shapes):
                     if f < n_given:
                         idx = given.codes[s][:, f].cpu()
                     inp = tok.scale_input(f_hat if s > 0 else prev, s, b).to(dev, model.dtype)
@@ -338,7 +362,7 @@ class TextToVideoPipeline:
                         if use_cfg:
                             g = guidance_for_scale(guidance_scale, s, len(scales), guidance_schedule)
                             logits = guided_logits(logits[:b], logits[b:], g)
-                        idx = sample(logits, temperature, top_k, top_p, generator).view(b, n, n)
+                        idx = sample(logits, temperature, top_k, top_p, generator).view(b, h, w)
                         bar.update(1)
                     codes[s][:, f] = idx
                     f_hat = tok.accumulate(f_hat, idx, s)
@@ -362,7 +386,7 @@ class TextToVideoPipeline:
                       for i in range(0, b, step)]
             pixels = torch.cat([decoder.decode(group, chunk_size=1).float().cpu() for group in groups])
             frames = convert_frames(self._keep_given(pixels, video, 0), output_type)
-        tokens = b * (t_lat - n_given) * sum(n * n for n in scales)
+        tokens = b * (t_lat - n_given) * tok.tokens_per_frame
         timings = {"generate_s": gen_s, "decode_s": time.perf_counter() - start - gen_s, "forward_passes": passes,
                    "tokens": tokens, "tokens_per_s": tokens / max(gen_s, 1e-9)}
         return TextToVideoOutput(frames, result, timings)
