@@ -112,8 +112,9 @@ def test_nan_run_stops_with_last_checkpoint_intact_and_resumable(tmp_path, monke
     assert (train(config, progress=False) / "config.json").is_file()  # resumes from step 2 and finishes
 
 
-def test_gradient_accumulation_is_not_an_option():
-    """One trainer step is one optimizer step: the schedule, checkpoints and router-bias updates count those."""
+def test_old_grad_accum_key_is_refused():
+    """The removed ``train.grad_accum`` (it counted micro-batches as steps) is refused, not silently taken for
+    ``train.grad_accum_steps``."""
     with pytest.raises(ValueError, match=r"^train: unknown keys \['grad_accum'\]"):
         split_train_section({"grad_accum": 2}, TokenizerTrainConfig)
 
