@@ -112,3 +112,11 @@ def check_device(value: str, name: str = "device") -> "torch.device":
         require(device.index is None or device.index < torch.cuda.device_count(), name,
                 f"{value!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
+
+
+def umask() -> int:
+    """The process umask. Reading it means setting it: briefly to 0o077, so a file another thread
+    creates meanwhile can only come out stricter, never more open."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask

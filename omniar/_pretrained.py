@@ -22,7 +22,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors import safe_open
 
-from ._checks import require
+from ._checks import require, umask
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
@@ -118,6 +118,10 @@ def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], N
         if p.exists():
             shutil.rmtree(p)
     write(tmp)
+    mode = 0o666 & ~umask()  # diffusers writes weights owner-only: give them a normal new file's mode
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            os.chmod(path, mode)
     if folder.exists():
         os.replace(folder, old)
     os.replace(tmp, folder)

@@ -127,6 +127,19 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
 
 
+def test_saved_files_get_a_normal_new_file_mode(tmp_path):
+    """diffusers writes the weights owner-only; a shared model folder must be readable as the umask says."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        tiny_tokenizer().save_pretrained(tmp_path / "model", max_shard_size="20KB")
+    finally:
+        os.umask(old)
+    files = list((tmp_path / "model").iterdir())
+    assert len(files) > 3 and {p.stat().st_mode & 0o777 for p in files} == {0o644}
+
+
 def test_sharded_folder_checks_the_index(tmp_path):
     model = OmniARModel.from_config_obj(OmniARConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                                                      num_experts=4, top_k=1, expert_hidden_size=16,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._checks import check_int, check_output_path, require
+from .._checks import check_int, check_output_path, require, umask
 
 
 def _as_uint8(frames) -> np.ndarray:
@@ -76,19 +76,11 @@ def _atomic_output(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it owner-only; give it a normal new file's mode
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it owner-only; give it a normal new file's mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # the writer failed: leave no partial file behind
             os.remove(tmp)
-
-
-def _umask() -> int:
-    """The process umask. Reading it means setting it: briefly to 0o077, so a file another thread
-    creates meanwhile can only come out stricter, never more open."""
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
 
 
 def check_video_path(path: str | os.PathLike, name: str = "path") -> Path:
