@@ -30,6 +30,8 @@ Generation (KV cache, one forward per scale)::
 
 The cache preallocates its keys/values per layer and builds the layout, RoPE
 tables and key mask once per call; each step writes in place (see ``KVCache``).
+``model.new_cache(max_frames, budget=KVBudget(tokens, "window" | "nacl"))`` bounds it for long video:
+at frame boundaries each layer evicts visual tokens (see ``KVBudget``).
 
 ``acc`` is the scale's accumulated input (B, code_dim, n_s, n_s). Vision
 positions start after the padded text length L of the batch (independent of
@@ -42,7 +44,7 @@ runs the nested sub-model (first layers, first experts);
 returns (and optionally saves) it as a standalone ``OmniARModel``.
 """
 
-from .attention import KVCache
+from .attention import KVBudget, KVCache
 from .config import OmniARConfig
 from .elastic import ElasticSpec
 from .layout import TokenMeta, attention_mask, text_meta, video_meta, vision_meta
@@ -50,6 +52,6 @@ from .model import OmniARModel, OmniAROutput
 from .moe import MoELayer, RouterStats, dropless_moe, grouped_mm_supported
 from .rope import MultiScaleRoPE
 
-__all__ = ["OmniARConfig", "OmniARModel", "OmniAROutput", "KVCache", "ElasticSpec", "RouterStats",
+__all__ = ["OmniARConfig", "OmniARModel", "OmniAROutput", "KVBudget", "KVCache", "ElasticSpec", "RouterStats",
            "MoELayer", "dropless_moe", "grouped_mm_supported", "MultiScaleRoPE", "TokenMeta",
            "attention_mask", "text_meta", "video_meta", "vision_meta"]
