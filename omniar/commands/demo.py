@@ -83,6 +83,12 @@ def _upscale(frames: np.ndarray) -> np.ndarray:
     return upscale(frames, max(1, math.ceil(DISPLAY_SIDE / frames.shape[-2])))
 
 
+def _pixels(tok) -> str:
+    """The tokenizer's frame size for a label: ``64 px`` when square, else ``48x80 px`` (height x width)."""
+    height, width = tok.frame_size
+    return f"{height} px" if height == width else f"{height}x{width} px"
+
+
 def _to_uint8(pixels: torch.Tensor) -> np.ndarray:
     """(B, 3, T, H, W) in [-1, 1] -> uint8 (B, T, H, W, 3), rounded like the pipeline's frames."""
     return to_uint8(pixels).permute(0, 2, 3, 4, 1).cpu().numpy()
@@ -207,7 +213,7 @@ class Demo:
         # The causal decoder decodes frame 0 alone exactly as in the full clip: one batched call for all scales.
         with torch.no_grad():
             images = _to_uint8(tok.decode_latent(torch.cat(first).unsqueeze(2)))[:, 0]
-        previews = [(_upscale(img), f"scales <= {n}x{n}") for img, n in zip(images, tok.scales)]
+        previews = [(_upscale(img), f"scales <= {h}x{w}") for img, (h, w) in zip(images, tok.scale_shapes)]
         return out, previews
 
     def reconstruct(self, file):
@@ -233,13 +239,13 @@ class Demo:
             codes = tok.encode(video.to(tok.device))
             recs = [rec.float().cpu() for rec in tok.decode_previews(codes)]
         strips, lines = [], []
-        for n, rec in zip(tok.scales, recs):
+        for (h, w), rec in zip(tok.scale_shapes, recs):
             strip = _to_uint8(rec)[0][:: max(1, len(frames) // 4)][:5]  # up to 5 frames, evenly spread
-            strips.append((_upscale(np.concatenate(list(strip), axis=1)), f"scales <= {n}x{n}"))
-            lines.append(f"| {n}x{n} | {psnr(rec, video).item():.2f} |")
+            strips.append((_upscale(np.concatenate(list(strip), axis=1)), f"scales <= {h}x{w}"))
+            lines.append(f"| {h}x{w} | {psnr(rec, video).item():.2f} |")
         path = self.outputs.new(".mp4")
         write_video(path, _upscale(_to_uint8(recs[-1])[0]), fps=FPS)
-        table = "\n".join([f"{len(frames)} frame(s) at {tok.resolution} px\n", "| up to scale | PSNR dB |", "|---|---|",
+        table = "\n".join([f"{len(frames)} frame(s) at {_pixels(tok)}\n", "| up to scale | PSNR dB |", "|---|---|",
                            *lines])
         return strips, str(path), table
 
@@ -313,7 +319,7 @@ class Demo:
                 continue_button.click(continue_start, settings + [start], [video, previews, stats],
                                       api_name="continue", preprocess=False, concurrency_id="model")
             with gr.Tab("Tokenizer"):
-                gr.Markdown(f"Encode a video or an image with the {tok.resolution} px multi-scale tokenizer "
+                gr.Markdown(f"Encode a video or an image with the {_pixels(tok)} multi-scale tokenizer "
                             f"(first {MAX_RECONSTRUCT_FRAMES} frames, centre crop) and decode it from the "
                             "coarsest scale up.")
                 with gr.Row():

@@ -22,7 +22,6 @@ from .._checks import check_int, check_output_path, named, require
 from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
 from ..generation.pipeline import DEFAULT_RANDOM_RATIO
 from ..generation.sampling import GUIDANCE_SCHEDULES
-from ..pixels import from_uint8
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
 IMAGE_FORMATS = ("png", "jpg", "webp")  # one frame: --num-frames 1
@@ -129,20 +128,19 @@ def write_png_frames(folder: Path, frames) -> Path:
     return folder
 
 
-def fit_frames(frames: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> (1, 3, T, size, size) in [-1, 1]: centre square crop, then antialiased resize."""
-    _, h, w, _ = frames.shape
-    side = min(h, w)
-    top, left = (h - side) // 2, (w - side) // 2
-    x = torch.from_numpy(frames[:, top:top + side, left:left + side].copy()).permute(0, 3, 1, 2)
-    if side != size:
-        x = torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True)
-    return from_uint8(x).clamp(-1, 1).permute(1, 0, 2, 3)[None]
+def fit_frames(frames: np.ndarray, size: int | tuple[int, int]) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> (1, 3, T, height, width) in [-1, 1] for ``size`` = side or (height, width): resized
+    and centre-cropped as training clips are (``VideoFolderDataset``); frames of that size pass unchanged."""
+    from ..data.video_folder import resize_center_crop
+
+    # a read-only array (a decoded image) would make torch.from_numpy warn
+    return resize_center_crop(frames if frames.flags.writeable else frames.copy(), size)[None]
 
 
-def read_init(args: argparse.Namespace, size: int, tau: int) -> torch.Tensor | None:
-    """The frames to continue (``--init-video`` / ``--init-image``) as (1, 3, 1 + tau k, size, size), the longest
-    such start shorter than ``--num-frames``; None without either flag."""
+def read_init(args: argparse.Namespace, size: int | tuple[int, int], tau: int) -> torch.Tensor | None:
+    """The frames to continue (``--init-video`` / ``--init-image``) as (1, 3, 1 + tau k, height, width) for
+    ``size`` = side or (height, width), the longest such start shorter than ``--num-frames``; None without either
+    flag."""
     from ..data.video_io import read_video
 
     name, path = ("init_video", args.init_video) if args.init_video else ("init_image", args.init_image)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .._checks import check_bool, check_choice, check_float, check_int, check_keys, check_output_path, require
+from .._scales import Scales, scale_shapes
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..backbone.moe import gathered_state_dict
 from ..data.shapes import vocabulary as shapes_vocabulary
@@ -109,15 +110,16 @@ class ARTrainConfig:
         check_choice(self.scale_weighting, "train.scale_weighting", ("scale", "token"))
 
 
-def visual_mean(per_token: torch.Tensor, scales: tuple[int, ...], cfg: ARTrainConfig) -> torch.Tensor:
+def visual_mean(per_token: torch.Tensor, scales: Scales, cfg: ARTrainConfig) -> torch.Tensor:
     """Mean of a (B, T_lat, tokens/frame) loss; with ``scale_weighting="scale"`` each scale counts equally."""
     if cfg.scale_weighting == "token":
         return per_token.mean()
-    w = torch.cat([torch.full((n * n,), 1.0 / (n * n * len(scales))) for n in scales]).to(per_token.device)
-    return (per_token * w).sum(-1).mean()
+    shapes = scale_shapes(scales)
+    weight = torch.cat([torch.full((h * w,), 1.0 / (h * w * len(shapes))) for h, w in shapes]).to(per_token.device)
+    return (per_token * weight).sum(-1).mean()
 
 
-def distill_loss(student: OmniAROutput, teacher: OmniAROutput, scales: tuple[int, ...],
+def distill_loss(student: OmniAROutput, teacher: OmniAROutput, scales: Scales,
                  cfg: ARTrainConfig) -> torch.Tensor:
     """KL(teacher || student) of the visual code distributions, the teacher's side detached."""
     teacher = F.log_softmax(teacher.visual_logits.detach().float(), -1)
@@ -126,7 +128,7 @@ def distill_loss(student: OmniAROutput, teacher: OmniAROutput, scales: tuple[int
 
 
 def ar_loss(out: OmniAROutput, targets: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
-            scales: tuple[int, ...], cfg: ARTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
+            scales: Scales, cfg: ARTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
     """Visual + text (+ multi-token) cross-entropy + MoE auxiliary loss. ``targets`` (B, T_lat, tokens/frame)."""
     logits = out.visual_logits.float()
     ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape)

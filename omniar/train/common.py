@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import assets
 from .._checks import check_choice, check_int, check_keys, check_output_path, require
 from .._pretrained import load_checked_state_dict
+from ..data.video_folder import frame_size
 from ..limits import MAX_NUM_WORKERS
 from ..tokenizers import VideoTokenizer
 
@@ -153,7 +154,7 @@ class VideoDataConfig:
 
     dataset: str = "shapes"  # "shapes" | "video_folder"
     path: str | None = None  # JSONL for video_folder
-    size: int = 64
+    size: int | tuple[int, int] = 64  # a side, or [height, width]
     num_frames: int = 17
     num_samples: int = 10_000_000  # shapes: clips are generated, so this is effectively unbounded
     seed: int = 0
@@ -163,9 +164,12 @@ class VideoDataConfig:
         check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
         require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
         check_int(self.num_workers, "data.num_workers", 0, MAX_NUM_WORKERS)
+        height, width = frame_size(self.size, "data.size")
+        self.size = height if height == width else (height, width)  # VideoTokenizer.resolution's form
 
 
-def build_dataset(dataset: str, path: str | None, num_samples: int, size: int, num_frames: int, seed: int):
+def build_dataset(dataset: str, path: str | None, num_samples: int, size: int | tuple[int, int], num_frames: int,
+                  seed: int):
     """Training clips: ``num_samples`` Moving Shapes clips of the training split, or a video folder's."""
     if dataset == "shapes":
         from ..data.shapes import MovingShapes

@@ -150,7 +150,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 f"takes only refiner_blocks, refiner_channels and refiner_norm, got {sorted(refiner_cfg)}")
         check_int(refiner_cfg.get("refiner_blocks", 0), "model.refiner_blocks", 1)
     start_refiner, base.refiner = base.refiner, None  # the refiner learns from plain decodes
-    require(base.resolution == data_cfg.size, "data.size", f"must equal the tokenizer resolution {base.resolution}")
+    require(base.resolution == data_cfg.size, "data.size",
+            f"must equal the tokenizer resolution {base.resolution}, got {data_cfg.size}")
     base.check_num_frames(data_cfg.num_frames, "data.num_frames")
     torch.manual_seed(engine_cfg.seed)  # same initial refiner on every rank and every resume
     tok = build_model(VideoTokenizer, {k: v for k, v in base.config.items() if not k.startswith("_")} | refiner_cfg)

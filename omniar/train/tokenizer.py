@@ -110,7 +110,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     if train_cfg.init_from:
         load_init_from(model, train_cfg.init_from, "a tokenizer folder")
     require(model.resolution == data_cfg.size, "data.size",
-            f"must equal the tokenizer resolution {model.resolution} (scales[-1] x spatial_compression)")
+            f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
+            f"spatial_compression), got {data_cfg.size}")
     model.check_num_frames(data_cfg.num_frames, "data.num_frames")
     if train_cfg.trainable == "decoder":
         frozen = (model.encoder, model.quantizer)
