@@ -1,11 +1,11 @@
-"""Ablation: Cross-Frame Error Correction + Random Frame Mask on vs off, judged on clips twice the
-training length (33 frames): adherence of the last frames and Frechet distance.
+"""Ablation: Cross-Frame Error Correction + Random Frame Mask on vs off, judged on clips longer than the
+training length (17 frames): adherence and Frechet distance of the first and last frames and the whole clip.
 
 Both arms train the same small model (configs/ar_ablation.yaml) on the same pre-tokenized clips with
 the same seed and step budget; only train.cfec_max_rate and train.frame_mask_prob differ.
 
-    python benchmarks/t2v_ablation.py [--steps 400] [--clips 32] [--work runs/ablation] [--resume]
-        [--out benchmarks/results/t2v_ablation.json]
+    python benchmarks/t2v_ablation.py [--steps 400] [--clips 32] [--frames 33] [--last 9] [--kv-budget N]
+        [--work runs/ablation] [--resume] [--out benchmarks/results/t2v_ablation.json]
 
 Each arm trains into ``WORK/<arm>``; a non-empty one is refused unless ``--resume`` continues it (the
 trainer resumes from its newest checkpoint), so a rerun never silently re-exports old runs.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from omniar.eval.t2v import evaluate_split, load_classifier
+from omniar.eval.t2v import evaluate_windows, load_classifier
 from omniar.generation import TextToVideoPipeline
 from omniar.train.ar import train
 from omniar.train.common import load_yaml
@@ -36,7 +36,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--clips", type=int, default=32, help="evaluation clips per arm")
     parser.add_argument("--frames", type=int, default=33, help="generated clip length (training: 17)")
-    parser.add_argument("--last", type=int, default=9, help="judge the last N frames")
+    parser.add_argument("--last", type=int, default=9, help="judge the first and the last N frames")
+    parser.add_argument("--kv-budget", type=int, default=None,
+                        help="visual tokens per layer's KV cache (window policy): needed past 33 frames")
     parser.add_argument("--work", default="runs/ablation", help="folder of the two arms' runs")
     parser.add_argument("--resume", action="store_true", help="continue the runs already in --work")
     parser.add_argument("--out", default="benchmarks/results/t2v_ablation.json")
@@ -47,6 +49,7 @@ def main() -> None:
             parser.error(f"--work: {run} holds an earlier run; pass --resume to continue it or choose another --work")
 
     result = {"steps": args.steps, "clips": args.clips, "frames": args.frames, "last_frames": args.last,
+              "kv_budget": args.kv_budget,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, CPU"}
     pipes = {}
     for name, arm in ARMS.items():
@@ -57,9 +60,10 @@ def main() -> None:
         result[name] = {**arm, "train_s": time.perf_counter() - start}
     classifier = load_classifier()
     for name, pipe in pipes.items():
-        tail = evaluate_split(pipe, classifier, "seen", args.clips, num_frames=args.frames, last_frames=args.last)
-        full = evaluate_split(pipe, classifier, "seen", args.clips, num_frames=args.frames)
-        result[name].update(last_frames=tail, whole_clip=full)
+        windows = {"first_frames": slice(0, args.last), "last_frames": slice(-args.last, None),
+                   "whole_clip": slice(None)}
+        result[name].update(evaluate_windows(pipe, classifier, "seen", args.clips, windows, args.frames,
+                                             kv_budget=args.kv_budget))
         print(name, json.dumps(result[name]))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

@@ -33,6 +33,33 @@ def test_tokenizer_reference_of_a_perfect_tokenizer_is_full_adherence():
     assert grey["frechet"] > 10 * perfect["frechet"]
 
 
+@pytest.mark.skipif("shapes-classifier" not in assets.available(), reason="classifier not shipped")
+def test_evaluate_windows_judges_frames_of_the_same_clips():
+    """A stand-in pipeline returns the real clips with the second half grey: the first window is judged right,
+    the last one wrong, and every window comes from one generation."""
+    from types import SimpleNamespace
+
+    from omniar.eval.t2v import evaluate_split, evaluate_windows, real_clips
+    from omniar.pixels import to_uint8
+
+    calls = []
+
+    def pipe(prompts, num_frames, seed, **kwargs):
+        calls.append(kwargs)
+        combos = eval_combinations("seen", 8, 0)[seed:seed + len(prompts)]
+        clips = real_clips(combos, num_frames, 64, seed=1)
+        clips[:, :, num_frames // 2:] = 0
+        return SimpleNamespace(frames=to_uint8(clips).permute(0, 2, 3, 4, 1).numpy())
+
+    pipe.video_tokenizer = _Stub(True)
+    classifier = load_classifier()
+    windows = {"first": slice(0, 8), "last": slice(-8, None)}
+    got = evaluate_windows(pipe, classifier, "seen", 8, windows, num_frames=17, batch=4, kv_budget=7)
+    assert len(calls) == 2 and calls[0] == {"kv_budget": 7}  # 8 clips in batches of 4, once for both windows
+    assert got["first"]["all"] == 1.0 and got["last"]["all"] < 0.5
+    assert evaluate_split(pipe, classifier, "seen", 8, batch=4)["all"] < 1.0
+
+
 def test_eval_combinations_repeat_none_before_all_are_used():
     seen = eval_combinations("seen", 64, 0)
     assert len(set(seen)) == 64 and set(seen) <= set(TRAIN_COMBINATIONS)

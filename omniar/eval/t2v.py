@@ -76,15 +76,20 @@ def score(classifier, clips: torch.Tensor, combos: list[tuple], real: torch.Tens
 
 
 def evaluate_split(pipe, classifier, split: str, n: int, num_frames: int = 17, batch: int = 16, seed: int = 0,
-                   last_frames: int | None = None, progress: bool = False, **kwargs) -> dict:
-    """Adherence and Frechet distance for one split; ``last_frames`` judges only the clip's tail."""
+                   progress: bool = False, **kwargs) -> dict:
+    """Adherence and Frechet distance for one split."""
+    return evaluate_windows(pipe, classifier, split, n, {"all": slice(None)}, num_frames, batch, seed, progress,
+                            **kwargs)["all"]
+
+
+def evaluate_windows(pipe, classifier, split: str, n: int, windows: dict[str, slice], num_frames: int = 17,
+                     batch: int = 16, seed: int = 0, progress: bool = False, **kwargs) -> dict[str, dict]:
+    """:func:`evaluate_split` of frame windows of the same clips, e.g. ``{"first": slice(0, 17), "last":
+    slice(-17, None)}``: how far a long clip drifts from its start."""
     combos = eval_combinations(split, n, seed)
-    size = pipe.video_tokenizer.resolution
     fake = generate(pipe, combos, num_frames, batch, progress, **kwargs)
-    real = real_clips(combos, num_frames, size, seed=seed + 1)
-    if last_frames:
-        fake, real = fake[:, :, -last_frames:], real[:, :, -last_frames:]
-    return score(classifier, fake, combos, real)
+    real = real_clips(combos, num_frames, pipe.video_tokenizer.resolution, seed=seed + 1)
+    return {name: score(classifier, fake[:, :, frames], combos, real[:, :, frames]) for name, frames in windows.items()}
 
 
 def tokenizer_reference(tokenizer, classifier, n: int, num_frames: int = 17, batch: int = 8, seed: int = 0) -> dict:
