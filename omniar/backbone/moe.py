@@ -223,6 +223,14 @@ class MoELayer(nn.Module):
         weights = scores.gather(-1, idx)
         return logits, scores, idx, weights / weights.sum(-1, keepdim=True)
 
+    @torch.no_grad()
+    def rerouted(self, x: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor:
+        """Bool ``(...)``: the tokens of ``x`` ``(..., d)`` whose chosen experts the selection bias changes,
+        the top-k set of ``scores + selection_bias`` vs of the scores alone (the balancer's reach)."""
+        _, scores, idx, _ = self.route(x, num_experts, top_k)
+        plain = scores.topk(top_k, dim=-1).indices
+        return (idx.sort(-1).values != plain.sort(-1).values).any(-1)
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None, is_text: torch.Tensor | None, num_experts: int,
                 top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
         """``x`` ``(B, L, d)``, ``valid`` ``(B, L)``, ``is_text`` ``(L,)`` (for statistics only; None in
