@@ -10,7 +10,7 @@ STAMP := $(VENV)/.omniar-installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,text]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -124,15 +124,15 @@ def test_anchor_keeps_a_fine_tune_closer_to_its_init_from_model(tmp_path):
 
     start = run("base", 2)
     data = TokenizedDataset(tmp_path / "codes")
-    ids, mask, inputs, _, _ = prepare_batch(collate([data[i] for i in range(16)]),
-                                            load_video_tokenizer(str(tmp_path / "tok")), TextTokenizer(),
-                                            ARTrainConfig(caption_dropout=0.0), ARDataConfig(),
-                                            torch.Generator(), torch.device("cpu"))
+    text, inputs, _, _ = prepare_batch(collate([data[i] for i in range(16)]),
+                                       load_video_tokenizer(str(tmp_path / "tok")), TextTokenizer(),
+                                       ARTrainConfig(caption_dropout=0.0), ARDataConfig(),
+                                       torch.Generator(), torch.device("cpu"))
 
     @torch.no_grad()
     def drift(model):
-        return distill_loss(model(ids, mask, inputs), start(ids, mask, inputs), start.omniar_config.scales,
-                            ARTrainConfig()).item()
+        return distill_loss(model(visual_inputs=inputs, **text), start(visual_inputs=inputs, **text),
+                            start.omniar_config.scales, ARTrainConfig()).item()
 
     tuned = dict(steps=10, init_from=str(tmp_path / "base" / "final"), lr=1e-2, warmup_steps=0)
     plain, anchored = drift(run("plain", **tuned)), drift(run("anchored", **tuned, anchor_weight=100.0))

@@ -24,7 +24,12 @@ class OmniARConfig:
     visual codes per position; visual inputs have ``code_dim`` channels
     (the tokenizer's ``latent_channels``) and come in ``scales``, coarse to
     fine: ints (square maps) or ``(h, w)`` pairs, the last being the latent
-    grid (the tokenizer's schedule, in the same canonical form). ``mtp_k`` is
+    grid (the tokenizer's schedule, in the same canonical form).
+    ``text_embed_dim``: None reads byte-level text ids; an int reads the last
+    hidden states of a frozen pretrained text encoder of that width
+    (:class:`omniar.backbone.text_encoder.TextEncoder`) through a learned
+    projection ``text_proj`` instead (the byte-level text embedding and heads
+    then go unused). ``mtp_k`` is
     the text group size: position i predicts tokens i+1 .. i+mtp_k
     (``mtp_k - 1`` extra heads). ``vision_mask`` is
     ``"block"`` (next-scale, block-causal) or ``"raster"`` (one token per
@@ -42,6 +47,7 @@ class OmniARConfig:
     """
 
     text_vocab_size: int = 261
+    text_embed_dim: int | None = None
     codebook_size: int = 512
     code_dim: int = 16
     scales: Scales = (1, 2, 4, 8)
@@ -84,8 +90,9 @@ class OmniARConfig:
             check_int(getattr(self, name), name, 1, high)
         check_int(self.num_shared_experts, "num_shared_experts", 0, MAX_EXPERTS)
         check_int(self.first_dense_layers, "first_dense_layers", 0, self.num_layers)
-        if self.dense_hidden_size is not None:
-            check_int(self.dense_hidden_size, "dense_hidden_size", 1, MAX_CHANNELS)
+        for name in ("dense_hidden_size", "text_embed_dim"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, 1, MAX_CHANNELS)
         require(self.hidden_size % self.num_heads == 0, "hidden_size",
                 f"must be divisible by num_heads={self.num_heads}, got {self.hidden_size}")
         require(self.num_heads % self.num_kv_heads == 0, "num_kv_heads",

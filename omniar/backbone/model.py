@@ -67,6 +67,10 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         self._omniar_config = cfg
         d = cfg.hidden_size
         self.text_embed = nn.Embedding(cfg.text_vocab_size, d)
+        # a text encoder's states -> the backbone's width; absent (not None-valued) for byte-level models,
+        # so their parameters, init draws and state dict stay as they were
+        if cfg.text_embed_dim is not None:
+            self.text_proj = nn.Linear(cfg.text_embed_dim, d)
         self.visual_in = nn.Linear(cfg.code_dim, d)
         self.scale_embed = nn.Embedding(len(cfg.scales), d)
         self.bov = nn.Parameter(torch.zeros(d))
@@ -166,6 +170,33 @@ class OmniARModel(PretrainedModel, ConfigMixin):
             x[:, 0, 0] = self.bov + self.scale_embed.weight[0]
         return x.flatten(1, 2)
 
+    def _embed_text(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
+                    text_embeds: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x (B, L, d), text_mask (B, L) bool)`` of the text prefix: the embedded byte-level ``text_ids``, or,
+        for a model with ``text_embed_dim``, a text encoder's states ``text_embeds`` projected by ``text_proj``."""
+        dim = self._omniar_config.text_embed_dim
+        if dim is None:
+            require(text_embeds is None, "text_embeds", "this model reads byte-level text_ids (text_embed_dim=None), "
+                    "not a text encoder's states")
+            text_mask = self._check_text(text_ids, text_mask)
+            return self.text_embed(text_ids), text_mask
+        require(text_ids is None, "text_ids", f"this model was trained with a text encoder (text_embed_dim={dim}): "
+                "pass the encoder's states as text_embeds, not text ids")
+        require(isinstance(text_embeds, torch.Tensor) and text_embeds.dim() == 3 and text_embeds.is_floating_point()
+                and min(text_embeds.shape[:2]) >= 1 and text_embeds.shape[2] == dim, "text_embeds",
+                f"must be a float tensor (B, L, {dim}) with B, L >= 1 (the text encoder's states), got "
+                f"{getattr(text_embeds, 'dtype', text_embeds)} {tuple(getattr(text_embeds, 'shape', ()))}")
+        if text_mask is None:
+            text_mask = torch.ones(text_embeds.shape[:2], dtype=torch.bool, device=text_embeds.device)
+        text_mask = self._check_mask(text_mask, text_embeds.shape[:2])
+        return self.text_proj(text_embeds.to(self.text_proj.weight.dtype)), text_mask
+
+    @staticmethod
+    def _check_mask(text_mask: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        require(isinstance(text_mask, torch.Tensor) and text_mask.dtype == torch.bool
+                and text_mask.shape == shape, "text_mask", f"must be a bool tensor of shape {tuple(shape)}")
+        return text_mask
+
     def _check_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         # int64 / int32: the only index dtypes nn.Embedding takes
         require(isinstance(text_ids, torch.Tensor) and text_ids.dim() == 2 and min(text_ids.shape) >= 1
@@ -176,27 +207,26 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         require(bool(((text_ids >= 0) & (text_ids < vocab)).all()), "text_ids", f"ids must be in [0, {vocab})")
         if text_mask is None:
             return torch.ones_like(text_ids, dtype=torch.bool)
-        require(isinstance(text_mask, torch.Tensor) and text_mask.dtype == torch.bool
-                and text_mask.shape == text_ids.shape, "text_mask",
-                f"must be a bool tensor of shape {tuple(text_ids.shape)}")
-        return text_mask
+        return self._check_mask(text_mask, text_ids.shape)
 
     # ------------------------------------------------------------- full pass
-    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None = None,
+    def forward(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None = None,
                 visual_inputs: list[torch.Tensor] | None = None,
-                frame_visibility: torch.Tensor | None = None) -> OmniAROutput:
+                frame_visibility: torch.Tensor | None = None,
+                text_embeds: torch.Tensor | None = None) -> OmniAROutput:
         """Teacher-forced pass over the whole sequence.
 
         ``text_ids`` (B, L) right-padded, ``text_mask`` (B, L) bool (True = real);
         ``visual_inputs[s]`` (B, T_lat, code_dim, h_s, w_s): the accumulated inputs of
         scale s (``VideoTokenizer.codes_to_accumulated``); ``frame_visibility``
         (B, T_lat, T_lat) bool [query frame, key frame] hides earlier frames (Random
-        Frame Mask); a frame always sees itself and the text.
+        Frame Mask); a frame always sees itself and the text. A model with ``text_embed_dim`` takes
+        ``text_ids=None`` and its text encoder's states ``text_embeds`` (B, L, text_embed_dim) instead.
         """
         cfg = self._omniar_config
-        text_mask = self._check_text(text_ids, text_mask)
-        b, length = text_ids.shape
-        x, meta = self.text_embed(text_ids), text_meta(text_mask)
+        x, text_mask = self._embed_text(text_ids, text_mask, text_embeds)
+        b, length = text_mask.shape
+        meta = text_meta(text_mask)
         num_frames = 0
         if visual_inputs is not None:
             require(isinstance(visual_inputs, (list, tuple)) and len(visual_inputs) == len(cfg.scales)
@@ -255,19 +285,19 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         capacity = length + (visual if cache.budget is None else min(visual, cache.budget.tokens))
         cache.plan(meta, cos, sin, cfg.num_kv_heads, cfg.head_dim, self.active_spec.depth, capacity)
 
-    def forward_text(self, text_ids: torch.Tensor, text_mask: torch.Tensor | None,
-                     cache: KVCache) -> torch.Tensor:
-        """Encode the text prefix into an empty ``cache``; returns text logits (B, L, V_text)."""
+    def forward_text(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
+                     cache: KVCache, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode the text prefix (``text_ids``, or ``text_embeds`` as in :meth:`forward`) into an empty
+        ``cache``; returns text logits (B, L, V_text)."""
         require(isinstance(cache, KVCache) and len(cache) == 0, "cache", "must be an empty KVCache")
         self._check_cache_spec(cache)
-        text_mask = self._check_text(text_ids, text_mask)
-        length = text_ids.shape[1]
+        x, text_mask = self._embed_text(text_ids, text_mask, text_embeds)
+        length = text_mask.shape[1]
         self._plan(cache, text_mask, cache.max_frames)
         meta = text_meta(text_mask)
         mask, empty = attention_mask(meta, meta)
         cache.book(0, length)
-        hidden, _, _ = self._trunk(self.text_embed(text_ids), cache.cos[:length], cache.sin[:length], mask, empty,
-                                   None, cache)
+        hidden, _, _ = self._trunk(x, cache.cos[:length], cache.sin[:length], mask, empty, None, cache)
         cache.text_len = length  # only now: a refused pass leaves the cache empty and usable
         return self.text_head(hidden)  # not the MTP heads: nobody reads them here
 

@@ -1,7 +1,8 @@
 """``TextToVideoPipeline``: prompt -> KV cache -> per frame, per scale: one forward, CFG, sample -> decode.
 
 A diffusers-style folder holds one subfolder per component (``video_tokenizer/``,
-``text_tokenizer/``, ``model/``) and ``model_index.json``. Loading never imports
+``text_tokenizer/``, ``model/``, and ``text_encoder/`` for a model conditioned on a
+pretrained text encoder) and ``model_index.json``. Loading never imports
 a class named in a file: the component classes are fixed here.
 """
 
@@ -30,6 +31,7 @@ from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES, KVBudget
 from ..limits import MAX_BATCH_SIZE, MAX_LONG_NUM_FRAMES, MAX_NUM_FRAMES, MAX_SEED, MAX_TEXT_LEN
 from ..pixels import to_uint8
 from ..backbone.elastic import ElasticSpec, resolve_elastic
+from ..backbone.text_encoder import TextEncoder
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
 from .sampling import GUIDANCE_SCHEDULES, check_filters, guidance_for_scale, guided_logits, sample
@@ -89,6 +91,40 @@ def _check_vocabulary(vocabulary) -> tuple[str, ...] | None:
     return tuple(sorted(set(vocabulary)))
 
 
+def text_inputs(prompts: list[str | None], max_text_len: int, text_tokenizer: TextTokenizer,
+                text_encoder: TextEncoder | None, device: torch.device, name: str = "prompt") -> dict:
+    """The model's text arguments for ``prompts`` padded to ``max_text_len``, on ``device``: ``text_ids`` and
+    ``text_mask`` from the byte-level tokenizer, or with a text encoder ``text_ids=None``, its ``text_mask`` and
+    states ``text_embeds``. None is the empty prompt (the unconditional branch of guidance and of caption dropout):
+    the null prompt, or the encoder's states of ""."""
+    if text_encoder is None:
+        ids, mask = text_tokenizer.batch_encode(prompts, max_text_len, name=name)
+        return {"text_ids": ids.to(device), "text_mask": mask.to(device)}
+    states, mask = text_encoder.encode(prompts, max_text_len, name=name)
+    return {"text_ids": None, "text_mask": mask.to(device), "text_embeds": states.to(device)}
+
+
+def _check_text_encoder(text_encoder: TextEncoder | None, text_embed_dim: int | None,
+                        max_text_len: int) -> TextEncoder | None:
+    """A pipeline's text encoder: the one its model was trained on (``text_embed_dim``), or None for a byte-level
+    model."""
+    require(text_encoder is None or isinstance(text_encoder, TextEncoder), "text_encoder",
+            f"must be None or a TextEncoder, got {type(text_encoder).__name__}")
+    if text_encoder is None:
+        require(text_embed_dim is None, "text_encoder", f"is missing: the model was trained on a text encoder's "
+                f"states (text_embed_dim={text_embed_dim}) and cannot read byte-level prompts; pass the encoder it "
+                "was trained with (a pipeline folder keeps it in text_encoder/)")
+        return None
+    require(text_embed_dim is not None, "text_encoder", "the model reads byte-level text (text_embed_dim=None), "
+            "not a text encoder's states: train a model with one (model.text_encoder, docs/text_encoder.md)")
+    require(text_encoder.hidden_size == text_embed_dim, "text_encoder",
+            f"gives {text_encoder.hidden_size}-wide states, the model reads {text_embed_dim} (text_embed_dim)")
+    limit = text_encoder.max_length
+    require(limit is None or max_text_len <= limit, "max_text_len",
+            f"must be at most the text encoder's {limit} positions, got {max_text_len}")
+    return text_encoder
+
+
 class TextToVideoPipeline:
     """Text-to-video (and text-to-image: ``num_frames=1``) with the unified AR model.
 
@@ -96,7 +132,9 @@ class TextToVideoPipeline:
     (:class:`TextTokenizer`), ``model`` (:class:`OmniARModel`). ``max_text_len`` is
     the fixed padded prompt length the model was trained with; ``max_num_frames``
     the longest clip it may generate; ``max_batch_size`` the most prompts per call; ``vocabulary`` the
-    words of its training captions (None when unknown), for :meth:`unknown_words`.
+    words of its training captions (None when unknown), for :meth:`unknown_words`. ``text_encoder``
+    (:class:`omniar.backbone.text_encoder.TextEncoder`, frozen) is the pretrained T5 / CLIP encoder of a model
+    trained on its states (``text_embed_dim`` set); such a model needs it, and a byte-level model refuses it.
     Limits are checked before anything is allocated; clips are decoded ``decode_batch_size`` at a
     time (default 1), one latent frame at a time (measured memory bound:
     ``benchmarks/generation_memory.py``, BENCHMARKS.md).
@@ -104,7 +142,7 @@ class TextToVideoPipeline:
 
     def __init__(self, video_tokenizer: VideoTokenizer, text_tokenizer: TextTokenizer, model: OmniARModel,
                  max_text_len: int = 96, max_num_frames: int = 33, max_batch_size: int = 16,
-                 vocabulary: list[str] | tuple[str, ...] | None = None):
+                 vocabulary: list[str] | tuple[str, ...] | None = None, text_encoder: TextEncoder | None = None):
         require(isinstance(video_tokenizer, VideoTokenizer), "video_tokenizer", "must be a VideoTokenizer")
         require(isinstance(text_tokenizer, TextTokenizer), "text_tokenizer", "must be a TextTokenizer")
         require(isinstance(model, OmniARModel), "model", "must be an OmniARModel")
@@ -117,6 +155,7 @@ class TextToVideoPipeline:
         self.video_tokenizer, self.text_tokenizer, self.model = video_tokenizer.eval(), text_tokenizer, model.eval()
         self.max_text_len, self.max_num_frames, self.max_batch_size = _check_limits(
             max_text_len, max_num_frames, max_batch_size)
+        self.text_encoder = _check_text_encoder(text_encoder, mc.text_embed_dim, self.max_text_len)
         self.decode_tokenizer: VideoTokenizer | None = None  # a lower-precision copy (``to(decode_dtype=)``)
         self.decode_batch_size = 1
         self.vocabulary = _check_vocabulary(vocabulary)
@@ -137,10 +176,12 @@ class TextToVideoPipeline:
             vocabulary = _check_vocabulary(index.get("vocabulary"))
         except ValueError as err:
             raise ValueError(f"path: {index_file}: {err}") from None
+        text_encoder = (TextEncoder.from_pretrained(folder / "text_encoder", name="path")
+                        if "text_encoder" in index else None)
         return cls(VideoTokenizer.from_pretrained(str(folder / "video_tokenizer")),
                    TextTokenizer.from_pretrained(folder / "text_tokenizer"),
                    OmniARModel.from_pretrained(str(folder / "model")),
-                   **limits, vocabulary=vocabulary)
+                   **limits, vocabulary=vocabulary, text_encoder=text_encoder)
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write the pipeline folder atomically (aside, then swapped in)."""
@@ -150,13 +191,17 @@ class TextToVideoPipeline:
         self.video_tokenizer.save_pretrained(folder / "video_tokenizer")
         self.text_tokenizer.save_pretrained(folder / "text_tokenizer")
         self.model.save_pretrained(folder / "model")
+        if self.text_encoder is not None:
+            self.text_encoder.save_pretrained(folder / "text_encoder")
         index = {"_class_name": type(self).__name__, "omniar_version": __version__,
                  "max_text_len": self.max_text_len, "max_num_frames": self.max_num_frames,
                  "max_batch_size": self.max_batch_size,
                  **({"vocabulary": list(self.vocabulary)} if self.vocabulary is not None else {}),
                  "video_tokenizer": ["omniar.tokenizers", "VideoTokenizer"],
                  "text_tokenizer": ["omniar.tokenizers", "TextTokenizer"],
-                 "model": ["omniar.backbone", "OmniARModel"]}
+                 "model": ["omniar.backbone", "OmniARModel"],
+                 **({"text_encoder": ["omniar.backbone.text_encoder", "TextEncoder"]}
+                    if self.text_encoder is not None else {})}
         (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
@@ -170,6 +215,8 @@ class TextToVideoPipeline:
                     f"must be None or a floating torch.dtype, got {value!r}")
         self.model.to(device, dtype)
         self.video_tokenizer.to(device)
+        if self.text_encoder is not None:
+            self.text_encoder.to(device)  # in its own dtype: its states are projected in the model's
         if decode_dtype is not None:
             # nn.Module.to: diffusers' override warns about fp32-kept modules, and this tokenizer has none
             self.decode_tokenizer = (None if decode_dtype == torch.float32 else
@@ -197,7 +244,10 @@ class TextToVideoPipeline:
         """The prompts of a call as a list, or a ``ValueError`` naming ``prompt``: lets a caller with many
         calls (``omniar generate --batch``) check every prompt before any work."""
         prompts = self._prompt_list(prompt)
-        self.text_tokenizer.batch_encode(prompts, self.max_text_len, name="prompt")  # too long?
+        if self.text_encoder is None:  # too long?
+            self.text_tokenizer.batch_encode(prompts, self.max_text_len, name="prompt")
+        else:
+            self.text_encoder.tokenize(prompts, self.max_text_len, name="prompt")
         return prompts
 
     def _prompt_list(self, prompt: str | list[str]) -> list[str]:
@@ -330,8 +380,8 @@ class TextToVideoPipeline:
         budget = None if kv_budget is None else KVBudget(kv_budget, kv_policy or DEFAULT_KV_POLICY, random_ratio,
                                                          kv_rope or DEFAULT_KV_ROPE, generator)
         use_cfg = guidance_scale != 1.0
-        ids, mask = self.text_tokenizer.batch_encode(prompts + ([None] * b if use_cfg else []), self.max_text_len,
-                                                     name="prompt")
+        text = text_inputs(prompts + ([None] * b if use_cfg else []), self.max_text_len, self.text_tokenizer,
+                           self.text_encoder, dev)
         t_lat = tok.num_latent_frames(num_frames)
         ctx = model.elastic(**elastic) if elastic else contextlib.nullcontext()
         decoder = tok if self.decode_tokenizer is None else self.decode_tokenizer
@@ -342,7 +392,7 @@ class TextToVideoPipeline:
             cache = model.new_cache(t_lat, budget)
             given = tok.encode(video.to(dev)) if video is not None else None
             n_given = given.num_latent_frames if given is not None else 0
-            model.forward_text(ids.to(dev), mask.to(dev), cache)
+            model.forward_text(cache=cache, **text)
             passes += 1
             if on_frames is not None:
                 # the decoder's causal state carries from one latent frame to the next (exact, tested)

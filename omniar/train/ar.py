@@ -29,9 +29,10 @@ from .._checks import check_bool, check_choice, check_float, check_int, check_ke
 from .._scales import Scales, scale_shapes
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..backbone.moe import gathered_state_dict
+from ..backbone.text_encoder import TextEncoder
 from ..data.shapes import vocabulary as shapes_vocabulary
 from ..data.skipped import log_skipped
-from ..generation.pipeline import TextToVideoPipeline
+from ..generation.pipeline import TextToVideoPipeline, text_inputs
 from ..limits import MAX_NUM_FRAMES, MAX_NUM_WORKERS, MAX_SEED, MAX_TEXT_LEN
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
@@ -129,10 +130,13 @@ def distill_loss(student: OmniAROutput, teacher: OmniAROutput, scales: Scales,
 
 def ar_loss(out: OmniAROutput, targets: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
             scales: Scales, cfg: ARTrainConfig) -> tuple[torch.Tensor, dict[str, float]]:
-    """Visual + text (+ multi-token) cross-entropy + MoE auxiliary loss. ``targets`` (B, T_lat, tokens/frame)."""
+    """Visual + text (+ multi-token) cross-entropy + MoE auxiliary loss. ``targets`` (B, T_lat, tokens/frame).
+    ``ids`` None (a text encoder's states): no text loss."""
     logits = out.visual_logits.float()
     ce = F.cross_entropy(logits.flatten(0, 2), targets.flatten(), reduction="none").view(targets.shape)
     visual = visual_mean(ce, scales, cfg)
+    if ids is None:  # the prompt came as encoder states: no text tokens of the model's vocabulary to predict
+        return visual + out.aux_loss, {"visual_ce": visual.item(), "aux": float(out.aux_loss.detach())}
 
     def text_ce(text_logits: torch.Tensor, shift: int) -> torch.Tensor:
         valid = mask[:, shift:] & mask[:, :-shift]
@@ -160,13 +164,15 @@ def random_frame_visibility(b: int, t: int, prob: float, ratio: float, g: torch.
 
 
 def prepare_batch(batch: dict, tok: VideoTokenizer, text_tok: TextTokenizer, cfg: ARTrainConfig,
-                  data_cfg: ARDataConfig, g: torch.Generator, device: torch.device):
-    """Captions (with dropout) -> ids; latents -> (visual inputs, targets), corrupted if CFEC is on."""
+                  data_cfg: ARDataConfig, g: torch.Generator, device: torch.device,
+                  text_encoder: TextEncoder | None = None):
+    """Captions (with dropout) -> the model's text arguments (``text_inputs``: byte ids, or the text encoder's
+    states); latents -> (visual inputs, targets), corrupted if CFEC is on."""
     latent = batch["latent"].to(device)
     b, t = latent.shape[0], latent.shape[2]
     drop = torch.rand(b, generator=g) < cfg.caption_dropout
     captions = [None if d else c for d, c in zip(drop.tolist(), batch["caption"])]
-    ids, mask = text_tok.batch_encode(captions, data_cfg.max_text_len, name="caption")
+    text = text_inputs(captions, data_cfg.max_text_len, text_tok, text_encoder, device, name="caption")
     num_frames = 1 + tok.config.temporal_compression * (t - 1)
     if cfg.cfec_max_rate > 0:
         rate = (torch.rand(b, generator=g) * cfg.cfec_max_rate).repeat_interleave(t)
@@ -178,8 +184,7 @@ def prepare_batch(batch: dict, tok: VideoTokenizer, text_tok: TextTokenizer, cfg
         targets = MultiScaleCodes([c.to(device) for c in batch["codes"]], tok.scales, num_frames)
         inputs = tok.codes_to_accumulated(targets)
     visibility = random_frame_visibility(b, t, cfg.frame_mask_prob, cfg.frame_mask_ratio, g)
-    return ids.to(device), mask.to(device), inputs, targets.flatten(), (
-        visibility.to(device) if visibility is not None else None)
+    return text, inputs, targets.flatten(), visibility.to(device) if visibility is not None else None
 
 
 def collate(items: list[dict]) -> dict:
@@ -192,26 +197,42 @@ SAMPLE_PROMPTS = 3  # the captions of training clips 0..2: the same prompts at e
 
 
 def sample_clips(tok: VideoTokenizer, text_tok: TextTokenizer, model: OmniARModel, prompts: list[str],
-                 num_frames: int, max_text_len: int) -> np.ndarray:
+                 num_frames: int, max_text_len: int, text_encoder: TextEncoder | None = None) -> np.ndarray:
     """uint8 (P, T, H, W, 3): one ``num_frames`` clip per prompt from ``model``, the pipeline's defaults, seed 0."""
-    pipe = TextToVideoPipeline(tok, text_tok, model, max_text_len, num_frames)
+    pipe = TextToVideoPipeline(tok, text_tok, model, max_text_len, num_frames, text_encoder=text_encoder)
     return pipe(prompts, num_frames=num_frames, seed=0).frames
 
 
 def check_model_section(section: dict) -> dict:
-    """The ``model`` section of an AR config: OmniARConfig fields, none of those derived from the tokenizers."""
-    model_fields = check_keys(section, "model", {f.name for f in fields(OmniARConfig)})
-    derived = {"codebook_size", "code_dim", "scales", "text_vocab_size"} & set(model_fields)
-    require(not derived, "model", f"{sorted(derived)} are set from train.tokenizer and the text tokenizer; "
-            "remove them")
-    return model_fields
+    """The ``model`` section of an AR config: OmniARConfig fields, none of those derived from the tokenizers or
+    the text encoder, without ``text_encoder`` (a folder: :func:`load_text_encoder`)."""
+    model_fields = check_keys(section, "model", {f.name for f in fields(OmniARConfig)} | {"text_encoder"})
+    derived = {"codebook_size", "code_dim", "scales", "text_vocab_size", "text_embed_dim"} & set(model_fields)
+    require(not derived, "model", f"{sorted(derived)} are set from train.tokenizer and the text tokenizer "
+            "(text_embed_dim: from model.text_encoder); remove them")
+    return {k: v for k, v in model_fields.items() if k != "text_encoder"}
 
 
-def model_config(model_fields: dict, tok: VideoTokenizer, text_tok: TextTokenizer) -> OmniARConfig:
-    """The AR model's config: the ``model`` section plus what the video and text tokenizers fix."""
+def load_text_encoder(section: dict, max_text_len: int) -> TextEncoder | None:
+    """The frozen text encoder of the ``model`` section's ``text_encoder`` folder (None: byte-level text)."""
+    path = section.get("text_encoder")
+    if path is None:
+        return None
+    require(isinstance(path, str) and path != "", "model.text_encoder", f"must be a folder path, got {path!r}")
+    encoder = TextEncoder.from_pretrained(path, name="model.text_encoder")
+    limit = encoder.max_length
+    require(limit is None or max_text_len <= limit, "data.max_text_len",
+            f"must be at most the text encoder's {limit} positions, got {max_text_len}")
+    return encoder
+
+
+def model_config(model_fields: dict, tok: VideoTokenizer, text_tok: TextTokenizer,
+                 text_encoder: TextEncoder | None = None) -> OmniARConfig:
+    """The AR model's config: the ``model`` section plus what the video and text tokenizers (and the text
+    encoder) fix."""
     return build_model(OmniARConfig, model_fields | dict(
         codebook_size=tok.config.codebook_size, code_dim=tok.config.latent_channels, scales=tuple(tok.scales),
-        text_vocab_size=text_tok.vocab_size))
+        text_vocab_size=text_tok.vocab_size, text_embed_dim=None if text_encoder is None else text_encoder.hidden_size))
 
 
 def check_ep_size(ep_size: int, model_cfg: OmniARConfig) -> None:
@@ -230,7 +251,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     tok = load_video_tokenizer(train_cfg.tokenizer)
     tok.check_num_frames(data_cfg.num_frames, "data.num_frames")
     text_tok = TextTokenizer()
-    model_cfg = model_config(model_fields, tok, text_tok)
+    text_encoder = load_text_encoder(config.get("model", {}), data_cfg.max_text_len)
+    model_cfg = model_config(model_fields, tok, text_tok, text_encoder)
     check_ep_size(engine_cfg.ep_size, model_cfg)
     expert_parallel = engine_cfg.ep_size > 1  # then every collective of the MoE layers needs all ranks
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
@@ -243,6 +265,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         checkpoint_blocks(model.layers)
     with TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
         tok.to(engine.device).eval().requires_grad_(False)
+        if text_encoder is not None:  # frozen, outside the engine: neither optimized nor checkpointed
+            text_encoder.to(engine.device)
         if anchor is not None:
             anchor.to(engine.device)
         if engine.rank == 0:
@@ -272,14 +296,15 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             rows = []
             for micro, batch in enumerate(micro_batches):
                 g = engine.generator(step, micro=micro)
-                ids, mask, inputs, targets, visibility = prepare_batch(batch, tok, text_tok, train_cfg, data_cfg, g,
-                                                                       engine.device)
+                text, inputs, targets, visibility = prepare_batch(batch, tok, text_tok, train_cfg, data_cfg, g,
+                                                                  engine.device, text_encoder)
+                ids, mask = text["text_ids"], text["text_mask"]
                 with engine.autocast():
-                    out = engine.ds(ids, mask, inputs, visibility)
+                    out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
                     loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
                     if anchor is not None:
                         with torch.no_grad():
-                            reference = anchor(ids, mask, inputs, visibility)
+                            reference = anchor(visual_inputs=inputs, frame_visibility=visibility, **text)
                         kl = distill_loss(out, reference, tok.scales, train_cfg)
                         loss = loss + train_cfg.anchor_weight * kl
                         parts["anchor_kl"] = kl.item()
@@ -290,7 +315,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                             engine.generator(step, salt=1, shared=True, micro=micro) if expert_parallel else g)
                         if spec != engine.module.active_spec:
                             with engine.module.elastic(*spec):
-                                sub_out = engine.ds(ids, mask, inputs, visibility)
+                                sub_out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
                             sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
                             parts["elastic_visual_ce"] = sub_parts["visual_ce"]
                             if train_cfg.elastic_distill > 0:
@@ -309,13 +334,14 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             bar.update(1)
             if logging:
                 scalars = mean_scalars(rows)
-                engine.log_step(scalars, step, samples=ids.shape[0] * len(micro_batches),
-                                tokens=(ids.numel() + targets.numel()) * len(micro_batches))
+                engine.log_step(scalars, step, samples=mask.shape[0] * len(micro_batches),
+                                tokens=(mask.numel() + targets.numel()) * len(micro_batches))
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{scalars['visual_ce']:.3f}")
             if prompts and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
                 with engine.paused(engine.module):
                     engine.log_filmstrips("samples", sample_clips(tok, text_tok, engine.module, prompts,
-                                                                  sample_frames, data_cfg.max_text_len), step)
+                                                                  sample_frames, data_cfg.max_text_len,
+                                                                  text_encoder), step)
             if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
                 break
         bar.close()
@@ -330,7 +356,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             if engine.rank == 0:
                 pipe = TextToVideoPipeline(tok.cpu(), text_tok, model.cpu(), data_cfg.max_text_len,
                                            data_cfg.max_num_frames, vocabulary=shapes_vocabulary()
-                                           if data_cfg.dataset == "shapes" else None)
+                                           if data_cfg.dataset == "shapes" else None,
+                                           text_encoder=None if text_encoder is None else text_encoder.cpu())
                 pipe.save_pretrained(final)
     return final
 
