@@ -5,9 +5,9 @@ seconds, the generate time of latent frames 1, middle and last (frame 0 also hol
 and (``--memory``, current path only) the peak of live tensor memory. Each time is also taken as the process's CPU time
 (``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates
 wall times by whole seconds but not the CPU time the call consumes (with one thread, CPU time is
-the wall time of an idle machine). Settings: ``fp32`` (the default),
-``bf16-decode`` (``pipe.to(decode_dtype=torch.bfloat16)``: same codes, frames decoded in bf16) and
-``bf16`` (model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before
+the wall time of an idle machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact),
+``bf16-decode`` (``decode_dtype=torch.bfloat16``, the CPU default: same codes, frames decoded under bf16
+autocast) and ``bf16`` (model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before
 #29), is exported with ``git archive`` and runs fp32 in its own worker process; rounds interleave
 baseline and current calls with the same seeds, and each ratio is the median over rounds of the
 per-round ratio, so load on a shared machine hits both sides alike.
@@ -43,8 +43,9 @@ def load(setting: str, device: str = "cpu"):
     from omniar.generation import TextToVideoPipeline
 
     pipe = TextToVideoPipeline.from_pretrained().to(device)
-    if setting != "fp32":  # the baseline never gets here: it predates decode_dtype
-        pipe.to(dtype=torch.bfloat16 if setting == "bf16" else None, decode_dtype=torch.bfloat16)
+    if hasattr(pipe, "decode_dtype"):  # the baseline predates it (and decodes in fp32)
+        pipe.to(dtype=torch.bfloat16 if setting == "bf16" else None,
+                decode_dtype=torch.float32 if setting == "fp32" else torch.bfloat16)
     return pipe
 
 

@@ -20,10 +20,12 @@ class Conv3d(nn.Conv3d):
     """``nn.Conv3d`` that runs oneDNN for every CPU fp32 inference call (unless oneDNN is switched off,
     ``torch.backends.mkldnn.flags(enabled=False)``). PyTorch's dispatch gives a batch-1 input with
     batch x channels x frames x rows <= 20480 to its native kernel instead, 7x slower here, and
-    chunked decoding (one clip, one latent frame at a time) is made of such calls."""
+    chunked decoding (one clip, one latent frame at a time) is made of such calls. Under CPU autocast
+    the call goes through ``nn.Conv3d`` so autocast casts it (bf16 inputs already go to oneDNN)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu")
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
                                             self.groups)

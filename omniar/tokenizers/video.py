@@ -8,6 +8,7 @@ An image is a one-frame video.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -207,6 +208,19 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         frames = video.clamp(-1, 1).transpose(1, 2).flatten(0, 1)
         return self.refiner(frames).unflatten(0, (b, t)).transpose(1, 2)
 
+    def autocast(self, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
+        """A context in which the decoder and refiner compute in ``dtype`` (``torch.bfloat16`` or
+        ``torch.float16``) under ``torch.autocast``, casting the live weights: no copy of the tokenizer that
+        could fall out of step with them. None or the tokenizer's own dtype: no change. Not for encoding or
+        quantizing (the codes would change)."""
+        require(dtype is None or isinstance(dtype, torch.dtype), "dtype",
+                f"must be None or a torch.dtype, got {dtype!r}")
+        if dtype is None or dtype == self.dtype:
+            return contextlib.nullcontext()
+        require(dtype in (torch.bfloat16, torch.float16), "dtype",
+                f"must be torch.bfloat16, torch.float16 or the tokenizer's {self.dtype}, got {dtype}")
+        return torch.autocast(self.device.type, dtype=dtype)
+
     # ------------------------------------------------------------------ public
     def forward(self, video: torch.Tensor, upto_scale: torch.Tensor | None = None) -> TokenizerOutput:
         """Training forward: reconstruction, VQ loss and codes. ``upto_scale`` (B,) ints in
@@ -240,28 +254,35 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         return self.quantize_latent(self.encode_latent(video))
 
     @torch.no_grad()
-    def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
-        """Decode continuous latents (B, C, t, h, w); ``chunk_size`` latent frames at a time if given."""
+    def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None,
+                      dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Decode continuous latents (B, C, t, h, w); ``chunk_size`` latent frames at a time if given.
+        ``dtype``: compute the decoder in it (:meth:`autocast`); the frames come back in ``latent``'s dtype."""
         self.check_latent(latent)
-        if chunk_size is None:
-            return self.refine(self.decoder(latent)).clamp(-1, 1)
-        check_int(chunk_size, "chunk_size", 1)
-        with self.decoder.streaming():
-            parts = [self.refine(self.decoder(latent[:, :, i:i + chunk_size]))
-                     for i in range(0, latent.shape[2], chunk_size)]
-        return torch.cat(parts, dim=2).clamp(-1, 1)
+        if chunk_size is not None:
+            check_int(chunk_size, "chunk_size", 1)
+        with self.autocast(dtype):
+            if chunk_size is None:
+                return self.refine(self.decoder(latent)).clamp(-1, 1).to(latent.dtype)
+            with self.decoder.streaming():
+                parts = [self.refine(self.decoder(latent[:, :, i:i + chunk_size]))
+                         for i in range(0, latent.shape[2], chunk_size)]
+            return torch.cat(parts, dim=2).clamp(-1, 1).to(latent.dtype)
 
-    def decode(self, codes: MultiScaleCodes, chunk_size: int | None = None) -> torch.Tensor:
+    def decode(self, codes: MultiScaleCodes, chunk_size: int | None = None,
+               dtype: torch.dtype | None = None) -> torch.Tensor:
         """Codes -> video (B, 3, T, H, W) in [-1, 1]. ``chunk_size`` latent frames per decoder call
-        (the causal decoder carries its state across chunks, so the result equals the one-shot decode)."""
-        return self.decode_partial(codes, len(self.scales) - 1, chunk_size)
+        (the causal decoder carries its state across chunks, so the result equals the one-shot decode).
+        ``dtype`` (e.g. ``torch.bfloat16``): decode in it (:meth:`autocast`); the latent is built in fp32."""
+        return self.decode_partial(codes, len(self.scales) - 1, chunk_size, dtype)
 
     @torch.no_grad()
-    def decode_partial(self, codes: MultiScaleCodes, upto_scale: int, chunk_size: int | None = None) -> torch.Tensor:
+    def decode_partial(self, codes: MultiScaleCodes, upto_scale: int, chunk_size: int | None = None,
+                       dtype: torch.dtype | None = None) -> torch.Tensor:
         """Coarse preview: decode only scales ``0..upto_scale`` (inclusive)."""
         self._check_codes(codes)
         check_int(upto_scale, "upto_scale", 0, len(self.scales) - 1)
-        return self.decode_latent(self._codes_to_latent(codes, upto_scale), chunk_size)
+        return self.decode_latent(self._codes_to_latent(codes, upto_scale), chunk_size, dtype)
 
     def decode_previews(self, codes: MultiScaleCodes) -> list[torch.Tensor]:
         """Every coarse-to-fine decode of ``codes``: entry s decodes scales ``0..s``, the last one is the full
