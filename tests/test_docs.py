@@ -20,7 +20,7 @@ BLOCKS = [(path, line, code) for path in FILES for line, code in python_blocks(p
 
 
 def test_the_docs_hold_python_blocks():
-    assert len(python_blocks(ROOT / "README.md")) >= 3
+    assert len(python_blocks(ROOT / "README.md")) >= 2  # the pipeline and the tokenizer quick starts
     assert python_blocks(ROOT / "README.md")[0][1].startswith("import torch\n")  # what broke the first snippet
 
 
