@@ -155,8 +155,10 @@ def test_mismatches_are_refused_naming_the_argument(encoder_folder, tmp_path):
     wide = OmniARModel.from_config_obj(model.omniar_config.replace(text_embed_dim=encoder.hidden_size + 8))
     with pytest.raises(ValueError, match=r"^text_encoder: gives \d+-wide states, the model reads"):
         TextToVideoPipeline(tok, text_tok, wide, max_text_len=MAX_TEXT_LEN, text_encoder=encoder)
-    with pytest.raises(ValueError, match=r"^prompt: is too long: \d+ tokens, at most 16 fit"):
-        pipe(" ".join(["red"] * 20), num_frames=1)
+    # a call, and the up-front check of omniar generate --batch
+    for check in (lambda p: pipe(p, num_frames=1), pipe.check_prompts):
+        with pytest.raises(ValueError, match=r"^prompt: is too long: \d+ tokens, at most 16 fit"):
+            check(" ".join(["red"] * 20))
     if encoder.max_length is not None:  # CLIP: a position table
         with pytest.raises(ValueError, match=r"^max_text_len: must be at most the text encoder's 16 positions"):
             TextToVideoPipeline(tok, text_tok, model, max_text_len=32, text_encoder=encoder)
