@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -189,14 +188,12 @@ def test_prompt_too_long_for_model(pipe):
 def test_tiny_train_then_generate(tmp_path):
     from omniar.train.ar import train
 
-    start = time.perf_counter()
     tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
     config = tiny_ar_config(tmp_path, 64, out_dir=str(tmp_path / "run"), steps=30, log_every=5, save_every=15)
     final = train(config, progress=False)
     pipe = TextToVideoPipeline.from_pretrained(final)
     out = pipe(PROMPT, num_frames=9, seed=0)
     assert out.frames.shape == (1, 9, 32, 32, 3)
-    assert time.perf_counter() - start < 120
 
 
 def test_ar_training_starts_from_init_from(tmp_path):
