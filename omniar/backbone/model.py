@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 from diffusers import ConfigMixin
 from diffusers.configuration_utils import register_to_config
+from diffusers.utils import BaseOutput
 from torch import nn
 
 from .._checks import check_int, require
@@ -22,12 +23,15 @@ from .rope import MultiScaleRoPE
 
 
 @dataclass
-class OmniAROutput:
+class OmniAROutput(BaseOutput):
     """``text_logits`` (B, L, V_text): position i predicts text token i+1;
     ``mtp_logits`` (B, L, mtp_k - 1, V_text) or None: tokens i+2 .. i+mtp_k;
     ``visual_logits`` (B, T_lat, tokens_per_frame, codebook_size) or None: each
     vision position predicts the code at its own position; ``aux_loss``: sum of
-    the MoE auxiliary losses (0 in eval); ``router_stats``: one per MoE layer run."""
+    the MoE auxiliary losses (0 in eval); ``router_stats``: one per MoE layer run.
+
+    A diffusers ``BaseOutput`` (a dict as well): ZeRO-3 finds the tensors of a dict output and hooks them to
+    gather the model's own parameters (``bov``) for backward; in a plain dataclass it cannot see them."""
 
     text_logits: torch.Tensor
     mtp_logits: torch.Tensor | None

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -255,8 +256,11 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     model_cfg = model_config(model_fields, tok, text_tok, text_encoder)
     check_ep_size(engine_cfg.ep_size, model_cfg)
     expert_parallel = engine_cfg.ep_size > 1  # then every collective of the MoE layers needs all ranks
+    # expert-parallel all-to-alls and ZeRO-3's weight gathers pair up only if all ranks run the same layers
+    same_layers = expert_parallel or engine_cfg.zero_stage == 3
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = OmniARModel.from_config_obj(model_cfg)
+    build = partial(OmniARModel.from_config_obj, model_cfg)  # a new model, to load whole weights into
     if train_cfg.init_from:
         load_init_from(model, train_cfg.init_from, "a pipeline folder (no model/)", "model")
     # the init_from weights, also on resume (a resumed run reloads only the trained model's state)
@@ -281,7 +285,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         data = TokenizedDataset(data_cfg.cache_dir)
         start = engine.resume()
         engine.log_hparams(config)
-        sampling = train_cfg.sample_every and (engine.rank == 0 or expert_parallel)  # rank 0 logs them
+        # rank 0 logs them; under ZeRO-3 every rank helps gather the model for them
+        sampling = train_cfg.sample_every and (engine.rank == 0 or expert_parallel or engine_cfg.zero_stage == 3)
         prompts = data.captions[:SAMPLE_PROMPTS] if sampling else []
         if prompts:  # the rows of the "samples" image, top to bottom
             engine.log_text("samples/prompts", "\n\n".join(f"{i}. {p}" for i, p in enumerate(prompts)), start)
@@ -310,9 +315,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                         parts["anchor_kl"] = kl.item()
                     parts["loss/full"] = loss.item()
                     if train_cfg.elastic:
-                        # expert-parallel ranks must all run the same sub-model: their all-to-alls pair up
                         spec = engine.module.sample_elastic(
-                            engine.generator(step, salt=1, shared=True, micro=micro) if expert_parallel else g)
+                            engine.generator(step, salt=1, shared=True, micro=micro) if same_layers else g)
                         if spec != engine.module.active_spec:
                             with engine.module.elastic(*spec):
                                 sub_out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
@@ -339,19 +343,20 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{scalars['visual_ce']:.3f}")
             if prompts and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
                 with engine.paused(engine.module):
-                    engine.log_filmstrips("samples", sample_clips(tok, text_tok, engine.module, prompts,
-                                                                  sample_frames, data_cfg.max_text_len,
-                                                                  text_encoder), step)
+                    whole = engine.whole_module(build)  # ZeRO-3: a copy on rank 0 only
+                    if whole is not None:
+                        engine.log_filmstrips("samples", sample_clips(tok, text_tok, whole, prompts, sample_frames,
+                                                                      data_cfg.max_text_len, text_encoder), step)
             if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
                 break
         bar.close()
         final = Path(engine_cfg.out_dir) / "final"
         if step == train_cfg.steps:
-            model = engine.module
+            model = engine.whole_module(build)  # ZeRO-3: the partitions gathered onto rank 0 (a collective)
             if expert_parallel:  # the whole model, every layer's experts gathered (a collective)
                 state = gathered_state_dict(model)
                 if engine.rank == 0:
-                    model = OmniARModel.from_config_obj(model_cfg)
+                    model = build()
                     model.load_state_dict(state)
             if engine.rank == 0:
                 pipe = TextToVideoPipeline(tok.cpu(), text_tok, model.cpu(), data_cfg.max_text_len,

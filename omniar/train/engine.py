@@ -1,10 +1,11 @@
 """A thin DeepSpeed training engine shared by every omniar trainer.
 
 One CPU process works without a launcher (gloo is initialised here); under the
-``deepspeed`` launcher the same code runs data-parallel with ZeRO stage 0-2, and
-with ``ep_size`` > 1 each MoE layer's routed experts are sharded over
-expert-parallel groups of that many ranks (DeepSpeed's ``ep_size_<n>`` groups;
-see docs/scaling.md).
+``deepspeed`` launcher the same code runs data-parallel with ZeRO stage 0-3
+(optionally offloading the optimizer state and, at stage 3, the weights to CPU
+memory), and with ``ep_size`` > 1 each MoE layer's routed experts are sharded
+over expert-parallel groups of that many ranks (DeepSpeed's ``ep_size_<n>``
+groups; see docs/scaling.md).
 Checkpoints are written atomically: DeepSpeed writes into a hidden temporary
 tag directory which is renamed to ``step_XXXXXXXX`` only once every rank has
 finished, so a crash mid-write never leaves a directory that resume would pick.
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._checks import check_choice, check_float, check_int, check_keys, check_output_path, require
+from .._checks import check_bool, check_choice, check_float, check_int, check_keys, check_output_path, require
 from ..backbone.moe import MoELayer
 from ..limits import MAX_MICRO_BATCH_SIZE, MAX_SEED
 
@@ -50,6 +51,8 @@ class EngineConfig:
 
     out_dir: str = "runs/default"
     zero_stage: int = 0
+    offload_optimizer: bool = False  # ZeRO 1-3: optimizer state and step in CPU memory (DeepSpeed's offload_optimizer)
+    offload_param: bool = False  # ZeRO-3: the weight partitions in CPU memory too (DeepSpeed's offload_param)
     ep_size: int = 1  # expert parallelism: ranks that share out each MoE layer's routed experts
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -68,8 +71,18 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_output_path(self.out_dir, "train.out_dir", folder=True)
-        check_int(self.zero_stage, "train.zero_stage", 0, 2)
+        check_int(self.zero_stage, "train.zero_stage", 0, 3)
         check_int(self.ep_size, "train.ep_size", 1)
+        # DeepSpeed partitions only its own AutoEP MoE layers at stage 3, not expert-parallel layers like omniar's
+        require(self.zero_stage < 3 or self.ep_size == 1, "train.zero_stage",
+                f"3 does not combine with train.ep_size > 1 (got {self.ep_size}); set train.zero_stage to 0-2 to keep "
+                "expert parallelism, or train.ep_size to 1 to partition everything with ZeRO-3")
+        check_bool(self.offload_optimizer, "train.offload_optimizer")
+        check_bool(self.offload_param, "train.offload_param")
+        require(not self.offload_optimizer or self.zero_stage >= 1, "train.offload_optimizer",
+                "needs train.zero_stage 1-3 (ZeRO keeps the optimizer state it offloads)")
+        require(not self.offload_param or self.zero_stage == 3, "train.offload_param",
+                f"needs train.zero_stage 3 (only ZeRO-3 partitions the weights), got {self.zero_stage}")
         check_float(self.lr, "train.lr", 0.0, low_inclusive=False)
         check_float(self.weight_decay, "train.weight_decay", 0.0)
         check_float(self.grad_clip, "train.grad_clip", 0.0)
@@ -97,11 +110,15 @@ class EngineConfig:
             "gradient_accumulation_steps": self.grad_accum_steps,
             "gradient_clipping": self.grad_clip if clip else 0.0,
             "zero_optimization": {"stage": self.zero_stage},
-            "zero_allow_untested_optimizer": True,  # omniar's own AdamW
+            "zero_allow_untested_optimizer": True,  # omniar's own AdamW ...
+            "zero_force_ds_cpu_optimizer": False,  # ... also when offloaded: torch's AdamW steps the CPU copy
             "fp16": {"enabled": False},  # train.precision is autocast over fp32 weights
             "bf16": {"enabled": False},
             "steps_per_print": 10**9,
         }
+        for key in ("offload_optimizer", "offload_param"):
+            if getattr(self, key):
+                ours["zero_optimization"][key] = {"device": "cpu"}
         if self.deepspeed_config is None:
             return ours
         user = _load_json(self.deepspeed_config)
@@ -109,6 +126,11 @@ class EngineConfig:
             require(key not in user, "train.deepspeed_config", f"{self.deepspeed_config} sets {key}, but omniar builds "
                     "the optimizer and its LR schedule itself (train.lr, train.betas, train.weight_decay, "
                     "train.warmup_steps)")
+        zero = user.get("zero_optimization")
+        for key in ("offload_optimizer", "offload_param"):  # the options check the ZeRO stage; the file may tune
+            require(not isinstance(zero, dict) or key not in zero or getattr(self, key), "train.deepspeed_config",
+                    f"{self.deepspeed_config} sets zero_optimization.{key}; set train.{key}: true instead (the "
+                    "file may then add settings such as pin_memory to that section)")
         merged = copy.deepcopy(ours)
         _merge(merged, user, "", self.deepspeed_config)
         return merged
@@ -125,11 +147,14 @@ def _load_json(path: str) -> dict:
     return data
 
 
-# the option behind each DeepSpeed setting omniar makes, named when a user's config disagrees
+# the option behind each DeepSpeed setting omniar makes (or section, for the keys under it), named when a user's
+# config disagrees
 _OWNERS = {"train_batch_size": "train.micro_batch_size x train.grad_accum_steps x processes",
            "train_micro_batch_size_per_gpu": "train.micro_batch_size", "gradient_accumulation_steps":
            "train.grad_accum_steps", "gradient_clipping": "train.grad_clip", "zero_optimization.stage":
-           "train.zero_stage", "fp16": "train.precision", "bf16": "train.precision"}
+           "train.zero_stage", "fp16": "train.precision", "bf16": "train.precision",
+           "zero_optimization.offload_optimizer": "train.offload_optimizer",
+           "zero_optimization.offload_param": "train.offload_param"}
 
 
 def _merge(ours: dict, theirs: dict, prefix: str, source: str) -> None:
@@ -139,7 +164,9 @@ def _merge(ours: dict, theirs: dict, prefix: str, source: str) -> None:
         if isinstance(value, dict) and isinstance(ours.get(key), dict):
             _merge(ours[key], value, path + ".", source)
             continue
-        owner = _OWNERS.get(path) or _OWNERS.get(path.split(".")[0]) or "omniar"
+        parts = path.split(".")
+        owner = next((_OWNERS[p] for p in (".".join(parts[:n]) for n in range(len(parts), 0, -1)) if p in _OWNERS),
+                     "omniar")
         require(key not in ours or ours[key] == value, "train.deepspeed_config",
                 f"{source} sets {path} to {value!r}, but omniar sets it to {ours.get(key)!r} ({owner}); "
                 "remove it from the file" + ("" if owner == "omniar" else f" or set {owner.split(' ')[0]}"))
@@ -417,6 +444,22 @@ class TrainEngine:
         dist.all_reduce(experts, group=self._ep_group)
         return (norm ** 2 + experts).sqrt()
 
+    def whole_module(self, build: Callable[[], nn.Module]) -> nn.Module | None:
+        """The trained module with every weight whole, for generation and export. Below ZeRO-3 the engine's
+        module. Under ZeRO-3 a collective (every rank calls): DeepSpeed gathers the partitions one layer at a time
+        into rank 0's memory, where ``build()`` (a module of the same architecture, built without touching the
+        global RNG) takes them; the other ranks get None. A new module, not the engine's: ZeRO-3's hooks would
+        re-partition the engine's after each layer, and its generation would need every rank."""
+        if self.config.zero_stage < 3:
+            return self.module
+        state = self.ds._zero3_consolidated_16bit_state_dict()  # the weights as trained (fp32 here)
+        if self.rank != 0:
+            return None
+        with torch.random.fork_rng(devices=[]):
+            module = build()
+        module.load_state_dict(state)
+        return module.to(self.device).train(self.module.training)
+
     @property
     def grad_norm(self) -> float:
         """Global gradient norm of the last step, before clipping (NaN after a skipped step)."""
@@ -548,7 +591,8 @@ class TrainEngine:
             require(bad is None, "checkpoint", f"{path}: entry {bad!r} fails its CRC check (tampered or "
                     f"corrupt); move {newest} aside to resume from the previous checkpoint")
         # DeepSpeed looks for other files under another ZeRO stage (FileNotFoundError): refuse first
-        model_states = newest / "mp_rank_00_model_states.pt"
+        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
+        model_states = next((newest / name for name in names if (newest / name).is_file()), newest / names[0])
         require(model_states.is_file(), "checkpoint", f"{model_states} is missing; move {newest} aside to resume "
                 "from the previous checkpoint")
         states = load_checkpoint_file(model_states, "cpu", mmap=True)

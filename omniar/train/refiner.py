@@ -134,6 +134,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     check_sections(config)
     data_cfg = config_from_dict(VideoDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), RefinerTrainConfig)
+    # the adversarial weighting differentiates by one weight and runs the critic on detached copies of its weights,
+    # neither of which works on ZeRO-3's partitioned weights; the refiner is small enough to train without it
+    require(engine_cfg.zero_stage < 3, "train.zero_stage", "3 is not supported by omniar train refiner (a small "
+            f"model: use 0-2), got {engine_cfg.zero_stage}")
     end = last_step(train_cfg.steps, stop_at)
     base = load_video_tokenizer(train_cfg.tokenizer)
     refiner_keys = ("refiner_blocks", "refiner_channels", "refiner_norm")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -107,6 +108,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     model_cfg = check_keys(config.get("model", {}), "model", inspect.signature(VideoTokenizer).parameters)
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = build_model(VideoTokenizer, model_cfg)
+    build = partial(build_model, VideoTokenizer, model_cfg)  # a new model, to load whole weights into
     if train_cfg.init_from:
         load_init_from(model, train_cfg.init_from, "a tokenizer folder")
     require(model.resolution == data_cfg.size, "data.size",
@@ -127,6 +129,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         log_skipped(engine, start, data=dataset)
         engine.log_hparams(config)
         preview = None
+        # rank 0 logs them; under ZeRO-3 every rank helps gather the model for them
+        previewing = train_cfg.sample_every and (engine.rank == 0 or engine_cfg.zero_stage == 3)
         if train_cfg.sample_every and engine.rank == 0:
             clips = range(min(PREVIEW_CLIPS, len(dataset)))
             preview = torch.stack([dataset[i]["video"] for i in clips]).to(engine.device)
@@ -157,17 +161,21 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 engine.log_step(scalars, step, samples=video.shape[0] * len(micro_batches))
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
                                 usage=f"{scalars['codebook_usage']:.2f}")
-            if preview is not None and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
-                with engine.paused(engine.module) as tokenizer:
-                    for i, clip in enumerate(reconstruction_filmstrips(tokenizer, preview)):
-                        engine.log_filmstrips(f"reconstruction/{i}", clip, step)
+            if previewing and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
+                with engine.paused(engine.module):
+                    tokenizer = engine.whole_module(build)  # ZeRO-3: a copy on rank 0 only
+                    if preview is not None:
+                        for i, clip in enumerate(reconstruction_filmstrips(tokenizer, preview)):
+                            engine.log_filmstrips(f"reconstruction/{i}", clip, step)
             if engine.checkpoint_due(step, end):  # SIGTERM: checkpoint saved; rerun the command to resume
                 break
         bar.close()
         log_skipped(engine, step, data=dataset)
         final = Path(engine_cfg.out_dir) / "final"
-        if engine.rank == 0 and step == train_cfg.steps:
-            engine.module.save_pretrained(final)
+        if step == train_cfg.steps:
+            model = engine.whole_module(build)  # ZeRO-3: the partitions gathered onto rank 0 (a collective)
+            if engine.rank == 0:
+                model.save_pretrained(final)
     return final
 
 
