@@ -15,7 +15,8 @@ pre-tokenized clips for the same steps, through ``omniar.train.ar.train``; only 
 training split, data seed 1: other clips of the same distribution) are pre-tokenized into ``WORK/heldout``.
 Each arm trains into ``WORK/<arm>``; a non-empty one is refused unless ``--resume`` (then an arm already in
 ``--out`` is kept as recorded, another one continues from its newest checkpoint). The JSON is written after
-every arm.
+every arm; under ``--resume`` the arms another invocation wrote there meanwhile are kept, so disjoint ``--arms``
+lists can run at once into one ``--out``.
 """
 
 from __future__ import annotations
@@ -163,6 +164,8 @@ def main() -> None:
         result["arms"][name] = arm
         print(name, json.dumps(arm), flush=True)
         out_path.parent.mkdir(parents=True, exist_ok=True)
+        if args.resume and out_path.exists():  # arms another invocation wrote meanwhile (arms run in parallel)
+            result["arms"] = json.loads(out_path.read_text()).get("arms", {}) | result["arms"]
         out_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out_path}")
 
