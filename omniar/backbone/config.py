@@ -39,9 +39,10 @@ class OmniARConfig:
     ``dense_hidden_size`` (None = the active width, ``(top_k + num_shared_experts)
     * expert_hidden_size``; extracted sub-models pin it). ``gating`` is
     ``"softmax"`` or ``"sigmoid"`` (selected weights renormalised to sum 1 either
-    way). ``bias_update_step`` is the auxiliary-loss-free balancing step,
-    ``seq_balance_loss_coef`` and ``router_z_loss_coef`` weight the optional
-    losses. ``moe_impl``:
+    way). ``bias_update_step`` is the auxiliary-loss-free balancing step (the
+    bias moves by it after every optimizer step; 1e-3 by BENCHMARKS.md, "Balancer";
+    the shipped model was trained with 1e-4), ``seq_balance_loss_coef`` and
+    ``router_z_loss_coef`` weight the optional losses. ``moe_impl``:
     ``"auto"`` (grouped_mm where it runs), ``"grouped_mm"`` or ``"loop"``.
     ``elastic_*``: sampling probabilities and lower bounds of elastic training.
     """
@@ -65,7 +66,7 @@ class OmniARConfig:
     first_dense_layers: int = 0
     dense_hidden_size: int | None = None
     gating: str = "softmax"
-    bias_update_step: float = 1e-4
+    bias_update_step: float = 1e-3
     seq_balance_loss_coef: float = 1e-4
     router_z_loss_coef: float = 0.0
     moe_impl: str = "auto"
