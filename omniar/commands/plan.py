@@ -49,7 +49,8 @@ ZeRO shards those over the N/ep GPUs holding the same experts, as deepspeed.moe 
 18 (P_e/ep) / (N/ep) = 18 P_e / N: expert parallelism saves the replicated 16-bit expert weights (ZeRO-2)
 and the gathered expert layer (ZeRO-3), not the sharded states. No offload; activations and
 communication buffers come on top. omniar's train.precision bf16 is autocast over fp32 weights, which
-holds 2 more bytes per replicated weight than these 16-bit estimates."""
+holds 2 more bytes per replicated weight than these 16-bit estimates. omniar trains ZeRO-3 only at ep 1
+(DeepSpeed's stage 3 does not partition expert-parallel layers); the ZeRO-3 rows at ep > 1 are for comparison."""
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
