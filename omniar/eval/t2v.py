@@ -85,11 +85,17 @@ def evaluate_split(pipe, classifier, split: str, n: int, num_frames: int = 17, b
 def evaluate_windows(pipe, classifier, split: str, n: int, windows: dict[str, slice], num_frames: int = 17,
                      batch: int = 16, seed: int = 0, progress: bool = False, **kwargs) -> dict[str, dict]:
     """:func:`evaluate_split` of frame windows of the same clips, e.g. ``{"first": slice(0, 17), "last":
-    slice(-17, None)}``: how far a long clip drifts from its start."""
+    slice(-17, None)}``: how far a long clip drifts from its start. Each window's Frechet reference is a real
+    clip as long as the window (a long clip's later frames have no real counterpart: objects leave the canvas)."""
     combos = eval_combinations(split, n, seed)
     fake = generate(pipe, combos, num_frames, batch, progress, **kwargs)
-    real = real_clips(combos, num_frames, pipe.video_tokenizer.resolution, seed=seed + 1)
-    return {name: score(classifier, fake[:, :, frames], combos, real[:, :, frames]) for name, frames in windows.items()}
+    real, scores = {}, {}
+    for name, frames in windows.items():
+        length = len(range(num_frames)[frames])
+        if length not in real:
+            real[length] = real_clips(combos, length, pipe.video_tokenizer.resolution, seed=seed + 1)
+        scores[name] = score(classifier, fake[:, :, frames], combos, real[length])
+    return scores
 
 
 def tokenizer_reference(tokenizer, classifier, n: int, num_frames: int = 17, batch: int = 8, seed: int = 0) -> dict:
