@@ -59,3 +59,13 @@ def test_demo_labels_name_height_and_width(tmp_path):
     strips, _, table = app.reconstruct(str(tmp_path / "clip.mp4"))
     assert [caption for _, caption in strips] == captions
     assert table.startswith("5 frame(s) at 48x80 px") and "| 6x10 |" in table
+
+
+def test_reconstruct_cli_at_48x80(tmp_path, capsys):
+    from omniar.cli import main
+    from omniar.data.video_io import read_video
+
+    tiny_pipeline((48, 80)).video_tokenizer.save_pretrained(tmp_path / "tok")
+    assert main(["reconstruct", "--model", str(tmp_path / "tok"), "--out", str(tmp_path / "r.mp4")]) == 0
+    assert "scales <= 1x1, 2x3, 3x5\n" in capsys.readouterr().out
+    assert read_video(tmp_path / "r.mp4").shape == (17, 48, 5 * 80, 3)  # original | reconstruction | 3 previews
