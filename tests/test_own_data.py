@@ -14,6 +14,7 @@ from omniar.data.video_io import read_video
 from omniar.tokenizers import VideoTokenizer
 from omniar.train.ar import ARDataConfig, check_model_section
 from omniar.train.common import VideoDataConfig
+from omniar.train.pretokenize import TokenizedDataset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TOK_CONFIG, AR_CONFIG = str(CONFIGS / "own_data_tokenizer.yaml"), str(CONFIGS / "own_data_ar.yaml")
@@ -67,6 +68,7 @@ def test_own_videos_train_tokenizer_then_ar_then_generate(tmp_path, capsys):
                        model__num_heads=2, model__num_kv_heads=1, model__num_experts=4,
                        model__expert_hidden_size=16)]) == 0
     capsys.readouterr()
+    assert TokenizedDataset(tmp_path / "codes").scales == tok.scales  # the cache's JSON lists, canonical again
 
     out = tmp_path / "t2v.mp4"
     assert main(["generate", "--model", str(tmp_path / "ar" / "final"), "--prompt", json.loads(lines[0])["caption"],

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from .._checks import check_int, require
 from .._pretrained import weights_sha256, write_file_atomically
+from .._scales import check_scales
 from ..tokenizers import VideoTokenizer
 
 
@@ -94,7 +95,7 @@ class TokenizedDataset(Dataset):
                 "rerun pretokenization to finish it")
         parts = [load_file(str(p)) for p in shards]
         self.latent = torch.cat([p["latent"] for p in parts])
-        self.scales = tuple(self.manifest["scales"])
+        self.scales = check_scales(self.manifest["scales"], "manifest scales")  # JSON lists -> the tokenizer's form
         self.codes = [torch.cat([p[f"codes_{s}"] for p in parts]) for s in range(len(self.scales))]
         self.captions = [c for p in shards for c in json.loads(p.with_suffix(".json").read_text())]
 
