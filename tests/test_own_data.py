@@ -4,7 +4,6 @@ and `omniar generate` makes a 48x80 clip from the result. Also: the recipe's con
 themselves, and a data.size the tokenizer does not make is refused before any work."""
 
 import json
-import time
 from pathlib import Path
 
 import yaml
@@ -47,7 +46,6 @@ def test_data_size_other_than_the_tokenizers_is_refused(tmp_path, capsys):
 
 
 def test_own_videos_train_tokenizer_then_ar_then_generate(tmp_path, capsys):
-    start = time.perf_counter()
     data = tmp_path / "videos"
     assert main(["data", "shapes", "--out", str(data), "--size", "48x80", "--clips", "8", "--frames", "5"]) == 0
     lines = (data / "captions.jsonl").read_text().splitlines()
@@ -74,4 +72,3 @@ def test_own_videos_train_tokenizer_then_ar_then_generate(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "ar" / "final"), "--prompt", json.loads(lines[0])["caption"],
                  "--num-frames", "5", "--out", str(out)]) == 0
     assert read_video(out).shape == (5, 48, 80, 3)
-    assert time.perf_counter() - start < 120
