@@ -1,5 +1,6 @@
 """The ``omniar`` command line: ``omniar train tokenizer|refiner|ar|classifier|uda``, ``omniar eval t2v``,
-``omniar data shapes``, ``omniar generate``, ``omniar reconstruct``, ``omniar demo``.
+``omniar data shapes``, ``omniar generate``, ``omniar reconstruct``, ``omniar plan``, ``omniar export``,
+``omniar demo``.
 
 Only the module of the chosen subcommand is imported (each brings torch and more), so ``omniar --help``
 answers at once.
@@ -32,6 +33,8 @@ _COMMANDS = {
     "generate": ("omniar.commands.generate", "generate a video (or image) from text"),
     "reconstruct": ("omniar.commands.reconstruct", "tokenize and reconstruct a Moving Shapes clip to mp4"),
     "plan": ("omniar.commands.plan", "parameters, tokens and DeepSpeed memory per GPU of an AR config"),
+    "export": ("omniar.commands.export", "the pipeline folder of an `omniar train ar` checkpoint (any ZeRO stage "
+                                         "and ep_size)"),
     "demo": ("omniar.commands.demo", "Gradio app: text-to-video and tokenizer reconstructions on 127.0.0.1:7860"),
 }
 

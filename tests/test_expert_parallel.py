@@ -168,3 +168,13 @@ def test_ep_size_errors_name_the_option(ep_run, tmp_path):
     config = tiny_ar_config(tmp_path, 8, ep_size=3, out_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match="train.ep_size: must divide model.num_experts=4, got 3"):
         ar.train(config, progress=False)
+
+
+@pytest.mark.parametrize("zero_stage", [0, 2])
+def test_omniar_export_gathers_the_expert_shards_of_a_checkpoint(ep_run, tmp_path, zero_stage):
+    from omniar.train.ar import export_checkpoint
+
+    run = ep_run / f"run-zero{zero_stage}"
+    config = yaml.safe_load((ep_run / "ar.yaml").read_text())
+    export_checkpoint(config, run / "checkpoints" / "step_00000004", tmp_path / "out")  # on one process
+    assert_bitwise_equal(weights(run / "final"), weights(tmp_path / "out"))

@@ -237,3 +237,27 @@ def test_refiner_refuses_zero3():
 
     with pytest.raises(ValueError, match="train.zero_stage: 3 is not supported by omniar train refiner"):
         refiner.train({"train": {"zero_stage": 3}}, progress=False)
+
+
+def test_omniar_export_of_a_zero3_checkpoint_is_the_run_s_final(two_ranks, tmp_path, capsys):
+    from omniar import cli
+
+    run = two_ranks / "run"
+    # the run folder: its newest checkpoint, step 4, the last step
+    assert cli.main(["export", str(run), "--config", str(two_ranks / "ar.yaml"), "--out", str(tmp_path / "4")]) == 0
+    assert "step_00000004" in capsys.readouterr().out
+    assert_bitwise_equal(weights(run / "final"), weights(tmp_path / "4"))
+    for name in ("model/config.json", "model_index.json"):
+        assert (run / "final" / name).read_text() == (tmp_path / "4" / name).read_text()
+    cli.main(["export", str(run / "checkpoints" / "step_00000002"), "--config", str(two_ranks / "ar.yaml"),
+              "--out", str(tmp_path / "2")])  # from the middle of the run
+    middle = weights(tmp_path / "2")
+    assert middle.keys() == weights(run / "final").keys() and not all(
+        torch.equal(value, weights(run / "final")[key]) for key, value in middle.items())
+    capsys.readouterr()
+    assert cli.main(["export", str(run / "checkpoints"), "--config", str(two_ranks / "ar.yaml"),
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "checkpoint: must be a checkpoint folder OUT/checkpoints/step_NNNNNNNN" in capsys.readouterr().err
+    assert cli.main(["export", str(run), "--config", str(two_ranks / "ar.yaml"), "--set", "model.hidden_size=32",
+                     "--out", str(tmp_path / "x")]) == 2
+    assert "does not hold the model of this config (the run's --config and --set?)" in capsys.readouterr().err

@@ -39,7 +39,7 @@ from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
 from .common import (build_dataset, build_model, check_sections, checkpoint_blocks, config_cli, last_step,
                      load_init_from, load_video_tokenizer, mean_scalars, split_train_section, step_loader)
-from .engine import TrainEngine, config_from_dict, cosine_lr
+from .engine import TrainEngine, checkpoint_state_dict, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
 
@@ -242,12 +242,12 @@ def check_ep_size(ep_size: int, model_cfg: OmniARConfig) -> None:
             f"must divide model.num_experts={model_cfg.num_experts}, got {ep_size}")
 
 
-def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
-    """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
+def run_parts(config: dict):
+    """What an AR run's config fixes: the data, engine and train sections, the video tokenizer, the text tokenizer,
+    the text encoder (or None) and the model's config."""
     check_sections(config)
     data_cfg = config_from_dict(ARDataConfig, config.get("data", {}), "data")
     engine_cfg, train_cfg = split_train_section(config.get("train", {}), ARTrainConfig)
-    end = last_step(train_cfg.steps, stop_at)
     model_fields = check_model_section(config.get("model", {}))
     tok = load_video_tokenizer(train_cfg.tokenizer)
     tok.check_num_frames(data_cfg.num_frames, "data.num_frames")
@@ -255,6 +255,39 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     text_encoder = load_text_encoder(config.get("model", {}), data_cfg.max_text_len)
     model_cfg = model_config(model_fields, tok, text_tok, text_encoder)
     check_ep_size(engine_cfg.ep_size, model_cfg)
+    return data_cfg, engine_cfg, train_cfg, tok, text_tok, text_encoder, model_cfg
+
+
+def save_pipeline(folder: Path, model: OmniARModel, tok: VideoTokenizer, text_tok: TextTokenizer,
+                  text_encoder: TextEncoder | None, data_cfg: ARDataConfig) -> None:
+    """The run's pipeline folder around ``model`` (moved to the CPU with the tokenizers)."""
+    TextToVideoPipeline(tok.cpu(), text_tok, model.cpu(), data_cfg.max_text_len, data_cfg.max_num_frames,
+                        vocabulary=shapes_vocabulary() if data_cfg.dataset == "shapes" else None,
+                        text_encoder=None if text_encoder is None else text_encoder.cpu()).save_pretrained(folder)
+
+
+def export_checkpoint(config: dict, checkpoint: str | Path, out: str | Path) -> Path:
+    """``omniar export``: the pipeline folder ``out`` of checkpoint ``OUT/checkpoints/step_N`` of the run that
+    ``config`` describes (any ZeRO stage and ep_size, on one process): what ``OUT/final`` would hold had the run
+    ended at that step."""
+    out = check_output_path(out, "out", folder=True)
+    data_cfg, _, _, tok, text_tok, text_encoder, model_cfg = run_parts(config)
+    state = checkpoint_state_dict(checkpoint)
+    model = OmniARModel.from_config_obj(model_cfg)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # e.g. another model section than the run's
+        lines = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        raise ValueError(f"checkpoint: {checkpoint} does not hold the model of this config (the run's --config "
+                         f"and --set?): {' '.join(lines[:2])}") from None
+    save_pipeline(out, model, tok, text_tok, text_encoder, data_cfg)
+    return out
+
+
+def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
+    """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
+    data_cfg, engine_cfg, train_cfg, tok, text_tok, text_encoder, model_cfg = run_parts(config)
+    end = last_step(train_cfg.steps, stop_at)
     expert_parallel = engine_cfg.ep_size > 1  # then every collective of the MoE layers needs all ranks
     # expert-parallel all-to-alls and ZeRO-3's weight gathers pair up only if all ranks run the same layers
     same_layers = expert_parallel or engine_cfg.zero_stage == 3
@@ -359,11 +392,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                     model = build()
                     model.load_state_dict(state)
             if engine.rank == 0:
-                pipe = TextToVideoPipeline(tok.cpu(), text_tok, model.cpu(), data_cfg.max_text_len,
-                                           data_cfg.max_num_frames, vocabulary=shapes_vocabulary()
-                                           if data_cfg.dataset == "shapes" else None,
-                                           text_encoder=None if text_encoder is None else text_encoder.cpu())
-                pipe.save_pretrained(final)
+                save_pipeline(final, model, tok, text_tok, text_encoder, data_cfg)
     return final
 
 

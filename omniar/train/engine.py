@@ -581,22 +581,9 @@ class TrainEngine:
         if not found:
             return 0
         newest = found[-1]
-        for path in sorted(newest.rglob("*.pt")):  # torch.save files are zip archives with CRCs
-            try:
-                with zipfile.ZipFile(path) as archive:
-                    bad = archive.testzip()
-            except (OSError, zipfile.BadZipFile) as e:
-                raise ValueError(f"checkpoint: {path} is truncated or corrupt ({e}); move {newest} aside to "
-                                 "resume from the previous checkpoint") from None
-            require(bad is None, "checkpoint", f"{path}: entry {bad!r} fails its CRC check (tampered or "
-                    f"corrupt); move {newest} aside to resume from the previous checkpoint")
         # DeepSpeed looks for other files under another ZeRO stage (FileNotFoundError): refuse first
-        names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
-        model_states = next((newest / name for name in names if (newest / name).is_file()), newest / names[0])
-        require(model_states.is_file(), "checkpoint", f"{model_states} is missing; move {newest} aside to resume "
-                "from the previous checkpoint")
-        states = load_checkpoint_file(model_states, "cpu", mmap=True)
-        stage = (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
+        states = load_checkpoint_file(_checked_model_states(newest), "cpu", mmap=True)
+        stage = _zero_stage(states)
         require(stage == self.config.zero_stage, "train.zero_stage", f"is {self.config.zero_stage}, but {newest} "
                 f"was written with ZeRO stage {stage}; set it back to resume, or train into a new --out")
         ep_size = states.get("ep_size", 1)
@@ -644,6 +631,50 @@ class TrainEngine:
             self._writer.close()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _checked_model_states(folder: Path) -> Path:
+    """The model-states file of checkpoint ``folder``, once every ``*.pt`` file there passed its CRC check."""
+    for path in sorted(folder.rglob("*.pt")):  # torch.save files are zip archives with CRCs
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ValueError(f"checkpoint: {path} is truncated or corrupt ({e}); move {folder} aside to "
+                             "resume from the previous checkpoint") from None
+        require(bad is None, "checkpoint", f"{path}: entry {bad!r} fails its CRC check (tampered or "
+                f"corrupt); move {folder} aside to resume from the previous checkpoint")
+    names = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")  # ZeRO 0-2, ZeRO-3
+    model_states = next((folder / name for name in names if (folder / name).is_file()), folder / names[0])
+    require(model_states.is_file(), "checkpoint", f"{model_states} is missing; move {folder} aside to resume "
+            "from the previous checkpoint")
+    return model_states
+
+
+def _zero_stage(states: dict) -> int | None:
+    return (states.get("ds_config") or {}).get("zero_optimization", {}).get("stage")
+
+
+def checkpoint_state_dict(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The whole trained module's state dict in checkpoint ``folder`` (``OUT/checkpoints/step_N``), on one process:
+    ZeRO-3's partitions gathered by DeepSpeed's ``zero_to_fp32``, the expert-parallel shards concatenated. What the
+    run would have exported, had it ended there."""
+    folder = Path(folder)
+    require(_STEP_DIR.match(folder.name) is not None and folder.is_dir(), "checkpoint",
+            f"must be a checkpoint folder OUT/checkpoints/step_NNNNNNNN, got {str(folder)!r}")
+    states = load_checkpoint_file(_checked_model_states(folder), "cpu")
+    if _zero_stage(states) == 3:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        for path in folder.glob("*.pt"):  # zero_to_fp32 loads without an allowlist: every file passes ours first
+            load_checkpoint_file(path, "cpu", mmap=True)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:
+        state = dict(states["module"])
+    shards = [load_checkpoint_file(path, "cpu") for path in sorted(folder.glob("expert_shard_ep*.pt"))]
+    if shards:  # DeepSpeed's module holds expert-parallel rank 0's experts
+        state |= {name: torch.cat([shard[name] for shard in shards]) for name in shards[0]}
+    return state
 
 
 def config_from_dict(cls, values: dict, name: str):
