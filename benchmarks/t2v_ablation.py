@@ -23,7 +23,6 @@ import torch
 
 from omniar.eval.t2v import evaluate_windows, load_classifier
 from omniar.generation import TextToVideoPipeline
-from omniar.limits import MAX_NUM_FRAMES
 from omniar.train.ar import train
 from omniar.train.common import load_yaml
 
@@ -62,7 +61,7 @@ def main() -> None:
     classifier = load_classifier()
     for name, pipe in pipes.items():
         windows = {"first_frames": slice(0, args.last), "last_frames": slice(-args.last, None)}
-        if args.frames <= MAX_NUM_FRAMES:  # longer clips have no real counterpart (objects leave the canvas)
+        if args.kv_budget is None:  # clips within the model's frame cap; longer ones have no real counterpart
             windows["whole_clip"] = slice(None)
         result[name].update(evaluate_windows(pipe, classifier, "seen", args.clips, windows, args.frames,
                                              kv_budget=args.kv_budget))
