@@ -20,6 +20,7 @@ from _train_helpers import ROOT, assert_bitwise_equal, subprocess_env, tiny_ar_c
 
 from omniar.backbone import OmniARConfig, OmniARModel
 from omniar.tokenizers import VideoTokenizer
+from omniar.train.common import checkpoint_blocks
 from omniar.train.engine import EngineConfig, TrainEngine, _free_port
 
 MODEL = dict(text_vocab_size=40, codebook_size=16, code_dim=4, scales=(1, 2), hidden_size=32, num_layers=2,
@@ -57,13 +58,16 @@ def batch(rows: slice = slice(None)):
     return ids[rows], [v[rows] for v in visual], targets[rows]
 
 
-def engine_steps(out_dir, zero_stage, rows=slice(None), ds_json=None, **options) -> dict:
+def engine_steps(out_dir, zero_stage, rows=slice(None), ds_json=None, activation_checkpointing=False,
+                 **options) -> dict:
     """``STEPS`` optimizer steps of the tiny model on ``rows`` of the batch: each step's loss (the mean over
     ranks) and full gradients, and the whole weights after the last (rank 0; DeepSpeed's own gather under ZeRO-3)."""
     from deepspeed.utils import safe_get_full_grad
 
     torch.manual_seed(0)
     model = OmniARModel.from_config_obj(OmniARConfig(**MODEL))
+    if activation_checkpointing:  # the blocks recomputed in backward: ZeRO-3 gathers their weights again
+        checkpoint_blocks(model.layers)
     ids, visual, targets = batch(rows)
     config = EngineConfig(out_dir=str(out_dir), zero_stage=zero_stage, lr=1e-2, micro_batch_size=len(ids),
                           deepspeed_config=ds_json, **options)
@@ -112,7 +116,8 @@ def zero0(tmp_path_factory, ds_json):
     return engine_steps(tmp_path_factory.mktemp("zero0"), 0, ds_json=ds_json)
 
 
-@pytest.mark.parametrize("options", [{}, {"offload_optimizer": True, "offload_param": True}])
+@pytest.mark.parametrize("options", [{}, {"offload_optimizer": True, "offload_param": True},
+                                     {"activation_checkpointing": True}])
 def test_one_process_zero3_trains_as_zero0(tmp_path, zero0, ds_json, options):
     run = engine_steps(tmp_path, 3, ds_json=ds_json, **options)
     assert_same_training(zero0, run)
