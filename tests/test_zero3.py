@@ -1,9 +1,9 @@
 """ZeRO-3 (``train.zero_stage: 3``) and CPU offload (``train.offload_optimizer``, ``train.offload_param``): from the
 same initial weights, the losses, every parameter's gradient and the weights after a few steps equal ZeRO-0's
-(fp32 tolerance), on one process and on 2 gloo processes (each with half the batch); the weights gathered for
-generation and export are those DeepSpeed's checkpoint holds, bit for bit; an AR run stopped early and resumed
-under ZeRO-3 ends bitwise equal to an uninterrupted one, and its export matches a ZeRO-0 run's; option errors name
-the option.
+(fp32 tolerance), on one process (also offloaded, also with activation checkpointing) and on 2 gloo processes
+(each with half the batch); an AR run (elastic, previews) stopped early and resumed under ZeRO-3 ends bitwise
+equal to an uninterrupted one; the AR and tokenizer exports are bit for bit DeepSpeed's own gather of the last
+checkpoint (``zero_to_fp32``), and so is ``omniar export`` of it; option errors name the option.
 
 Every weight is partitioned (``stage3_param_persistence_threshold: 0``): by default DeepSpeed keeps small
 weights whole on every rank, which would leave the tiny test model's partitioning untested."""
