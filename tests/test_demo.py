@@ -3,6 +3,7 @@
 import av
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from omniar.cli import build_parser
@@ -21,7 +22,8 @@ SETTINGS = (PROMPT, 5, 3.0, 1.0, 0, 1.0, 0, FULL)
 
 @pytest.fixture(scope="module")
 def pipe():
-    return tiny_pipeline()
+    # fp32 decode: the previews (fp32 decode_latent) are compared with the clip's frames
+    return tiny_pipeline().to(decode_dtype=torch.float32)
 
 
 @pytest.fixture(scope="module")

@@ -274,6 +274,20 @@ def test_shipped_bf16_decode_within_40_db_of_fp32():
     assert mse > 0  # the default really decoded in bf16
 
 
+def test_tokenizer_decode_dtype():
+    """``VideoTokenizer.decode(dtype=)``: bf16 computes under autocast and hands back the latent's fp32 frames;
+    the tokenizer's own dtype is the plain decode, bit for bit; other dtypes are refused, naming dtype."""
+    pipe = tiny_pipeline()
+    tok, codes = pipe.video_tokenizer, pipe([PROMPT], num_frames=5, seed=0).codes
+    plain = tok.decode(codes, chunk_size=1)
+    assert torch.equal(tok.decode(codes, chunk_size=1, dtype=torch.float32), plain)
+    low = tok.decode(codes, chunk_size=1, dtype=torch.bfloat16)
+    assert low.dtype == torch.float32 and not torch.equal(low, plain) and (low - plain).abs().max() < 0.1
+    for bad in (torch.float64, "bf16"):
+        with pytest.raises(ValueError, match="dtype"):
+            tok.decode(codes, dtype=bad)
+
+
 def test_bf16_decode_follows_the_tokenizers_live_weights():
     """No stale copy: after the tokenizer's weights change, the default bf16 decode shows the change (the
     fp32 and bf16 frames of the changed tokenizer stay close, and differ from the unchanged one's)."""

@@ -135,7 +135,7 @@ class TextToVideoPipeline:
     trained on its states (``text_embed_dim`` set); such a model needs it, and a byte-level model refuses it.
     Limits are checked before anything is allocated; clips are decoded ``decode_batch_size`` at a
     time (default 1), one latent frame at a time (measured memory bound:
-    ``benchmarks/generation_memory.py``, BENCHMARKS.md).
+    ``benchmarks/generation_memory.py``, BENCHMARKS.md), in :attr:`decode_dtype` (bf16 on the CPU).
     """
 
     def __init__(self, video_tokenizer: VideoTokenizer, text_tokenizer: TextTokenizer, model: OmniARModel,
