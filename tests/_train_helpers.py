@@ -1,12 +1,15 @@
 """Helpers shared by the training tests (test_train_tokenizer.py, test_crash_resume.py, test_t2v.py)."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from omniar.train.common import load_yaml
+from omniar.train.engine import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tokenizer_tiny.yaml"
@@ -52,3 +55,19 @@ def subprocess_env(**extra) -> dict:
     env["OMP_NUM_THREADS"] = "1"
     env.update(extra)
     return env
+
+
+def run_two_ranks(script: Path, folder: Path, timeout: float) -> None:
+    """``python script folder`` as ranks 0 and 1 of one process group (env rendezvous, gloo on CPU); both must
+    exit 0, else the assertion shows the end of each rank's output."""
+    env = subprocess_env(PYTHONPATH=str(ROOT), TESTS=str(ROOT / "tests"), CUDA_VISIBLE_DEVICES="",
+                         WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    procs = [subprocess.Popen([sys.executable, str(script), str(folder)], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        logs = [p.communicate(timeout=timeout)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)

@@ -7,18 +7,16 @@ process.
 Both ranks run all scenarios in one launch (:data:`WORKER`, env rendezvous like the ``deepspeed`` launcher),
 the single-process references run here."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _train_helpers import ROOT, assert_bitwise_equal, subprocess_env, tiny_ar_config, tiny_config, weights
+from _train_helpers import assert_bitwise_equal, run_two_ranks, tiny_ar_config, tiny_config, weights
 
 from omniar.backbone import MoELayer, OmniARConfig, OmniARModel
 from omniar.tokenizers import VideoTokenizer
-from omniar.train.engine import EngineConfig, TrainEngine, _free_port, load_checkpoint_file
+from omniar.train.engine import EngineConfig, TrainEngine, load_checkpoint_file
 
 MODEL = dict(text_vocab_size=40, codebook_size=16, code_dim=4, scales=(1, 2), hidden_size=32, num_layers=2,
              num_heads=2, num_kv_heads=1, num_experts=4, top_k=2, expert_hidden_size=16, router_z_loss_coef=1e-3)
@@ -93,17 +91,7 @@ def ep_run(tmp_path_factory):
     config = tiny_ar_config(tmp, 8, steps=4, save_every=100, log_every=1, micro_batch_size=1, ep_size=2)
     (tmp / "ar.yaml").write_text(yaml.safe_dump(config))
     (tmp / "worker.py").write_text(WORKER)
-    env = subprocess_env(PYTHONPATH=str(ROOT), TESTS=str(ROOT / "tests"), CUDA_VISIBLE_DEVICES="",
-                         WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    procs = [subprocess.Popen([sys.executable, str(tmp / "worker.py"), str(tmp)], cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=300)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    run_two_ranks(tmp / "worker.py", tmp, timeout=300)
     return tmp
 
 

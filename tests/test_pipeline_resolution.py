@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_t2v import cfg_call_matching_the_full_forward
 
 from omniar.backbone import OmniARConfig, OmniARModel
-from omniar.backbone.layout import scale_offsets
 from omniar.generation import TextToVideoPipeline
 from omniar.tokenizers import VideoTokenizer
 from omniar.tokenizers.text import TextTokenizer
@@ -39,35 +39,17 @@ def pipe(request):
     return tiny_pipeline(request.param)
 
 
-@torch.no_grad()
 def test_kv_cache_steps_equal_the_full_forward(pipe, monkeypatch):
     """Every step of a CFG call (cond and null-prompt rows, 2 latent frames) gives the logits of the teacher-forced
     full pass over the same inputs, whose inputs are the tokenizer's teacher-forcing ones for the sampled codes."""
-    steps, forward_scale = [], pipe.model.forward_scale
-
-    def record(inputs, frame, scale, cache, *args, **kwargs):
-        logits = forward_scale(inputs, frame, scale, cache, *args, **kwargs)
-        steps.append((frame, scale, inputs.clone(), logits.clone()))
-        return logits
-
-    monkeypatch.setattr(pipe.model, "forward_scale", record)
-    out = pipe(PROMPTS, num_frames=5, guidance_scale=3.0, seed=0)
+    out, steps = cfg_call_matching_the_full_forward(pipe, PROMPTS, 5, monkeypatch)
     tok = pipe.video_tokenizer
     height, width = pipe.frame_size
     assert out.frames.shape == (2, 5, height, width, 3) and out.frames.dtype == np.uint8
     assert [tuple(c.shape) for c in out.codes.codes] == [(2, 2, h, w) for h, w in tok.scale_shapes]
-    assert [(f, s) for f, s, _, _ in steps] == [(f, s) for f in range(2) for s in range(len(tok.scale_shapes))]
+    assert steps == [(f, s) for f in range(2) for s in range(len(tok.scale_shapes))]
     assert out.timings["forward_passes"] == 1 + 2 * len(tok.scale_shapes)
     assert out.timings["tokens"] == 2 * 2 * sum(h * w for h, w in tok.scale_shapes)
-    teacher = tok.codes_to_accumulated(out.codes)
-    for f, s, inputs, _ in steps:
-        assert torch.allclose(inputs[:2], teacher[s][:, f], atol=1e-6) and torch.equal(inputs[:2], inputs[2:]), (f, s)
-    ids, mask = pipe.text_tokenizer.batch_encode(PROMPTS + [None, None], pipe.max_text_len)
-    vis = [torch.stack([x for _, s2, x, _ in steps if s2 == s], dim=1) for s in range(len(tok.scale_shapes))]
-    full = pipe.model(ids, mask, vis).visual_logits
-    offsets = scale_offsets(tok.scales) + [tok.tokens_per_frame]
-    for f, s, _, logits in steps:
-        assert (logits - full[:, f, offsets[s]:offsets[s + 1]]).abs().max() < 1e-4, (f, s)
 
 
 def test_images_and_explicit_size(pipe):

@@ -12,6 +12,7 @@ import torch
 from _train_helpers import tiny_ar_config
 
 from omniar.backbone import OmniARConfig, OmniARModel
+from omniar.backbone.layout import scale_offsets
 from omniar.data.shapes import MovingShapes
 from omniar.generation import TextToVideoPipeline
 from omniar.generation.pipeline import convert_frames
@@ -96,9 +97,11 @@ def test_elastic_submodel_and_callback(pipe):
 
 
 @torch.no_grad()
-def test_cached_steps_equal_the_full_forward_with_cfg_across_frames(pipe, monkeypatch):
-    """Every step of a CFG call (cond and null-prompt rows, 3 latent frames) gives the logits of the
-    teacher-forced full pass over the same inputs: the preallocated cache attends exactly like it."""
+def cfg_call_matching_the_full_forward(pipe, prompts, num_frames, monkeypatch):
+    """A CFG call (guidance 3, seed 0) whose every step (cond and null-prompt rows) is checked: its inputs are the
+    tokenizer's teacher-forcing inputs for the sampled codes (one step rule for generation and training), its
+    logits those of the teacher-forced full pass over the same inputs. Returns the output and the (frame, scale)
+    of each step."""
     steps, forward_scale = [], pipe.model.forward_scale
 
     def record(inputs, frame, scale, cache, *args, **kwargs):
@@ -107,20 +110,26 @@ def test_cached_steps_equal_the_full_forward_with_cfg_across_frames(pipe, monkey
         return logits
 
     monkeypatch.setattr(pipe.model, "forward_scale", record)
-    prompts = [PROMPT, "a blue square moves up on a white background"]
-    out = pipe(prompts, num_frames=9, guidance_scale=3.0, seed=0)
-    scales = pipe.video_tokenizer.scales
-    assert [(f, s) for f, s, _, _ in steps] == [(f, s) for f in range(3) for s in range(len(scales))]
-    # generation steps and teacher forcing build the inputs with the same tokenizer step rule
-    teacher = pipe.video_tokenizer.codes_to_accumulated(out.codes)
+    out = pipe(prompts, num_frames=num_frames, guidance_scale=3.0, seed=0)
+    tok, b = pipe.video_tokenizer, len(prompts)
+    teacher = tok.codes_to_accumulated(out.codes)
     for f, s, inputs, _ in steps:
-        assert torch.allclose(inputs[:2], teacher[s][:, f], atol=1e-6) and torch.equal(inputs[:2], inputs[2:]), (f, s)
-    ids, mask = pipe.text_tokenizer.batch_encode(prompts + [None, None], pipe.max_text_len)
-    vis = [torch.stack([x for _, s2, x, _ in steps if s2 == s], dim=1) for s in range(len(scales))]
+        assert torch.allclose(inputs[:b], teacher[s][:, f], atol=1e-6) and torch.equal(inputs[:b], inputs[b:]), (f, s)
+    ids, mask = pipe.text_tokenizer.batch_encode(prompts + [None] * b, pipe.max_text_len)
+    vis = [torch.stack([x for _, s2, x, _ in steps if s2 == s], dim=1) for s in range(len(tok.scales))]
     full = pipe.model(ids, mask, vis).visual_logits
-    offsets = np.cumsum([0] + [n * n for n in scales])
+    offsets = scale_offsets(tok.scales) + [tok.tokens_per_frame]
     for f, s, _, logits in steps:
         assert (logits - full[:, f, offsets[s]:offsets[s + 1]]).abs().max() < 1e-4, (f, s)
+    return out, [(f, s) for f, s, _, _ in steps]
+
+
+def test_cached_steps_equal_the_full_forward_with_cfg_across_frames(pipe, monkeypatch):
+    """Every step of a CFG call over 3 latent frames gives the logits of the teacher-forced full pass: the
+    preallocated cache attends exactly like it."""
+    prompts = [PROMPT, "a blue square moves up on a white background"]
+    _, steps = cfg_call_matching_the_full_forward(pipe, prompts, 9, monkeypatch)
+    assert steps == [(f, s) for f in range(3) for s in range(len(pipe.video_tokenizer.scales))]
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -9,19 +9,17 @@ Every weight is partitioned (``stage3_param_persistence_threshold: 0``): by defa
 weights whole on every rank, which would leave the tiny test model's partitioning untested."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from _train_helpers import ROOT, assert_bitwise_equal, subprocess_env, tiny_ar_config, tiny_config, weights
+from _train_helpers import assert_bitwise_equal, run_two_ranks, tiny_ar_config, tiny_config, weights
 
 from omniar.backbone import OmniARConfig, OmniARModel
 from omniar.tokenizers import VideoTokenizer
 from omniar.train.common import checkpoint_blocks
-from omniar.train.engine import EngineConfig, TrainEngine, _free_port
+from omniar.train.engine import EngineConfig, TrainEngine
 
 MODEL = dict(text_vocab_size=40, codebook_size=16, code_dim=4, scales=(1, 2), hidden_size=32, num_layers=2,
              num_heads=2, num_kv_heads=1, num_experts=4, top_k=2, expert_hidden_size=16, router_z_loss_coef=1e-3)
@@ -134,17 +132,7 @@ def two_ranks(tmp_path_factory):
                             zero_stage=3, deepspeed_config=str(tmp / "ds.json"))
     (tmp / "ar.yaml").write_text(yaml.safe_dump(config))
     (tmp / "worker.py").write_text(WORKER)
-    env = subprocess_env(PYTHONPATH=str(ROOT), TESTS=str(ROOT / "tests"), CUDA_VISIBLE_DEVICES="",
-                         WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    procs = [subprocess.Popen([sys.executable, str(tmp / "worker.py"), str(tmp)], cwd=ROOT,
-                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    try:
-        logs = [p.communicate(timeout=600)[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    run_two_ranks(tmp / "worker.py", tmp, timeout=600)
     return tmp
 
 
