@@ -10,7 +10,6 @@ wrappers only pass through (and record which checkpoint resume loaded)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ import yaml
 from _train_helpers import ROOT, assert_bitwise_equal, subprocess_env, tiny_ar_config, tiny_config, weights
 
 from omniar.tokenizers import VideoTokenizer
+from omniar.train.engine import _free_port
 
 DRIVER = r'''
 """``python driver.py <omniar CLI args>``. CRASH_AT=<kind>:<step> makes rank CRASH_RANK (default 0) write
@@ -112,12 +112,6 @@ class Crash:
     after: list  # checkpoint folder entries once it is killed
     rank: int = 0  # the rank that hangs
     kill_rank_only: bool = False  # SIGKILL just that rank; the others must then fail on their own
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def checkpoint_entries(run: Path) -> list:
