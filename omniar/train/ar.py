@@ -318,8 +318,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         data = TokenizedDataset(data_cfg.cache_dir)
         start = engine.resume()
         engine.log_hparams(config)
-        # rank 0 logs them; under ZeRO-3 every rank helps gather the model for them
-        sampling = train_cfg.sample_every and (engine.rank == 0 or expert_parallel or engine_cfg.zero_stage == 3)
+        # rank 0 logs them; under EP or ZeRO-3 every rank takes part in the collectives they need
+        sampling = train_cfg.sample_every and (engine.rank == 0 or same_layers)
         prompts = data.captions[:SAMPLE_PROMPTS] if sampling else []
         if prompts:  # the rows of the "samples" image, top to bottom
             engine.log_text("samples/prompts", "\n\n".join(f"{i}. {p}" for i, p in enumerate(prompts)), start)
