@@ -103,6 +103,18 @@ def test_intact_folder_round_trips_exactly(saved):
     assert not loaded.training
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
 
+def test_half_precision_folder_loads_as_float32(tmp_path):
+    """Shipped weights may be stored in float16 (half the bytes): they load into the float32 model as
+    exactly the rounded values, so codes made with the stored folder are the ones a user gets."""
+    model = tiny_tokenizer()
+    model.to(torch.float16).save_pretrained(tmp_path / "half")
+    assert load_file(tmp_path / "half" / WEIGHTS)[KEY].dtype == torch.float16
+    loaded = VideoTokenizer.from_pretrained(tmp_path / "half")
+    for k, v in loaded.state_dict().items():
+        want = model.state_dict()[k]
+        assert v.dtype == (torch.float32 if want.is_floating_point() else want.dtype)
+        assert torch.equal(v, want.to(v.dtype))
+
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     """A save that dies mid-write leaves the previous folder loadable and unchanged; a save that
