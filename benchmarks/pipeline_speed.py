@@ -2,7 +2,10 @@
 
 For each (batch, frames) of the grid and each setting, one call per round: wall, generate and decode
 seconds, the generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass),
-and (``--memory``, current path only) the peak of live tensor memory. Each time is also taken as the process's CPU time
+(``--memory``, current path only) the peak of live tensor memory, and (``--flops``, current path only) the
+transformer's FLOPs in a call (attention and the grouped expert GEMMs included, which ``FlopCounterMode``
+does not count on CPU by itself) over its generate CPU time, as a share of a matmul peak measured in the
+same worker (2048^3, fp32, and bf16 for the ``bf16`` setting). Each time is also taken as the process's CPU time
 (``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates
 wall times by whole seconds but not the CPU time the call consumes (with one thread, CPU time is
 the wall time of an idle machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact),
@@ -13,7 +16,7 @@ baseline and current calls with the same seeds, and each ratio is the median ove
 per-round ratio, so load on a shared machine hits both sides alike.
 
     OMP_NUM_THREADS=1 python benchmarks/pipeline_speed.py [--device cuda] [--batches 1 4 16] [--frames 1 9 17 33]
-        [--rounds 3] [--memory] [--out benchmarks/results/pipeline_speed.json]
+        [--rounds 3] [--memory] [--flops] [--out benchmarks/results/pipeline_speed.json]
     python benchmarks/pipeline_speed.py --rule 64 [--settings bf16-decode]   # the precision rule (BENCHMARKS.md)
 """
 
@@ -76,16 +79,66 @@ def call(pipe, batch: int, frames: int, seed: int, memory: bool) -> dict:
     return row
 
 
+def transformer_gflop(pipe, batch: int, frames: int, seed: int) -> float:
+    """GFLOP of the transformer's forwards (the text pass and every scale step) in one call."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    aten = torch.ops.aten
+    formulas = {  # shape formulas (FlopCounterMode passes shapes); the CPU kernels have none built in
+        aten._grouped_mm: lambda a, b, *args, out_shape=None, **kw: 2 * a[0] * a[-1] * out_shape[-1],
+        aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, out_shape=None, **kw:
+            sdpa_flop_count(q, k, v)}
+    model, total = pipe.model, 0
+
+    def counted(forward):
+        def run(*args, **kwargs):
+            nonlocal total
+            with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
+                out = forward(*args, **kwargs)
+            total += counter.get_total_flops()
+            return out
+        return run
+
+    model.forward_text, model.forward_scale = counted(model.forward_text), counted(model.forward_scale)
+    try:
+        call(pipe, batch, frames, seed, False)
+    finally:
+        del model.forward_text, model.forward_scale  # the instance attributes; the methods show again
+    return total / 1e9
+
+
+def matmul_peak_gflops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
+    """Best of ``repeats`` n^3 matmuls, in GFLOP/s of CPU time (of wall time on CUDA)."""
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    cuda, best = device.startswith("cuda"), float("inf")
+    for _ in range(repeats + 1):  # the first one warms up
+        if cuda:
+            torch.cuda.synchronize(device)
+        start = time.perf_counter() if cuda else time.process_time()
+        a @ b
+        if cuda:
+            torch.cuda.synchronize(device)
+        best = min(best, (time.perf_counter() if cuda else time.process_time()) - start)
+    return 2 * n**3 / best / 1e9
+
+
 def worker() -> None:
-    """Serve ``{"setting", "device", "batch", "frames", "seed", "memory"}`` requests, one JSON line each way."""
+    """Serve ``{"setting", "device", "batch", "frames", "seed", "memory"}`` requests (``"flops": true``: the
+    transformer's GFLOP and the matmul peak instead of a timed call), one JSON line each way."""
     pipes = {}
     for line in sys.stdin:
         req = json.loads(line)
         if req["setting"] not in pipes:
             pipes[req["setting"]] = load(req["setting"], req["device"])
             call(pipes[req["setting"]], 1, 1, 0, False)  # warm-up
-        print(json.dumps(call(pipes[req["setting"]], req["batch"], req["frames"], req["seed"], req["memory"])),
-              flush=True)
+        pipe = pipes[req["setting"]]
+        if req.get("flops"):
+            dtype = torch.bfloat16 if req["setting"] == "bf16" else torch.float32
+            row = {"transformer_gflop": transformer_gflop(pipe, req["batch"], req["frames"], req["seed"]),
+                   "matmul_peak_gflops": matmul_peak_gflops(dtype, req["device"])}
+        else:
+            row = call(pipe, req["batch"], req["frames"], req["seed"], req["memory"])
+        print(json.dumps(row), flush=True)
 
 
 class Worker:
@@ -141,6 +194,12 @@ def speed(args) -> dict:
                         req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=True)
                         for s in args.settings:
                             row[s]["tensor_peak_mib"] = new(setting=s, **req)["tensor_peak_mib"]
+                    if args.flops:  # the forwards' shapes, and so their FLOPs, do not depend on the seed
+                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=False, flops=True)
+                        for s in args.settings:
+                            row[s].update(new(setting=s, **req))
+                            row[s]["transformer_gflops"] = row[s]["transformer_gflop"] / row[s]["generate_cpu_s"]
+                            row[s]["peak_share"] = row[s]["transformer_gflops"] / row[s]["matmul_peak_gflops"]
                     result["grid"][f"{batch}x{frames}"] = row
                     print(f"{batch} x {frames}: {json.dumps(row)}", flush=True)
         finally:
@@ -175,6 +234,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the kept baseline")
     parser.add_argument("--memory", action="store_true", help="also the peak of live tensor memory")
+    parser.add_argument("--flops", action="store_true", help="also the transformer's share of matmul peak")
     parser.add_argument("--rule", type=int, metavar="N", help="run the bf16 precision rule on N clips instead")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/pipeline_speed.json")
