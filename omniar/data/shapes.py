@@ -1,9 +1,13 @@
 """Moving Shapes: a procedural, seeded text-video world small enough to train on a CPU.
 
 One filled object (circle, square or up-pointing triangle) of one of five colours
-moves left, right, up or down at constant speed over a black or white canvas and
-stays fully inside it in every frame. Every clip is a pure function of
-``(seed, index)``, so splits are reproducible without storing any data.
+moves left, right, up or down at constant speed over a black or white canvas. With
+the default ``"exit"`` motion it stays fully inside the canvas in every frame, which
+bounds the clip length (about 35 frames at 64 px); with ``"wrap"`` the canvas is a
+torus along the motion: the object leaves one edge and re-enters at the opposite one,
+drawn on both sides while it straddles the edge, so clips may be of any length and
+every frame shows the object. Every clip is a pure function of ``(seed, index)``, so
+splits are reproducible without storing any data.
 
 A canvas ``size`` is a side (square) or a ``(height, width)`` pair. Object size and
 speed are defined for a 64 px side and scale with the shorter side; a longer side
@@ -66,6 +70,7 @@ SPEED_RANGE = (1.5, 2.5)  # pixels per frame at a 64 px shorter side, scaled wit
 SIDE_RANGE = (32, 1024)  # canvas sides (multiples of 16); 1024 = the largest latent grid (limits.MAX_SCALE) x 8 px
 _SUPERSAMPLE = 4  # sub-pixel samples per axis: anti-aliased edges make sub-pixel motion visible
 _VELOCITY = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
+MOTIONS = ("exit", "wrap")  # what happens at the canvas edge: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,7 @@ class ShapeClip:
     diameter: float  # pixels
     speed: float  # pixels per frame
     start: tuple[float, float]  # object centre (x, y) in pixels at frame 0
+    motion: str = "exit"  # one of MOTIONS
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -115,23 +121,29 @@ def canvas(size: int | tuple[int, int]) -> tuple[int, int]:
     return sides
 
 
-def _check_canvas(size: int | tuple[int, int], num_frames: int) -> tuple[int, int]:
+def _check_canvas(size: int | tuple[int, int], num_frames: int, motion: str = "exit") -> tuple[int, int]:
     height, width = canvas(size)
     check_int(num_frames, "num_frames", 1)
-    # Slowest motion of the smallest object must still fit along the shorter side (any direction may be drawn).
+    check_choice(motion, "motion", MOTIONS)
+    # Exit motion: the slowest motion of the smallest object must still fit along the shorter side (any
+    # direction may be drawn). Wrapping motion never runs out of canvas.
     need = SIZE_RANGE[0] + SPEED_RANGE[0] * (num_frames - 1) / 64
-    require(need <= 1.0, "num_frames",
-            f"too long for the canvas: at most {int((1 - SIZE_RANGE[0]) * 64 / SPEED_RANGE[0]) + 1} frames")
+    require(motion == "wrap" or need <= 1.0, "num_frames",
+            f"too long for the canvas: at most {int((1 - SIZE_RANGE[0]) * 64 / SPEED_RANGE[0]) + 1} frames "
+            "(wrapping motion has no limit)")
     return height, width
 
 
 def sample_clip(rng: np.random.Generator, combination: tuple[str, str, str, str],
-                size: int | tuple[int, int] = 64, num_frames: int = 17) -> ShapeClip:
-    """Draw size, speed and start position so the object stays inside the canvas in every frame.
+                size: int | tuple[int, int] = 64, num_frames: int = 17, motion: str = "exit") -> ShapeClip:
+    """Draw size, speed and start position so the object stays inside the canvas in every frame (``"exit"``
+    motion) or in frame 0 (``"wrap"``: the draw of a one-frame clip, so the full size and speed ranges occur at
+    any clip length).
 
     On a square canvas the formulas reduce to the square-only ones they replaced, so every clip drawn before
     non-square canvases existed is unchanged, bit for bit (tests/test_data_folder.py)."""
-    height, width = _check_canvas(size, num_frames)
+    height, width = _check_canvas(size, num_frames, motion)
+    num_frames = 1 if motion == "wrap" else num_frames  # the frames the object must stay fully inside
     color, shape, direction, background = combination
     short = min(height, width)
     scale = short / 64
@@ -147,7 +159,7 @@ def sample_clip(rng: np.random.Generator, combination: tuple[str, str, str, str]
     lo = [half + max(0.0, -v) * travel for v in (vx, vy)]
     hi = [side - half - max(0.0, v) * travel for v, side in ((vx, width), (vy, height))]
     start = (float(rng.uniform(lo[0], hi[0])), float(rng.uniform(lo[1], hi[1])))
-    return ShapeClip(color, shape, direction, background, float(diameter), float(speed), start)
+    return ShapeClip(color, shape, direction, background, float(diameter), float(speed), start, motion)
 
 
 def _span(c: float, r: float, n: int) -> tuple[int, int]:
@@ -183,7 +195,7 @@ def _coverage(shape: str, cx: float, cy: float, d: float, height: int, width: in
 def render(clip: ShapeClip, size: int | tuple[int, int] = 64, num_frames: int = 17,
            times: list[int] | None = None) -> np.ndarray:
     """Render a clip to uint8 frames ``(T, H, W, 3)``; ``times`` picks a subset of the frame indices."""
-    height, width = _check_canvas(size, num_frames)
+    height, width = _check_canvas(size, num_frames, clip.motion)
     times = list(range(num_frames)) if times is None else times
     require(all(0 <= t < num_frames for t in times), "times", f"must lie in [0, {num_frames})")
     fg = np.asarray(COLORS[clip.color], np.float32)
@@ -192,7 +204,12 @@ def render(clip: ShapeClip, size: int | tuple[int, int] = 64, num_frames: int = 
     frames = np.empty((len(times), height, width, 3), np.uint8)
     for i, t in enumerate(times):
         cx, cy = clip.start[0] + vx * clip.speed * t, clip.start[1] + vy * clip.speed * t
-        a = _coverage(clip.shape, cx, cy, clip.diameter, height, width)[..., None]
+        centres = [(cx, cy)]
+        if clip.motion == "wrap":  # the centre on the torus, and a copy one canvas either side along the motion
+            # for the part beyond an edge (copies never overlap: the object is shorter than the canvas)
+            cx, cy = cx % width, cy % height
+            centres = [(cx + k * abs(vx) * width, cy + k * abs(vy) * height) for k in (-1, 0, 1)]
+        a = sum(_coverage(clip.shape, x, y, clip.diameter, height, width) for x, y in centres)[..., None]
         frames[i] = np.rint(a * fg + (1 - a) * bg).astype(np.uint8)
     return frames
 
@@ -213,16 +230,19 @@ class MovingShapes(Dataset):
         num_frames: frames per clip.
         seed: dataset seed; use different seeds for training and evaluation sets.
         paraphrase: pick a random caption template per item (training); otherwise canonical.
+        motion: ``"exit"`` (default: the object stays inside the canvas, so ``num_frames`` is at most about
+            35 at 64 px) or ``"wrap"`` (it re-enters at the opposite edge: any ``num_frames``).
     Items: ``{"video": float (3, T, H, W) in [-1, 1], "caption": str, "attributes": dict}``.
     """
 
     def __init__(self, split: str = "train", num_samples: int = 1024, size: int | tuple[int, int] = 64,
-                 num_frames: int = 17, seed: int = 0, paraphrase: bool | None = None):
+                 num_frames: int = 17, seed: int = 0, paraphrase: bool | None = None, motion: str = "exit"):
         check_choice(split, "split", ("train", "heldout", "all"))
         check_int(num_samples, "num_samples", 1)
         check_int(seed, "seed", 0)
-        _check_canvas(size, num_frames)
+        _check_canvas(size, num_frames, motion)
         self.split, self.num_samples, self.size, self.num_frames, self.seed = split, num_samples, size, num_frames, seed
+        self.motion = motion
         self.paraphrase = split == "train" if paraphrase is None else bool(paraphrase)
         self.combinations = {"train": TRAIN_COMBINATIONS, "heldout": HELDOUT, "all": ALL_COMBINATIONS}[split]
 
@@ -235,7 +255,7 @@ class MovingShapes(Dataset):
         rng = np.random.default_rng([self.seed, index])
         combination = self.combinations[rng.integers(len(self.combinations))]
         template = int(rng.integers(len(TEMPLATES))) if self.paraphrase else 0
-        return sample_clip(rng, combination, self.size, self.num_frames), template
+        return sample_clip(rng, combination, self.size, self.num_frames, self.motion), template
 
     def __getitem__(self, index: int) -> dict:
         clip, template = self.clip(item_index(index, self.num_samples))

@@ -37,8 +37,9 @@ from ..generation.pipeline import TextToVideoPipeline, text_inputs
 from ..limits import MAX_NUM_FRAMES, MAX_NUM_WORKERS, MAX_SEED, MAX_TEXT_LEN
 from ..tokenizers import MultiScaleCodes, VideoTokenizer
 from ..tokenizers.text import TextTokenizer
-from .common import (build_dataset, build_model, check_sections, checkpoint_blocks, config_cli, last_step,
-                     load_init_from, load_video_tokenizer, mean_scalars, split_train_section, step_loader)
+from .common import (build_dataset, build_model, check_motion, check_sections, checkpoint_blocks, config_cli,
+                     last_step, load_init_from, load_video_tokenizer, mean_scalars, motion_source,
+                     split_train_section, step_loader)
 from .engine import TrainEngine, checkpoint_state_dict, config_from_dict, cosine_lr
 from .pretokenize import TokenizedDataset, pretokenize
 
@@ -54,6 +55,7 @@ class ARDataConfig:
     max_text_len: int = 96
     max_num_frames: int = 33  # longest clip the shipped pipeline may generate
     num_workers: int = 0  # data loader processes for pre-tokenization
+    motion: str = "exit"  # shapes: "exit" (objects stay inside) | "wrap" (they re-enter: clips of any length)
 
     def __post_init__(self) -> None:
         check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
@@ -65,6 +67,7 @@ class ARDataConfig:
         check_int(self.seed, "data.seed", 0, MAX_SEED)
         check_int(self.num_workers, "data.num_workers", 0, MAX_NUM_WORKERS)
         check_output_path(self.cache_dir, "data.cache_dir", folder=True)
+        check_motion(self.motion, self.dataset)
 
 
 @dataclass
@@ -308,9 +311,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             anchor.to(engine.device)
         if engine.rank == 0:
             source = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_clips, tok.resolution,
-                                   data_cfg.num_frames, data_cfg.seed)
+                                   data_cfg.num_frames, data_cfg.seed, data_cfg.motion)
             log_skipped(engine, 0, data=source)
             settings = {k: getattr(data_cfg, k) for k in ("dataset", "path", "num_frames", "seed")}
+            settings |= motion_source(data_cfg.motion)
             pretokenize(tok, source, data_cfg.cache_dir, data_cfg.num_clips, settings | {"size": tok.resolution},
                         num_workers=data_cfg.num_workers, progress=progress)
             log_skipped(engine, 0, data=source)  # with the files that failed to decode while pre-tokenizing

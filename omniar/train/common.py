@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .. import assets
 from .._checks import check_choice, check_int, check_keys, check_output_path, require
 from .._pretrained import load_checked_state_dict
+from ..data.shapes import MOTIONS, MovingShapes
 from ..data.video_folder import frame_size
 from ..limits import MAX_NUM_WORKERS
 from ..tokenizers import VideoTokenizer
@@ -159,22 +160,36 @@ class VideoDataConfig:
     num_samples: int = 10_000_000  # shapes: clips are generated, so this is effectively unbounded
     seed: int = 0
     num_workers: int = 0
+    motion: str = "exit"  # shapes: "exit" (objects stay inside) | "wrap" (they re-enter at the opposite edge)
 
     def __post_init__(self) -> None:
         check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
         require(self.dataset != "video_folder" or bool(self.path), "data.path", "is required for video_folder")
         check_int(self.num_workers, "data.num_workers", 0, MAX_NUM_WORKERS)
+        check_motion(self.motion, self.dataset)
         height, width = frame_size(self.size, "data.size")
         self.size = height if height == width else (height, width)  # VideoTokenizer.resolution's form
 
 
+def check_motion(motion: Any, dataset: str) -> str:
+    """``data.motion``: how Moving Shapes objects meet the canvas edge (:data:`omniar.data.shapes.MOTIONS`)."""
+    check_choice(motion, "data.motion", MOTIONS)
+    require(motion == "exit" or dataset == "shapes", "data.motion",
+            f"applies to the shapes dataset only, got {motion!r} with data.dataset {dataset!r}")
+    return motion
+
+
+def motion_source(motion: str) -> dict:
+    """``data.motion`` as an entry of a cache's source settings: none for the default, so that caches made
+    before the option existed stay valid."""
+    return {} if motion == "exit" else {"motion": motion}
+
+
 def build_dataset(dataset: str, path: str | None, num_samples: int, size: int | tuple[int, int], num_frames: int,
-                  seed: int):
+                  seed: int, motion: str = "exit"):
     """Training clips: ``num_samples`` Moving Shapes clips of the training split, or a video folder's."""
     if dataset == "shapes":
-        from ..data.shapes import MovingShapes
-
-        return MovingShapes("train", num_samples, size, num_frames, seed)
+        return MovingShapes("train", num_samples, size, num_frames, seed, motion=motion)
     from ..data.video_folder import VideoFolderDataset
 
     return VideoFolderDataset(path, num_frames=num_frames, size=size, seed=seed)

@@ -33,7 +33,7 @@ from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
 from .common import (VideoDataConfig, build_dataset, build_model, check_sections, config_cli, last_step,
-                     load_video_tokenizer, mean_scalars, split_train_section)
+                     load_video_tokenizer, mean_scalars, motion_source, split_train_section)
 from .engine import TrainEngine, config_from_dict, cosine_lr
 
 
@@ -116,7 +116,7 @@ def cache_decoded_frames(tok: VideoTokenizer, data_cfg: VideoDataConfig, num_cli
     if cache.is_file():
         return
     dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
-                            data_cfg.num_frames, data_cfg.seed)
+                            data_cfg.num_frames, data_cfg.seed, data_cfg.motion)
     check_int(num_clips, "train.num_clips", 1, len(dataset))
     decoded, real = [], []
     for start in tqdm(range(0, num_clips, 4), desc="decode", disable=not progress):
@@ -178,7 +178,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         tok.to(engine.device)
         out = Path(engine_cfg.out_dir)
         # keyed by everything the frames depend on: another tokenizer or data never reuses them
-        source = {k: v for k, v in asdict(data_cfg).items() if k != "num_workers"}
+        source = {k: v for k, v in asdict(data_cfg).items() if k not in ("num_workers", "motion")}
+        source |= motion_source(data_cfg.motion)
         key = weights_sha256(base, extra=[source, train_cfg.num_clips])[:16]
         cache = out / f"decoded_{train_cfg.num_clips}x{data_cfg.num_frames}_{key}.safetensors"
         if engine.rank == 0:

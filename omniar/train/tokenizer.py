@@ -125,7 +125,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 module.eval()  # eval mode: no codebook EMA updates or code restarts
         start = engine.resume()
         dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
-                                data_cfg.num_frames, data_cfg.seed)
+                                data_cfg.num_frames, data_cfg.seed, data_cfg.motion)
         log_skipped(engine, start, data=dataset)
         engine.log_hparams(config)
         preview = None
