@@ -2,16 +2,19 @@
 
 Forward + backward of one layer on (tokens, d) inputs, all candidates in this
 process with the same shapes, one run of each per round; each ratio is the median
-over rounds of the two times taken in the same round. Also: achieved GFLOP/s of a
-full ``OmniARModel`` forward against this machine's measured fp32 matmul rate.
+over rounds of the two times taken in the same round, in CPU time of this process
+(``time.process_time``, what a loaded machine leaves least distorted) and in wall time.
+Also: achieved GFLOP/s of a full ``OmniARModel`` forward against this machine's measured
+fp32 matmul rate.
 
     python benchmarks/moe.py [--out benchmarks/results/moe.json] [--device cuda --dtype bf16]
-    python benchmarks/moe.py --dim 256 --experts 8 --expert-hidden 128 --tokens 8192   # the shipped sizes
-    python benchmarks/moe.py --dim 256 --experts 8 --expert-hidden 128 --generation 2 8 32 128 \
-        --out benchmarks/results/moe_generation.json
+    OMP_NUM_THREADS=1 python benchmarks/moe.py --dim 256 --experts 8 --expert-hidden 128 --tokens 8192 \
+        --generation 1 2 4 8 16 24 32 48 64 128 --out benchmarks/results/moe_shipped_generation.json
 
-``--generation N ...``: eval-time forward only (no autograd) at those token counts, as a generation
-step runs the layer: ours without routing statistics (what ``forward_scale`` runs) and with them.
+``--generation N ...``: also, in the same run, eval-time forward only (no autograd) at those token
+counts, as a generation step runs the layer: ours (whichever dispatch it picks for N) with and without
+routing statistics, and ours forced onto each dispatch, the sorted grouped one (``dropless_moe``) and
+the all-experts one (``all_experts_moe``), whose ratio is what ``MoELayer.all_experts_tokens`` is set from.
 """
 
 from __future__ import annotations
@@ -82,26 +85,32 @@ def deepspeed_moe(dim: int, hidden: int, num_experts: int, top_k: int) -> nn.Mod
     return moe
 
 
-def fwd_bwd_seconds(fn, params, x: torch.Tensor) -> float:
+def timed(fn, device: torch.device, calls: int = 1) -> dict[str, float]:
+    """CPU time of this process and wall time of one call of ``fn``, over ``calls`` calls."""
+    sync(device)
+    cpu, wall = time.process_time(), time.perf_counter()
+    for _ in range(calls):
+        fn()
+    sync(device)
+    return {"cpu": (time.process_time() - cpu) / calls, "wall": (time.perf_counter() - wall) / calls}
+
+
+def fwd_bwd(fn, params, x: torch.Tensor) -> None:
     for p in params:
         p.grad = None
-    xi = x.detach().requires_grad_()
-    sync(x.device)
-    t0 = time.perf_counter()
-    fn(xi).backward()
-    sync(x.device)
-    return time.perf_counter() - t0
+    fn(x.detach().requires_grad_()).backward()
 
 
-def round_robin(candidates: dict, x: torch.Tensor, repeats: int) -> dict[str, list[float]]:
-    """Seconds per candidate and round; one run of each per round, so load from other
-    processes on a shared machine hits all candidates alike."""
-    for fn, params in candidates.values():
-        fwd_bwd_seconds(fn, params, x)  # warm-up
-    times = {name: [] for name in candidates}
-    for _ in range(repeats):
-        for name, (fn, params) in candidates.items():
-            times[name].append(fwd_bwd_seconds(fn, params, x))
+def round_robin(candidates: dict, device: torch.device, repeats: int, calls: int = 1) -> dict[str, dict[str, list]]:
+    """CPU and wall seconds per candidate (name -> fn()) and round; one run of each per round, so load
+    from other processes on a shared machine hits all candidates alike. Round 0 warms up."""
+    times = {name: {"cpu": [], "wall": []} for name in candidates}
+    for r in range(repeats + 1):
+        for name, fn in candidates.items():
+            t = timed(fn, device, calls)
+            if r:
+                for clock in ("cpu", "wall"):
+                    times[name][clock].append(t[clock])
     return times
 
 
@@ -112,26 +121,28 @@ def paired_ratio(ours: list[float], theirs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ratios), "rounds_faster": sum(r < 1 for r in ratios) / len(ratios)}
 
 
+def summary(times: dict[str, dict[str, list]], ours: str = "ours") -> dict:
+    """Median seconds per candidate and clock, and ``ours``' paired ratios against every other candidate."""
+    return {"median_s": {name: {c: statistics.median(t[c]) for c in t} for name, t in times.items()},
+            "ours_vs": {name: {c: paired_ratio(times[ours][c], t[c]) for c in t}
+                        for name, t in times.items() if name != ours}}
+
+
 def generation_sizes(candidates: dict, dim: int, token_counts: list[int], repeats: int, device: torch.device,
                      dtype: torch.dtype) -> dict:
-    """Forward-only paired ratios of ``candidates`` (name -> fn(x)) against ``"ours"`` per token count."""
+    """Forward-only paired ratios of ``candidates`` (name -> fn(x)) against ``"ours"`` per token count, and
+    of the all-experts dispatch against the grouped one. Each timing covers enough calls for ~2k tokens."""
     out = {}
     with torch.no_grad():
         for n in token_counts:
             x = torch.randn(1, n, dim, device=device, dtype=dtype)
-            times = {name: [] for name in candidates}
-            for r in range(repeats + 1):  # round 0 warms up
-                for name, fn in candidates.items():
-                    sync(device)
-                    t0 = time.perf_counter()
-                    fn(x)
-                    sync(device)
-                    if r:
-                        times[name].append(time.perf_counter() - t0)
-            out[str(n)] = {"median_s": {name: statistics.median(t) for name, t in times.items()},
-                           "ours_vs": {name: paired_ratio(times["ours"], t) for name, t in times.items()
-                                       if name != "ours"}}
-            print(n, json.dumps(out[str(n)]), flush=True)
+            times = round_robin({name: (lambda fn=fn: fn(x)) for name, fn in candidates.items()}, device, repeats,
+                                calls=max(1, 2048 // (n + 16)))
+            out[str(n)] = summary(times)
+            out[str(n)]["all_experts_vs_grouped"] = {c: paired_ratio(times["ours_all_experts"][c],
+                                                                     times["ours_grouped"][c]) for c in ("cpu", "wall")}
+            print(n, json.dumps({"ours_vs": {k: v["cpu"]["median"] for k, v in out[str(n)]["ours_vs"].items()},
+                                 "all_experts_vs_grouped": out[str(n)]["all_experts_vs_grouped"]["cpu"]}), flush=True)
     return out
 
 
@@ -190,7 +201,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--generation", type=int, nargs="+", metavar="N",
-                        help="eval forward-only at these token counts instead")
+                        help="also eval forward-only at these token counts (then no full-model rate)")
     args = parser.parse_args()
     if args.generation and (min(args.generation) < 1 or max(args.generation) > args.tokens):
         parser.error("--generation token counts must be in [1, --tokens]")
@@ -221,47 +232,51 @@ def main() -> None:
         "masked_loop": (lambda xi: loop(xi).square().mean(), list(loop.parameters())),
         "deepspeed": (lambda xi: (lambda o: o[0].square().mean() + o[1])(ds(xi)), list(ds.parameters())),
     }
-    if args.generation:
-        for module in (ours, dense, loop, ds):
-            module.eval()
-        result = {"config": {"dim": d, "experts": e, "top_k": k, "expert_hidden": h, "dense_hidden": (k + 1) * h,
-                             "dtype": str(dtype).replace("torch.", ""), "threads": torch.get_num_threads(),
-                             "torch": torch.__version__, "rounds": args.repeats},
-                  "tokens": generation_sizes({
-                      "ours": lambda xi: ours(xi, None, None, e, k, 0),
-                      "ours_with_statistics": lambda xi: ours(xi, valid[:, :xi.shape[1]], is_text[:xi.shape[1]],
-                                                              e, k, 0),
-                      "dense": dense, "masked_loop": loop, "deepspeed": ds},
-                      d, args.generation, args.repeats, device, dtype)}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-        return
-    times = round_robin(candidates, x, args.repeats)
-    seconds = {name: statistics.median(t) for name, t in times.items()}
-    paired = {name: paired_ratio(times["ours"], t) for name, t in times.items() if name != "ours"}
+    times = round_robin({name: (lambda fn=fn, params=params: fwd_bwd(fn, params, x))
+                         for name, (fn, params) in candidates.items()}, device, args.repeats)
+    fwd_bwd_summary = summary(times)
+    seconds = {name: t["cpu"] for name, t in fwd_bwd_summary["median_s"].items()}
+    paired = {name: r["cpu"] for name, r in fwd_bwd_summary["ours_vs"].items()}
     result = {
         "config": {"tokens": args.tokens, "dim": d, "experts": e, "top_k": k, "shared_experts": 1,
                    "expert_hidden": h, "dense_hidden": (k + 1) * h, "dtype": str(dtype).replace("torch.", ""),
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "ours_uses_grouped_mm": grouped_mm_supported(x, ours.w_in, ours.w_out),
+                   "all_experts_tokens": [ours.all_experts_tokens.start, ours.all_experts_tokens.stop - 1],
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "machine": platform.processor() or platform.machine()},
-        "seconds_fwd_bwd": seconds,
         "repeats": args.repeats,
+        "clock": "ratios and seconds below: CPU time of this process; fwd_bwd and generation hold wall time too",
+        "seconds_fwd_bwd": seconds,
         "moe_vs_dense_ratio": paired["dense"]["median"],
         "moe_vs_loop_ratio": paired["masked_loop"]["median"],
         "moe_vs_deepspeed_ratio": paired["deepspeed"]["median"],
         "paired_ratios": paired,
+        "fwd_bwd": fwd_bwd_summary,
     }
-    result.update(model_forward_rate(args.repeats, device, dtype))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
-    print(f"{'candidate':<16} {'median s':>9} {'ours / it':>10} {'rounds ours faster':>19}")
+    print(f"{'candidate':<16} {'median s':>9} {'ours / it':>10} {'rounds ours faster':>19}  (fwd+bwd, CPU time)")
     print(f"{'ours':<16} {seconds['ours']:>9.4f} {1:>10.3f}")
     for name, p in paired.items():
-        print(f"{name:<16} {seconds[name]:>9.4f} {p['median']:>10.3f} {p['rounds_faster']:>19.0%}")
-
+        print(f"{name:<16} {seconds[name]:>9.4f} {p['median']:>10.3f} {p['rounds_faster']:>19.0%}", flush=True)
+    if args.generation:
+        for module in (ours, dense, loop, ds):
+            module.eval()
+        grouped, all_experts = (MoELayer(d, h, e, 1, "softmax", 1e-4, 0.0, "auto").to(device, dtype).eval()
+                                for _ in range(2))
+        for forced, tokens in ((grouped, range(0)), (all_experts, range(1, args.tokens + 1))):
+            forced.load_state_dict(ours.state_dict())
+            forced.all_experts_tokens = tokens
+        result["generation"] = generation_sizes({
+            "ours": lambda xi: ours(xi, None, None, e, k, 0),
+            "ours_with_statistics": lambda xi: ours(xi, valid[:, :xi.shape[1]], is_text[:xi.shape[1]], e, k, 0),
+            "ours_grouped": lambda xi: grouped(xi, None, None, e, k, 0),
+            "ours_all_experts": lambda xi: all_experts(xi, None, None, e, k, 0),
+            "dense": dense, "masked_loop": loop, "deepspeed": ds},
+            d, args.generation, args.repeats, device, dtype)
+    else:
+        result.update(model_forward_rate(args.repeats, device, dtype))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 if __name__ == "__main__":
     main()

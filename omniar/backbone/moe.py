@@ -9,6 +9,8 @@
   expert runs one SwiGLU over its contiguous rows, through a grouped GEMM
   (``torch.nn.functional.grouped_mm``) when it runs for these tensors, else one
   GEMM per expert. No capacity, no dropped tokens.
+* A few tokens in eval without autograd (a generation step): every expert runs every token in one
+  batched GEMM and unchosen experts get weight 0 (:func:`all_experts_moe`); no sort, no grouped GEMM.
 * Elastic width uses the first ``num_experts`` experts (nested sub-models).
 * Expert parallelism (:meth:`MoELayer.shard_experts`): each rank of an expert-parallel group keeps
   ``num_experts / ep_size`` routed experts; rows travel to their expert's rank and back by all-to-all
@@ -68,18 +70,23 @@ def grouped_mm_supported(x: torch.Tensor, *weights: torch.Tensor) -> bool:
 
 
 def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
-                  use_grouped_mm: bool) -> torch.Tensor:
-    """SwiGLU of expert e over its rows of ``xs`` (rows sorted by expert, ``counts[e]`` each)."""
+                  use_grouped_mm: bool, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """SwiGLU of expert e over its rows of ``xs`` (rows sorted by expert, ``counts[e]`` each), each row's
+    hidden times ``scale`` ``(rows, 1)`` when given (the combine weight: the hidden is narrower than the
+    output in fine-grained MoE, so scaling it moves less memory, forward and backward)."""
     if xs.shape[0] == 0:
         # an expert-parallel rank that received no rows stays in the graph (the all-to-all's backward must run
         # on every rank); grouped_mm's backward rejects zero rows
         return swiglu(xs @ w_in[0]) @ w_out[0]
     if use_grouped_mm:
         offs = counts.cumsum(0).to(torch.int32)
-        return _GROUPED_MM(swiglu(_GROUPED_MM(xs, w_in, offs=offs)), w_out, offs=offs)
+        hidden = swiglu(_GROUPED_MM(xs, w_in, offs=offs))
+        return _GROUPED_MM(hidden if scale is None else hidden * scale, w_out, offs=offs)
+    sizes = counts.tolist()
+    scales = [1.0] * len(sizes) if scale is None else scale.split(sizes)
     # unbind, not w_in[e]: one backward stack instead of a full-size zero gradient per expert
-    groups = zip(xs.split(counts.tolist()), w_in.unbind(0), w_out.unbind(0))
-    return torch.cat([swiglu(c @ wi) @ wo for c, wi, wo in groups if c.shape[0]])
+    groups = zip(xs.split(sizes), w_in.unbind(0), w_out.unbind(0), scales)
+    return torch.cat([(swiglu(c @ wi) * s) @ wo for c, wi, wo, s in groups if c.shape[0]])
 
 
 class _AllToAll(torch.autograd.Function):
@@ -116,10 +123,12 @@ def expert_parallel_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.T
 
 
 def dropless_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, w_in: torch.Tensor,
-                 w_out: torch.Tensor, impl: str = "auto", group=None) -> torch.Tensor:
+                 w_out: torch.Tensor, impl: str = "auto", group=None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Routed-expert output ``(N, d)`` for tokens ``x`` ``(N, d)`` sent to ``expert_idx`` ``(N, k)``
     with combine ``weights`` ``(N, k)``; ``w_in`` ``(E, d, 2h)``, ``w_out`` ``(E, h, d)``. With an
-    expert-parallel ``group`` they hold this rank's experts (see :func:`expert_parallel_swiglu`)."""
+    expert-parallel ``group`` they hold this rank's experts (see :func:`expert_parallel_swiglu`).
+    Given ``out`` ``(N, d)`` (the shared experts' output), the result is added into it in place, which
+    saves a zero fill and an addition."""
     k = expert_idx.shape[1]
     w_in, w_out = w_in.to(x.dtype), w_out.to(x.dtype)
     flat = expert_idx.reshape(-1)
@@ -127,14 +136,28 @@ def dropless_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tenso
     token = order // k
     counts = torch.bincount(flat, minlength=w_in.shape[0] * (1 if group is None else dist.get_world_size(group)))
     use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, w_in, w_out))
+    scale = weights.reshape(-1)[order].to(x.dtype)[:, None]
     # index_select / index_add_ rather than x[idx]: their backward passes are plain gathers/scatters.
     xs = x.index_select(0, token)
     if group is None:
-        ys = expert_swiglu(xs, counts, w_in, w_out, use_gmm)
-    else:
-        ys = expert_parallel_swiglu(xs, counts, w_in, w_out, use_gmm, group)
-    ys = ys * weights.reshape(-1)[order].to(ys.dtype)[:, None]
-    return torch.zeros_like(x).index_add_(0, token, ys)
+        ys = expert_swiglu(xs, counts, w_in, w_out, use_gmm, scale)
+    else:  # the rows travel without their weights: scale the outputs once they are back
+        ys = expert_parallel_swiglu(xs, counts, w_in, w_out, use_gmm, group) * scale
+    return (torch.zeros_like(x) if out is None else out).index_add_(0, token, ys)
+
+
+def all_experts_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, w_in: torch.Tensor,
+                    w_out: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dropless_moe`'s result (same arguments, no expert parallelism) from every expert run on every
+    token, each weighted by its combine weight (0 where not chosen): ``E / k`` times the FLOPs, but a few
+    large kernels instead of a sort and a GEMM per expert, which pays for a few tokens (the weights are
+    read whole either way once the tokens hit most experts)."""
+    n, d = x.shape
+    e = w_in.shape[0]
+    combine = x.new_zeros(n, e).scatter_(1, expert_idx, weights.to(x.dtype))  # (N, E)
+    hidden = swiglu(torch.bmm(x.expand(e, n, d), w_in.to(x.dtype))) * combine.t()[:, :, None]  # (E, N, h)
+    # addbmm sums the experts' products into ``out`` in one kernel
+    return torch.addbmm(x.new_zeros(n, d) if out is None else out, hidden, w_out.to(x.dtype))
 
 
 @dataclass
@@ -180,6 +203,10 @@ class RouterStats:
 
 
 class MoELayer(nn.Module):
+    # token counts of an eval forward without autograd that take all_experts_moe: where it beat dropless_moe
+    # in paired rounds at the shipped sizes (BENCHMARKS.md, "MoE layer"); an instance may override it
+    all_experts_tokens = range(2, 17)
+
     def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, gating: str,
                  seq_balance_loss_coef: float, router_z_loss_coef: float, impl: str) -> None:
         super().__init__()
@@ -231,6 +258,12 @@ class MoELayer(nn.Module):
         plain = scores.topk(top_k, dim=-1).indices
         return (idx.sort(-1).values != plain.sort(-1).values).any(-1)
 
+    def uses_all_experts(self, tokens: int) -> bool:
+        """Whether a forward of ``tokens`` tokens takes :func:`all_experts_moe`: eval without autograd, no
+        expert parallelism (each rank holds only its experts), and a token count in ``all_experts_tokens``."""
+        return (not self.training and not torch.is_grad_enabled() and self.ep_group is None
+                and tokens in self.all_experts_tokens)
+
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None, is_text: torch.Tensor | None, num_experts: int,
                 top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
         """``x`` ``(B, L, d)``, ``valid`` ``(B, L)``, ``is_text`` ``(L,)`` (for statistics only; None in
@@ -240,10 +273,14 @@ class MoELayer(nn.Module):
         # expert-parallel: this rank's experts whatever the width (tokens of a narrower one just skip the rest)
         w_in, w_out = ((self.w_in, self.w_out) if self.ep_group is not None else
                        (self.first_experts(self.w_in, num_experts), self.first_experts(self.w_out, num_experts)))
-        out = dropless_moe(x.reshape(-1, d), idx.reshape(-1, top_k), weights.reshape(-1, top_k), w_in, w_out,
-                           self.impl, self.ep_group).view(b, length, d)
-        if self.shared is not None:
-            out = out + self.shared(x)
+        flat = x.reshape(-1, d)  # the shared output of flat rows is no view: adding into it needs no copy in backward
+        shared = None if self.shared is None else self.shared(flat)
+        idx_flat, weights_flat = idx.reshape(-1, top_k), weights.reshape(-1, top_k)
+        if self.uses_all_experts(flat.shape[0]):
+            out = all_experts_moe(flat, idx_flat, weights_flat, w_in, w_out, shared)
+        else:
+            out = dropless_moe(flat, idx_flat, weights_flat, w_in, w_out, self.impl, self.ep_group, shared)
+        out = out.view(b, length, d)
         if valid is None:
             require(not self.training, "valid", "is needed in training (load balancing)")
             return out, x.new_zeros((), dtype=torch.float32), None
