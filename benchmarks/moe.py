@@ -103,11 +103,13 @@ def fwd_bwd(fn, params, x: torch.Tensor) -> None:
 
 def round_robin(candidates: dict, device: torch.device, repeats: int, calls: int = 1) -> dict[str, dict[str, list]]:
     """CPU and wall seconds per candidate (name -> fn()) and round; one run of each per round, so load
-    from other processes on a shared machine hits all candidates alike. Round 0 warms up."""
+    from other processes on a shared machine hits all candidates alike, in an order rotated each round
+    (no candidate always runs first, after another one's weights filled the caches). Round 0 warms up."""
     times = {name: {"cpu": [], "wall": []} for name in candidates}
+    names = list(candidates)
     for r in range(repeats + 1):
-        for name, fn in candidates.items():
-            t = timed(fn, device, calls)
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = timed(candidates[name], device, calls)
             if r:
                 for clock in ("cpu", "wall"):
                     times[name][clock].append(t[clock])

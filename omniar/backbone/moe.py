@@ -205,7 +205,7 @@ class RouterStats:
 class MoELayer(nn.Module):
     # token counts of an eval forward without autograd that take all_experts_moe: where it beat dropless_moe
     # in paired rounds at the shipped sizes (BENCHMARKS.md, "MoE layer"); an instance may override it
-    all_experts_tokens = range(2, 17)
+    all_experts_tokens = range(4, 9)
 
     def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, gating: str,
                  seq_balance_loss_coef: float, router_z_loss_coef: float, impl: str) -> None:
