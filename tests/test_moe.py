@@ -120,6 +120,23 @@ def test_all_experts_path_only_in_eval_without_autograd(monkeypatch):
         assert not m.uses_all_experts(tokens)
 
 
+def test_bf16_autocast_close_to_fp32():
+    """Under autocast the shared expert runs in bf16 while the routed sum is in x's dtype: both dispatches
+    still add them (training with gradients, and the eval path for a few tokens)."""
+    m = layer()
+    tokens = m.all_experts_tokens[0]
+    x = torch.randn(1, tokens, D, requires_grad=True)
+    valid, is_text = torch.ones(1, tokens, dtype=torch.bool), torch.zeros(tokens, dtype=torch.bool)
+    ref = m(x, valid, is_text, E, 2, 0)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, valid, is_text, E, 2, 0)[0]
+    out.float().sum().backward()
+    assert x.grad.isfinite().all() and (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert m.eval().uses_all_experts(tokens)
+        assert (m(x, None, None, E, 2, 0)[0].float() - ref).abs().max() < 0.05 * ref.abs().max()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 def test_no_rows_stay_in_the_graph(impl):
     """An expert-parallel rank may receive no rows: its experts still return (0, d) inside the autograd graph,

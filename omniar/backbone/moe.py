@@ -274,7 +274,8 @@ class MoELayer(nn.Module):
         w_in, w_out = ((self.w_in, self.w_out) if self.ep_group is not None else
                        (self.first_experts(self.w_in, num_experts), self.first_experts(self.w_out, num_experts)))
         flat = x.reshape(-1, d)  # the shared output of flat rows is no view: adding into it needs no copy in backward
-        shared = None if self.shared is None else self.shared(flat)
+        # in x's dtype, as the sum was before it went in place (autocast may run the shared expert in bf16)
+        shared = None if self.shared is None else self.shared(flat).to(x.dtype)
         idx_flat, weights_flat = idx.reshape(-1, top_k), weights.reshape(-1, top_k)
         if self.uses_all_experts(flat.shape[0]):
             out = all_experts_moe(flat, idx_flat, weights_flat, w_in, w_out, shared)
