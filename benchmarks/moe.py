@@ -9,17 +9,18 @@ fp32 matmul rate.
 
     python benchmarks/moe.py [--out benchmarks/results/moe.json] [--device cuda --dtype bf16]
     OMP_NUM_THREADS=1 python benchmarks/moe.py --dim 256 --experts 8 --expert-hidden 128 --tokens 8192 \
-        --generation 1 2 4 8 16 24 32 48 64 128 --out benchmarks/results/moe_shipped_generation.json
+        --generation 1 2 4 8 16 24 32 48 64 128 [--generation-layers 6] \
+        --out benchmarks/results/moe_shipped_generation.json
 
 ``--generation N ...``: also, in the same run, eval-time forward only (no autograd) at those token
-counts, as a generation step runs the layer: ours (whichever dispatch it picks for N) with and without
-routing statistics, and ours forced onto each dispatch, the sorted grouped one (``dropless_moe``) and
-the all-experts one (``all_experts_moe``), whose ratio is what ``MoELayer.all_experts_tokens`` is set from.
+counts, as a generation step runs the layer: ours with and without routing statistics, and an
+alternative dispatch for a few tokens measured and not adopted (:func:`all_experts_forward`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -34,7 +35,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from omniar.backbone import MoELayer, OmniARConfig, OmniARModel, grouped_mm_supported
-from omniar.backbone.moe import SwiGLU
+from omniar.backbone.moe import SwiGLU, swiglu
 
 
 class MaskedLoopMoE(nn.Module):
@@ -59,6 +60,18 @@ class MaskedLoopMoE(nn.Module):
             slot, tok = torch.where(hit[e])
             out.index_add_(0, tok, self.experts[e](flat[tok]) * weights[tok, slot, None])
         return (out + self.shared(flat)).view_as(x)
+
+
+def all_experts_forward(layer: MoELayer, x: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``layer``'s eval output (all its experts) by another dispatch, for a few tokens: every expert runs every
+    token in one batched GEMM, unchosen experts weighted 0, summed into the shared expert's output by addbmm;
+    no sort, no grouped GEMM, E / k times the FLOPs. Measured and not adopted (BENCHMARKS.md, "MoE layer")."""
+    flat = x.reshape(-1, x.shape[-1])
+    (n, d), e = flat.shape, layer.w_in.shape[0]
+    _, _, idx, weights = layer.route(flat, e, top_k)
+    combine = flat.new_zeros(n, e).scatter_(1, idx, weights.to(flat.dtype))  # (N, E)
+    hidden = swiglu(torch.bmm(flat.expand(e, n, d), layer.w_in)) * combine.t()[:, :, None]  # (E, N, h)
+    return torch.addbmm(layer.shared(flat), hidden, layer.w_out).view_as(x)
 
 
 def sync(device: torch.device) -> None:
@@ -130,21 +143,21 @@ def summary(times: dict[str, dict[str, list]], ours: str = "ours") -> dict:
                         for name, t in times.items() if name != ours}}
 
 
-def generation_sizes(candidates: dict, dim: int, token_counts: list[int], repeats: int, device: torch.device,
-                     dtype: torch.dtype) -> dict:
-    """Forward-only paired ratios of ``candidates`` (name -> fn(x)) against ``"ours"`` per token count, and
-    of the all-experts dispatch against the grouped one. Each timing covers enough calls for ~2k tokens."""
+def generation_sizes(candidates: dict, layers: int, dim: int, token_counts: list[int], repeats: int,
+                     device: torch.device, dtype: torch.dtype) -> dict:
+    """Forward-only paired ratios of ``candidates`` (name -> fn(x), which runs a stack of ``layers`` copies)
+    against ``"ours"`` per token count; seconds per layer. Each timing covers ~2k layer-tokens."""
     out = {}
     with torch.no_grad():
         for n in token_counts:
             x = torch.randn(1, n, dim, device=device, dtype=dtype)
             times = round_robin({name: (lambda fn=fn: fn(x)) for name, fn in candidates.items()}, device, repeats,
-                                calls=max(1, 2048 // (n + 16)))
+                                calls=max(1, 2048 // ((n + 16) * layers)))
+            for t in times.values():
+                for clock in t:
+                    t[clock] = [s / layers for s in t[clock]]
             out[str(n)] = summary(times)
-            out[str(n)]["all_experts_vs_grouped"] = {c: paired_ratio(times["ours_all_experts"][c],
-                                                                     times["ours_grouped"][c]) for c in ("cpu", "wall")}
-            print(n, json.dumps({"ours_vs": {k: v["cpu"]["median"] for k, v in out[str(n)]["ours_vs"].items()},
-                                 "all_experts_vs_grouped": out[str(n)]["all_experts_vs_grouped"]["cpu"]}), flush=True)
+            print(n, json.dumps({k: v["cpu"]["median"] for k, v in out[str(n)]["ours_vs"].items()}), flush=True)
     return out
 
 
@@ -204,9 +217,13 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--generation", type=int, nargs="+", metavar="N",
                         help="also eval forward-only at these token counts (then no full-model rate)")
+    parser.add_argument("--generation-layers", type=int, default=1, metavar="L",
+                        help="time each generation-size candidate as a stack of L copies (cold weights per layer)")
     args = parser.parse_args()
     if args.generation and (min(args.generation) < 1 or max(args.generation) > args.tokens):
         parser.error("--generation token counts must be in [1, --tokens]")
+    if args.generation_layers < 1:
+        parser.error("--generation-layers must be at least 1")
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     d, h, e, k = args.dim, args.expert_hidden, args.experts, args.top_k
@@ -244,7 +261,6 @@ def main() -> None:
                    "expert_hidden": h, "dense_hidden": (k + 1) * h, "dtype": str(dtype).replace("torch.", ""),
                    "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    "ours_uses_grouped_mm": grouped_mm_supported(x, ours.w_in, ours.w_out),
-                   "all_experts_tokens": [ours.all_experts_tokens.start, ours.all_experts_tokens.stop - 1],
                    "torch": torch.__version__, "threads": torch.get_num_threads(),
                    "machine": platform.processor() or platform.machine()},
         "repeats": args.repeats,
@@ -261,20 +277,25 @@ def main() -> None:
     for name, p in paired.items():
         print(f"{name:<16} {seconds[name]:>9.4f} {p['median']:>10.3f} {p['rounds_faster']:>19.0%}", flush=True)
     if args.generation:
-        for module in (ours, dense, loop, ds):
+        # copies in their own memory: with more than one, each layer's weights are cold, as in a model's step
+        extra = range(args.generation_layers - 1)
+        stacks = {"ours": [ours] + [copy.deepcopy(ours) for _ in extra],
+                  "dense": [dense] + [copy.deepcopy(dense) for _ in extra],
+                  "masked_loop": [loop] + [copy.deepcopy(loop) for _ in extra],
+                  "deepspeed": [ds] + [deepspeed_moe(d, h, e, k).to(device, dtype) for _ in extra]}
+        for module in (m for stack in stacks.values() for m in stack):
             module.eval()
-        grouped, all_experts = (MoELayer(d, h, e, 1, "softmax", 1e-4, 0.0, "auto").to(device, dtype).eval()
-                                for _ in range(2))
-        for forced, tokens in ((grouped, range(0)), (all_experts, range(1, args.tokens + 1))):
-            forced.load_state_dict(ours.state_dict())
-            forced.all_experts_tokens = tokens
-        result["generation"] = generation_sizes({
-            "ours": lambda xi: ours(xi, None, None, e, k, 0),
-            "ours_with_statistics": lambda xi: ours(xi, valid[:, :xi.shape[1]], is_text[:xi.shape[1]], e, k, 0),
-            "ours_grouped": lambda xi: grouped(xi, None, None, e, k, 0),
-            "ours_all_experts": lambda xi: all_experts(xi, None, None, e, k, 0),
-            "dense": dense, "masked_loop": loop, "deepspeed": ds},
-            d, args.generation, args.repeats, device, dtype)
+        forwards = {
+            "ours": ("ours", lambda m, xi: m(xi, None, None, e, k, 0)),
+            "ours_with_statistics": ("ours", lambda m, xi: m(xi, valid[:, :xi.shape[1]], is_text[:xi.shape[1]],
+                                                             e, k, 0)),
+            "all_experts": ("ours", lambda m, xi: all_experts_forward(m, xi, k)),
+            "dense": ("dense", lambda m, xi: m(xi)), "masked_loop": ("masked_loop", lambda m, xi: m(xi)),
+            "deepspeed": ("deepspeed", lambda m, xi: m(xi))}
+        result["generation_layers"] = args.generation_layers
+        result["generation"] = generation_sizes(
+            {name: (lambda xi, stack=stacks[s], f=f: [f(m, xi) for m in stack]) for name, (s, f) in forwards.items()},
+            args.generation_layers, d, args.generation, args.repeats, device, dtype)
     else:
         result.update(model_forward_rate(args.repeats, device, dtype))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,10 @@
-"""Dropless MoE: equivalence with a per-token loop, the eval path for a few tokens, balancing, routing statistics."""
+"""Dropless MoE: equivalence with a per-token loop, balancing, routing statistics."""
 
 import pytest
 import torch
 
 from omniar.backbone import MoELayer, RouterStats, dropless_moe, grouped_mm_supported
-from omniar.backbone import moe
-from omniar.backbone.moe import all_experts_moe, expert_swiglu, swiglu
+from omniar.backbone.moe import expert_swiglu, swiglu
 
 D, H, E = 16, 8, 6
 
@@ -45,6 +44,23 @@ def test_dropless_equals_per_token_loop(impl, gating, top_k):
     assert stats.vision_counts.sum() == 37 * top_k  # dropless: every assignment served
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gradients_equal_per_token_loop(impl):
+    """The combine weight scales the expert hidden and the routed sum goes into the shared output in place:
+    the gradients of input, experts, shared expert and router are still those of the per-token loop."""
+    m = layer(impl=impl)
+    x = torch.randn(1, 23, D, requires_grad=True)
+    grads = []
+    for run in (lambda: m(x, torch.ones(1, 23, dtype=torch.bool), torch.zeros(23, dtype=torch.bool), E, 2, 0)[0][0],
+                lambda: per_token_reference(m, x[0], 2)):
+        x.grad = None
+        m.zero_grad()
+        run().square().sum().backward()
+        grads.append([x.grad, m.w_in.grad, m.w_out.grad, m.shared.w_in.weight.grad, m.router.weight.grad])
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-4 * b.abs().max()
+
+
 def test_grouped_mm_and_loop_agree_with_gradients():
     if "grouped_mm" not in IMPLS:
         pytest.skip("grouped_mm does not run here")
@@ -65,76 +81,19 @@ def test_grouped_mm_and_loop_agree_with_gradients():
     assert grads[0][2][3].abs().sum() == 0
 
 
-@pytest.mark.parametrize("tokens", [1, 2, 7, 16, 40])
-@pytest.mark.parametrize("num_experts,top_k", [(E, 1), (E, 2), (4, 3)])
-@pytest.mark.parametrize("shared", [0, 1])
-def test_all_experts_path_equals_grouped(tokens, num_experts, top_k, shared):
-    """The eval path for a few tokens against the sorted dispatch, elastic widths included, through the layer."""
-    m = layer(shared=shared).eval()
-    x = torch.randn(1, tokens, D)
-    outs = []
-    with torch.no_grad():
-        for allowed in (range(tokens, tokens + 1), range(0)):
-            m.all_experts_tokens = allowed
-            assert m.uses_all_experts(tokens) == bool(allowed)
-            outs.append(m(x, None, None, num_experts, top_k, 0)[0])
-    assert (outs[0] - outs[1]).abs().max() < 1e-5
-    _, _, idx, w = m.route(x[0], num_experts, top_k)
-    assert (all_experts_moe(x[0], idx, w, m.w_in[:num_experts], m.w_out[:num_experts])
-            - dropless_moe(x[0], idx, w, m.w_in[:num_experts], m.w_out[:num_experts])).abs().max() < 1e-5
-
-
-@pytest.mark.parametrize("gating,top_k", [("softmax", 2), ("sigmoid", 3)])
-def test_all_experts_path_equals_per_token_loop(gating, top_k):
-    m = layer(gating).eval()
-    tokens = m.all_experts_tokens[-1]
-    x = torch.randn(1, tokens, D)
-    with torch.no_grad():
-        assert m.uses_all_experts(tokens)
-        out, _, stats = m(x, torch.ones(1, tokens, dtype=torch.bool), torch.zeros(tokens, dtype=torch.bool), E, top_k, 0)
-    assert (out[0] - per_token_reference(m, x[0], top_k)).abs().max() < 1e-5
-    assert stats.vision_counts.sum() == tokens * top_k  # statistics still come when asked for
-
-
-def test_all_experts_path_only_in_eval_without_autograd(monkeypatch):
-    calls = []
-    monkeypatch.setattr(moe, "all_experts_moe", lambda *a: calls.append(1) or all_experts_moe(*a))
-    m = layer()
-    tokens = m.all_experts_tokens[0]
-    x = torch.randn(1, tokens, D, requires_grad=True)
-    valid = torch.ones(1, tokens, dtype=torch.bool)
-    out, _, stats = m.train()(x, valid, torch.zeros(tokens, dtype=torch.bool), E, 2, 0)
-    out.sum().backward()
-    assert not calls and m.w_in.grad.abs().sum() > 0 and stats.vision_counts.sum() == 2 * tokens
-    with torch.no_grad():
-        m(x, valid, torch.zeros(tokens, dtype=torch.bool), E, 2, 0)  # training mode, even without autograd
-    assert not calls
-    m.eval()(x, None, None, E, 2, 0)  # eval with autograd on: still the sorted dispatch
-    assert not calls
-    with torch.no_grad():
-        m(x, None, None, E, 2, 0)
-        assert len(calls) == 1
-        m(torch.randn(1, m.all_experts_tokens[-1] + 1, D), None, None, E, 2, 0)
-        assert len(calls) == 1
-        m.ep_group = "a group"  # expert parallel: each rank holds only its experts
-        assert not m.uses_all_experts(tokens)
-
-
 def test_bf16_autocast_close_to_fp32():
-    """Under autocast the shared expert runs in bf16 while the routed sum is in x's dtype: both dispatches
-    still add them (training with gradients, and the eval path for a few tokens)."""
+    """Under autocast the shared expert runs in bf16 while the routed sum is in x's dtype, which the shared
+    output is added into in place (training with gradients, and eval)."""
     m = layer()
-    tokens = m.all_experts_tokens[0]
-    x = torch.randn(1, tokens, D, requires_grad=True)
-    valid, is_text = torch.ones(1, tokens, dtype=torch.bool), torch.zeros(tokens, dtype=torch.bool)
+    x = torch.randn(1, 9, D, requires_grad=True)
+    valid, is_text = torch.ones(1, 9, dtype=torch.bool), torch.zeros(9, dtype=torch.bool)
     ref = m(x, valid, is_text, E, 2, 0)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = m(x, valid, is_text, E, 2, 0)[0]
     out.float().sum().backward()
     assert x.grad.isfinite().all() and (out.float() - ref).abs().max() < 0.05 * ref.abs().max()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        assert m.eval().uses_all_experts(tokens)
-        assert (m(x, None, None, E, 2, 0)[0].float() - ref).abs().max() < 0.05 * ref.abs().max()
+        assert (m.eval()(x, None, None, E, 2, 0)[0].float() - ref).abs().max() < 0.05 * ref.abs().max()
 
 
 @pytest.mark.parametrize("impl", IMPLS)

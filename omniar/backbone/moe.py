@@ -9,8 +9,6 @@
   expert runs one SwiGLU over its contiguous rows, through a grouped GEMM
   (``torch.nn.functional.grouped_mm``) when it runs for these tensors, else one
   GEMM per expert. No capacity, no dropped tokens.
-* A few tokens in eval without autograd (a generation step): every expert runs every token in one
-  batched GEMM and unchosen experts get weight 0 (:func:`all_experts_moe`); no sort, no grouped GEMM.
 * Elastic width uses the first ``num_experts`` experts (nested sub-models).
 * Expert parallelism (:meth:`MoELayer.shard_experts`): each rank of an expert-parallel group keeps
   ``num_experts / ep_size`` routed experts; rows travel to their expert's rank and back by all-to-all
@@ -146,20 +144,6 @@ def dropless_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tenso
     return (torch.zeros_like(x) if out is None else out).index_add_(0, token, ys)
 
 
-def all_experts_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tensor, w_in: torch.Tensor,
-                    w_out: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`dropless_moe`'s result (same arguments, no expert parallelism) from every expert run on every
-    token, each weighted by its combine weight (0 where not chosen): ``E / k`` times the FLOPs, but a few
-    large kernels instead of a sort and a GEMM per expert, which pays for a few tokens (the weights are
-    read whole either way once the tokens hit most experts)."""
-    n, d = x.shape
-    e = w_in.shape[0]
-    combine = x.new_zeros(n, e).scatter_(1, expert_idx, weights.to(x.dtype))  # (N, E)
-    hidden = swiglu(torch.bmm(x.expand(e, n, d), w_in.to(x.dtype))) * combine.t()[:, :, None]  # (E, N, h)
-    # addbmm sums the experts' products into ``out`` in one kernel
-    return torch.addbmm(x.new_zeros(n, d) if out is None else out, hidden, w_out.to(x.dtype))
-
-
 @dataclass
 class RouterStats:
     """Routing counts of one MoE layer over the valid tokens of one forward."""
@@ -203,10 +187,6 @@ class RouterStats:
 
 
 class MoELayer(nn.Module):
-    # token counts of an eval forward without autograd that take all_experts_moe: where it beat dropless_moe
-    # in paired rounds at the shipped sizes (BENCHMARKS.md, "MoE layer"); an instance may override it
-    all_experts_tokens = range(4, 9)
-
     def __init__(self, dim: int, hidden: int, num_experts: int, num_shared: int, gating: str,
                  seq_balance_loss_coef: float, router_z_loss_coef: float, impl: str) -> None:
         super().__init__()
@@ -258,12 +238,6 @@ class MoELayer(nn.Module):
         plain = scores.topk(top_k, dim=-1).indices
         return (idx.sort(-1).values != plain.sort(-1).values).any(-1)
 
-    def uses_all_experts(self, tokens: int) -> bool:
-        """Whether a forward of ``tokens`` tokens takes :func:`all_experts_moe`: eval without autograd, no
-        expert parallelism (each rank holds only its experts), and a token count in ``all_experts_tokens``."""
-        return (not self.training and not torch.is_grad_enabled() and self.ep_group is None
-                and tokens in self.all_experts_tokens)
-
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None, is_text: torch.Tensor | None, num_experts: int,
                 top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
         """``x`` ``(B, L, d)``, ``valid`` ``(B, L)``, ``is_text`` ``(L,)`` (for statistics only; None in
@@ -276,12 +250,8 @@ class MoELayer(nn.Module):
         flat = x.reshape(-1, d)  # the shared output of flat rows is no view: adding into it needs no copy in backward
         # in x's dtype, as the sum was before it went in place (autocast may run the shared expert in bf16)
         shared = None if self.shared is None else self.shared(flat).to(x.dtype)
-        idx_flat, weights_flat = idx.reshape(-1, top_k), weights.reshape(-1, top_k)
-        if self.uses_all_experts(flat.shape[0]):
-            out = all_experts_moe(flat, idx_flat, weights_flat, w_in, w_out, shared)
-        else:
-            out = dropless_moe(flat, idx_flat, weights_flat, w_in, w_out, self.impl, self.ep_group, shared)
-        out = out.view(b, length, d)
+        out = dropless_moe(flat, idx.reshape(-1, top_k), weights.reshape(-1, top_k), w_in, w_out, self.impl,
+                           self.ep_group, shared).view(b, length, d)
         if valid is None:
             require(not self.training, "valid", "is needed in training (load balancing)")
             return out, x.new_zeros((), dtype=torch.float32), None
