@@ -1,5 +1,6 @@
 """Shipped tokenizer on held-out Moving Shapes clips: PSNR / SSIM, per-scale PSNR, codebook usage, the
-attributes the shipped classifier still reads in the reconstructions (PSNR barely sees a square turned blob), speed.
+attributes the shipped classifier still reads in the reconstructions (PSNR barely sees a square turned blob) and in
+each coarse-to-fine preview (does it keep the background and the object's colour?), speed.
 
     python benchmarks/tokenizer.py [--model DIR] [--clips 64] [--device cuda] [--out benchmarks/results/tokenizer.json]
 """
@@ -39,6 +40,7 @@ def main() -> None:
     data = MovingShapes("heldout", args.clips, tok.resolution, args.frames, seed=args.seed)
     n_scales = len(tok.scales)
     per_scale = [[] for _ in range(n_scales)]
+    previews = [[] for _ in range(n_scales - 1)]
     psnrs, ssims, used, recs, attributes = [], [], set(), [], []
     enc_s = dec_s = 0.0
     for start in range(0, args.clips, args.batch):
@@ -57,20 +59,26 @@ def main() -> None:
         psnrs.append(psnr(rec, video).cpu())
         ssims.append(ssim(rec, video).cpu())
         for s in range(n_scales - 1):  # the last "partial" decode is the full one above
-            per_scale[s].append(psnr(tok.decode_partial(codes, s), video).cpu())
+            previews[s].append(tok.decode_partial(codes, s).cpu())
+            per_scale[s].append(psnr(previews[s][-1], video.cpu()))
         per_scale[-1].append(psnrs[-1])
         for c in codes.codes:
             used.update(c.unique().tolist())
     frames = args.clips * args.frames
+    classifier = load_classifier()
     result = {
         "clips": args.clips, "frames_per_clip": args.frames, "resolution": tok.resolution, "split": "heldout",
         "psnr_db": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
         "codebook_usage": len(used) / tok.config.codebook_size,
-        "attributes_kept": prompt_adherence(load_classifier(), torch.cat(recs), attributes),
+        "attributes_kept": prompt_adherence(classifier, torch.cat(recs), attributes),
         # keys: the side of a square map (as before), else "hxw"
         "psnr_per_scale_db": {(str(h) if h == w else f"{h}x{w}"): float(torch.cat(v).mean())
                               for (h, w), v in zip(tok.scale_shapes, per_scale)},
+        # per preview (scales 0..s), keyed like psnr_per_scale_db
+        "preview_attributes_kept": {(str(h) if h == w else f"{h}x{w}"):
+                                    prompt_adherence(classifier, torch.cat(v), attributes)
+                                    for (h, w), v in zip(tok.scale_shapes, previews)},
         "encode_frames_per_s": frames / enc_s,
         "decode_frames_per_s": frames / dec_s,
         "encode_decode_frames_per_s": frames / (enc_s + dec_s),
