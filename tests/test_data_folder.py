@@ -139,6 +139,16 @@ def test_data_shapes_bad_arguments_name_them(tmp_path, capsys, options, name):
     assert not (tmp_path / "out").exists()
 
 
+def test_data_shapes_wrap_writes_clips_longer_than_the_canvas_allows(tmp_path, capsys):
+    argv = ["data", "shapes", "--size", "32x32", "--clips", "1", "--frames", "49", "--seed", "2"]
+    assert main(argv + ["--out", str(tmp_path / "exit")]) == 2  # the object would leave a 32 px canvas
+    assert "omniar: error: frames:" in capsys.readouterr().err
+    assert main(argv + ["--out", str(tmp_path / "wrap"), "--motion", "wrap"]) == 0
+    expected = MovingShapes("train", 1, 32, 49, seed=2, motion="wrap")
+    decoded = read_video(tmp_path / "wrap" / "clips" / "000000.mp4").astype(np.float64)
+    assert np.abs(decoded - render(expected.clip(0)[0], 32, 49)).mean() < MP4_MEAN_ERROR
+
+
 def test_data_shapes_refuses_a_folder_with_files(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
     assert main(["data", "shapes", "--out", str(tmp_path), "--size", "32x32", "--clips", "1"]) == 2

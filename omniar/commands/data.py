@@ -28,6 +28,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="clip i is Moving Shapes item i of this seed")
     parser.add_argument("--split", default="train", choices=("train", "heldout", "all"),
                         help="attribute combinations: train (all but the 12 held out), heldout or all")
+    parser.add_argument("--motion", default="exit", choices=("exit", "wrap"),
+                        help="exit: the object stays inside the canvas (clips of at most 35 frames at 64 px); "
+                             "wrap: it re-enters at the opposite edge (any number of frames)")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -49,7 +52,8 @@ def cli_main(args: argparse.Namespace) -> int:
     check_fps(args.fps, "fps")
     check_int(args.frames, "frames", 1)
     with named("frames"):  # the one check left: frames that fit the canvas's motion
-        shapes = MovingShapes(args.split, args.clips, (height, width), args.frames, seed=args.seed)
+        shapes = MovingShapes(args.split, args.clips, (height, width), args.frames, seed=args.seed,
+                              motion=args.motion)
     out = check_output_path(args.out, "out", folder=True).resolve()  # a name to write beside, even for "."
     # The folder is written aside and swapped in, which replaces what is there: only an empty one may be reused.
     require(not out.exists() or not any(out.iterdir()), "out", f"{out} is not empty; choose a new folder")
