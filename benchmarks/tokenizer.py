@@ -59,26 +59,25 @@ def main() -> None:
         psnrs.append(psnr(rec, video).cpu())
         ssims.append(ssim(rec, video).cpu())
         for s in range(n_scales - 1):  # the last "partial" decode is the full one above
-            previews[s].append(tok.decode_partial(codes, s).cpu())
-            per_scale[s].append(psnr(previews[s][-1], video.cpu()))
+            preview = tok.decode_partial(codes, s)
+            per_scale[s].append(psnr(preview, video).cpu())
+            previews[s].append(preview.cpu())
         per_scale[-1].append(psnrs[-1])
         for c in codes.codes:
             used.update(c.unique().tolist())
     frames = args.clips * args.frames
     classifier = load_classifier()
+    keys = [str(h) if h == w else f"{h}x{w}" for h, w in tok.scale_shapes]  # the side of a square map, else "hxw"
     result = {
         "clips": args.clips, "frames_per_clip": args.frames, "resolution": tok.resolution, "split": "heldout",
         "psnr_db": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
         "codebook_usage": len(used) / tok.config.codebook_size,
         "attributes_kept": prompt_adherence(classifier, torch.cat(recs), attributes),
-        # keys: the side of a square map (as before), else "hxw"
-        "psnr_per_scale_db": {(str(h) if h == w else f"{h}x{w}"): float(torch.cat(v).mean())
-                              for (h, w), v in zip(tok.scale_shapes, per_scale)},
-        # per preview (scales 0..s), keyed like psnr_per_scale_db
-        "preview_attributes_kept": {(str(h) if h == w else f"{h}x{w}"):
-                                    prompt_adherence(classifier, torch.cat(v), attributes)
-                                    for (h, w), v in zip(tok.scale_shapes, previews)},
+        "psnr_per_scale_db": {key: float(torch.cat(v).mean()) for key, v in zip(keys, per_scale)},
+        # per preview (scales 0..s)
+        "preview_attributes_kept": {key: prompt_adherence(classifier, torch.cat(v), attributes)
+                                    for key, v in zip(keys, previews)},
         "encode_frames_per_s": frames / enc_s,
         "decode_frames_per_s": frames / dec_s,
         "encode_decode_frames_per_s": frames / (enc_s + dec_s),

@@ -171,12 +171,11 @@ class VideoDataConfig:
         self.size = height if height == width else (height, width)  # VideoTokenizer.resolution's form
 
 
-def check_motion(motion: Any, dataset: str) -> str:
+def check_motion(motion: Any, dataset: str) -> None:
     """``data.motion``: how Moving Shapes objects meet the canvas edge (:data:`omniar.data.shapes.MOTIONS`)."""
     check_choice(motion, "data.motion", MOTIONS)
     require(motion == "exit" or dataset == "shapes", "data.motion",
             f"applies to the shapes dataset only, got {motion!r} with data.dataset {dataset!r}")
-    return motion
 
 
 def motion_source(motion: str) -> dict:
