@@ -45,9 +45,10 @@ ARMS = {"none": {}, "window/extrapolate": {"kv_policy": "window", "kv_rope": "ex
 DEFAULT_ARMS = ("none", "window/extrapolate", "window/rebase", "nacl/extrapolate")  # nacl/rebase: BENCHMARKS.md
 
 
-def run_arm(arm: str, num_frames: int, clips: int, budget: int, random_ratio: float) -> dict:
+def run_arm(arm: str, num_frames: int, clips: int, budget: int, random_ratio: float, model: str | None,
+            classifier: str | None, motion: str) -> dict:
     """One arm at one length, in this process."""
-    pipe = TextToVideoPipeline.from_pretrained()
+    pipe = TextToVideoPipeline.from_pretrained(model)
     kwargs = dict(ARMS[arm])
     if arm == "none":
         pipe.max_num_frames = MAX_NUM_FRAMES
@@ -85,14 +86,14 @@ def run_arm(arm: str, num_frames: int, clips: int, budget: int, random_ratio: fl
               "kv_capacity_visual_tokens": cache.keys[0].shape[2] - cache.text_len, "kv_bytes": kv_bytes, "peak_rss_bytes": rss, "wall_s": wall,
               "ms_per_frame_first_quarter": 1000 * float(np.median(first_q)) / tau,
               "ms_per_frame_last_quarter": 1000 * float(np.median(last_q)) / tau}
-    return {**result, **judge(combos, np.stack(heads), np.stack(tails), pipe.video_tokenizer.resolution)}
+    return {**result, **judge(combos, np.stack(heads), np.stack(tails), pipe.video_tokenizer.resolution,
+                              load_classifier(classifier), motion)}
 
 
-def judge(combos: list[tuple], heads: np.ndarray, tails: np.ndarray, size: int) -> dict:
-    classifier = load_classifier()
+def judge(combos: list[tuple], heads: np.ndarray, tails: np.ndarray, size: int, classifier, motion: str) -> dict:
     attrs = [dict(zip(KEYS, c)) for c in combos]
     first, last = frames_to_videos(heads), frames_to_videos(tails)
-    real = real_clips(combos, WINDOW, size, seed=1)
+    real = real_clips(combos, WINDOW, size, seed=1, motion=motion)
     feats = {name: classifier_features(classifier, v) for name, v in (("first", first), ("last", last),
                                                                       ("real", real))}
     a_first = prompt_adherence(classifier, first, attrs)["all"]
@@ -111,25 +112,33 @@ def main() -> None:
     parser.add_argument("--random-ratio", type=float, default=0.25, help="nacl's random share (fixed, not tuned)")
     parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES))
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped default)")
+    parser.add_argument("--classifier", default=None,
+                        help="judge's folder (default: the shipped classifier, trained on objects inside the canvas; "
+                             "`omniar train classifier --motion wrap` trains one that reads objects crossing an edge)")
+    parser.add_argument("--motion", choices=("exit", "wrap"), default="exit", help="motion of the real reference clips")
     parser.add_argument("--out", default="benchmarks/results/long_video.json")
     parser.add_argument("--child", nargs=2, metavar=("ARM", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_arm(args.child[0], int(args.child[1]), args.clips, args.budget, args.random_ratio)))
+        print(json.dumps(run_arm(args.child[0], int(args.child[1]), args.clips, args.budget, args.random_ratio,
+                                 args.model, args.classifier, args.motion)))
         return
     start, runs = time.perf_counter(), []
     for num_frames in args.frames:
         for arm in args.arms:
             cmd = [sys.executable, __file__, "--child", arm, str(num_frames), "--clips", str(args.clips),
-                   "--budget", str(args.budget), "--random-ratio", str(args.random_ratio)]
+                   "--budget", str(args.budget), "--random-ratio", str(args.random_ratio), "--motion", args.motion]
+            cmd += [f"--{k}={v}" for k, v in (("model", args.model), ("classifier", args.classifier)) if v]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr: shown
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), flush=True)
-    real = real_clips(eval_combinations("seen", args.clips, seed=0), WINDOW, 64, seed=1)
-    other = real_clips(eval_combinations("seen", args.clips, seed=0), WINDOW, 64, seed=2)
-    classifier = load_classifier()
+    real = real_clips(eval_combinations("seen", args.clips, seed=0), WINDOW, 64, seed=1, motion=args.motion)
+    other = real_clips(eval_combinations("seen", args.clips, seed=0), WINDOW, 64, seed=2, motion=args.motion)
+    classifier = load_classifier(args.classifier)
     floor = frechet_distance(classifier_features(classifier, real), classifier_features(classifier, other))
-    result = {"benchmark": "long_video", "model": "shipped default (TextToVideoPipeline.from_pretrained())",
+    result = {"benchmark": "long_video", "model": args.model or "shipped default (TextToVideoPipeline.from_pretrained())",
+              "classifier": args.classifier or "shipped", "real_motion": args.motion,
               "kv_budget": args.budget, "random_ratio": args.random_ratio, "clips_per_run": args.clips,
               "clips_note": f"{args.clips} seen prompts per arm and length, one clip each, seeds 0..{args.clips - 1}: "
                             "sized to keep the whole run on a 2-core CPU well under 30 minutes; an adherence step is "

@@ -61,9 +61,12 @@ def test_frames_to_videos():
     assert videos[:, 0].eq(1).all() and videos[:, 1:].eq(-1).all()
 
 
-def test_key_frames_match_full_clips():
-    videos, labels = key_frame_set(3, seed=5)
-    full = MovingShapes("all", 3, seed=5)
+@pytest.mark.parametrize("motion", ["exit", "wrap"])
+def test_key_frames_match_full_clips(motion):
+    videos, labels = key_frame_set(3, seed=5, motion=motion)
+    full = MovingShapes("all", 3, seed=5, motion=motion)
+    exit_videos, _ = key_frame_set(3, seed=5)
+    assert torch.equal(videos, exit_videos) == (motion == "exit")  # the motion reaches the rendered clips
     for i in range(3):
         assert torch.allclose(videos[i], full[i]["video"][:, [0, 8, 16]])
         assert {k: ATTRIBUTES[k][labels[k][i]] for k in ATTRIBUTES} == full[i]["attributes"]
@@ -91,7 +94,8 @@ def test_errors_name_the_argument(tiny):
                        (lambda: prompt_adherence(tiny, videos, [good, {"color": "red"}]), "attributes"),
                        (lambda: frames_to_videos(np.zeros((2, 4, 8, 8, 3), np.float32)), "frames"),
                        (lambda: train_classifier(steps=0), "steps"),
-                       (lambda: train_classifier(batch_size=0), "batch_size")]:
+                       (lambda: train_classifier(batch_size=0), "batch_size"),
+                       (lambda: train_classifier(motion="bounce"), "motion")]:
         with pytest.raises(ValueError, match=name):
             call()
 

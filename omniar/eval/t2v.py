@@ -38,9 +38,10 @@ def eval_combinations(split: str, n: int, seed: int) -> list[tuple[str, str, str
     return [TRAIN_COMBINATIONS[order[i % len(order)]] for i in range(n)]
 
 
-def real_clips(combos: list[tuple], num_frames: int, size: int, seed: int) -> torch.Tensor:
+def real_clips(combos: list[tuple], num_frames: int, size: int, seed: int, motion: str = "exit") -> torch.Tensor:
     rng = np.random.default_rng(seed)
-    return torch.stack([to_tensor(render(sample_clip(rng, c, size, num_frames), size, num_frames)) for c in combos])
+    return torch.stack([to_tensor(render(sample_clip(rng, c, size, num_frames, motion), size, num_frames))
+                        for c in combos])
 
 
 def classifier_features(classifier: ShapesClassifier, videos: torch.Tensor) -> torch.Tensor:

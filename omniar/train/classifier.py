@@ -15,10 +15,10 @@ from ..eval.shapes_classifier import ATTRIBUTES, ShapesClassifier
 from .engine import cosine_lr
 
 
-def key_frame_set(num_clips: int, size: int = 64, num_frames: int = 17, seed: int = 0
+def key_frame_set(num_clips: int, size: int = 64, num_frames: int = 17, seed: int = 0, motion: str = "exit"
                   ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Real clips of every combination, rendered at the three frames the classifier looks at only."""
-    data = MovingShapes("all", num_clips, size, num_frames, seed=seed)
+    data = MovingShapes("all", num_clips, size, num_frames, seed=seed, motion=motion)
     videos, labels = [], {k: [] for k in ATTRIBUTES}
     for i in range(num_clips):
         clip, _ = data.clip(i)
@@ -29,13 +29,15 @@ def key_frame_set(num_clips: int, size: int = 64, num_frames: int = 17, seed: in
 
 
 def train_classifier(steps: int = 1500, batch_size: int = 64, num_clips: int = 8000, seed: int = 0,
-                     device: str = "cpu", progress: bool = True) -> ShapesClassifier:
-    """Train on real clips of every combination (the judge must know held-out combinations too)."""
+                     device: str = "cpu", progress: bool = True, motion: str = "exit") -> ShapesClassifier:
+    """Train on real clips of every combination (the judge must know held-out combinations too). ``motion``
+    ``"wrap"`` trains a judge of long clips, whose objects cross the canvas edge (``MovingShapes(motion=...)``);
+    its clips also show objects well inside the canvas, as ``"exit"`` clips do."""
     check_int(steps, "steps", 1)
     check_int(batch_size, "batch_size", 1)
     check_int(num_clips, "num_clips", 1)
     torch.manual_seed(seed)
-    videos, labels = key_frame_set(num_clips, seed=10_000 + seed)
+    videos, labels = key_frame_set(num_clips, seed=10_000 + seed, motion=motion)
     model = ShapesClassifier().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_lr(steps, warmup_steps=steps // 10))
