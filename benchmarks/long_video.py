@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omniar.data.shapes import caption
+from omniar.data.shapes import MOTIONS, caption
 from omniar.eval.metrics import frechet_distance
 from omniar.eval.shapes_classifier import frames_to_videos, prompt_adherence
 from omniar.eval.t2v import KEYS, classifier_features, eval_combinations, load_classifier, real_clips
@@ -116,7 +116,7 @@ def main() -> None:
     parser.add_argument("--classifier", default=None,
                         help="judge's folder (default: the shipped classifier, trained on objects inside the canvas; "
                              "`omniar train classifier --motion wrap` trains one that reads objects crossing an edge)")
-    parser.add_argument("--motion", choices=("exit", "wrap"), default="exit", help="motion of the real reference clips")
+    parser.add_argument("--motion", choices=MOTIONS, default="exit", help="motion of the real reference clips")
     parser.add_argument("--out", default="benchmarks/results/long_video.json")
     parser.add_argument("--child", nargs=2, metavar=("ARM", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -133,8 +133,8 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr: shown
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), flush=True)
-    real = real_clips(eval_combinations("seen", args.clips, seed=0), WINDOW, 64, seed=1, motion=args.motion)
-    other = real_clips(eval_combinations("seen", args.clips, seed=0), WINDOW, 64, seed=2, motion=args.motion)
+    combos = eval_combinations("seen", args.clips, seed=0)
+    real, other = (real_clips(combos, WINDOW, 64, seed=seed, motion=args.motion) for seed in (1, 2))
     classifier = load_classifier(args.classifier)
     floor = frechet_distance(classifier_features(classifier, real), classifier_features(classifier, other))
     result = {"benchmark": "long_video", "model": args.model or "shipped default (TextToVideoPipeline.from_pretrained())",
