@@ -18,11 +18,10 @@ from pathlib import Path
 
 import torch
 
+from long_video import WINDOW  # the frames judged at each end of a clip
 from omniar.data.shapes import MOTIONS
 from omniar.eval.shapes_classifier import prompt_adherence
 from omniar.eval.t2v import KEYS, eval_combinations, load_classifier, real_clips
-
-WINDOW = 17
 
 
 def main() -> None:
@@ -35,13 +34,13 @@ def main() -> None:
     parser.add_argument("--motion", choices=MOTIONS, default="wrap")
     parser.add_argument("--out", default="benchmarks/results/long_judge.json")
     args = parser.parse_args()
+    classifiers = {name: load_classifier(None if name == "shipped" else name) for name in args.classifiers}
     rows = []
-    for name in args.classifiers:
-        classifier = load_classifier(None if name == "shipped" else name)
-        for seed in range(args.draws):
-            combos = eval_combinations("seen", args.clips, seed=seed)
-            clips = real_clips(combos, args.frames, 64, seed=seed, motion=args.motion)
-            attrs = [dict(zip(KEYS, c)) for c in combos]
+    for seed in range(args.draws):  # each draw's clips rendered once, read by every judge
+        combos = eval_combinations("seen", args.clips, seed=seed)
+        clips = real_clips(combos, args.frames, 64, seed=seed, motion=args.motion)
+        attrs = [dict(zip(KEYS, c)) for c in combos]
+        for name, classifier in classifiers.items():
             first = prompt_adherence(classifier, clips[:, :, :WINDOW], attrs)["all"]
             last = prompt_adherence(classifier, clips[:, :, -WINDOW:], attrs)["all"]
             rows.append({"classifier": name, "seed": seed, "adherence_first17": first, "adherence_last17": last})
