@@ -116,9 +116,9 @@ def test_phi_sharing():
 
 
 def test_shipped_tokenizer_unchanged():
-    """Codes and decodes of the shipped tokenizer equal what the code before #26 (commit 36b883f) makes from the
-    same weights, stored in tests/data by the same calls (the decode remade with that code when a fine-tuned
-    decoder was shipped; the encoder and codebook, so the codes, did not change)."""
+    """Codes and decodes of the shipped tokenizer equal the reference stored in tests/data by the same calls
+    when its weights shipped (the stage-1c CPU tokenizer), so a code change cannot silently move the codes
+    the shipped AR model was trained on."""
     ref = load_file(Path(__file__).parent / "data" / "shipped_tokenizer_head.safetensors")
     tok = VideoTokenizer.from_pretrained(omniar.assets.path("shapes-tokenizer")).eval()
     assert tok.scales == (1, 2, 4, 8) and tok.resolution == 64
