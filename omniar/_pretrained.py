@@ -106,6 +106,7 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
     its name keeps two runs filling the same cache from clobbering each other's temporary files."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
+    os.chmod(tmp, 0o666 & ~umask())  # safetensors writes owner-only: give it a normal new file's mode
     os.replace(tmp, path)
 
 

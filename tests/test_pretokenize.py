@@ -24,7 +24,14 @@ def tok():
 
 
 def test_cache_holds_the_tokenizers_codes_and_a_rerun_reuses_it(tok, tmp_path):
-    out = pretokenize(tok, shapes(), tmp_path, 5, SOURCE, shard_size=2, batch_size=2, progress=False)
+    import os
+
+    old = os.umask(0o022)
+    try:
+        out = pretokenize(tok, shapes(), tmp_path, 5, SOURCE, shard_size=2, batch_size=2, progress=False)
+    finally:
+        os.umask(old)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o644}  # shared caches stay readable
     data = TokenizedDataset(out)
     assert len(data) == 5 and len(list(out.glob("shard_*.safetensors"))) == 3
     for i in (0, 4):
