@@ -126,6 +126,29 @@ def test_rebase_puts_kept_frames_next_to_each_other(pipe):
         assert torch.equal(key_t[frame >= 0], 12.0 + 5 - len(kept) + 1 + ranks.float())
 
 
+@torch.no_grad()
+@pytest.mark.parametrize("recent", [1, 2, 3])
+def test_nacl_keeps_its_recent_frames_whole(pipe, recent):
+    """After each NACL eviction every layer holds the newest ``recent_frames`` frames whole (as many as fit
+    beside the next frame) and scored tokens of older frames in the rest of the budget."""
+    model = pipe.model
+    torch.manual_seed(3)
+    ids = torch.randint(3, 200, (1, 12))
+    inputs = [[torch.randn(1, 8, n, n) for n in (1, 2, 4, 8)] for _ in range(7)]
+    cache = model.new_cache(7, KVBudget(3 * PER_FRAME + 40, "nacl", recent_frames=recent))
+    model.forward_text(ids, None, cache)
+    for f in range(7):
+        _steps(model, cache, inputs, [f])
+        if f >= 3:  # evicted before this frame: frames f-k..f-1 whole (k = recent, at most 2 fit), then frame f
+            whole = min(recent, 2)
+            for layer in range(2):
+                frame = cache.meta.frame[cache.slot_index[layer, :len(cache)]]
+                for g in range(f - whole, f + 1):
+                    assert int((frame == g).sum()) == PER_FRAME
+                scored = int(((frame >= 0) & (frame < f - whole)).sum())  # tokens of older frames
+                assert scored == 3 * PER_FRAME + 40 - (whole + 1) * PER_FRAME and int((frame < 0).sum()) == 12
+
+
 def test_seeds_reproduce_with_nacl_random_evictions(pipe):
     kwargs = dict(num_frames=33, kv_budget=2 * PER_FRAME + 30, kv_policy="nacl", random_ratio=0.5)
     a, b = run(pipe, **kwargs), run(pipe, **kwargs)

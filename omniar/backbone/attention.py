@@ -24,10 +24,10 @@ class KVBudget:
     in one shot, what it needs so that the held visual tokens plus the next frame fit in ``tokens``:
 
     * ``window``: keeps the newest whole frames that fit;
-    * ``nacl``: keeps the newest frame, then scores the older visual tokens by the attention the newest
-      frame's queries (the proxy tokens) paid them in that layer, summed over heads, batch rows and queries;
-      keeps the top scores, except a ``random_ratio`` share drawn (without replacement) with probability
-      proportional to the scores from the rest, with ``generator`` (NACL).
+    * ``nacl``: keeps the newest ``recent_frames`` frames (as many as fit), then scores the older visual
+      tokens by the attention the newest frame's queries (the proxy tokens) paid them in that layer, summed
+      over heads, batch rows and queries; keeps the top scores, except a ``random_ratio`` share drawn (without
+      replacement) with probability proportional to the scores from the rest, with ``generator`` (NACL).
 
     ``rope``: ``extrapolate`` keeps every key at its own temporal position (past the training length the
     distances grow); ``rebase`` rotates the kept keys so that their frames sit contiguously just before the
@@ -38,9 +38,11 @@ class KVBudget:
     random_ratio: float = 0.0
     rope: str = "extrapolate"
     generator: torch.Generator | None = None
+    recent_frames: int = 1
 
     def __post_init__(self) -> None:
         check_int(self.tokens, "kv_budget", 1)
+        check_int(self.recent_frames, "recent_frames", 1)
         check_choice(self.policy, "kv_policy", KV_POLICIES[1:])
         check_float(self.random_ratio, "random_ratio", 0.0, 1.0)
         check_choice(self.rope, "kv_rope", KV_ROPE_MODES)
@@ -185,10 +187,11 @@ class KVCache:
             if budget.policy == "window":
                 keep[:, self.length - room // frame_tokens * frame_tokens:] = True
             else:
-                keep[:, self.length - frame_tokens:] = True  # the newest frame: the recent window
-                old = slice(self.text_len, self.length - frame_tokens)
+                recent = min(budget.recent_frames, room // frame_tokens) * frame_tokens  # the recent window
+                keep[:, self.length - recent:] = True
+                old = slice(self.text_len, self.length - recent)
                 for layer in range(depth):
-                    keep[layer, old] = self._nacl_keep(self._proxy_scores(layer)[old], room - frame_tokens)
+                    keep[layer, old] = self._nacl_keep(self._proxy_scores(layer)[old], room - recent)
             if budget.rope == "rebase":
                 self._rebase(keep, rope)
             self.evict(keep)
