@@ -314,6 +314,35 @@ def test_bf16_decode_follows_the_tokenizers_live_weights():
     assert off < 0.03 * 255 and moved > 4 * off, (moved, off)
 
 
+def test_kept_bf16_weight_cast_equals_autocasts_own(monkeypatch):
+    """The 3D convs keep their bf16 channels-last weight between decodes (autocast would recast it in every
+    call) and recast it only when the weight changes: frames equal autocast's own cast, bit for bit, before
+    and after an in-place change and a load_state_dict."""
+    from omniar.tokenizers.causal3d import Conv3d
+
+    pipe = tiny_pipeline()
+    tok, codes = pipe.video_tokenizer, pipe([PROMPT], num_frames=5, seed=0).codes
+    convs = [m for m in tok.decoder.modules() if isinstance(m, Conv3d)]
+
+    def both():
+        kept = tok.decode(codes, chunk_size=1, dtype=torch.bfloat16)
+        with monkeypatch.context() as m:
+            m.setattr(Conv3d, "_cast_weight", lambda self: self.weight)  # autocast casts it, as before
+            own = tok.decode(codes, chunk_size=1, dtype=torch.bfloat16)
+        assert torch.equal(kept, own)
+        return kept
+
+    first = both()
+    casts = [c._cast for c in convs]
+    assert torch.equal(both(), first) and all(c._cast is w for c, w in zip(convs, casts))  # not recast
+    with torch.no_grad():
+        convs[0].weight.mul_(1.5)
+    changed = both()
+    assert not torch.equal(changed, first) and convs[0]._cast is not casts[0] and convs[1]._cast is casts[1]
+    tok.load_state_dict({k: v * 0.5 if k.endswith("weight") else v for k, v in tok.state_dict().items()})
+    assert not torch.equal(both(), changed)
+
+
 def _memory_worker(kind: str, batch: int) -> dict:
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "generation_memory.py"
     out = subprocess.run([sys.executable, str(script), "--worker", kind, str(batch), "1"], check=True,
