@@ -114,9 +114,10 @@ def check_device(value: str, name: str = "device") -> "torch.device":
     return device
 
 
-def umask() -> int:
-    """The process umask. Reading it means setting it: briefly to 0o077, so a file another thread
-    creates meanwhile can only come out stricter, never more open."""
+def normal_file_mode() -> int:
+    """The mode of a normal new file, ``0o666`` less the process umask (for files that tools create
+    owner-only). Reading the umask means setting it: briefly to 0o077, so a file another thread creates
+    meanwhile can only come out stricter, never more open."""
     mask = os.umask(0o077)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask

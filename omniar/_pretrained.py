@@ -22,7 +22,7 @@ import torch
 from diffusers.models.modeling_utils import ModelMixin
 from safetensors import safe_open
 
-from ._checks import require, umask
+from ._checks import normal_file_mode, require
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
@@ -106,7 +106,7 @@ def write_file_atomically(path: Path, write: Callable[[Path], None]) -> None:
     its name keeps two runs filling the same cache from clobbering each other's temporary files."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(tmp)
-    os.chmod(tmp, 0o666 & ~umask())  # safetensors writes owner-only: give it a normal new file's mode
+    os.chmod(tmp, normal_file_mode())  # safetensors writes owner-only
     os.replace(tmp, path)
 
 
@@ -119,7 +119,7 @@ def write_folder_atomically(folder: str | os.PathLike, write: Callable[[Path], N
         if p.exists():
             shutil.rmtree(p)
     write(tmp)
-    mode = 0o666 & ~umask()  # diffusers writes weights owner-only: give them a normal new file's mode
+    mode = normal_file_mode()  # diffusers writes weights owner-only
     for path in tmp.rglob("*"):
         if path.is_file():
             os.chmod(path, mode)

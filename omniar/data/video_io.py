@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._checks import check_int, check_output_path, require, umask
+from .._checks import check_int, check_output_path, normal_file_mode, require
 
 
 def _as_uint8(frames) -> np.ndarray:
@@ -76,7 +76,7 @@ def _atomic_output(path: Path):
     os.close(fd)
     try:
         yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it owner-only; give it a normal new file's mode
+        os.chmod(tmp, normal_file_mode())  # mkstemp makes it owner-only
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):  # the writer failed: leave no partial file behind
