@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from omniar.generation.sampling import filter_logits, guidance_for_scale, guided_logits, sample
+from omniar.generation.sampling import draw, filter_logits, guidance_for_scale, guided_logits, sample
 
 
 def test_top_k_keeps_exactly_k():
@@ -83,3 +83,20 @@ def test_guidance_for_scale_rejects_unknown_schedule_and_out_of_range_scale(args
 def test_bad_arguments(kwargs, name, temperature):
     with pytest.raises(ValueError, match=name):
         sample(torch.randn(2, 5), **{"temperature": temperature, **kwargs})
+
+
+def test_draw_follows_the_probabilities_and_never_picks_a_zero():
+    """Inverse-CDF sampling: frequencies match the row's probabilities (4 standard errors), zero-probability tokens
+    (at the start, in the middle and at the end of the row) are never drawn, and a generator reproduces it."""
+    probs = torch.tensor([0.0, 0.1, 0.0, 0.2, 0.3, 0.0, 0.4, 0.0])
+    n = 40_000
+    g = torch.Generator().manual_seed(0)
+    idx = draw(probs.expand(n, -1).contiguous(), g)
+    freq = torch.bincount(idx, minlength=8).double() / n
+    assert (freq[probs == 0] == 0).all()
+    se = (probs.double() * (1 - probs.double()) / n).sqrt()
+    assert ((freq - probs.double()).abs() <= 4 * se + 1e-12).all()
+    assert torch.equal(draw(probs.expand(n, -1).contiguous(), torch.Generator().manual_seed(0)), idx)
+    one = torch.zeros(3, 5)
+    one[torch.arange(3), torch.tensor([0, 4, 2])] = 1.0  # a single token with all the mass, at each end
+    assert draw(one, g).tolist() == [0, 4, 2]

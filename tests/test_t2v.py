@@ -234,9 +234,9 @@ def test_ar_training_starts_from_init_from(tmp_path):
 
 @pytest.mark.parametrize("clips, calls", [(1, [(1, 1)] * 5), (4, [(4, 1), (1, 1)])])
 def test_pipeline_decodes_decode_batch_size_clips_and_one_latent_frame_at_a_time(pipe, monkeypatch, clips, calls):
-    seen, decode = [], pipe.video_tokenizer.decode
-    monkeypatch.setattr(pipe.video_tokenizer, "decode", lambda codes, chunk_size=None, dtype=None: (
-        seen.append((codes.batch_size, chunk_size)), decode(codes, chunk_size, dtype))[1])
+    seen, decode = [], pipe.video_tokenizer.decode_latent
+    monkeypatch.setattr(pipe.video_tokenizer, "decode_latent", lambda latent, chunk_size=None, dtype=None: (
+        seen.append((latent.shape[0], chunk_size)), decode(latent, chunk_size, dtype))[1])
     monkeypatch.setattr(pipe, "decode_batch_size", clips)
     monkeypatch.setattr(pipe, "_decode_dtype", torch.float32)  # batched = per clip up to fp32 conv blocking
     out = pipe([PROMPT] * 5, num_frames=9, seed=0)

@@ -407,6 +407,7 @@ class TextToVideoPipeline:
                 stream.enter_context(tok.decoder.streaming())
                 shown = 0  # pixel frames handed over so far
             prev = None  # previous latent frame's full accumulation (B, C, h, w)
+            latents = []  # every latent frame's, decoded after the loop (not when streaming)
             bar = tqdm(total=(t_lat - n_given) * len(scales), disable=not progress, desc="generate")
             for f in range(t_lat):
                 f_hat = None
@@ -427,7 +428,9 @@ class TextToVideoPipeline:
                     if callback is not None:
                         callback({"frame": f, "scale": s, "codes": idx, "latent": f_hat})
                 prev = f_hat
-                if on_frames is not None:
+                if on_frames is None:
+                    latents.append(f_hat)
+                else:
                     with tok.autocast(decode_dtype):
                         pixels = tok.refine(tok.decoder(f_hat[:, :, None])).clamp(-1, 1)
                     pixels = self._keep_given(pixels.float().cpu(), video, shown)
@@ -438,12 +441,13 @@ class TextToVideoPipeline:
         result = MultiScaleCodes(codes, scales, num_frames)
         frames = None
         if on_frames is None:
-            # decode_batch_size clips and one latent frame at a time: the CPU conv3d's column buffers grow
-            # with the decoded block, so this bounds decode memory whatever the batch size and clip length.
-            step = self.decode_batch_size
-            groups = [MultiScaleCodes([c[i:i + step].to(dev) for c in codes], scales, num_frames)
-                      for i in range(0, b, step)]
-            pixels = torch.cat([tok.decode(group, chunk_size=1, dtype=decode_dtype).float().cpu() for group in groups])
+            # the latents generation built, as streaming decodes them (rebuilding them from the codes, all frames
+            # in one batch, rounds differently); decode_batch_size clips and one latent frame at a time: the CPU
+            # conv3d's column buffers grow with the decoded block, so this bounds decode memory whatever the batch
+            # size and clip length.
+            latent, step = torch.stack(latents, dim=2), self.decode_batch_size
+            pixels = torch.cat([tok.decode_latent(latent[i:i + step], chunk_size=1, dtype=decode_dtype).float().cpu()
+                                for i in range(0, b, step)])
             frames = convert_frames(self._keep_given(pixels, video, 0), output_type)
         tokens = b * (t_lat - n_given) * tok.tokens_per_frame
         timings = {"generate_s": gen_s, "decode_s": time.perf_counter() - start - gen_s, "forward_passes": passes,

@@ -71,6 +71,15 @@ def sample(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p
     logits = logits.masked_fill(greedy[..., None], 0.0)
     # max first: a tiny temperature then sends the rest to -inf instead of overflowing (inf - inf = nan)
     logits = filter_logits((logits - logits.amax(-1, keepdim=True)) / temperature, top_k, top_p)
-    probs = logits.softmax(-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-    return torch.where(greedy, best, flat.view(probs.shape[:-1]))
+    flat = draw(logits.softmax(-1).reshape(-1, logits.shape[-1]), generator)
+    return torch.where(greedy, best, flat.view(logits.shape[:-1]))
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of ``probs`` (N, V) by inverse CDF: one uniform number a row, where ``torch.multinomial``
+    draws one exponential a token (V of them a row, a measurable share of a generation call). The target is in
+    (0, total], and the first index whose running sum reaches it has a positive probability: a zero-probability
+    (filtered) token is never drawn. float64 running sums keep every token's share exact to float32's rounding."""
+    cdf = probs.double().cumsum(-1)
+    target = (1.0 - torch.rand(probs.shape[0], 1, dtype=torch.float64, generator=generator)) * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(-1)
