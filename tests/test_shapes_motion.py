@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
 from omniar.data.shapes import (ALL_COMBINATIONS, BACKGROUNDS, COLORS, DIRECTIONS, SHAPES, MovingShapes, ShapeClip,
                                 render, sample_clip)
@@ -86,6 +87,26 @@ def test_wrapping_motion_repeats_after_canvas_over_speed_frames(size, period):
         frames = render(clip, size, 3 * period)
         assert not np.array_equal(frames[0], frames[1])
         assert np.array_equal(frames[:-period], frames[period:]), clip
+
+
+def test_a_mixed_set_draws_exit_and_wrap_items_of_the_plain_sets():
+    """Each item of a mixed set is the same item of the exit or of the wrap set (its own draw decides which),
+    about half each; its frames limit is exit's; a clip itself is never "mixed"."""
+    mixed, exit_, wrap = (MovingShapes("all", 64, 32, 9, seed=3, motion=m) for m in ("mixed", "exit", "wrap"))
+    motions = [mixed.clip(i)[0].motion for i in range(64)]
+    assert 20 <= motions.count("wrap") <= 44
+    assert set(motions[:8]) == {"exit", "wrap"}
+    for i in range(8):
+        plain = exit_ if motions[i] == "exit" else wrap
+        assert mixed.clip(i) == plain.clip(i)
+        assert torch.equal(mixed[i]["video"], plain[i]["video"])
+    with pytest.raises(ValueError, match="num_frames: too long"):
+        MovingShapes(num_frames=129, motion="mixed")
+    clip = replace(mixed.clip(0)[0], motion="mixed")
+    for call in (lambda: render(clip), lambda: sample_clip(np.random.default_rng(0), ALL_COMBINATIONS[0],
+                                                           motion="mixed")):
+        with pytest.raises(ValueError, match="^motion: must be one of"):
+            call()
 
 
 def test_exit_motion_still_limits_the_clip_length():

@@ -70,7 +70,8 @@ SPEED_RANGE = (1.5, 2.5)  # pixels per frame at a 64 px shorter side, scaled wit
 SIDE_RANGE = (32, 1024)  # canvas sides (multiples of 16); 1024 = the largest latent grid (limits.MAX_SCALE) x 8 px
 _SUPERSAMPLE = 4  # sub-pixel samples per axis: anti-aliased edges make sub-pixel motion visible
 _VELOCITY = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
-MOTIONS = ("exit", "wrap")  # what happens at the canvas edge: see the module docstring
+CLIP_MOTIONS = ("exit", "wrap")  # what happens at the canvas edge: see the module docstring
+MOTIONS = CLIP_MOTIONS + ("mixed",)  # a dataset's: "mixed" draws each item's motion, exit or wrap, half each
 
 
 @dataclass(frozen=True)
@@ -84,7 +85,7 @@ class ShapeClip:
     diameter: float  # pixels
     speed: float  # pixels per frame
     start: tuple[float, float]  # object centre (x, y) in pixels at frame 0
-    motion: str = "exit"  # one of MOTIONS
+    motion: str = "exit"  # one of CLIP_MOTIONS
 
     @property
     def attributes(self) -> dict[str, str]:
@@ -125,8 +126,8 @@ def _check_canvas(size: int | tuple[int, int], num_frames: int, motion: str = "e
     height, width = canvas(size)
     check_int(num_frames, "num_frames", 1)
     check_choice(motion, "motion", MOTIONS)
-    # Exit motion: the slowest motion of the smallest object must still fit along the shorter side (any
-    # direction may be drawn). Wrapping motion never runs out of canvas.
+    # Exit motion (also a mixed set's exit items): the slowest motion of the smallest object must still fit along
+    # the shorter side (any direction may be drawn). Wrapping motion never runs out of canvas.
     need = SIZE_RANGE[0] + SPEED_RANGE[0] * (num_frames - 1) / 64
     require(motion == "wrap" or need <= 1.0, "num_frames",
             f"too long for the canvas: at most {int((1 - SIZE_RANGE[0]) * 64 / SPEED_RANGE[0]) + 1} frames "
@@ -142,6 +143,7 @@ def sample_clip(rng: np.random.Generator, combination: tuple[str, str, str, str]
 
     On a square canvas the formulas reduce to the square-only ones they replaced, so every clip drawn before
     non-square canvases existed is unchanged, bit for bit (tests/test_data_folder.py)."""
+    check_choice(motion, "motion", CLIP_MOTIONS)
     height, width = _check_canvas(size, num_frames, motion)
     num_frames = 1 if motion == "wrap" else num_frames  # the frames the object must stay fully inside
     color, shape, direction, background = combination
@@ -195,6 +197,7 @@ def _coverage(shape: str, cx: float, cy: float, d: float, height: int, width: in
 def render(clip: ShapeClip, size: int | tuple[int, int] = 64, num_frames: int = 17,
            times: list[int] | None = None) -> np.ndarray:
     """Render a clip to uint8 frames ``(T, H, W, 3)``; ``times`` picks a subset of the frame indices."""
+    check_choice(clip.motion, "motion", CLIP_MOTIONS)
     height, width = _check_canvas(size, num_frames, clip.motion)
     times = list(range(num_frames)) if times is None else times
     require(all(0 <= t < num_frames for t in times), "times", f"must lie in [0, {num_frames})")
@@ -231,7 +234,9 @@ class MovingShapes(Dataset):
         seed: dataset seed; use different seeds for training and evaluation sets.
         paraphrase: pick a random caption template per item (training); otherwise canonical.
         motion: ``"exit"`` (default: the object stays inside the canvas, so ``num_frames`` is at most about
-            35 at 64 px) or ``"wrap"`` (it re-enters at the opposite edge: any ``num_frames``).
+            35 at 64 px), ``"wrap"`` (it re-enters at the opposite edge: any ``num_frames``) or ``"mixed"``
+            (each item exit or wrap, half each, drawn from its own stream: an exit item is item ``i`` of the
+            exit set, a wrap item that of the wrap set; ``num_frames`` as for exit).
     Items: ``{"video": float (3, T, H, W) in [-1, 1], "caption": str, "attributes": dict}``.
     """
 
@@ -255,7 +260,10 @@ class MovingShapes(Dataset):
         rng = np.random.default_rng([self.seed, index])
         combination = self.combinations[rng.integers(len(self.combinations))]
         template = int(rng.integers(len(TEMPLATES))) if self.paraphrase else 0
-        return sample_clip(rng, combination, self.size, self.num_frames, self.motion), template
+        motion = self.motion
+        if motion == "mixed":
+            motion = CLIP_MOTIONS[int(np.random.default_rng([self.seed, index, 1]).integers(2))]
+        return sample_clip(rng, combination, self.size, self.num_frames, motion), template
 
     def __getitem__(self, index: int) -> dict:
         clip, template = self.clip(item_index(index, self.num_samples))

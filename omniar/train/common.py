@@ -160,7 +160,7 @@ class VideoDataConfig:
     num_samples: int = 10_000_000  # shapes: clips are generated, so this is effectively unbounded
     seed: int = 0
     num_workers: int = 0
-    motion: str = "exit"  # shapes: "exit" (objects stay inside) | "wrap" (they re-enter at the opposite edge)
+    motion: str = "exit"  # shapes: "exit" (objects stay inside) | "wrap" (they re-enter at the opposite edge) | "mixed"
 
     def __post_init__(self) -> None:
         check_choice(self.dataset, "data.dataset", ("shapes", "video_folder"))
