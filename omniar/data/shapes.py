@@ -122,10 +122,13 @@ def canvas(size: int | tuple[int, int]) -> tuple[int, int]:
     return sides
 
 
-def _check_canvas(size: int | tuple[int, int], num_frames: int, motion: str = "exit") -> tuple[int, int]:
+def _check_canvas(size: int | tuple[int, int], num_frames: int, motion: str = "exit",
+                  motions: tuple[str, ...] = MOTIONS) -> tuple[int, int]:
+    """``(height, width)`` of ``size``, checked with ``num_frames`` and ``motion`` (one of ``motions``: a clip's
+    are :data:`CLIP_MOTIONS`, a dataset's :data:`MOTIONS`)."""
     height, width = canvas(size)
     check_int(num_frames, "num_frames", 1)
-    check_choice(motion, "motion", MOTIONS)
+    check_choice(motion, "motion", motions)
     # Exit motion (also a mixed set's exit items): the slowest motion of the smallest object must still fit along
     # the shorter side (any direction may be drawn). Wrapping motion never runs out of canvas.
     need = SIZE_RANGE[0] + SPEED_RANGE[0] * (num_frames - 1) / 64
@@ -143,8 +146,7 @@ def sample_clip(rng: np.random.Generator, combination: tuple[str, str, str, str]
 
     On a square canvas the formulas reduce to the square-only ones they replaced, so every clip drawn before
     non-square canvases existed is unchanged, bit for bit (tests/test_data_folder.py)."""
-    check_choice(motion, "motion", CLIP_MOTIONS)
-    height, width = _check_canvas(size, num_frames, motion)
+    height, width = _check_canvas(size, num_frames, motion, CLIP_MOTIONS)
     num_frames = 1 if motion == "wrap" else num_frames  # the frames the object must stay fully inside
     color, shape, direction, background = combination
     short = min(height, width)
@@ -197,8 +199,7 @@ def _coverage(shape: str, cx: float, cy: float, d: float, height: int, width: in
 def render(clip: ShapeClip, size: int | tuple[int, int] = 64, num_frames: int = 17,
            times: list[int] | None = None) -> np.ndarray:
     """Render a clip to uint8 frames ``(T, H, W, 3)``; ``times`` picks a subset of the frame indices."""
-    check_choice(clip.motion, "motion", CLIP_MOTIONS)
-    height, width = _check_canvas(size, num_frames, clip.motion)
+    height, width = _check_canvas(size, num_frames, clip.motion, CLIP_MOTIONS)
     times = list(range(num_frames)) if times is None else times
     require(all(0 <= t < num_frames for t in times), "times", f"must lie in [0, {num_frames})")
     fg = np.asarray(COLORS[clip.color], np.float32)
