@@ -70,7 +70,25 @@ def test_eval_combinations_repeat_none_before_all_are_used():
         eval_combinations("heldou", 2, 0)
 
 
-@pytest.mark.parametrize("option, value", [("--batch", "0"), ("--clips", "1")])
+def test_each_seed_samples_with_its_own_seeds():
+    """Held-out prompts come in a fixed order, so only the sampling seeds make another draw of them."""
+    from types import SimpleNamespace
+
+    from omniar.eval.t2v import generate
+
+    used = []
+
+    def pipe(prompts, num_frames, seed):
+        used.append(seed)
+        return SimpleNamespace(frames=torch.zeros(len(prompts), num_frames, 8, 8, 3, dtype=torch.uint8).numpy())
+
+    combos = eval_combinations("heldout", 8, 0)
+    for seed in (0, 1, 2):
+        assert generate(pipe, combos, 1, batch=4, seed=seed).shape == (8, 3, 1, 8, 8)
+    assert used == [0, 4, 8, 12, 16, 20]  # seed 0 keeps the draws recorded before --seed existed
+
+
+@pytest.mark.parametrize("option, value", [("--batch", "0"), ("--clips", "1"), ("--seed", "-1")])
 def test_cli_refuses_bad_counts_before_any_work(capsys, monkeypatch, option, value):
     from omniar.cli import main
     from omniar.generation import TextToVideoPipeline

@@ -1,7 +1,7 @@
 """``omniar eval t2v``: prompt adherence, Frechet distance and collapsed clips of a text-to-video pipeline on
 Moving Shapes, for the full model and its elastic sub-models (:mod:`omniar.eval.t2v`).
 
-    omniar eval t2v [--model DIR] [--clips 64] [--out t2v_eval.json]
+    omniar eval t2v [--model DIR] [--clips 64] [--seed 0] [--out t2v_eval.json]
 """
 
 from __future__ import annotations
@@ -20,6 +20,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classifier", default=None, help="classifier folder (default: shipped)")
     parser.add_argument("--clips", type=int, default=64, help="clips per split")
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="which draw: the seen prompts' order, the real clips and the sampling seeds (default: "
+                             "%(default)s); score models side by side on one seed, and on a fresh one to choose "
+                             "between models already scored")
     # not the shipped benchmarks/results/t2v_eval.json: a quick --clips 2 run must not overwrite it
     parser.add_argument("--out", default="t2v_eval.json",
                         help="JSON report (default: %(default)s in the working directory; the shipped record is "
@@ -29,16 +33,20 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
 def cli_main(args: argparse.Namespace) -> int:
     check_int(args.clips, "--clips", 2)
     check_int(args.batch, "--batch", 1)
+    check_int(args.seed, "--seed", 0)
     out = check_output_path(args.out, "out")  # before minutes of work
     with named("model"):
         pipe = TextToVideoPipeline.from_pretrained(args.model)
     with named("classifier"):
         classifier = load_classifier(args.classifier)
     cfg = pipe.model.omniar_config
-    report = {"clips_per_split": args.clips, "settings": "defaults: 17 frames, guidance 3.0, top_k 0, top_p 1.0, "
-              "temperature 1.0, seed = index of the batch's first clip",
-              "real_vs_real_frechet": real_vs_real(classifier, args.clips, 17, pipe.video_tokenizer.resolution)}
-    report["tokenizer_reference/seen"] = res = tokenizer_reference(pipe.video_tokenizer, classifier, args.clips)
+    seed = args.seed
+    report = {"clips_per_split": args.clips, "seed": seed,
+              "settings": "defaults: 17 frames, guidance 3.0, top_k 0, top_p 1.0, temperature 1.0, sampling seed = "
+              "seed x clips + index of the batch's first clip",
+              "real_vs_real_frechet": real_vs_real(classifier, args.clips, 17, pipe.video_tokenizer.resolution, seed)}
+    report["tokenizer_reference/seen"] = res = tokenizer_reference(pipe.video_tokenizer, classifier, args.clips,
+                                                                   seed=seed)
     print(f"tokenizer reference (real clips encoded + decoded): adherence {res['all']:.3f}  "
           f"frechet {res['frechet']:.3f}")
     variants = {"full": None, "half_depth": {"depth": max(1, cfg.num_layers // 2)},
@@ -46,7 +54,8 @@ def cli_main(args: argparse.Namespace) -> int:
     for name, elastic in variants.items():
         splits = ("seen", "heldout") if name == "full" else ("seen",)
         for split in splits:
-            res = evaluate_split(pipe, classifier, split, args.clips, batch=args.batch, elastic=elastic, progress=True)
+            res = evaluate_split(pipe, classifier, split, args.clips, batch=args.batch, seed=seed, elastic=elastic,
+                                 progress=True)
             report[f"{name}/{split}"] = res
             print(f"{name:>12} {split:>8}: adherence {res['all']:.3f}  frechet {res['frechet']:.3f}  "
                   + "  ".join(f"{k} {res[k]:.2f}" for k in KEYS))

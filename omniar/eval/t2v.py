@@ -49,13 +49,16 @@ def classifier_features(classifier: ShapesClassifier, videos: torch.Tensor) -> t
         return torch.cat(list(classifier(videos).values()), dim=-1).cpu()
 
 
-def generate(pipe, combos: list[tuple], num_frames: int, batch: int, progress: bool = False, **kwargs) -> torch.Tensor:
+def generate(pipe, combos: list[tuple], num_frames: int, batch: int, progress: bool = False, seed: int = 0,
+             **kwargs) -> torch.Tensor:
     """Clips for the canonical captions of ``combos``, ``batch`` prompts a call, each call seeded with
-    the index of its first clip: reproducible for a given ``batch``, which therefore changes the draw."""
+    ``seed * len(combos)`` plus the index of its first clip: reproducible for a given ``batch``, which therefore
+    changes the draw, and for one ``len(combos)`` no two ``seed`` values share a sampling seed."""
     out = []
     for i in tqdm(range(0, len(combos), batch), disable=not progress, desc="generate"):
         prompts = [caption(*c) for c in combos[i:i + batch]]
-        out.append(frames_to_videos(pipe(prompts, num_frames=num_frames, seed=i, **kwargs).frames))
+        call_seed = seed * len(combos) + i
+        out.append(frames_to_videos(pipe(prompts, num_frames=num_frames, seed=call_seed, **kwargs).frames))
     return torch.cat(out)
 
 
@@ -78,7 +81,8 @@ def score(classifier, clips: torch.Tensor, combos: list[tuple], real: torch.Tens
 
 def evaluate_split(pipe, classifier, split: str, n: int, num_frames: int = 17, batch: int = 16, seed: int = 0,
                    progress: bool = False, **kwargs) -> dict:
-    """Adherence and Frechet distance for one split."""
+    """Adherence and Frechet distance for one split. ``seed`` picks the draw: the order of the seen prompts,
+    the real clips compared with and the sampling seeds."""
     return evaluate_windows(pipe, classifier, split, n, {"all": slice(None)}, num_frames, batch, seed, progress,
                             **kwargs)["all"]
 
@@ -89,7 +93,7 @@ def evaluate_windows(pipe, classifier, split: str, n: int, windows: dict[str, sl
     slice(-17, None)}``: how far a long clip drifts from its start. Each window's Frechet reference is a real
     clip as long as the window (a long clip's later frames have no real counterpart: objects leave the canvas)."""
     combos = eval_combinations(split, n, seed)
-    fake = generate(pipe, combos, num_frames, batch, progress, **kwargs)
+    fake = generate(pipe, combos, num_frames, batch, progress, seed, **kwargs)
     real, scores = {}, {}
     for name, frames in windows.items():
         length = len(range(num_frames)[frames])
