@@ -39,3 +39,19 @@ def scale_shapes(scales: Scales) -> tuple[tuple[int, int], ...]:
 def tokens_per_frame(scales: Scales) -> int:
     """Tokens of one latent frame: the sum of ``h * w`` over the scales."""
     return sum(h * w for h, w in scale_shapes(scales))
+
+
+class ScaleSchedule:
+    """Mixin for whatever has a canonical ``scales`` schedule: the ``(h, w)`` and token count of its maps."""
+
+    scales: Scales
+
+    @property
+    def scale_shapes(self) -> tuple[tuple[int, int], ...]:
+        """``(h, w)`` of every scale's code map, coarse to fine."""
+        return scale_shapes(self.scales)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """Tokens of one latent frame: the sum of ``h * w`` over the scales."""
+        return tokens_per_frame(self.scales)

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._checks import check_choice, check_float, check_int, require
-from .._scales import Scales, check_scales, scale_shapes, tokens_per_frame
+from .._scales import Scales, ScaleSchedule, check_scales
 from ..limits import MAX_CHANNELS, MAX_CODEBOOK_SIZE, MAX_EXPERTS, MAX_HEADS, MAX_LAYERS, MAX_MTP_K, MAX_TEXT_VOCAB
 
 
 @dataclass
-class OmniARConfig:
+class OmniARConfig(ScaleSchedule):
     """Hyper-parameters of the unified MoE backbone.
 
     Sequence: ``text_vocab_size`` byte-level text ids, then ``codebook_size``
@@ -124,15 +124,6 @@ class OmniARConfig:
         if self.dense_hidden_size is not None:
             return self.dense_hidden_size
         return (self.top_k + self.num_shared_experts) * self.expert_hidden_size
-
-    @property
-    def scale_shapes(self) -> tuple[tuple[int, int], ...]:
-        """``(h, w)`` of every scale's map."""
-        return scale_shapes(self.scales)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return tokens_per_frame(self.scales)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import require
-from .._scales import Scales, check_scales, scale_shapes, tokens_per_frame
+from .._scales import Scales, ScaleSchedule, check_scales, scale_shapes, tokens_per_frame
 
 __all__ = ["MultiScaleCodes", "Scales", "check_scales", "scale_shapes", "tokens_per_frame"]
 
 
 @dataclass
-class MultiScaleCodes:
+class MultiScaleCodes(ScaleSchedule):
     """Residual multi-scale code maps of a batch of videos.
 
     ``codes[s]`` is a ``LongTensor`` of shape ``(B, T_lat, h_s, w_s)`` with
@@ -46,14 +46,6 @@ class MultiScaleCodes:
     @property
     def num_latent_frames(self) -> int:
         return self.codes[0].shape[1]
-
-    @property
-    def scale_shapes(self) -> tuple[tuple[int, int], ...]:
-        return scale_shapes(self.scales)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return tokens_per_frame(self.scales)
 
     def to(self, device: torch.device | str) -> "MultiScaleCodes":
         return MultiScaleCodes([c.to(device) for c in self.codes], self.scales, self.num_frames)

@@ -19,7 +19,8 @@ from .._checks import check_bool, check_choice, check_float, check_int, require
 from .._pretrained import PretrainedModel
 from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE
 from .causal3d import CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner
-from .codes import MultiScaleCodes, Scales, check_scales, scale_shapes, tokens_per_frame
+from .._scales import ScaleSchedule
+from .codes import MultiScaleCodes, Scales, check_scales
 from .quantizer import MultiScaleResidualVQ, resize
 
 
@@ -30,7 +31,7 @@ class TokenizerOutput:
     codes: MultiScaleCodes
 
 
-class VideoTokenizer(PretrainedModel, ConfigMixin):
+class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
     """Causal 3D multi-scale VQ tokenizer.
 
     Args:
@@ -109,15 +110,6 @@ class VideoTokenizer(PretrainedModel, ConfigMixin):
         """The schedule as configured, canonical (:func:`~omniar.tokenizers.codes.check_scales`): ints for a
         square one, else (h, w) pairs. Read sizes through :attr:`scale_shapes`."""
         return check_scales(self.config.scales)
-
-    @property
-    def scale_shapes(self) -> tuple[tuple[int, int], ...]:
-        """``(h, w)`` of every scale's code map, coarse to fine."""
-        return scale_shapes(self.scales)
-
-    @property
-    def tokens_per_frame(self) -> int:
-        return tokens_per_frame(self.scales)
 
     @property
     def latent_size(self) -> tuple[int, int]:
