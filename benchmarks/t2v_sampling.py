@@ -1,7 +1,9 @@
-"""Sampling settings of the default text-to-video model, compared on a *validation* set of prompts
-(seed 12345, seen combinations; never the evaluation seeds of ``omniar eval t2v``).
+"""Sampling settings of a text-to-video model or of its shallower elastic sub-model (``--depth``), compared
+on a *validation* set of prompts (seed 12345, seen combinations; never the evaluation seeds of
+``omniar eval t2v``).
 
-    python benchmarks/t2v_sampling.py [--clips 64] [--out benchmarks/results/t2v_sampling.json]
+    python benchmarks/t2v_sampling.py [--model DIR] [--depth D] [--clips 64]
+        [--out benchmarks/results/t2v_sampling.json]
 """
 
 from __future__ import annotations
@@ -22,19 +24,24 @@ SETTINGS = {
     "guidance 3, top_p 0.9": {"guidance_scale": 3.0, "top_p": 0.9},
     "guidance 3, temperature 0.7": {"guidance_scale": 3.0, "temperature": 0.7},
     "guidance 3, linear ramp": {"guidance_scale": 3.0, "guidance_schedule": "linear"},
+    "guidance 3, temperature 0.5": {"guidance_scale": 3.0, "temperature": 0.5},
+    "guidance 5, temperature 0.7": {"guidance_scale": 5.0, "temperature": 0.7},
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
+    parser.add_argument("--depth", type=int, default=None, help="score the sub-model of this many layers")
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--out", default="benchmarks/results/t2v_sampling.json")
     args = parser.parse_args()
-    pipe, classifier = TextToVideoPipeline.from_pretrained(), load_classifier()
-    result = {}
+    pipe, classifier = TextToVideoPipeline.from_pretrained(args.model), load_classifier()
+    elastic = None if args.depth is None else {"depth": args.depth}
+    result = {"model": args.model or "shapes-t2v", "depth": args.depth or pipe.model.omniar_config.num_layers}
     for name, kwargs in SETTINGS.items():
         start = time.perf_counter()
-        res = evaluate_split(pipe, classifier, "seen", args.clips, seed=12345, **kwargs)
+        res = evaluate_split(pipe, classifier, "seen", args.clips, seed=12345, elastic=elastic, **kwargs)
         result[name] = {"settings": kwargs, **res, "seconds": time.perf_counter() - start}
         print(f"{name:<34} adherence {res['all']:.3f} frechet {res['frechet']:.2f} "
               f"(color {res['color']:.2f} shape {res['shape']:.2f} direction {res['direction']:.2f} "
