@@ -17,9 +17,9 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from .._checks import check_bool, check_choice, check_float, check_int, require
 from .._pretrained import PretrainedModel
+from .._scales import ScaleSchedule
 from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE
 from .causal3d import CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner
-from .._scales import ScaleSchedule
 from .codes import MultiScaleCodes, Scales, check_scales
 from .quantizer import MultiScaleResidualVQ, resize
 
