@@ -131,3 +131,46 @@ def test_collapse_count_flags_smears_not_objects():
     smeared[3, :, 4, :40] = 0.3  # a grey band over 62 % of one frame of clip 3 (on either background)
     frac = object_fraction(smeared, combos)
     assert frac[3] > COLLAPSE_FRACTION and (frac[torch.arange(12) != 3] < 0.1).all()
+
+
+def test_cli_scores_half_depth_at_the_defaults_and_at_its_temperature(tmp_path, monkeypatch):
+    """Every row but half_depth_tuned samples at the defaults; retention is each half-depth row over full/seen."""
+    import json
+    from types import SimpleNamespace
+
+    from omniar.cli import main
+    from omniar.commands import eval_t2v
+
+    cfg = SimpleNamespace(num_layers=6, num_experts=8, top_k=2)
+    pipe = SimpleNamespace(model=SimpleNamespace(omniar_config=cfg), video_tokenizer=SimpleNamespace(resolution=64))
+    monkeypatch.setattr(eval_t2v.TextToVideoPipeline, "from_pretrained", lambda *a: pipe)
+    monkeypatch.setattr(eval_t2v, "load_classifier", lambda *a: None)
+    monkeypatch.setattr(eval_t2v, "real_vs_real", lambda *a: 1.0)
+    calls = []
+
+    def row(rate):
+        return {"all": rate, "frechet": 2.0, "collapsed": 0} | dict.fromkeys(eval_t2v.KEYS, rate)
+
+    def evaluate_split(pipe, classifier, split, n, batch, seed, progress, **kwargs):
+        calls.append((split, kwargs))
+        return row(0.8 if "elastic" not in kwargs else 0.4 if "temperature" in kwargs else 0.2)
+
+    monkeypatch.setattr(eval_t2v, "evaluate_split", evaluate_split)
+    monkeypatch.setattr(eval_t2v, "tokenizer_reference", lambda *a, **k: row(1.0))
+    out = tmp_path / "report.json"
+    assert main(["eval", "t2v", "--clips", "2", "--half-depth-temperature", "0.4", "--out", str(out)]) == 0
+    assert calls == [("seen", {}), ("heldout", {}), ("seen", {"elastic": {"depth": 3}}),
+                     ("seen", {"elastic": {"depth": 3}, "temperature": 0.4}),
+                     ("seen", {"elastic": {"num_experts": 4}}), ("seen", {"elastic": {"top_k": 1}})]
+    report = json.loads(out.read_text())
+    assert report["half_depth_tuned_settings"] == {"temperature": 0.4}
+    assert report["half_depth_retention"] == pytest.approx(0.25)
+    assert report["half_depth_tuned_retention"] == pytest.approx(0.5)
+
+def test_cli_refuses_a_non_positive_half_depth_temperature(capsys, monkeypatch):
+    from omniar.cli import main
+    from omniar.generation import TextToVideoPipeline
+
+    monkeypatch.setattr(TextToVideoPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    assert main(["eval", "t2v", "--half-depth-temperature", "0"]) == 2
+    assert "omniar: error: --half-depth-temperature: must be > 0" in capsys.readouterr().err
