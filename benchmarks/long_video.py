@@ -18,7 +18,6 @@ that cap to ``omniar.limits.MAX_NUM_FRAMES`` for it, as the reference of what a 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import platform
 import resource
@@ -34,8 +33,6 @@ from omniar.data.shapes import MOTIONS, caption
 from omniar.eval.metrics import frechet_distance
 from omniar.eval.shapes_classifier import frames_to_videos, prompt_adherence
 from omniar.eval.t2v import KEYS, classifier_features, eval_combinations, load_classifier, real_clips
-import omniar.generation.pipeline as pipeline_module
-from omniar.backbone.attention import KVBudget
 from omniar.generation import TextToVideoPipeline
 from omniar.limits import MAX_NUM_FRAMES
 
@@ -45,7 +42,7 @@ ARMS = {"none": {}, "window/extrapolate": {"kv_policy": "window", "kv_rope": "ex
         "window/rebase": {"kv_policy": "window", "kv_rope": "rebase"},
         "nacl/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate"},
         "nacl/rebase": {"kv_policy": "nacl", "kv_rope": "rebase"},
-        "nacl2/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "recent_frames": 2}}
+        "nacl2/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "kv_recent_frames": 2}}
 DEFAULT_ARMS = ("none", "window/extrapolate", "window/rebase", "nacl/extrapolate")  # the others: BENCHMARKS.md
 
 
@@ -54,8 +51,6 @@ def run_arm(arm: str, num_frames: int, clips: int, budget: int, random_ratio: fl
     """One arm at one length, in this process."""
     pipe = TextToVideoPipeline.from_pretrained(model)
     kwargs = dict(ARMS[arm])
-    if "recent_frames" in kwargs:  # not a pipeline argument: the budget the pipeline builds gets it
-        pipeline_module.KVBudget = functools.partial(KVBudget, recent_frames=kwargs.pop("recent_frames"))
     if arm == "none":
         pipe.max_num_frames = MAX_NUM_FRAMES
     else:

@@ -171,6 +171,14 @@ def test_the_random_share_changes_what_is_kept(pipe, monkeypatch):
     assert not torch.equal(kept[0.0][-1], kept[1.0][-1])
 
 
+def test_the_call_keeps_kv_recent_frames_whole(pipe, monkeypatch):
+    budgets, new_cache = [], pipe.model.new_cache
+    monkeypatch.setattr(pipe.model, "new_cache", lambda *a: budgets.append(a[1]) or new_cache(*a))
+    kwargs = dict(num_frames=13, kv_budget=3 * PER_FRAME, kv_policy="nacl", temperature=0)
+    assert not np.array_equal(run(pipe, **kwargs), run(pipe, kv_recent_frames=2, **kwargs))
+    assert [b.recent_frames for b in budgets] == [1, 2]
+
+
 @pytest.mark.parametrize("budget", [None, 2 * PER_FRAME])
 def test_streamed_frames_equal_the_in_memory_clip(pipe, budget):
     video = MovingShapes("all", 1, 32, 5, seed=0)[0]["video"][None]
@@ -242,6 +250,7 @@ def test_cli_continuation_keeps_the_given_frames(model_dir, tmp_path, init):
     ({"kv_budget": 300, "random_ratio": 1.5}, "random_ratio"),
     ({"kv_budget": 300, "random_ratio": float("nan")}, "random_ratio"),
     ({"kv_budget": 300, "kv_rope": "yarn"}, "kv_rope"),
+    ({"kv_budget": 300, "kv_recent_frames": 0}, "kv_recent_frames"),
     ({"kv_budget": 300, "num_frames": 1029}, "num_frames: must be <= 1025"),
     ({"num_frames": 21}, "num_frames: must be <= 17"),
     ({"on_frames": 5}, "on_frames"),
@@ -255,6 +264,7 @@ def test_bad_long_video_arguments_name_the_argument(pipe, kwargs, name):
     (["--kv-budget", "0"], "kv_budget"),
     (["--kv-budget", "300", "--kv-policy", "none"], "kv_policy"),
     (["--random-ratio", "2", "--kv-budget", "300"], "random_ratio"),
+    (["--kv-recent-frames", "0", "--kv-budget", "300"], "kv_recent_frames"),
     (["--init-video", "missing.mp4"], "init_video"),
 ])
 def test_cli_bad_long_video_flags_exit_2(model_dir, tmp_path, capsys, args, message):

@@ -65,6 +65,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                       help="nacl: share of evictions drawn at random")
     long.add_argument("--kv-rope", choices=KV_ROPE_MODES, default=None,
                       help="temporal positions of kept keys (default with a budget: the pipeline's)")
+    long.add_argument("--kv-recent-frames", type=int, default=1, metavar="K",
+                      help="nacl: the newest K frames are kept whole, only older tokens are scored")
     long.add_argument("--stream", action="store_true",
                       help="write the mp4 frame by frame as it is generated: the clip is never held whole")
     init = long.add_mutually_exclusive_group()
@@ -208,7 +210,7 @@ def cli_main(args: argparse.Namespace) -> int:
                       guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
                       temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=not batch,
                       video=video, kv_budget=args.kv_budget, kv_policy=args.kv_policy,
-                      random_ratio=args.random_ratio, kv_rope=args.kv_rope)
+                      random_ratio=args.random_ratio, kv_rope=args.kv_rope, kv_recent_frames=args.kv_recent_frames)
         try:
             if args.stream:
                 with mp4_writer(path, args.fps) as write:

@@ -300,7 +300,7 @@ class TextToVideoPipeline:
 
     def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
                     video, elastic, callback, output_type, generator, kv_budget, kv_policy, random_ratio, kv_rope,
-                    on_frames) -> list[str]:
+                    kv_recent_frames, on_frames) -> list[str]:
         prompts = self._prompt_list(prompt)
         check_choice(output_type, "output_type", OUTPUT_TYPES)
         require(generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"),
@@ -317,6 +317,7 @@ class TextToVideoPipeline:
             check_int(num_frames, "num_frames", 1, MAX_LONG_NUM_FRAMES)
         check_float(random_ratio, "random_ratio", 0.0, 1.0)
         check_choice(kv_rope, "kv_rope", (None,) + KV_ROPE_MODES)
+        check_int(kv_recent_frames, "kv_recent_frames", 1)
         check_float(guidance_scale, "guidance_scale", 0.0)
         check_choice(guidance_schedule, "guidance_schedule", GUIDANCE_SCHEDULES)
         check_filters(top_k, top_p)
@@ -344,7 +345,7 @@ class TextToVideoPipeline:
                  progress: bool = False, output_type: str = "uint8",
                  generator: torch.Generator | None = None, kv_budget: int | None = None,
                  kv_policy: str | None = None, random_ratio: float = DEFAULT_RANDOM_RATIO, kv_rope: str | None = None,
-                 on_frames: Callable | None = None, height: int | None = None,
+                 kv_recent_frames: int = 1, on_frames: Callable | None = None, height: int | None = None,
                  width: int | None = None) -> TextToVideoOutput:
         """Generate clips for ``prompt``.
 
@@ -367,6 +368,7 @@ class TextToVideoPipeline:
             random_ratio: ``nacl``'s share of evictions drawn at random (by the scores), from the call's
                 generator.
             kv_rope: temporal positions of kept keys, ``"extrapolate"`` or ``"rebase"``; None: ``DEFAULT_KV_ROPE``.
+            kv_recent_frames: ``nacl`` keeps the newest this many frames whole and scores only older tokens.
             on_frames: streaming: called with each latent frame's decoded frames (B, t, ...) of ``output_type``
                 as soon as it is generated (t = 1, then tau), so the clip is never held whole; the output's
                 ``frames`` is then None. The whole batch is decoded at once, one latent frame at a time.
@@ -375,7 +377,7 @@ class TextToVideoPipeline:
         """
         prompts = self._check_call(prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p,
                                    temperature, seed, video, elastic, callback, output_type, generator,
-                                   kv_budget, kv_policy, random_ratio, kv_rope, on_frames)
+                                   kv_budget, kv_policy, random_ratio, kv_rope, kv_recent_frames, on_frames)
         self.check_size(height, width)
         tok, model, dev = self.video_tokenizer, self.model, self.device
         scales, b = tok.scales, len(prompts)
@@ -386,7 +388,7 @@ class TextToVideoPipeline:
             else:
                 generator.manual_seed(seed)
         budget = None if kv_budget is None else KVBudget(kv_budget, kv_policy or DEFAULT_KV_POLICY, random_ratio,
-                                                         kv_rope or DEFAULT_KV_ROPE, generator)
+                                                         kv_rope or DEFAULT_KV_ROPE, generator, kv_recent_frames)
         use_cfg = guidance_scale != 1.0
         text = text_inputs(prompts + ([None] * b if use_cfg else []), self.max_text_len, self.text_tokenizer,
                            self.text_encoder, dev)
