@@ -16,6 +16,7 @@ from pathlib import Path
 from omniar.eval.t2v import evaluate_split, load_classifier
 from omniar.generation import TextToVideoPipeline
 
+SEED = 12345  # the validation draw
 SETTINGS = {
     "guidance 3, no filter (API example)": {"guidance_scale": 3.0},
     "guidance 1 (no CFG)": {"guidance_scale": 1.0},
@@ -38,11 +39,12 @@ def main() -> None:
     args = parser.parse_args()
     pipe, classifier = TextToVideoPipeline.from_pretrained(args.model), load_classifier()
     elastic = None if args.depth is None else {"depth": args.depth}
-    result = {"model": args.model or "shapes-t2v", "depth": args.depth or pipe.model.omniar_config.num_layers}
+    result = {"model": args.model or "shapes-t2v", "depth": args.depth or pipe.model.omniar_config.num_layers,
+              "clips": args.clips, "seed": SEED, "settings": {}}
     for name, kwargs in SETTINGS.items():
         start = time.perf_counter()
-        res = evaluate_split(pipe, classifier, "seen", args.clips, seed=12345, elastic=elastic, **kwargs)
-        result[name] = {"settings": kwargs, **res, "seconds": time.perf_counter() - start}
+        res = evaluate_split(pipe, classifier, "seen", args.clips, seed=SEED, elastic=elastic, **kwargs)
+        result["settings"][name] = {"kwargs": kwargs, **res, "seconds": time.perf_counter() - start}
         print(f"{name:<34} adherence {res['all']:.3f} frechet {res['frechet']:.2f} "
               f"(color {res['color']:.2f} shape {res['shape']:.2f} direction {res['direction']:.2f} "
               f"background {res['background']:.2f})")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from ..data.shapes import MOTIONS
+
 CAPTIONS = "captions.jsonl"
 
 
@@ -28,7 +30,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="clip i is Moving Shapes item i of this seed")
     parser.add_argument("--split", default="train", choices=("train", "heldout", "all"),
                         help="attribute combinations: train (all but the 12 held out), heldout or all")
-    parser.add_argument("--motion", default="exit", choices=("exit", "wrap", "mixed"),
+    parser.add_argument("--motion", default="exit", choices=MOTIONS,
                         help="exit: the object stays inside the canvas (clips of at most 35 frames at 64 px); "
                              "wrap: it re-enters at the opposite edge (any number of frames); mixed: half each")
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from ..data.shapes import CLIP_MOTIONS
+
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="omniar/assets/shapes-classifier", help="folder for the trained weights")
     parser.add_argument("--steps", type=int, default=1500, help="optimisation steps")
     parser.add_argument("--batch-size", type=int, default=64, help="clips per step")
     parser.add_argument("--clips", type=int, default=8000, help="real training clips, rendered once")
-    parser.add_argument("--motion", choices=("exit", "wrap"), default="exit",
+    parser.add_argument("--motion", choices=CLIP_MOTIONS, default="exit",
                         help="Moving Shapes motion of the training clips: wrap trains a judge of long clips, whose "
                              "objects re-enter at the opposite edge (it is scored on both motions)")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available)")
