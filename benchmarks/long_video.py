@@ -42,7 +42,8 @@ ARMS = {"none": {}, "window/extrapolate": {"kv_policy": "window", "kv_rope": "ex
         "window/rebase": {"kv_policy": "window", "kv_rope": "rebase"},
         "nacl/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate"},
         "nacl/rebase": {"kv_policy": "nacl", "kv_rope": "rebase"},
-        "nacl2/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "kv_recent_frames": 2}}
+        **{f"nacl{k}/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "kv_recent_frames": k}
+           for k in (2, 3, 4)}}
 DEFAULT_ARMS = ("none", "window/extrapolate", "window/rebase", "nacl/extrapolate")  # the others: BENCHMARKS.md
 
 
