@@ -175,8 +175,8 @@ def test_the_call_keeps_kv_recent_frames_whole(pipe, monkeypatch):
     budgets, new_cache = [], pipe.model.new_cache
     monkeypatch.setattr(pipe.model, "new_cache", lambda *a: budgets.append(a[1]) or new_cache(*a))
     kwargs = dict(num_frames=13, kv_budget=3 * PER_FRAME, kv_policy="nacl", temperature=0)
-    assert not np.array_equal(run(pipe, **kwargs), run(pipe, kv_recent_frames=2, **kwargs))
-    assert [b.recent_frames for b in budgets] == [1, 2]
+    assert not np.array_equal(run(pipe, **kwargs), run(pipe, kv_recent_frames=1, **kwargs))
+    assert [b.recent_frames for b in budgets] == [3, 1]
 
 
 @pytest.mark.parametrize("budget", [None, 2 * PER_FRAME])

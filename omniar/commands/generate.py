@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .._checks import check_int, check_output_path, named, require
-from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
+from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES, KVBudget
 from ..generation.pipeline import DEFAULT_RANDOM_RATIO
 from ..generation.sampling import GUIDANCE_SCHEDULES
 
@@ -65,8 +65,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                       help="nacl: share of evictions drawn at random")
     long.add_argument("--kv-rope", choices=KV_ROPE_MODES, default=None,
                       help="temporal positions of kept keys (default with a budget: the pipeline's)")
-    long.add_argument("--kv-recent-frames", type=int, default=1, metavar="K",
-                      help="nacl: the newest K frames are kept whole, only older tokens are scored")
+    long.add_argument("--kv-recent-frames", type=int, default=KVBudget.recent_frames, metavar="K",
+                      help="nacl: the newest K frames are kept whole (as many as fit), only older tokens are scored")
     long.add_argument("--stream", action="store_true",
                       help="write the mp4 frame by frame as it is generated: the clip is never held whole")
     init = long.add_mutually_exclusive_group()

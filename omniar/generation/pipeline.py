@@ -345,8 +345,8 @@ class TextToVideoPipeline:
                  progress: bool = False, output_type: str = "uint8",
                  generator: torch.Generator | None = None, kv_budget: int | None = None,
                  kv_policy: str | None = None, random_ratio: float = DEFAULT_RANDOM_RATIO, kv_rope: str | None = None,
-                 kv_recent_frames: int = 1, on_frames: Callable | None = None, height: int | None = None,
-                 width: int | None = None) -> TextToVideoOutput:
+                 kv_recent_frames: int = KVBudget.recent_frames, on_frames: Callable | None = None,
+                 height: int | None = None, width: int | None = None) -> TextToVideoOutput:
         """Generate clips for ``prompt``.
 
         Args:
@@ -368,7 +368,8 @@ class TextToVideoPipeline:
             random_ratio: ``nacl``'s share of evictions drawn at random (by the scores), from the call's
                 generator.
             kv_rope: temporal positions of kept keys, ``"extrapolate"`` or ``"rebase"``; None: ``DEFAULT_KV_ROPE``.
-            kv_recent_frames: ``nacl`` keeps the newest this many frames whole and scores only older tokens.
+            kv_recent_frames: ``nacl`` keeps the newest this many frames whole (as many as fit) and scores only
+                older tokens.
             on_frames: streaming: called with each latent frame's decoded frames (B, t, ...) of ``output_type``
                 as soon as it is generated (t = 1, then tau), so the clip is never held whole; the output's
                 ``frames`` is then None. The whole batch is decoded at once, one latent frame at a time.
