@@ -56,7 +56,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             (:class:`~omniar.tokenizers.causal3d.FrameRefiner`); 0 = none.
         refiner_channels: the refiner's width.
         refiner_norm: a per-channel GroupNorm before the refiner's last SiLU, so a residual stream
-            drifting in training cannot zero every activation; the shipped refiner predates it (false).
+            drifting in training cannot zero every activation (refiners saved before it existed: false).
         conv: ``"3d"`` full k x k x k causal convs; ``"2+1d"`` a k x k spatial conv then a causal k-frame
             temporal conv (fewer FLOPs, same receptive field; not faster on CPU: see BENCHMARKS.md).
         fold_time: :class:`~omniar.tokenizers.causal3d.FoldEncoder` / ``FoldDecoder``: each latent frame's
