@@ -37,7 +37,9 @@ def test_sampling_respects_filters_and_seed():
 
 
 def test_low_temperature_approaches_greedy():
-    logits = torch.randn(256, 10)
+    # own generator: from the global one, the draw depended on the tests run before (a near-tie top-2 pair
+    # at T 1e-4 flipped one row when this file ran after others)
+    logits = torch.randn(256, 10, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(0)
     assert torch.equal(sample(logits, 1e-4, generator=g), logits.argmax(-1))
     # so small that logits / temperature overflows float32 (found by the property test): still greedy
