@@ -117,8 +117,9 @@ def test_phi_sharing():
 
 def test_shipped_tokenizer_unchanged():
     """Codes and decodes of the shipped tokenizer equal the reference stored in tests/data by the same calls
-    when its weights shipped (the stage-1c CPU tokenizer), so a code change cannot silently move the codes
-    the shipped AR model was trained on."""
+    when its weights shipped (the stage-1c CPU tokenizer; the decode since stage 1e added the refiner, whose
+    codes equalled the stored ones), so a code change cannot silently move the codes the shipped AR model was
+    trained on."""
     ref = load_file(Path(__file__).parent / "data" / "shipped_tokenizer_head.safetensors")
     tok = VideoTokenizer.from_pretrained(omniar.assets.path("shapes-tokenizer")).eval()
     assert tok.scales == (1, 2, 4, 8) and tok.resolution == 64
@@ -126,7 +127,8 @@ def test_shipped_tokenizer_unchanged():
     codes = tok.encode(video)
     for s, c in enumerate(codes.codes):
         assert torch.equal(c, ref[f"codes_{s}"])
-    torch.testing.assert_close(tok.decode(codes), ref["reconstruction"], rtol=0, atol=1e-5)
+    # 1e-4: the refiner's fp32 convs differ by up to 3e-5 between 1 and 2 threads (oneDNN's kernels)
+    torch.testing.assert_close(tok.decode(codes), ref["reconstruction"], rtol=0, atol=1e-4)
     for s, a in enumerate(tok.codes_to_accumulated(codes)):
         torch.testing.assert_close(a, ref[f"accumulated_{s}"], rtol=0, atol=1e-6)
     f = tok.encode_latent(video).transpose(1, 2).flatten(0, 1)
