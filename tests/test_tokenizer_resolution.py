@@ -117,7 +117,7 @@ def test_phi_sharing():
 
 def test_shipped_tokenizer_unchanged():
     """Codes and decodes of the shipped tokenizer equal the reference stored in tests/data by the same calls
-    when its weights shipped (the stage-1c CPU tokenizer; the decode since stage 1e added the refiner, whose
+    when its weights shipped (the stage-1c CPU tokenizer; the decode is stage 1e's, a new decoder and refiner whose
     codes equalled the stored ones), so a code change cannot silently move the codes the shipped AR model was
     trained on."""
     ref = load_file(Path(__file__).parent / "data" / "shipped_tokenizer_head.safetensors")
