@@ -38,7 +38,7 @@ class KVBudget:
     random_ratio: float = 0.0
     rope: str = "extrapolate"
     generator: torch.Generator | None = None
-    recent_frames: int = 3  # measured on the default model (BENCHMARKS.md, long video)
+    recent_frames: int = 1
 
     def __post_init__(self) -> None:
         check_int(self.tokens, "kv_budget", 1)

@@ -19,8 +19,8 @@ import torch
 from tqdm import tqdm
 
 from .._checks import check_int, check_output_path, named, require
-from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES, KVBudget
-from ..generation.pipeline import DEFAULT_RANDOM_RATIO
+from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
+from ..generation.pipeline import DEFAULT_KV_RECENT_FRAMES, DEFAULT_RANDOM_RATIO
 from ..generation.sampling import GUIDANCE_SCHEDULES
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -65,7 +65,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                       help="nacl: share of evictions drawn at random")
     long.add_argument("--kv-rope", choices=KV_ROPE_MODES, default=None,
                       help="temporal positions of kept keys (default with a budget: the pipeline's)")
-    long.add_argument("--kv-recent-frames", type=int, default=KVBudget.recent_frames, metavar="K",
+    long.add_argument("--kv-recent-frames", type=int, default=DEFAULT_KV_RECENT_FRAMES, metavar="K",
                       help="nacl: the newest K frames are kept whole (as many as fit), only older tokens are scored")
     long.add_argument("--stream", action="store_true",
                       help="write the mp4 frame by frame as it is generated: the clip is never held whole")

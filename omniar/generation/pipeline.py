@@ -42,6 +42,7 @@ OUTPUT_TYPES = ("uint8", "np", "pil", "pt")
 DEFAULT_KV_POLICY = "window"
 DEFAULT_KV_ROPE = "extrapolate"
 DEFAULT_RANDOM_RATIO = 0.25  # NACL's random share as benchmarked (fixed beforehand, not tuned)
+DEFAULT_KV_RECENT_FRAMES = 3  # whole recent frames nacl keeps: picked on the default model (BENCHMARKS.md)
 
 
 @dataclass
@@ -345,7 +346,7 @@ class TextToVideoPipeline:
                  progress: bool = False, output_type: str = "uint8",
                  generator: torch.Generator | None = None, kv_budget: int | None = None,
                  kv_policy: str | None = None, random_ratio: float = DEFAULT_RANDOM_RATIO, kv_rope: str | None = None,
-                 kv_recent_frames: int = KVBudget.recent_frames, on_frames: Callable | None = None,
+                 kv_recent_frames: int = DEFAULT_KV_RECENT_FRAMES, on_frames: Callable | None = None,
                  height: int | None = None, width: int | None = None) -> TextToVideoOutput:
         """Generate clips for ``prompt``.
 
@@ -369,7 +370,7 @@ class TextToVideoPipeline:
                 generator.
             kv_rope: temporal positions of kept keys, ``"extrapolate"`` or ``"rebase"``; None: ``DEFAULT_KV_ROPE``.
             kv_recent_frames: ``nacl`` keeps the newest this many frames whole (as many as fit) and scores only
-                older tokens.
+                older tokens; default ``DEFAULT_KV_RECENT_FRAMES``.
             on_frames: streaming: called with each latent frame's decoded frames (B, t, ...) of ``output_type``
                 as soon as it is generated (t = 1, then tau), so the clip is never held whole; the output's
                 ``frames`` is then None. The whole batch is decoded at once, one latent frame at a time.
