@@ -59,10 +59,11 @@ def weight_files(folder: Path, name: str = "pretrained_model_name_or_path") -> d
 
 
 def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor],
-                            name: str = "pretrained_model_name_or_path") -> dict[str, torch.Tensor]:
+                            name: str = "pretrained_model_name_or_path",
+                            optional: str | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor of ``folder`` and check it against ``expected`` (a model's state dict):
-    no unknown or missing names, same shapes, floating tensors stay floating, all values finite.
-    Errors name ``name``, the argument the folder came from."""
+    no unknown or missing names (names starting with ``optional`` may be missing), same shapes, floating
+    tensors stay floating, all values finite. Errors name ``name``, the argument the folder came from."""
     loaded: dict[str, torch.Tensor] = {}
     for path, indexed in weight_files(folder, name).items():
         require(path.is_file(), name, f"{path} (listed in {INDEX}) not found")
@@ -85,7 +86,7 @@ def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor],
             require(not value.is_floating_point() or bool(torch.isfinite(value).all()), name,
                     f"{where} holds NaN or infinite values")
             loaded[key] = value
-    missing = sorted(set(expected) - set(loaded))
+    missing = sorted(k for k in set(expected) - set(loaded) if optional is None or not k.startswith(optional))
     require(not missing, name, f"{folder} lacks {len(missing)} tensor(s) of this model, e.g. {missing[:3]}")
     return loaded
 

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_helpers import tiny_ar_config
+from _train_helpers import ROOT, tiny_ar_config
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from omniar.backbone import OmniARConfig, OmniARModel
 from omniar.backbone.layout import scale_offsets
@@ -230,6 +231,40 @@ def test_ar_training_starts_from_init_from(tmp_path):
     other["model"]["hidden_size"] = 32
     with pytest.raises(ValueError, match="train.init_from: .*has shape"):
         train(other, progress=False)
+
+
+def test_exit_adapter_training_leaves_the_model_exact(tmp_path):
+    """train.trainable=exit_adapters: only the adapters learn (their KL to the full model falls), every other
+    tensor, router balancing biases included, stays the init_from model's; the saved pipeline runs them."""
+    from omniar.train.ar import train
+    from omniar.train.common import load_yaml
+
+    tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
+    base = train(tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / "base"), steps=3, micro_batch_size=4),
+                 progress=False)
+    # every step on the same 16 clips, no random corruption: the logged KL falls only if the adapter learns
+    config = tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / "exit"), steps=8, micro_batch_size=16,
+                            log_every=1, warmup_steps=0, init_from=str(base), trainable="exit_adapters",
+                            elastic=False, caption_dropout=0.0, cfec_max_rate=0.0, frame_mask_prob=0.0)
+    config["model"]["exit_adapter_depths"] = [1]
+    final = train(config, progress=False)
+    want, got = (OmniARModel.from_pretrained(f / "model").state_dict() for f in (base, final))
+    assert set(got) - set(want) == {k for k in got if k.startswith("exit_adapters.1.")}
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert got["exit_adapters.1.down.weight"].abs().sum() > 0
+    acc = EventAccumulator(str(tmp_path / "exit" / "tb"), size_guidance={"scalars": 0})
+    kl = [event.value for event in acc.Reload().Scalars("exit_kl/1")]
+    assert len(kl) == 8 and kl[-1] < 0.9 * kl[0]
+    pipe = TextToVideoPipeline.from_pretrained(final)
+    assert pipe.model.omniar_config.exit_adapter_depths == (1,)
+
+    config["train"]["out_dir"] = str(tmp_path / "bad")
+    config["model"]["exit_adapter_depths"] = [2]  # the full depth: the adapter would change the full model
+    with pytest.raises(ValueError, match="model.exit_adapter_depths: must name depths below num_layers=2"):
+        train(config, progress=False)
+    with pytest.raises(ValueError, match="train.trainable: exit_adapters needs train.init_from"):
+        train(load_yaml(ROOT / "configs" / "ar_tiny.yaml") | {"train": {"trainable": "exit_adapters"}},
+              progress=False)
 
 
 @pytest.mark.parametrize("clips, calls", [(1, [(1, 1)] * 5), (4, [(4, 1), (1, 1)])])

@@ -45,6 +45,9 @@ class OmniARConfig(ScaleSchedule):
     ``router_z_loss_coef`` weight the optional losses. ``moe_impl``:
     ``"auto"`` (grouped_mm where it runs), ``"grouped_mm"`` or ``"loop"``.
     ``elastic_*``: sampling probabilities and lower bounds of elastic training.
+    ``exit_adapter_depths``: the sub-model depths that end in an exit adapter (a residual MLP of hidden size
+    ``exit_adapter_hidden_size`` before the final norm, run only at that depth, identity at the start), trained
+    by distillation with the rest of the model frozen (``omniar train ar`` with ``train.trainable=exit_adapters``).
     """
 
     text_vocab_size: int = 261
@@ -75,6 +78,8 @@ class OmniARConfig(ScaleSchedule):
     elastic_top_k_prob: float = 0.8
     elastic_min_depth: int = 1
     elastic_min_experts: int = 2
+    exit_adapter_depths: tuple[int, ...] = ()
+    exit_adapter_hidden_size: int = 512
     norm_eps: float = 1e-6
     init_std: float = 0.02
 
@@ -111,6 +116,13 @@ class OmniARConfig(ScaleSchedule):
             check_float(getattr(self, name), name, 0.0, 1.0)
         check_int(self.elastic_min_depth, "elastic_min_depth", 1, self.num_layers)
         check_int(self.elastic_min_experts, "elastic_min_experts", 1, self.num_experts)
+        # canonical (sorted, a tuple), so a config.json list loads to the same config
+        require(isinstance(self.exit_adapter_depths, (list, tuple)), "exit_adapter_depths",
+                f"must be a list of depths, got {self.exit_adapter_depths!r}")
+        depths = [check_int(d, "exit_adapter_depths", 1, self.num_layers) for d in self.exit_adapter_depths]
+        require(len(set(depths)) == len(depths), "exit_adapter_depths", f"has a repeated depth: {depths}")
+        self.exit_adapter_depths = tuple(sorted(depths))
+        check_int(self.exit_adapter_hidden_size, "exit_adapter_hidden_size", 1, MAX_CHANNELS)
         check_float(self.norm_eps, "norm_eps", 0.0, low_inclusive=False)
         check_float(self.init_std, "init_std", 0.0, low_inclusive=False)
 

@@ -4,6 +4,10 @@ Sub-models are nested: depth d keeps the first d layers, ``num_experts`` m
 keeps experts 0..m-1 of every MoE layer (router rows included), so a
 sub-model's weights are a slice of the full model's and one backward pass can
 update both.
+
+A sub-model may end in an exit adapter (``OmniARConfig.exit_adapter_depths``): a
+small residual MLP that only that depth runs, trained with the shared layers
+frozen, so the full model stays exactly as it was.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch import nn
 
 from .._checks import check_int, require
 from .config import OmniARConfig
@@ -20,6 +25,25 @@ class ElasticSpec(NamedTuple):
     depth: int
     num_experts: int
     top_k: int
+
+
+class ExitAdapter(nn.Module):
+    """``x + MLP(LayerNorm(x))`` on the last hidden states of a sub-model, before the final norm. The output
+    layer starts at zero: a new adapter is the identity, and the sub-model runs as it did without one."""
+
+    def __init__(self, d: int, hidden: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(nn.functional.silu(self.up(self.norm(x))))
 
 
 def resolve_elastic(cfg: OmniARConfig, depth: int | None, num_experts: int | None, top_k: int | None,
@@ -69,7 +93,8 @@ def submodel_config(cfg: OmniARConfig, spec: ElasticSpec) -> OmniARConfig:
                        first_dense_layers=min(cfg.first_dense_layers, spec.depth),
                        dense_hidden_size=cfg.dense_width,
                        elastic_min_depth=min(cfg.elastic_min_depth, spec.depth),
-                       elastic_min_experts=min(cfg.elastic_min_experts, spec.num_experts))
+                       elastic_min_experts=min(cfg.elastic_min_experts, spec.num_experts),
+                       exit_adapter_depths=tuple(d for d in cfg.exit_adapter_depths if d <= spec.depth))
 
 
 def slice_state_dict(full: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from .._checks import check_int, require
 from .._pretrained import PretrainedModel
 from .attention import Attention, KVBudget, KVCache
 from .config import OmniARConfig, config_signature
-from .elastic import ElasticSpec, resolve_elastic, sample_elastic, slice_state_dict, submodel_config
+from .elastic import ElasticSpec, ExitAdapter, resolve_elastic, sample_elastic, slice_state_dict, submodel_config
 from .layout import TokenMeta, attention_mask, frame_scale_ids, scale_offsets, text_meta, video_meta
 from .moe import MoELayer, RouterStats, SwiGLU
 from .rope import MultiScaleRoPE
@@ -84,11 +84,16 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         self.text_head = nn.Linear(d, cfg.text_vocab_size, bias=False)
         self.mtp_heads = nn.ModuleList(nn.Linear(d, cfg.text_vocab_size, bias=False) for _ in range(cfg.mtp_k - 1))
         self.visual_head = nn.Linear(d, cfg.codebook_size, bias=False)
+        # empty (no tensors) unless the config names depths
+        self.exit_adapters = nn.ModuleDict({str(depth): ExitAdapter(d, cfg.exit_adapter_hidden_size)
+                                            for depth in cfg.exit_adapter_depths})
         self.register_buffer("frame_scale_ids", frame_scale_ids(cfg.scales), persistent=False)
         self._elastic: ElasticSpec | None = None
         for name, p in self.named_parameters():
             if p.dim() >= 2 or name == "bov":
                 nn.init.normal_(p, std=cfg.init_std)
+        for adapter in self.exit_adapters.values():
+            adapter.reset_parameters()
 
     # diffusers reads the config fields from the __init__ signature; the dataclass owns them.
     _init.__signature__ = config_signature()
@@ -161,6 +166,8 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                 aux, stats = aux + layer_aux, stats + [layer_stats]
         if cache is not None:
             cache.commit(x.shape[1])
+        if str(spec.depth) in self.exit_adapters:
+            x = self.exit_adapters[str(spec.depth)](x)
         return self.norm(x), aux, stats
 
     def _text_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

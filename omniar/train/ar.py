@@ -92,6 +92,9 @@ class ARTrainConfig:
     # of a frozen copy of the init_from model, KL weighted by this, so a fine-tune on a small set (e.g.
     # of a sub-model) moves the full model less. 0 = off; > 0 needs train.init_from.
     anchor_weight: float = 0.0
+    # "all", or "exit_adapters": only the model's exit adapters (model.exit_adapter_depths) learn, each fitting the
+    # full model's code distribution (KL) at its depth; the rest stays exactly the train.init_from model's
+    trainable: str = "all"
     sample_every: int = 500  # steps between generated sample clips in TensorBoard (0 = none)
     # recompute each transformer block in backward instead of keeping its activations: less memory, about
     # one more forward pass of compute
@@ -113,6 +116,11 @@ class ARTrainConfig:
         require(self.anchor_weight == 0 or bool(self.init_from), "train.anchor_weight",
                 "needs train.init_from (the model to stay close to)")
         check_choice(self.scale_weighting, "train.scale_weighting", ("scale", "token"))
+        check_choice(self.trainable, "train.trainable", ("all", "exit_adapters"))
+        if self.trainable == "exit_adapters":
+            require(bool(self.init_from), "train.trainable", "exit_adapters needs train.init_from (the trained model)")
+            require(not self.elastic and self.anchor_weight == 0, "train.trainable",
+                    "exit_adapters trains by distillation alone: set train.elastic=false and train.anchor_weight=0")
 
 
 def visual_mean(per_token: torch.Tensor, scales: Scales, cfg: ARTrainConfig) -> torch.Tensor:
@@ -130,6 +138,21 @@ def distill_loss(student: OmniAROutput, teacher: OmniAROutput, scales: Scales,
     teacher = F.log_softmax(teacher.visual_logits.detach().float(), -1)
     student = F.log_softmax(student.visual_logits.float(), -1)
     return visual_mean((teacher.exp() * (teacher - student)).sum(-1), scales, cfg)
+
+
+def exit_adapter_loss(model: OmniARModel, forward, scales: Scales, cfg: ARTrainConfig,
+                      **inputs) -> tuple[OmniAROutput, torch.Tensor, dict[str, float]]:
+    """``train.trainable=exit_adapters``: the sum over ``model``'s exit adapter depths of KL(full model || sub-model
+    at that depth), run through ``forward`` (the engine's); returns the full model's output too."""
+    with torch.no_grad():
+        full = forward(**inputs)
+    loss, parts = full.aux_loss.new_zeros(()), {}
+    for depth in model.omniar_config.exit_adapter_depths:
+        with model.elastic(depth=depth):
+            kl = distill_loss(forward(**inputs), full, scales, cfg)
+        parts[f"exit_kl/{depth}"] = kl.item()
+        loss = loss + kl
+    return full, loss, parts
 
 
 def ar_loss(out: OmniAROutput, targets: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
@@ -297,8 +320,17 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = OmniARModel.from_config_obj(model_cfg)
     build = partial(OmniARModel.from_config_obj, model_cfg)  # a new model, to load whole weights into
-    if train_cfg.init_from:
-        load_init_from(model, train_cfg.init_from, "a pipeline folder (no model/)", "model")
+    adapters_only = train_cfg.trainable == "exit_adapters"
+    if adapters_only:
+        require(bool(model_cfg.exit_adapter_depths) and max(model_cfg.exit_adapter_depths) < model_cfg.num_layers,
+                "model.exit_adapter_depths", f"must name depths below num_layers={model_cfg.num_layers} for "
+                f"train.trainable=exit_adapters, got {list(model_cfg.exit_adapter_depths)}")
+    if train_cfg.init_from:  # a model without (these) exit adapters starts them new
+        load_init_from(model, train_cfg.init_from, "a pipeline folder (no model/)", "model",
+                       optional="exit_adapters." if adapters_only else None)
+    if adapters_only:  # frozen in eval mode: the MoE layers keep no load statistics, so their biases stay put
+        model.requires_grad_(False).eval()
+        model.exit_adapters.requires_grad_(True)
     # the init_from weights, also on resume (a resumed run reloads only the trained model's state)
     anchor = copy.deepcopy(model).eval().requires_grad_(False) if train_cfg.anchor_weight > 0 else None
     if train_cfg.activation_checkpointing:
@@ -342,31 +374,37 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                                                                   engine.device, text_encoder)
                 ids, mask = text["text_ids"], text["text_mask"]
                 with engine.autocast():
-                    out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
-                    loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
-                    if anchor is not None:
-                        with torch.no_grad():
-                            reference = anchor(visual_inputs=inputs, frame_visibility=visibility, **text)
-                        kl = distill_loss(out, reference, tok.scales, train_cfg)
-                        loss = loss + train_cfg.anchor_weight * kl
-                        parts["anchor_kl"] = kl.item()
-                    parts["loss/full"] = loss.item()
-                    if train_cfg.elastic:
-                        spec = engine.module.sample_elastic(
-                            engine.generator(step, salt=1, shared=True, micro=micro) if same_layers else g)
-                        if spec != engine.module.active_spec:
-                            with engine.module.elastic(*spec):
-                                sub_out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
-                            sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
-                            parts["elastic_visual_ce"] = sub_parts["visual_ce"]
-                            if train_cfg.elastic_distill > 0:
-                                kl = distill_loss(sub_out, out, tok.scales, train_cfg)
-                                sub_loss = sub_loss + train_cfg.elastic_distill * kl
-                                parts["elastic_kl"] = kl.item()
-                            parts["loss/elastic"] = sub_loss.item()
-                            loss = loss + sub_loss
-                if engine.backward_step(loss):  # the step's last micro-batch, and the optimizer stepped
-                    engine.module.update_router_biases()  # from the load of all its micro-batches
+                    if adapters_only:
+                        out, loss, parts = exit_adapter_loss(engine.module, engine.ds, tok.scales, train_cfg,
+                                                             visual_inputs=inputs, frame_visibility=visibility,
+                                                             **text)
+                    else:
+                        out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
+                        loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
+                        if anchor is not None:
+                            with torch.no_grad():
+                                reference = anchor(visual_inputs=inputs, frame_visibility=visibility, **text)
+                            kl = distill_loss(out, reference, tok.scales, train_cfg)
+                            loss = loss + train_cfg.anchor_weight * kl
+                            parts["anchor_kl"] = kl.item()
+                        parts["loss/full"] = loss.item()
+                        if train_cfg.elastic:
+                            spec = engine.module.sample_elastic(
+                                engine.generator(step, salt=1, shared=True, micro=micro) if same_layers else g)
+                            if spec != engine.module.active_spec:
+                                with engine.module.elastic(*spec):
+                                    sub_out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
+                                sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
+                                parts["elastic_visual_ce"] = sub_parts["visual_ce"]
+                                if train_cfg.elastic_distill > 0:
+                                    kl = distill_loss(sub_out, out, tok.scales, train_cfg)
+                                    sub_loss = sub_loss + train_cfg.elastic_distill * kl
+                                    parts["elastic_kl"] = kl.item()
+                                parts["loss/elastic"] = sub_loss.item()
+                                loss = loss + sub_loss
+                # the step's last micro-batch, and the optimizer stepped: balance from the load of all its micro-batches
+                if engine.backward_step(loss) and not adapters_only:
+                    engine.module.update_router_biases()
                 if logging:
                     rows.append({"loss": loss.item(), **parts} | {
                         f"router/{i}/{key}": value for i, stats in enumerate(out.router_stats)
@@ -377,7 +415,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 scalars = mean_scalars(rows)
                 engine.log_step(scalars, step, samples=mask.shape[0] * len(micro_batches),
                                 tokens=(mask.numel() + targets.numel()) * len(micro_batches))
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}", vis=f"{scalars['visual_ce']:.3f}")
+                bar.set_postfix(loss=f"{scalars['loss']:.3f}")
             if prompts and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
                 with engine.paused(engine.module):
                     whole = engine.whole_module(build)  # ZeRO-3: a copy on rank 0 only
