@@ -41,7 +41,9 @@ run of tokens per step via ``start``/``stop``.
 Elastic serving: ``with model.elastic(depth=2, num_experts=8, top_k=1): ...``
 runs the nested sub-model (first layers, first experts);
 ``model.extract_submodel(depth, num_experts, top_k, save_directory=None)``
-returns (and optionally saves) it as a standalone ``OmniARModel``.
+returns (and optionally saves) it as a standalone ``OmniARModel``. A config with
+``exit_adapter_depths=(3,)`` gives depth 3 its own small residual MLP before the
+final norm (``model.exit_adapters["3"]``, identity when new), trained with the rest frozen.
 """
 
 from .attention import KVBudget, KVCache

@@ -1,0 +1,101 @@
+"""Do a tokenizer's coarse scales carry the object's colour? Two reads per coarse prefix (scales <= s):
+
+- in pixels: the mean colour of the decoded preview over the real object's pixels, matched to the nearest
+  object colour of the palette (what a viewer of the preview sees);
+- in the codes: a linear probe (multinomial logistic regression) from the prefix's accumulated latent of the
+  first latent frame to the object's colour, fitted on training-split clips, scored on held-out ones. If the
+  probe is at chance, no decoder can paint the colour from that prefix: the codes must change.
+
+    python benchmarks/preview_information.py [--model DIR] [--out benchmarks/results/preview_information.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from omniar import assets
+from omniar.data.shapes import BACKGROUNDS, COLORS, MovingShapes
+from omniar.tokenizers import VideoTokenizer
+
+NAMES = list(COLORS)
+PALETTE = torch.tensor([COLORS[c] for c in NAMES], dtype=torch.float32) / 127.5 - 1  # [-1, 1], as the clips
+
+
+@torch.no_grad()
+def prefix_reads(tok: VideoTokenizer, split: str, clips: int, frames: int, seed: int, batch: int = 16):
+    """Per coarse prefix s: (first-latent-frame accumulated latents (N, D), pixel colour reads right (N,)),
+    and the colour labels (N,)."""
+    data = MovingShapes(split, clips, tok.resolution, frames, seed=seed)
+    n_prefix = len(tok.scales) - 1
+    latents, right, labels = [[] for _ in range(n_prefix)], [[] for _ in range(n_prefix)], []
+    for start in range(0, clips, batch):
+        items = [data[i] for i in range(start, min(start + batch, clips))]
+        video = torch.stack([it["video"] for it in items])
+        attrs = [it["attributes"] for it in items]
+        labels += [NAMES.index(a["color"]) for a in attrs]
+        bg = torch.stack([torch.tensor(BACKGROUNDS[a["background"]], dtype=torch.float32) / 127.5 - 1 for a in attrs])
+        mask = ((video - bg[:, :, None, None, None]).abs().sum(1, keepdim=True) > 0.5).float()  # the object
+        codes = tok.encode(video)
+        for s in range(n_prefix):
+            latents[s].append(tok._codes_to_latent(codes, s)[:, :, 0].flatten(1))
+            preview = tok.decode_partial(codes, s)
+            mean = (preview * mask).sum((2, 3, 4)) / mask.sum((2, 3, 4)).clamp(min=1)  # (B, 3)
+            right[s].append(torch.cdist(mean, PALETTE).argmin(1) == torch.tensor(labels[-len(items):]))
+    return [torch.cat(x) for x in latents], [torch.cat(r) for r in right], torch.tensor(labels)
+
+
+def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
+                   l2: float = 1e-3) -> tuple[float, float]:
+    """(train, test) accuracy of an L2-regularised multinomial logistic regression (L-BFGS, standardised inputs)."""
+    mu, sd = train_x.mean(0), train_x.std(0) + 1e-6
+    a, b = (train_x - mu) / sd, (test_x - mu) / sd
+    w = torch.zeros(a.shape[1], len(NAMES), requires_grad=True)
+    bias = torch.zeros(len(NAMES), requires_grad=True)
+    opt = torch.optim.LBFGS([w, bias], max_iter=300)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(a @ w + bias, train_y) + l2 * w.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (float(((a @ w + bias).argmax(1) == train_y).float().mean()),
+                float(((b @ w + bias).argmax(1) == test_y).float().mean()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="tokenizer folder (default: shipped shapes-tokenizer)")
+    parser.add_argument("--train-clips", type=int, default=1024)
+    parser.add_argument("--test-clips", type=int, default=256)
+    parser.add_argument("--frames", type=int, default=5, help="clip length (the probe reads the first latent frame)")
+    parser.add_argument("--out", default="benchmarks/results/preview_information.json")
+    args = parser.parse_args()
+
+    tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval().float()
+    train_lat, _, train_y = prefix_reads(tok, "train", args.train_clips, args.frames, seed=11)
+    test_lat, test_right, test_y = prefix_reads(tok, "heldout", args.test_clips, args.frames, seed=12)
+    keys = [str(h) if h == w else f"{h}x{w}" for h, w in tok.scale_shapes][:-1]
+    rows = {}
+    for s, key in enumerate(keys):
+        fit, held = probe_accuracy(train_lat[s], train_y, test_lat[s], test_y)
+        rows[key] = {"pixel_colour_right": float(test_right[s].float().mean()), "probe_train_accuracy": fit,
+                     "probe_test_accuracy": held}
+    result = {"model": args.model or "shapes-tokenizer", "train_clips": args.train_clips,
+              "test_clips": args.test_clips, "frames": args.frames, "chance": 1 / len(NAMES), "prefix": rows,
+              "machine": f"{platform.machine()} {torch.get_num_threads()} threads, CPU, torch {torch.__version__}"}
+    print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
