@@ -415,7 +415,9 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 scalars = mean_scalars(rows)
                 engine.log_step(scalars, step, samples=mask.shape[0] * len(micro_batches),
                                 tokens=(mask.numel() + targets.numel()) * len(micro_batches))
-                bar.set_postfix(loss=f"{scalars['loss']:.3f}")
+                # exit-adapter runs log no visual cross-entropy
+                bar.set_postfix({name: f"{scalars[key]:.3f}" for name, key in (("loss", "loss"), ("vis", "visual_ce"))
+                                 if key in scalars})
             if prompts and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
                 with engine.paused(engine.module):
                     whole = engine.whole_module(build)  # ZeRO-3: a copy on rank 0 only
