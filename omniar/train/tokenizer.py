@@ -1,6 +1,6 @@
 """Train the video tokenizer on DeepSpeed: ``omniar train tokenizer --config configs/tokenizer_shapes.yaml``.
 
-Loss: MSE + L1 reconstruction (optionally weighted toward edges) + the
+Loss: MSE + L1 reconstruction (optionally weighted toward edges and objects) + the
 quantizer's VQ loss. Logs loss, PSNR, codebook usage, grad norm, throughput and the
 config to TensorBoard, and every ``train.sample_every`` steps the first training clips
 beside their reconstructions and coarse-to-fine previews; checkpoints atomically;
@@ -36,6 +36,10 @@ class TokenizerTrainConfig:
     # Small objects cover few pixels, so a plain mean lets their outline go (a small circle can decode as a
     # blob while the PSNR stays high). > 0 weights each pixel by 1 + edge_weight * (edge strength near it).
     edge_weight: float = 0.0
+    # The coarsest scales average the whole frame, where a small object is a few per cent of the pixels, so
+    # its colour is lost there. > 0 weights each pixel by 1 + object_weight * (its distance from the frame's
+    # background, the per-channel median colour), so coarse previews are pushed to keep the object.
+    object_weight: float = 0.0
     init_from: str | None = None  # pretrained tokenizer folder to start from (fine-tuning / longer runs)
     # "decoder": freeze encoder and quantizer so every code stays the same (AR models trained on
     # this tokenizer's codes stay valid) and fine-tune only the decoder on the quantized latents.
@@ -50,6 +54,7 @@ class TokenizerTrainConfig:
         check_int(self.sample_every, "train.sample_every", 0)
         check_float(self.l1_weight, "train.l1_weight", 0.0)
         check_float(self.edge_weight, "train.edge_weight", 0.0)
+        check_float(self.object_weight, "train.object_weight", 0.0)
         check_float(self.truncate_prob, "train.truncate_prob", 0.0, 1.0)
         check_choice(self.trainable, "train.trainable", ("all", "decoder"))
         require(self.trainable == "all" or bool(self.init_from), "train.trainable",
@@ -67,13 +72,22 @@ def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
     return 1 + strength * edges
 
 
-def reconstruction_loss(rec: torch.Tensor, video: torch.Tensor, l1_weight: float, edge_weight: float
-                        ) -> torch.Tensor:
-    """MSE + ``l1_weight`` x L1, per pixel weighted by :func:`edge_weights` (normalised to mean 1)."""
+def object_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-pixel loss weights (B, 1, T, H, W) for ``video`` (B, C, T, H, W) in [-1, 1]: 1 on the background
+    (each frame's per-channel median colour, so objects must cover under half the frame), up to
+    ``1 + strength`` where a pixel's largest channel difference from it is the full range."""
+    background = video.flatten(3).median(3).values[..., None, None]
+    return 1 + strength * (video - background).abs().amax(1, keepdim=True) / 2
+
+
+def reconstruction_loss(rec: torch.Tensor, video: torch.Tensor, l1_weight: float, edge_weight: float,
+                        object_weight: float = 0.0) -> torch.Tensor:
+    """MSE + ``l1_weight`` x L1, per pixel weighted by :func:`edge_weights` times :func:`object_weights`
+    (normalised to mean 1)."""
     err = (rec - video).square() + l1_weight * (rec - video).abs()
-    if edge_weight == 0:
+    if edge_weight == 0 and object_weight == 0:
         return err.mean()
-    w = edge_weights(video, edge_weight)
+    w = edge_weights(video, edge_weight) * object_weights(video, object_weight)
     return (err * w).mean() / w.mean()
 
 
@@ -148,7 +162,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 with engine.autocast():
                     out = engine.ds(video, upto)
                     rec = out.reconstruction.float()
-                    loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight) + out.vq_loss
+                    loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight,
+                                               train_cfg.object_weight) + out.vq_loss
                 engine.backward_step(loss)  # the last one also steps
                 if logging:
                     full = upto == len(model.scales) - 1  # clips decoded from all scales (the rest are previews)
