@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from omniar.data.shapes import MovingShapes
 from omniar.tokenizers import VideoTokenizer
 from omniar.train.common import apply_overrides, load_yaml
-from omniar.train.tokenizer import edge_weights, reconstruction_loss, train
+from omniar.train.tokenizer import edge_weights, object_weights, reconstruction_loss, train
 
 
 def losses(run_dir):
@@ -169,6 +169,28 @@ def test_edge_weighted_loss_counts_errors_at_edges_more(tmp_path):
     assert reconstruction_loss(at_edge, video, 1.0, 4.0) > 2 * reconstruction_loss(in_flat, video, 1.0, 4.0)
     with pytest.raises(ValueError, match="train.edge_weight"):
         train(tiny_config(tmp_path, 1, edge_weight=-1.0), progress=False)
+
+
+def test_object_weights_mark_pixels_away_from_the_frame_background(tmp_path):
+    video = -torch.ones(2, 3, 2, 8, 8)  # black background
+    video[0, 0, :, 2:4, 2:4] = 1.0  # a red square in clip 0
+    video[1] = 1.0  # clip 1: white background with a half-range grey object
+    video[1, :, 1, 5:7, 0:3] = 0.0
+    w = object_weights(video, 4.0)
+    assert w.shape == (2, 1, 2, 8, 8)
+    expected = torch.ones_like(w)
+    expected[0, :, :, 2:4, 2:4] = 5.0
+    expected[1, :, 1, 5:7, 0:3] = 3.0
+    assert torch.equal(w, expected)
+    at_object, on_background = video.clone(), video.clone()
+    at_object[0, 1, 0, 2, 2] += 0.5
+    on_background[0, 1, 0, 6, 6] += 0.5
+    assert reconstruction_loss(at_object, video, 1.0, 0.0) == pytest.approx(
+        float(reconstruction_loss(on_background, video, 1.0, 0.0)))
+    assert reconstruction_loss(at_object, video, 1.0, 0.0, 4.0) == pytest.approx(
+        5 * float(reconstruction_loss(on_background, video, 1.0, 0.0, 4.0)))
+    with pytest.raises(ValueError, match="train.object_weight"):
+        train(tiny_config(tmp_path, 1, object_weight=-1.0), progress=False)
 
 
 def test_truncation_draws_coarse_prefixes_at_the_given_rate():

@@ -268,6 +268,37 @@ def check_ep_size(ep_size: int, model_cfg: OmniARConfig) -> None:
             f"must divide model.num_experts={model_cfg.num_experts}, got {ep_size}")
 
 
+def full_model_loss(engine: TrainEngine, args: dict, targets: torch.Tensor, scales: Scales, cfg: ARTrainConfig,
+                    anchor: OmniARModel | None, elastic_g: torch.Generator):
+    """(output, loss, logged parts) of a step that trains the model: its next-token loss on ``args`` (the model's
+    keyword arguments), plus the KL to the ``anchor`` model if given, plus, with ``cfg.elastic``, the loss of a
+    sub-model drawn with ``elastic_g`` (distilled from the full model's output if ``cfg.elastic_distill``)."""
+    ids, mask = args["text_ids"], args["text_mask"]
+    out = engine.ds(**args)
+    loss, parts = ar_loss(out, targets, ids, mask, scales, cfg)
+    if anchor is not None:
+        with torch.no_grad():
+            reference = anchor(**args)
+        kl = distill_loss(out, reference, scales, cfg)
+        loss = loss + cfg.anchor_weight * kl
+        parts["anchor_kl"] = kl.item()
+    parts["loss/full"] = loss.item()
+    if cfg.elastic:
+        spec = engine.module.sample_elastic(elastic_g)
+        if spec != engine.module.active_spec:
+            with engine.module.elastic(*spec):
+                sub_out = engine.ds(**args)
+            sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, scales, cfg)
+            parts["elastic_visual_ce"] = sub_parts["visual_ce"]
+            if cfg.elastic_distill > 0:
+                kl = distill_loss(sub_out, out, scales, cfg)
+                sub_loss = sub_loss + cfg.elastic_distill * kl
+                parts["elastic_kl"] = kl.item()
+            parts["loss/elastic"] = sub_loss.item()
+            loss = loss + sub_loss
+    return out, loss, parts
+
+
 def run_parts(config: dict):
     """What an AR run's config fixes: the data, engine and train sections, the video tokenizer, the text tokenizer,
     the text encoder (or None) and the model's config."""
@@ -281,6 +312,10 @@ def run_parts(config: dict):
     text_encoder = load_text_encoder(config.get("model", {}), data_cfg.max_text_len)
     model_cfg = model_config(model_fields, tok, text_tok, text_encoder)
     check_ep_size(engine_cfg.ep_size, model_cfg)
+    if train_cfg.trainable == "exit_adapters":
+        require(bool(model_cfg.exit_adapter_depths) and max(model_cfg.exit_adapter_depths) < model_cfg.num_layers,
+                "model.exit_adapter_depths", f"must name depths below num_layers={model_cfg.num_layers} for "
+                f"train.trainable=exit_adapters, got {list(model_cfg.exit_adapter_depths)}")
     return data_cfg, engine_cfg, train_cfg, tok, text_tok, text_encoder, model_cfg
 
 
@@ -321,10 +356,6 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     model = OmniARModel.from_config_obj(model_cfg)
     build = partial(OmniARModel.from_config_obj, model_cfg)  # a new model, to load whole weights into
     adapters_only = train_cfg.trainable == "exit_adapters"
-    if adapters_only:
-        require(bool(model_cfg.exit_adapter_depths) and max(model_cfg.exit_adapter_depths) < model_cfg.num_layers,
-                "model.exit_adapter_depths", f"must name depths below num_layers={model_cfg.num_layers} for "
-                f"train.trainable=exit_adapters, got {list(model_cfg.exit_adapter_depths)}")
     if train_cfg.init_from:  # a model without (these) exit adapters starts them new
         load_init_from(model, train_cfg.init_from, "a pipeline folder (no model/)", "model",
                        optional="exit_adapters." if adapters_only else None)
@@ -372,36 +403,14 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 g = engine.generator(step, micro=micro)
                 text, inputs, targets, visibility = prepare_batch(batch, tok, text_tok, train_cfg, data_cfg, g,
                                                                   engine.device, text_encoder)
-                ids, mask = text["text_ids"], text["text_mask"]
+                args = dict(visual_inputs=inputs, frame_visibility=visibility, **text)
                 with engine.autocast():
                     if adapters_only:
-                        out, loss, parts = exit_adapter_loss(engine.module, engine.ds, tok.scales, train_cfg,
-                                                             visual_inputs=inputs, frame_visibility=visibility,
-                                                             **text)
+                        out, loss, parts = exit_adapter_loss(engine.module, engine.ds, tok.scales, train_cfg, **args)
                     else:
-                        out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
-                        loss, parts = ar_loss(out, targets, ids, mask, tok.scales, train_cfg)
-                        if anchor is not None:
-                            with torch.no_grad():
-                                reference = anchor(visual_inputs=inputs, frame_visibility=visibility, **text)
-                            kl = distill_loss(out, reference, tok.scales, train_cfg)
-                            loss = loss + train_cfg.anchor_weight * kl
-                            parts["anchor_kl"] = kl.item()
-                        parts["loss/full"] = loss.item()
-                        if train_cfg.elastic:
-                            spec = engine.module.sample_elastic(
-                                engine.generator(step, salt=1, shared=True, micro=micro) if same_layers else g)
-                            if spec != engine.module.active_spec:
-                                with engine.module.elastic(*spec):
-                                    sub_out = engine.ds(visual_inputs=inputs, frame_visibility=visibility, **text)
-                                sub_loss, sub_parts = ar_loss(sub_out, targets, ids, mask, tok.scales, train_cfg)
-                                parts["elastic_visual_ce"] = sub_parts["visual_ce"]
-                                if train_cfg.elastic_distill > 0:
-                                    kl = distill_loss(sub_out, out, tok.scales, train_cfg)
-                                    sub_loss = sub_loss + train_cfg.elastic_distill * kl
-                                    parts["elastic_kl"] = kl.item()
-                                parts["loss/elastic"] = sub_loss.item()
-                                loss = loss + sub_loss
+                        elastic_g = engine.generator(step, salt=1, shared=True, micro=micro) if same_layers else g
+                        out, loss, parts = full_model_loss(engine, args, targets, tok.scales, train_cfg, anchor,
+                                                           elastic_g)
                 # the step's last micro-batch, and the optimizer stepped: balance from the load of all its micro-batches
                 if engine.backward_step(loss) and not adapters_only:
                     engine.module.update_router_biases()
@@ -413,6 +422,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             bar.update(1)
             if logging:
                 scalars = mean_scalars(rows)
+                mask = text["text_mask"]
                 engine.log_step(scalars, step, samples=mask.shape[0] * len(micro_batches),
                                 tokens=(mask.numel() + targets.numel()) * len(micro_batches))
                 # exit-adapter runs log no visual cross-entropy
