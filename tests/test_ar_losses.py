@@ -1,12 +1,12 @@
 """AR training losses: per-scale weighting of visual terms, the elastic sub-model's in-place distillation and
-the fine-tuning anchor to the init_from model; config errors name the key."""
+the fine-tuning anchor to the init_from model, context drops; config errors name the key."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from omniar.backbone.model import OmniAROutput
-from omniar.train.ar import ARDataConfig, ARTrainConfig, distill_loss, visual_mean
+from omniar.train.ar import ARDataConfig, ARTrainConfig, distill_loss, random_context_drops, visual_mean
 
 SCALES = (1, 2, 4)  # 21 tokens per frame
 
@@ -137,3 +137,32 @@ def test_anchor_keeps_a_fine_tune_closer_to_its_init_from_model(tmp_path):
     tuned = dict(steps=10, init_from=str(tmp_path / "base" / "final"), lr=1e-2, warmup_steps=0)
     plain, anchored = drift(run("plain", **tuned)), drift(run("anchored", **tuned, anchor_weight=100.0))
     assert anchored < 0.5 * plain, (anchored, plain)
+
+
+def test_context_drops_hide_only_older_tokens_and_keep_one_set_per_sample():
+    g = torch.Generator().manual_seed(0)
+    per_frame, t = 21, 7
+    assert random_context_drops(4, t, per_frame, ARTrainConfig(), g) is None  # off by default
+    assert random_context_drops(4, 4, per_frame, ARTrainConfig(context_drop_prob=1.0), g) is None  # nothing older
+    key_frame = torch.arange(t).repeat_interleave(per_frame)
+    recent = key_frame[None, :] >= torch.arange(t)[:, None] - 3  # (T, T * per_frame): the 3 earlier frames and on
+    none_kept = random_context_drops(2, t, per_frame, ARTrainConfig(context_drop_prob=1.0, context_keep_ratio=0.0), g)
+    assert torch.equal(none_kept, recent.expand(2, -1, -1))
+    vis = random_context_drops(64, t, per_frame, ARTrainConfig(context_drop_prob=1.0, context_keep_ratio=0.3), g)
+    assert vis[:, recent].all()
+    old = ~recent
+    share = vis[:, old].float().mean().item()
+    assert 0.25 < share < 0.35
+    # a token hidden from one frame is hidden from every later one: frame 6 sees a subset of what frame 5 sees
+    assert not (vis[:, 6] & ~vis[:, 5] & old[5]).any()
+    assert torch.equal(vis[:, 6, old[5]], vis[:, 5, old[5]])
+    half = random_context_drops(400, t, per_frame, ARTrainConfig(context_drop_prob=0.5, context_keep_ratio=0.0), g)
+    thinned = (~half).flatten(1).any(1).float().mean().item()
+    assert 0.4 < thinned < 0.6
+
+
+@pytest.mark.parametrize("key, value", [("context_drop_prob", 1.5), ("context_keep_ratio", -0.1),
+                                        ("context_recent_frames", -1)])
+def test_context_drop_settings_are_checked(key, value):
+    with pytest.raises(ValueError, match=f"train.{key}"):
+        ARTrainConfig(**{key: value})

@@ -100,6 +100,30 @@ def test_frame_visibility_hides_earlier_frames():
 
 
 @torch.no_grad()
+def test_token_visibility_hides_single_key_tokens():
+    """Per-token visibility: the frame-level mask spread over each frame's tokens gives the same logits; a token of
+    frame 0 hidden from frame 1 cannot reach frame 1 (one layer, so no other frame-0 token relays it)."""
+    model = tiny(num_layers=1)
+    ids, mask, vis = batch()
+    per_frame = sum(n * n for n in SCALES)
+    fv = torch.ones(B, T, T, dtype=torch.bool)
+    tv = fv.repeat_interleave(per_frame, dim=2)
+    assert same(model(ids, mask, vis, frame_visibility=tv).visual_logits, model(ids, mask, vis).visual_logits)
+    hidden = 1 + 2  # scale 1 (2x2), token 2 of frame 0
+    tv[:, 1, hidden] = False
+    pert = [v.clone() for v in vis]
+    pert[1][:, 0, :, 1, 0] += 1.0
+    a = model(ids, mask, vis, frame_visibility=tv).visual_logits
+    b = model(ids, mask, pert, frame_visibility=tv).visual_logits
+    assert same(a[:, 1], b[:, 1])
+    assert not torch.allclose(a[:, 0], b[:, 0])  # frame 0 itself still sees it
+    c = model(ids, mask, pert).visual_logits
+    assert not torch.allclose(c[:, 1], model(ids, mask, vis).visual_logits[:, 1])  # visible by default
+    with pytest.raises(ValueError, match=r"frame_visibility: must be a bool tensor .* or \(B, T_lat, T_lat \* "):
+        model(ids, mask, vis, frame_visibility=tv[:, :, :-1])
+
+
+@torch.no_grad()
 def test_raster_mode_is_token_causal():
     model = tiny(vision_mask="raster")
     ids, mask, vis = batch()

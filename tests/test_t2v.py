@@ -240,8 +240,9 @@ def test_exit_adapter_training_leaves_the_model_exact(tmp_path):
     from omniar.train.common import load_yaml
 
     tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
-    base = train(tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / "base"), steps=3, micro_batch_size=4),
-                 progress=False)
+    # the base run also trains with context drops beside the Random Frame Mask (per-token and per-frame visibility)
+    base = train(tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / "base"), steps=3, micro_batch_size=4,
+                                frame_mask_prob=1.0, context_drop_prob=1.0, context_recent_frames=0), progress=False)
     # every step on the same 16 clips, no random corruption: the logged KL falls only if the adapter learns
     config = tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / "exit"), steps=8, micro_batch_size=16,
                             log_every=1, warmup_steps=0, init_from=str(base), trainable="exit_adapters",

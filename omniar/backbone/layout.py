@@ -1,8 +1,8 @@
 """Sequence layout: per-token metadata, the attention mask and the RoPE positions.
 
 Every token carries a ``block`` id; a query sees a key iff
-``block_key <= block_query`` (and the key is not padding, and the key's frame
-is not hidden by ``frame_visibility``). Text tokens and raster-order vision
+``block_key <= block_query`` (and the key is not padding, and the key is not
+hidden from the query's frame by the model's ``frame_visibility``). Text tokens and raster-order vision
 tokens are their own block (plain causal); a next-scale (frame, scale) block
 uses the sequence index of its first token, so its tokens see each other and
 everything before. The full forward and the KV-cache steps build their masks
@@ -93,18 +93,21 @@ def video_meta(batch: int, text_len: int, scales: Scales, num_frames: int, raste
 
 
 def attention_mask(query: TokenMeta, key: TokenMeta,
-                   frame_visibility: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   visibility: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean mask ``(B, 1, Lq, Lk)`` (True = attend) and ``empty`` ``(B, 1, Lq, 1)``.
 
-    A query without any visible key (a padding query before any real token)
+    ``visibility`` ``(B, T_lat, V)`` bool [query frame, visual key token] (``key``'s vision tokens in order,
+    frame-major, V of them) hides keys of earlier frames from a frame's queries; the frame's own tokens and
+    the text stay visible. A query without any visible key (a padding query before any real token)
     gets an all-True row so SDPA stays finite; ``empty`` marks those rows so
     the caller zeroes their output, keeping padded keys invisible everywhere.
     """
     mask = (key.block[None, :] <= query.block[:, None])[None] & key.valid[:, None, :]
-    if frame_visibility is not None:
+    if visibility is not None:
         qf, kf = query.frame, key.frame
         earlier = (qf[:, None] >= 0) & (kf[None, :] >= 0) & (kf[None, :] < qf[:, None])
-        seen = frame_visibility[:, qf.clamp(min=0)][:, :, kf.clamp(min=0)]
+        visual_index = (kf >= 0).cumsum(0) - 1
+        seen = visibility[:, qf.clamp(min=0)][:, :, visual_index.clamp(min=0)]
         mask = mask & (~earlier[None] | seen)
     empty = ~mask.any(dim=-1, keepdim=True)
     return (mask | empty)[:, None], empty[:, None]

@@ -231,7 +231,9 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         ``visual_inputs[s]`` (B, T_lat, code_dim, h_s, w_s): the accumulated inputs of
         scale s (``VideoTokenizer.codes_to_accumulated``); ``frame_visibility``
         (B, T_lat, T_lat) bool [query frame, key frame] hides earlier frames (Random
-        Frame Mask); a frame always sees itself and the text. A model with ``text_embed_dim`` takes
+        Frame Mask), or (B, T_lat, T_lat * tokens_per_frame) [query frame, key token]
+        single tokens of them (what an evicting KV cache hides); a frame always sees
+        itself and the text. A model with ``text_embed_dim`` takes
         ``text_ids=None`` and its text encoder's states ``text_embeds`` (B, L, text_embed_dim) instead.
         """
         cfg = self._omniar_config
@@ -252,10 +254,16 @@ class OmniARModel(PretrainedModel, ConfigMixin):
             x = torch.cat([x, self._embed_vision(feats, self.frame_scale_ids, True)], dim=1)
             meta = meta.cat(video_meta(b, length, cfg.scales, num_frames, cfg.vision_mask == "raster", x.device))
         if frame_visibility is not None:
+            per_frame = cfg.tokens_per_frame
             require(num_frames > 0 and isinstance(frame_visibility, torch.Tensor)
-                    and frame_visibility.dtype == torch.bool
-                    and tuple(frame_visibility.shape) == (b, num_frames, num_frames), "frame_visibility",
-                    f"must be a bool tensor (B, T_lat, T_lat) = {(b, num_frames, num_frames)} with visual_inputs")
+                    and frame_visibility.dtype == torch.bool and frame_visibility.dim() == 3
+                    and tuple(frame_visibility.shape[:2]) == (b, num_frames)
+                    and frame_visibility.shape[2] in (num_frames, num_frames * per_frame), "frame_visibility",
+                    f"must be a bool tensor (B, T_lat, T_lat) = {(b, num_frames, num_frames)} or (B, T_lat, T_lat * "
+                    f"tokens_per_frame) = {(b, num_frames, num_frames * per_frame)} with visual_inputs, got "
+                    f"{getattr(frame_visibility, 'dtype', frame_visibility)} {tuple(getattr(frame_visibility, 'shape', ()))}")
+            if frame_visibility.shape[2] != num_frames * per_frame:  # per frame: each key token follows its frame
+                frame_visibility = frame_visibility.repeat_interleave(per_frame, dim=2)
         mask, empty = attention_mask(meta, meta, frame_visibility)
         cos, sin = self.rope.cos_sin(meta.pos, x.dtype)
         hidden, aux, stats = self._trunk(x, cos, sin, mask, empty, meta, None)

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .._checks import check_bool, check_choice, check_float, check_int, check_keys, check_output_path, require
-from .._scales import Scales, scale_shapes
+from .._scales import Scales, scale_shapes, tokens_per_frame
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..backbone.moe import gathered_state_dict
 from ..backbone.text_encoder import TextEncoder
@@ -81,6 +81,12 @@ class ARTrainConfig:
     cfec_max_rate: float = 0.0  # Cross-Frame Error Correction: max share of corrupted codes per sample
     frame_mask_prob: float = 0.0  # Random Frame Mask: share of samples with hidden earlier frames
     frame_mask_ratio: float = 0.5  # ... and the share of earlier frames hidden in those
+    # Context drops: a share of samples sees, in every frame, only the newest context_recent_frames earlier frames
+    # whole and a random context_keep_ratio of the older frames' tokens (one kept set per sample), as past a
+    # bounded KV cache (kv_policy "nacl" keeps kv_recent_frames whole frames and scattered older tokens).
+    context_drop_prob: float = 0.0
+    context_recent_frames: int = 3
+    context_keep_ratio: float = 0.1
     elastic: bool = False
     # In-place distillation: the elastic sub-model also fits the full model's (detached) code
     # distribution, KL weighted by this, on top of its own cross-entropy. 0 = cross-entropy only.
@@ -104,7 +110,9 @@ class ARTrainConfig:
         check_int(self.steps, "train.steps", 1)
         check_bool(self.activation_checkpointing, "train.activation_checkpointing")
         check_int(self.sample_every, "train.sample_every", 0)
-        for name in ("caption_dropout", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio"):
+        check_int(self.context_recent_frames, "train.context_recent_frames", 0)
+        for name in ("caption_dropout", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio", "context_drop_prob",
+                     "context_keep_ratio"):
             check_float(getattr(self, name), f"train.{name}", 0.0, 1.0)
         check_float(self.text_weight, "train.text_weight", 0.0)
         check_float(self.mtp_weight, "train.mtp_weight", 0.0)
@@ -190,6 +198,21 @@ def random_frame_visibility(b: int, t: int, prob: float, ratio: float, g: torch.
     return causal & ~hide
 
 
+def random_context_drops(b: int, t: int, per_frame: int, cfg: ARTrainConfig, g: torch.Generator
+                         ) -> torch.Tensor | None:
+    """(B, T, T * per_frame) bool [query frame, key token], or None: in a ``cfg.context_drop_prob`` share of
+    samples, tokens of frames older than ``cfg.context_recent_frames`` before the query frame are hidden unless in
+    the sample's kept set (each token kept with probability ``cfg.context_keep_ratio``), so a token once hidden
+    stays hidden from every later frame, as an evicted one."""
+    if cfg.context_drop_prob == 0 or t <= cfg.context_recent_frames + 1:
+        return None
+    key_frame = torch.arange(t).repeat_interleave(per_frame)
+    old = key_frame[None, :] < torch.arange(t)[:, None] - cfg.context_recent_frames  # (T, T * per_frame)
+    kept = torch.rand(b, 1, t * per_frame, generator=g) < cfg.context_keep_ratio
+    thinned = torch.rand(b, 1, 1, generator=g) < cfg.context_drop_prob
+    return ~(old[None] & thinned & ~kept)
+
+
 def prepare_batch(batch: dict, tok: VideoTokenizer, text_tok: TextTokenizer, cfg: ARTrainConfig,
                   data_cfg: ARDataConfig, g: torch.Generator, device: torch.device,
                   text_encoder: TextEncoder | None = None):
@@ -211,6 +234,10 @@ def prepare_batch(batch: dict, tok: VideoTokenizer, text_tok: TextTokenizer, cfg
         targets = MultiScaleCodes([c.to(device) for c in batch["codes"]], tok.scales, num_frames)
         inputs = tok.codes_to_accumulated(targets)
     visibility = random_frame_visibility(b, t, cfg.frame_mask_prob, cfg.frame_mask_ratio, g)
+    per_frame = tokens_per_frame(tok.scales)
+    drops = random_context_drops(b, t, per_frame, cfg, g)
+    if drops is not None:
+        visibility = drops if visibility is None else visibility.repeat_interleave(per_frame, 2) & drops
     return text, inputs, targets.flatten(), visibility.to(device) if visibility is not None else None
 
 
