@@ -236,11 +236,18 @@ def test_truncated_forward_reconstructs_from_coarse_scales_only():
         expect = tok.decode_partial(MultiScaleCodes([c[b:b + 1] for c in out.codes.codes], tok.scales, 9), s)
         torch.testing.assert_close(out.reconstruction[b:b + 1].clamp(-1, 1), expect, rtol=0, atol=1e-5)
     torch.testing.assert_close(tok(video, torch.tensor([3, 3, 3])).reconstruction, tok(video).reconstruction)
-    # a truncated clip trains the decoder and the code refinement, never the encoder (no straight-through)
+    # by default a truncated clip trains the decoder and the code refinement, never the encoder
     tok.zero_grad()
     tok(video[:1], torch.tensor([1])).reconstruction.square().mean().backward()
     assert all(p.grad is None or not p.grad.any() for p in tok.encoder.parameters())
     assert any(p.grad is not None and p.grad.any() for p in tok.decoder.parameters())
+    # preview_grad: the same values, and the encoder learns from the preview, straight through its scales
+    with_grad = tok(video, upto, preview_grad=True)
+    torch.testing.assert_close(with_grad.reconstruction, out.reconstruction, rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(with_grad.codes.codes, out.codes.codes))
+    tok.zero_grad()
+    tok(video[:1], torch.tensor([0]), preview_grad=True).reconstruction.square().mean().backward()
+    assert any(p.grad is not None and p.grad.any() for p in tok.encoder.parameters())
     for bad in (torch.tensor([4, 0, 0]), torch.tensor([0, 0]), torch.tensor([0.0, 1.0, 2.0])):
         with pytest.raises(ValueError, match="upto_scale"):
             tok(video, bad)

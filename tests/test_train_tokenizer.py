@@ -189,6 +189,9 @@ def test_object_weights_mark_pixels_away_from_the_frame_background(tmp_path):
         float(reconstruction_loss(on_background, video, 1.0, 0.0)))
     assert reconstruction_loss(at_object, video, 1.0, 0.0, 4.0) == pytest.approx(
         5 * float(reconstruction_loss(on_background, video, 1.0, 0.0, 4.0)))
+    with pytest.raises(ValueError, match="train.preview_grad: trains the encoder"):
+        train(tiny_config(tmp_path, 1, preview_grad=True, trainable="decoder", init_from=str(tmp_path)),
+              progress=False)
     with pytest.raises(ValueError, match="train.object_weight"):
         train(tiny_config(tmp_path, 1, object_weight=-1.0), progress=False)
 
@@ -207,7 +210,7 @@ def test_truncation_draws_coarse_prefixes_at_the_given_rate():
 
 def test_fold_time_run_with_truncation_resumes_exactly(tmp_path):
     def config(out):
-        c = tiny_config(out, 6, save_every=3, truncate_prob=0.5)
+        c = tiny_config(out, 6, save_every=3, truncate_prob=0.5, preview_grad=True, object_weight=4.0)
         c["model"]["fold_time"] = True
         return c
 

@@ -59,12 +59,14 @@ class MultiScaleResidualVQ(nn.Module):
     def codebook_size(self) -> int:
         return self.codebook.shape[0]
 
+    def upsample(self, z: torch.Tensor) -> torch.Tensor:
+        """A (M, C, h, w) map bicubic-upsampled to the latent grid (the last scale)."""
+        full = self.shapes[-1]
+        return z if tuple(z.shape[-2:]) == full else F.interpolate(z, size=full, mode="bicubic", align_corners=False)
+
     def embed_scale(self, idx: torch.Tensor, s: int) -> torch.Tensor:
         """Contribution of scale ``s`` codes ``idx`` (M, h, w) to f_hat: (M, C, H, W)."""
-        z = F.embedding(idx, self.codebook).permute(0, 3, 1, 2)
-        full = self.shapes[-1]
-        if tuple(z.shape[-2:]) != full:
-            z = F.interpolate(z, size=full, mode="bicubic", align_corners=False)
+        z = self.upsample(F.embedding(idx, self.codebook).permute(0, 3, 1, 2))
         conv = self.refine[refine_index(s, len(self.shapes), len(self.refine))]
         return (1 - self.refine_ratio) * z + self.refine_ratio * conv(z)
 
@@ -75,25 +77,30 @@ class MultiScaleResidualVQ(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
         return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
 
-    def forward(self, f: torch.Tensor, upto_scale: torch.Tensor | None = None
+    def forward(self, f: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False
                 ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Quantize latents f (M, C, H, W).
 
         Returns (f_hat with a straight-through gradient to f, codes per scale, VQ loss). With
         ``upto_scale`` (M,) ints, map m returns only the accumulation of scales ``0..upto_scale[m]``
-        instead (no straight-through gradient): the partial sums a coarse-to-fine preview decodes.
+        instead: the partial sums a coarse-to-fine preview decodes. Their gradient reaches the refinement
+        convs only, unless ``preview_grad``: then it also reaches f straight through the unquantized partial
+        sums (each scale's residual upsampled), so the encoder learns what the coarse codes should hold.
         """
         with torch.autocast(f.device.type, enabled=False):
             f = f.float()
             f_hat = torch.zeros_like(f)
             codes, residuals, partial = [], [], []
+            through = 0  # the unquantized partial sum: a path for the previews' gradient to f
             for s, size in enumerate(self.shapes):
                 r = resize(f - f_hat, size)
                 idx = self.lookup(r.detach())
+                if preview_grad and upto_scale is not None:
+                    through = through + self.upsample(resize(f - f_hat.detach(), size))
                 f_hat = f_hat + self.embed_scale(idx, s)
                 codes.append(idx)
                 residuals.append(r.detach())
-                partial.append(f_hat)
+                partial.append(f_hat if isinstance(through, int) else f_hat + (through - through.detach()))
             loss = self.beta * F.mse_loss(f, f_hat.detach()) + F.mse_loss(f_hat, f.detach())
             if self.training:
                 self._ema_update(residuals, codes)

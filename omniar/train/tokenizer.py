@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .._checks import check_choice, check_float, check_int, check_keys, require
+from .._checks import check_bool, check_choice, check_float, check_int, check_keys, require
 from ..data.skipped import log_skipped
 from ..eval.metrics import psnr
 from ..pixels import to_uint8
@@ -47,6 +47,9 @@ class TokenizerTrainConfig:
     # Share of clips reconstructed from a random coarse prefix of the scales (0..S-2) instead of all of them,
     # so the decoder learns to turn partial accumulations into faithful blurry previews (VAR-style).
     truncate_prob: float = 0.0
+    # Those previews also train the encoder (straight through the unquantized partial sums), so the coarse codes
+    # learn to hold what a preview needs (e.g. the object's colour), not only what the finer scales leave over.
+    preview_grad: bool = False
     sample_every: int = 500  # steps between reconstruction previews in TensorBoard (0 = none)
 
     def __post_init__(self) -> None:
@@ -56,6 +59,9 @@ class TokenizerTrainConfig:
         check_float(self.edge_weight, "train.edge_weight", 0.0)
         check_float(self.object_weight, "train.object_weight", 0.0)
         check_float(self.truncate_prob, "train.truncate_prob", 0.0, 1.0)
+        check_bool(self.preview_grad, "train.preview_grad")
+        require(not (self.preview_grad and self.trainable == "decoder"), "train.preview_grad",
+                "trains the encoder: it needs train.trainable=all")
         check_choice(self.trainable, "train.trainable", ("all", "decoder"))
         require(self.trainable == "all" or bool(self.init_from), "train.trainable",
                 "'decoder' needs train.init_from (a trained encoder and codebook to keep)")
@@ -160,7 +166,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 upto = truncation(video.shape[0], len(model.scales), train_cfg.truncate_prob,
                                   engine.generator(step, micro=micro))
                 with engine.autocast():
-                    out = engine.ds(video, upto)
+                    out = engine.ds(video, upto, train_cfg.preview_grad)
                     rec = out.reconstruction.float()
                     loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight,
                                                train_cfg.object_weight) + out.vq_loss
