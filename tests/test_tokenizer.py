@@ -226,6 +226,28 @@ def test_short_clip_training_gives_full_clip_shapes(design):
         assert tok.decode(codes).shape == (1, 3, frames, 32, 32)
 
 
+@pytest.mark.parametrize("fold", [False, True])
+def test_global_context_starts_as_no_change_stays_causal_and_learns(fold):
+    torch.manual_seed(0)
+    plain = VideoTokenizer(**TINY, fold_time=fold).eval()
+    tok = VideoTokenizer(**TINY, fold_time=fold, global_context=True).eval()
+    missing = tok.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["encoder.context.proj.bias", "encoder.context.proj.weight"]
+    video = clips(2, 9)
+    assert torch.equal(tok.encode_latent(video), plain.encode_latent(video))  # zero at initialisation
+    torch.nn.init.normal_(tok.encoder.context.proj.weight)
+    later = video.clone()
+    later[:, :, 5:] = -later[:, :, 5:]  # latent frame 2 only
+    a, b = tok.encode_latent(video), tok.encode_latent(later)
+    assert torch.equal(a[:, :, :2], b[:, :, :2]) and not torch.equal(a[:, :, 2], b[:, :, 2])
+    # one vector per latent frame: the latent moves by the same amount in every cell
+    shift = a - plain.encode_latent(video)
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-5) and shift.abs().max() > 0
+    tok.train()
+    tok(video, torch.tensor([0, 0]), preview_grad=True).reconstruction.square().mean().backward()
+    assert tok.encoder.context.proj.weight.grad.abs().sum() > 0
+
+
 def test_truncated_forward_reconstructs_from_coarse_scales_only():
     torch.manual_seed(0)
     tok = VideoTokenizer(**TINY, fold_time=True).eval()

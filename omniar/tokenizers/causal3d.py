@@ -201,11 +201,37 @@ def _levels(spatial_compression: int, temporal_compression: int) -> tuple[int, i
     return int(math.log2(spatial_compression)), int(math.log2(temporal_compression))
 
 
+class GlobalContext(nn.Module):
+    """Per latent frame, a vector added to every cell of the latent: a linear map (zero at initialisation) of the
+    spatial mean and maximum of the encoder's last features. A frame's coarsest code (1x1) quantizes the mean of
+    the latent, where a small object is a few cells of 64; this lets the encoder move that mean by what those
+    cells hold (the object's colour) without touching the finer scales' residuals. Per frame, so causal."""
+
+    def __init__(self, channels: int, latent_channels: int):
+        super().__init__()
+        self.proj = nn.Linear(2 * channels, latent_channels)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Features (B, C, t, h, w) -> (B, latent_channels, t, 1, 1)."""
+        stats = torch.cat([h.mean((3, 4)), h.amax((3, 4))], dim=1).transpose(1, 2)  # (B, t, 2C)
+        return self.proj(stats).transpose(1, 2)[..., None, None]
+
+
+def _latent_out(layers: nn.Sequential, context: GlobalContext | None, x: torch.Tensor) -> torch.Tensor:
+    """``layers`` (its last one maps features to the latent), plus the global context of those features."""
+    if context is None:
+        return layers(x)
+    h = layers[:-1](x)
+    return layers[-1](h) + context(h).to(h.dtype)
+
+
 class Encoder3d(nn.Module):
     """video (B, 3, 1 + tau k, H, W) -> latent (B, C, 1 + k, H / s, W / s)."""
 
     def __init__(self, in_channels: int, channels: list[int], num_res_blocks: int, latent_channels: int,
-                 spatial_compression: int, temporal_compression: int, mode: str = "3d"):
+                 spatial_compression: int, temporal_compression: int, mode: str = "3d", global_context: bool = False):
         super().__init__()
         n_space, n_time = _levels(spatial_compression, temporal_compression)
         layers: list[nn.Module] = [CausalConv3d(in_channels, channels[0], mode=mode)]
@@ -218,9 +244,10 @@ class Encoder3d(nn.Module):
         layers += [ResBlock3d(channels[-1], channels[-1], mode), _norm(channels[-1]), nn.SiLU(),
                    CausalConv3d(channels[-1], latent_channels, mode=mode)]
         self.net = nn.Sequential(*layers)
+        self.context = GlobalContext(channels[-1], latent_channels) if global_context else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        return _latent_out(self.net, self.context, x)
 
 
 class _StreamingDecoder(nn.Module):
@@ -270,7 +297,7 @@ class FoldEncoder(nn.Module):
     frames with 3 x 3 x 3 kernels."""
 
     def __init__(self, in_channels: int, channels: list[int], num_res_blocks: int, latent_channels: int,
-                 spatial_compression: int, temporal_compression: int, mode: str = "3d"):
+                 spatial_compression: int, temporal_compression: int, mode: str = "3d", global_context: bool = False):
         super().__init__()
         n_space, _ = _levels(spatial_compression, temporal_compression)
         self.tau = temporal_compression
@@ -282,9 +309,10 @@ class FoldEncoder(nn.Module):
         self.frames = nn.Sequential(*layers)
         self.time = nn.Sequential(ResBlock3d(channels[-1], channels[-1], mode), _norm(channels[-1]), nn.SiLU(),
                                   CausalConv3d(channels[-1], latent_channels, mode=mode))
+        self.context = GlobalContext(channels[-1], latent_channels) if global_context else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.time(_per_frame(self.frames, fold_time(x, self.tau)))
+        return _latent_out(self.time, self.context, _per_frame(self.frames, fold_time(x, self.tau)))
 
 
 class FoldDecoder(_StreamingDecoder):

@@ -62,6 +62,9 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         fold_time: :class:`~omniar.tokenizers.causal3d.FoldEncoder` / ``FoldDecoder``: each latent frame's
             ``temporal_compression`` frames folded into channels, per-frame 2D levels, causal 3D blocks (of
             ``conv``) only at the latent resolution. Much cheaper to train than the full 3D nets.
+        global_context: the encoder adds to each latent frame a vector computed from the whole frame
+            (:class:`~omniar.tokenizers.causal3d.GlobalContext`, zero at initialisation, so a tokenizer trained
+            without it starts unchanged), which lets the coarsest codes hold a small object's colour.
     """
 
     @register_to_config
@@ -70,7 +73,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  scales: Scales = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
-                 refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False):
+                 refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False, global_context: bool = False):
         super().__init__()
         check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -94,9 +97,10 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         check_bool(refiner_norm, "refiner_norm")
         check_choice(conv, "conv", CONV_MODES)
         check_bool(fold_time, "fold_time")
+        check_bool(global_context, "global_context")
         nets = (FoldEncoder, FoldDecoder) if fold_time else (Encoder3d, Decoder3d)
         self.encoder = nets[0](in_channels, channels, num_res_blocks, latent_channels,
-                               spatial_compression, temporal_compression, conv)
+                               spatial_compression, temporal_compression, conv, global_context)
         self.decoder = nets[1](in_channels, channels, num_res_blocks, latent_channels,
                                spatial_compression, temporal_compression, conv)
         self.quantizer = MultiScaleResidualVQ(latent_channels, codebook_size, scales, beta, ema_decay,
