@@ -91,16 +91,19 @@ class MultiScaleResidualVQ(nn.Module):
             f = f.float()
             f_hat = torch.zeros_like(f)
             codes, residuals, partial = [], [], []
-            through = 0  # the unquantized partial sum: a path for the previews' gradient to f
+            # the unquantized partial sum: a path for the previews' gradient to f (None: no such path)
+            through = torch.zeros_like(f) if preview_grad and upto_scale is not None else None
             for s, size in enumerate(self.shapes):
-                r = resize(f - f_hat, size)
+                r = resize(f - f_hat.detach(), size)  # its gradient reaches f only, and only through `through`
                 idx = self.lookup(r.detach())
-                if preview_grad and upto_scale is not None:
-                    through = through + self.upsample(resize(f - f_hat.detach(), size))
                 f_hat = f_hat + self.embed_scale(idx, s)
                 codes.append(idx)
                 residuals.append(r.detach())
-                partial.append(f_hat if isinstance(through, int) else f_hat + (through - through.detach()))
+                if through is None:
+                    partial.append(f_hat)
+                else:
+                    through = through + self.upsample(r)
+                    partial.append(f_hat + (through - through.detach()))
             loss = self.beta * F.mse_loss(f, f_hat.detach()) + F.mse_loss(f_hat, f.detach())
             if self.training:
                 self._ema_update(residuals, codes)

@@ -91,9 +91,12 @@ def reconstruction_loss(rec: torch.Tensor, video: torch.Tensor, l1_weight: float
     """MSE + ``l1_weight`` x L1, per pixel weighted by :func:`edge_weights` times :func:`object_weights`
     (normalised to mean 1)."""
     err = (rec - video).square() + l1_weight * (rec - video).abs()
-    if edge_weight == 0 and object_weight == 0:
+    # only the weightings in use are computed: each costs a pass over the clip (the object one a median)
+    w = edge_weights(video, edge_weight) if edge_weight else None
+    if object_weight:
+        w = object_weights(video, object_weight) if w is None else w * object_weights(video, object_weight)
+    if w is None:
         return err.mean()
-    w = edge_weights(video, edge_weight) * object_weights(video, object_weight)
     return (err * w).mean() / w.mean()
 
 
