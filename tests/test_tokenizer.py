@@ -248,6 +248,45 @@ def test_global_context_starts_as_no_change_stays_causal_and_learns(fold):
     assert tok.encoder.context.proj.weight.grad.abs().sum() > 0
 
 
+def test_positions_start_as_no_change_let_a_constant_latent_paint_a_place_and_stay_causal():
+    torch.manual_seed(0)
+    plain = VideoTokenizer(**TINY, fold_time=True, global_context=True).eval()
+    tok = VideoTokenizer(**TINY, fold_time=True, global_context=True, positions=True).eval()
+    own = tok.state_dict()
+    # the new tensors are the position map and the moment half of the context's projection
+    tok.load_state_dict({k: v if v.shape == own[k].shape else torch.cat([v, own[k][:, v.shape[1]:]], 1)
+                         for k, v in plain.state_dict().items()}, strict=False)
+    assert sorted(set(own) - set(plain.state_dict())) == ["position_map.proj.bias", "position_map.proj.weight"]
+    video = clips(2, 9)
+    assert torch.equal(tok.encode_latent(video), plain.encode_latent(video))  # zero at initialisation
+    assert torch.equal(tok.decode_latent(plain.encode_latent(video)), plain.decode_latent(plain.encode_latent(video)))
+    # the encoder's context now tells where a feature is: a mirrored clip moves the context vector
+    torch.nn.init.normal_(tok.encoder.context.proj.weight)
+    mirrored = video.flip(-1)
+    shift = tok.encode_latent(video) - plain.encode_latent(video)
+    shift_m = tok.encode_latent(mirrored) - plain.encode_latent(mirrored)
+    assert not torch.allclose(shift[..., 0, 0], shift_m[..., 0, 0], atol=1e-4)
+    # a latent constant over the frame (a 1x1 preview) reaches the decoder varying with position, by the same
+    # map in every frame; positions are relative to the grid (a half-height grid is not the top half)
+    torch.nn.init.normal_(tok.position_map.proj.weight)
+    constant = torch.randn(1, 8, 2, 1, 1).expand(-1, -1, -1, 8, 8).contiguous()
+    with torch.no_grad():
+        added = tok.position_map(constant) - constant
+        half = tok.position_map(constant[..., :4, :]) - constant[..., :4, :]
+    assert not torch.allclose(added, added[..., :1, :1].expand_as(added)) and torch.allclose(added[:, :, 0], added[:, :, 1], atol=1e-5)
+    assert not torch.allclose(half, added[..., :4, :])
+    latent = tok.encode_latent(video)
+    changed = latent.clone()
+    changed[:, :, 2:] = 0
+    assert torch.equal(tok.decode_latent(changed)[:, :, :5], tok.decode_latent(latent)[:, :, :5])  # causal
+    torch.testing.assert_close(tok.decode_latent(latent, chunk_size=1), tok.decode_latent(latent), rtol=0, atol=1e-5)
+    tok.train()
+    tok(video, torch.tensor([0, 0]), preview_grad=True).reconstruction.square().mean().backward()
+    assert tok.position_map.proj.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="positions"):
+        VideoTokenizer(**TINY, positions=True)
+
+
 def test_truncated_forward_reconstructs_from_coarse_scales_only():
     torch.manual_seed(0)
     tok = VideoTokenizer(**TINY, fold_time=True).eval()

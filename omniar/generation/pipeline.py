@@ -436,7 +436,7 @@ class TextToVideoPipeline:
                     latents.append(f_hat)
                 else:
                     with tok.autocast(decode_dtype):
-                        pixels = tok.refine(tok.decoder(f_hat[:, :, None])).clamp(-1, 1)
+                        pixels = tok.render(f_hat[:, :, None]).clamp(-1, 1)
                     pixels = self._keep_given(pixels.float().cpu(), video, shown)
                     shown += pixels.shape[2]
                     on_frames(convert_frames(pixels, output_type))

@@ -201,22 +201,59 @@ def _levels(spatial_compression: int, temporal_compression: int) -> tuple[int, i
     return int(math.log2(spatial_compression)), int(math.log2(temporal_compression))
 
 
+def _coords(h: int, w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cell centres of an h x w grid in [-1, 1]: y (h, 1) and x (1, w), of ``like``'s device and dtype; the same
+    relative positions at any resolution."""
+    y = torch.linspace(-1 + 1 / h, 1 - 1 / h, h, device=like.device, dtype=like.dtype)
+    x = torch.linspace(-1 + 1 / w, 1 - 1 / w, w, device=like.device, dtype=like.dtype)
+    return y[:, None], x[None, :]
+
+
 class GlobalContext(nn.Module):
     """Per latent frame, a vector added to every cell of the latent: a linear map (zero at initialisation) of the
     spatial mean and maximum of the encoder's last features. A frame's coarsest code (1x1) quantizes the mean of
     the latent, where a small object is a few cells of 64; this lets the encoder move that mean by what those
-    cells hold (the object's colour) without touching the finer scales' residuals. Per frame, so causal."""
+    cells hold (the object's colour) without touching the finer scales' residuals. Per frame, so causal.
+    ``positions``: also the features' first moments along y and x (their means weighted by the cell's
+    coordinate), so the vector can say where the object is."""
 
-    def __init__(self, channels: int, latent_channels: int):
+    def __init__(self, channels: int, latent_channels: int, positions: bool = False):
         super().__init__()
-        self.proj = nn.Linear(2 * channels, latent_channels)
+        self.positions = positions
+        self.proj = nn.Linear((4 if positions else 2) * channels, latent_channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Features (B, C, t, h, w) -> (B, latent_channels, t, 1, 1)."""
-        stats = torch.cat([h.mean((3, 4)), h.amax((3, 4))], dim=1).transpose(1, 2)  # (B, t, 2C)
-        return self.proj(stats).transpose(1, 2)[..., None, None]
+        stats = [h.mean((3, 4)), h.amax((3, 4))]
+        if self.positions:
+            y, x = _coords(*h.shape[-2:], h)
+            stats += [(h * y).mean((3, 4)), (h * x).mean((3, 4))]
+        return self.proj(torch.cat(stats, dim=1).transpose(1, 2)).transpose(1, 2)[..., None, None]
+
+
+class PositionMap(nn.Module):
+    """A map added to the decoder's input latent: sines and cosines of each cell's (y, x) at ``frequencies``
+    octaves, through a 1x1 conv (zero at initialisation, so a tokenizer trained without it decodes unchanged).
+    A coarse preview's latent is nearly constant over the frame (its 1x1 code upsampled); this gives the decoder
+    the positions it needs to paint what that code says at the right place."""
+
+    def __init__(self, latent_channels: int, frequencies: int = 4):
+        super().__init__()
+        self.frequencies = frequencies
+        self.proj = nn.Conv2d(4 * frequencies, latent_channels, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, C, t, h, w) -> the same plus the position map (shared by every clip and frame)."""
+        h, w = z.shape[-2:]
+        y, x = _coords(h, w, z)
+        octaves = math.pi * 2.0 ** torch.arange(self.frequencies, device=z.device, dtype=z.dtype).view(-1, 1, 1)
+        ang_y, ang_x = (y * octaves).expand(-1, h, w), (x * octaves).expand(-1, h, w)  # (frequencies, h, w)
+        feats = torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()])[None]
+        return z + self.proj(feats.to(self.proj.weight.dtype)).to(z.dtype)[:, :, None]
 
 
 def _latent_out(layers: nn.Sequential, context: GlobalContext | None, x: torch.Tensor) -> torch.Tensor:
@@ -231,7 +268,8 @@ class Encoder3d(nn.Module):
     """video (B, 3, 1 + tau k, H, W) -> latent (B, C, 1 + k, H / s, W / s)."""
 
     def __init__(self, in_channels: int, channels: list[int], num_res_blocks: int, latent_channels: int,
-                 spatial_compression: int, temporal_compression: int, mode: str = "3d", global_context: bool = False):
+                 spatial_compression: int, temporal_compression: int, mode: str = "3d", global_context: bool = False,
+                 positions: bool = False):
         super().__init__()
         n_space, n_time = _levels(spatial_compression, temporal_compression)
         layers: list[nn.Module] = [CausalConv3d(in_channels, channels[0], mode=mode)]
@@ -244,7 +282,7 @@ class Encoder3d(nn.Module):
         layers += [ResBlock3d(channels[-1], channels[-1], mode), _norm(channels[-1]), nn.SiLU(),
                    CausalConv3d(channels[-1], latent_channels, mode=mode)]
         self.net = nn.Sequential(*layers)
-        self.context = GlobalContext(channels[-1], latent_channels) if global_context else None
+        self.context = GlobalContext(channels[-1], latent_channels, positions) if global_context else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _latent_out(self.net, self.context, x)
@@ -297,7 +335,8 @@ class FoldEncoder(nn.Module):
     frames with 3 x 3 x 3 kernels."""
 
     def __init__(self, in_channels: int, channels: list[int], num_res_blocks: int, latent_channels: int,
-                 spatial_compression: int, temporal_compression: int, mode: str = "3d", global_context: bool = False):
+                 spatial_compression: int, temporal_compression: int, mode: str = "3d", global_context: bool = False,
+                 positions: bool = False):
         super().__init__()
         n_space, _ = _levels(spatial_compression, temporal_compression)
         self.tau = temporal_compression
@@ -309,7 +348,7 @@ class FoldEncoder(nn.Module):
         self.frames = nn.Sequential(*layers)
         self.time = nn.Sequential(ResBlock3d(channels[-1], channels[-1], mode), _norm(channels[-1]), nn.SiLU(),
                                   CausalConv3d(channels[-1], latent_channels, mode=mode))
-        self.context = GlobalContext(channels[-1], latent_channels) if global_context else None
+        self.context = GlobalContext(channels[-1], latent_channels, positions) if global_context else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _latent_out(self.time, self.context, _per_frame(self.frames, fold_time(x, self.tau)))

@@ -19,7 +19,7 @@ from .._checks import check_bool, check_choice, check_float, check_int, require
 from .._pretrained import PretrainedModel
 from .._scales import ScaleSchedule
 from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE
-from .causal3d import CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner
+from .causal3d import CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner, PositionMap
 from .codes import MultiScaleCodes, Scales, check_scales
 from .quantizer import MultiScaleResidualVQ, resize
 
@@ -65,6 +65,10 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         global_context: the encoder adds to each latent frame a vector computed from the whole frame
             (:class:`~omniar.tokenizers.causal3d.GlobalContext`, zero at initialisation, so a tokenizer trained
             without it starts unchanged), which lets the coarsest codes hold a small object's colour.
+        positions: the global context also pools where the features are (needs ``global_context``), and the
+            decoder's input gets a map of each cell's position
+            (:class:`~omniar.tokenizers.causal3d.PositionMap`, zero at initialisation), so a preview from the
+            1x1 code, constant over the frame, can still be painted at the object's place.
     """
 
     @register_to_config
@@ -73,7 +77,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  scales: Scales = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
-                 refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False, global_context: bool = False):
+                 refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False, global_context: bool = False,
+                 positions: bool = False):
         super().__init__()
         check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -98,11 +103,14 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         check_choice(conv, "conv", CONV_MODES)
         check_bool(fold_time, "fold_time")
         check_bool(global_context, "global_context")
+        check_bool(positions, "positions")
+        require(global_context or not positions, "positions", "needs global_context=True (the encoder's side of it)")
         nets = (FoldEncoder, FoldDecoder) if fold_time else (Encoder3d, Decoder3d)
         self.encoder = nets[0](in_channels, channels, num_res_blocks, latent_channels,
-                               spatial_compression, temporal_compression, conv, global_context)
+                               spatial_compression, temporal_compression, conv, global_context, positions)
         self.decoder = nets[1](in_channels, channels, num_res_blocks, latent_channels,
                                spatial_compression, temporal_compression, conv)
+        self.position_map = PositionMap(latent_channels) if positions else None
         self.quantizer = MultiScaleResidualVQ(latent_channels, codebook_size, scales, beta, ema_decay,
                                               num_refine, refine_ratio, dead_code_threshold)
         self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm)
@@ -197,6 +205,11 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         f_hat = self.quantizer.codes_to_latent(flat, upto_scale)
         return f_hat.unflatten(0, (b, t)).transpose(1, 2)
 
+    def render(self, latent: torch.Tensor) -> torch.Tensor:
+        """The decoder (after the position map, if any) and the refiner on latents (B, C, t, h, w): unclamped
+        frames, no checks, gradients kept (training, and streaming inside ``decoder.streaming()``)."""
+        return self.refine(self.decoder(latent if self.position_map is None else self.position_map(latent)))
+
     def refine(self, video: torch.Tensor) -> torch.Tensor:
         """The refiner (if any) on each frame of decoded ``video`` (B, C, T, H, W), clamped first: it
         sees the frames as the images a plain decode would give."""
@@ -234,7 +247,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             require(bool(((upto_scale >= 0) & (upto_scale < len(self.scales))).all()), "upto_scale",
                     f"values must lie in [0, {len(self.scales)})")
         f_hat, codes, loss = self._quantize(self.encoder(video), upto_scale, preview_grad)
-        rec = self.refine(self.decoder(f_hat.to(video.dtype)))
+        rec = self.render(f_hat.to(video.dtype))
         return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))
 
     @torch.no_grad()
@@ -264,9 +277,9 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             check_int(chunk_size, "chunk_size", 1)
         with self.autocast(dtype):
             if chunk_size is None:
-                return self.refine(self.decoder(latent)).clamp(-1, 1).to(latent.dtype)
+                return self.render(latent).clamp(-1, 1).to(latent.dtype)
             with self.decoder.streaming():
-                parts = [self.refine(self.decoder(latent[:, :, i:i + chunk_size]))
+                parts = [self.render(latent[:, :, i:i + chunk_size])
                          for i in range(0, latent.shape[2], chunk_size)]
             return torch.cat(parts, dim=2).clamp(-1, 1).to(latent.dtype)
 

@@ -93,7 +93,7 @@ def last_step(steps: int, stop_at: int | None) -> int:
 
 
 def load_init_from(model: torch.nn.Module, init_from: str, what: str, sub: str = "",
-                   optional: str | None = None) -> None:
+                   optional: str | tuple[str, ...] | None = None) -> None:
     """Start ``model`` from the checked weights in ``init_from/sub`` (``train.init_from``, which is ``what``);
     tensors whose names start with ``optional`` keep their own values where the folder lacks them."""
     folder = Path(init_from, sub)

@@ -133,8 +133,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     model = build_model(VideoTokenizer, model_cfg)
     build = partial(build_model, VideoTokenizer, model_cfg)  # a new model, to load whole weights into
     if train_cfg.init_from:
-        # a tokenizer trained without the encoder's global context starts it at zero (no change)
-        load_init_from(model, train_cfg.init_from, "a tokenizer folder", optional="encoder.context.")
+        # a tokenizer trained without the global context or position map starts them at zero (no change)
+        load_init_from(model, train_cfg.init_from, "a tokenizer folder", optional=("encoder.context.", "position_map."))
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
             f"spatial_compression), got {data_cfg.size}")
