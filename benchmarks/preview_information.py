@@ -4,7 +4,10 @@
   object colour of the palette (what a viewer of the preview sees);
 - in the codes: a linear probe (multinomial logistic regression) from the prefix's accumulated latent of the
   first latent frame to the object's colour, fitted on training-split clips, scored on held-out ones. If the
-  probe is at chance, no decoder can paint the colour from that prefix: the codes must change.
+  probe is at chance, no decoder can paint the colour from that prefix: the codes must change;
+- of the first scale's code maps of the held-out clips: how many distinct ones there are, and how often the
+  majority colour of the clips sharing a map is the clip's own (the most any decoder can show from those codes
+  alone, read in-sample).
 
     python benchmarks/preview_information.py [--model DIR] [--out benchmarks/results/preview_information.json]
 """
@@ -12,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import platform
 from pathlib import Path
@@ -30,10 +34,10 @@ PALETTE = torch.tensor([COLORS[c] for c in NAMES], dtype=torch.float32) / 127.5 
 @torch.no_grad()
 def prefix_reads(tok: VideoTokenizer, split: str, clips: int, frames: int, seed: int, batch: int = 16):
     """Per coarse prefix s: (first-latent-frame accumulated latents (N, D), pixel colour reads right (N,)),
-    and the colour labels (N,)."""
+    the colour labels (N,), and the first latent frame's scale-0 code map of each clip (N tuples)."""
     data = MovingShapes(split, clips, tok.resolution, frames, seed=seed)
     n_prefix = len(tok.scales) - 1
-    latents, right, labels = [[] for _ in range(n_prefix)], [[] for _ in range(n_prefix)], []
+    latents, right, labels, first = [[] for _ in range(n_prefix)], [[] for _ in range(n_prefix)], [], []
     for start in range(0, clips, batch):
         items = [data[i] for i in range(start, min(start + batch, clips))]
         video = torch.stack([it["video"] for it in items])
@@ -42,12 +46,22 @@ def prefix_reads(tok: VideoTokenizer, split: str, clips: int, frames: int, seed:
         bg = torch.stack([torch.tensor(BACKGROUNDS[a["background"]], dtype=torch.float32) / 127.5 - 1 for a in attrs])
         mask = ((video - bg[:, :, None, None, None]).abs().sum(1, keepdim=True) > 0.5).float()  # the object
         codes = tok.encode(video)
+        first += [tuple(row) for row in codes.codes[0][:, 0].flatten(1).tolist()]
         for s in range(n_prefix):
             latents[s].append(tok._codes_to_latent(codes, s)[:, :, 0].flatten(1))
             preview = tok.decode_partial(codes, s)
             mean = (preview * mask).sum((2, 3, 4)) / mask.sum((2, 3, 4)).clamp(min=1)  # (B, 3)
             right[s].append(torch.cdist(mean, PALETTE).argmin(1) == torch.tensor(labels[-len(items):]))
-    return [torch.cat(x) for x in latents], [torch.cat(r) for r in right], torch.tensor(labels)
+    return [torch.cat(x) for x in latents], [torch.cat(r) for r in right], torch.tensor(labels), first
+
+
+def code_map_reads(maps: list[tuple], labels: torch.Tensor) -> dict[str, float]:
+    """Distinct code maps, and the share of clips whose colour is the majority colour of their map's clips."""
+    groups = collections.defaultdict(collections.Counter)
+    for m, y in zip(maps, labels.tolist()):
+        groups[m][y] += 1
+    best = sum(max(c.values()) for c in groups.values())
+    return {"distinct_maps": len(groups), "majority_colour_right": best / len(maps)}
 
 
 def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -81,8 +95,8 @@ def main() -> None:
     args = parser.parse_args()
 
     tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval().float()
-    train_lat, _, train_y = prefix_reads(tok, "train", args.train_clips, args.frames, seed=11)
-    test_lat, test_right, test_y = prefix_reads(tok, "heldout", args.test_clips, args.frames, seed=12)
+    train_lat, _, train_y, _ = prefix_reads(tok, "train", args.train_clips, args.frames, seed=11)
+    test_lat, test_right, test_y, test_maps = prefix_reads(tok, "heldout", args.test_clips, args.frames, seed=12)
     keys = [str(h) if h == w else f"{h}x{w}" for h, w in tok.scale_shapes][:-1]
     rows = {}
     for s, key in enumerate(keys):
@@ -91,6 +105,7 @@ def main() -> None:
                      "probe_test_accuracy": held}
     result = {"model": args.model or "shapes-tokenizer", "train_clips": args.train_clips,
               "test_clips": args.test_clips, "frames": args.frames, "chance": 1 / len(NAMES), "prefix": rows,
+              "first_scale_codes": code_map_reads(test_maps, test_y),
               "machine": f"{platform.machine()} {torch.get_num_threads()} threads, CPU, torch {torch.__version__}"}
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
