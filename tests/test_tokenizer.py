@@ -287,6 +287,33 @@ def test_positions_start_as_no_change_let_a_constant_latent_paint_a_place_and_st
         VideoTokenizer(**TINY, positions=True)
 
 
+def test_coarse_codes_give_the_first_scale_its_own_table_learnt_from_its_residuals():
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TINY, fold_time=True, coarse_codes=4)
+    plain = VideoTokenizer(**TINY, fold_time=True)
+    missing = tok.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == sorted(f"quantizer.coarse_{n}" for n in ("codebook", "ema_count", "ema_sum", "initialized"))
+    # the first scale's residual is each map's mean: with every map's mean c, the first table learns c alone
+    q = tok.quantizer.train()
+    noise = torch.randn(6, 8, 8, 8)
+    c = torch.full((1, 8, 1, 1), 3.0)
+    _, codes, _ = q(c + noise - noise.mean((2, 3), keepdim=True))
+    assert bool(q.coarse_initialized) and torch.allclose(q.coarse_codebook, c.view(1, 8).expand(4, -1))
+    assert int(codes[0].max()) < 4
+    tok.eval()
+    video = clips(3, 9)
+    codes = tok.encode(video)
+    assert int(codes.codes[0].max()) < 4 and tok.scale_vocab(0) == 4 and tok.scale_vocab(1) == 32
+    bad = MultiScaleCodes([torch.full_like(codes.codes[0], 5)] + codes.codes[1:], tok.scales, 9)
+    with pytest.raises(ValueError, match="scale 0 must be integers in \\[0, 4\\)"):
+        tok.decode(bad)
+    _, noisy = q.quantize_corrupted(tok.encode_latent(video).transpose(1, 2).flatten(0, 1), torch.ones(9),
+                                    torch.Generator().manual_seed(0))
+    assert int(noisy[0].max()) < 4 and int(noisy[1].max()) >= 4  # random codes stay within each scale's table
+    with pytest.raises(ValueError, match="coarse_codes"):
+        VideoTokenizer(**TINY, coarse_codes=33)
+
+
 def test_truncated_forward_reconstructs_from_coarse_scales_only():
     torch.manual_seed(0)
     tok = VideoTokenizer(**TINY, fold_time=True).eval()

@@ -425,6 +425,7 @@ class TextToVideoPipeline:
                         if use_cfg:
                             g = guidance_for_scale(guidance_scale, s, len(scales), guidance_schedule)
                             logits = guided_logits(logits[:b], logits[b:], g)
+                        logits[..., tok.scale_vocab(s):] = float("-inf")  # codes this scale does not have
                         idx = sample(logits, temperature, top_k, top_p, generator).view(b, h, w)
                         bar.update(1)
                     codes[s][:, f] = idx

@@ -43,15 +43,18 @@ def refine_index(s: int, num_scales: int, num_refine: int) -> int:
 class MultiScaleResidualVQ(nn.Module):
     def __init__(self, dim: int, codebook_size: int, scales: Scales, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
-                 dead_code_threshold: float = 0.05):
+                 dead_code_threshold: float = 0.05, coarse_codes: int = 0):
         super().__init__()
         self.shapes, self.beta, self.decay = scale_shapes(scales), beta, ema_decay
         self.refine_ratio, self.dead_code_threshold = refine_ratio, dead_code_threshold
         self.refine = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(num_refine))
-        self.register_buffer("codebook", torch.randn(codebook_size, dim) * 0.1)
-        self.register_buffer("ema_count", torch.ones(codebook_size))
-        self.register_buffer("ema_sum", self.codebook.clone())
-        self.register_buffer("initialized", torch.tensor(False))
+        # the first scale's own codes (``coarse_codes`` > 0): indices 0..coarse_codes - 1 of another table
+        self.coarse = coarse_codes > 0
+        for prefix, size in [("", codebook_size)] + ([("coarse_", coarse_codes)] if self.coarse else []):
+            self.register_buffer(f"{prefix}codebook", torch.randn(size, dim) * 0.1)
+            self.register_buffer(f"{prefix}ema_count", torch.ones(size))
+            self.register_buffer(f"{prefix}ema_sum", getattr(self, f"{prefix}codebook").clone())
+            self.register_buffer(f"{prefix}initialized", torch.tensor(False))
         # Counts EMA updates; seeds the random code restarts so a resumed run repeats them exactly.
         self.register_buffer("updates", torch.tensor(0, dtype=torch.long))
 
@@ -64,16 +67,20 @@ class MultiScaleResidualVQ(nn.Module):
         full = self.shapes[-1]
         return z if tuple(z.shape[-2:]) == full else F.interpolate(z, size=full, mode="bicubic", align_corners=False)
 
+    def table(self, s: int) -> torch.Tensor:
+        """The codebook of scale ``s``: the first scale's own with ``coarse_codes``, else the shared one."""
+        return self.coarse_codebook if s == 0 and self.coarse else self.codebook
+
     def embed_scale(self, idx: torch.Tensor, s: int) -> torch.Tensor:
         """Contribution of scale ``s`` codes ``idx`` (M, h, w) to f_hat: (M, C, H, W)."""
-        z = self.upsample(F.embedding(idx, self.codebook).permute(0, 3, 1, 2))
+        z = self.upsample(F.embedding(idx, self.table(s)).permute(0, 3, 1, 2))
         conv = self.refine[refine_index(s, len(self.shapes), len(self.refine))]
         return (1 - self.refine_ratio) * z + self.refine_ratio * conv(z)
 
-    def lookup(self, r: torch.Tensor) -> torch.Tensor:
-        """Nearest code (L2) of each vector of a (M, C, h, w) map -> (M, h, w)."""
+    def lookup(self, r: torch.Tensor, s: int) -> torch.Tensor:
+        """Nearest code (L2) of scale ``s``'s table to each vector of a (M, C, h, w) map -> (M, h, w)."""
         flat = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])
-        cb = self.codebook.to(flat.dtype)  # a bf16 model still quantizes its fp32 latents in fp32
+        cb = self.table(s).to(flat.dtype)  # a bf16 model still quantizes its fp32 latents in fp32
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
         return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
 
@@ -95,7 +102,7 @@ class MultiScaleResidualVQ(nn.Module):
             through = torch.zeros_like(f) if preview_grad and upto_scale is not None else None
             for s, size in enumerate(self.shapes):
                 r = resize(f - f_hat.detach(), size)  # its gradient reaches f only, and only through `through`
-                idx = self.lookup(r.detach())
+                idx = self.lookup(r.detach(), s)
                 f_hat = f_hat + self.embed_scale(idx, s)
                 codes.append(idx)
                 residuals.append(r.detach())
@@ -116,32 +123,42 @@ class MultiScaleResidualVQ(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, residuals: list[torch.Tensor], codes: list[torch.Tensor]) -> None:
-        vecs = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]) for r in residuals])
-        idx = torch.cat([c.reshape(-1) for c in codes])
         gen = torch.Generator().manual_seed(int(self.updates))
         self.updates += 1
+        # with the first scale's own table, it learns from the first scale's residuals only, the shared one from
+        # the others' (restarts too: a dead code of either table restarts near the vectors it could serve)
+        parts = [("coarse_", slice(0, 1)), ("", slice(1, None))] if self.coarse else [("", slice(None))]
+        for prefix, part in parts:
+            vecs = torch.cat([r.permute(0, 2, 3, 1).reshape(-1, r.shape[1]) for r in residuals[part]])
+            idx = torch.cat([c.reshape(-1) for c in codes[part]])
+            self._ema_table(prefix, vecs, idx, gen)
+
+    def _ema_table(self, prefix: str, vecs: torch.Tensor, idx: torch.Tensor, gen: torch.Generator) -> None:
+        codebook, ema_count, ema_sum, initialized = (getattr(self, f"{prefix}{name}") for name in
+                                                     ("codebook", "ema_count", "ema_sum", "initialized"))
+        size = codebook.shape[0]
 
         def random_rows(k: int) -> torch.Tensor:
             return vecs[torch.randint(0, vecs.shape[0], (k,), generator=gen).to(vecs.device)]
 
-        if not self.initialized:  # start the codebook on data rather than on noise
-            self.ema_sum.copy_(random_rows(self.codebook_size))
-            self.initialized.fill_(True)
-        count = torch.bincount(idx, minlength=self.codebook_size).float()
-        total = torch.zeros_like(self.ema_sum).index_add_(0, idx, vecs)
+        if not initialized:  # start the codebook on data rather than on noise
+            ema_sum.copy_(random_rows(size))
+            initialized.fill_(True)
+        count = torch.bincount(idx, minlength=size).float()
+        total = torch.zeros_like(ema_sum).index_add_(0, idx, vecs)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed:  # every rank must hold the same codebook
             dist.all_reduce(count)
             dist.all_reduce(total)
-        self.ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
-        self.ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
-        dead = self.ema_count < self.dead_code_threshold
+        ema_count.mul_(self.decay).add_(count, alpha=1 - self.decay)
+        ema_sum.mul_(self.decay).add_(total, alpha=1 - self.decay)
+        dead = ema_count < self.dead_code_threshold
         if dead.any():  # restart unused codes on random residuals of this batch
-            self.ema_sum[dead] = random_rows(int(dead.sum()))
-            self.ema_count[dead] = 1.0
-        self.codebook.copy_(self.ema_sum / self.ema_count.clamp_min(1e-5)[:, None])
+            ema_sum[dead] = random_rows(int(dead.sum()))
+            ema_count[dead] = 1.0
+        codebook.copy_(ema_sum / ema_count.clamp_min(1e-5)[:, None])
         if distributed:
-            for buf in (self.codebook, self.ema_count, self.ema_sum, self.updates):
+            for buf in (codebook, ema_count, ema_sum, self.updates):
                 dist.broadcast(buf, 0)
 
     @torch.no_grad()
@@ -157,9 +174,9 @@ class MultiScaleResidualVQ(nn.Module):
         f_hat = torch.zeros_like(f)
         targets, noisy_codes = [], []
         for s, size in enumerate(self.shapes):
-            idx = self.lookup(resize(f - f_hat, size))
+            idx = self.lookup(resize(f - f_hat, size), s)
             flip = torch.rand(idx.shape, generator=generator).to(idx.device) < rate.to(idx.device)[:, None, None]
-            noise = torch.randint(0, self.codebook_size, idx.shape, generator=generator).to(idx.device)
+            noise = torch.randint(0, self.table(s).shape[0], idx.shape, generator=generator).to(idx.device)
             noisy = torch.where(flip, noise, idx)
             f_hat = f_hat + self.embed_scale(noisy, s)
             targets.append(idx)

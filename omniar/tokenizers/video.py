@@ -52,6 +52,10 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             scale takes the conv nearest to its relative position (:func:`~omniar.tokenizers.quantizer.refine_index`).
         refine_ratio: mix of refinement conv vs identity.
         dead_code_threshold: EMA assignment count under which a code is restarted.
+        coarse_codes: if > 0, the first scale quantizes with its own table of this many codes (indices
+            ``0..coarse_codes - 1``), learnt and restarted from the first scale's residuals only. With one shared
+            table, codes in use by the finer scales are never restarted near the first scale's residuals, so
+            a 1x1 code can stay one per background (BENCHMARKS.md, "Why the 1x1 preview does not move").
         refiner_blocks: residual blocks of the per-frame 2D refiner applied to the decoded frames
             (:class:`~omniar.tokenizers.causal3d.FrameRefiner`); 0 = none.
         refiner_channels: the refiner's width.
@@ -78,7 +82,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
                  refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False, global_context: bool = False,
-                 positions: bool = False):
+                 positions: bool = False, coarse_codes: int = 0):
         super().__init__()
         check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -97,6 +101,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         check_float(ema_decay, "ema_decay", 0.0, 1.0, low_inclusive=False, high_inclusive=False)
         check_float(refine_ratio, "refine_ratio", 0.0, 1.0)
         check_float(dead_code_threshold, "dead_code_threshold", 0.0)
+        check_int(coarse_codes, "coarse_codes", 0, codebook_size)
         check_int(refiner_blocks, "refiner_blocks", 0, MAX_BLOCKS)
         check_int(refiner_channels, "refiner_channels", 1, MAX_CHANNELS)
         check_bool(refiner_norm, "refiner_norm")
@@ -112,7 +117,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                                spatial_compression, temporal_compression, conv)
         self.position_map = PositionMap(latent_channels) if positions else None
         self.quantizer = MultiScaleResidualVQ(latent_channels, codebook_size, scales, beta, ema_decay,
-                                              num_refine, refine_ratio, dead_code_threshold)
+                                              num_refine, refine_ratio, dead_code_threshold, coarse_codes)
         self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm)
                         if refiner_blocks else None)
 
@@ -140,6 +145,11 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         square tokenizer, else ``(height, width)``."""
         h, w = self.frame_size
         return h if h == w else (h, w)
+
+    def scale_vocab(self, s: int) -> int:
+        """How many codes scale ``s`` may take: ``coarse_codes`` for the first scale when set, else
+        ``codebook_size`` (generation masks the rest)."""
+        return self.quantizer.table(s).shape[0]
 
     def num_latent_frames(self, num_frames: int) -> int:
         return 1 + (num_frames - 1) // self.config.temporal_compression
@@ -182,9 +192,10 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         frames = 1 + self.config.temporal_compression * (codes.num_latent_frames - 1)
         require(codes.num_frames == frames, "codes", f"num_frames {codes.num_frames} does not match its "
                                                      f"{codes.num_latent_frames} latent frames ({frames})")
-        for c in codes.codes:
-            require(not c.is_floating_point() and int(c.min()) >= 0 and int(c.max()) < self.config.codebook_size,
-                    "codes", f"indices must be integers in [0, {self.config.codebook_size})")
+        for s, c in enumerate(codes.codes):
+            n = self.scale_vocab(s)
+            require(not c.is_floating_point() and int(c.min()) >= 0 and int(c.max()) < n,
+                    "codes", f"indices of scale {s} must be integers in [0, {n})")
 
     # --------------------------------------------------------------- internals
     def _quantize(self, latent: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False

@@ -133,8 +133,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     model = build_model(VideoTokenizer, model_cfg)
     build = partial(build_model, VideoTokenizer, model_cfg)  # a new model, to load whole weights into
     if train_cfg.init_from:
-        # a tokenizer trained without the global context or position map starts them at zero (no change)
-        load_init_from(model, train_cfg.init_from, "a tokenizer folder", optional=("encoder.context.", "position_map."))
+        # a tokenizer trained without the global context or position map starts them at zero (no change), and
+        # without the first scale's own codes starts them on the first batch's first-scale residuals
+        load_init_from(model, train_cfg.init_from, "a tokenizer folder",
+                       optional=("encoder.context.", "position_map.", "quantizer.coarse_"))
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
             f"spatial_compression), got {data_cfg.size}")
