@@ -398,6 +398,7 @@ class TextToVideoPipeline:
         ctx = model.elastic(**elastic) if elastic else contextlib.nullcontext()
         decode_dtype = self.decode_dtype
         codes = [torch.empty(b, t_lat, h, w, dtype=torch.long) for h, w in tok.scale_shapes]
+        vocab = [tok.scale_vocab(s) for s in range(len(scales))]
         start = time.perf_counter()
         passes = 0
         with ctx, contextlib.ExitStack() as stream:
@@ -425,7 +426,8 @@ class TextToVideoPipeline:
                         if use_cfg:
                             g = guidance_for_scale(guidance_scale, s, len(scales), guidance_schedule)
                             logits = guided_logits(logits[:b], logits[b:], g)
-                        logits[..., tok.scale_vocab(s):] = float("-inf")  # codes this scale does not have
+                        if vocab[s] < logits.shape[-1]:  # codes this scale does not have (coarse_codes)
+                            logits[..., vocab[s]:] = float("-inf")
                         idx = sample(logits, temperature, top_k, top_p, generator).view(b, h, w)
                         bar.update(1)
                     codes[s][:, f] = idx
