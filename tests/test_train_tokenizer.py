@@ -196,6 +196,19 @@ def test_object_weights_mark_pixels_away_from_the_frame_background(tmp_path):
         train(tiny_config(tmp_path, 1, object_weight=-1.0), progress=False)
 
 
+def test_object_weight_per_clip_equals_each_clip_weighted_alone(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    video = -torch.ones(2, 3, 2, 8, 8)
+    video[:, 0, :, 2:4, 2:4] = 1.0  # a red square on black in both clips
+    rec = video + 0.3 * torch.randn(video.shape, generator=gen)
+    both = reconstruction_loss(rec, video, 1.0, 0.0, torch.tensor([4.0, 30.0]))
+    alone = [reconstruction_loss(rec[i:i + 1], video[i:i + 1], 1.0, 0.0, w) for i, w in ((0, 4.0), (1, 30.0))]
+    assert both == pytest.approx(float(sum(alone) / 2))
+    assert alone[0] != pytest.approx(float(alone[1]))  # the strengths do weigh the clips differently
+    with pytest.raises(ValueError, match="train.preview_object_weight"):
+        train(tiny_config(tmp_path, 1, preview_object_weight=-1.0), progress=False)
+
+
 def test_truncation_draws_coarse_prefixes_at_the_given_rate():
     from omniar.train.tokenizer import truncation
 
@@ -210,7 +223,8 @@ def test_truncation_draws_coarse_prefixes_at_the_given_rate():
 
 def test_fold_time_run_with_truncation_resumes_exactly(tmp_path):
     def config(out):
-        c = tiny_config(out, 6, save_every=3, truncate_prob=0.5, preview_grad=True, object_weight=4.0)
+        c = tiny_config(out, 6, save_every=3, truncate_prob=0.5, preview_grad=True, object_weight=4.0,
+                        preview_object_weight=20.0)
         c["model"]["fold_time"] = True
         return c
 

@@ -40,6 +40,9 @@ class TokenizerTrainConfig:
     # its colour is lost there. > 0 weights each pixel by 1 + object_weight * (its distance from the frame's
     # background, the per-channel median colour), so coarse previews are pushed to keep the object.
     object_weight: float = 0.0
+    # object_weight for the clips decoded from a coarse prefix (None: object_weight). A preview that cannot
+    # know where the object is paints the background (the cheaper error) unless the object weighs more there.
+    preview_object_weight: float | None = None
     init_from: str | None = None  # pretrained tokenizer folder to start from (fine-tuning / longer runs)
     # "decoder": freeze encoder and quantizer so every code stays the same (AR models trained on
     # this tokenizer's codes stay valid) and fine-tune only the decoder on the quantized latents.
@@ -58,6 +61,8 @@ class TokenizerTrainConfig:
         check_float(self.l1_weight, "train.l1_weight", 0.0)
         check_float(self.edge_weight, "train.edge_weight", 0.0)
         check_float(self.object_weight, "train.object_weight", 0.0)
+        if self.preview_object_weight is not None:
+            check_float(self.preview_object_weight, "train.preview_object_weight", 0.0)
         check_float(self.truncate_prob, "train.truncate_prob", 0.0, 1.0)
         check_bool(self.preview_grad, "train.preview_grad")
         require(not (self.preview_grad and self.trainable == "decoder"), "train.preview_grad",
@@ -78,26 +83,30 @@ def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
     return 1 + strength * edges
 
 
-def object_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
+def object_weights(video: torch.Tensor, strength: float | torch.Tensor) -> torch.Tensor:
     """Per-pixel loss weights (B, 1, T, H, W) for ``video`` (B, C, T, H, W) in [-1, 1]: 1 on the background
     (each frame's per-channel median colour, so objects must cover under half the frame), up to
-    ``1 + strength`` where a pixel's largest channel difference from it is the full range."""
+    ``1 + strength`` where a pixel's largest channel difference from it is the full range. ``strength``: a
+    number, or one per clip (B,)."""
     background = video.flatten(3).median(3).values[..., None, None]
+    if isinstance(strength, torch.Tensor):
+        strength = strength.to(video.dtype).view(-1, 1, 1, 1, 1)
     return 1 + strength * (video - background).abs().amax(1, keepdim=True) / 2
 
 
 def reconstruction_loss(rec: torch.Tensor, video: torch.Tensor, l1_weight: float, edge_weight: float,
-                        object_weight: float = 0.0) -> torch.Tensor:
+                        object_weight: float | torch.Tensor = 0.0) -> torch.Tensor:
     """MSE + ``l1_weight`` x L1, per pixel weighted by :func:`edge_weights` times :func:`object_weights`
-    (normalised to mean 1)."""
+    (``object_weight``: a number or one per clip), the weights normalised to mean 1 in each clip so that
+    every clip counts alike."""
     err = (rec - video).square() + l1_weight * (rec - video).abs()
     # only the weightings in use are computed: each costs a pass over the clip (the object one a median)
     w = edge_weights(video, edge_weight) if edge_weight else None
-    if object_weight:
+    if isinstance(object_weight, torch.Tensor) or object_weight:
         w = object_weights(video, object_weight) if w is None else w * object_weights(video, object_weight)
     if w is None:
         return err.mean()
-    return (err * w).mean() / w.mean()
+    return ((err * w).flatten(1).mean(1) / w.flatten(1).mean(1)).mean()
 
 
 def truncation(batch: int, num_scales: int, prob: float, gen: torch.Generator) -> torch.Tensor:
@@ -171,14 +180,16 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 video = batch["video"].to(engine.device, non_blocking=True)
                 upto = truncation(video.shape[0], len(model.scales), train_cfg.truncate_prob,
                                   engine.generator(step, micro=micro))
+                full = upto == len(model.scales) - 1  # clips decoded from all scales (the rest are previews)
+                object_weight = (train_cfg.object_weight if train_cfg.preview_object_weight is None else
+                                 torch.where(full, train_cfg.object_weight, train_cfg.preview_object_weight))
                 with engine.autocast():
                     out = engine.ds(video, upto, train_cfg.preview_grad)
                     rec = out.reconstruction.float()
                     loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight,
-                                               train_cfg.object_weight) + out.vq_loss
+                                               object_weight) + out.vq_loss
                 engine.backward_step(loss)  # the last one also steps
                 if logging:
-                    full = upto == len(model.scales) - 1  # clips decoded from all scales (the rest are previews)
                     rows.append({"loss": loss.item(), "vq_loss": out.vq_loss.item()}
                                 | ({"psnr": psnr(rec[full], video[full]).mean().item()} if full.any() else {}))
             step += 1
