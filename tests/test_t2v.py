@@ -53,6 +53,19 @@ def test_output_shape_and_seed_determinism(pipe):
     assert a.timings["forward_passes"] == 1 + 3 * 4
 
 
+def test_generation_samples_a_scale_with_its_own_codes_only_from_them():
+    """With ``coarse_codes`` the first scale has 4 codes: the model's logits over the other 28 are masked."""
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TOK, global_context=True, coarse_codes=4)
+    full = tiny_pipeline()
+    pipe = TextToVideoPipeline(tok, full.text_tokenizer, full.model, max_text_len=64, max_num_frames=17)
+    codes = pipe([PROMPT] * 4, num_frames=9, temperature=2.0, seed=0).codes
+    assert int(codes.codes[0].max()) < 4
+    assert int(codes.codes[1].max()) >= 4  # finer scales draw from all 32 (flat, hot logits)
+    unmasked = full([PROMPT] * 4, num_frames=9, temperature=2.0, seed=0).codes
+    assert int(unmasked.codes[0].max()) >= 4  # the same model without the mask does draw them
+
+
 def test_image_path(pipe):
     out = pipe([PROMPT, "a blue square moves up on a white background"], num_frames=1, seed=0)
     assert out.frames.shape == (2, 1, 32, 32, 3)
