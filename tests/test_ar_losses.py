@@ -166,3 +166,40 @@ def test_context_drops_hide_only_older_tokens_and_keep_one_set_per_sample():
 def test_context_drop_settings_are_checked(key, value):
     with pytest.raises(ValueError, match=f"train.{key}"):
         ARTrainConfig(**{key: value})
+
+
+def test_short_clips_train_on_exactly_the_codes_of_the_clips_first_frames(tmp_path):
+    """train.short_clip_prob: a micro-batch cut to its clips' first frames holds the inputs and targets those
+    shorter clips give when tokenized alone (the tokenizer is causal), so one long-clip cache trains both."""
+    from _train_helpers import tiny_ar_config
+    from test_t2v import tiny_pipeline
+
+    from omniar.data.shapes import MovingShapes
+    from omniar.tokenizers.text import TextTokenizer
+    from omniar.train.ar import ARDataConfig, prepare_batch, train
+
+    tok = tiny_pipeline().video_tokenizer
+    clips = MovingShapes("all", 2, 32, 9, seed=0)
+    video = torch.stack([clips[i]["video"] for i in range(2)])
+
+    def batch(frames):
+        with torch.no_grad():
+            latent = tok.encode_latent(video[:, :, :frames])
+            return {"latent": latent, "codes": tok.quantize_latent(latent).codes, "caption": ["a", "b"]}
+
+    def prepared(frames, **cfg):
+        return prepare_batch(batch(frames), tok, TextTokenizer(), ARTrainConfig(caption_dropout=0.0, **cfg),
+                             ARDataConfig(num_frames=9), torch.Generator().manual_seed(0), torch.device("cpu"))
+
+    _, cut_inputs, cut_targets, _ = prepared(9, short_clip_prob=1.0, short_clip_frames=5)
+    _, inputs, targets, _ = prepared(5)
+    assert cut_targets.shape == targets.shape == (2, 2, 85) and torch.equal(cut_targets, targets)
+    for a, b in zip(cut_inputs, inputs):
+        torch.testing.assert_close(a, b)
+    assert prepared(9, short_clip_frames=5)[2].shape == (2, 3, 85)  # short_clip_prob 0: the whole clips
+    tiny_pipeline().video_tokenizer.save_pretrained(tmp_path / "tok")
+    for bad, match in ((9, "must be below data.num_frames=9"), (4, "must be 1 \\+ 4")):
+        with pytest.raises(ValueError, match=f"train.short_clip_frames: {match}"):
+            train(tiny_ar_config(tmp_path, 4, short_clip_prob=0.5, short_clip_frames=bad), progress=False)
+    with pytest.raises(ValueError, match="train.short_clip_prob"):
+        ARTrainConfig(short_clip_prob=1.5)

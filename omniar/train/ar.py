@@ -87,6 +87,10 @@ class ARTrainConfig:
     context_drop_prob: float = 0.0
     context_recent_frames: int = 3
     context_keep_ratio: float = 0.1
+    # A share of micro-batches cut to their clips' first short_clip_frames frames, so one cache of long clips trains
+    # the model at both lengths (a causal tokenizer's codes of a clip's first frames are the shorter clip's codes)
+    short_clip_prob: float = 0.0
+    short_clip_frames: int = 17
     elastic: bool = False
     # In-place distillation: the elastic sub-model also fits the full model's (detached) code
     # distribution, KL weighted by this, on top of its own cross-entropy. 0 = cross-entropy only.
@@ -111,7 +115,7 @@ class ARTrainConfig:
         check_bool(self.activation_checkpointing, "train.activation_checkpointing")
         check_int(self.sample_every, "train.sample_every", 0)
         check_int(self.context_recent_frames, "train.context_recent_frames", 0)
-        for name in ("caption_dropout", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio", "context_drop_prob",
+        for name in ("caption_dropout", "short_clip_prob", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio", "context_drop_prob",
                      "context_keep_ratio"):
             check_float(getattr(self, name), f"train.{name}", 0.0, 1.0)
         check_float(self.text_weight, "train.text_weight", 0.0)
@@ -218,7 +222,10 @@ def prepare_batch(batch: dict, tok: VideoTokenizer, text_tok: TextTokenizer, cfg
                   text_encoder: TextEncoder | None = None):
     """Captions (with dropout) -> the model's text arguments (``text_inputs``: byte ids, or the text encoder's
     states); latents -> (visual inputs, targets), corrupted if CFEC is on."""
-    latent = batch["latent"].to(device)
+    latent, codes = batch["latent"].to(device), batch["codes"]
+    if cfg.short_clip_prob and torch.rand((), generator=g) < cfg.short_clip_prob:
+        t = tok.num_latent_frames(cfg.short_clip_frames)
+        latent, codes = latent[:, :, :t], [c[:, :t] for c in codes]
     b, t = latent.shape[0], latent.shape[2]
     drop = torch.rand(b, generator=g) < cfg.caption_dropout
     captions = [None if d else c for d, c in zip(drop.tolist(), batch["caption"])]
@@ -231,7 +238,7 @@ def prepare_batch(batch: dict, tok: VideoTokenizer, text_tok: TextTokenizer, cfg
         targets = MultiScaleCodes(unflat[0], tok.scales, num_frames)
         inputs = tok.codes_to_accumulated(MultiScaleCodes(unflat[1], tok.scales, num_frames))
     else:
-        targets = MultiScaleCodes([c.to(device) for c in batch["codes"]], tok.scales, num_frames)
+        targets = MultiScaleCodes([c.to(device) for c in codes], tok.scales, num_frames)
         inputs = tok.codes_to_accumulated(targets)
     visibility = random_frame_visibility(b, t, cfg.frame_mask_prob, cfg.frame_mask_ratio, g)
     per_frame = tokens_per_frame(tok.scales)
@@ -335,6 +342,10 @@ def run_parts(config: dict):
     model_fields = check_model_section(config.get("model", {}))
     tok = load_video_tokenizer(train_cfg.tokenizer)
     tok.check_num_frames(data_cfg.num_frames, "data.num_frames")
+    if train_cfg.short_clip_prob:
+        tok.check_num_frames(train_cfg.short_clip_frames, "train.short_clip_frames")
+        require(train_cfg.short_clip_frames < data_cfg.num_frames, "train.short_clip_frames",
+                f"must be below data.num_frames={data_cfg.num_frames}, got {train_cfg.short_clip_frames}")
     text_tok = TextTokenizer()
     text_encoder = load_text_encoder(config.get("model", {}), data_cfg.max_text_len)
     model_cfg = model_config(model_fields, tok, text_tok, text_encoder)
