@@ -339,3 +339,14 @@ def test_truncated_forward_reconstructs_from_coarse_scales_only():
     for bad in (torch.tensor([4, 0, 0]), torch.tensor([0, 0]), torch.tensor([0.0, 1.0, 2.0])):
         with pytest.raises(ValueError, match="upto_scale"):
             tok(video, bad)
+    # soft_previews: that clip's 1x1 preview decodes the unquantized mean of each latent frame; the others unchanged
+    from omniar.tokenizers.quantizer import resize
+    soft = tok(video, upto, preview_grad=True, soft_previews=torch.tensor([True, False, False]))
+    latent = tok.encoder(video[:1])
+    mean = tok.quantizer.upsample(resize(latent.transpose(1, 2).flatten(0, 1), tok.quantizer.shapes[0]))
+    expect = tok.render(mean.unflatten(0, (1, latent.shape[2])).transpose(1, 2))
+    torch.testing.assert_close(soft.reconstruction[:1], expect, rtol=0, atol=1e-4)  # batch of 3 vs 1
+    assert not torch.allclose(soft.reconstruction[:1], out.reconstruction[:1], atol=1e-3)
+    torch.testing.assert_close(soft.reconstruction[1:], out.reconstruction[1:], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="soft_previews: needs preview_grad"):
+        tok(video, upto, soft_previews=torch.tensor([True, False, False]))

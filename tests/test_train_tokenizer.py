@@ -207,6 +207,8 @@ def test_object_weight_per_clip_equals_each_clip_weighted_alone(tmp_path):
     assert alone[0] != pytest.approx(float(alone[1]))  # the strengths do weigh the clips differently
     with pytest.raises(ValueError, match="train.preview_object_weight"):
         train(tiny_config(tmp_path, 1, preview_object_weight=-1.0), progress=False)
+    with pytest.raises(ValueError, match="train.soft_preview_prob: needs train.preview_grad"):
+        train(tiny_config(tmp_path, 1, soft_preview_prob=0.5), progress=False)
 
 
 def test_truncation_draws_coarse_prefixes_at_the_given_rate():
@@ -224,7 +226,7 @@ def test_truncation_draws_coarse_prefixes_at_the_given_rate():
 def test_fold_time_run_with_truncation_resumes_exactly(tmp_path):
     def config(out):
         c = tiny_config(out, 6, save_every=3, truncate_prob=0.5, preview_grad=True, object_weight=4.0,
-                        preview_object_weight=20.0)
+                        preview_object_weight=20.0, soft_preview_prob=0.5)
         c["model"]["fold_time"] = True
         return c
 

@@ -84,8 +84,8 @@ class MultiScaleResidualVQ(nn.Module):
         d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
         return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
 
-    def forward(self, f: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False
-                ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def forward(self, f: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False,
+                soft: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Quantize latents f (M, C, H, W).
 
         Returns (f_hat with a straight-through gradient to f, codes per scale, VQ loss). With
@@ -93,6 +93,8 @@ class MultiScaleResidualVQ(nn.Module):
         instead: the partial sums a coarse-to-fine preview decodes. Their gradient reaches the refinement
         convs only, unless ``preview_grad``: then it also reaches f straight through the unquantized partial
         sums (each scale's residual upsampled), so the encoder learns what the coarse codes should hold.
+        ``soft`` (M,) bool, with ``preview_grad``: map m's preview is that unquantized partial sum itself, in
+        value too, so the decoder learns to read what the encoder could put there before the codes hold it.
         """
         with torch.autocast(f.device.type, enabled=False):
             f = f.float()
@@ -110,7 +112,9 @@ class MultiScaleResidualVQ(nn.Module):
                     partial.append(f_hat)
                 else:
                     through = through + self.upsample(r)
-                    partial.append(f_hat + (through - through.detach()))
+                    straight = f_hat + (through - through.detach())
+                    partial.append(straight if soft is None else
+                                   torch.where(soft.to(f.device)[:, None, None, None], through, straight))
             loss = self.beta * F.mse_loss(f, f_hat.detach()) + F.mse_loss(f_hat, f.detach())
             if self.training:
                 self._ema_update(residuals, codes)

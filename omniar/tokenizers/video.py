@@ -198,15 +198,15 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                     "codes", f"indices of scale {s} must be integers in [0, {n})")
 
     # --------------------------------------------------------------- internals
-    def _quantize(self, latent: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False
-                  ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+    def _quantize(self, latent: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False,
+                  soft: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Quantize each latent frame on its own: (B, C, t, h, w) -> f_hat, codes (B, t, h_s, w_s), loss.
         ``upto_scale`` (B,): keep only scales ``0..upto_scale[b]`` of every frame of clip b in f_hat
-        (``preview_grad``: see :class:`MultiScaleResidualVQ`)."""
+        (``preview_grad``, ``soft`` (B,): see :class:`MultiScaleResidualVQ`)."""
         b, _, t = latent.shape[:3]
         f = latent.transpose(1, 2).flatten(0, 1)
         f_hat, codes, loss = self.quantizer(f, None if upto_scale is None else upto_scale.repeat_interleave(t),
-                                            preview_grad)
+                                            preview_grad, None if soft is None else soft.repeat_interleave(t))
         f_hat = f_hat.unflatten(0, (b, t)).transpose(1, 2)
         return f_hat, [c.unflatten(0, (b, t)) for c in codes], loss
 
@@ -246,18 +246,21 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
 
     # ------------------------------------------------------------------ public
     def forward(self, video: torch.Tensor, upto_scale: torch.Tensor | None = None,
-                preview_grad: bool = False) -> TokenizerOutput:
+                preview_grad: bool = False, soft_previews: torch.Tensor | None = None) -> TokenizerOutput:
         """Training forward: reconstruction, VQ loss and codes. ``upto_scale`` (B,) ints in
         ``[0, len(scales))`` reconstructs clip b from scales ``0..upto_scale[b]`` only (training the decoder
         on coarse-to-fine previews, and with ``preview_grad`` the encoder too, straight through the
-        unquantized partial sums); the codes and VQ loss are those of all scales either way."""
+        unquantized partial sums; ``soft_previews`` (B,) bool: those clips' previews are decoded from the
+        unquantized partial sums themselves); the codes and VQ loss are those of all scales either way."""
         self.check_video(video)
         if upto_scale is not None:
             require(isinstance(upto_scale, torch.Tensor) and upto_scale.shape == (video.shape[0],)
                     and not upto_scale.is_floating_point(), "upto_scale", "must be an int tensor of shape (B,)")
             require(bool(((upto_scale >= 0) & (upto_scale < len(self.scales))).all()), "upto_scale",
                     f"values must lie in [0, {len(self.scales)})")
-        f_hat, codes, loss = self._quantize(self.encoder(video), upto_scale, preview_grad)
+        require(soft_previews is None or (preview_grad and upto_scale is not None), "soft_previews",
+                "needs preview_grad=True and upto_scale")
+        f_hat, codes, loss = self._quantize(self.encoder(video), upto_scale, preview_grad, soft_previews)
         rec = self.render(f_hat.to(video.dtype))
         return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))
 

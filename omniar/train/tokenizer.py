@@ -53,6 +53,10 @@ class TokenizerTrainConfig:
     # Those previews also train the encoder (straight through the unquantized partial sums), so the coarse codes
     # learn to hold what a preview needs (e.g. the object's colour), not only what the finer scales leave over.
     preview_grad: bool = False
+    # Share of those previews decoded from the unquantized partial sums (needs preview_grad), so the decoder learns to
+    # read, and the encoder to write, what the coarse latents could say (e.g. where the object is) before the codes
+    # hold it.
+    soft_preview_prob: float = 0.0
     sample_every: int = 500  # steps between reconstruction previews in TensorBoard (0 = none)
 
     def __post_init__(self) -> None:
@@ -65,6 +69,9 @@ class TokenizerTrainConfig:
             check_float(self.preview_object_weight, "train.preview_object_weight", 0.0)
         check_float(self.truncate_prob, "train.truncate_prob", 0.0, 1.0)
         check_bool(self.preview_grad, "train.preview_grad")
+        check_float(self.soft_preview_prob, "train.soft_preview_prob", 0.0, 1.0)
+        require(self.soft_preview_prob == 0 or self.preview_grad, "train.soft_preview_prob",
+                "needs train.preview_grad=true")
         require(not (self.preview_grad and self.trainable == "decoder"), "train.preview_grad",
                 "trains the encoder: it needs train.trainable=all")
         check_choice(self.trainable, "train.trainable", ("all", "decoder"))
@@ -181,10 +188,14 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 upto = truncation(video.shape[0], len(model.scales), train_cfg.truncate_prob,
                                   engine.generator(step, micro=micro))
                 full = upto == len(model.scales) - 1  # clips decoded from all scales (the rest are previews)
+                soft = None
+                if train_cfg.soft_preview_prob:
+                    soft = ~full & (torch.rand(video.shape[0], generator=engine.generator(step, salt=1, micro=micro))
+                                    < train_cfg.soft_preview_prob)
                 object_weight = (train_cfg.object_weight if train_cfg.preview_object_weight is None else
                                  torch.where(full, train_cfg.object_weight, train_cfg.preview_object_weight))
                 with engine.autocast():
-                    out = engine.ds(video, upto, train_cfg.preview_grad)
+                    out = engine.ds(video, upto, train_cfg.preview_grad, soft)
                     rec = out.reconstruction.float()
                     loss = reconstruction_loss(rec, video, train_cfg.l1_weight, train_cfg.edge_weight,
                                                object_weight) + out.vq_loss
