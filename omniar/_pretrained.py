@@ -63,7 +63,8 @@ def load_checked_state_dict(folder: Path, expected: dict[str, torch.Tensor],
                             optional: str | tuple[str, ...] | None = None) -> dict[str, torch.Tensor]:
     """Read every tensor of ``folder`` and check it against ``expected`` (a model's state dict):
     no unknown or missing names (names starting with ``optional``, a prefix or a tuple of them, may be
-    missing), same shapes, floating tensors stay floating, all values finite. Errors name ``name``, the argument the folder came from."""
+    missing), same shapes, floating tensors stay floating, all values finite. Errors name ``name``, the
+    argument the folder came from."""
     loaded: dict[str, torch.Tensor] = {}
     for path, indexed in weight_files(folder, name).items():
         require(path.is_file(), name, f"{path} (listed in {INDEX}) not found")

@@ -350,3 +350,6 @@ def test_truncated_forward_reconstructs_from_coarse_scales_only():
     torch.testing.assert_close(soft.reconstruction[1:], out.reconstruction[1:], rtol=0, atol=0)
     with pytest.raises(ValueError, match="soft_previews: needs preview_grad"):
         tok(video, upto, soft_previews=torch.tensor([True, False, False]))
+    for bad in (torch.tensor([True, False]), torch.tensor([1, 0, 0])):
+        with pytest.raises(ValueError, match="soft_previews: must be a bool tensor of shape"):
+            tok(video, upto, preview_grad=True, soft_previews=bad)

@@ -102,6 +102,7 @@ class MultiScaleResidualVQ(nn.Module):
             codes, residuals, partial = [], [], []
             # the unquantized partial sum: a path for the previews' gradient to f (None: no such path)
             through = torch.zeros_like(f) if preview_grad and upto_scale is not None else None
+            soft = None if soft is None else soft.to(f.device)[:, None, None, None]
             for s, size in enumerate(self.shapes):
                 r = resize(f - f_hat.detach(), size)  # its gradient reaches f only, and only through `through`
                 idx = self.lookup(r.detach(), s)
@@ -113,8 +114,7 @@ class MultiScaleResidualVQ(nn.Module):
                 else:
                     through = through + self.upsample(r)
                     straight = f_hat + (through - through.detach())
-                    partial.append(straight if soft is None else
-                                   torch.where(soft.to(f.device)[:, None, None, None], through, straight))
+                    partial.append(straight if soft is None else torch.where(soft, through, straight))
             loss = self.beta * F.mse_loss(f, f_hat.detach()) + F.mse_loss(f_hat, f.detach())
             if self.training:
                 self._ema_update(residuals, codes)

@@ -258,8 +258,10 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                     and not upto_scale.is_floating_point(), "upto_scale", "must be an int tensor of shape (B,)")
             require(bool(((upto_scale >= 0) & (upto_scale < len(self.scales))).all()), "upto_scale",
                     f"values must lie in [0, {len(self.scales)})")
-        require(soft_previews is None or (preview_grad and upto_scale is not None), "soft_previews",
-                "needs preview_grad=True and upto_scale")
+        if soft_previews is not None:
+            require(preview_grad and upto_scale is not None, "soft_previews", "needs preview_grad=True and upto_scale")
+            require(isinstance(soft_previews, torch.Tensor) and soft_previews.shape == (video.shape[0],)
+                    and soft_previews.dtype == torch.bool, "soft_previews", "must be a bool tensor of shape (B,)")
         f_hat, codes, loss = self._quantize(self.encoder(video), upto_scale, preview_grad, soft_previews)
         rec = self.render(f_hat.to(video.dtype))
         return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))

@@ -115,8 +115,8 @@ class ARTrainConfig:
         check_bool(self.activation_checkpointing, "train.activation_checkpointing")
         check_int(self.sample_every, "train.sample_every", 0)
         check_int(self.context_recent_frames, "train.context_recent_frames", 0)
-        for name in ("caption_dropout", "short_clip_prob", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio", "context_drop_prob",
-                     "context_keep_ratio"):
+        for name in ("caption_dropout", "short_clip_prob", "cfec_max_rate", "frame_mask_prob", "frame_mask_ratio",
+                     "context_drop_prob", "context_keep_ratio"):
             check_float(getattr(self, name), f"train.{name}", 0.0, 1.0)
         check_float(self.text_weight, "train.text_weight", 0.0)
         check_float(self.mtp_weight, "train.mtp_weight", 0.0)
