@@ -1,6 +1,7 @@
 """Helpers shared by the training tests (test_train_tokenizer.py, test_crash_resume.py, test_t2v.py)."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,7 +10,6 @@ import torch
 from safetensors.torch import load_file
 
 from omniar.train.common import load_yaml
-from omniar.train.engine import _free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tokenizer_tiny.yaml"
@@ -46,6 +46,13 @@ def assert_bitwise_equal(expected: dict, actual: dict) -> None:
         assert torch.equal(expected[key], actual[key]), key
 
 
+def free_port() -> int:
+    """A port free now, for the ranks of one launch to meet on (a lone process binds port 0 itself)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def subprocess_env(**extra) -> dict:
     """Environment for a training subprocess: a fresh process group, one thread per process.
 
@@ -61,7 +68,7 @@ def run_two_ranks(script: Path, folder: Path, timeout: float) -> None:
     """``python script folder`` as ranks 0 and 1 of one process group (env rendezvous, gloo on CPU); both must
     exit 0, else the assertion shows the end of each rank's output."""
     env = subprocess_env(PYTHONPATH=str(ROOT), TESTS=str(ROOT / "tests"), CUDA_VISIBLE_DEVICES="",
-                         WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                         WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     procs = [subprocess.Popen([sys.executable, str(script), str(folder)], cwd=ROOT,
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for r in range(2)]

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from _train_helpers import ROOT, assert_bitwise_equal, subprocess_env, tiny_ar_config, tiny_config, weights
+from _train_helpers import (ROOT, assert_bitwise_equal, free_port, subprocess_env, tiny_ar_config, tiny_config,
+                            weights)
 
 from omniar.tokenizers import VideoTokenizer
-from omniar.train.engine import _free_port
 
 DRIVER = r'''
 """``python driver.py <omniar CLI args>``. CRASH_AT=<kind>:<step> makes rank CRASH_RANK (default 0) write
@@ -124,7 +124,7 @@ class Launch:
 
     def __init__(self, cmd: list, env: dict, nproc: int, out: Path, resume_log: Path, marker: Path):
         self.out, self.resume_log, self.marker, self.procs = out, resume_log, marker, []
-        port = str(_free_port())
+        port = str(free_port())
         with open(out, "w") as f:
             for rank in range(nproc):
                 rank_env = env if nproc == 1 else {**env, "RANK": str(rank), "LOCAL_RANK": str(rank),

@@ -24,7 +24,6 @@ import pickle
 import re
 import shutil
 import signal
-import socket
 import threading
 import time
 import warnings
@@ -218,12 +217,6 @@ class _AllowlistLoads:
         return load_checkpoint_file(path, map_location)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed() -> None:
     """Initialise torch.distributed through DeepSpeed; a lone process becomes rank 0 of 1."""
     import deepspeed
@@ -232,7 +225,9 @@ def init_distributed() -> None:
         return
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # port 0: the store binds a free port itself (a port picked beforehand can be taken before it binds); only a
+    # lone process can use it, a launcher of several ranks sets MASTER_PORT
+    os.environ.setdefault("MASTER_PORT", "0")
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
