@@ -5,6 +5,7 @@ import torch
 
 from omniar.data.shapes import MovingShapes
 from omniar.tokenizers import MultiScaleCodes, VideoTokenizer
+from omniar.tokenizers.causal3d import GlobalContext
 
 TINY = dict(channels=(8, 16, 16), latent_channels=8, temporal_compression=4, spatial_compression=4,
             scales=(1, 2, 4, 8), codebook_size=32)
@@ -253,7 +254,7 @@ def test_positions_start_as_no_change_let_a_constant_latent_paint_a_place_and_st
     plain = VideoTokenizer(**TINY, fold_time=True, global_context=True).eval()
     tok = VideoTokenizer(**TINY, fold_time=True, global_context=True, positions=True).eval()
     own = tok.state_dict()
-    # the new tensors are the position map and the moment half of the context's projection
+    # the new tensors are the position map and the salient-place part of the context's projection
     tok.load_state_dict({k: v if v.shape == own[k].shape else torch.cat([v, own[k][:, v.shape[1]:]], 1)
                          for k, v in plain.state_dict().items()}, strict=False)
     assert sorted(set(own) - set(plain.state_dict())) == ["position_map.proj.bias", "position_map.proj.weight"]
@@ -285,6 +286,28 @@ def test_positions_start_as_no_change_let_a_constant_latent_paint_a_place_and_st
     assert tok.position_map.proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="positions"):
         VideoTokenizer(**TINY, positions=True)
+
+
+def test_positions_context_reads_the_salient_regions_place_and_features_at_full_scale():
+    """The place and the pooled features of a small object do not shrink with its size; the mean does."""
+    ctx = GlobalContext(4, 8, positions=True, frequencies=2)
+    ctx.proj = torch.nn.Identity()  # read the statistics themselves: mean, max, pooled (C each), place (4F)
+
+    def read(cells):
+        h = torch.zeros(1, 4, 1, 8, 8)
+        for y, x in cells:
+            h[0, :, 0, y, x] = torch.tensor([5.0, -2.0, 1.0, 3.0])
+        return ctx(h)[0, :, 0, 0, 0]
+
+    one, four, other = read([(1, 6)]), read([(1, 6), (1, 7), (2, 6), (2, 7)]), read([(6, 1)])
+    centre = torch.tensor([-1 + 3 / 8, 1 - 3 / 16 * 2])  # the 1x1 object's cell (1, 6) in [-1, 1] coordinates
+    expected = torch.cat([torch.stack([(torch.pi * 2.0 ** k * c).sin() for k in range(2)] +
+                                      [(torch.pi * 2.0 ** k * c).cos() for k in range(2)]) for c in centre])
+    torch.testing.assert_close(one[12:], expected, atol=0.1, rtol=0)  # the centroid of the odd cell
+    torch.testing.assert_close(one[8:12], four[8:12], atol=0.5, rtol=0)  # pooled features: the object's, any size
+    assert one[8] > 4 and (four[:4] - 4 * one[:4]).abs().max() < 1e-5  # while the mean grows with the area
+    assert (one[12:] - other[12:]).abs().max() > 1  # another place reads differently
+    assert torch.equal(read([])[12:], torch.cat([torch.zeros(2), torch.ones(2)] * 2))  # a plain frame: the centre
 
 
 def test_coarse_codes_give_the_first_scale_its_own_table_learnt_from_its_residuals():

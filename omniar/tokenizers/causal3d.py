@@ -209,18 +209,30 @@ def _coords(h: int, w: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return y[:, None], x[None, :]
 
 
+def _fourier(coord: torch.Tensor, frequencies: int, dim: int) -> torch.Tensor:
+    """Sines and cosines of coordinates in [-1, 1] at ``frequencies`` octaves of pi, stacked along a new ``dim``."""
+    shape = [1] * (coord.dim() + 1)
+    shape[dim] = frequencies
+    octaves = math.pi * 2.0 ** torch.arange(frequencies, device=coord.device, dtype=coord.dtype).view(shape)
+    angle = coord.unsqueeze(dim) * octaves
+    return torch.cat([angle.sin(), angle.cos()], dim)
+
+
 class GlobalContext(nn.Module):
     """Per latent frame, a vector added to every cell of the latent: a linear map (zero at initialisation) of the
     spatial mean and maximum of the encoder's last features. A frame's coarsest code (1x1) quantizes the mean of
     the latent, where a small object is a few cells of 64; this lets the encoder move that mean by what those
     cells hold (the object's colour) without touching the finer scales' residuals. Per frame, so causal.
-    ``positions``: also the features' first moments along y and x (their means weighted by the cell's
-    coordinate), so the vector can say where the object is."""
+    ``positions``: also where the frame's salient region is and what it holds: cells weighted by how far their
+    features are from the frame's mean feature (a small object on a plain ground takes nearly all the weight),
+    the features pooled by those weights and Fourier features of their centroid. Both are at full scale however
+    small the region, so the coarsest code can tell places apart (first moments of the features, tried before,
+    shrink with the object's share of the frame and never reached the code)."""
 
-    def __init__(self, channels: int, latent_channels: int, positions: bool = False):
+    def __init__(self, channels: int, latent_channels: int, positions: bool = False, frequencies: int = 4):
         super().__init__()
-        self.positions = positions
-        self.proj = nn.Linear((4 if positions else 2) * channels, latent_channels)
+        self.positions, self.frequencies = positions, frequencies
+        self.proj = nn.Linear((3 * channels + 4 * frequencies) if positions else 2 * channels, latent_channels)
         nn.init.zeros_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -228,8 +240,14 @@ class GlobalContext(nn.Module):
         """Features (B, C, t, h, w) -> (B, latent_channels, t, 1, 1)."""
         stats = [h.mean((3, 4)), h.amax((3, 4))]
         if self.positions:
-            y, x = _coords(*h.shape[-2:], h)
-            stats += [(h * y).mean((3, 4)), (h * x).mean((3, 4))]
+            with torch.autocast(h.device.type, enabled=False):  # weights are ratios of small sums
+                f = h.float()
+                far = (f - f.mean((3, 4), keepdim=True)).pow(2).sum(1)  # (B, t, h, w)
+                weight = far / far.sum((2, 3), keepdim=True).clamp_min(1e-6)
+                y, x = _coords(*h.shape[-2:], f)
+                place = torch.cat([_fourier((weight * y).sum((2, 3)), self.frequencies, 1),
+                                   _fourier((weight * x).sum((2, 3)), self.frequencies, 1)], 1)  # (B, 4F, t)
+                stats += [(f * weight[:, None]).sum((3, 4)).to(h.dtype), place.to(h.dtype)]
         return self.proj(torch.cat(stats, dim=1).transpose(1, 2)).transpose(1, 2)[..., None, None]
 
 
@@ -250,10 +268,8 @@ class PositionMap(nn.Module):
         """Latent (B, C, t, h, w) -> the same plus the position map (shared by every clip and frame)."""
         h, w = z.shape[-2:]
         y, x = _coords(h, w, z)
-        octaves = math.pi * 2.0 ** torch.arange(self.frequencies, device=z.device, dtype=z.dtype).view(-1, 1, 1)
-        ang_y, ang_x = (y * octaves).expand(-1, h, w), (x * octaves).expand(-1, h, w)  # (frequencies, h, w)
-        feats = torch.cat([ang_y.sin(), ang_y.cos(), ang_x.sin(), ang_x.cos()])[None]
-        return z + self.proj(feats.to(self.proj.weight.dtype)).to(z.dtype)[:, :, None]
+        feats = torch.cat([_fourier(c.expand(h, w), self.frequencies, 0) for c in (y, x)])
+        return z + self.proj(feats[None].to(self.proj.weight.dtype)).to(z.dtype)[:, :, None]
 
 
 def _latent_out(layers: nn.Sequential, context: GlobalContext | None, x: torch.Tensor) -> torch.Tensor:
