@@ -211,6 +211,27 @@ def test_object_weight_per_clip_equals_each_clip_weighted_alone(tmp_path):
         train(tiny_config(tmp_path, 1, soft_preview_prob=0.5), progress=False)
 
 
+def test_context_lr_scale_speeds_only_the_zero_started_modules(tmp_path):
+    def run(out, scale):
+        c = tiny_config(out, 1, context_lr_scale=scale)
+        c["model"].update(global_context=True, positions=True)
+        return weights(train(c, progress=False))
+
+    plain, fast = run(tmp_path / "a", 1.0), run(tmp_path / "b", 10.0)
+    fresh = [k for k in plain if k.split(":")[1].startswith(("encoder.context.", "position_map."))]
+    assert len(fresh) == 4  # the context's projection and the position map, weight and bias each
+    for key in plain:
+        if key in fresh:  # from zero, one AdamW step of the same gradient: ten times the move
+            assert plain[key].abs().max() > 0
+            torch.testing.assert_close(fast[key], 10 * plain[key], rtol=1e-4, atol=1e-9)
+        else:
+            assert torch.equal(fast[key], plain[key]), key
+    with pytest.raises(ValueError, match="train.context_lr_scale: scales the learning rate"):
+        train(tiny_config(tmp_path / "c", 1, context_lr_scale=10.0), progress=False)
+    with pytest.raises(ValueError, match="train.context_lr_scale"):
+        train(tiny_config(tmp_path / "d", 1, context_lr_scale=0.0), progress=False)
+
+
 def test_truncation_draws_coarse_prefixes_at_the_given_rate():
     from omniar.train.tokenizer import truncation
 

@@ -57,6 +57,10 @@ class TokenizerTrainConfig:
     # read, and the encoder to write, what the coarse latents could say (e.g. where the object is) before the codes
     # hold it.
     soft_preview_prob: float = 0.0
+    # Learning-rate multiplier for the zero-initialised modules of ``model.global_context`` / ``positions`` (the
+    # context's projection, the position map). AdamW moves a weight by about lr a step, so from zero at lr 1e-4 they
+    # need thousands of steps to reach the latent's scale; a fine-tune of a few hundred steps needs them faster.
+    context_lr_scale: float = 1.0
     sample_every: int = 500  # steps between reconstruction previews in TensorBoard (0 = none)
 
     def __post_init__(self) -> None:
@@ -70,6 +74,7 @@ class TokenizerTrainConfig:
         check_float(self.truncate_prob, "train.truncate_prob", 0.0, 1.0)
         check_bool(self.preview_grad, "train.preview_grad")
         check_float(self.soft_preview_prob, "train.soft_preview_prob", 0.0, 1.0)
+        check_float(self.context_lr_scale, "train.context_lr_scale", 0.0, low_inclusive=False)
         require(self.soft_preview_prob == 0 or self.preview_grad, "train.soft_preview_prob",
                 "needs train.preview_grad=true")
         require(not (self.preview_grad and self.trainable == "decoder"), "train.preview_grad",
@@ -77,6 +82,10 @@ class TokenizerTrainConfig:
         check_choice(self.trainable, "train.trainable", ("all", "decoder"))
         require(self.trainable == "all" or bool(self.init_from), "train.trainable",
                 "'decoder' needs train.init_from (a trained encoder and codebook to keep)")
+
+
+# the modules that global_context and positions add, zero at the start (a tokenizer trained without them loads)
+ZERO_STARTED = ("encoder.context.", "position_map.")
 
 
 def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
@@ -151,8 +160,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     if train_cfg.init_from:
         # a tokenizer trained without the global context or position map starts them at zero (no change), and
         # without the first scale's own codes starts them on the first batch's first-scale residuals
-        load_init_from(model, train_cfg.init_from, "a tokenizer folder",
-                       optional=("encoder.context.", "position_map.", "quantizer.coarse_"))
+        load_init_from(model, train_cfg.init_from, "a tokenizer folder", optional=ZERO_STARTED + ("quantizer.coarse_",))
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
             f"spatial_compression), got {data_cfg.size}")
@@ -161,7 +169,21 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         frozen = (model.encoder, model.quantizer)
         for module in frozen:
             module.requires_grad_(False)
-    with TrainEngine(model, engine_cfg, lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
+    factory = None
+    if train_cfg.context_lr_scale != 1:
+        require(model.encoder.context is not None, "train.context_lr_scale",
+                "scales the learning rate of model.global_context's modules: the model has none")
+
+        def factory(module: VideoTokenizer) -> torch.optim.Optimizer:
+            named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for name, p in named if not name.startswith(ZERO_STARTED)]},
+                      {"params": [p for name, p in named if name.startswith(ZERO_STARTED)],
+                       "lr": engine_cfg.lr * train_cfg.context_lr_scale}]
+            return torch.optim.AdamW(groups, lr=engine_cfg.lr, betas=engine_cfg.betas,
+                                     weight_decay=engine_cfg.weight_decay)
+
+    with TrainEngine(model, engine_cfg, optimizer_factory=factory,
+                     lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
         if train_cfg.trainable == "decoder":
             for module in frozen:
                 module.eval()  # eval mode: no codebook EMA updates or code restarts
