@@ -257,7 +257,8 @@ def test_positions_start_as_no_change_let_a_constant_latent_paint_a_place_and_st
     # the new tensors are the position map and the salient-place part of the context's projection
     tok.load_state_dict({k: v if v.shape == own[k].shape else torch.cat([v, own[k][:, v.shape[1]:]], 1)
                          for k, v in plain.state_dict().items()}, strict=False)
-    assert sorted(set(own) - set(plain.state_dict())) == ["position_map.proj.bias", "position_map.proj.weight"]
+    assert sorted(set(own) - set(plain.state_dict())) == [f"position_map.{k}" for k in (
+        "basis.weight", "key.weight", "mix.bias", "mix.weight", "proj.bias", "proj.weight")]
     video = clips(2, 9)
     assert torch.equal(tok.encode_latent(video), plain.encode_latent(video))  # zero at initialisation
     assert torch.equal(tok.decode_latent(plain.encode_latent(video)), plain.decode_latent(plain.encode_latent(video)))
@@ -276,6 +277,13 @@ def test_positions_start_as_no_change_let_a_constant_latent_paint_a_place_and_st
         half = tok.position_map(constant[..., :4, :]) - constant[..., :4, :]
     assert not torch.allclose(added, added[..., :1, :1].expand_as(added)) and torch.allclose(added[:, :, 0], added[:, :, 1], atol=1e-5)
     assert not torch.allclose(half, added[..., :4, :])
+    # the product term: two constant latents get differently shaped maps, not one map shifted by a constant
+    torch.nn.init.normal_(tok.position_map.mix.weight)
+    with torch.no_grad():
+        other = -constant
+        a, b = tok.position_map(constant) - constant, tok.position_map(other) - other
+    spread = (a - b) - (a - b).mean((-2, -1), keepdim=True)
+    assert spread.abs().max() > 1e-2
     latent = tok.encode_latent(video)
     changed = latent.clone()
     changed[:, :, 2:] = 0

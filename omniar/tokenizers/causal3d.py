@@ -253,23 +253,33 @@ class GlobalContext(nn.Module):
 
 class PositionMap(nn.Module):
     """A map added to the decoder's input latent: sines and cosines of each cell's (y, x) at ``frequencies``
-    octaves, through a 1x1 conv (zero at initialisation, so a tokenizer trained without it decodes unchanged).
-    A coarse preview's latent is nearly constant over the frame (its 1x1 code upsampled); this gives the decoder
-    the positions it needs to paint what that code says at the right place."""
+    octaves, through a 1x1 conv, plus a product of the latent with those features (a 1x1 conv of each, multiplied
+    cell by cell, through a 1x1 conv). A coarse preview's latent is nearly constant over the frame (its 1x1 code
+    upsampled): the first term gives the decoder the positions, the product lets that constant say where to paint
+    (Fourier coefficients of a place times the cells' own features make a bump there), which the decoder's
+    convolutions would otherwise have to learn to multiply. Both output convs start at zero, so a tokenizer trained
+    without the map decodes unchanged."""
 
     def __init__(self, latent_channels: int, frequencies: int = 4):
         super().__init__()
         self.frequencies = frequencies
         self.proj = nn.Conv2d(4 * frequencies, latent_channels, 1)
-        nn.init.zeros_(self.proj.weight)
-        nn.init.zeros_(self.proj.bias)
+        self.key = nn.Conv2d(latent_channels, latent_channels, 1, bias=False)
+        self.basis = nn.Conv2d(4 * frequencies, latent_channels, 1, bias=False)
+        self.mix = nn.Conv2d(latent_channels, latent_channels, 1)
+        for conv in (self.proj, self.mix):
+            nn.init.zeros_(conv.weight)
+            nn.init.zeros_(conv.bias)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Latent (B, C, t, h, w) -> the same plus the position map (shared by every clip and frame)."""
-        h, w = z.shape[-2:]
+        """Latent (B, C, t, h, w) -> the same plus the position map (per frame, by the same map in every frame)."""
+        b, c, t, h, w = z.shape
         y, x = _coords(h, w, z)
-        feats = torch.cat([_fourier(c.expand(h, w), self.frequencies, 0) for c in (y, x)])
-        return z + self.proj(feats[None].to(self.proj.weight.dtype)).to(z.dtype)[:, :, None]
+        dtype = self.proj.weight.dtype
+        feats = torch.cat([_fourier(v.expand(h, w), self.frequencies, 0) for v in (y, x)])[None].to(dtype)
+        frames = z.transpose(1, 2).reshape(b * t, c, h, w).to(dtype)
+        added = self.proj(feats) + self.mix(self.key(frames) * self.basis(feats))  # (B t, C, h, w)
+        return z + added.reshape(b, t, c, h, w).transpose(1, 2).to(z.dtype)
 
 
 def _latent_out(layers: nn.Sequential, context: GlobalContext | None, x: torch.Tensor) -> torch.Tensor:
