@@ -245,8 +245,7 @@ class GlobalContext(nn.Module):
                 far = (f - f.mean((3, 4), keepdim=True)).pow(2).sum(1)  # (B, t, h, w)
                 weight = far / far.sum((2, 3), keepdim=True).clamp_min(1e-6)
                 y, x = _coords(*h.shape[-2:], f)
-                place = torch.cat([_fourier((weight * y).sum((2, 3)), self.frequencies, 1),
-                                   _fourier((weight * x).sum((2, 3)), self.frequencies, 1)], 1)  # (B, 4F, t)
+                place = torch.cat([_fourier((weight * c).sum((2, 3)), self.frequencies, 1) for c in (y, x)], 1)
                 stats += [(f * weight[:, None]).sum((3, 4)).to(h.dtype), place.to(h.dtype)]
         return self.proj(torch.cat(stats, dim=1).transpose(1, 2)).transpose(1, 2)[..., None, None]
 
