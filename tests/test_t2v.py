@@ -363,20 +363,28 @@ def test_bf16_decode_follows_the_tokenizers_live_weights():
     assert off < 0.03 * 255 and moved > 4 * off, (moved, off)
 
 
-def test_kept_bf16_weight_cast_equals_autocasts_own(monkeypatch):
-    """The 3D convs keep their bf16 channels-last weight between decodes (autocast would recast it in every
-    call) and recast it only when the weight changes: frames equal autocast's own cast, bit for bit, before
-    and after an in-place change and a load_state_dict."""
-    from omniar.tokenizers.causal3d import Conv3d
+@pytest.mark.parametrize("extra", [{}, dict(fold_time=True, refiner_blocks=1, refiner_channels=8)],
+                         ids=["3d", "fold-time+refiner"])
+def test_kept_bf16_weight_cast_equals_autocasts_own(monkeypatch, extra):
+    """The decoder's and refiner's 3D and 2D convs keep their bf16 channels-last weight between decodes (autocast
+    would recast it in every call) and recast it only when the weight changes: frames equal autocast's own cast,
+    bit for bit, before and after an in-place change and a load_state_dict."""
+    from omniar.tokenizers.causal3d import _KeptCastConv
 
-    pipe = tiny_pipeline()
-    tok, codes = pipe.video_tokenizer, pipe([PROMPT], num_frames=5, seed=0).codes
-    convs = [m for m in tok.decoder.modules() if isinstance(m, Conv3d)]
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TOK, **extra).eval()
+    codes = tok.encode(torch.rand(1, 3, 5, 32, 32) * 2 - 1)
+    nets = [tok.decoder] + ([tok.refiner] if extra else [])
+    convs = [m for net in nets for m in net.modules() if isinstance(m, _KeptCastConv)]
+    kinds = {type(c).__name__ for c in convs}
+    assert kinds == ({"Conv3d", "Conv2d"} if extra else {"Conv3d"}), kinds
+    if extra:  # the zero-initialised refiner output would hide its convs
+        torch.nn.init.normal_(tok.refiner.conv_out.weight, std=0.1)
 
     def both():
         kept = tok.decode(codes, chunk_size=1, dtype=torch.bfloat16)
         with monkeypatch.context() as m:
-            m.setattr(Conv3d, "_cast_weight", lambda self: self.weight)  # autocast casts it, as before
+            m.setattr(_KeptCastConv, "_cast_weight", lambda self: self.weight)  # autocast casts it, as before
             own = tok.decode(codes, chunk_size=1, dtype=torch.bfloat16)
         assert torch.equal(kept, own)
         return kept
@@ -385,9 +393,9 @@ def test_kept_bf16_weight_cast_equals_autocasts_own(monkeypatch):
     casts = [c._cast for c in convs]
     assert torch.equal(both(), first) and all(c._cast is w for c, w in zip(convs, casts))  # not recast
     with torch.no_grad():
-        convs[0].weight.mul_(1.5)
+        convs[-1].weight.mul_(1.5)
     changed = both()
-    assert not torch.equal(changed, first) and convs[0]._cast is not casts[0] and convs[1]._cast is casts[1]
+    assert not torch.equal(changed, first) and convs[-1]._cast is not casts[-1] and convs[0]._cast is casts[0]
     tok.load_state_dict({k: v * 0.5 if k.endswith("weight") else v for k, v in tok.state_dict().items()})
     assert not torch.equal(both(), changed)
 

@@ -16,36 +16,52 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Conv3d(nn.Conv3d):
-    """``nn.Conv3d`` that runs oneDNN for every CPU fp32 inference call (unless oneDNN is switched off,
-    ``torch.backends.mkldnn.flags(enabled=False)``). PyTorch's dispatch gives a batch-1 input with
-    batch x channels x frames x rows <= 20480 to its native kernel instead, 7x slower here, and
-    chunked decoding (one clip, one latent frame at a time) is made of such calls. Under CPU autocast
-    (bf16 decode) the call goes through ``nn.Conv3d`` so autocast casts it, in channels-last layout:
-    oneDNN's bf16 3D convs run about 2x faster on it here, and the norms, activations and upsampling
-    between the convs keep it, so the layout is converted once per decoder call. The weight's cast (dtype and
-    layout) is kept until the weight changes: autocast recasts it in every context (the 256-channel 3D
-    weights, a third of a one-clip bf16 decode)."""
+class _KeptCastConv:
+    """A conv that, under CPU autocast without autograd (bf16 decode), runs in channels-last layout with its
+    weight's autocast cast kept between calls: oneDNN's bf16 convs run 1.2-2x faster on that layout here, and the
+    norms, activations and upsampling between the convs keep it, so the layout is converted once per net.
+    Autocast would recast the weight in every context (the 256-channel 3D weights, a third of a one-clip bf16
+    decode), so the cast is redone only when the weight changes (its version or storage) or the dtype does."""
+
+    layout: torch.memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled():
-            return self._conv_forward(x.contiguous(memory_format=torch.channels_last_3d), self._cast_weight(),
-                                      self.bias)
+            return self._conv_forward(x.contiguous(memory_format=self.layout), self._cast_weight(), self.bias)
+        return self._plain_forward(x)
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+    def _cast_weight(self) -> torch.Tensor:
+        w, dtype = self.weight, torch.get_autocast_dtype("cpu")
+        key = (w._version, w.data_ptr(), dtype)
+        if getattr(self, "_cast_key", None) != key:
+            self._cast = w.detach().to(dtype).contiguous(memory_format=self.layout)
+            self._cast_key = key
+        return self._cast
+
+
+class Conv2d(_KeptCastConv, nn.Conv2d):
+    """``nn.Conv2d`` with the kept channels-last autocast weight of :class:`_KeptCastConv`."""
+
+    layout = torch.channels_last
+
+
+class Conv3d(_KeptCastConv, nn.Conv3d):
+    """``nn.Conv3d`` with the kept channels-last autocast weight of :class:`_KeptCastConv`, which also runs oneDNN
+    for every CPU fp32 inference call (unless oneDNN is switched off, ``torch.backends.mkldnn.flags(enabled=False)``).
+    PyTorch's dispatch gives a batch-1 input with batch x channels x frames x rows <= 20480 to its native kernel
+    instead, 7x slower here, and chunked decoding (one clip, one latent frame at a time) is made of such calls."""
+
+    layout = torch.channels_last_3d
+
+    def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
             return torch.mkldnn_convolution(x, self.weight, self.bias, self.padding, self.stride, self.dilation,
                                             self.groups)
-        return super().forward(x)
-
-    def _cast_weight(self) -> torch.Tensor:
-        """The weight in the autocast dtype and channels-last layout, recast only when the weight changed
-        (in place, which bumps its version, or replaced) or the autocast dtype did."""
-        w, dtype = self.weight, torch.get_autocast_dtype("cpu")
-        key = (w._version, w.data_ptr(), dtype)
-        if getattr(self, "_cast_key", None) != key:
-            self._cast = w.detach().to(dtype).contiguous(memory_format=torch.channels_last_3d)
-            self._cast_key = key
-        return self._cast
+        return super()._plain_forward(x)
 
 
 CONV_MODES = ("3d", "2+1d")
@@ -132,9 +148,9 @@ class ResBlock3d(nn.Module):
 class ResBlock2d(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.block = nn.Sequential(_norm2d(cin), nn.SiLU(), nn.Conv2d(cin, cout, 3, padding=1),
-                                   _norm2d(cout), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1))
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.block = nn.Sequential(_norm2d(cin), nn.SiLU(), Conv2d(cin, cout, 3, padding=1),
+                                   _norm2d(cout), nn.SiLU(), Conv2d(cout, cout, 3, padding=1))
+        self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x) + self.block(x)
@@ -365,11 +381,11 @@ class FoldEncoder(nn.Module):
         super().__init__()
         n_space, _ = _levels(spatial_compression, temporal_compression)
         self.tau = temporal_compression
-        layers: list[nn.Module] = [nn.Conv2d(in_channels * self.tau, channels[0], 3, padding=1)]
+        layers: list[nn.Module] = [Conv2d(in_channels * self.tau, channels[0], 3, padding=1)]
         for i in range(n_space):
             for j in range(num_res_blocks):
                 layers.append(ResBlock2d(channels[i] if j == 0 else channels[i + 1], channels[i + 1]))
-            layers.append(nn.Conv2d(channels[i + 1], channels[i + 1], 3, stride=2, padding=1))
+            layers.append(Conv2d(channels[i + 1], channels[i + 1], 3, stride=2, padding=1))
         self.frames = nn.Sequential(*layers)
         self.time = nn.Sequential(ResBlock3d(channels[-1], channels[-1], mode), _norm(channels[-1]), nn.SiLU(),
                                   CausalConv3d(channels[-1], latent_channels, mode=mode))
@@ -390,11 +406,11 @@ class FoldDecoder(_StreamingDecoder):
         self.time = nn.Sequential(CausalConv3d(latent_channels, rev[0], mode=mode), ResBlock3d(rev[0], rev[0], mode))
         layers: list[nn.Module] = []
         for i in range(n_space):
-            layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(rev[i], rev[i], 3, padding=1)]
+            layers += [nn.Upsample(scale_factor=2, mode="nearest"), Conv2d(rev[i], rev[i], 3, padding=1)]
             for j in range(num_res_blocks):
                 layers.append(ResBlock2d(rev[i] if j == 0 else rev[i + 1], rev[i + 1]))
         layers += [_norm2d(rev[-1]), nn.SiLU(),
-                   nn.Conv2d(rev[-1], out_channels * temporal_compression, 3, padding=1)]
+                   Conv2d(rev[-1], out_channels * temporal_compression, 3, padding=1)]
         self.frames = nn.Sequential(*layers)
         self.unfold = TimeUnfold(temporal_compression)
 
@@ -411,14 +427,14 @@ class FrameRefiner(nn.Module):
 
     def __init__(self, channels: int, num_blocks: int, image_channels: int = 3, norm: bool = True):
         super().__init__()
-        self.conv_in = nn.Conv2d(image_channels, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
-                                                  nn.Conv2d(channels, channels, 3, padding=1))
+        self.conv_in = Conv2d(image_channels, channels, 3, padding=1)
+        self.blocks = nn.ModuleList(nn.Sequential(Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
+                                                  Conv2d(channels, channels, 3, padding=1))
                                     for _ in range(num_blocks))
         # per-channel norm before the last SiLU: the unnormalised residual stream drifts in training
         # (to ~-8,000 in a 6-block run at lr 2e-3), which zeroed every SiLU and stopped all gradient
         self.norm_out = nn.GroupNorm(channels, channels) if norm else nn.Identity()
-        self.conv_out = nn.Conv2d(channels, image_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels, image_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
