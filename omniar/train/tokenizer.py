@@ -174,13 +174,15 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         require(model.encoder.context is not None, "train.context_lr_scale",
                 "scales the learning rate of model.global_context's modules: the model has none")
 
-        def factory(module: VideoTokenizer) -> torch.optim.Optimizer:
+        def context_groups(module: VideoTokenizer) -> torch.optim.Optimizer:
             named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
             groups = [{"params": [p for name, p in named if not name.startswith(ZERO_STARTED)]},
                       {"params": [p for name, p in named if name.startswith(ZERO_STARTED)],
                        "lr": engine_cfg.lr * train_cfg.context_lr_scale}]
             return torch.optim.AdamW(groups, lr=engine_cfg.lr, betas=engine_cfg.betas,
                                      weight_decay=engine_cfg.weight_decay)
+
+        factory = context_groups
 
     with TrainEngine(model, engine_cfg, optimizer_factory=factory,
                      lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
