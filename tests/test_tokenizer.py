@@ -345,6 +345,41 @@ def test_coarse_codes_give_the_first_scale_its_own_table_learnt_from_its_residua
         VideoTokenizer(**TINY, coarse_codes=33)
 
 
+def test_preview_decoder_takes_the_previews_and_leaves_full_decodes_alone():
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TINY, fold_time=True, preview_decoder=True).eval()
+    torch.manual_seed(0)
+    plain = VideoTokenizer(**TINY, fold_time=True).eval()
+    assert all(torch.equal(v, tok.state_dict()[k]) for k, v in plain.state_dict().items())  # same nets besides it
+    video = clips(3, 9)
+    codes = tok.encode(video)
+    tok.preview_net.load_state_dict(tok.decoder.state_dict())  # a copy: every decode as without it
+    for s in range(len(tok.scales)):
+        torch.testing.assert_close(tok.decode_partial(codes, s), plain.decode_partial(codes, s), rtol=0, atol=0)
+    with torch.no_grad():
+        for p in tok.preview_net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    assert torch.equal(tok.decode(codes), plain.decode(codes))  # full decodes: the decoder alone
+    for s in range(len(tok.scales) - 1):
+        assert not torch.allclose(tok.decode_partial(codes, s), plain.decode_partial(codes, s), atol=1e-3)
+    chunked = tok.decode_partial(codes, 1, chunk_size=1)  # streamed through the preview decoder's own state
+    torch.testing.assert_close(chunked, tok.decode_partial(codes, 1), rtol=0, atol=1e-5)
+    # training: each clip through the decoder of its prefix, and only that decoder learns from it
+    upto = torch.tensor([0, 3, 2])
+    out = tok(video, upto)
+    for b, s in enumerate(upto.tolist()):
+        expect = tok.decode_partial(MultiScaleCodes([c[b:b + 1] for c in out.codes.codes], tok.scales, 9), s)
+        torch.testing.assert_close(out.reconstruction[b:b + 1].clamp(-1, 1), expect, rtol=0, atol=1e-5)
+    for clip, learns, idle in ((1, tok.decoder, tok.preview_net), (0, tok.preview_net, tok.decoder)):
+        tok.zero_grad()
+        out = tok(video, upto)
+        out.reconstruction[clip].square().mean().backward()
+        assert any(p.grad is not None and p.grad.any() for p in learns.parameters())
+        assert all(p.grad is None or not p.grad.any() for p in idle.parameters())
+    with pytest.raises(ValueError, match="preview_decoder"):
+        VideoTokenizer(**TINY, preview_decoder=1)
+
+
 def test_truncated_forward_reconstructs_from_coarse_scales_only():
     torch.manual_seed(0)
     tok = VideoTokenizer(**TINY, fold_time=True).eval()

@@ -132,6 +132,18 @@ def test_decoder_only_fine_tuning_keeps_every_code(tmp_path):
         train(tiny_config(tmp_path / "bad", 1, trainable="decoder"), progress=False)
 
 
+def test_a_new_preview_decoder_starts_as_a_copy_of_the_decoder(tmp_path):
+    base = train(tiny_config(tmp_path / "base", 2), progress=False)
+    # one step at a rate too small to move a weight: what the preview decoder started from
+    config = tiny_config(tmp_path / "ft", 1, trainable="decoder", init_from=str(base), truncate_prob=1.0, lr=1e-12)
+    config["model"]["preview_decoder"] = True
+    tuned = VideoTokenizer.from_pretrained(train(config, progress=False))
+    for k, v in tuned.preview_net.state_dict().items():
+        torch.testing.assert_close(v, tuned.decoder.state_dict()[k], rtol=0, atol=1e-9)
+    for k, v in VideoTokenizer.from_pretrained(base).state_dict().items():
+        torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=1e-9)
+
+
 def test_init_from_is_checked_against_the_model_section(tmp_path):
     """As the shipped tokenizer: a refiner without the norm, so fine-tuning it needs model.refiner_norm=false."""
     torch.manual_seed(0)

@@ -73,6 +73,10 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             decoder's input gets a map of each cell's position
             (:class:`~omniar.tokenizers.causal3d.PositionMap`, zero at initialisation), so a preview from the
             1x1 code, constant over the frame, can still be painted at the object's place.
+        preview_decoder: a second decoder, ``preview_net`` (same architecture), for coarse prefixes of the
+            scales: previews (:meth:`decode_partial` below the last scale, and clips truncated in training) go
+            through it, full decodes through ``decoder``, so painting a faithful blurry preview from a few codes and keeping
+            detail in a full decode do not compete for one net's weights.
     """
 
     @register_to_config
@@ -82,7 +86,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
                  refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False, global_context: bool = False,
-                 positions: bool = False, coarse_codes: int = 0):
+                 positions: bool = False, coarse_codes: int = 0, preview_decoder: bool = False):
         super().__init__()
         check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -109,6 +113,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         check_bool(fold_time, "fold_time")
         check_bool(global_context, "global_context")
         check_bool(positions, "positions")
+        check_bool(preview_decoder, "preview_decoder")
         require(global_context or not positions, "positions", "needs global_context=True (the encoder's side of it)")
         nets = (FoldEncoder, FoldDecoder) if fold_time else (Encoder3d, Decoder3d)
         self.encoder = nets[0](in_channels, channels, num_res_blocks, latent_channels,
@@ -120,6 +125,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                                               num_refine, refine_ratio, dead_code_threshold, coarse_codes)
         self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm)
                         if refiner_blocks else None)
+        self.preview_net = (nets[1](in_channels, channels, num_res_blocks, latent_channels, spatial_compression,
+                                    temporal_compression, conv) if preview_decoder else None)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -216,10 +223,16 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         f_hat = self.quantizer.codes_to_latent(flat, upto_scale)
         return f_hat.unflatten(0, (b, t)).transpose(1, 2)
 
-    def render(self, latent: torch.Tensor) -> torch.Tensor:
-        """The decoder (after the position map, if any) and the refiner on latents (B, C, t, h, w): unclamped
-        frames, no checks, gradients kept (training, and streaming inside ``decoder.streaming()``)."""
-        return self.refine(self.decoder(latent if self.position_map is None else self.position_map(latent)))
+    def decoder_for(self, preview: bool) -> torch.nn.Module:
+        """The net that decodes a coarse prefix of the scales (``preview``) or all of them."""
+        return self.preview_net if preview and self.preview_net is not None else self.decoder
+
+    def render(self, latent: torch.Tensor, preview: bool = False) -> torch.Tensor:
+        """The decoder (:meth:`decoder_for` ``preview``; after the position map, if any) and the refiner on latents
+        (B, C, t, h, w): unclamped frames, no checks, gradients kept (training, and streaming inside the
+        decoder's ``streaming()``)."""
+        latent = latent if self.position_map is None else self.position_map(latent)
+        return self.refine(self.decoder_for(preview)(latent))
 
     def refine(self, video: torch.Tensor) -> torch.Tensor:
         """The refiner (if any) on each frame of decoded ``video`` (B, C, T, H, W), clamped first: it
@@ -263,7 +276,15 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             require(isinstance(soft_previews, torch.Tensor) and soft_previews.shape == (video.shape[0],)
                     and soft_previews.dtype == torch.bool, "soft_previews", "must be a bool tensor of shape (B,)")
         f_hat, codes, loss = self._quantize(self.encoder(video), upto_scale, preview_grad, soft_previews)
-        rec = self.render(f_hat.to(video.dtype))
+        f_hat = f_hat.to(video.dtype)
+        if self.preview_net is None or upto_scale is None:
+            rec = self.render(f_hat)
+        else:  # each clip through the decoder of its prefix
+            preview = upto_scale.to(f_hat.device) < len(self.scales) - 1
+            groups = [(i, self.render(f_hat[i], p)) for p, i in ((False, (~preview).nonzero()[:, 0]),
+                                                                    (True, preview.nonzero()[:, 0])) if len(i)]
+            order = torch.cat([i for i, _ in groups])
+            rec = torch.cat([r for _, r in groups])[torch.argsort(order)]
         return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))
 
     @torch.no_grad()
@@ -285,17 +306,18 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
 
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
+                      dtype: torch.dtype | None = None, preview: bool = False) -> torch.Tensor:
         """Decode continuous latents (B, C, t, h, w); ``chunk_size`` latent frames at a time if given.
-        ``dtype``: compute the decoder in it (:meth:`autocast`); the frames come back in ``latent``'s dtype."""
+        ``dtype``: compute the decoder in it (:meth:`autocast`); the frames come back in ``latent``'s dtype.
+        ``preview``: the latents are a coarse prefix of the scales (:meth:`decoder_for`)."""
         self.check_latent(latent)
         if chunk_size is not None:
             check_int(chunk_size, "chunk_size", 1)
         with self.autocast(dtype):
             if chunk_size is None:
-                return self.render(latent).clamp(-1, 1).to(latent.dtype)
-            with self.decoder.streaming():
-                parts = [self.render(latent[:, :, i:i + chunk_size])
+                return self.render(latent, preview).clamp(-1, 1).to(latent.dtype)
+            with self.decoder_for(preview).streaming():
+                parts = [self.render(latent[:, :, i:i + chunk_size], preview)
                          for i in range(0, latent.shape[2], chunk_size)]
             return torch.cat(parts, dim=2).clamp(-1, 1).to(latent.dtype)
 
@@ -312,7 +334,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         """Coarse preview: decode only scales ``0..upto_scale`` (inclusive)."""
         self._check_codes(codes)
         check_int(upto_scale, "upto_scale", 0, len(self.scales) - 1)
-        return self.decode_latent(self._codes_to_latent(codes, upto_scale), chunk_size, dtype)
+        return self.decode_latent(self._codes_to_latent(codes, upto_scale), chunk_size, dtype,
+                                  preview=upto_scale < len(self.scales) - 1)
 
     def decode_previews(self, codes: MultiScaleCodes) -> list[torch.Tensor]:
         """Every coarse-to-fine decode of ``codes``: entry s decodes scales ``0..s``, the last one is the full

@@ -93,13 +93,14 @@ def last_step(steps: int, stop_at: int | None) -> int:
 
 
 def load_init_from(model: torch.nn.Module, init_from: str, what: str, sub: str = "",
-                   optional: str | tuple[str, ...] | None = None) -> None:
+                   optional: str | tuple[str, ...] | None = None) -> list[str]:
     """Start ``model`` from the checked weights in ``init_from/sub`` (``train.init_from``, which is ``what``);
-    tensors whose names start with ``optional`` keep their own values where the folder lacks them."""
+    tensors whose names start with ``optional`` keep their own values where the folder lacks them (their names
+    are returned)."""
     folder = Path(init_from, sub)
     require(folder.is_dir(), "train.init_from", f"{init_from} is not {what}")
-    model.load_state_dict(load_checked_state_dict(folder, model.state_dict(), "train.init_from", optional),
-                          strict=optional is None)
+    return model.load_state_dict(load_checked_state_dict(folder, model.state_dict(), "train.init_from", optional),
+                                 strict=optional is None).missing_keys
 
 
 def split_train_section(section: dict, own_cls):

@@ -158,9 +158,13 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     model = build_model(VideoTokenizer, model_cfg)
     build = partial(build_model, VideoTokenizer, model_cfg)  # a new model, to load whole weights into
     if train_cfg.init_from:
-        # a tokenizer trained without the global context or position map starts them at zero (no change), and
-        # without the first scale's own codes starts them on the first batch's first-scale residuals
-        load_init_from(model, train_cfg.init_from, "a tokenizer folder", optional=ZERO_STARTED + ("quantizer.coarse_",))
+        # a tokenizer trained without the global context or position map starts them at zero (no change),
+        # without the first scale's own codes starts them on the first batch's first-scale residuals, and
+        # without a preview decoder starts it as a copy of its decoder (its previews unchanged)
+        missing = load_init_from(model, train_cfg.init_from, "a tokenizer folder",
+                                 optional=ZERO_STARTED + ("quantizer.coarse_", "preview_net."))
+        if any(name.startswith("preview_net.") for name in missing):
+            model.preview_net.load_state_dict(model.decoder.state_dict())
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
             f"spatial_compression), got {data_cfg.size}")
