@@ -210,9 +210,12 @@ class Demo:
                 progress((step["frame"] * len(tok.scales) + step["scale"] + 1, total), desc="generating")
 
         out = self.pipe(prompt, elastic=elastic, callback=on_scale, **kwargs)
-        # The causal decoder decodes frame 0 alone exactly as in the full clip: one batched call for all scales.
+        # The causal decoder decodes frame 0 alone exactly as in the full clip: one batched call for the coarse
+        # prefixes (through the preview decoder, if the tokenizer has one), one for the full accumulation.
+        latents = torch.cat(first).unsqueeze(2)
         with torch.no_grad():
-            images = _to_uint8(tok.decode_latent(torch.cat(first).unsqueeze(2)))[:, 0]
+            images = _to_uint8(torch.cat([tok.decode_latent(latents[:-1], preview=True),
+                                          tok.decode_latent(latents[-1:])]))[:, 0]
         previews = [(_upscale(img), f"scales <= {h}x{w}") for img, (h, w) in zip(images, tok.scale_shapes)]
         return out, previews
 
