@@ -9,6 +9,7 @@ An image is a one-frame video.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass
 
@@ -73,10 +74,10 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             decoder's input gets a map of each cell's position
             (:class:`~omniar.tokenizers.causal3d.PositionMap`, zero at initialisation), so a preview from the
             1x1 code, constant over the frame, can still be painted at the object's place.
-        preview_decoder: a second decoder, ``preview_net`` (same architecture), for coarse prefixes of the
-            scales: previews (:meth:`decode_partial` below the last scale, and clips truncated in training) go
-            through it, full decodes through ``decoder``, so painting a faithful blurry preview from a few codes and keeping
-            detail in a full decode do not compete for one net's weights.
+        preview_decoder: a second decoder, ``preview_net`` (a copy of ``decoder`` at initialisation), for coarse
+            prefixes of the scales: previews (:meth:`decode_partial` below the last scale, and clips truncated in
+            training) go through it, full decodes through ``decoder``, so painting a faithful blurry preview from a
+            few codes and keeping detail in a full decode do not compete for one net's weights.
     """
 
     @register_to_config
@@ -125,8 +126,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                                               num_refine, refine_ratio, dead_code_threshold, coarse_codes)
         self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm)
                         if refiner_blocks else None)
-        self.preview_net = (nets[1](in_channels, channels, num_res_blocks, latent_channels, spatial_compression,
-                                    temporal_compression, conv) if preview_decoder else None)
+        self.preview_net = copy.deepcopy(self.decoder) if preview_decoder else None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -281,8 +281,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             rec = self.render(f_hat)
         else:  # each clip through the decoder of its prefix
             preview = upto_scale.to(f_hat.device) < len(self.scales) - 1
-            groups = [(i, self.render(f_hat[i], p)) for p, i in ((False, (~preview).nonzero()[:, 0]),
-                                                                    (True, preview.nonzero()[:, 0])) if len(i)]
+            groups = [(i, self.render(f_hat[i], p)) for p in (False, True) if len(i := (preview == p).nonzero()[:, 0])]
             order = torch.cat([i for i, _ in groups])
             rec = torch.cat([r for _, r in groups])[torch.argsort(order)]
         return TokenizerOutput(rec, loss, MultiScaleCodes(codes, self.scales, video.shape[2]))
