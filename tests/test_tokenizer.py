@@ -347,19 +347,28 @@ def test_coarse_codes_give_the_first_scale_its_own_table_learnt_from_its_residua
 
 def test_preview_decoder_takes_the_previews_and_leaves_full_decodes_alone():
     torch.manual_seed(0)
-    tok = VideoTokenizer(**TINY, fold_time=True, preview_decoder=True).eval()
+    tok = VideoTokenizer(**TINY, fold_time=True, preview_decoder=True, refiner_blocks=1).eval()
     torch.manual_seed(0)
-    plain = VideoTokenizer(**TINY, fold_time=True).eval()
+    plain = VideoTokenizer(**TINY, fold_time=True, refiner_blocks=1).eval()
+    with torch.no_grad():  # a refiner that changes the frames (it starts as the identity)
+        for p in plain.refiner.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    tok.refiner.load_state_dict(plain.refiner.state_dict())
     assert all(torch.equal(v, tok.state_dict()[k]) for k, v in plain.state_dict().items())  # same nets besides it
     video = clips(3, 9)
     codes = tok.encode(video)
-    tok.preview_net.load_state_dict(tok.decoder.state_dict())  # a copy: every decode as without it
-    for s in range(len(tok.scales)):
+    # a copy: full decodes as without it, previews as without it and without the refiner (full decodes only)
+    assert torch.equal(tok.decode(codes), plain.decode(codes))
+    refiner, plain.refiner = plain.refiner, None
+    for s in range(len(tok.scales) - 1):
         torch.testing.assert_close(tok.decode_partial(codes, s), plain.decode_partial(codes, s), rtol=0, atol=0)
+    plain.refiner = refiner
+    for s in range(len(tok.scales) - 1):  # (the refiner does change them)
+        assert not torch.allclose(tok.decode_partial(codes, s), plain.decode_partial(codes, s), atol=1e-3)
     with torch.no_grad():
         for p in tok.preview_net.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    assert torch.equal(tok.decode(codes), plain.decode(codes))  # full decodes: the decoder alone
+    assert torch.equal(tok.decode(codes), plain.decode(codes))  # full decodes: the decoder and refiner alone
     for s in range(len(tok.scales) - 1):
         assert not torch.allclose(tok.decode_partial(codes, s), plain.decode_partial(codes, s), atol=1e-3)
     chunked = tok.decode_partial(codes, 1, chunk_size=1)  # streamed through the preview decoder's own state
@@ -370,12 +379,15 @@ def test_preview_decoder_takes_the_previews_and_leaves_full_decodes_alone():
     for b, s in enumerate(upto.tolist()):
         expect = tok.decode_partial(MultiScaleCodes([c[b:b + 1] for c in out.codes.codes], tok.scales, 9), s)
         torch.testing.assert_close(out.reconstruction[b:b + 1].clamp(-1, 1), expect, rtol=0, atol=1e-5)
-    for clip, learns, idle in ((1, tok.decoder, tok.preview_net), (0, tok.preview_net, tok.decoder)):
+    full, preview = (tok.decoder, tok.refiner), (tok.preview_net,)
+    for clip, learns, idle in ((1, full, preview), (0, preview, full)):
         tok.zero_grad()
         out = tok(video, upto)
         out.reconstruction[clip].square().mean().backward()
-        assert any(p.grad is not None and p.grad.any() for p in learns.parameters())
-        assert all(p.grad is None or not p.grad.any() for p in idle.parameters())
+        for net in learns:
+            assert any(p.grad is not None and p.grad.any() for p in net.parameters())
+        for net in idle:
+            assert all(p.grad is None or not p.grad.any() for p in net.parameters())
     with pytest.raises(ValueError, match="preview_decoder"):
         VideoTokenizer(**TINY, preview_decoder=1)
 

@@ -144,6 +144,24 @@ def test_a_new_preview_decoder_starts_as_a_copy_of_the_decoder(tmp_path):
         torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=1e-9)
 
 
+def test_preview_only_fine_tuning_moves_the_preview_decoder_alone(tmp_path):
+    base_config = tiny_config(tmp_path / "base", 2)
+    base_config["model"] |= {"preview_decoder": True, "refiner_blocks": 1, "refiner_channels": 8}
+    base = train(base_config, progress=False)
+    config = tiny_config(tmp_path / "ft", 3, trainable="preview", init_from=str(base), truncate_prob=1.0)
+    config["model"] = base_config["model"]
+    before, after = VideoTokenizer.from_pretrained(base), VideoTokenizer.from_pretrained(train(config, progress=False))
+    after_state = after.state_dict()
+    for key, value in before.state_dict().items():  # encoder, codebook, decoder, refiner: untouched
+        assert torch.equal(value, after_state[key]) == (not key.startswith("preview_net.")), key
+    with pytest.raises(ValueError, match="train.truncate_prob: must be 1 with train.trainable=preview"):
+        train(tiny_config(tmp_path / "bad", 1, trainable="preview", init_from=str(base), truncate_prob=0.5),
+              progress=False)
+    with pytest.raises(ValueError, match="train.trainable: 'preview' needs model.preview_decoder=true"):
+        train(tiny_config(tmp_path / "bad", 1, trainable="preview", init_from=str(base), truncate_prob=1.0),
+              progress=False)
+
+
 def test_init_from_is_checked_against_the_model_section(tmp_path):
     """As the shipped tokenizer: a refiner without the norm, so fine-tuning it needs model.refiner_norm=false."""
     torch.manual_seed(0)

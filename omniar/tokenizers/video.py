@@ -77,7 +77,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         preview_decoder: a second decoder, ``preview_net`` (a copy of ``decoder`` at initialisation), for coarse
             prefixes of the scales: previews (:meth:`decode_partial` below the last scale, and clips truncated in
             training) go through it, full decodes through ``decoder``, so painting a faithful blurry preview from a
-            few codes and keeping detail in a full decode do not compete for one net's weights.
+            few codes and keeping detail in a full decode do not compete for one net's weights. Its previews
+            skip the refiner, which sharpens full decodes (on A15q's previews it cost 0.1-0.4 dB: BENCHMARKS.md).
     """
 
     @register_to_config
@@ -228,11 +229,12 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         return self.preview_net if preview and self.preview_net is not None else self.decoder
 
     def render(self, latent: torch.Tensor, preview: bool = False) -> torch.Tensor:
-        """The decoder (:meth:`decoder_for` ``preview``; after the position map, if any) and the refiner on latents
-        (B, C, t, h, w): unclamped frames, no checks, gradients kept (training, and streaming inside the
-        decoder's ``streaming()``)."""
+        """The decoder (:meth:`decoder_for` ``preview``; after the position map, if any) and the refiner (full
+        decodes, or every decode of a tokenizer without a preview decoder) on latents (B, C, t, h, w): unclamped
+        frames, no checks, gradients kept (training, and streaming inside the decoder's ``streaming()``)."""
         latent = latent if self.position_map is None else self.position_map(latent)
-        return self.refine(self.decoder_for(preview)(latent))
+        video = self.decoder_for(preview)(latent)
+        return video if preview and self.preview_net is not None else self.refine(video)
 
     def refine(self, video: torch.Tensor) -> torch.Tensor:
         """The refiner (if any) on each frame of decoded ``video`` (B, C, T, H, W), clamped first: it

@@ -46,6 +46,7 @@ class TokenizerTrainConfig:
     init_from: str | None = None  # pretrained tokenizer folder to start from (fine-tuning / longer runs)
     # "decoder": freeze encoder and quantizer so every code stays the same (AR models trained on
     # this tokenizer's codes stay valid) and fine-tune only the decoder on the quantized latents.
+    # "preview": only the preview decoder (model.preview_decoder) learns, from previews alone (truncate_prob 1).
     trainable: str = "all"
     # Share of clips reconstructed from a random coarse prefix of the scales (0..S-2) instead of all of them,
     # so the decoder learns to turn partial accumulations into faithful blurry previews (VAR-style).
@@ -77,11 +78,14 @@ class TokenizerTrainConfig:
         check_float(self.context_lr_scale, "train.context_lr_scale", 0.0, low_inclusive=False)
         require(self.soft_preview_prob == 0 or self.preview_grad, "train.soft_preview_prob",
                 "needs train.preview_grad=true")
-        require(not (self.preview_grad and self.trainable == "decoder"), "train.preview_grad",
+        require(not self.preview_grad or self.trainable == "all", "train.preview_grad",
                 "trains the encoder: it needs train.trainable=all")
-        check_choice(self.trainable, "train.trainable", ("all", "decoder"))
+        check_choice(self.trainable, "train.trainable", ("all", "decoder", "preview"))
         require(self.trainable == "all" or bool(self.init_from), "train.trainable",
-                "'decoder' needs train.init_from (a trained encoder and codebook to keep)")
+                f"'{self.trainable}' needs train.init_from (a trained encoder and codebook to keep)")
+        require(self.trainable != "preview" or self.truncate_prob == 1, "train.truncate_prob",
+                f"must be 1 with train.trainable=preview (a full clip teaches the preview decoder nothing), "
+                f"got {self.truncate_prob}")
 
 
 # the modules that global_context and positions add, zero at the start (a tokenizer trained without them loads)
@@ -157,6 +161,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     torch.manual_seed(engine_cfg.seed)  # same initial weights on every rank and every resume
     model = build_model(VideoTokenizer, model_cfg)
     build = partial(build_model, VideoTokenizer, model_cfg)  # a new model, to load whole weights into
+    require(train_cfg.trainable != "preview" or model.preview_net is not None, "train.trainable",
+            "'preview' needs model.preview_decoder=true")
     if train_cfg.init_from:
         # a tokenizer trained without the global context or position map starts them at zero (no change),
         # without the first scale's own codes starts them on the first batch's first-scale residuals, and
@@ -169,10 +175,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
             f"spatial_compression), got {data_cfg.size}")
     model.check_num_frames(data_cfg.num_frames, "data.num_frames")
-    if train_cfg.trainable == "decoder":
-        frozen = (model.encoder, model.quantizer)
-        for module in frozen:
-            module.requires_grad_(False)
+    frozen = {"all": (), "decoder": (model.encoder, model.quantizer),
+              "preview": tuple(m for name, m in model.named_children() if name != "preview_net")}[train_cfg.trainable]
+    for module in frozen:
+        module.requires_grad_(False)
     factory = None
     if train_cfg.context_lr_scale != 1:
         require(model.encoder.context is not None, "train.context_lr_scale",
@@ -190,9 +196,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
 
     with TrainEngine(model, engine_cfg, optimizer_factory=factory,
                      lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
-        if train_cfg.trainable == "decoder":
-            for module in frozen:
-                module.eval()  # eval mode: no codebook EMA updates or code restarts
+        for module in frozen:
+            module.eval()  # eval mode: no codebook EMA updates or code restarts
         start = engine.resume()
         dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
                                 data_cfg.num_frames, data_cfg.seed, data_cfg.motion)
