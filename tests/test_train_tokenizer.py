@@ -154,6 +154,8 @@ def test_preview_only_fine_tuning_moves_the_preview_decoder_alone(tmp_path):
     after_state = after.state_dict()
     for key, value in before.state_dict().items():  # encoder, codebook, decoder, refiner: untouched
         assert torch.equal(value, after_state[key]) == (not key.startswith("preview_net.")), key
+    logged = EventAccumulator(str(tmp_path / "ft" / "tb")).Reload().Tags()["scalars"]
+    assert "preview_psnr" in logged and "psnr" not in logged  # PSNR of the previews; no full clip to log
     with pytest.raises(ValueError, match="train.truncate_prob: must be 1 with train.trainable=preview"):
         train(tiny_config(tmp_path / "bad", 1, trainable="preview", init_from=str(base), truncate_prob=0.5),
               progress=False)

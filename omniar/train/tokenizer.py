@@ -235,14 +235,15 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                 engine.backward_step(loss)  # the last one also steps
                 if logging:
                     rows.append({"loss": loss.item(), "vq_loss": out.vq_loss.item()}
-                                | ({"psnr": psnr(rec[full], video[full]).mean().item()} if full.any() else {}))
+                                | {name: psnr(rec[m], video[m]).mean().item()
+                                   for name, m in (("psnr", full), ("preview_psnr", ~full)) if m.any()})
             step += 1
             bar.update(1)
             if logging:
-                scalars = {"psnr": float("nan")} | mean_scalars(rows) | {"codebook_usage": engine.module.codebook_usage()}
+                scalars = mean_scalars(rows) | {"codebook_usage": engine.module.codebook_usage()}
                 engine.log_step(scalars, step, samples=video.shape[0] * len(micro_batches))
-                bar.set_postfix(loss=f"{scalars['loss']:.4f}", psnr=f"{scalars['psnr']:.1f}",
-                                usage=f"{scalars['codebook_usage']:.2f}")
+                shown = {k: f"{scalars[k]:.1f}" for k in ("psnr", "preview_psnr") if k in scalars}
+                bar.set_postfix(loss=f"{scalars['loss']:.4f}", **shown, usage=f"{scalars['codebook_usage']:.2f}")
             if previewing and (step % train_cfg.sample_every == 0 or step == train_cfg.steps):
                 with engine.paused(engine.module):
                     tokenizer = engine.whole_module(build)  # ZeRO-3: a copy on rank 0 only
