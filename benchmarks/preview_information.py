@@ -1,13 +1,17 @@
 """Do a tokenizer's coarse scales carry the object's colour? Two reads per coarse prefix (scales <= s):
 
 - in pixels: the mean colour of the decoded preview over the real object's pixels, matched to the nearest
-  object colour of the palette (what a viewer of the preview sees);
+  object colour of the palette (what a viewer of the preview sees); and where the preview paints: the R^2 of the
+  object's first-frame centroid by the centroid of the preview's squared difference from the background (below
+  0 when it paints in one place whatever the object's);
 - in the codes: a linear probe (multinomial logistic regression) from the prefix's accumulated latent of the
   first latent frame to the object's colour, fitted on training-split clips, scored on held-out ones. If the
   probe is at chance, no decoder can paint the colour from that prefix: the codes must change;
 - of the first scale's code maps of the held-out clips: how many distinct ones there are, and how often the
   majority colour of the clips sharing a map is the clip's own (the most any decoder can show from those codes
-  alone, read in-sample).
+  alone, read in-sample), and how much of the object's place (its centroid in the first frame) the maps hold:
+  the in-sample R^2 of each map's mean centroid, beside the R^2 of the same maps dealt to the clips at random
+  (what fitting that many groups gives by itself).
 
     python benchmarks/preview_information.py [--model DIR] [--out benchmarks/results/preview_information.json]
 """
@@ -33,11 +37,20 @@ PALETTE = torch.tensor([COLORS[c] for c in NAMES], dtype=torch.float32) / 127.5 
 
 @torch.no_grad()
 def prefix_reads(tok: VideoTokenizer, split: str, clips: int, frames: int, seed: int, batch: int = 16):
-    """Per coarse prefix s: (first-latent-frame accumulated latents (N, D), pixel colour reads right (N,)),
-    the colour labels (N,), and the first latent frame's scale-0 code map of each clip (N tuples)."""
+    """Per coarse prefix s: (first-latent-frame accumulated latents (N, D), pixel colour reads right (N,),
+    painted centroids (N, 2)), the colour labels (N,), the first latent frame's scale-0 code map of each clip (N tuples) and the object's
+    centroid (row, column) in the first frame (N, 2)."""
     data = MovingShapes(split, clips, tok.resolution, frames, seed=seed)
     n_prefix = len(tok.scales) - 1
-    latents, right, labels, first = [[] for _ in range(n_prefix)], [[] for _ in range(n_prefix)], [], []
+    latents, right, painted = ([[] for _ in range(n_prefix)] for _ in range(3))
+    labels, first, places = [], [], []
+    rows, cols = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in data[0]["video"].shape[-2:]),
+                                indexing="ij")
+
+    def centroid(weights: torch.Tensor) -> torch.Tensor:  # (B, H, W) -> (B, 2)
+        return (torch.stack([(weights * rows).sum((1, 2)), (weights * cols).sum((1, 2))], 1)
+                / weights.sum((1, 2)).clamp(min=1e-8)[:, None])
+
     for start in range(0, clips, batch):
         items = [data[i] for i in range(start, min(start + batch, clips))]
         video = torch.stack([it["video"] for it in items])
@@ -47,21 +60,43 @@ def prefix_reads(tok: VideoTokenizer, split: str, clips: int, frames: int, seed:
         mask = ((video - bg[:, :, None, None, None]).abs().sum(1, keepdim=True) > 0.5).float()  # the object
         codes = tok.encode(video)
         first += [tuple(row) for row in codes.codes[0][:, 0].flatten(1).tolist()]
+        places.append(centroid(mask[:, 0, 0]))
         for s in range(n_prefix):
             latents[s].append(tok._codes_to_latent(codes, s)[:, :, 0].flatten(1))
             preview = tok.decode_partial(codes, s)
             mean = (preview * mask).sum((2, 3, 4)) / mask.sum((2, 3, 4)).clamp(min=1)  # (B, 3)
             right[s].append(torch.cdist(mean, PALETTE).argmin(1) == torch.tensor(labels[-len(items):]))
-    return [torch.cat(x) for x in latents], [torch.cat(r) for r in right], torch.tensor(labels), first
+            painted[s].append(centroid((preview[:, :, 0] - bg[:, :, None, None]).square().sum(1)))
+    return ([torch.cat(x) for x in latents], [torch.cat(r) for r in right], [torch.cat(p) for p in painted],
+            torch.tensor(labels), first, torch.cat(places))
 
 
-def code_map_reads(maps: list[tuple], labels: torch.Tensor) -> dict[str, float]:
-    """Distinct code maps, and the share of clips whose colour is the majority colour of their map's clips."""
+def r2(predicted: torch.Tensor, true: torch.Tensor) -> float:
+    """1 - squared error / variance of ``true`` (N, 2), no fit."""
+    return 1 - float((predicted - true).square().sum()) / float((true - true.mean(0)).square().sum())
+
+
+def place_r2(maps: list[tuple], places: torch.Tensor) -> float:
+    """In-sample R^2 of ``places`` (N, 2) predicted by the mean place of the clips sharing each one's map."""
+    groups = collections.defaultdict(list)
+    for i, m in enumerate(maps):
+        groups[m].append(i)
+    predicted = places.clone()
+    for i in map(torch.tensor, groups.values()):
+        predicted[i] = places[i].mean(0)
+    return r2(predicted, places)
+
+
+def code_map_reads(maps: list[tuple], labels: torch.Tensor, places: torch.Tensor) -> dict[str, float]:
+    """Distinct code maps, the share of clips whose colour is the majority colour of their map's clips, and the
+    place R^2 of the maps and of the same maps dealt at random."""
     groups = collections.defaultdict(collections.Counter)
     for m, y in zip(maps, labels.tolist()):
         groups[m][y] += 1
     best = sum(max(c.values()) for c in groups.values())
-    return {"distinct_maps": len(groups), "majority_colour_right": best / len(maps)}
+    dealt = [maps[i] for i in torch.randperm(len(maps), generator=torch.Generator().manual_seed(0)).tolist()]
+    return {"distinct_maps": len(groups), "majority_colour_right": best / len(maps),
+            "place_r2": place_r2(maps, places), "place_r2_random_maps": place_r2(dealt, places)}
 
 
 def probe_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor, test_y: torch.Tensor,
@@ -95,17 +130,19 @@ def main() -> None:
     args = parser.parse_args()
 
     tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval().float()
-    train_lat, _, train_y, _ = prefix_reads(tok, "train", args.train_clips, args.frames, seed=11)
-    test_lat, test_right, test_y, test_maps = prefix_reads(tok, "heldout", args.test_clips, args.frames, seed=12)
+    train_lat, _, _, train_y, _, _ = prefix_reads(tok, "train", args.train_clips, args.frames, seed=11)
+    test_lat, test_right, test_painted, test_y, test_maps, test_places = prefix_reads(
+        tok, "heldout", args.test_clips, args.frames, seed=12)
     keys = [str(h) if h == w else f"{h}x{w}" for h, w in tok.scale_shapes][:-1]
     rows = {}
     for s, key in enumerate(keys):
         fit, held = probe_accuracy(train_lat[s], train_y, test_lat[s], test_y)
-        rows[key] = {"pixel_colour_right": float(test_right[s].float().mean()), "probe_train_accuracy": fit,
+        rows[key] = {"pixel_colour_right": float(test_right[s].float().mean()),
+                     "pixel_place_r2": r2(test_painted[s], test_places), "probe_train_accuracy": fit,
                      "probe_test_accuracy": held}
     result = {"model": args.model or "shapes-tokenizer", "train_clips": args.train_clips,
               "test_clips": args.test_clips, "frames": args.frames, "chance": 1 / len(NAMES), "prefix": rows,
-              "first_scale_codes": code_map_reads(test_maps, test_y),
+              "first_scale_codes": code_map_reads(test_maps, test_y, test_places),
               "machine": f"{platform.machine()} {torch.get_num_threads()} threads, CPU, torch {torch.__version__}"}
     print(json.dumps(result, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
