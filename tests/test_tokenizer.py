@@ -392,6 +392,26 @@ def test_preview_decoder_takes_the_previews_and_leaves_full_decodes_alone():
         VideoTokenizer(**TINY, preview_decoder=1)
 
 
+def test_preview_positions_are_the_preview_decoders_own():
+    torch.manual_seed(0)
+    kw = dict(**TINY, fold_time=True, global_context=True, positions=True, preview_decoder=True)
+    tok = VideoTokenizer(**kw, preview_positions=True).eval()
+    with torch.no_grad():  # position maps that change the latent (their output convs start at zero)
+        for p in tok.position_map.parameters():
+            p.copy_(0.1 * torch.randn_like(p))
+    tok.preview_position_map.load_state_dict(tok.position_map.state_dict())
+    codes = tok.encode(clips(2, 9))
+    full, previews = tok.decode(codes), [tok.decode_partial(codes, s) for s in range(3)]
+    with torch.no_grad():
+        for p in tok.preview_position_map.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    assert torch.equal(tok.decode(codes), full)  # full decodes read the shared map
+    for s in range(3):
+        assert not torch.allclose(tok.decode_partial(codes, s), previews[s], atol=1e-3)  # previews read their own
+    with pytest.raises(ValueError, match="preview_positions: needs preview_decoder=True and positions=True"):
+        VideoTokenizer(**TINY, fold_time=True, global_context=True, positions=True, preview_positions=True)
+
+
 def test_truncated_forward_reconstructs_from_coarse_scales_only():
     torch.manual_seed(0)
     tok = VideoTokenizer(**TINY, fold_time=True).eval()

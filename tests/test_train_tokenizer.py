@@ -133,27 +133,35 @@ def test_decoder_only_fine_tuning_keeps_every_code(tmp_path):
 
 
 def test_a_new_preview_decoder_starts_as_a_copy_of_the_decoder(tmp_path):
-    base = train(tiny_config(tmp_path / "base", 2), progress=False)
-    # one step at a rate too small to move a weight: what the preview decoder started from
+    base_config = tiny_config(tmp_path / "base", 2)
+    base_config["model"] |= {"global_context": True, "positions": True}
+    base = train(base_config, progress=False)
+    # one step at a rate too small to move a weight: what the preview decoder and its position map started from
     config = tiny_config(tmp_path / "ft", 1, trainable="decoder", init_from=str(base), truncate_prob=1.0, lr=1e-12)
-    config["model"]["preview_decoder"] = True
+    config["model"] = base_config["model"] | {"preview_decoder": True, "preview_positions": True}
     tuned = VideoTokenizer.from_pretrained(train(config, progress=False))
-    for k, v in tuned.preview_net.state_dict().items():
-        torch.testing.assert_close(v, tuned.decoder.state_dict()[k], rtol=0, atol=1e-9)
+    for copy, source in ((tuned.preview_net, tuned.decoder), (tuned.preview_position_map, tuned.position_map)):
+        for k, v in copy.state_dict().items():
+            torch.testing.assert_close(v, source.state_dict()[k], rtol=0, atol=1e-9)
     for k, v in VideoTokenizer.from_pretrained(base).state_dict().items():
         torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=1e-9)
 
 
 def test_preview_only_fine_tuning_moves_the_preview_decoder_alone(tmp_path):
     base_config = tiny_config(tmp_path / "base", 2)
-    base_config["model"] |= {"preview_decoder": True, "refiner_blocks": 1, "refiner_channels": 8}
+    base_config["model"] |= {"preview_decoder": True, "refiner_blocks": 1, "refiner_channels": 8,
+                             "global_context": True, "positions": True}
     base = train(base_config, progress=False)
-    config = tiny_config(tmp_path / "ft", 3, trainable="preview", init_from=str(base), truncate_prob=1.0)
-    config["model"] = base_config["model"]
+    # the preview decoder gains its own position map, started as a copy of the shared one
+    config = tiny_config(tmp_path / "ft", 3, trainable="preview", init_from=str(base), truncate_prob=1.0,
+                         context_lr_scale=10.0)
+    config["model"] = base_config["model"] | {"preview_positions": True}
     before, after = VideoTokenizer.from_pretrained(base), VideoTokenizer.from_pretrained(train(config, progress=False))
     after_state = after.state_dict()
-    for key, value in before.state_dict().items():  # encoder, codebook, decoder, refiner: untouched
+    for key, value in before.state_dict().items():  # encoder, codebook, decoder, refiner, shared map: untouched
         assert torch.equal(value, after_state[key]) == (not key.startswith("preview_net.")), key
+    for key, value in before.position_map.state_dict().items():  # the copy has moved from where it started
+        assert not torch.equal(value, after.preview_position_map.state_dict()[key]), key
     logged = EventAccumulator(str(tmp_path / "ft" / "tb")).Reload().Tags()["scalars"]
     assert "preview_psnr" in logged and "psnr" not in logged  # PSNR of the previews; no full clip to log
     with pytest.raises(ValueError, match="train.truncate_prob: must be 1 with train.trainable=preview"):

@@ -79,6 +79,9 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             training) go through it, full decodes through ``decoder``, so painting a faithful blurry preview from a
             few codes and keeping detail in a full decode do not compete for one net's weights. Its previews
             skip the refiner, which sharpens full decodes (on A15q's previews it cost 0.1-0.4 dB: BENCHMARKS.md).
+        preview_positions: the preview decoder reads a position map of its own (``preview_position_map``, a copy
+            of ``position_map`` at initialisation; needs ``preview_decoder`` and ``positions``), so a stage that
+            trains it to paint a 1x1 code's place leaves full decodes as they are.
     """
 
     @register_to_config
@@ -88,7 +91,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
                  refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False, global_context: bool = False,
-                 positions: bool = False, coarse_codes: int = 0, preview_decoder: bool = False):
+                 positions: bool = False, coarse_codes: int = 0, preview_decoder: bool = False,
+                 preview_positions: bool = False):
         super().__init__()
         check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -116,7 +120,10 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         check_bool(global_context, "global_context")
         check_bool(positions, "positions")
         check_bool(preview_decoder, "preview_decoder")
+        check_bool(preview_positions, "preview_positions")
         require(global_context or not positions, "positions", "needs global_context=True (the encoder's side of it)")
+        require(not preview_positions or (preview_decoder and positions), "preview_positions",
+                "needs preview_decoder=True and positions=True")
         nets = (FoldEncoder, FoldDecoder) if fold_time else (Encoder3d, Decoder3d)
         self.encoder = nets[0](in_channels, channels, num_res_blocks, latent_channels,
                                spatial_compression, temporal_compression, conv, global_context, positions)
@@ -128,6 +135,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm)
                         if refiner_blocks else None)
         self.preview_net = copy.deepcopy(self.decoder) if preview_decoder else None
+        self.preview_position_map = copy.deepcopy(self.position_map) if preview_positions else None
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -229,12 +237,14 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         return self.preview_net if preview and self.preview_net is not None else self.decoder
 
     def render(self, latent: torch.Tensor, preview: bool = False) -> torch.Tensor:
-        """The decoder (:meth:`decoder_for` ``preview``; after the position map, if any) and the refiner (full
+        """The decoder (:meth:`decoder_for` ``preview``; after its position map, if any) and the refiner (full
         decodes, or every decode of a tokenizer without a preview decoder) on latents (B, C, t, h, w): unclamped
         frames, no checks, gradients kept (training, and streaming inside the decoder's ``streaming()``)."""
-        latent = latent if self.position_map is None else self.position_map(latent)
+        own = preview and self.preview_net is not None
+        position_map = (self.preview_position_map or self.position_map) if own else self.position_map
+        latent = latent if position_map is None else position_map(latent)
         video = self.decoder_for(preview)(latent)
-        return video if preview and self.preview_net is not None else self.refine(video)
+        return video if own else self.refine(video)
 
     def refine(self, video: torch.Tensor) -> torch.Tensor:
         """The refiner (if any) on each frame of decoded ``video`` (B, C, T, H, W), clamped first: it

@@ -46,7 +46,8 @@ class TokenizerTrainConfig:
     init_from: str | None = None  # pretrained tokenizer folder to start from (fine-tuning / longer runs)
     # "decoder": freeze encoder and quantizer so every code stays the same (AR models trained on
     # this tokenizer's codes stay valid) and fine-tune only the decoder on the quantized latents.
-    # "preview": only the preview decoder (model.preview_decoder) learns, from previews alone (truncate_prob 1).
+    # "preview": only the preview decoder (model.preview_decoder, and its model.preview_positions map) learns,
+    # from previews alone (truncate_prob 1).
     trainable: str = "all"
     # Share of clips reconstructed from a random coarse prefix of the scales (0..S-2) instead of all of them,
     # so the decoder learns to turn partial accumulations into faithful blurry previews (VAR-style).
@@ -89,7 +90,7 @@ class TokenizerTrainConfig:
 
 
 # the modules that global_context and positions add, zero at the start (a tokenizer trained without them loads)
-ZERO_STARTED = ("encoder.context.", "position_map.")
+ZERO_STARTED = ("encoder.context.", "position_map.", "preview_position_map.")
 
 
 def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
@@ -166,17 +167,19 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     if train_cfg.init_from:
         # a tokenizer trained without the global context or position map starts them at zero (no change),
         # without the first scale's own codes starts them on the first batch's first-scale residuals, and
-        # without a preview decoder starts it as a copy of its decoder (its previews unchanged)
+        # without a preview decoder (or its position map) starts it as a copy of the decoder's (previews unchanged)
         missing = load_init_from(model, train_cfg.init_from, "a tokenizer folder",
                                  optional=ZERO_STARTED + ("quantizer.coarse_", "preview_net."))
-        if any(name.startswith("preview_net.") for name in missing):
-            model.preview_net.load_state_dict(model.decoder.state_dict())
+        for target, source in (("preview_net", "decoder"), ("preview_position_map", "position_map")):
+            if any(name.startswith(target + ".") for name in missing):
+                getattr(model, target).load_state_dict(getattr(model, source).state_dict())
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
             f"spatial_compression), got {data_cfg.size}")
     model.check_num_frames(data_cfg.num_frames, "data.num_frames")
     frozen = {"all": (), "decoder": (model.encoder, model.quantizer),
-              "preview": tuple(m for name, m in model.named_children() if name != "preview_net")}[train_cfg.trainable]
+              "preview": tuple(m for name, m in model.named_children() if not name.startswith("preview_"))
+              }[train_cfg.trainable]
     for module in frozen:
         module.requires_grad_(False)
     factory = None
