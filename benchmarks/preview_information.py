@@ -38,8 +38,8 @@ PALETTE = torch.tensor([COLORS[c] for c in NAMES], dtype=torch.float32) / 127.5 
 @torch.no_grad()
 def prefix_reads(tok: VideoTokenizer, split: str, clips: int, frames: int, seed: int, batch: int = 16):
     """Per coarse prefix s: (first-latent-frame accumulated latents (N, D), pixel colour reads right (N,),
-    painted centroids (N, 2)), the colour labels (N,), the first latent frame's scale-0 code map of each clip (N tuples) and the object's
-    centroid (row, column) in the first frame (N, 2)."""
+    painted centroids (N, 2)), the colour labels (N,), the first latent frame's scale-0 code map of each clip
+    (N tuples) and the object's centroid (row, column) in the first frame (N, 2)."""
     data = MovingShapes(split, clips, tok.resolution, frames, seed=seed)
     n_prefix = len(tok.scales) - 1
     latents, right, painted = ([[] for _ in range(n_prefix)] for _ in range(3))

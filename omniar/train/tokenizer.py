@@ -59,9 +59,10 @@ class TokenizerTrainConfig:
     # read, and the encoder to write, what the coarse latents could say (e.g. where the object is) before the codes
     # hold it.
     soft_preview_prob: float = 0.0
-    # Learning-rate multiplier for the zero-initialised modules of ``model.global_context`` / ``positions`` (the
-    # context's projection, the position map). AdamW moves a weight by about lr a step, so from zero at lr 1e-4 they
-    # need thousands of steps to reach the latent's scale; a fine-tune of a few hundred steps needs them faster.
+    # Learning-rate multiplier for the modules of ``model.global_context`` / ``positions`` / ``preview_positions``
+    # (the context's projection, the position maps), which start at zero (or as a copy of one that did). AdamW
+    # moves a weight by about lr a step, so from zero at lr 1e-4 they need thousands of steps to reach the latent's
+    # scale; a fine-tune of a few hundred steps needs them faster.
     context_lr_scale: float = 1.0
     sample_every: int = 500  # steps between reconstruction previews in TensorBoard (0 = none)
 
@@ -89,8 +90,9 @@ class TokenizerTrainConfig:
                 f"got {self.truncate_prob}")
 
 
-# the modules that global_context and positions add, zero at the start (a tokenizer trained without them loads)
-ZERO_STARTED = ("encoder.context.", "position_map.", "preview_position_map.")
+# the modules that global_context, positions and preview_positions add: optional in train.init_from (zero at the
+# start, the preview decoder's map a copy of the shared one) and trained at train.context_lr_scale
+CONTEXT_MODULES = ("encoder.context.", "position_map.", "preview_position_map.")
 
 
 def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
@@ -169,7 +171,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         # without the first scale's own codes starts them on the first batch's first-scale residuals, and
         # without a preview decoder (or its position map) starts it as a copy of the decoder's (previews unchanged)
         missing = load_init_from(model, train_cfg.init_from, "a tokenizer folder",
-                                 optional=ZERO_STARTED + ("quantizer.coarse_", "preview_net."))
+                                 optional=CONTEXT_MODULES + ("quantizer.coarse_", "preview_net."))
         for target, source in (("preview_net", "decoder"), ("preview_position_map", "position_map")):
             if any(name.startswith(target + ".") for name in missing):
                 getattr(model, target).load_state_dict(getattr(model, source).state_dict())
@@ -189,8 +191,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
 
         def context_groups(module: VideoTokenizer) -> torch.optim.Optimizer:
             named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
-            groups = [{"params": [p for name, p in named if not name.startswith(ZERO_STARTED)]},
-                      {"params": [p for name, p in named if name.startswith(ZERO_STARTED)],
+            groups = [{"params": [p for name, p in named if not name.startswith(CONTEXT_MODULES)]},
+                      {"params": [p for name, p in named if name.startswith(CONTEXT_MODULES)],
                        "lr": engine_cfg.lr * train_cfg.context_lr_scale}]
             return torch.optim.AdamW(groups, lr=engine_cfg.lr, betas=engine_cfg.betas,
                                      weight_decay=engine_cfg.weight_decay)
