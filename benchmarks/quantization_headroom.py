@@ -32,7 +32,7 @@ from omniar.eval.metrics import psnr
 from omniar.eval.shapes_classifier import prompt_adherence
 from omniar.eval.t2v import load_classifier
 from omniar.tokenizers import VideoTokenizer
-from omniar.tokenizers.quantizer import refine_index, resize
+from omniar.tokenizers.quantizer import nearest_code, refine_index, resize
 
 
 def frames_of(latent: torch.Tensor) -> torch.Tensor:
@@ -65,10 +65,7 @@ def quantize(tok: VideoTokenizer, latent: torch.Tensor, sizes: list[tuple[int, i
     for s, size in enumerate(sizes):
         r = resize(f - f_hat, size)
         table = last_table if s == len(sizes) - 1 and last_table is not None else q.table(min(s, 1))
-        flat = r.permute(0, 2, 3, 1).flatten(0, 2)  # distances as the quantizer's lookup takes them
-        idx = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ table.t() + table.pow(2).sum(1)[None]).argmin(1)
-        idx = idx.view(r.shape[0], *size)
-        z = q.upsample(F.embedding(idx, table).permute(0, 3, 1, 2))
+        z = q.upsample(F.embedding(nearest_code(r, table), table).permute(0, 3, 1, 2))
         trained = min(range(len(q.shapes)), key=lambda i: (abs(q.shapes[i][0] - size[0]), -i))
         conv = q.refine[refine_index(trained, len(q.shapes), len(q.refine))]
         f_hat = f_hat + (1 - q.refine_ratio) * z + q.refine_ratio * conv(z)

@@ -24,6 +24,14 @@ def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x if tuple(x.shape[-2:]) == size else F.interpolate(x, size=size, mode="area")
 
 
+def nearest_code(r: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest (L2) row of ``table`` (K, C) to each vector of a (M, C, h, w) map -> (M, h, w)."""
+    flat = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])
+    cb = table.to(flat.dtype)  # a bf16 model still quantizes its fp32 latents in fp32
+    d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
+    return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
+
+
 def refine_index(s: int, num_scales: int, num_refine: int) -> int:
     """The refinement conv (phi) of scale ``s``. With a conv per scale or more, scales spread over the convs
     by relative position (the rule saved tokenizers were trained with). With more scales than convs, VAR's
@@ -79,10 +87,7 @@ class MultiScaleResidualVQ(nn.Module):
 
     def lookup(self, r: torch.Tensor, s: int) -> torch.Tensor:
         """Nearest code (L2) of scale ``s``'s table to each vector of a (M, C, h, w) map -> (M, h, w)."""
-        flat = r.permute(0, 2, 3, 1).reshape(-1, r.shape[1])
-        cb = self.table(s).to(flat.dtype)  # a bf16 model still quantizes its fp32 latents in fp32
-        d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
-        return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
+        return nearest_code(r, self.table(s))
 
     def forward(self, f: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False,
                 soft: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
