@@ -32,7 +32,7 @@ from omniar.eval.metrics import psnr
 from omniar.eval.shapes_classifier import prompt_adherence
 from omniar.eval.t2v import load_classifier
 from omniar.tokenizers import VideoTokenizer
-from omniar.tokenizers.quantizer import nearest_code, refine_index, resize
+from omniar.tokenizers.quantizer import nearest_code, resize
 
 
 def frames_of(latent: torch.Tensor) -> torch.Tensor:
@@ -65,10 +65,8 @@ def quantize(tok: VideoTokenizer, latent: torch.Tensor, sizes: list[tuple[int, i
     for s, size in enumerate(sizes):
         r = resize(f - f_hat, size)
         table = last_table if s == len(sizes) - 1 and last_table is not None else q.table(min(s, 1))
-        z = q.upsample(F.embedding(nearest_code(r, table), table).permute(0, 3, 1, 2))
         trained = min(range(len(q.shapes)), key=lambda i: (abs(q.shapes[i][0] - size[0]), -i))
-        conv = q.refine[refine_index(trained, len(q.shapes), len(q.refine))]
-        f_hat = f_hat + (1 - q.refine_ratio) * z + q.refine_ratio * conv(z)
+        f_hat = f_hat + q.embed_vectors(F.embedding(nearest_code(r, table), table).permute(0, 3, 1, 2), trained)
     b, t = latent.shape[0], latent.shape[2]
     return f_hat.unflatten(0, (b, t)).transpose(1, 2)
 
@@ -77,14 +75,12 @@ def quantize(tok: VideoTokenizer, latent: torch.Tensor, sizes: list[tuple[int, i
 def last_residuals(tok: VideoTokenizer, clips: int, frames: int, seed: int, batch: int) -> torch.Tensor:
     """The last scale's residual vectors (N, C) of ``clips`` training-split clips under the tokenizer's codes."""
     data = MovingShapes("train", clips, tok.resolution, frames, seed=seed)
-    q, out = tok.quantizer, []
+    coarse, out = list(tok.quantizer.shapes[:-1]), []
     for start in range(0, clips, batch):
         video = torch.stack([data[i]["video"] for i in range(start, min(start + batch, clips))])
-        f = frames_of(tok.encode_latent(video)).float()
-        f_hat = torch.zeros_like(f)
-        for s, size in enumerate(q.shapes[:-1]):
-            f_hat = f_hat + q.embed_scale(q.lookup(resize(f - f_hat, size), s), s)
-        out.append((f - f_hat).permute(0, 2, 3, 1).flatten(0, 2))
+        latent = tok.encode_latent(video)
+        residual = frames_of(latent).float() - frames_of(quantize(tok, latent, coarse))
+        out.append(residual.permute(0, 2, 3, 1).flatten(0, 2))
     return torch.cat(out)
 
 

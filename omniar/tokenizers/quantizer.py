@@ -81,7 +81,12 @@ class MultiScaleResidualVQ(nn.Module):
 
     def embed_scale(self, idx: torch.Tensor, s: int) -> torch.Tensor:
         """Contribution of scale ``s`` codes ``idx`` (M, h, w) to f_hat: (M, C, H, W)."""
-        z = self.upsample(F.embedding(idx, self.table(s)).permute(0, 3, 1, 2))
+        return self.embed_vectors(F.embedding(idx, self.table(s)).permute(0, 3, 1, 2), s)
+
+    def embed_vectors(self, z: torch.Tensor, s: int) -> torch.Tensor:
+        """Contribution of a (M, C, h, w) map of code vectors to f_hat as scale ``s``'s: upsampled to the latent
+        grid, then mixed with scale ``s``'s refinement conv."""
+        z = self.upsample(z)
         conv = self.refine[refine_index(s, len(self.shapes), len(self.refine))]
         return (1 - self.refine_ratio) * z + self.refine_ratio * conv(z)
 

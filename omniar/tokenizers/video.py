@@ -241,7 +241,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         decodes, or every decode of a tokenizer without a preview decoder) on latents (B, C, t, h, w): unclamped
         frames, no checks, gradients kept (training, and streaming inside the decoder's ``streaming()``)."""
         own = preview and self.preview_net is not None
-        position_map = (self.preview_position_map or self.position_map) if own else self.position_map
+        position_map = (self.preview_position_map if own and self.preview_position_map is not None
+                        else self.position_map)
         latent = latent if position_map is None else position_map(latent)
         video = self.decoder_for(preview)(latent)
         return video if own else self.refine(video)
