@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from omniar import assets
 from omniar.data.shapes import BACKGROUNDS, COLORS, MovingShapes
-from omniar.tokenizers import VideoTokenizer
+from omniar.tokenizers import VideoTokenizer, scale_names
 
 NAMES = list(COLORS)
 PALETTE = torch.tensor([COLORS[c] for c in NAMES], dtype=torch.float32) / 127.5 - 1  # [-1, 1], as the clips
@@ -133,7 +133,7 @@ def main() -> None:
     train_lat, _, _, train_y, _, _ = prefix_reads(tok, "train", args.train_clips, args.frames, seed=11)
     test_lat, test_right, test_painted, test_y, test_maps, test_places = prefix_reads(
         tok, "heldout", args.test_clips, args.frames, seed=12)
-    keys = [str(h) if h == w else f"{h}x{w}" for h, w in tok.scale_shapes][:-1]
+    keys = scale_names(tok.scales, side_for_square=True)[:-1]
     rows = {}
     for s, key in enumerate(keys):
         fit, held = probe_accuracy(train_lat[s], train_y, test_lat[s], test_y)

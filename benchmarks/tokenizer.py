@@ -21,7 +21,7 @@ from omniar.data.shapes import MovingShapes
 from omniar.eval.metrics import psnr, ssim
 from omniar.eval.shapes_classifier import prompt_adherence
 from omniar.eval.t2v import load_classifier
-from omniar.tokenizers import VideoTokenizer
+from omniar.tokenizers import VideoTokenizer, scale_names
 
 
 def main() -> None:
@@ -67,7 +67,7 @@ def main() -> None:
             used.update(c.unique().tolist())
     frames = args.clips * args.frames
     classifier = load_classifier()
-    keys = [str(h) if h == w else f"{h}x{w}" for h, w in tok.scale_shapes]  # the side of a square map, else "hxw"
+    keys = scale_names(tok.scales, side_for_square=True)
     result = {
         "clips": args.clips, "frames_per_clip": args.frames, "resolution": tok.resolution, "split": "heldout",
         "psnr_db": float(torch.cat(psnrs).mean()),

@@ -20,7 +20,7 @@ SCHEDULES = [(1, 2, 4, 8), VAR, PAIRS, ((1, 2), (2, 2), (2, 4), (4, 8))]  # last
 B, L, T, C = 2, 5, 2, 4
 CPU = torch.device("cpu")
 # VAR's first six scales: uneven steps (fine/n = 6, 3, 2, 1.5, 1.2, 1) at 91 tokens a frame, not 680 (a CPU test)
-MODEL_SCHEDULES = [VAR[:6], PAIRS, ((1, 2), (2, 3))]
+MODEL_SCHEDULES = [VAR[:6], PAIRS, ((1, 2), (2, 3)), (1, 2, 2)]  # the last: a repeated latent grid
 
 
 def per_frame(scales):
@@ -39,7 +39,7 @@ def test_config_canonical_schedules():
     assert back == cfg and back.replace(num_layers=1).scales == PAIRS  # elastic sub-model configs keep it
 
 
-@pytest.mark.parametrize("bad", [(), (2, 1), ((2, 3), (3, 2)), ((2, 3), (2, 3)), ((2, 3, 1),), (0, 2), (1, True),
+@pytest.mark.parametrize("bad", [(), (2, 1), ((2, 3), (3, 2)), ((2, 3), (2, 3), (4, 4)), ((2, 3, 1),), (0, 2), (1, True),
                                  "1248", (1, 2.0)])
 def test_config_refuses_bad_schedules_naming_scales(bad):
     with pytest.raises(ValueError, match="^scales: "):

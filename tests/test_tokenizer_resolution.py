@@ -115,6 +115,28 @@ def test_phi_sharing():
             torch.testing.assert_close(q.embed_scale(idx, s), 0.5 * z + 0.5 * conv(z), rtol=0, atol=1e-6)
 
 
+def test_a_repeated_latent_grid_quantizes_what_the_maps_before_it_left():
+    """[1, 2, 4, 8, 8]: a second residual step at full resolution. The first four scales code exactly as the
+    schedule without it (same weights; the repeat shares the 8x8 conv), the fifth codes their residual."""
+    base, rep = tokenizer((1, 2, 4, 8)), tokenizer((1, 2, 4, 8, 8))
+    assert rep.scales == (1, 2, 4, 8, 8) and rep.tokens_per_frame == 85 + 64
+    assert rep.scale_names == ("1x1", "2x2", "4x4", "8x8", "8x8+1") and rep.quantizer.refine_of == [0, 1, 2, 3, 3]
+    rep.load_state_dict(base.state_dict())  # no new tensor: a tokenizer gains the step from saved weights
+    video = clips(2, 5, 64)
+    a, b = base.encode(video), rep.encode(video)
+    assert all(torch.equal(x, y) for x, y in zip(a.codes, b.codes[:4])) and len(b.codes) == 5
+    q = rep.quantizer
+    latent = rep.encode_latent(video).transpose(1, 2).flatten(0, 1)  # (B * t, C, 8, 8)
+    with torch.no_grad():
+        left = latent - q.codes_to_latent([c.flatten(0, 1) for c in b.codes], upto_scale=3)
+        assert torch.equal(b.codes[4].flatten(0, 1), q.lookup(left, 4))
+        torch.testing.assert_close(q.codes_to_latent([c.flatten(0, 1) for c in b.codes]),
+                                   q.codes_to_latent([c.flatten(0, 1) for c in b.codes], 3)
+                                   + q.embed_scale(b.codes[4].flatten(0, 1), 3), rtol=0, atol=1e-6)
+    previews = rep.decode_previews(b)
+    assert len(previews) == 5 and torch.equal(previews[-1], rep.decode(b))
+
+
 def test_shipped_tokenizer_unchanged():
     """Codes and decodes of the shipped tokenizer equal the reference stored in tests/data by the same calls
     when its weights shipped (the stage-1c CPU tokenizer; the decode is stage 1e's, a new decoder and refiner whose
@@ -166,7 +188,7 @@ def test_errors_name_the_argument():
         MultiScaleCodes(codes.codes[:3] + [codes.codes[3].transpose(2, 3)], WIDE, 5)
     with pytest.raises(ValueError, match="^codes: scales"):  # another schedule
         tok.decode(MultiScaleCodes([c[:, :, :1, :1] for c in codes.codes[:1]], (1,), 5))
-    for bad in ([], "1248", [1, 2, 2], [4, 2, 8], [[1, 1], [2, 3], [3, 2]], [[1, 1], [1, 1]], [[1, 2, 3]],
+    for bad in ([], "1248", [1, 2, 2, 4], [4, 2, 8], [[1, 1], [2, 3], [3, 2]], [[1, 1], [1, 1], [2, 2]], [[1, 2, 3]],
                 [[0, 1], [2, 2]], [1, [2, "3"]], [1, 2, 4, 1000], None):
         with pytest.raises(ValueError, match="^scales"):
             VideoTokenizer(**TINY, scales=bad)

@@ -216,7 +216,7 @@ class Demo:
         with torch.no_grad():
             images = _to_uint8(torch.cat([tok.decode_latent(latents[:-1], preview=True),
                                           tok.decode_latent(latents[-1:])]))[:, 0]
-        previews = [(_upscale(img), f"scales <= {h}x{w}") for img, (h, w) in zip(images, tok.scale_shapes)]
+        previews = [(_upscale(img), f"scales <= {name}") for img, name in zip(images, tok.scale_names)]
         return out, previews
 
     def reconstruct(self, file):
@@ -242,10 +242,10 @@ class Demo:
             codes = tok.encode(video.to(tok.device))
             recs = [rec.float().cpu() for rec in tok.decode_previews(codes)]
         strips, lines = [], []
-        for (h, w), rec in zip(tok.scale_shapes, recs):
+        for name, rec in zip(tok.scale_names, recs):
             strip = _to_uint8(rec)[0][:: max(1, len(frames) // 4)][:5]  # up to 5 frames, evenly spread
-            strips.append((_upscale(np.concatenate(list(strip), axis=1)), f"scales <= {h}x{w}"))
-            lines.append(f"| {h}x{w} | {psnr(rec, video).item():.2f} |")
+            strips.append((_upscale(np.concatenate(list(strip), axis=1)), f"scales <= {name}"))
+            lines.append(f"| {name} | {psnr(rec, video).item():.2f} |")
         path = self.outputs.new(".mp4")
         write_video(path, _upscale(_to_uint8(recs[-1])[0]), fps=FPS)
         table = "\n".join([f"{len(frames)} frame(s) at {_pixels(tok)}\n", "| up to scale | PSNR dB |", "|---|---|",

@@ -36,6 +36,6 @@ def cli_main(args: argparse.Namespace) -> int:
     write_video(out, frames, fps=8)
     print(f"caption: {item['caption']}")
     print(f"PSNR {float(psnr(panels[1], video).mean()):.2f} dB; panels: original | reconstruction | "
-          f"scales <= {', '.join(f'{h}x{w}' for h, w in tok.scale_shapes[:-1])}")
+          f"scales <= {', '.join(tok.scale_names[:-1])}")
     print(f"wrote {out}")
     return 0

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 import torch
 
 from .._checks import require
-from .._scales import Scales, ScaleSchedule, check_scales, scale_shapes, tokens_per_frame
+from .._scales import Scales, ScaleSchedule, check_scales, scale_names, scale_shapes, tokens_per_frame
 
-__all__ = ["MultiScaleCodes", "Scales", "check_scales", "scale_shapes", "tokens_per_frame"]
+__all__ = ["MultiScaleCodes", "Scales", "check_scales", "scale_names", "scale_shapes", "tokens_per_frame"]
 
 
 @dataclass

@@ -56,6 +56,9 @@ class MultiScaleResidualVQ(nn.Module):
         self.shapes, self.beta, self.decay = scale_shapes(scales), beta, ema_decay
         self.refine_ratio, self.dead_code_threshold = refine_ratio, dead_code_threshold
         self.refine = nn.ModuleList(nn.Conv2d(dim, dim, 3, padding=1) for _ in range(num_refine))
+        # repeats of the latent grid share its conv: the convs spread over the distinct map sizes
+        sizes = list(dict.fromkeys(self.shapes))
+        self.refine_of = [refine_index(sizes.index(shape), len(sizes), num_refine) for shape in self.shapes]
         # the first scale's own codes (``coarse_codes`` > 0): indices 0..coarse_codes - 1 of another table
         self.coarse = coarse_codes > 0
         for prefix, size in [("", codebook_size)] + ([("coarse_", coarse_codes)] if self.coarse else []):
@@ -87,7 +90,7 @@ class MultiScaleResidualVQ(nn.Module):
         """Contribution of a (M, C, h, w) map of code vectors to f_hat as scale ``s``'s: upsampled to the latent
         grid, then mixed with scale ``s``'s refinement conv."""
         z = self.upsample(z)
-        conv = self.refine[refine_index(s, len(self.shapes), len(self.refine))]
+        conv = self.refine[self.refine_of[s]]
         return (1 - self.refine_ratio) * z + self.refine_ratio * conv(z)
 
     def lookup(self, r: torch.Tensor, s: int) -> torch.Tensor:

@@ -45,12 +45,14 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         scales: code map sizes, coarse to fine; the last is the latent grid, so it sets the frame size
             (latent grid x ``spatial_compression``). Ints ``n`` for square ``n x n`` maps, or ``(h, w)`` pairs
             (each side growing or staying, more tokens each scale), e.g. ``[[1, 1], [2, 3], [3, 5], [5, 8]]``
-            for 40 x 64 frames at spatial compression 8.
+            for 40 x 64 frames at spatial compression 8. The latent grid may repeat at the end (``[1, 2, 4, 8,
+            8]``): each repeat quantizes what the maps before it left, at full resolution.
         codebook_size: number of shared codes.
         beta: commitment weight of the VQ loss.
         ema_decay: codebook EMA decay.
-        num_refine: shared refinement convs across scales (VAR's phi); with more scales than convs, each
-            scale takes the conv nearest to its relative position (:func:`~omniar.tokenizers.quantizer.refine_index`).
+        num_refine: shared refinement convs across scales (VAR's phi); with more map sizes than convs, each
+            size takes the conv nearest to its relative position (:func:`~omniar.tokenizers.quantizer.refine_index`);
+            repeats of the latent grid share its conv.
         refine_ratio: mix of refinement conv vs identity.
         dead_code_threshold: EMA assignment count under which a code is restarted.
         coarse_codes: if > 0, the first scale quantizes with its own table of this many codes (indices
