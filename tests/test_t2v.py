@@ -246,6 +246,35 @@ def test_ar_training_starts_from_init_from(tmp_path):
         train(other, progress=False)
 
 
+def test_init_from_a_model_before_its_tokenizer_repeated_the_latent_grid(tmp_path):
+    """A tokenizer that gained a repeat of its latent grid (same weights, one scale more): a model trained on the
+    old schedule starts the new run as it was, the added scale's embedding a copy of the grid's."""
+    import shutil
+
+    from omniar.train.ar import train
+
+    tok = tiny_pipeline().video_tokenizer
+    tok.save_pretrained(tmp_path / "tok")
+    base = train(tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / "base"), steps=2, micro_batch_size=4),
+                 progress=False)
+    shutil.copytree(tmp_path / "tok", tmp_path / "tok2")
+    config = json.loads((tmp_path / "tok2" / "config.json").read_text())
+    config["scales"] = list(tok.scales) + [tok.scales[-1]]
+    (tmp_path / "tok2" / "config.json").write_text(json.dumps(config))
+    run = tiny_ar_config(tmp_path, 16, out_dir=str(tmp_path / "grown"), steps=1, micro_batch_size=4,
+                         init_from=str(base), lr=1e-9, warmup_steps=0)
+    run["train"]["tokenizer"], run["data"]["cache_dir"] = str(tmp_path / "tok2"), str(tmp_path / "codes2")
+    want = dict(OmniARModel.from_pretrained(base / "model").named_parameters())
+    got = dict(OmniARModel.from_pretrained(train(run, progress=False) / "model").named_parameters())
+    assert got.keys() == want.keys()
+    for name in want:
+        expect = want[name]
+        if name == "scale_embed.weight":
+            assert got[name].shape[0] == len(tok.scales) + 1
+            expect = torch.cat([expect, expect[-1:]])
+        assert torch.allclose(got[name], expect, atol=1e-6), name
+
+
 def test_exit_adapter_training_leaves_the_model_exact(tmp_path):
     """train.trainable=exit_adapters: only the adapters learn (their KL to the full model falls), every other
     tensor, router balancing biases included, stays the init_from model's; the saved pipeline runs them."""

@@ -17,6 +17,7 @@ TensorBoard: the loss (``loss/full`` and, on steps that sampled a sub-model, ``l
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .._checks import check_bool, check_choice, check_float, check_int, check_keys, check_output_path, require
-from .._scales import Scales, scale_shapes, tokens_per_frame
+from .._scales import Scales, check_scales, scale_shapes, tokens_per_frame
 from ..backbone import OmniARConfig, OmniARModel, OmniAROutput
 from ..backbone.moe import gathered_state_dict
 from ..backbone.text_encoder import TextEncoder
@@ -383,6 +384,26 @@ def export_checkpoint(config: dict, checkpoint: str | Path, out: str | Path) -> 
     return out
 
 
+def load_init_model(model: OmniARModel, model_cfg: OmniARConfig, init_from: str, optional: str | None) -> None:
+    """``train.init_from``'s model into ``model``. A folder whose schedule lacks trailing repeats of the latent
+    grid that ``model_cfg``'s has (its tokenizer gained full-resolution steps) loads too, every tensor checked:
+    each added scale's embedding starts as the grid's."""
+    config_file = Path(init_from, "model", "config.json")
+    saved = model_cfg.scales
+    if config_file.is_file():
+        saved = check_scales(json.loads(config_file.read_text()).get("scales"), "train.init_from: its scales")
+    ours, added = model_cfg.scales, len(model_cfg.scales) - len(saved)
+    if added <= 0 or ours[:len(saved)] != saved or len(set(ours[len(saved) - 1:])) > 1:
+        load_init_from(model, init_from, "a pipeline folder (no model/)", "model", optional=optional)
+        return
+    smaller = OmniARModel.from_config_obj(model_cfg.replace(scales=saved))
+    missing = load_init_from(smaller, init_from, "a pipeline folder (no model/)", "model", optional=optional)
+    state = {name: value for name, value in smaller.state_dict().items() if name not in missing}
+    grid = state["scale_embed.weight"][-1:]
+    state["scale_embed.weight"] = torch.cat([state["scale_embed.weight"], grid.expand(added, -1)])
+    model.load_state_dict(state, strict=optional is None)
+
+
 def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Path:
     """Pre-tokenize (once), then train or resume; exports a pipeline folder to ``<out_dir>/final``."""
     data_cfg, engine_cfg, train_cfg, tok, text_tok, text_encoder, model_cfg = run_parts(config)
@@ -395,8 +416,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     build = partial(OmniARModel.from_config_obj, model_cfg)  # a new model, to load whole weights into
     adapters_only = train_cfg.trainable == "exit_adapters"
     if train_cfg.init_from:  # a model without (these) exit adapters starts them new
-        load_init_from(model, train_cfg.init_from, "a pipeline folder (no model/)", "model",
-                       optional="exit_adapters." if adapters_only else None)
+        load_init_model(model, model_cfg, train_cfg.init_from, optional="exit_adapters." if adapters_only else None)
     if adapters_only:  # frozen in eval mode: the MoE layers keep no load statistics, so their biases stay put
         model.requires_grad_(False).eval()
         model.exit_adapters.requires_grad_(True)
