@@ -43,7 +43,8 @@ ARMS = {"none": {}, "window/extrapolate": {"kv_policy": "window", "kv_rope": "ex
         "nacl/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate"},
         "nacl/rebase": {"kv_policy": "nacl", "kv_rope": "rebase"},
         **{f"nacl{k}/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "kv_recent_frames": k}
-           for k in (1, 2, 3, 4)}}  # nacl/extrapolate: the default recent window (3)
+           for k in (1, 2, 3, 4)},  # nacl/extrapolate: the default recent window (3)
+        "nacl-h33/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "kv_horizon": 33}}
 DEFAULT_ARMS = ("none", "window/extrapolate", "window/rebase", "nacl/extrapolate")  # the others: BENCHMARKS.md
 
 

@@ -149,6 +149,33 @@ def test_nacl_keeps_its_recent_frames_whole(pipe, recent):
                 assert scored == 3 * PER_FRAME + 40 - (whole + 1) * PER_FRAME and int((frame < 0).sum()) == 12
 
 
+@torch.no_grad()
+def test_nacl_horizon_keeps_only_tokens_near_the_next_frame(pipe):
+    """With ``horizon_frames`` H, after each NACL eviction no held visual token is more than H - 1 frames older
+    than the frame about to be made (the cache may hold fewer); a horizon longer than the clip changes nothing."""
+    model = pipe.model
+    torch.manual_seed(3)
+    ids = torch.randint(3, 200, (1, 12))
+    inputs = [[torch.randn(1, 8, n, n) for n in (1, 2, 4, 8)] for _ in range(8)]
+
+    def held_frames(horizon):
+        cache = model.new_cache(8, KVBudget(3 * PER_FRAME + 40, "nacl", random_ratio=0.5, recent_frames=1,
+                                            generator=torch.Generator().manual_seed(0), horizon_frames=horizon))
+        model.forward_text(ids, None, cache)
+        held = []
+        for f in range(8):
+            _steps(model, cache, inputs, [f])
+            held.append(cache.meta.frame[cache.slot_index[:, :len(cache)]].clone())  # (layers, n) after frame f
+        return held
+
+    near = held_frames(3)
+    for f, frame in enumerate(near):  # held after frame f: its eviction made room for frame f
+        assert int(frame[frame >= 0].min()) >= f - 2
+    assert any(frame.shape[1] < 12 + 3 * PER_FRAME + 40 for frame in near[4:])  # too few near tokens to fill it
+    assert all(torch.equal(a, b) for a, b in zip(held_frames(8), held_frames(None)))
+    assert not all(torch.equal(a, b) for a, b in zip(near, held_frames(None)))
+
+
 def test_seeds_reproduce_with_nacl_random_evictions(pipe):
     kwargs = dict(num_frames=33, kv_budget=2 * PER_FRAME + 30, kv_policy="nacl", random_ratio=0.5)
     a, b = run(pipe, **kwargs), run(pipe, **kwargs)
@@ -251,6 +278,8 @@ def test_cli_continuation_keeps_the_given_frames(model_dir, tmp_path, init):
     ({"kv_budget": 300, "random_ratio": float("nan")}, "random_ratio"),
     ({"kv_budget": 300, "kv_rope": "yarn"}, "kv_rope"),
     ({"kv_budget": 300, "kv_recent_frames": 0}, "kv_recent_frames"),
+    ({"kv_budget": 300, "kv_horizon": 4}, "kv_horizon: must be >= 5"),
+    ({"kv_budget": 300, "kv_horizon": "33"}, "kv_horizon"),
     ({"kv_budget": 300, "num_frames": 1029}, "num_frames: must be <= 1025"),
     ({"num_frames": 21}, "num_frames: must be <= 17"),
     ({"on_frames": 5}, "on_frames"),
@@ -265,6 +294,7 @@ def test_bad_long_video_arguments_name_the_argument(pipe, kwargs, name):
     (["--kv-budget", "300", "--kv-policy", "none"], "kv_policy"),
     (["--random-ratio", "2", "--kv-budget", "300"], "random_ratio"),
     (["--kv-recent-frames", "0", "--kv-budget", "300"], "kv_recent_frames"),
+    (["--kv-horizon", "2", "--kv-budget", "300"], "kv_horizon"),
     (["--init-video", "missing.mp4"], "init_video"),
 ])
 def test_cli_bad_long_video_flags_exit_2(model_dir, tmp_path, capsys, args, message):

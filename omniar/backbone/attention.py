@@ -28,6 +28,9 @@ class KVBudget:
       tokens by the attention the newest frame's queries (the proxy tokens) paid them in that layer, summed
       over heads, batch rows and queries; keeps the top scores, except a ``random_ratio`` share drawn (without
       replacement) with probability proportional to the scores from the rest, with ``generator`` (NACL).
+      With ``horizon_frames``, only tokens of the newest ``horizon_frames - 1`` frames before the next one are
+      scored and kept: every kept key then sits at a temporal distance a clip of that length has (the older
+      ones are evicted first, and the cache may then hold fewer than ``tokens``).
 
     ``rope``: ``extrapolate`` keeps every key at its own temporal position (past the training length the
     distances grow); ``rebase`` rotates the kept keys so that their frames sit contiguously just before the
@@ -39,10 +42,13 @@ class KVBudget:
     rope: str = "extrapolate"
     generator: torch.Generator | None = None
     recent_frames: int = 1
+    horizon_frames: int | None = None
 
     def __post_init__(self) -> None:
         check_int(self.tokens, "kv_budget", 1)
         check_int(self.recent_frames, "recent_frames", 1)
+        if self.horizon_frames is not None:
+            check_int(self.horizon_frames, "horizon_frames", 2)
         check_choice(self.policy, "kv_policy", KV_POLICIES[1:])
         check_float(self.random_ratio, "random_ratio", 0.0, 1.0)
         check_choice(self.rope, "kv_rope", KV_ROPE_MODES)
@@ -190,8 +196,14 @@ class KVCache:
                 recent = min(budget.recent_frames, room // frame_tokens) * frame_tokens  # the recent window
                 keep[:, self.length - recent:] = True
                 old = slice(self.text_len, self.length - recent)
+                frame = self.meta.frame[self.slot_index[0, old]]  # every layer holds the same frames' tokens
+                near = torch.ones_like(frame, dtype=torch.bool)
+                if budget.horizon_frames is not None:  # within horizon_frames - 1 frames of the next frame
+                    near = frame > self.meta.frame[self.slot_index[0, self.length - 1]] + 1 - budget.horizon_frames
+                count = min(room - recent, int(near.sum()))
                 for layer in range(depth):
-                    keep[layer, old] = self._nacl_keep(self._proxy_scores(layer)[old], room - recent)
+                    scores = self._proxy_scores(layer)[old]
+                    keep[layer, old] = self._nacl_keep(scores, count, near)
             if budget.rope == "rebase":
                 self._rebase(keep, rope)
             self.evict(keep)
@@ -209,15 +221,17 @@ class KVCache:
         seen = (block[None, :] <= block[-q.shape[2]:, None])[None, None] & self.key_ok[:, None, None, :self.length]
         return logits.masked_fill(~seen, float("-inf")).softmax(-1).sum((0, 1, 2))
 
-    def _nacl_keep(self, scores: torch.Tensor, count: int) -> torch.Tensor:
-        """Which of the scored slots to keep: the ``count`` best, except a ``random_ratio`` share drawn from the
-        rest with probability proportional to the scores (on the CPU, with the budget's generator)."""
-        scores = scores.cpu()
+    def _nacl_keep(self, scores: torch.Tensor, count: int, candidates: torch.Tensor) -> torch.Tensor:
+        """Which of the scored slots to keep: of the ``candidates`` (bool), the ``count`` best, except a
+        ``random_ratio`` share drawn from the rest with probability proportional to the scores (on the CPU, with
+        the budget's generator)."""
+        candidates = candidates.cpu()
+        scores = scores.cpu().masked_fill(~candidates, float("-inf"))
         drawn = round(self.budget.random_ratio * count)
         keep = torch.zeros(scores.shape[0], dtype=torch.bool)
         keep[scores.topk(count - drawn).indices] = True
         if drawn:  # a floor: every candidate stays drawable, so there are always enough
-            weights = scores.clamp_min(torch.finfo(torch.float32).tiny).masked_fill(keep, 0.0)
+            weights = scores.clamp_min(torch.finfo(torch.float32).tiny).masked_fill(keep | ~candidates, 0.0)
             keep[torch.multinomial(weights, drawn, replacement=False, generator=self.budget.generator)] = True
         return keep
 

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from .._checks import check_int, check_output_path, named, require
 from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
-from ..generation.pipeline import DEFAULT_KV_RECENT_FRAMES, DEFAULT_RANDOM_RATIO
+from ..generation.pipeline import DEFAULT_KV_HORIZON, DEFAULT_KV_RECENT_FRAMES, DEFAULT_RANDOM_RATIO
 from ..generation.sampling import GUIDANCE_SCHEDULES
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -67,6 +67,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                       help="temporal positions of kept keys (default with a budget: the pipeline's)")
     long.add_argument("--kv-recent-frames", type=int, default=DEFAULT_KV_RECENT_FRAMES, metavar="K",
                       help="nacl: the newest K frames are kept whole (as many as fit), only older tokens are scored")
+    long.add_argument("--kv-horizon", type=lambda v: None if v == "none" else int(v), default=DEFAULT_KV_HORIZON,
+                      metavar="N", help="nacl: keep no token older than a clip of N frames has before its last frame "
+                      "('none': no limit; default: %(default)s)")
     long.add_argument("--stream", action="store_true",
                       help="write the mp4 frame by frame as it is generated: the clip is never held whole")
     init = long.add_mutually_exclusive_group()
@@ -210,7 +213,8 @@ def cli_main(args: argparse.Namespace) -> int:
                       guidance_schedule=args.guidance_schedule, top_k=args.top_k, top_p=args.top_p,
                       temperature=args.temperature, seed=args.seed, elastic=elastic or None, progress=not batch,
                       video=video, kv_budget=args.kv_budget, kv_policy=args.kv_policy,
-                      random_ratio=args.random_ratio, kv_rope=args.kv_rope, kv_recent_frames=args.kv_recent_frames)
+                      random_ratio=args.random_ratio, kv_rope=args.kv_rope, kv_recent_frames=args.kv_recent_frames,
+                      kv_horizon=args.kv_horizon)
         try:
             if args.stream:
                 with mp4_writer(path, args.fps) as write:

@@ -43,6 +43,7 @@ DEFAULT_KV_POLICY = "window"
 DEFAULT_KV_ROPE = "extrapolate"
 DEFAULT_RANDOM_RATIO = 0.25  # NACL's random share as benchmarked (fixed beforehand, not tuned)
 DEFAULT_KV_RECENT_FRAMES = 3  # whole recent frames nacl keeps: picked on the default model (BENCHMARKS.md)
+DEFAULT_KV_HORIZON = None  # nacl's horizon in frames (None: no limit); BENCHMARKS.md, "A horizon for nacl"
 
 
 @dataclass
@@ -301,7 +302,7 @@ class TextToVideoPipeline:
 
     def _check_call(self, prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p, temperature, seed,
                     video, elastic, callback, output_type, generator, kv_budget, kv_policy, random_ratio, kv_rope,
-                    kv_recent_frames, on_frames) -> list[str]:
+                    kv_recent_frames, kv_horizon, on_frames) -> list[str]:
         prompts = self._prompt_list(prompt)
         check_choice(output_type, "output_type", OUTPUT_TYPES)
         require(generator is None or (isinstance(generator, torch.Generator) and generator.device.type == "cpu"),
@@ -319,6 +320,8 @@ class TextToVideoPipeline:
         check_float(random_ratio, "random_ratio", 0.0, 1.0)
         check_choice(kv_rope, "kv_rope", (None,) + KV_ROPE_MODES)
         check_int(kv_recent_frames, "kv_recent_frames", 1)
+        if kv_horizon is not None:
+            check_int(kv_horizon, "kv_horizon", 1 + self.video_tokenizer.config.temporal_compression)
         check_float(guidance_scale, "guidance_scale", 0.0)
         check_choice(guidance_schedule, "guidance_schedule", GUIDANCE_SCHEDULES)
         check_filters(top_k, top_p)
@@ -346,8 +349,8 @@ class TextToVideoPipeline:
                  progress: bool = False, output_type: str = "uint8",
                  generator: torch.Generator | None = None, kv_budget: int | None = None,
                  kv_policy: str | None = None, random_ratio: float = DEFAULT_RANDOM_RATIO, kv_rope: str | None = None,
-                 kv_recent_frames: int = DEFAULT_KV_RECENT_FRAMES, on_frames: Callable | None = None,
-                 height: int | None = None, width: int | None = None) -> TextToVideoOutput:
+                 kv_recent_frames: int = DEFAULT_KV_RECENT_FRAMES, kv_horizon: int | None = DEFAULT_KV_HORIZON,
+                 on_frames: Callable | None = None, height: int | None = None, width: int | None = None) -> TextToVideoOutput:
         """Generate clips for ``prompt``.
 
         Args:
@@ -371,6 +374,9 @@ class TextToVideoPipeline:
             kv_rope: temporal positions of kept keys, ``"extrapolate"`` or ``"rebase"``; None: ``DEFAULT_KV_ROPE``.
             kv_recent_frames: ``nacl`` keeps the newest this many frames whole (as many as fit) and scores only
                 older tokens; default ``DEFAULT_KV_RECENT_FRAMES``.
+            kv_horizon: ``nacl`` keeps no older token than a clip of this many frames has before its last frame
+                (keys at temporal distances the model was trained on); None: no limit. Default
+                ``DEFAULT_KV_HORIZON``.
             on_frames: streaming: called with each latent frame's decoded frames (B, t, ...) of ``output_type``
                 as soon as it is generated (t = 1, then tau), so the clip is never held whole; the output's
                 ``frames`` is then None. The whole batch is decoded at once, one latent frame at a time.
@@ -379,7 +385,8 @@ class TextToVideoPipeline:
         """
         prompts = self._check_call(prompt, num_frames, guidance_scale, guidance_schedule, top_k, top_p,
                                    temperature, seed, video, elastic, callback, output_type, generator,
-                                   kv_budget, kv_policy, random_ratio, kv_rope, kv_recent_frames, on_frames)
+                                   kv_budget, kv_policy, random_ratio, kv_rope, kv_recent_frames, kv_horizon,
+                                   on_frames)
         self.check_size(height, width)
         tok, model, dev = self.video_tokenizer, self.model, self.device
         scales, b = tok.scales, len(prompts)
@@ -389,8 +396,10 @@ class TextToVideoPipeline:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
+        horizon = None if kv_horizon is None else tok.num_latent_frames(kv_horizon)
         budget = None if kv_budget is None else KVBudget(kv_budget, kv_policy or DEFAULT_KV_POLICY, random_ratio,
-                                                         kv_rope or DEFAULT_KV_ROPE, generator, kv_recent_frames)
+                                                         kv_rope or DEFAULT_KV_ROPE, generator, kv_recent_frames,
+                                                         horizon)
         use_cfg = guidance_scale != 1.0
         text = text_inputs(prompts + ([None] * b if use_cfg else []), self.max_text_len, self.text_tokenizer,
                            self.text_encoder, dev)
