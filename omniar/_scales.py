@@ -42,10 +42,10 @@ def scale_shapes(scales: Scales) -> tuple[tuple[int, int], ...]:
 def scale_names(scales: Scales, side_for_square: bool = False) -> tuple[str, ...]:
     """A name per scale: ``"hxw"`` (``side_for_square``: the side alone for a square map), with ``"+k"`` on the
     k-th repeat of the latent grid, so that every scale's name is distinct."""
-    names = []
-    for s, (h, w) in enumerate(scale_shapes(scales)):
+    shapes, names = scale_shapes(scales), []
+    for s, (h, w) in enumerate(shapes):
         name = str(h) if side_for_square and h == w else f"{h}x{w}"
-        repeat = sum(shape == (h, w) for shape in scale_shapes(scales)[:s])
+        repeat = shapes[:s].count((h, w))
         names.append(f"{name}+{repeat}" if repeat else name)
     return tuple(names)
 

@@ -39,8 +39,8 @@ def test_config_canonical_schedules():
     assert back == cfg and back.replace(num_layers=1).scales == PAIRS  # elastic sub-model configs keep it
 
 
-@pytest.mark.parametrize("bad", [(), (2, 1), ((2, 3), (3, 2)), ((2, 3), (2, 3), (4, 4)), ((2, 3, 1),), (0, 2), (1, True),
-                                 "1248", (1, 2.0)])
+@pytest.mark.parametrize("bad", [(), (2, 1), ((2, 3), (3, 2)), ((2, 3), (2, 3), (4, 4)), ((2, 3, 1),), (0, 2),
+                                 (1, True), "1248", (1, 2.0)])
 def test_config_refuses_bad_schedules_naming_scales(bad):
     with pytest.raises(ValueError, match="^scales: "):
         OmniARConfig(scales=bad)

@@ -350,7 +350,8 @@ class TextToVideoPipeline:
                  generator: torch.Generator | None = None, kv_budget: int | None = None,
                  kv_policy: str | None = None, random_ratio: float = DEFAULT_RANDOM_RATIO, kv_rope: str | None = None,
                  kv_recent_frames: int = DEFAULT_KV_RECENT_FRAMES, kv_horizon: int | None = DEFAULT_KV_HORIZON,
-                 on_frames: Callable | None = None, height: int | None = None, width: int | None = None) -> TextToVideoOutput:
+                 on_frames: Callable | None = None, height: int | None = None,
+                 width: int | None = None) -> TextToVideoOutput:
         """Generate clips for ``prompt``.
 
         Args:
