@@ -196,14 +196,15 @@ class KVCache:
                 recent = min(budget.recent_frames, room // frame_tokens) * frame_tokens  # the recent window
                 keep[:, self.length - recent:] = True
                 old = slice(self.text_len, self.length - recent)
-                frame = self.meta.frame[self.slot_index[0, old]]  # every layer holds the same frames' tokens
+                # each layer holds its own older tokens; with a horizon, only those within horizon_frames - 1
+                # frames of the next frame are candidates, and every layer keeps as many as the poorest can
+                frame = self.meta.frame[self.slot_index[:, old]]  # (layers, old slots)
                 near = torch.ones_like(frame, dtype=torch.bool)
-                if budget.horizon_frames is not None:  # within horizon_frames - 1 frames of the next frame
+                if budget.horizon_frames is not None:
                     near = frame > self.meta.frame[self.slot_index[0, self.length - 1]] + 1 - budget.horizon_frames
-                count = min(room - recent, int(near.sum()))
+                count = min(room - recent, int(near.sum(1).min()))
                 for layer in range(depth):
-                    scores = self._proxy_scores(layer)[old]
-                    keep[layer, old] = self._nacl_keep(scores, count, near)
+                    keep[layer, old] = self._nacl_keep(self._proxy_scores(layer)[old], count, near[layer])
             if budget.rope == "rebase":
                 self._rebase(keep, rope)
             self.evict(keep)
