@@ -38,14 +38,13 @@ from omniar.limits import MAX_NUM_FRAMES
 
 FRAMES = (17, 65, 129, 257)
 WINDOW = 17  # frames judged at each end of a clip
+NACL = {"kv_policy": "nacl", "kv_horizon": None}  # nacl arms read without a horizon unless they name one
 ARMS = {"none": {}, "window/extrapolate": {"kv_policy": "window", "kv_rope": "extrapolate"},
         "window/rebase": {"kv_policy": "window", "kv_rope": "rebase"},
-        "nacl/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "kv_horizon": None},
-        "nacl/rebase": {"kv_policy": "nacl", "kv_rope": "rebase", "kv_horizon": None},
-        **{f"nacl{k}/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "kv_recent_frames": k,
-                                    "kv_horizon": None}
-           for k in (1, 2, 3, 4)},  # nacl/extrapolate: the default recent window (3), no horizon (as first read)
-        "nacl-h33/extrapolate": {"kv_policy": "nacl", "kv_rope": "extrapolate", "kv_horizon": 33}}  # the default
+        "nacl/extrapolate": {**NACL, "kv_rope": "extrapolate"}, "nacl/rebase": {**NACL, "kv_rope": "rebase"},
+        **{f"nacl{k}/extrapolate": {**NACL, "kv_rope": "extrapolate", "kv_recent_frames": k}
+           for k in (1, 2, 3, 4)},  # nacl/extrapolate: the default recent window (3)
+        "nacl-h33/extrapolate": {**NACL, "kv_rope": "extrapolate", "kv_horizon": 33}}  # the default horizon
 # the others: BENCHMARKS.md
 DEFAULT_ARMS = ("none", "window/extrapolate", "window/rebase", "nacl/extrapolate", "nacl-h33/extrapolate")
 

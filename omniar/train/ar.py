@@ -393,12 +393,12 @@ def load_init_model(model: OmniARModel, model_cfg: OmniARConfig, init_from: str,
     if config_file.is_file():
         saved = check_scales(json.loads(config_file.read_text()).get("scales"), "train.init_from: its scales")
     ours, added = model_cfg.scales, len(model_cfg.scales) - len(saved)
-    if added <= 0 or ours[:len(saved)] != saved or len(set(ours[len(saved) - 1:])) > 1:
-        load_init_from(model, init_from, "a pipeline folder (no model/)", "model", optional=optional)
+    grown = added > 0 and ours[:len(saved)] == saved and len(set(ours[len(saved) - 1:])) == 1
+    target = OmniARModel.from_config_obj(model_cfg.replace(scales=saved)) if grown else model
+    missing = load_init_from(target, init_from, "a pipeline folder (no model/)", "model", optional=optional)
+    if not grown:
         return
-    smaller = OmniARModel.from_config_obj(model_cfg.replace(scales=saved))
-    missing = load_init_from(smaller, init_from, "a pipeline folder (no model/)", "model", optional=optional)
-    state = {name: value for name, value in smaller.state_dict().items() if name not in missing}
+    state = {name: value for name, value in target.state_dict().items() if name not in missing}
     grid = state["scale_embed.weight"][-1:]
     state["scale_embed.weight"] = torch.cat([state["scale_embed.weight"], grid.expand(added, -1)])
     model.load_state_dict(state, strict=optional is None)
