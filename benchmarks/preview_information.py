@@ -11,9 +11,14 @@
   majority colour of the clips sharing a map is the clip's own (the most any decoder can show from those codes
   alone, read in-sample), and how much of the object's place (its centroid in the first frame) the maps hold:
   the in-sample R^2 of each map's mean centroid, beside the R^2 of the same maps dealt to the clips at random
-  (what fitting that many groups gives by itself).
+  (what fitting that many groups gives by itself);
+- with ``--bound``: the most any preview decoder can show at <= the first scale. It sees only each latent frame's
+  first-scale code map (and the earlier frames'), so under an object-weighted squared error the best it can paint
+  for a map is the weighted mean of the frames of the training clips that share it. That bound is read on held-out
+  clips like ``benchmarks/tokenizer.py`` and the pixel read above (PSNR, the colour over the object's pixels of
+  every frame), for several object weights, with the held-out R^2 of the first frame's place by its map.
 
-    python benchmarks/preview_information.py [--model DIR] [--out benchmarks/results/preview_information.json]
+    python benchmarks/preview_information.py [--model DIR] [--bound] [--out benchmarks/results/preview_information.json]
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 
 from omniar import assets
 from omniar.data.shapes import BACKGROUNDS, COLORS, MovingShapes
+from omniar.eval.metrics import psnr
 from omniar.tokenizers import VideoTokenizer, scale_names
 
 NAMES = list(COLORS)
@@ -40,35 +46,82 @@ def prefix_reads(tok: VideoTokenizer, split: str, clips: int, frames: int, seed:
     """Per coarse prefix s: (first-latent-frame accumulated latents (N, D), pixel colour reads right (N,),
     painted centroids (N, 2)), the colour labels (N,), the first latent frame's scale-0 code map of each clip
     (N tuples) and the object's centroid (row, column) in the first frame (N, 2)."""
-    data = MovingShapes(split, clips, tok.resolution, frames, seed=seed)
     n_prefix = len(tok.scales) - 1
     latents, right, painted = ([[] for _ in range(n_prefix)] for _ in range(3))
     labels, first, places = [], [], []
-    rows, cols = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in data[0]["video"].shape[-2:]),
-                                indexing="ij")
-
-    def centroid(weights: torch.Tensor) -> torch.Tensor:  # (B, H, W) -> (B, 2)
-        return (torch.stack([(weights * rows).sum((1, 2)), (weights * cols).sum((1, 2))], 1)
-                / weights.sum((1, 2)).clamp(min=1e-8)[:, None])
-
-    for start in range(0, clips, batch):
-        items = [data[i] for i in range(start, min(start + batch, clips))]
-        video = torch.stack([it["video"] for it in items])
-        attrs = [it["attributes"] for it in items]
-        labels += [NAMES.index(a["color"]) for a in attrs]
-        bg = torch.stack([torch.tensor(BACKGROUNDS[a["background"]], dtype=torch.float32) / 127.5 - 1 for a in attrs])
-        mask = ((video - bg[:, :, None, None, None]).abs().sum(1, keepdim=True) > 0.5).float()  # the object
+    for video, label, mask, bg in batches(tok, split, clips, frames, seed, batch):
+        labels.append(label)
         codes = tok.encode(video)
         first += [tuple(row) for row in codes.codes[0][:, 0].flatten(1).tolist()]
         places.append(centroid(mask[:, 0, 0]))
         for s in range(n_prefix):
             latents[s].append(tok._codes_to_latent(codes, s)[:, :, 0].flatten(1))
             preview = tok.decode_partial(codes, s)
-            mean = (preview * mask).sum((2, 3, 4)) / mask.sum((2, 3, 4)).clamp(min=1)  # (B, 3)
-            right[s].append(torch.cdist(mean, PALETTE).argmin(1) == torch.tensor(labels[-len(items):]))
+            right[s].append(colour_right(preview, mask, label))
             painted[s].append(centroid((preview[:, :, 0] - bg[:, :, None, None]).square().sum(1)))
     return ([torch.cat(x) for x in latents], [torch.cat(r) for r in right], [torch.cat(p) for p in painted],
-            torch.tensor(labels), first, torch.cat(places))
+            torch.cat(labels), first, torch.cat(places))
+
+
+def batches(tok: VideoTokenizer, split: str, clips: int, frames: int, seed: int, batch: int):
+    """Moving Shapes clips in batches: (video (B, 3, T, H, W), colour labels (B,), the object's mask
+    (B, 1, T, H, W), the background colour (B, 3))."""
+    data = MovingShapes(split, clips, tok.resolution, frames, seed=seed)
+    for start in range(0, clips, batch):
+        items = [data[i] for i in range(start, min(start + batch, clips))]
+        video = torch.stack([it["video"] for it in items])
+        attrs = [it["attributes"] for it in items]
+        bg = torch.stack([torch.tensor(BACKGROUNDS[a["background"]], dtype=torch.float32) / 127.5 - 1 for a in attrs])
+        mask = ((video - bg[:, :, None, None, None]).abs().sum(1, keepdim=True) > 0.5).float()
+        yield video, torch.tensor([NAMES.index(a["color"]) for a in attrs]), mask, bg
+
+
+def centroid(weights: torch.Tensor) -> torch.Tensor:
+    """(row, column) centroid (B, 2) of non-negative ``weights`` (B, H, W)."""
+    rows, cols = torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in weights.shape[1:]), indexing="ij")
+    return (torch.stack([(weights * rows).sum((1, 2)), (weights * cols).sum((1, 2))], 1)
+            / weights.sum((1, 2)).clamp(min=1e-8)[:, None])
+
+
+def colour_right(video: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: the mean colour of ``video`` over the object's pixels is nearest its own palette colour."""
+    mean = (video * mask).sum((2, 3, 4)) / mask.sum((2, 3, 4)).clamp(min=1)
+    return torch.cdist(mean, PALETTE).argmin(1) == labels
+
+
+@torch.no_grad()
+def first_code_bound(tok: VideoTokenizer, train_clips: int, test_clips: int, frames: int,
+                     weights: list[float], batch: int = 32) -> dict:
+    """The best preview at <= the first scale under each object weight w (pixels weighted 1 + w on the object):
+    per latent frame, each first-scale code map's weighted mean frames over the training clips sharing it (maps
+    no training clip has: the mean over all of them), read on held-out clips."""
+    def load(split: str, clips: int, seed: int):
+        parts = [(video, tok.encode(video).codes[0].flatten(2), label, mask)
+                 for video, label, mask, _ in batches(tok, split, clips, frames, seed, batch)]
+        return [torch.cat(p) for p in zip(*parts)]
+
+    train_video, train_maps, _, train_mask = load("train", train_clips, 11)
+    video, maps, labels, mask = load("heldout", test_clips, 12)
+    tau = tok.config.temporal_compression
+    reads = {}
+    for w in weights:
+        best = torch.empty_like(video)
+        for j in range(maps.shape[1]):  # latent frame j covers frames [a, b)
+            a, b = (0, 1) if j == 0 else (1 + tau * (j - 1), 1 + tau * j)
+            x, weight = train_video[:, :, a:b], 1 + w * train_mask[:, :, a:b]
+            overall = (x * weight).sum(0) / weight.sum(0)
+            for m in maps[:, j].unique(dim=0):
+                share = (train_maps[:, j] == m).all(1)
+                best[(maps[:, j] == m).all(1), :, a:b] = (
+                    (x[share] * weight[share]).sum(0) / weight[share].sum(0) if share.any() else overall)
+        reads[f"object_weight_{w:g}"] = {"psnr_db": float(psnr(best, video).mean()),
+                                         "colour_kept": float(colour_right(best, mask, labels).float().mean())}
+    train_places, places = centroid(train_mask[:, 0, 0]), centroid(mask[:, 0, 0])
+    predicted = torch.stack([train_places[(train_maps[:, 0] == m).all(1)].mean(0)
+                             if (train_maps[:, 0] == m).all(1).any() else train_places.mean(0) for m in maps[:, 0]])
+    return {"train_clips": train_clips, "test_clips": test_clips, "frames": frames, "bound": reads,
+            "place_r2_heldout": r2(predicted, places),
+            "maps_in_use": len(torch.cat([train_maps[:, 0], maps[:, 0]]).unique(dim=0))}
 
 
 def r2(predicted: torch.Tensor, true: torch.Tensor) -> float:
@@ -126,10 +179,27 @@ def main() -> None:
     parser.add_argument("--train-clips", type=int, default=1024)
     parser.add_argument("--test-clips", type=int, default=256)
     parser.add_argument("--frames", type=int, default=5, help="clip length (the probe reads the first latent frame)")
+    parser.add_argument("--bound", action="store_true",
+                        help="read only the bound on any preview decoder at <= the first scale")
+    parser.add_argument("--bound-train-clips", type=int, default=1536)
+    parser.add_argument("--bound-test-clips", type=int, default=128)
+    parser.add_argument("--bound-frames", type=int, default=17)
+    parser.add_argument("--bound-weights", type=float, nargs="+", default=[5, 7, 9, 11])
     parser.add_argument("--out", default="benchmarks/results/preview_information.json")
     args = parser.parse_args()
 
     tok = VideoTokenizer.from_pretrained(str(args.model or assets.path("shapes-tokenizer"))).eval().float()
+    result = {"model": args.model or "shapes-tokenizer",
+              "machine": f"{platform.machine()} {torch.get_num_threads()} threads, CPU, torch {torch.__version__}"}
+    result |= (first_code_bound(tok, args.bound_train_clips, args.bound_test_clips, args.bound_frames,
+                                args.bound_weights) if args.bound else information_reads(tok, args))
+    print(json.dumps(result, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+
+def information_reads(tok: VideoTokenizer, args: argparse.Namespace) -> dict:
+    """The pixel reads and the linear probe per coarse prefix, and the first scale's code maps."""
     train_lat, _, _, train_y, _, _ = prefix_reads(tok, "train", args.train_clips, args.frames, seed=11)
     test_lat, test_right, test_painted, test_y, test_maps, test_places = prefix_reads(
         tok, "heldout", args.test_clips, args.frames, seed=12)
@@ -140,14 +210,9 @@ def main() -> None:
         rows[key] = {"pixel_colour_right": float(test_right[s].float().mean()),
                      "pixel_place_r2": r2(test_painted[s], test_places), "probe_train_accuracy": fit,
                      "probe_test_accuracy": held}
-    result = {"model": args.model or "shapes-tokenizer", "train_clips": args.train_clips,
-              "test_clips": args.test_clips, "frames": args.frames, "chance": 1 / len(NAMES), "prefix": rows,
-              "first_scale_codes": code_map_reads(test_maps, test_y, test_places),
-              "machine": f"{platform.machine()} {torch.get_num_threads()} threads, CPU, torch {torch.__version__}"}
-    print(json.dumps(result, indent=2))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-
+    return {"train_clips": args.train_clips, "test_clips": args.test_clips, "frames": args.frames,
+            "chance": 1 / len(NAMES), "prefix": rows,
+            "first_scale_codes": code_map_reads(test_maps, test_y, test_places)}
 
 if __name__ == "__main__":
     main()

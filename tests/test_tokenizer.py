@@ -412,6 +412,47 @@ def test_preview_positions_are_the_preview_decoders_own():
         VideoTokenizer(**TINY, fold_time=True, global_context=True, positions=True, preview_positions=True)
 
 
+def test_preview_code_maps_paint_the_first_scale_previews_alone():
+    torch.manual_seed(0)
+    kw = dict(**TINY, fold_time=True, coarse_codes=8, preview_decoder=True)
+    tok = VideoTokenizer(**kw, preview_code_maps=True).eval()
+    plain = VideoTokenizer(**kw).eval()
+    plain.load_state_dict({k: v for k, v in tok.state_dict().items() if k != "preview_code_map"})
+    video = clips(4, 9)
+    codes = tok.encode(video)
+    before = [tok.decode_partial(codes, s) for s in range(4)]
+    for s in range(4):  # zero at initialisation: no change
+        assert torch.equal(before[s], plain.decode_partial(codes, s))
+    first = codes.codes[0][:, :, 0, 0]  # (B, t): each latent frame's first-scale code
+    code = int(first[0, 0])
+    with torch.no_grad():
+        tok.preview_code_map[code] = torch.randn_like(tok.preview_code_map[code])
+    assert all(torch.equal(a, b) for a, b in zip(tok.encode(video).codes, codes.codes))  # the codes stay
+    for s in range(1, 4):  # previews from more scales, and full decodes, stay
+        assert torch.equal(tok.decode_partial(codes, s), before[s])
+    after = tok.decode_partial(codes, 0)
+    for b in range(4):
+        # the causal decoder: frames from the first latent frame with that code on change, earlier ones stay
+        hit = (first[b] == code).nonzero()[:, 0]
+        start = None if len(hit) == 0 else (0 if hit[0] == 0 else 1 + 4 * (int(hit[0]) - 1))
+        if start is None:
+            assert torch.equal(after[b], before[0][b])
+        else:
+            assert torch.equal(after[b, :, :start], before[0][b, :, :start])
+            assert not torch.allclose(after[b, :, start:], before[0][b, :, start:], atol=1e-3)
+    # training: a clip truncated to the first scale reads its code's map (and alone trains it)
+    upto = torch.tensor([0, 1, 3, 0])
+    out = tok(video, upto)
+    torch.testing.assert_close(out.reconstruction[:1].clamp(-1, 1), after[:1], rtol=0, atol=1e-5)
+    for clip, learns in ((0, True), (1, False), (2, False)):
+        tok.zero_grad()
+        tok(video, upto).reconstruction[clip].square().mean().backward()
+        grad = tok.preview_code_map.grad
+        assert (grad is not None and bool(grad[first[clip]].any())) == learns
+    with pytest.raises(ValueError, match="preview_code_maps: needs preview_decoder=True, coarse_codes > 0"):
+        VideoTokenizer(**TINY, fold_time=True, preview_decoder=True, preview_code_maps=True)
+
+
 def test_truncated_forward_reconstructs_from_coarse_scales_only():
     torch.manual_seed(0)
     tok = VideoTokenizer(**TINY, fold_time=True).eval()

@@ -150,18 +150,19 @@ def test_a_new_preview_decoder_starts_as_a_copy_of_the_decoder(tmp_path):
 def test_preview_only_fine_tuning_moves_the_preview_decoder_alone(tmp_path):
     base_config = tiny_config(tmp_path / "base", 2)
     base_config["model"] |= {"preview_decoder": True, "refiner_blocks": 1, "refiner_channels": 8,
-                             "global_context": True, "positions": True}
+                             "global_context": True, "positions": True, "coarse_codes": 8}
     base = train(base_config, progress=False)
-    # the preview decoder gains its own position map, started as a copy of the shared one
+    # the preview decoder gains its own position map, started as a copy of the shared one, and code maps (zero)
     config = tiny_config(tmp_path / "ft", 3, trainable="preview", init_from=str(base), truncate_prob=1.0,
                          context_lr_scale=10.0)
-    config["model"] = base_config["model"] | {"preview_positions": True}
+    config["model"] = base_config["model"] | {"preview_positions": True, "preview_code_maps": True}
     before, after = VideoTokenizer.from_pretrained(base), VideoTokenizer.from_pretrained(train(config, progress=False))
     after_state = after.state_dict()
     for key, value in before.state_dict().items():  # encoder, codebook, decoder, refiner, shared map: untouched
         assert torch.equal(value, after_state[key]) == (not key.startswith("preview_net.")), key
     for key, value in before.position_map.state_dict().items():  # the copy has moved from where it started
         assert not torch.equal(value, after.preview_position_map.state_dict()[key]), key
+    assert after.preview_code_map.any()  # the maps of the codes that clips truncated to the first scale used
     logged = EventAccumulator(str(tmp_path / "ft" / "tb")).Reload().Tags()["scalars"]
     assert "preview_psnr" in logged and "psnr" not in logged  # PSNR of the previews; no full clip to log
     with pytest.raises(ValueError, match="train.truncate_prob: must be 1 with train.trainable=preview"):

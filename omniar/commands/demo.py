@@ -201,10 +201,13 @@ class Demo:
     def _generate(self, prompt, elastic, kwargs, progress):
         tok = self.pipe.video_tokenizer
         first: list[torch.Tensor] = []  # frame 0's accumulated latent after each scale
+        first_code: list[torch.Tensor] = []  # frame 0's first-scale code (its preview map, if the tokenizer has them)
 
         def on_scale(step: dict) -> None:
             if step["frame"] == 0:
                 first.append(step["latent"][:1].float())
+                if step["scale"] == 0:
+                    first_code.append(step["codes"][:1].reshape(1, 1, 1, 1))
             if progress is not None:  # called only once the pipeline has validated num_frames
                 total = tok.num_latent_frames(kwargs["num_frames"]) * len(tok.scales)
                 progress((step["frame"] * len(tok.scales) + step["scale"] + 1, total), desc="generating")
@@ -213,6 +216,7 @@ class Demo:
         # The causal decoder decodes frame 0 alone exactly as in the full clip: one batched call for the coarse
         # prefixes (through the preview decoder, if the tokenizer has one), one for the full accumulation.
         latents = torch.cat(first).unsqueeze(2)
+        latents[:1] = tok.with_code_map(latents[:1], first_code[0])
         with torch.no_grad():
             images = _to_uint8(torch.cat([tok.decode_latent(latents[:-1], preview=True),
                                           tok.decode_latent(latents[-1:])]))[:, 0]

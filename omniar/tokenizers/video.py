@@ -18,7 +18,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 
 from .._checks import check_bool, check_choice, check_float, check_int, require
 from .._pretrained import PretrainedModel
-from .._scales import ScaleSchedule
+from .._scales import ScaleSchedule, scale_shapes
 from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE
 from .causal3d import CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner, PositionMap
 from .codes import MultiScaleCodes, Scales, check_scales
@@ -84,6 +84,11 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         preview_positions: the preview decoder reads a position map of its own (``preview_position_map``, a copy
             of ``position_map`` at initialisation; needs ``preview_decoder`` and ``positions``), so a stage that
             trains it to paint a 1x1 code's place leaves full decodes as they are.
+        preview_code_maps: each first-scale code gets its own latent-grid map (``preview_code_map``, zero at
+            initialisation), added to the latent of a preview decoded from the first scale alone (needs
+            ``preview_decoder``, ``coarse_codes`` and a 1x1 first scale). That latent is otherwise one vector
+            repeated over the grid, from which no decoder learnt to paint the object's place (BENCHMARKS.md, A15s-w);
+            a map per code can hold the place its clips share. The codes and full decodes do not change.
     """
 
     @register_to_config
@@ -94,7 +99,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
                  refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False, global_context: bool = False,
                  positions: bool = False, coarse_codes: int = 0, preview_decoder: bool = False,
-                 preview_positions: bool = False):
+                 preview_positions: bool = False, preview_code_maps: bool = False):
         super().__init__()
         check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -123,9 +128,12 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         check_bool(positions, "positions")
         check_bool(preview_decoder, "preview_decoder")
         check_bool(preview_positions, "preview_positions")
+        check_bool(preview_code_maps, "preview_code_maps")
         require(global_context or not positions, "positions", "needs global_context=True (the encoder's side of it)")
         require(not preview_positions or (preview_decoder and positions), "preview_positions",
                 "needs preview_decoder=True and positions=True")
+        require(not preview_code_maps or (preview_decoder and coarse_codes and scale_shapes(scales)[0] == (1, 1)),
+                "preview_code_maps", "needs preview_decoder=True, coarse_codes > 0 and a 1x1 first scale")
         nets = (FoldEncoder, FoldDecoder) if fold_time else (Encoder3d, Decoder3d)
         self.encoder = nets[0](in_channels, channels, num_res_blocks, latent_channels,
                                spatial_compression, temporal_compression, conv, global_context, positions)
@@ -138,6 +146,9 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                         if refiner_blocks else None)
         self.preview_net = copy.deepcopy(self.decoder) if preview_decoder else None
         self.preview_position_map = copy.deepcopy(self.position_map) if preview_positions else None
+        self.preview_code_map = (torch.nn.Parameter(torch.zeros(coarse_codes, latent_channels,
+                                                                *scale_shapes(scales)[-1]))
+                                 if preview_code_maps else None)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -231,8 +242,15 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
     def _codes_to_latent(self, codes: MultiScaleCodes, upto_scale: int | None = None) -> torch.Tensor:
         b, t = codes.batch_size, codes.num_latent_frames
         flat = [c.to(self.device).flatten(0, 1) for c in codes.codes]
-        f_hat = self.quantizer.codes_to_latent(flat, upto_scale)
-        return f_hat.unflatten(0, (b, t)).transpose(1, 2)
+        f_hat = self.quantizer.codes_to_latent(flat, upto_scale).unflatten(0, (b, t)).transpose(1, 2)
+        return self.with_code_map(f_hat, codes.codes[0]) if upto_scale == 0 else f_hat
+
+    def with_code_map(self, latent: torch.Tensor, first_codes: torch.Tensor) -> torch.Tensor:
+        """``latent`` (B, C, t, h, w) of a preview from the first scale alone, plus the map of each latent frame's
+        first-scale code ``first_codes`` (B, t, 1, 1) (``preview_code_maps``; without them, ``latent`` itself)."""
+        if self.preview_code_map is None:
+            return latent
+        return latent + self.preview_code_map[first_codes.flatten(1).to(self.device)].transpose(1, 2).to(latent.dtype)
 
     def decoder_for(self, preview: bool) -> torch.nn.Module:
         """The net that decodes a coarse prefix of the scales (``preview``) or all of them."""
@@ -292,6 +310,9 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                     and soft_previews.dtype == torch.bool, "soft_previews", "must be a bool tensor of shape (B,)")
         f_hat, codes, loss = self._quantize(self.encoder(video), upto_scale, preview_grad, soft_previews)
         f_hat = f_hat.to(video.dtype)
+        if upto_scale is not None and self.preview_code_map is not None:
+            first = (upto_scale.to(f_hat.device) == 0)[:, None, None, None, None]
+            f_hat = torch.where(first, self.with_code_map(f_hat, codes[0]), f_hat)
         if self.preview_net is None or upto_scale is None:
             rec = self.render(f_hat)
         else:  # each clip through the decoder of its prefix

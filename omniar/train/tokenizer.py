@@ -59,8 +59,9 @@ class TokenizerTrainConfig:
     # read, and the encoder to write, what the coarse latents could say (e.g. where the object is) before the codes
     # hold it.
     soft_preview_prob: float = 0.0
-    # Learning-rate multiplier for the modules of ``model.global_context`` / ``positions`` / ``preview_positions``
-    # (the context's projection, the position maps), which start at zero (or as a copy of one that did). AdamW
+    # Learning-rate multiplier for the modules of ``model.global_context`` / ``positions`` / ``preview_positions`` /
+    # ``preview_code_maps`` (the context's projection, the position and code maps), which start at zero (or as a
+    # copy of one that did). AdamW
     # moves a weight by about lr a step, so from zero at lr 1e-4 they need thousands of steps to reach the latent's
     # scale; a fine-tune of a few hundred steps needs them faster.
     context_lr_scale: float = 1.0
@@ -90,9 +91,10 @@ class TokenizerTrainConfig:
                 f"got {self.truncate_prob}")
 
 
-# the modules that global_context, positions and preview_positions add: optional in train.init_from (zero at the
-# start, the preview decoder's map a copy of the shared one) and trained at train.context_lr_scale
-CONTEXT_MODULES = ("encoder.context.", "position_map.", "preview_position_map.")
+# the modules that global_context, positions, preview_positions and preview_code_maps add: optional in
+# train.init_from (zero at the start, the preview decoder's map a copy of the shared one) and trained at
+# train.context_lr_scale
+CONTEXT_MODULES = ("encoder.context.", "position_map.", "preview_position_map.", "preview_code_map")
 
 
 def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
