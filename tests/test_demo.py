@@ -10,7 +10,8 @@ from omniar.cli import build_parser
 from omniar.data.shapes import MovingShapes
 from omniar.data.video_io import read_video, write_video
 from omniar.pixels import to_uint8
-from test_t2v import PROMPT, tiny_pipeline
+from omniar.tokenizers import VideoTokenizer
+from test_t2v import PROMPT, TOK, tiny_pipeline
 
 gradio_client = pytest.importorskip("gradio_client")
 demo = pytest.importorskip("omniar.commands.demo")
@@ -34,6 +35,10 @@ def client(pipe):
         yield gradio_client.Client(app.local_url, verbose=False)
     finally:
         app.close()
+
+
+def _to_frames(video: torch.Tensor) -> np.ndarray:
+    return to_uint8(video).permute(0, 2, 3, 4, 1).numpy()
 
 
 def _downscale(frames: np.ndarray, side: int) -> np.ndarray:
@@ -62,6 +67,24 @@ def test_generate_returns_playable_mp4_and_previews(client, pipe):
     assert np.abs(images[-1].astype(int) - expected[0]).max() <= 1
     assert not np.array_equal(images[0], images[-1])
     assert "tokens/s" in stats and "9 forward passes" in stats
+
+
+def test_first_preview_reads_the_tokenizers_code_maps():
+    """A tokenizer with preview_code_maps: the 1x1 preview is the first frame of the clip's own 1x1 decode."""
+    pipe = tiny_pipeline()
+    tok = VideoTokenizer(**TOK, coarse_codes=8, preview_decoder=True, preview_code_maps=True)
+    with torch.no_grad():
+        tok.preview_code_map.normal_()
+    pipe.video_tokenizer = tok
+    pipe.to(decode_dtype=torch.float32)
+    kwargs = dict(num_frames=5, guidance_scale=3.0, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    out, previews = demo.Demo(pipe)._generate(PROMPT, None, kwargs, None)
+    first = _downscale(previews[0][0], 32)
+    expected = _to_frames(tok.decode_partial(out.codes, 0))[0, 0]
+    assert np.abs(first.astype(int) - expected).max() <= 1
+    with torch.no_grad():
+        tok.preview_code_map.zero_()
+    assert np.abs(first.astype(int) - _to_frames(tok.decode_partial(out.codes, 0))[0, 0]).max() > 8  # maps read
 
 
 def test_elastic_sub_model_changes_the_result(client):
