@@ -61,9 +61,8 @@ class TokenizerTrainConfig:
     soft_preview_prob: float = 0.0
     # Learning-rate multiplier for the modules of ``model.global_context`` / ``positions`` / ``preview_positions`` /
     # ``preview_code_maps`` (the context's projection, the position and code maps), which start at zero (or as a
-    # copy of one that did). AdamW
-    # moves a weight by about lr a step, so from zero at lr 1e-4 they need thousands of steps to reach the latent's
-    # scale; a fine-tune of a few hundred steps needs them faster.
+    # copy of one that did). AdamW moves a weight by about lr a step, so from zero at lr 1e-4 they need thousands
+    # of steps to reach the latent's scale; a fine-tune of a few hundred steps needs them faster.
     context_lr_scale: float = 1.0
     sample_every: int = 500  # steps between reconstruction previews in TensorBoard (0 = none)
 
