@@ -12,9 +12,10 @@
   alone, read in-sample), and how much of the object's place (its centroid in the first frame) the maps hold:
   the in-sample R^2 of each map's mean centroid, beside the R^2 of the same maps dealt to the clips at random
   (what fitting that many groups gives by itself);
-- with ``--bound``: the most any preview decoder can show at <= the first scale. It sees only each latent frame's
+- with ``--bound``: the most a preview decoder can show at <= the first scale. It sees only each latent frame's
   first-scale code map (and the earlier frames'), so under an object-weighted squared error the best it can paint
-  for a map is the weighted mean of the frames of the training clips that share it. That bound is read on held-out
+  for a map is the weighted mean of the frames of the training clips that share it (conditioned here on each latent
+  frame's own map: exact for the first latent frame, an estimate after it). That bound is read on held-out
   clips like ``benchmarks/tokenizer.py`` and the pixel read above (PSNR, the colour over the object's pixels of
   every frame), for several object weights, with the held-out R^2 of the first frame's place by its map.
 
