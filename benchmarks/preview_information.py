@@ -109,20 +109,28 @@ def first_code_bound(tok: VideoTokenizer, train_clips: int, test_clips: int, fra
         best = torch.empty_like(video)
         for j in range(maps.shape[1]):  # latent frame j covers frames [a, b)
             a, b = (0, 1) if j == 0 else (1 + tau * (j - 1), 1 + tau * j)
-            x, weight = train_video[:, :, a:b], 1 + w * train_mask[:, :, a:b]
-            overall = (x * weight).sum(0) / weight.sum(0)
-            for m in maps[:, j].unique(dim=0):
-                share = (train_maps[:, j] == m).all(1)
-                best[(maps[:, j] == m).all(1), :, a:b] = (
-                    (x[share] * weight[share]).sum(0) / weight[share].sum(0) if share.any() else overall)
+            best[:, :, a:b] = shared_mean(train_maps[:, j], maps[:, j], train_video[:, :, a:b],
+                                          1 + w * train_mask[:, :, a:b])
         reads[f"object_weight_{w:g}"] = {"psnr_db": float(psnr(best, video).mean()),
                                          "colour_kept": float(colour_right(best, mask, labels).float().mean())}
     train_places, places = centroid(train_mask[:, 0, 0]), centroid(mask[:, 0, 0])
-    predicted = torch.stack([train_places[(train_maps[:, 0] == m).all(1)].mean(0)
-                             if (train_maps[:, 0] == m).all(1).any() else train_places.mean(0) for m in maps[:, 0]])
+    predicted = shared_mean(train_maps[:, 0], maps[:, 0], train_places, torch.ones(len(train_places), 1))
     return {"train_clips": train_clips, "test_clips": test_clips, "frames": frames, "bound": reads,
             "place_r2_heldout": r2(predicted, places),
             "maps_in_use": len(torch.cat([train_maps[:, 0], maps[:, 0]]).unique(dim=0))}
+
+
+def shared_mean(train_keys: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                weight: torch.Tensor) -> torch.Tensor:
+    """For each row of ``keys`` (N, K): the ``weight``-ed mean of ``values`` (M, ...) over the training rows whose
+    key (``train_keys``, (M, K)) is the same, or over all of them when none is."""
+    overall = (values * weight).sum(0) / weight.sum(0)
+    out = overall.new_empty(len(keys), *overall.shape)
+    for key in keys.unique(dim=0):
+        share = (train_keys == key).all(1)
+        out[(keys == key).all(1)] = ((values[share] * weight[share]).sum(0) / weight[share].sum(0)
+                                     if share.any() else overall)
+    return out
 
 
 def r2(predicted: torch.Tensor, true: torch.Tensor) -> float:
@@ -214,6 +222,7 @@ def information_reads(tok: VideoTokenizer, args: argparse.Namespace) -> dict:
     return {"train_clips": args.train_clips, "test_clips": args.test_clips, "frames": args.frames,
             "chance": 1 / len(NAMES), "prefix": rows,
             "first_scale_codes": code_map_reads(test_maps, test_y, test_places)}
+
 
 if __name__ == "__main__":
     main()
