@@ -8,7 +8,7 @@ the first and the last quarter of the clip, and, with the shipped attribute clas
 prompt adherence of the first and the last 17 frames, the Frechet distance between them and each one's to
 real 17-frame clips of the same prompts.
 
-    nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/long_video.py [--clips 5] [--budget 384]
+    nice -n 19 env OMP_NUM_THREADS=1 python benchmarks/long_video.py [--clips 5] [--budget N]
         [--out benchmarks/results/long_video.json]
 
 ``none`` is today's unbounded cache; the pipeline caps it at ``max_num_frames`` (33), so this script lifts
@@ -112,7 +112,8 @@ def judge(combos: list[tuple], heads: np.ndarray, tails: np.ndarray, size: int, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=5, help="clips (seen prompts) per arm and length")
-    parser.add_argument("--budget", type=int, default=384, help="kv_budget: about half the 33-frame cache (765)")
+    parser.add_argument("--budget", type=int, default=None,
+                        help="kv_budget (default: half the model's full cache, pipe.cache_tokens() // 2)")
     parser.add_argument("--random-ratio", type=float, default=0.25, help="nacl's random share (fixed, not tuned)")
     parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES))
     parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), choices=list(ARMS))
@@ -128,6 +129,8 @@ def main() -> None:
         print(json.dumps(run_arm(args.child[0], int(args.child[1]), args.clips, args.budget, args.random_ratio,
                                  args.model, args.classifier, args.motion)))
         return
+    if args.budget is None:
+        args.budget = TextToVideoPipeline.from_pretrained(args.model).cache_tokens() // 2
     start, runs = time.perf_counter(), []
     for num_frames in args.frames:
         for arm in args.arms:

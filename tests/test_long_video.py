@@ -31,7 +31,8 @@ def run(pipe, **kwargs):
 @pytest.mark.parametrize("policy, rope", ARMS)
 def test_a_budget_larger_than_the_clip_changes_nothing(pipe, policy, rope):
     want = run(pipe)  # 3 latent frames: 255 visual tokens
-    got = run(pipe, kv_budget=3 * PER_FRAME, kv_policy=policy, kv_rope=rope, random_ratio=0.5)
+    assert pipe.cache_tokens(9) == 3 * PER_FRAME and pipe.cache_tokens() == pipe.cache_tokens(pipe.max_num_frames)
+    got = run(pipe, kv_budget=pipe.cache_tokens(9), kv_policy=policy, kv_rope=rope, random_ratio=0.5)
     assert np.array_equal(got, want)
 
 

@@ -1,7 +1,7 @@
 """Remake the README's pictures from a pipeline folder (default: the embedded model), after it changes:
 
 * ``docs/t2v_samples.gif``: the four README prompts, 17 frames, seed 0, side by side at twice the size;
-* ``docs/long_video_strip.png``: every 16th frame of a 257-frame clip with ``kv_budget=384``, seed 0;
+* ``docs/long_video_strip.png``: every 16th frame of a 257-frame clip at half the full cache's budget, seed 0;
 * ``docs/previews.gif``: ``omniar reconstruct`` of the folder's tokenizer (its coarse-to-fine previews).
 
     python tools/readme_media.py [--model FOLDER]
@@ -34,7 +34,7 @@ def main() -> None:
     clips = pipe(PROMPTS, num_frames=17, seed=0).frames  # (4, 17, H, W, 3) uint8
     tiled = np.concatenate(list(clips.repeat(2, axis=2).repeat(2, axis=3)), axis=2)
     write_video(ROOT / "docs/t2v_samples.gif", tiled, fps=8)
-    long = pipe(PROMPTS[0], num_frames=257, kv_budget=384, seed=0).frames[0]
+    long = pipe(PROMPTS[0], num_frames=257, kv_budget=pipe.cache_tokens() // 2, seed=0).frames[0]
     Image.fromarray(np.concatenate(list(long[::16]), axis=1)).save(ROOT / "docs/long_video_strip.png")
     subprocess.run([sys.executable, "-m", "omniar.cli", "reconstruct", "--out", str(ROOT / "docs/previews.gif"),
                     "--model", str(folder / "video_tokenizer")], check=True)

@@ -58,7 +58,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="enlarge each frame N times (nearest neighbour: sharp pixels)")
     long = parser.add_argument_group("long video (docs/long_video.md)")
     long.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
-                      help="visual tokens each layer's KV cache may hold (e.g. 384); lifts --num-frames to 1025")
+                      help="visual tokens each layer's KV cache may hold (half a 33-frame cache, "
+                           "pipe.cache_tokens() // 2, keeps quality: docs/long_video.md); lifts --num-frames to 1025")
     long.add_argument("--kv-policy", choices=KV_POLICIES, default=None,
                       help="how a budgeted cache makes room: window or nacl (default with a budget: the pipeline's)")
     long.add_argument("--random-ratio", type=float, default=DEFAULT_RANDOM_RATIO,

@@ -287,6 +287,13 @@ class TextToVideoPipeline:
         """``(height, width)`` of the frames: the tokenizer's, which its scale schedule fixes."""
         return self.video_tokenizer.frame_size
 
+    def cache_tokens(self, num_frames: int | None = None) -> int:
+        """Visual tokens each layer's KV cache holds for a clip of ``num_frames`` (default: the pipeline's
+        ``max_num_frames``), the unit of ``kv_budget``: half of the default is the budget long clips are run at."""
+        num_frames = self.max_num_frames if num_frames is None else check_int(num_frames, "num_frames", 1)
+        tok = self.video_tokenizer
+        return tok.num_latent_frames(num_frames) * tok.tokens_per_frame
+
     def check_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """``(height, width)`` of a call (None: :attr:`frame_size`), or a ``ValueError`` naming the one that differs.
         Only the built size is accepted: the AR model's sequence layout and positions are those of its scale
