@@ -1,7 +1,7 @@
 """Generation steps benchmark: forward passes and wall time for one video's tokens.
 
 One 17-frame 64x64 video = 5 latent frames (temporal compression 4) of an 8x8
-latent (spatial compression 8), scales (1, 2, 4, 8): 85 tokens per frame.
+latent (spatial compression 8) at the shipped tokenizer's scales (or --scales).
 Random weights; batch 2 (a CFG cond/uncond pair); the visual inputs are random
 tensors of the right shapes (the tokenizer's accumulation is not timed), codes
 are drawn by argmax. Decoders, same weights, same process, one call of each per
@@ -9,17 +9,17 @@ round, ratios the median over rounds of the per-round ratio:
 
 * next-scale + KV cache: one forward per (frame, scale) block;
 * fair baselines:
-  - raster, finest grid + KV cache: a token-causal model over only the 8x8
-    grid (64 tokens a frame, 320 in all: what a plain raster model needs),
+  - raster, finest grid + KV cache: a token-causal model over only the last
+    grid (8x8: 64 tokens a frame, 320 in all: what a plain raster model needs),
     one forward per token;
   - next-scale, exact-prefix recompute: no cache, each step runs one pass
     over exactly the text and the tokens up to its block;
 * the earlier, flattering baselines, kept for comparison:
-  - raster over all scales + KV cache: walks all 425 multi-scale tokens;
+  - raster over all scales + KV cache: walks all the multi-scale tokens;
   - next-scale, whole-frame recompute: each step of frame f runs frames
-    0..f completely (up to 84 tokens more than the exact prefix).
+    0..f completely (up to a frame of tokens more than the exact prefix).
 
-    python benchmarks/generation_steps.py [--out benchmarks/results/generation_steps.json]
+    python benchmarks/generation_steps.py [--scales 1 2 4 8] [--out benchmarks/results/generation_steps.json]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+import omniar.assets
 from omniar.backbone import OmniARConfig, OmniARModel, TokenMeta, attention_mask, text_meta, video_meta
 from omniar.backbone.elastic import slice_state_dict
 
@@ -117,10 +118,15 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/generation_steps.json")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--text-len", type=int, default=24)
+    parser.add_argument("--scales", type=int, nargs="+", default=None,
+                        help="square scale sides (default: the shipped tokenizer's)")
     args = parser.parse_args()
+    if args.scales is None:
+        tok_cfg = json.loads((omniar.assets.path("shapes-tokenizer") / "config.json").read_text())
+        args.scales = tok_cfg["scales"]
     torch.manual_seed(0)
     cfg = OmniARConfig(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2, num_experts=16, top_k=2,
-                       expert_hidden_size=256, codebook_size=512, code_dim=16, scales=(1, 2, 4, 8))
+                       expert_hidden_size=256, codebook_size=512, code_dim=16, scales=tuple(args.scales))
     frames, batch = 1 + (17 - 1) // 4, 2
     ours = OmniARModel.from_config_obj(cfg).eval()
     raster = OmniARModel.from_config_obj(cfg.replace(vision_mask="raster")).eval()
