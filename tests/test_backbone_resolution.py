@@ -130,7 +130,7 @@ def test_square_layouts_are_unchanged():
     assert layout_digest(VAR, False) == "fabcf4cb5eb4d4db"
     model = OmniARModel.from_pretrained(omniar.assets.path("shapes-t2v") / "model")
     cfg = model.omniar_config
-    assert cfg.scales == (1, 2, 4, 8, 8) and all(type(n) is int for n in cfg.scales) and cfg.tokens_per_frame == 149
+    assert cfg.scales == (1, 2, 4, 8) and all(type(n) is int for n in cfg.scales) and cfg.tokens_per_frame == 85
     assert torch.equal(model.frame_scale_ids, frame_scale_ids(cfg.scales))
 
 

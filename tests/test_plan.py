@@ -39,7 +39,7 @@ def test_paper_configs_have_the_intended_size(planned):
     assert p["routed_expert_params"] + p["other_params"] == p["total_params"]
     assert p["active_params"] < p["total_params"] / 4  # top-k routing: most weights idle per token
     assert p["active_params"] > p["other_params"]
-    assert p["tokens_per_sample"]["total"] == 96 + 5 * (1 + 4 + 16 + 64 + 64)  # shapes-tokenizer, 17 frames
+    assert p["tokens_per_sample"]["total"] == 96 + 5 * (1 + 4 + 16 + 64)  # shapes-tokenizer, 17 frames
     assert p["tokens_per_step"] == p["tokens_per_sample"]["total"] * p["micro_batch_size"] * gpus
 
 
