@@ -1,5 +1,6 @@
 """Unified backbone: causality, KV cache, RoPE, elastic sub-models, config and validation."""
 
+import contextlib
 import math
 
 import pytest
@@ -369,8 +370,10 @@ def test_save_load_round_trip(tmp_path):
 
 
 @torch.no_grad()
-def test_exit_adapter_runs_only_at_its_depth_and_travels_with_the_submodel(tmp_path):
-    plain, model = tiny(num_layers=3), tiny(num_layers=3, exit_adapter_depths=[2])
+@pytest.mark.parametrize("attention", [False, True], ids=["mlp", "block"])
+def test_exit_adapter_runs_only_at_its_depth_and_travels_with_the_submodel(tmp_path, attention):
+    plain = tiny(num_layers=3)
+    model = tiny(num_layers=3, exit_adapter_depths=[2], exit_adapter_attention=attention)
     assert model.omniar_config.exit_adapter_depths == (2,)  # a config.json list loads canonical
     assert not plain.exit_adapters and sum(p.numel() for p in model.exit_adapters.parameters()) > 0
     assert not model.load_state_dict(plain.state_dict(), strict=False).unexpected_keys
@@ -387,20 +390,23 @@ def test_exit_adapter_runs_only_at_its_depth_and_travels_with_the_submodel(tmp_p
     for depth in (1, 3):  # other depths, the full model among them, stay exact
         with plain.elastic(depth=depth), model.elastic(depth=depth):
             assert torch.equal(model(ids, mask, vis).visual_logits, plain(ids, mask, vis).visual_logits)
-    # the KV cache path applies it too
-    with model.elastic(depth=2):
-        cache = model.new_cache(T)
-        model.forward_text(ids, mask, cache)
-        first, want = 0, sub.visual_logits.flatten(1, 2)
-        for f, s, _, count in blocks():
-            assert (model.forward_scale(vis[s][:, f], f, s, cache) - want[:, first:first + count]).abs().max() < 1e-4
-            first += count
     # extracted and reloaded, the depth-2 sub-model keeps its adapter; a shallower one has none
     model.extract_submodel(depth=2, save_directory=str(tmp_path))
     loaded = OmniARModel.from_pretrained(str(tmp_path)).eval()
     assert loaded.omniar_config.exit_adapter_depths == (2,)
     assert same(loaded(ids, mask, vis).visual_logits, sub.visual_logits)
     assert not model.extract_submodel(depth=1).exit_adapters
+    # the KV cache path applies it too, in the full model's cache and in the extracted model's (where an exit
+    # block needs a layer more than the model has)
+    for net, context in ((model, model.elastic(depth=2)), (loaded, contextlib.nullcontext())):
+        with context:
+            cache = net.new_cache(T)
+            net.forward_text(ids, mask, cache)
+            first, want = 0, sub.visual_logits.flatten(1, 2)
+            for f, s, _, count in blocks():
+                got = net.forward_scale(vis[s][:, f], f, s, cache)
+                assert (got - want[:, first:first + count]).abs().max() < 1e-4
+                first += count
 
 
 @pytest.mark.parametrize("depths, message", [([4], "must be <= 3"), ([2, 2], "repeated depth"),

@@ -300,8 +300,21 @@ def test_exit_adapter_training_leaves_the_model_exact(tmp_path):
     assert len(kl) == 8 and kl[-1] < 0.9 * kl[0]
     pipe = TextToVideoPipeline.from_pretrained(final)
     assert pipe.model.omniar_config.exit_adapter_depths == (1,)
+    # an exit block that attends (model.exit_adapter_attention) trains the same way and generates
+    config["train"]["out_dir"] = str(tmp_path / "block")
+    config["model"]["exit_adapter_attention"] = True
+    block = train(config, progress=False)
+    got = OmniARModel.from_pretrained(block / "model").state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert min(got[f"exit_adapters.1.{k}.weight"].abs().sum() for k in ("attn.o_proj", "ffn.w_out")) > 0
+    acc = EventAccumulator(str(tmp_path / "block" / "tb"), size_guidance={"scalars": 0})
+    kl = [event.value for event in acc.Reload().Scalars("exit_kl/1")]
+    assert kl[-1] < 0.9 * kl[0]
+    frames = TextToVideoPipeline.from_pretrained(block)(PROMPT, num_frames=5, elastic={"depth": 1}, seed=0).frames
+    assert frames.shape[:2] == (1, 5)
 
     config["train"]["out_dir"] = str(tmp_path / "bad")
+    config["model"]["exit_adapter_attention"] = False
     config["model"]["exit_adapter_depths"] = [2]  # the full depth: the adapter would change the full model
     with pytest.raises(ValueError, match="model.exit_adapter_depths: must name depths below num_layers=2"):
         train(config, progress=False)

@@ -43,7 +43,8 @@ runs the nested sub-model (first layers, first experts);
 ``model.extract_submodel(depth, num_experts, top_k, save_directory=None)``
 returns (and optionally saves) it as a standalone ``OmniARModel``. A config with
 ``exit_adapter_depths=(3,)`` gives depth 3 its own small residual MLP before the
-final norm (``model.exit_adapters["3"]``, identity when new), trained with the rest frozen.
+final norm (``model.exit_adapters["3"]``, identity when new), trained with the rest frozen;
+``exit_adapter_attention=True`` makes it a dense block that also attends to the context.
 """
 
 from .attention import KVBudget, KVCache

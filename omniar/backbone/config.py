@@ -11,7 +11,7 @@ import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from .._checks import check_choice, check_float, check_int, require
+from .._checks import check_bool, check_choice, check_float, check_int, require
 from .._scales import Scales, ScaleSchedule, check_scales
 from ..limits import MAX_CHANNELS, MAX_CODEBOOK_SIZE, MAX_EXPERTS, MAX_HEADS, MAX_LAYERS, MAX_MTP_K, MAX_TEXT_VOCAB
 
@@ -48,6 +48,9 @@ class OmniARConfig(ScaleSchedule):
     ``exit_adapter_depths``: the sub-model depths that end in an exit adapter (a residual MLP of hidden size
     ``exit_adapter_hidden_size`` before the final norm, run only at that depth, identity at the start), trained
     by distillation with the rest of the model frozen (``omniar train ar`` with ``train.trainable=exit_adapters``).
+    ``exit_adapter_attention``: each exit adapter is a transformer block instead (attention over the sub-model's
+    context and a dense SwiGLU of that hidden size, both output projections zero at the start), so it can read
+    the other tokens, which an MLP on each token's own state cannot; it takes one more layer of KV cache.
     """
 
     text_vocab_size: int = 261
@@ -80,6 +83,7 @@ class OmniARConfig(ScaleSchedule):
     elastic_min_experts: int = 2
     exit_adapter_depths: tuple[int, ...] = ()
     exit_adapter_hidden_size: int = 512
+    exit_adapter_attention: bool = False
     norm_eps: float = 1e-6
     init_std: float = 0.02
 
@@ -123,6 +127,7 @@ class OmniARConfig(ScaleSchedule):
         require(len(set(depths)) == len(depths), "exit_adapter_depths", f"has a repeated depth: {depths}")
         self.exit_adapter_depths = tuple(sorted(depths))
         check_int(self.exit_adapter_hidden_size, "exit_adapter_hidden_size", 1, MAX_CHANNELS)
+        check_bool(self.exit_adapter_attention, "exit_adapter_attention")
         check_float(self.norm_eps, "norm_eps", 0.0, low_inclusive=False)
         check_float(self.init_std, "init_std", 0.0, low_inclusive=False)
 

@@ -41,13 +41,15 @@ class OmniAROutput(BaseOutput):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: OmniARConfig, dense: bool) -> None:
+    """Attention + FFN: MoE, or a dense SwiGLU (``dense``) of ``width`` (default ``cfg.dense_width``)."""
+
+    def __init__(self, cfg: OmniARConfig, dense: bool, width: int | None = None) -> None:
         super().__init__()
         d = cfg.hidden_size
         self.attn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.attn = Attention(d, cfg.num_heads, cfg.num_kv_heads, cfg.norm_eps)
         self.ffn_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
-        self.ffn = SwiGLU(d, cfg.dense_width) if dense else MoELayer(
+        self.ffn = SwiGLU(d, width or cfg.dense_width) if dense else MoELayer(
             d, cfg.expert_hidden_size, cfg.num_experts, cfg.num_shared_experts, cfg.gating,
             cfg.seq_balance_loss_coef, cfg.router_z_loss_coef, cfg.moe_impl)
 
@@ -60,6 +62,20 @@ class Block(nn.Module):
         valid, is_text = (None, None) if meta is None else (meta.valid, meta.is_text)
         y, aux, stats = self.ffn(h, valid, is_text, spec.num_experts, spec.top_k, layer)
         return x + y, aux, stats
+
+
+class ExitBlock(Block):
+    """An exit adapter that attends (``exit_adapter_attention``): a dense block whose output projections start at
+    zero, so a new one is the identity. At depth ``d`` its keys and values take KV-cache layer ``d``, which the
+    depth-``d`` sub-model leaves free."""
+
+    def __init__(self, cfg: OmniARConfig, width: int) -> None:
+        super().__init__(cfg, dense=True, width=width)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.attn.o_proj.weight)
+        nn.init.zeros_(self.ffn.w_out.weight)
 
 
 class OmniARModel(PretrainedModel, ConfigMixin):
@@ -85,8 +101,9 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         self.mtp_heads = nn.ModuleList(nn.Linear(d, cfg.text_vocab_size, bias=False) for _ in range(cfg.mtp_k - 1))
         self.visual_head = nn.Linear(d, cfg.codebook_size, bias=False)
         # empty (no tensors) unless the config names depths
-        self.exit_adapters = nn.ModuleDict({str(depth): ExitAdapter(d, cfg.exit_adapter_hidden_size)
-                                            for depth in cfg.exit_adapter_depths})
+        self.exit_adapters = nn.ModuleDict({
+            str(depth): ExitBlock(cfg, cfg.exit_adapter_hidden_size) if cfg.exit_adapter_attention
+            else ExitAdapter(d, cfg.exit_adapter_hidden_size) for depth in cfg.exit_adapter_depths})
         self.register_buffer("frame_scale_ids", frame_scale_ids(cfg.scales), persistent=False)
         self._elastic: ElasticSpec | None = None
         for name, p in self.named_parameters():
@@ -164,10 +181,13 @@ class OmniARModel(PretrainedModel, ConfigMixin):
             x, layer_aux, layer_stats = self.layers[i](x, cos, sin, mask, empty, meta, cache, i, spec)
             if layer_stats is not None:
                 aux, stats = aux + layer_aux, stats + [layer_stats]
+        adapter = self._exit_adapter(spec.depth)
+        if isinstance(adapter, ExitBlock):
+            x = adapter(x, cos, sin, mask, empty, None, cache, spec.depth, spec)[0]
+        elif adapter is not None:
+            x = adapter(x)
         if cache is not None:
             cache.commit(x.shape[1])
-        if str(spec.depth) in self.exit_adapters:
-            x = self.exit_adapters[str(spec.depth)](x)
         return self.norm(x), aux, stats
 
     def _text_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -286,7 +306,16 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         require(budget is None or budget.tokens >= 2 * per_frame, "kv_budget",
                 f"must be at least two frames' tokens ({2 * per_frame}) to hold the newest and the next frame, "
                 f"got {budget and budget.tokens}")
-        return KVCache(self._omniar_config.num_layers, self.active_spec, max_frames, budget)
+        return KVCache(max(self._omniar_config.num_layers, self._cache_depth()), self.active_spec, max_frames,
+                       budget)
+
+    def _exit_adapter(self, depth: int) -> nn.Module | None:
+        return self.exit_adapters[str(depth)] if str(depth) in self.exit_adapters else None
+
+    def _cache_depth(self) -> int:
+        """KV-cache layers the active sub-model writes: its depth, plus one for an exit block that attends."""
+        depth = self.active_spec.depth
+        return depth + isinstance(self._exit_adapter(depth), ExitBlock)
 
     def _check_cache_spec(self, cache: KVCache) -> None:
         spec = self.active_spec
@@ -302,7 +331,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         cache.max_frames = max_frames
         visual = max_frames * cfg.tokens_per_frame
         capacity = length + (visual if cache.budget is None else min(visual, cache.budget.tokens))
-        cache.plan(meta, cos, sin, cfg.num_kv_heads, cfg.head_dim, self.active_spec.depth, capacity)
+        cache.plan(meta, cos, sin, cfg.num_kv_heads, cfg.head_dim, self._cache_depth(), capacity)
 
     def forward_text(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
                      cache: KVCache, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
