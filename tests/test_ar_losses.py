@@ -36,6 +36,27 @@ def test_distillation_is_the_kl_to_the_detached_full_model():
     assert full.grad is None and sub.grad.abs().sum() > 0  # only the sub-model learns from it
 
 
+def test_reverse_distillation_is_the_kl_from_the_sub_model():
+    torch.manual_seed(0)
+    full = torch.randn(2, 3, 21, 16, requires_grad=True)
+    sub = torch.randn(2, 3, 21, 16, requires_grad=True)
+    cfg = ARTrainConfig(scale_weighting="token")
+    kl = distill_loss(output(sub), output(full), SCALES, cfg, reverse=True)
+    expected = F.kl_div(F.log_softmax(full, -1).flatten(0, 2), F.log_softmax(sub, -1).flatten(0, 2),
+                        log_target=True, reduction="batchmean")  # KL(sub || full)
+    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert kl.item() != pytest.approx(distill_loss(output(sub), output(full), SCALES, cfg).item(), rel=1e-2)
+    kl.backward()
+    assert full.grad is None and sub.grad.abs().sum() > 0
+
+
+def test_exit_kl_is_checked():
+    with pytest.raises(ValueError, match="train.exit_kl"):
+        ARTrainConfig(exit_kl="both", trainable="exit_adapters", init_from="x")
+    with pytest.raises(ValueError, match="train.exit_kl.*exit_adapters"):
+        ARTrainConfig(exit_kl="reverse")
+
+
 def test_negative_distillation_weight_is_refused():
     with pytest.raises(ValueError, match="train.elastic_distill"):
         ARTrainConfig(elastic_distill=-0.5, elastic=True)

@@ -106,6 +106,9 @@ class ARTrainConfig:
     # "all", or "exit_adapters": only the model's exit adapters (model.exit_adapter_depths) learn, each fitting the
     # full model's code distribution (KL) at its depth; the rest stays exactly the train.init_from model's
     trainable: str = "all"
+    # Which KL the exit adapters fit: "forward", KL(full || sub-model), covers every code the full model gives mass;
+    # "reverse", KL(sub-model || full), charges mass where the full model has little (mode-seeking)
+    exit_kl: str = "forward"
     sample_every: int = 500  # steps between generated sample clips in TensorBoard (0 = none)
     # recompute each transformer block in backward instead of keeping its activations: less memory, about
     # one more forward pass of compute
@@ -130,6 +133,9 @@ class ARTrainConfig:
                 "needs train.init_from (the model to stay close to)")
         check_choice(self.scale_weighting, "train.scale_weighting", ("scale", "token"))
         check_choice(self.trainable, "train.trainable", ("all", "exit_adapters"))
+        check_choice(self.exit_kl, "train.exit_kl", ("forward", "reverse"))
+        require(self.exit_kl == "forward" or self.trainable == "exit_adapters", "train.exit_kl",
+                "only the exit adapters' distillation reads it: needs train.trainable=exit_adapters")
         if self.trainable == "exit_adapters":
             require(bool(self.init_from), "train.trainable", "exit_adapters needs train.init_from (the trained model)")
             require(not self.elastic and self.anchor_weight == 0, "train.trainable",
@@ -146,23 +152,27 @@ def visual_mean(per_token: torch.Tensor, scales: Scales, cfg: ARTrainConfig) -> 
 
 
 def distill_loss(student: OmniAROutput, teacher: OmniAROutput, scales: Scales,
-                 cfg: ARTrainConfig) -> torch.Tensor:
-    """KL(teacher || student) of the visual code distributions, the teacher's side detached."""
+                 cfg: ARTrainConfig, reverse: bool = False) -> torch.Tensor:
+    """KL(teacher || student) of the visual code distributions, the teacher's side detached; ``reverse``:
+    KL(student || teacher)."""
     teacher = F.log_softmax(teacher.visual_logits.detach().float(), -1)
     student = F.log_softmax(student.visual_logits.float(), -1)
+    if reverse:
+        teacher, student = student, teacher
     return visual_mean((teacher.exp() * (teacher - student)).sum(-1), scales, cfg)
 
 
 def exit_adapter_loss(model: OmniARModel, forward, scales: Scales, cfg: ARTrainConfig,
                       **inputs) -> tuple[OmniAROutput, torch.Tensor, dict[str, float]]:
-    """``train.trainable=exit_adapters``: the sum over ``model``'s exit adapter depths of KL(full model || sub-model
-    at that depth), run through ``forward`` (the engine's); returns the full model's output too."""
+    """``train.trainable=exit_adapters``: the sum over ``model``'s exit adapter depths of the KL (``train.exit_kl``)
+    between the full model and the sub-model at that depth, run through ``forward`` (the engine's); returns the full
+    model's output too."""
     with torch.no_grad():
         full = forward(**inputs)
     loss, parts = full.aux_loss.new_zeros(()), {}
     for depth in model.omniar_config.exit_adapter_depths:
         with model.elastic(depth=depth):
-            kl = distill_loss(forward(**inputs), full, scales, cfg)
+            kl = distill_loss(forward(**inputs), full, scales, cfg, reverse=cfg.exit_kl == "reverse")
         parts[f"exit_kl/{depth}"] = kl.item()
         loss = loss + kl
     return full, loss, parts
