@@ -22,32 +22,23 @@ def test_scale_weighting_counts_each_scale_equally_and_token_weighting_each_toke
     assert visual_mean(loss, SCALES, ARTrainConfig(scale_weighting="token")).item() == pytest.approx(1 / 21)
 
 
-def test_distillation_is_the_kl_to_the_detached_full_model():
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_distillation_is_the_kl_between_the_sub_model_and_the_detached_full_model(reverse):
     torch.manual_seed(0)
     full = torch.randn(2, 3, 21, 16, requires_grad=True)
     sub = torch.randn(2, 3, 21, 16, requires_grad=True)
     cfg = ARTrainConfig(scale_weighting="token")
-    assert distill_loss(output(full), output(full), SCALES, cfg).item() == pytest.approx(0.0, abs=1e-6)
-    kl = distill_loss(output(sub), output(full), SCALES, cfg)
-    expected = F.kl_div(F.log_softmax(sub, -1).flatten(0, 2), F.log_softmax(full, -1).flatten(0, 2),
-                        log_target=True, reduction="batchmean")
+    assert distill_loss(output(full), output(full), SCALES, cfg, reverse).item() == pytest.approx(0.0, abs=1e-6)
+    kl = distill_loss(output(sub), output(full), SCALES, cfg, reverse)
+    log_full, log_sub = F.log_softmax(full, -1).flatten(0, 2), F.log_softmax(sub, -1).flatten(0, 2)
+    # F.kl_div(input, target) is KL(target || input): forward KL(full || sub), reverse KL(sub || full)
+    expected = F.kl_div(*((log_full, log_sub) if reverse else (log_sub, log_full)), log_target=True,
+                        reduction="batchmean")
     assert kl.item() == pytest.approx(expected.item(), rel=1e-5) and kl.item() > 0.1
+    other = distill_loss(output(sub), output(full), SCALES, cfg, not reverse)
+    assert kl.item() != pytest.approx(other.item(), rel=1e-2)  # the two directions differ
     kl.backward()
     assert full.grad is None and sub.grad.abs().sum() > 0  # only the sub-model learns from it
-
-
-def test_reverse_distillation_is_the_kl_from_the_sub_model():
-    torch.manual_seed(0)
-    full = torch.randn(2, 3, 21, 16, requires_grad=True)
-    sub = torch.randn(2, 3, 21, 16, requires_grad=True)
-    cfg = ARTrainConfig(scale_weighting="token")
-    kl = distill_loss(output(sub), output(full), SCALES, cfg, reverse=True)
-    expected = F.kl_div(F.log_softmax(full, -1).flatten(0, 2), F.log_softmax(sub, -1).flatten(0, 2),
-                        log_target=True, reduction="batchmean")  # KL(sub || full)
-    assert kl.item() == pytest.approx(expected.item(), rel=1e-5)
-    assert kl.item() != pytest.approx(distill_loss(output(sub), output(full), SCALES, cfg).item(), rel=1e-2)
-    kl.backward()
-    assert full.grad is None and sub.grad.abs().sum() > 0
 
 
 def test_exit_kl_is_checked():
