@@ -1,8 +1,8 @@
 """Sampling settings of a text-to-video model or of its shallower elastic sub-model (``--depth``), compared
-on a *validation* set of prompts (seed 12345, seen combinations; never the evaluation seeds of
+on a *validation* set of prompts (seed 12345 unless ``--seed``, seen combinations; never the evaluation seeds of
 ``omniar eval t2v``).
 
-    python benchmarks/t2v_sampling.py [--model DIR] [--depth D] [--clips 64]
+    python benchmarks/t2v_sampling.py [--model DIR] [--depth D] [--clips 64] [--seed 12345]
         [--out benchmarks/results/t2v_sampling.json]
 """
 
@@ -16,7 +16,6 @@ from pathlib import Path
 from omniar.eval.t2v import evaluate_split, load_classifier
 from omniar.generation import TextToVideoPipeline
 
-SEED = 12345  # the validation draw
 SETTINGS = {
     "guidance 3, no filter (API example)": {"guidance_scale": 3.0},
     "guidance 1 (no CFG)": {"guidance_scale": 1.0},
@@ -35,15 +34,16 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
     parser.add_argument("--depth", type=int, default=None, help="score the sub-model of this many layers")
     parser.add_argument("--clips", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=12345, help="the validation draw (keep it off the eval seeds)")
     parser.add_argument("--out", default="benchmarks/results/t2v_sampling.json")
     args = parser.parse_args()
     pipe, classifier = TextToVideoPipeline.from_pretrained(args.model), load_classifier()
     elastic = None if args.depth is None else {"depth": args.depth}
     result = {"model": args.model or "shapes-t2v", "depth": args.depth or pipe.model.omniar_config.num_layers,
-              "clips": args.clips, "seed": SEED, "settings": {}}
+              "clips": args.clips, "seed": args.seed, "settings": {}}
     for name, kwargs in SETTINGS.items():
         start = time.perf_counter()
-        res = evaluate_split(pipe, classifier, "seen", args.clips, seed=SEED, elastic=elastic, **kwargs)
+        res = evaluate_split(pipe, classifier, "seen", args.clips, seed=args.seed, elastic=elastic, **kwargs)
         result["settings"][name] = {"kwargs": kwargs, **res, "seconds": time.perf_counter() - start}
         print(f"{name:<34} adherence {res['all']:.3f} frechet {res['frechet']:.2f} "
               f"(color {res['color']:.2f} shape {res['shape']:.2f} direction {res['direction']:.2f} "
