@@ -3,7 +3,7 @@ on a *validation* set of prompts (seed 12345 unless ``--seed``, seen combination
 ``omniar eval t2v``).
 
     python benchmarks/t2v_sampling.py [--model DIR] [--depth D] [--clips 64] [--seed 12345]
-        [--out benchmarks/results/t2v_sampling.json]
+        [--settings NAME ...] [--out benchmarks/results/t2v_sampling.json]
 """
 
 from __future__ import annotations
@@ -35,13 +35,16 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=None, help="score the sub-model of this many layers")
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--seed", type=int, default=12345, help="the validation draw (keep it off the eval seeds)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+                        help="the settings to score (default: all), by name")
     parser.add_argument("--out", default="benchmarks/results/t2v_sampling.json")
     args = parser.parse_args()
     pipe, classifier = TextToVideoPipeline.from_pretrained(args.model), load_classifier()
     elastic = None if args.depth is None else {"depth": args.depth}
     result = {"model": args.model or "shapes-t2v", "depth": args.depth or pipe.model.omniar_config.num_layers,
               "clips": args.clips, "seed": args.seed, "settings": {}}
-    for name, kwargs in SETTINGS.items():
+    for name in args.settings:
+        kwargs = SETTINGS[name]
         start = time.perf_counter()
         res = evaluate_split(pipe, classifier, "seen", args.clips, seed=args.seed, elastic=elastic, **kwargs)
         result["settings"][name] = {"kwargs": kwargs, **res, "seconds": time.perf_counter() - start}
