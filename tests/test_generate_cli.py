@@ -124,3 +124,16 @@ def test_unknown_format_is_a_usage_error(model_dir):
     with pytest.raises(SystemExit) as exit_info:
         generate(model_dir, "--prompt", PROMPT, "--format", "avi")
     assert exit_info.value.code == 2
+
+
+def test_sampling_defaults_are_the_pipelines():
+    """``omniar generate`` samples like a bare ``pipe(prompt)`` call: its defaults are the pipeline's own."""
+    import inspect
+
+    from omniar.cli import build_parser
+    from omniar.generation import TextToVideoPipeline
+
+    args = build_parser().parse_args(["generate", "--prompt", PROMPT, "--out", "x.mp4"])
+    params = inspect.signature(TextToVideoPipeline.__call__).parameters
+    for name in ("num_frames", "guidance_scale", "guidance_schedule", "top_k", "top_p", "temperature", "seed"):
+        assert getattr(args, name) == params[name].default, name

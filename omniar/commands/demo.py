@@ -21,7 +21,7 @@ import torch
 from .._checks import check_device, check_int, named
 from ..data.shapes import HELDOUT, TRAIN_COMBINATIONS, MovingShapes, caption
 from ..data.video_io import probe_video, read_video, write_video
-from ..generation.pipeline import MAX_PROMPT_CHARS, TextToVideoPipeline
+from ..generation.pipeline import DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS, TextToVideoPipeline
 from ..pixels import to_uint8, upscale
 from .generate import fit_frames
 
@@ -288,8 +288,8 @@ class Demo:
                                                step=tau, label=LABELS["num_frames"], info=f"1 + {tau}k; 1 = image")
                             guidance = gr.Slider(0, 10, value=3.0, step=0.5, label=LABELS["guidance_scale"],
                                                  info="classifier-free guidance; 1 = off")
-                            temperature = gr.Slider(0, 2, value=1.0, step=0.05, label=LABELS["temperature"],
-                                                    info="0 = greedy")
+                            temperature = gr.Slider(0, 2, value=DEFAULT_TEMPERATURE, step=0.05,
+                                                    label=LABELS["temperature"], info="0 = greedy")
                             top_k = gr.Slider(0, tok.config.codebook_size, value=0, step=1, label=LABELS["top_k"],
                                               info="0 = off")
                             top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label=LABELS["top_p"])

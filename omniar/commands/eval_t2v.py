@@ -16,6 +16,7 @@ from .._checks import check_float, check_int, check_output_path, named
 from .._pretrained import write_file_atomically
 from ..eval.t2v import KEYS, evaluate_split, load_classifier, real_vs_real, tokenizer_reference
 from ..generation import TextToVideoPipeline
+from ..generation.pipeline import DEFAULT_TEMPERATURE
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,8 +50,8 @@ def cli_main(args: argparse.Namespace) -> int:
     cfg = pipe.model.omniar_config
     seed = args.seed
     report = {"clips_per_split": args.clips, "seed": seed,
-              "settings": "defaults: 17 frames, guidance 3.0, top_k 0, top_p 1.0, temperature 1.0, sampling seed = "
-              "seed x clips + index of the batch's first clip",
+              "settings": f"defaults: 17 frames, guidance 3.0, top_k 0, top_p 1.0, temperature {DEFAULT_TEMPERATURE}, "
+              "sampling seed = seed x clips + index of the batch's first clip",
               "real_vs_real_frechet": real_vs_real(classifier, args.clips, 17, pipe.video_tokenizer.resolution, seed)}
     report["tokenizer_reference/seen"] = res = tokenizer_reference(pipe.video_tokenizer, classifier, args.clips,
                                                                    seed=seed)

@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from .._checks import check_int, check_output_path, named, require
 from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
-from ..generation.pipeline import DEFAULT_KV_HORIZON, DEFAULT_KV_RECENT_FRAMES, DEFAULT_RANDOM_RATIO
+from ..generation.pipeline import (DEFAULT_KV_HORIZON, DEFAULT_KV_RECENT_FRAMES, DEFAULT_RANDOM_RATIO,
+                                   DEFAULT_TEMPERATURE)
 from ..generation.sampling import GUIDANCE_SCHEDULES
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -48,7 +49,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="linear ramps guidance up from 1 at the coarsest scale")
     parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest codes; 0 = off")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
     parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same clip")
     parser.add_argument("--depth", type=int, default=None, help="elastic sub-model: number of layers")
     parser.add_argument("--num-experts", type=int, default=None, help="elastic sub-model: experts per layer")

@@ -46,6 +46,8 @@ DEFAULT_KV_RECENT_FRAMES = 3  # whole recent frames nacl keeps: picked on the de
 # nacl keeps no token older than the shipped pipeline's training length (its max_num_frames) before the next frame:
 # +7 and +5 of 64 clips kept the prompt at 129 frames on two models (BENCHMARKS.md, "A horizon for nacl")
 DEFAULT_KV_HORIZON = 33
+# the model's own distribution; one constant for the pipeline, `omniar generate`, the demo and `omniar eval t2v`
+DEFAULT_TEMPERATURE = 1.0
 
 
 @dataclass
@@ -353,7 +355,7 @@ class TextToVideoPipeline:
     @torch.no_grad()
     def __call__(self, prompt: str | list[str], num_frames: int = 17, guidance_scale: float = 3.0,
                  guidance_schedule: str = "constant", top_k: int = 0, top_p: float = 1.0,
-                 temperature: float = 1.0, seed: int | None = 0, video: torch.Tensor | None = None,
+                 temperature: float = DEFAULT_TEMPERATURE, seed: int | None = 0, video: torch.Tensor | None = None,
                  elastic: dict | None = None, callback: Callable[[dict], None] | None = None,
                  progress: bool = False, output_type: str = "uint8",
                  generator: torch.Generator | None = None, kv_budget: int | None = None,
