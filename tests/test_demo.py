@@ -214,6 +214,8 @@ def test_every_route_to_the_model_respects_the_queue_limit(pipe, monkeypatch):
     monkeypatch.setattr(demo.Demo, "_generate", slow)
     app = demo.launch(pipe, port=None, max_queue=2, block=False)
 
+    events = []  # an accepted /call/ POST returns at once; its work goes on in the queue
+
     def post(route: str, codes: list) -> None:
         request = urllib.request.Request(f"{app.local_url.rstrip('/')}/gradio_api/{route}/generate",
                                          data=json.dumps({"data": list(SETTINGS)}).encode(),
@@ -221,6 +223,7 @@ def test_every_route_to_the_model_respects_the_queue_limit(pipe, monkeypatch):
         try:
             with urllib.request.urlopen(request, timeout=120) as response:
                 codes.append(response.status)
+                events.append(json.loads(response.read())["event_id"])
         except urllib.error.HTTPError as err:
             codes.append(err.code)
 
@@ -237,5 +240,12 @@ def test_every_route_to_the_model_respects_the_queue_limit(pipe, monkeypatch):
         assert burst("run") == [404] * 8 and not calls  # the route that skipped the queue is closed
         codes = burst("call")  # joins the queue: at most 2 waiting (+ the one running), the rest turned away
         assert codes.count(503) >= 5 and set(codes) == {200, 503}, codes
+        # every accepted request runs to the end (and none is still generating when the app closes: a torch call
+        # left running in a worker thread aborted the interpreter at exit)
+        for event in events:
+            with urllib.request.urlopen(f"{app.local_url.rstrip('/')}/gradio_api/call/generate/{event}",
+                                        timeout=120) as response:
+                assert b"event: complete" in response.read()
+        assert len(calls) == len(events) == codes.count(200)
     finally:
         app.close()
