@@ -213,11 +213,11 @@ def test_every_route_to_the_model_respects_the_queue_limit(pipe, monkeypatch):
 
     monkeypatch.setattr(demo.Demo, "_generate", slow)
     app = demo.launch(pipe, port=None, max_queue=2, block=False)
-
+    api = f"{app.local_url.rstrip('/')}/gradio_api"
     events = []  # an accepted /call/ POST returns at once; its work goes on in the queue
 
     def post(route: str, codes: list) -> None:
-        request = urllib.request.Request(f"{app.local_url.rstrip('/')}/gradio_api/{route}/generate",
+        request = urllib.request.Request(f"{api}/{route}/generate",
                                          data=json.dumps({"data": list(SETTINGS)}).encode(),
                                          headers={"Content-Type": "application/json"})
         try:
@@ -243,8 +243,7 @@ def test_every_route_to_the_model_respects_the_queue_limit(pipe, monkeypatch):
         # every accepted request runs to the end (and none is still generating when the app closes: a torch call
         # left running in a worker thread aborted the interpreter at exit)
         for event in events:
-            with urllib.request.urlopen(f"{app.local_url.rstrip('/')}/gradio_api/call/generate/{event}",
-                                        timeout=120) as response:
+            with urllib.request.urlopen(f"{api}/call/generate/{event}", timeout=120) as response:
                 assert b"event: complete" in response.read()
         assert len(calls) == len(events) == codes.count(200)
     finally:

@@ -164,6 +164,7 @@ def test_cli_scores_half_depth_at_the_defaults_and_at_its_temperature(tmp_path, 
                      ("seen", {"elastic": {"num_experts": 4}}), ("seen", {"elastic": {"top_k": 1}})]
     report = json.loads(out.read_text())
     assert report["half_depth_tuned_settings"] == {"temperature": 0.4}
+    assert report["settings"].startswith("defaults: 17 frames, guidance 3.0, top_k 0, top_p 1.0, temperature 1.0, ")
     assert report["half_depth_retention"] == pytest.approx(0.25)
     assert report["half_depth_tuned_retention"] == pytest.approx(0.5)
 

@@ -46,7 +46,7 @@ DEFAULT_KV_RECENT_FRAMES = 3  # whole recent frames nacl keeps: picked on the de
 # nacl keeps no token older than the shipped pipeline's training length (its max_num_frames) before the next frame:
 # +7 and +5 of 64 clips kept the prompt at 129 frames on two models (BENCHMARKS.md, "A horizon for nacl")
 DEFAULT_KV_HORIZON = 33
-# the model's own distribution; one constant for the pipeline, `omniar generate`, the demo and `omniar eval t2v`
+# the model's own distribution; one constant for the pipeline, `omniar generate` and the demo
 DEFAULT_TEMPERATURE = 1.0
 
 
