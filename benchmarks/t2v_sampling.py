@@ -26,6 +26,10 @@ SETTINGS = {
     "guidance 3, linear ramp": {"guidance_scale": 3.0, "guidance_schedule": "linear"},
     "guidance 3, temperature 0.5": {"guidance_scale": 3.0, "temperature": 0.5},
     "guidance 5, temperature 0.7": {"guidance_scale": 5.0, "temperature": 0.7},
+    "guidance 3, temperature 0.5, linear ramp": {"guidance_scale": 3.0, "temperature": 0.5,
+                                                 "guidance_schedule": "linear"},
+    "guidance 4, temperature 0.5, linear ramp": {"guidance_scale": 4.0, "temperature": 0.5,
+                                                 "guidance_schedule": "linear"},
 }
 
 
