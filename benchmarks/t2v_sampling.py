@@ -30,6 +30,10 @@ SETTINGS = {
                                                  "guidance_schedule": "linear"},
     "guidance 4, temperature 0.5, linear ramp": {"guidance_scale": 4.0, "temperature": 0.5,
                                                  "guidance_schedule": "linear"},
+    "guidance 3, temperature 0.3, linear ramp": {"guidance_scale": 3.0, "temperature": 0.3,
+                                                 "guidance_schedule": "linear"},
+    "guidance 3, temperature 0.15, linear ramp": {"guidance_scale": 3.0, "temperature": 0.15,
+                                                  "guidance_schedule": "linear"},
 }
 
 
