@@ -21,7 +21,7 @@ import torch
 from .._checks import check_device, check_int, named
 from ..data.shapes import HELDOUT, TRAIN_COMBINATIONS, MovingShapes, caption
 from ..data.video_io import probe_video, read_video, write_video
-from ..generation.pipeline import DEFAULT_TEMPERATURE, MAX_PROMPT_CHARS, TextToVideoPipeline
+from ..generation.pipeline import CALL_DEFAULTS, MAX_PROMPT_CHARS, TextToVideoPipeline
 from ..pixels import to_uint8, upscale
 from .generate import fit_frames
 
@@ -284,16 +284,18 @@ class Demo:
                         gr.Examples([[p] for p in seen], inputs=[prompt], label="Seen in training")
                         gr.Examples([[p] for p in held_out], inputs=[prompt], label="Held-out combinations")
                         with gr.Accordion("Settings", open=False):
-                            frames = gr.Slider(1, pipe.max_num_frames, value=min(17, pipe.max_num_frames),
-                                               step=tau, label=LABELS["num_frames"], info=f"1 + {tau}k; 1 = image")
-                            guidance = gr.Slider(0, 10, value=3.0, step=0.5, label=LABELS["guidance_scale"],
+                            frames = gr.Slider(1, pipe.max_num_frames,
+                                               value=min(CALL_DEFAULTS["num_frames"], pipe.max_num_frames), step=tau,
+                                               label=LABELS["num_frames"], info=f"1 + {tau}k; 1 = image")
+                            guidance = gr.Slider(0, 10, value=CALL_DEFAULTS["guidance_scale"], step=0.5,
+                                                 label=LABELS["guidance_scale"],
                                                  info="classifier-free guidance; 1 = off")
-                            temperature = gr.Slider(0, 2, value=DEFAULT_TEMPERATURE, step=0.05,
+                            temperature = gr.Slider(0, 2, value=CALL_DEFAULTS["temperature"], step=0.05,
                                                     label=LABELS["temperature"], info="0 = greedy")
-                            top_k = gr.Slider(0, tok.config.codebook_size, value=0, step=1, label=LABELS["top_k"],
-                                              info="0 = off")
-                            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label=LABELS["top_p"])
-                            seed = gr.Number(0, precision=0, minimum=0, label=LABELS["seed"])
+                            top_k = gr.Slider(0, tok.config.codebook_size, value=CALL_DEFAULTS["top_k"], step=1,
+                                              label=LABELS["top_k"], info="0 = off")
+                            top_p = gr.Slider(0.05, 1.0, value=CALL_DEFAULTS["top_p"], step=0.05, label=LABELS["top_p"])
+                            seed = gr.Number(CALL_DEFAULTS["seed"], precision=0, minimum=0, label=LABELS["seed"])
                             sub_model = gr.Dropdown(list(self.elastic), value=next(iter(self.elastic)),
                                                     label=LABELS["elastic"], info="elastic sub-model size")
                         button = gr.Button("Generate", variant="primary", elem_id="generate")

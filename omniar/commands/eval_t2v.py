@@ -10,13 +10,13 @@ The half-depth sub-model is scored twice: at the defaults, like every row, and a
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 
 from .._checks import check_float, check_int, check_output_path, named
 from .._pretrained import write_file_atomically
 from ..eval.t2v import KEYS, evaluate_split, load_classifier, real_vs_real, tokenizer_reference
 from ..generation import TextToVideoPipeline
+from ..generation.pipeline import CALL_DEFAULTS
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,11 +49,10 @@ def cli_main(args: argparse.Namespace) -> int:
         classifier = load_classifier(args.classifier)
     cfg = pipe.model.omniar_config
     seed = args.seed
-    # every row samples at the pipeline's own defaults: the line reads them, so it cannot drift from them
-    call = {k: p.default for k, p in inspect.signature(TextToVideoPipeline.__call__).parameters.items()}
     report = {"clips_per_split": args.clips, "seed": seed,
-              "settings": f"defaults: 17 frames, guidance {call['guidance_scale']}, top_k {call['top_k']}, "
-                          f"top_p {call['top_p']}, temperature {call['temperature']}, "
+              "settings": f"defaults: 17 frames, guidance {CALL_DEFAULTS['guidance_scale']}, "
+                          f"top_k {CALL_DEFAULTS['top_k']}, top_p {CALL_DEFAULTS['top_p']}, "
+                          f"temperature {CALL_DEFAULTS['temperature']}, "
                           "sampling seed = seed x clips + index of the batch's first clip",
               "real_vs_real_frechet": real_vs_real(classifier, args.clips, 17, pipe.video_tokenizer.resolution, seed)}
     report["tokenizer_reference/seen"] = res = tokenizer_reference(pipe.video_tokenizer, classifier, args.clips,

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from .._checks import check_int, check_output_path, named, require
 from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
 from ..generation.pipeline import (DEFAULT_KV_HORIZON, DEFAULT_KV_RECENT_FRAMES, DEFAULT_RANDOM_RATIO,
-                                   DEFAULT_TEMPERATURE)
+                                   CALL_DEFAULTS)
 from ..generation.sampling import GUIDANCE_SCHEDULES
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -43,14 +43,17 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: from --out's suffix, else mp4)")
     parser.add_argument("--gif", dest="format", action="store_const", const="gif", help="same as --format gif")
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
-    parser.add_argument("--num-frames", type=int, default=17, help="1 + 4k frames; 1 makes an image")
-    parser.add_argument("--guidance-scale", type=float, default=3.0, help="classifier-free guidance; 1 = off")
-    parser.add_argument("--guidance-schedule", default="constant", choices=GUIDANCE_SCHEDULES,
+    parser.add_argument("--num-frames", type=int, default=CALL_DEFAULTS["num_frames"],
+                        help="1 + 4k frames; 1 makes an image")
+    parser.add_argument("--guidance-scale", type=float, default=CALL_DEFAULTS["guidance_scale"],
+                        help="classifier-free guidance; 1 = off")
+    parser.add_argument("--guidance-schedule", default=CALL_DEFAULTS["guidance_schedule"], choices=GUIDANCE_SCHEDULES,
                         help="linear ramps guidance up from 1 at the coarsest scale")
-    parser.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest codes; 0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
-    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy")
-    parser.add_argument("--seed", type=int, default=0, help="the same seed gives the same clip")
+    parser.add_argument("--top-k", type=int, default=CALL_DEFAULTS["top_k"],
+                        help="sample from the k likeliest codes; 0 = off")
+    parser.add_argument("--top-p", type=float, default=CALL_DEFAULTS["top_p"], help="nucleus sampling; 1 = off")
+    parser.add_argument("--temperature", type=float, default=CALL_DEFAULTS["temperature"], help="0 = greedy")
+    parser.add_argument("--seed", type=int, default=CALL_DEFAULTS["seed"], help="the same seed gives the same clip")
     parser.add_argument("--depth", type=int, default=None, help="elastic sub-model: number of layers")
     parser.add_argument("--num-experts", type=int, default=None, help="elastic sub-model: experts per layer")
     parser.add_argument("--experts-top-k", type=int, default=None, help="elastic sub-model: experts per token")

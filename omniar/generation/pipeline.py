@@ -9,12 +9,14 @@ a class named in a file: the component classes are fixed here.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Callable
 
 import numpy as np
@@ -46,7 +48,7 @@ DEFAULT_KV_RECENT_FRAMES = 3  # whole recent frames nacl keeps: picked on the de
 # nacl keeps no token older than the shipped pipeline's training length (its max_num_frames) before the next frame:
 # +7 and +5 of 64 clips kept the prompt at 129 frames on two models (BENCHMARKS.md, "A horizon for nacl")
 DEFAULT_KV_HORIZON = 33
-# the model's own distribution; one constant for the pipeline, `omniar generate` and the demo
+# the model's own distribution (`omniar generate`, the demo and `omniar eval t2v` read it from CALL_DEFAULTS)
 DEFAULT_TEMPERATURE = 1.0
 
 
@@ -490,3 +492,9 @@ class TextToVideoPipeline:
             given = video[:, :, first:first + pixels.shape[2]]
             pixels[:, :, :given.shape[2]] = given.float().cpu()
         return pixels
+
+
+# the keyword defaults of a bare pipe(prompt) call (guidance_scale, temperature, ...), read once from its signature:
+# the one source `omniar generate`, the demo and `omniar eval t2v` take theirs from, so none can drift from it
+CALL_DEFAULTS = MappingProxyType({name: p.default for name, p in inspect.signature(TextToVideoPipeline.__call__)
+                                  .parameters.items() if p.default is not inspect.Parameter.empty})
