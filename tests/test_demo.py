@@ -9,6 +9,7 @@ from PIL import Image
 from omniar.cli import build_parser
 from omniar.data.shapes import MovingShapes
 from omniar.data.video_io import read_video, write_video
+from omniar.generation.pipeline import CALL_DEFAULTS
 from omniar.pixels import to_uint8
 from omniar.tokenizers import VideoTokenizer
 from test_t2v import PROMPT, TOK, tiny_pipeline
@@ -18,7 +19,9 @@ demo = pytest.importorskip("omniar.commands.demo")
 
 FULL = "full (2 layers, 4 experts, top-2)"
 # prompt, num_frames, guidance, temperature, top_k, top_p, seed, sub-model: the /generate argument order
-SETTINGS = (PROMPT, 5, 3.0, 1.0, 0, 1.0, 0, FULL)
+# the demo's inputs at a bare pipe() call's sampling defaults (guidance, temperature, top_k, top_p, seed), which the
+# tests compare its clips with
+SETTINGS = (PROMPT, 5, *(CALL_DEFAULTS[k] for k in ("guidance_scale", "temperature", "top_k", "top_p", "seed")), FULL)
 
 
 @pytest.fixture(scope="module")
