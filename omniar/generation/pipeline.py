@@ -45,9 +45,10 @@ DEFAULT_KV_POLICY = "window"
 DEFAULT_KV_ROPE = "extrapolate"
 DEFAULT_RANDOM_RATIO = 0.25  # NACL's random share as benchmarked (fixed beforehand, not tuned)
 DEFAULT_KV_RECENT_FRAMES = 3  # whole recent frames nacl keeps: picked on the default model (BENCHMARKS.md)
-# nacl keeps no token older than the shipped pipeline's training length (its max_num_frames) before the next frame:
-# +7 and +5 of 64 clips kept the prompt at 129 frames on two models (BENCHMARKS.md, "A horizon for nacl")
-DEFAULT_KV_HORIZON = 33
+# nacl scores only the tokens of a 17-frame clip before the next frame (with 3 recent frames kept whole: the frame
+# before them): +7 of 64 clips kept the prompt at 129 frames on two models against a 33-frame horizon, which was +7
+# and +5 against none (BENCHMARKS.md, "A horizon for nacl", "A one-frame horizon")
+DEFAULT_KV_HORIZON = 17
 # the model's own distribution (`omniar generate`, the demo and `omniar eval t2v` read it from CALL_DEFAULTS)
 DEFAULT_TEMPERATURE = 1.0
 
@@ -390,7 +391,7 @@ class TextToVideoPipeline:
                 older tokens; default ``DEFAULT_KV_RECENT_FRAMES``.
             kv_horizon: ``nacl`` keeps no older token than a clip of this many frames has before its last frame
                 (keys at temporal distances the model was trained on); None: no limit. Default
-                ``DEFAULT_KV_HORIZON`` (33).
+                ``DEFAULT_KV_HORIZON`` (17).
             on_frames: streaming: called with each latent frame's decoded frames (B, t, ...) of ``output_type``
                 as soon as it is generated (t = 1, then tau), so the clip is never held whole; the output's
                 ``frames`` is then None. The whole batch is decoded at once, one latent frame at a time.
