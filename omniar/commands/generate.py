@@ -20,8 +20,7 @@ from tqdm import tqdm
 
 from .._checks import check_int, check_output_path, named, require
 from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
-from ..generation.pipeline import (DEFAULT_KV_HORIZON, DEFAULT_KV_RECENT_FRAMES, DEFAULT_RANDOM_RATIO,
-                                   CALL_DEFAULTS)
+from ..generation.pipeline import CALL_DEFAULTS
 from ..generation.sampling import GUIDANCE_SCHEDULES
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
@@ -66,14 +65,14 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                            "pipe.cache_tokens() // 2, keeps quality: docs/long_video.md); lifts --num-frames to 1025")
     long.add_argument("--kv-policy", choices=KV_POLICIES, default=None,
                       help="how a budgeted cache makes room: window or nacl (default with a budget: the pipeline's)")
-    long.add_argument("--random-ratio", type=float, default=DEFAULT_RANDOM_RATIO,
+    long.add_argument("--random-ratio", type=float, default=CALL_DEFAULTS["random_ratio"],
                       help="nacl: share of evictions drawn at random")
     long.add_argument("--kv-rope", choices=KV_ROPE_MODES, default=None,
                       help="temporal positions of kept keys (default with a budget: the pipeline's)")
-    long.add_argument("--kv-recent-frames", type=int, default=DEFAULT_KV_RECENT_FRAMES, metavar="K",
+    long.add_argument("--kv-recent-frames", type=int, default=CALL_DEFAULTS["kv_recent_frames"], metavar="K",
                       help="nacl: the newest K frames are kept whole (as many as fit), only older tokens are scored")
-    long.add_argument("--kv-horizon", type=lambda v: None if v == "none" else int(v), default=DEFAULT_KV_HORIZON,
-                      metavar="N", help="nacl: keep no token older than a clip of N frames has before its last frame "
+    long.add_argument("--kv-horizon", type=lambda v: None if v == "none" else int(v),
+                      default=CALL_DEFAULTS["kv_horizon"], metavar="N", help="nacl: keep no token older than a clip of N frames has before its last frame "
                       "('none': no limit; default: %(default)s)")
     long.add_argument("--stream", action="store_true",
                       help="write the mp4 frame by frame as it is generated: the clip is never held whole")
