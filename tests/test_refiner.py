@@ -19,10 +19,11 @@ def video(n=2, frames=9):
     return torch.stack([MovingShapes("train", n, 32, frames, seed=3)[i]["video"] for i in range(n)])
 
 
-def test_new_refiner_is_the_identity_and_works_frame_by_frame():
+@pytest.mark.parametrize("scale", [1, 2])
+def test_new_refiner_is_the_identity_and_works_frame_by_frame(scale):
     torch.manual_seed(0)
     plain = VideoTokenizer(**TOK).eval()
-    refined = VideoTokenizer(**TOK, refiner_blocks=2, refiner_channels=8).eval()
+    refined = VideoTokenizer(**TOK, refiner_blocks=2, refiner_channels=8, refiner_scale=scale).eval()
     refined.load_state_dict(plain.state_dict(), strict=False)
     codes = plain.encode(video())
     torch.testing.assert_close(refined.decode(codes), plain.decode(codes), rtol=0, atol=0)
@@ -31,6 +32,28 @@ def test_new_refiner_is_the_identity_and_works_frame_by_frame():
     full = refined.decode(codes)
     assert (full - plain.decode(codes)).abs().max() > 1e-3
     torch.testing.assert_close(refined.decode(codes, chunk_size=1), full, rtol=0, atol=1e-5)
+
+
+def test_a_folded_refiner_works_on_pixel_cells():
+    """``refiner_scale`` 2: the blocks see each 2 x 2 cell as 12 channels. A change inside one cell reaches
+    the pixels of the cells within the convs' reach (in cells) and no further; scale 1 stops 2x closer."""
+    torch.manual_seed(0)
+    reach = {}
+    for scale in (1, 2):
+        refiner = VideoTokenizer(**TOK, refiner_blocks=1, refiner_channels=8, refiner_scale=scale,
+                                 refiner_norm=False).refiner.eval()  # the norm is per frame: no reach
+        torch.nn.init.normal_(refiner.conv_out.weight, std=0.1)
+        assert refiner.conv_in.in_channels == 3 * scale * scale
+        frames = torch.rand(1, 3, 32, 32) * 2 - 1
+        poked = frames.clone()
+        poked[..., 16, 16] += 0.5
+        with torch.no_grad():
+            moved = (refiner(poked) - refiner(frames)).abs().amax((0, 1))[16] > 0  # row 16, per column
+        reach[scale] = int(moved.nonzero().max()) - 16
+    # four 3x3 convs (in, block x 2, out): 4 cells each way; cell 8 holds pixel 16 at scale 2
+    assert reach == {1: 4, 2: 2 * 4 + 1}
+    with pytest.raises(ValueError, match="refiner_scale"):
+        VideoTokenizer(**TOK, refiner_blocks=1, refiner_scale=3)
 
 
 @pytest.mark.parametrize("norm", [True, False])

@@ -423,24 +423,31 @@ class FrameRefiner(nn.Module):
 
     Frames are refined independently, so causality and chunked decoding are untouched. It is small
     and works at pixel level, where the 3D decoder blurs edges (most of its error on Moving Shapes
-    lies within two pixels of an edge), and it trains on cached decodes of a frozen tokenizer."""
+    lies within two pixels of an edge), and it trains on cached decodes of a frozen tokenizer.
 
-    def __init__(self, channels: int, num_blocks: int, image_channels: int = 3, norm: bool = True):
+    ``scale`` > 1 runs the blocks on ``scale`` x ``scale`` pixel cells folded into channels (pixel unshuffle),
+    so a 3x3 conv sees ``3 scale`` pixels across for 1 / scale^2 of the positions: a wider, cheaper refiner
+    (BENCHMARKS.md, "U64 and U48")."""
+
+    def __init__(self, channels: int, num_blocks: int, image_channels: int = 3, norm: bool = True, scale: int = 1):
         super().__init__()
-        self.conv_in = Conv2d(image_channels, channels, 3, padding=1)
+        self.scale = scale
+        folded = image_channels * scale * scale
+        self.conv_in = Conv2d(folded, channels, 3, padding=1)
         self.blocks = nn.ModuleList(nn.Sequential(Conv2d(channels, channels, 3, padding=1), nn.SiLU(),
                                                   Conv2d(channels, channels, 3, padding=1))
                                     for _ in range(num_blocks))
         # per-channel norm before the last SiLU: the unnormalised residual stream drifts in training
         # (to ~-8,000 in a 6-block run at lr 2e-3), which zeroed every SiLU and stopped all gradient
         self.norm_out = nn.GroupNorm(channels, channels) if norm else nn.Identity()
-        self.conv_out = Conv2d(channels, image_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels, folded, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
-        """``frames`` (N, C, H, W) in [-1, 1] -> refined frames (unclamped)."""
-        h = self.conv_in(frames)
+        """``frames`` (N, C, H, W) in [-1, 1], H and W multiples of ``scale`` -> refined frames (unclamped)."""
+        h = self.conv_in(F.pixel_unshuffle(frames, self.scale) if self.scale > 1 else frames)
         for block in self.blocks:
             h = h + block(h)
-        return frames + self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(F.silu(self.norm_out(h)))
+        return frames + (F.pixel_shuffle(h, self.scale) if self.scale > 1 else h)

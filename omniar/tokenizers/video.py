@@ -64,6 +64,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         refiner_channels: the refiner's width.
         refiner_norm: a per-channel GroupNorm before the refiner's last SiLU, so a residual stream
             drifting in training cannot zero every activation (refiners saved before it existed: false).
+        refiner_scale: the refiner works on ``refiner_scale`` x ``refiner_scale`` pixel cells folded into
+            channels (1, 2 or 4; 1 = pixels): at 2 a 3x3 conv costs a quarter as much and sees twice as far.
         conv: ``"3d"`` full k x k x k causal convs; ``"2+1d"`` a k x k spatial conv then a causal k-frame
             temporal conv (fewer FLOPs, same receptive field; not faster on CPU: see BENCHMARKS.md).
         fold_time: :class:`~omniar.tokenizers.causal3d.FoldEncoder` / ``FoldDecoder``: each latent frame's
@@ -97,7 +99,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  scales: Scales = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
-                 refiner_norm: bool = True, conv: str = "3d", fold_time: bool = False, global_context: bool = False,
+                 refiner_norm: bool = True, refiner_scale: int = 1, conv: str = "3d", fold_time: bool = False, global_context: bool = False,
                  positions: bool = False, coarse_codes: int = 0, preview_decoder: bool = False,
                  preview_positions: bool = False, preview_code_maps: bool = False):
         super().__init__()
@@ -122,6 +124,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         check_int(refiner_blocks, "refiner_blocks", 0, MAX_BLOCKS)
         check_int(refiner_channels, "refiner_channels", 1, MAX_CHANNELS)
         check_bool(refiner_norm, "refiner_norm")
+        check_choice(refiner_scale, "refiner_scale", (1, 2, 4))
         check_choice(conv, "conv", CONV_MODES)
         check_bool(fold_time, "fold_time")
         check_bool(global_context, "global_context")
@@ -142,7 +145,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         self.position_map = PositionMap(latent_channels) if positions else None
         self.quantizer = MultiScaleResidualVQ(latent_channels, codebook_size, scales, beta, ema_decay,
                                               num_refine, refine_ratio, dead_code_threshold, coarse_codes)
-        self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm)
+        self.refiner = (FrameRefiner(refiner_channels, refiner_blocks, in_channels, refiner_norm, refiner_scale)
                         if refiner_blocks else None)
         self.preview_net = copy.deepcopy(self.decoder) if preview_decoder else None
         self.preview_position_map = copy.deepcopy(self.position_map) if preview_positions else None

@@ -6,8 +6,8 @@ beside the run (fp16 frames, written atomically); each step fits the refiner
 (:class:`~omniar.tokenizers.causal3d.FrameRefiner`, MSE) to a batch of cached frames drawn by a
 generator seeded by the step, so a resumed run sees exactly the batches of an uninterrupted one.
 Exports the tokenizer with its refiner to ``<out_dir>/final``. The ``model`` section sets the new
-refiner's ``refiner_blocks``, ``refiner_channels`` (default: the base's) and ``refiner_norm`` (default: true);
-``train.finetune`` instead continues the base's own refiner.
+refiner's ``refiner_blocks``, ``refiner_channels``, ``refiner_scale`` (default: the base's) and ``refiner_norm``
+(default: true); ``train.finetune`` instead continues the base's own refiner.
 
 ``train.adv_weight`` > 0 adds an adversarial term, as VQGAN does for its decoder: a conditional patch
 critic (:class:`PatchCritic`) learns to tell (decoded, real) frame pairs from (decoded, refined) ones
@@ -140,7 +140,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             f"model: use 0-2), got {engine_cfg.zero_stage}")
     end = last_step(train_cfg.steps, stop_at)
     base = load_video_tokenizer(train_cfg.tokenizer)
-    refiner_keys = ("refiner_blocks", "refiner_channels", "refiner_norm")
+    refiner_keys = ("refiner_blocks", "refiner_channels", "refiner_norm", "refiner_scale")
     if train_cfg.finetune:
         require(base.refiner is not None, "train.finetune", f"needs a tokenizer with a refiner; "
                 f"{train_cfg.tokenizer} has none")
@@ -151,7 +151,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     else:  # a new refiner gets the norm unless told otherwise, even on a base whose old refiner had none
         refiner_cfg = {"refiner_norm": True} | dict(config.get("model", {}))
         require(set(refiner_cfg) <= set(refiner_keys), "model",
-                f"takes only refiner_blocks, refiner_channels and refiner_norm, got {sorted(refiner_cfg)}")
+                f"takes only {', '.join(refiner_keys)}, got {sorted(refiner_cfg)}")
         check_int(refiner_cfg.get("refiner_blocks", 0), "model.refiner_blocks", 1)
     start_refiner, base.refiner = base.refiner, None  # the refiner learns from plain decodes
     require(base.resolution == data_cfg.size, "data.size",
