@@ -148,7 +148,7 @@ TRAINERS = {  # config, the --set keys tried (a whole section and a misspelled k
             "model", "data"]),
     "refiner": ("configs/refiner_shapes.yaml",
                 ["train.lr", "train.num_clips", "train.seed", "model.refiner_blocks", "model.refiner_channels",
-                 "model.refiner_norm", "data.size"]),
+                 "model.refiner_norm", "model.refiner_scale", "data.size"]),
 }
 
 

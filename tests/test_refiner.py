@@ -52,8 +52,9 @@ def test_a_folded_refiner_works_on_pixel_cells():
         reach[scale] = int(moved.nonzero().max()) - 16
     # four 3x3 convs (in, block x 2, out): 4 cells each way; cell 8 holds pixel 16 at scale 2
     assert reach == {1: 4, 2: 2 * 4 + 1}
-    with pytest.raises(ValueError, match="refiner_scale"):
-        VideoTokenizer(**TOK, refiner_blocks=1, refiner_scale=3)
+    for bad in (3, True, 2.0):
+        with pytest.raises(ValueError, match="refiner_scale"):
+            VideoTokenizer(**TOK, refiner_blocks=1, refiner_scale=bad)
 
 
 @pytest.mark.parametrize("norm", [True, False])
@@ -86,11 +87,17 @@ def tok_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("adv", [{}, {"adv_weight": 0.5, "adv_start": 10}], ids=["mse", "adversarial"])
-def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir, adv):
-    final = train(config(tmp_path / "a", tok_dir, **adv), progress=False)
+@pytest.mark.parametrize("adv, scale", [({}, 1), ({"adv_weight": 0.5, "adv_start": 10}, 1), ({}, 2)],
+                         ids=["mse", "adversarial", "pixel-cells"])
+def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir, adv, scale):
+    def cfg(folder):
+        c = config(folder, tok_dir, **adv)
+        c["model"]["refiner_scale"] = scale
+        return c
+
+    final = train(cfg(tmp_path / "a"), progress=False)
     base, tuned = VideoTokenizer.from_pretrained(tok_dir), VideoTokenizer.from_pretrained(final)
-    assert tuned.refiner is not None and base.refiner is None
+    assert tuned.refiner is not None and base.refiner is None and tuned.refiner.scale == scale
     assert tuned.config.refiner_norm and isinstance(tuned.refiner.norm_out, torch.nn.GroupNorm)  # new: normed
     clip = video(frames=5)
     assert all(torch.equal(a, b) for a, b in zip(tuned.encode(clip).codes, base.encode(clip).codes))
@@ -100,8 +107,8 @@ def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir
     with torch.no_grad():
         assert torch.nn.functional.mse_loss(tuned.refiner(x), y) < 0.95 * torch.nn.functional.mse_loss(x, y)
 
-    train(config(tmp_path / "b", tok_dir, **adv), progress=False, stop_at=15)
-    resumed = VideoTokenizer.from_pretrained(train(config(tmp_path / "b", tok_dir, **adv), progress=False))
+    train(cfg(tmp_path / "b"), progress=False, stop_at=15)
+    resumed = VideoTokenizer.from_pretrained(train(cfg(tmp_path / "b"), progress=False))
     assert all(torch.equal(a, b) for a, b in zip(resumed.refiner.state_dict().values(),
                                                  tuned.refiner.state_dict().values()))
 

@@ -124,7 +124,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         check_int(refiner_blocks, "refiner_blocks", 0, MAX_BLOCKS)
         check_int(refiner_channels, "refiner_channels", 1, MAX_CHANNELS)
         check_bool(refiner_norm, "refiner_norm")
-        check_choice(refiner_scale, "refiner_scale", (1, 2, 4))
+        check_choice(check_int(refiner_scale, "refiner_scale"), "refiner_scale", (1, 2, 4))
         check_choice(conv, "conv", CONV_MODES)
         check_bool(fold_time, "fold_time")
         check_bool(global_context, "global_context")
