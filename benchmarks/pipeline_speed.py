@@ -11,7 +11,8 @@ wall times by whole seconds but not the CPU time the call consumes (with one thr
 the wall time of an idle machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact),
 ``bf16-decode`` (``decode_dtype=torch.bfloat16``, the CPU default: same codes, frames decoded under bf16
 autocast) and ``bf16`` (model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before
-#29), is exported with ``git archive`` and runs fp32 in its own worker process; rounds interleave
+#29), is exported with ``git archive`` and runs in its own worker process, in fp32 unless ``--baseline-setting``
+names another setting (for a baseline that has it, e.g. an earlier default against today's); rounds interleave
 baseline and current calls with the same seeds, and each ratio is the median over rounds of the
 per-round ratio, so load on a shared machine hits both sides alike.
 
@@ -46,9 +47,11 @@ def load(setting: str, device: str = "cpu"):
     from omniar.generation import TextToVideoPipeline
 
     pipe = TextToVideoPipeline.from_pretrained().to(device)
-    if hasattr(pipe, "decode_dtype"):  # the baseline predates it (and decodes in fp32)
+    if hasattr(pipe, "decode_dtype"):
         pipe.to(dtype=torch.bfloat16 if setting == "bf16" else None,
                 decode_dtype=torch.float32 if setting == "fp32" else torch.bfloat16)
+    elif setting != "fp32":  # a baseline from before #29 decodes in fp32 only
+        raise SystemExit(f"--baseline-setting {setting}: this baseline has no decode_dtype; use fp32")
     return pipe
 
 
@@ -169,7 +172,8 @@ def speed(args) -> dict:
     result = {"machine": torch.cuda.get_device_name(args.device) if cuda else
               f"CPU {platform.machine()}, {os.cpu_count()} cores, "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
-              "torch": torch.__version__, "baseline": args.baseline, "rounds": args.rounds, "grid": {}}
+              "torch": torch.__version__, "baseline": args.baseline, "baseline_setting": args.baseline_setting,
+              "rounds": args.rounds, "grid": {}}
     with tempfile.TemporaryDirectory() as old:
         archive = subprocess.run(["git", "archive", args.baseline, "omniar"], cwd=ROOT, check=True,
                                  capture_output=True).stdout
@@ -181,7 +185,7 @@ def speed(args) -> dict:
                     rounds = {s: [] for s in ("baseline",) + tuple(args.settings)}
                     for r in range(args.rounds):
                         req = dict(device=args.device, batch=batch, frames=frames, seed=r, memory=False)
-                        rounds["baseline"].append(base(setting="fp32", **req))
+                        rounds["baseline"].append(base(setting=args.baseline_setting, **req))
                         for s in args.settings:
                             rounds[s].append(new(setting=s, **req))
                     row = {s: median_row(rows) for s, rows in rounds.items()}
@@ -233,6 +237,8 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--baseline", default=BASELINE, help="git revision of the kept baseline")
+    parser.add_argument("--baseline-setting", choices=SETTINGS, default="fp32",
+                        help="the baseline's setting (fp32: the pre-#29 pipeline has no other)")
     parser.add_argument("--memory", action="store_true", help="also the peak of live tensor memory")
     parser.add_argument("--flops", action="store_true", help="also the transformer's share of matmul peak")
     parser.add_argument("--rule", type=int, metavar="N", help="run the bf16 precision rule on N clips instead")
