@@ -50,8 +50,11 @@ ARMS = {"none": {}, "window/extrapolate": {"kv_policy": "window", "kv_rope": "ex
 DEFAULT_ARMS = ("none", "window/extrapolate", "window/rebase", "nacl/extrapolate", "nacl-h17/extrapolate")
 
 
+SEED_STRIDE = 10_000  # draw s generates clip i with seed 10,000 s + i: draws of up to 10,000 clips share no seed
+
+
 def run_arm(arm: str, num_frames: int, clips: int, budget: int, random_ratio: float, model: str | None,
-            classifier: str | None, motion: str) -> dict:
+            classifier: str | None, motion: str, seed: int) -> dict:
     """One arm at one length, in this process."""
     pipe = TextToVideoPipeline.from_pretrained(model)
     kwargs = dict(ARMS[arm])
@@ -61,7 +64,7 @@ def run_arm(arm: str, num_frames: int, clips: int, budget: int, random_ratio: fl
         kwargs.update(kv_budget=budget, random_ratio=random_ratio)
     caches, new_cache = [], pipe.model.new_cache
     pipe.model.new_cache = lambda *a, **k: caches.append(new_cache(*a, **k)) or caches[-1]
-    combos = eval_combinations("seen", clips, seed=0)
+    combos = eval_combinations("seen", clips, seed=seed)
     heads, tails, first_q, last_q = [], [], [], []
     start = time.perf_counter()
     for i, combo in enumerate(combos):
@@ -75,7 +78,7 @@ def run_arm(arm: str, num_frames: int, clips: int, budget: int, random_ratio: fl
             while sum(map(len, tail[1:])) >= WINDOW:  # the newest 17+ frames: never the whole clip
                 tail.pop(0)
 
-        pipe(caption(*combo), num_frames=num_frames, seed=i, on_frames=on_frames, **kwargs)
+        pipe(caption(*combo), num_frames=num_frames, seed=seed * SEED_STRIDE + i, on_frames=on_frames, **kwargs)
         steps = np.diff(stamps[1:])  # per latent frame after the first (which also holds the prompt pass)
         quarter = max(1, len(steps) // 4)
         first_q.append(float(np.median(steps[:quarter])))
@@ -123,12 +126,14 @@ def main() -> None:
                         help="judge's folder (default: the shipped classifier, trained on objects inside the canvas; "
                              "`omniar train classifier --motion wrap` trains one that reads objects crossing an edge)")
     parser.add_argument("--motion", choices=MOTIONS, default="exit", help="motion of the real reference clips")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"draw: the prompts' seed, clip i generated with seed {SEED_STRIDE} x seed + i")
     parser.add_argument("--out", default="benchmarks/results/long_video.json")
     parser.add_argument("--child", nargs=2, metavar=("ARM", "FRAMES"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_arm(args.child[0], int(args.child[1]), args.clips, args.budget, args.random_ratio,
-                                 args.model, args.classifier, args.motion)))
+                                 args.model, args.classifier, args.motion, args.seed)))
         return
     if args.budget is None:
         args.budget = TextToVideoPipeline.from_pretrained(args.model).cache_tokens() // 2
@@ -136,19 +141,21 @@ def main() -> None:
     for num_frames in args.frames:
         for arm in args.arms:
             cmd = [sys.executable, __file__, "--child", arm, str(num_frames), "--clips", str(args.clips),
-                   "--budget", str(args.budget), "--random-ratio", str(args.random_ratio), "--motion", args.motion]
+                   "--budget", str(args.budget), "--random-ratio", str(args.random_ratio), "--motion", args.motion,
+                   "--seed", str(args.seed)]
             cmd += [f"--{k}={v}" for k, v in (("model", args.model), ("classifier", args.classifier)) if v]
             out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout  # stderr: shown
             runs.append(json.loads(out.strip().splitlines()[-1]))
             print(json.dumps(runs[-1]), flush=True)
-    combos = eval_combinations("seen", args.clips, seed=0)
+    combos = eval_combinations("seen", args.clips, seed=args.seed)
     real, other = (real_clips(combos, WINDOW, 64, seed=seed, motion=args.motion) for seed in (1, 2))
     classifier = load_classifier(args.classifier)
     floor = frechet_distance(classifier_features(classifier, real), classifier_features(classifier, other))
     result = {"benchmark": "long_video", "model": args.model or "shipped default (TextToVideoPipeline.from_pretrained())",
               "classifier": args.classifier or "shipped", "real_motion": args.motion,
-              "kv_budget": args.budget, "random_ratio": args.random_ratio, "clips_per_run": args.clips,
-              "clips_note": f"{args.clips} seen prompts per arm and length, one clip each, seeds 0..{args.clips - 1}: "
+              "kv_budget": args.budget, "random_ratio": args.random_ratio, "clips_per_run": args.clips, "seed": args.seed,
+              "clips_note": f"{args.clips} seen prompts per arm and length, one clip each, seeds "
+                            f"{args.seed * SEED_STRIDE}..{args.seed * SEED_STRIDE + args.clips - 1}: "
                             "sized to keep the whole run on a 2-core CPU well under 30 minutes; an adherence step is "
                             f"one clip ({100 / args.clips:.0f} points), so small differences are noise",
               "frechet_real_vs_real_17": floor, "runs": runs, "total_wall_s": time.perf_counter() - start,
