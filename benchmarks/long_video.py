@@ -153,7 +153,8 @@ def main() -> None:
     floor = frechet_distance(classifier_features(classifier, real), classifier_features(classifier, other))
     result = {"benchmark": "long_video", "model": args.model or "shipped default (TextToVideoPipeline.from_pretrained())",
               "classifier": args.classifier or "shipped", "real_motion": args.motion,
-              "kv_budget": args.budget, "random_ratio": args.random_ratio, "clips_per_run": args.clips, "seed": args.seed,
+              "kv_budget": args.budget, "random_ratio": args.random_ratio, "clips_per_run": args.clips,
+              "seed": args.seed,
               "clips_note": f"{args.clips} seen prompts per arm and length, one clip each, seeds "
                             f"{args.seed * SEED_STRIDE}..{args.seed * SEED_STRIDE + args.clips - 1}: "
                             "sized to keep the whole run on a 2-core CPU well under 30 minutes; an adherence step is "

@@ -99,9 +99,9 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  scales: Scales = (1, 2, 4, 8), codebook_size: int = 512, beta: float = 0.25,
                  ema_decay: float = 0.99, num_refine: int = 4, refine_ratio: float = 0.5,
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
-                 refiner_norm: bool = True, refiner_scale: int = 1, conv: str = "3d", fold_time: bool = False, global_context: bool = False,
-                 positions: bool = False, coarse_codes: int = 0, preview_decoder: bool = False,
-                 preview_positions: bool = False, preview_code_maps: bool = False):
+                 refiner_norm: bool = True, refiner_scale: int = 1, conv: str = "3d", fold_time: bool = False,
+                 global_context: bool = False, positions: bool = False, coarse_codes: int = 0,
+                 preview_decoder: bool = False, preview_positions: bool = False, preview_code_maps: bool = False):
         super().__init__()
         check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
