@@ -72,8 +72,9 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     long.add_argument("--kv-recent-frames", type=int, default=CALL_DEFAULTS["kv_recent_frames"], metavar="K",
                       help="nacl: the newest K frames are kept whole (as many as fit), only older tokens are scored")
     long.add_argument("--kv-horizon", type=lambda v: None if v == "none" else int(v),
-                      default=CALL_DEFAULTS["kv_horizon"], metavar="N", help="nacl: keep no token older than a clip of N frames has before its last frame "
-                      "('none': no limit; default: %(default)s)")
+                      default=CALL_DEFAULTS["kv_horizon"], metavar="N",
+                      help="nacl: keep no token older than a clip of N frames has before its last frame "
+                           "('none': no limit; default: %(default)s)")
     long.add_argument("--stream", action="store_true",
                       help="write the mp4 frame by frame as it is generated: the clip is never held whole")
     init = long.add_mutually_exclusive_group()
