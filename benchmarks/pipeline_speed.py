@@ -4,9 +4,9 @@ For each (batch, frames) of the grid and each setting, one call per round: wall,
 seconds, the generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass),
 (``--memory``, current path only) the peak of live tensor memory, and (``--flops``, current path only) the
 transformer's FLOPs in a call (attention and the grouped expert GEMMs included, which ``FlopCounterMode``
-does not count on CPU by itself) over its generate CPU time, as a share of a matmul peak measured in the
-same worker (2048^3, fp32, and bf16 for the ``bf16`` setting). Each time is also taken as the process's CPU time
-(``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates
+does not count on CPU by itself; also those of latent frames 1, middle and last) over its generate CPU time,
+as a share of a matmul peak measured in the same worker (2048^3, fp32, and bf16 for the ``bf16`` setting). Each
+time is also taken as the process's CPU time (``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates
 wall times by whole seconds but not the CPU time the call consumes (with one thread, CPU time is
 the wall time of an idle machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact),
 ``bf16-decode`` (``decode_dtype=torch.bfloat16``, the CPU default: same codes, frames decoded under bf16
@@ -14,7 +14,8 @@ autocast) and ``bf16`` (model and decode in bf16). The baseline, ``--baseline RE
 #29), is exported with ``git archive`` and runs in its own worker process, in fp32 unless ``--baseline-setting``
 names another setting (for a baseline that has it, e.g. an earlier default against today's); rounds interleave
 baseline and current calls with the same seeds, and each ratio is the median over rounds of the
-per-round ratio, so load on a shared machine hits both sides alike.
+per-round ratio, so load on a shared machine hits both sides alike. ``--kv-budget N``: the current path's calls
+bound their KV cache to N visual tokens (the default policy), the baseline's stay unbounded.
 
     OMP_NUM_THREADS=1 python benchmarks/pipeline_speed.py [--device cuda] [--batches 1 4 16] [--frames 1 9 17 33]
         [--rounds 3] [--memory] [--flops] [--out benchmarks/results/pipeline_speed.json]
@@ -55,13 +56,14 @@ def load(setting: str, device: str = "cpu"):
     return pipe
 
 
-def call(pipe, batch: int, frames: int, seed: int, memory: bool) -> dict:
+def call(pipe, batch: int, frames: int, seed: int, memory: bool, kv_budget: int | None = None) -> dict:
     """One timed call; per-latent-frame generate times from the callback after each frame's last scale."""
     last, ends = len(pipe.video_tokenizer.scales) - 1, []
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    budget = {} if kv_budget is None else {"kv_budget": kv_budget}  # a baseline from before #27 has none
 
     def run(callback=None):
-        return pipe(prompts, num_frames=frames, seed=seed, callback=callback)
+        return pipe(prompts, num_frames=frames, seed=seed, callback=callback, **budget)
 
     if pipe.device.type == "cuda":
         torch.cuda.synchronize(pipe.device)  # the frames come back on the CPU: the call ends synchronised
@@ -82,8 +84,9 @@ def call(pipe, batch: int, frames: int, seed: int, memory: bool) -> dict:
     return row
 
 
-def transformer_gflop(pipe, batch: int, frames: int, seed: int) -> float:
-    """GFLOP of the transformer's forwards (the text pass and every scale step) in one call."""
+def transformer_gflop(pipe, batch: int, frames: int, seed: int, kv_budget: int | None = None) -> dict:
+    """GFLOP of the transformer's forwards in one call: in all (the text pass and every scale step) and of
+    latent frames 1, middle and last (the frames the timed call reports), whose growth is the attention's."""
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
     aten = torch.ops.aten
@@ -91,23 +94,30 @@ def transformer_gflop(pipe, batch: int, frames: int, seed: int) -> float:
         aten._grouped_mm: lambda a, b, *args, out_shape=None, **kw: 2 * a[0] * a[-1] * out_shape[-1],
         aten._scaled_dot_product_flash_attention_for_cpu: lambda q, k, v, *args, out_shape=None, **kw:
             sdpa_flop_count(q, k, v)}
-    model, total = pipe.model, 0
+    model, per_frame = pipe.model, {}  # latent frame (-1: the text pass) -> FLOPs
 
-    def counted(forward):
+    def counted(forward, frame_of):
         def run(*args, **kwargs):
-            nonlocal total
             with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
                 out = forward(*args, **kwargs)
-            total += counter.get_total_flops()
+            frame = frame_of(args)
+            per_frame[frame] = per_frame.get(frame, 0) + counter.get_total_flops()
             return out
         return run
 
-    model.forward_text, model.forward_scale = counted(model.forward_text), counted(model.forward_scale)
+    model.forward_text = counted(model.forward_text, lambda args: -1)
+    model.forward_scale = counted(model.forward_scale, lambda args: args[1])
     try:
-        call(pipe, batch, frames, seed, False)
+        call(pipe, batch, frames, seed, False, kv_budget)
     finally:
         del model.forward_text, model.forward_scale  # the instance attributes; the methods show again
-    return total / 1e9
+    row = {"transformer_gflop": sum(per_frame.values()) / 1e9}
+    frames_after_first = [per_frame[f] / 1e9 for f in sorted(per_frame) if f >= 1]
+    if frames_after_first:
+        row.update({"frame_first_gflop": frames_after_first[0],
+                    "frame_middle_gflop": frames_after_first[len(frames_after_first) // 2],
+                    "frame_last_gflop": frames_after_first[-1]})
+    return row
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
@@ -137,10 +147,10 @@ def worker() -> None:
         pipe = pipes[req["setting"]]
         if req.get("flops"):
             dtype = torch.bfloat16 if req["setting"] == "bf16" else torch.float32
-            row = {"transformer_gflop": transformer_gflop(pipe, req["batch"], req["frames"], req["seed"]),
+            row = {**transformer_gflop(pipe, req["batch"], req["frames"], req["seed"], req.get("kv_budget")),
                    "matmul_peak_gflops": matmul_peak_gflops(dtype, req["device"])}
         else:
-            row = call(pipe, req["batch"], req["frames"], req["seed"], req["memory"])
+            row = call(pipe, req["batch"], req["frames"], req["seed"], req["memory"], req.get("kv_budget"))
         print(json.dumps(row), flush=True)
 
 
@@ -173,7 +183,7 @@ def speed(args) -> dict:
               f"CPU {platform.machine()}, {os.cpu_count()} cores, "
               f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}",
               "torch": torch.__version__, "baseline": args.baseline, "baseline_setting": args.baseline_setting,
-              "rounds": args.rounds, "grid": {}}
+              "rounds": args.rounds, "kv_budget": args.kv_budget, "grid": {}}
     with tempfile.TemporaryDirectory() as old:
         archive = subprocess.run(["git", "archive", args.baseline, "omniar"], cwd=ROOT, check=True,
                                  capture_output=True).stdout
@@ -187,7 +197,7 @@ def speed(args) -> dict:
                         req = dict(device=args.device, batch=batch, frames=frames, seed=r, memory=False)
                         rounds["baseline"].append(base(setting=args.baseline_setting, **req))
                         for s in args.settings:
-                            rounds[s].append(new(setting=s, **req))
+                            rounds[s].append(new(setting=s, kv_budget=args.kv_budget, **req))
                     row = {s: median_row(rows) for s, rows in rounds.items()}
                     for s in args.settings:
                         for key in ("wall_s", "generate_s", "cpu_s", "generate_cpu_s", "decode_cpu_s"):
@@ -195,11 +205,13 @@ def speed(args) -> dict:
                                 b[key] / n[key] for b, n in zip(rounds["baseline"], rounds[s]))
                         row[s]["decode_share_cpu"] = row[s]["decode_cpu_s"] / row[s]["cpu_s"]
                     if args.memory:  # current path only: the meter's module imports today's demo code
-                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=True)
+                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=True,
+                                   kv_budget=args.kv_budget)
                         for s in args.settings:
                             row[s]["tensor_peak_mib"] = new(setting=s, **req)["tensor_peak_mib"]
                     if args.flops:  # the forwards' shapes, and so their FLOPs, do not depend on the seed
-                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=False, flops=True)
+                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=False, flops=True,
+                                   kv_budget=args.kv_budget)
                         for s in args.settings:
                             row[s].update(new(setting=s, **req))
                             row[s]["transformer_gflops"] = row[s]["transformer_gflop"] / row[s]["generate_cpu_s"]
@@ -241,6 +253,8 @@ def main() -> None:
                         help="the baseline's setting (fp32: the pre-#29 pipeline has no other)")
     parser.add_argument("--memory", action="store_true", help="also the peak of live tensor memory")
     parser.add_argument("--flops", action="store_true", help="also the transformer's share of matmul peak")
+    parser.add_argument("--kv-budget", type=int, help="the current path's calls bound their KV cache (kv_budget); "
+                        "the baseline's do not")
     parser.add_argument("--rule", type=int, metavar="N", help="run the bf16 precision rule on N clips instead")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/pipeline_speed.json")
@@ -249,6 +263,8 @@ def main() -> None:
         return worker()
     if min(args.batches) < 1 or args.rounds < 1:
         parser.error("--batches and --rounds must be >= 1")
+    if args.kv_budget is not None and args.kv_budget < 1:
+        parser.error("--kv-budget must be >= 1")
     if args.memory and args.device != "cpu":
         parser.error("--memory measures CPU tensors only")
     result = rule(args.rule, args.settings, args.device) if args.rule else speed(args)
