@@ -6,8 +6,8 @@ seconds, the generate time of latent frames 1, middle and last (frame 0 also hol
 transformer's FLOPs in a call (attention and the grouped expert GEMMs included, which ``FlopCounterMode``
 does not count on CPU by itself; also those of latent frames 1, middle and last) over its generate CPU time,
 as a share of a matmul peak measured in the same worker (2048^3, fp32, and bf16 for the ``bf16`` setting). Each
-time is also taken as the process's CPU time (``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates
-wall times by whole seconds but not the CPU time the call consumes (with one thread, CPU time is
+time is also taken as the process's CPU time (``*_cpu_s``): on a shared machine a niced benchmark waits for the
+CPU at random, which inflates wall times by whole seconds but not the CPU time the call consumes (with one thread, CPU time is
 the wall time of an idle machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact),
 ``bf16-decode`` (``decode_dtype=torch.bfloat16``, the CPU default: same codes, frames decoded under bf16
 autocast) and ``bf16`` (model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before
