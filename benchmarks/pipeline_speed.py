@@ -1,21 +1,21 @@
 """Speed of the default text-to-video pipeline against a kept copy of an earlier revision.
 
-For each (batch, frames) of the grid and each setting, one call per round: wall, generate and decode
-seconds, the generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass),
-(``--memory``, current path only) the peak of live tensor memory, and (``--flops``, current path only) the
-transformer's FLOPs in a call (attention and the grouped expert GEMMs included, which ``FlopCounterMode``
-does not count on CPU by itself; also those of latent frames 1, middle and last) over its generate CPU time,
-as a share of a matmul peak measured in the same worker (2048^3, fp32, and bf16 for the ``bf16`` setting). Each
-time is also taken as the process's CPU time (``*_cpu_s``): on a shared machine a niced benchmark waits for the
-CPU at random, which inflates wall times by whole seconds but not the CPU time the call consumes (with one thread, CPU time is
-the wall time of an idle machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact),
-``bf16-decode`` (``decode_dtype=torch.bfloat16``, the CPU default: same codes, frames decoded under bf16
-autocast) and ``bf16`` (model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before
-#29), is exported with ``git archive`` and runs in its own worker process, in fp32 unless ``--baseline-setting``
-names another setting (for a baseline that has it, e.g. an earlier default against today's); rounds interleave
-baseline and current calls with the same seeds, and each ratio is the median over rounds of the
-per-round ratio, so load on a shared machine hits both sides alike. ``--kv-budget N``: the current path's calls
-bound their KV cache to N visual tokens (the default policy), the baseline's stay unbounded.
+For each (batch, frames) of the grid and each setting, one call per round: wall, generate and decode seconds, the
+generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass), (``--memory``, current path
+only) the peak of live tensor memory, and (``--flops``, current path only) the transformer's FLOPs in a call
+(attention and the grouped expert GEMMs included, which ``FlopCounterMode`` does not count on CPU by itself; also
+those of latent frames 1, middle and last) over its generate CPU time, as a share of a matmul peak measured in the
+same worker (2048^3, fp32, and bf16 for the ``bf16`` setting). Each time is also taken as the process's CPU time
+(``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates wall times by
+whole seconds but not the CPU time the call consumes (with one thread, CPU time is the wall time of an idle
+machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact), ``bf16-decode``
+(``decode_dtype=torch.bfloat16``, the CPU default: same codes, frames decoded under bf16 autocast) and ``bf16``
+(model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before #29), is exported with
+``git archive`` and runs in its own worker process, in fp32 unless ``--baseline-setting`` names another setting
+(for a baseline that has it, e.g. an earlier default against today's); rounds interleave baseline and current calls
+with the same seeds, and each ratio is the median over rounds of the per-round ratio, so load on a shared machine
+hits both sides alike. ``--kv-budget N``: the current path's calls bound their KV cache to N visual tokens (the
+default policy), the baseline's stay unbounded.
 
     OMP_NUM_THREADS=1 python benchmarks/pipeline_speed.py [--device cuda] [--batches 1 4 16] [--frames 1 9 17 33]
         [--rounds 3] [--memory] [--flops] [--out benchmarks/results/pipeline_speed.json]
