@@ -19,7 +19,7 @@ def video(n=2, frames=9):
     return torch.stack([MovingShapes("train", n, 32, frames, seed=3)[i]["video"] for i in range(n)])
 
 
-@pytest.mark.parametrize("scale", [1, 2])
+@pytest.mark.parametrize("scale", [1, 2, 4])
 def test_new_refiner_is_the_identity_and_works_frame_by_frame(scale):
     torch.manual_seed(0)
     plain = VideoTokenizer(**TOK).eval()
@@ -35,23 +35,24 @@ def test_new_refiner_is_the_identity_and_works_frame_by_frame(scale):
 
 
 def test_a_folded_refiner_works_on_pixel_cells():
-    """``refiner_scale`` 2: the blocks see each 2 x 2 cell as 12 channels. A change inside one cell reaches
-    the pixels of the cells within the convs' reach (in cells) and no further; scale 1 stops 2x closer."""
+    """``refiner_scale`` s: the blocks see each s x s cell as 3 s^2 channels. A change inside one cell reaches
+    the pixels of the cells within the convs' reach (in cells) and no further: s times as far as scale 1."""
     torch.manual_seed(0)
     reach = {}
-    for scale in (1, 2):
+    for scale in (1, 2, 4):
         refiner = VideoTokenizer(**TOK, refiner_blocks=1, refiner_channels=8, refiner_scale=scale,
                                  refiner_norm=False).refiner.eval()  # the norm is per frame: no reach
         torch.nn.init.normal_(refiner.conv_out.weight, std=0.1)
         assert refiner.conv_in.in_channels == 3 * scale * scale
-        frames = torch.rand(1, 3, 32, 32) * 2 - 1
+        frames = torch.rand(1, 3, 64, 64) * 2 - 1
         poked = frames.clone()
         poked[..., 16, 16] += 0.5
         with torch.no_grad():
             moved = (refiner(poked) - refiner(frames)).abs().amax((0, 1))[16] > 0  # row 16, per column
         reach[scale] = int(moved.nonzero().max()) - 16
-    # four 3x3 convs (in, block x 2, out): 4 cells each way; cell 8 holds pixel 16 at scale 2
-    assert reach == {1: 4, 2: 2 * 4 + 1}
+    # four 3x3 convs (in, block x 2, out): 4 cells each way; pixel 16 starts cell 16 / s, whose 4th neighbour ends
+    # at pixel s (16 / s + 5) - 1
+    assert reach == {1: 4, 2: 2 * 4 + 1, 4: 4 * 4 + 3}
     for bad in (3, True, 2.0):
         with pytest.raises(ValueError, match="refiner_scale"):
             VideoTokenizer(**TOK, refiner_blocks=1, refiner_scale=bad)
