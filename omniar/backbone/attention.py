@@ -155,10 +155,13 @@ class KVCache:
         key_ok = self.key_ok[:, :self.length][:, idx]  # (B, layers, n)
         require(bool((key_ok == key_ok[:, :1]).all()), "keep", "every layer must keep the same padding slots")
         n = idx.shape[1]
+        # the slots before the first one dropped (in any layer) stay where they are (the text at least): move the rest
+        moved = (idx != torch.arange(n, device=idx.device)).any(0)
+        start = int(moved.int().argmax()) if bool(moved.any()) else n
         for layer, buf in enumerate(zip(self.keys, self.values)):
             for b in buf:
                 if b is not None:
-                    b[:, :, :n] = b[:, :, :self.length].index_select(2, idx[layer])
+                    b[:, :, start:n] = b[:, :, :self.length].index_select(2, idx[layer, start:])
         self.key_ok[:, :n] = key_ok[:, 0]
         self.slot_index[:, :n] = self.slot_index[:, :self.length].gather(1, idx)
         self.key_t[:, :n] = self.key_t[:, :self.length].gather(1, idx)
