@@ -155,13 +155,16 @@ def worker() -> None:
 
 
 class Worker:
-    def __init__(self, pythonpath: str) -> None:
+    """A worker process on ``pythonpath``'s omniar; ``fixed`` fields go with every request."""
+
+    def __init__(self, pythonpath: str, **fixed) -> None:
+        self.fixed = fixed
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([pythonpath, str(ROOT / "benchmarks")])}
         self.proc = subprocess.Popen([sys.executable, __file__, "--worker"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
 
     def __call__(self, **req) -> dict:
-        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.write(json.dumps({**self.fixed, **req}) + "\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -188,7 +191,7 @@ def speed(args) -> dict:
         archive = subprocess.run(["git", "archive", args.baseline, "omniar"], cwd=ROOT, check=True,
                                  capture_output=True).stdout
         subprocess.run(["tar", "-x", "-C", old], input=archive, check=True)
-        base, new = Worker(old), Worker(str(ROOT))
+        base, new = Worker(old), Worker(str(ROOT), kv_budget=args.kv_budget)  # a budget for the current path only
         try:
             for batch in args.batches:
                 for frames in args.frames:
@@ -197,7 +200,7 @@ def speed(args) -> dict:
                         req = dict(device=args.device, batch=batch, frames=frames, seed=r, memory=False)
                         rounds["baseline"].append(base(setting=args.baseline_setting, **req))
                         for s in args.settings:
-                            rounds[s].append(new(setting=s, kv_budget=args.kv_budget, **req))
+                            rounds[s].append(new(setting=s, **req))
                     row = {s: median_row(rows) for s, rows in rounds.items()}
                     for s in args.settings:
                         for key in ("wall_s", "generate_s", "cpu_s", "generate_cpu_s", "decode_cpu_s"):
@@ -205,13 +208,11 @@ def speed(args) -> dict:
                                 b[key] / n[key] for b, n in zip(rounds["baseline"], rounds[s]))
                         row[s]["decode_share_cpu"] = row[s]["decode_cpu_s"] / row[s]["cpu_s"]
                     if args.memory:  # current path only: the meter's module imports today's demo code
-                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=True,
-                                   kv_budget=args.kv_budget)
+                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=True)
                         for s in args.settings:
                             row[s]["tensor_peak_mib"] = new(setting=s, **req)["tensor_peak_mib"]
                     if args.flops:  # the forwards' shapes, and so their FLOPs, do not depend on the seed
-                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=False, flops=True,
-                                   kv_budget=args.kv_budget)
+                        req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=False, flops=True)
                         for s in args.settings:
                             row[s].update(new(setting=s, **req))
                             row[s]["transformer_gflops"] = row[s]["transformer_gflop"] / row[s]["generate_cpu_s"]
