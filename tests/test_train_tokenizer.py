@@ -147,6 +147,27 @@ def test_a_new_preview_decoder_starts_as_a_copy_of_the_decoder(tmp_path):
         torch.testing.assert_close(tuned.state_dict()[k], v, rtol=0, atol=1e-9)
 
 
+def test_preview_codes_are_fitted_then_trained_with_the_preview_decoder_alone(tmp_path):
+    base_config = tiny_config(tmp_path / "base", 2)
+    base_config["model"] |= {"refiner_blocks": 1, "refiner_channels": 8}
+    base = train(base_config, progress=False)
+    config = tiny_config(tmp_path / "ft", 3, trainable="preview", init_from=str(base), truncate_prob=1.0,
+                         context_lr_scale=10.0, preview_fit_clips=8)
+    config["model"] = base_config["model"] | {"preview_decoder": True, "preview_codes": [4, 6, 6]}
+    before, after = VideoTokenizer.from_pretrained(base), VideoTokenizer.from_pretrained(train(config, progress=False))
+    after_state = after.state_dict()
+    for key, value in before.state_dict().items():  # encoder, codebook, decoder, refiner: untouched
+        assert torch.equal(value, after_state[key]), key
+    palette = after.preview_palette
+    assert all(palette.centroids(s).abs().sum(1).gt(0).all() for s in range(3))  # fitted before the first step
+    assert all(p.any() for p in palette.patches)  # the patches (zero at the start) learnt
+    bad = tiny_config(tmp_path / "bad", 1, trainable="preview", init_from=str(base), truncate_prob=1.0,
+                      preview_fit_clips=17)
+    bad["model"], bad["data"]["num_samples"] = config["model"], 16
+    with pytest.raises(ValueError, match="train.preview_fit_clips: must be <= 16"):
+        train(bad, progress=False)
+
+
 def test_preview_only_fine_tuning_moves_the_preview_decoder_alone(tmp_path):
     base_config = tiny_config(tmp_path / "base", 2)
     base_config["model"] |= {"preview_decoder": True, "refiner_blocks": 1, "refiner_channels": 8,

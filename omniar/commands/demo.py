@@ -200,26 +200,15 @@ class Demo:
 
     def _generate(self, prompt, elastic, kwargs, progress):
         tok = self.pipe.video_tokenizer
-        first: list[torch.Tensor] = []  # frame 0's accumulated latent after each scale
-        first_code: list[torch.Tensor] = []  # frame 0's first-scale code (its preview map, if the tokenizer has them)
 
-        def on_scale(step: dict) -> None:
-            if step["frame"] == 0:
-                first.append(step["latent"][:1].float())
-                if step["scale"] == 0:
-                    first_code.append(step["codes"][:1].reshape(1, 1, 1, 1))
-            if progress is not None:  # called only once the pipeline has validated num_frames
-                total = tok.num_latent_frames(kwargs["num_frames"]) * len(tok.scales)
-                progress((step["frame"] * len(tok.scales) + step["scale"] + 1, total), desc="generating")
+        def on_scale(step: dict) -> None:  # called only once the pipeline has validated num_frames
+            total = tok.num_latent_frames(kwargs["num_frames"]) * len(tok.scales)
+            progress((step["frame"] * len(tok.scales) + step["scale"] + 1, total), desc="generating")
 
-        out = self.pipe(prompt, elastic=elastic, callback=on_scale, **kwargs)
-        # The causal decoder decodes frame 0 alone exactly as in the full clip: one batched call for the coarse
-        # prefixes (through the preview decoder, if the tokenizer has one), one for the full accumulation.
-        latents = torch.cat(first).unsqueeze(2)
-        latents[:1] = tok.with_code_map(latents[:1], first_code[0])
+        out = self.pipe(prompt, elastic=elastic, callback=None if progress is None else on_scale, **kwargs)
+        # The causal decoder decodes frame 0 alone exactly as in the full clip: its coarse prefixes, then all scales.
         with torch.no_grad():
-            images = _to_uint8(torch.cat([tok.decode_latent(latents[:-1], preview=True),
-                                          tok.decode_latent(latents[-1:])]))[:, 0]
+            images = _to_uint8(torch.cat(tok.decode_previews(out.codes.split()[0].first_frame())))[:, 0]
         previews = [(_upscale(img), f"scales <= {name}") for img, name in zip(images, tok.scale_names)]
         return out, previews
 

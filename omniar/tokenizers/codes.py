@@ -20,12 +20,15 @@ class MultiScaleCodes(ScaleSchedule):
 
     ``codes[s]`` is a ``LongTensor`` of shape ``(B, T_lat, h_s, w_s)`` with
     ``(h_s, w_s) = scale_shapes(scales)[s]``; scale ``s`` quantizes what scales ``< s`` left
-    unexplained. ``num_frames`` is the pixel frame count ``T = 1 + tau * (T_lat - 1)``.
+    unexplained. ``num_frames`` is the pixel frame count ``T = 1 + tau * (T_lat - 1)``. ``previews``: a
+    tokenizer with preview codes (:mod:`omniar.tokenizers.previews`) adds one map per scale but the last, of
+    the same shapes, that only coarse-to-fine previews read; None without them.
     """
 
     codes: list[torch.Tensor]
     scales: Scales
     num_frames: int
+    previews: list[torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         self.scales = check_scales(self.scales)
@@ -38,6 +41,12 @@ class MultiScaleCodes(ScaleSchedule):
         for s, (c, (h, w)) in enumerate(zip(self.codes, self.scale_shapes)):
             require(isinstance(c, torch.Tensor) and tuple(c.shape) == (b, t, h, w), "codes",
                     f"scale {s} must have shape {(b, t, h, w)}, got {tuple(getattr(c, 'shape', ()))}")
+        if self.previews is not None:
+            require(isinstance(self.previews, (list, tuple)) and len(self.previews) == len(self.scales) - 1,
+                    "previews", f"needs one map per scale but the last ({len(self.scales) - 1})")
+            for s, (c, (h, w)) in enumerate(zip(self.previews, self.scale_shapes)):
+                require(isinstance(c, torch.Tensor) and tuple(c.shape) == (b, t, h, w), "previews",
+                        f"scale {s} must have shape {(b, t, h, w)}, got {tuple(getattr(c, 'shape', ()))}")
 
     @property
     def batch_size(self) -> int:
@@ -48,12 +57,19 @@ class MultiScaleCodes(ScaleSchedule):
         return self.codes[0].shape[1]
 
     def to(self, device: torch.device | str) -> "MultiScaleCodes":
-        return MultiScaleCodes([c.to(device) for c in self.codes], self.scales, self.num_frames)
+        return MultiScaleCodes([c.to(device) for c in self.codes], self.scales, self.num_frames,
+                               None if self.previews is None else [c.to(device) for c in self.previews])
 
     def split(self) -> list["MultiScaleCodes"]:
         """One ``MultiScaleCodes`` per clip of the batch."""
-        return [MultiScaleCodes([c[i:i + 1] for c in self.codes], self.scales, self.num_frames)
+        return [MultiScaleCodes([c[i:i + 1] for c in self.codes], self.scales, self.num_frames,
+                                None if self.previews is None else [c[i:i + 1] for c in self.previews])
                 for i in range(self.batch_size)]
+
+    def first_frame(self) -> "MultiScaleCodes":
+        """The codes of latent frame 0 alone (one pixel frame: the causal decoder decodes it as in the clip)."""
+        return MultiScaleCodes([c[:, :1] for c in self.codes], self.scales, 1,
+                               None if self.previews is None else [c[:, :1] for c in self.previews])
 
     def flatten(self) -> torch.Tensor:
         """Tokens in sequence order, ``(B, T_lat, tokens_per_frame)``: per frame, coarse to fine, row-major."""

@@ -22,6 +22,7 @@ from .._scales import ScaleSchedule, scale_shapes
 from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE
 from .causal3d import CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner, PositionMap
 from .codes import MultiScaleCodes, Scales, check_scales
+from .previews import PreviewCodes
 from .quantizer import MultiScaleResidualVQ, resize
 
 
@@ -91,6 +92,11 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             ``preview_decoder``, ``coarse_codes`` and a 1x1 first scale). That latent is otherwise one vector
             repeated over the grid, from which no decoder learnt to paint the object's place (BENCHMARKS.md, A15s-w);
             a map per code can hold the place its clips share. The codes and full decodes do not change.
+        preview_codes: one table size per scale but the last (e.g. ``(16, 32, 32)``; empty: none): side codes that
+            only previews read (:mod:`omniar.tokenizers.previews`: each coarse cell's colour sketch, quantized in
+            pixel space, and a learned latent patch per code added to the preview's latent). Needs
+            ``preview_decoder``. :meth:`encode` returns them as ``MultiScaleCodes.previews``; the residual codes,
+            full decodes and AR inputs do not change.
     """
 
     @register_to_config
@@ -101,7 +107,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                  dead_code_threshold: float = 0.05, refiner_blocks: int = 0, refiner_channels: int = 32,
                  refiner_norm: bool = True, refiner_scale: int = 1, conv: str = "3d", fold_time: bool = False,
                  global_context: bool = False, positions: bool = False, coarse_codes: int = 0,
-                 preview_decoder: bool = False, preview_positions: bool = False, preview_code_maps: bool = False):
+                 preview_decoder: bool = False, preview_positions: bool = False, preview_code_maps: bool = False,
+                 preview_codes: tuple[int, ...] = ()):
         super().__init__()
         check_int(in_channels, "in_channels", 1, MAX_CHANNELS)
         check_choice(temporal_compression, "temporal_compression", (1, 2, 4))
@@ -137,6 +144,11 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
                 "needs preview_decoder=True and positions=True")
         require(not preview_code_maps or (preview_decoder and coarse_codes and scale_shapes(scales)[0] == (1, 1)),
                 "preview_code_maps", "needs preview_decoder=True, coarse_codes > 0 and a 1x1 first scale")
+        require(isinstance(preview_codes, (list, tuple)) and len(preview_codes) in (0, len(scales) - 1),
+                "preview_codes", f"must list one table size per scale but the last ({len(scales) - 1}) or none, "
+                                 f"got {preview_codes!r}")
+        preview_codes = [check_int(k, "preview_codes", 1, MAX_CODEBOOK_SIZE) for k in preview_codes]
+        require(not preview_codes or preview_decoder, "preview_codes", "needs preview_decoder=True")
         nets = (FoldEncoder, FoldDecoder) if fold_time else (Encoder3d, Decoder3d)
         self.encoder = nets[0](in_channels, channels, num_res_blocks, latent_channels,
                                spatial_compression, temporal_compression, conv, global_context, positions)
@@ -152,6 +164,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         self.preview_code_map = (torch.nn.Parameter(torch.zeros(coarse_codes, latent_channels,
                                                                 *scale_shapes(scales)[-1]))
                                  if preview_code_maps else None)
+        self.preview_palette = (PreviewCodes(tuple(preview_codes), scale_shapes(scales)[:-1], scale_shapes(scales)[-1],
+                                           latent_channels, temporal_compression) if preview_codes else None)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -228,6 +242,13 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             n = self.scale_vocab(s)
             require(not c.is_floating_point() and int(c.min()) >= 0 and int(c.max()) < n,
                     "codes", f"indices of scale {s} must be integers in [0, {n})")
+        if codes.previews is not None:
+            require(self.preview_palette is not None, "codes",
+                    "carry preview codes (previews) but this tokenizer has none (preview_codes)")
+            for s, c in enumerate(codes.previews):
+                n = self.preview_palette.patches[s].shape[0]
+                require(not c.is_floating_point() and int(c.min()) >= 0 and int(c.max()) < n,
+                        "codes", f"preview indices of scale {s} must be integers in [0, {n})")
 
     # --------------------------------------------------------------- internals
     def _quantize(self, latent: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False,
@@ -246,6 +267,9 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         b, t = codes.batch_size, codes.num_latent_frames
         flat = [c.to(self.device).flatten(0, 1) for c in codes.codes]
         f_hat = self.quantizer.codes_to_latent(flat, upto_scale).unflatten(0, (b, t)).transpose(1, 2)
+        if upto_scale is not None and upto_scale < len(self.scales) - 1 and codes.previews is not None:
+            idx = codes.previews[upto_scale].to(self.device).flatten(0, 1)
+            f_hat = f_hat + self.preview_palette.latent(idx, upto_scale).unflatten(0, (b, t)).transpose(1, 2)
         return self.with_code_map(f_hat, codes.codes[0]) if upto_scale == 0 else f_hat
 
     def with_code_map(self, latent: torch.Tensor, first_codes: torch.Tensor) -> torch.Tensor:
@@ -316,6 +340,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         if upto_scale is not None and self.preview_code_map is not None:
             first = (upto_scale.to(f_hat.device) == 0)[:, None, None, None, None]
             f_hat = torch.where(first, self.with_code_map(f_hat, codes[0]), f_hat)
+        if upto_scale is not None and self.preview_palette is not None:
+            f_hat = f_hat + self.preview_palette.latents(video, upto_scale).to(f_hat.dtype)
         if self.preview_net is None or upto_scale is None:
             rec = self.render(f_hat)
         else:  # each clip through the decoder of its prefix
@@ -339,8 +365,12 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         return MultiScaleCodes(codes, self.scales, 1 + self.config.temporal_compression * (latent.shape[2] - 1))
 
     def encode(self, video: torch.Tensor) -> MultiScaleCodes:
-        """Video (B, 3, 1 + tau k, H, W) in [-1, 1] -> :class:`MultiScaleCodes`."""
-        return self.quantize_latent(self.encode_latent(video))
+        """Video (B, 3, 1 + tau k, H, W) in [-1, 1] -> :class:`MultiScaleCodes` (with ``previews`` if the
+        tokenizer has ``preview_codes``)."""
+        codes = self.quantize_latent(self.encode_latent(video))
+        if self.preview_palette is not None:
+            codes.previews = self.preview_palette.encode(video.to(self.device))
+        return codes
 
     @torch.no_grad()
     def decode_latent(self, latent: torch.Tensor, chunk_size: int | None = None,
@@ -369,11 +399,13 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
     @torch.no_grad()
     def decode_partial(self, codes: MultiScaleCodes, upto_scale: int, chunk_size: int | None = None,
                        dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Coarse preview: decode only scales ``0..upto_scale`` (inclusive)."""
+        """Coarse preview: decode only scales ``0..upto_scale`` (inclusive). With ``preview_codes``, codes that
+        carry none (``codes.previews`` None, e.g. an AR model's that does not sample them) decode as a tokenizer
+        without them would: through the decoder and refiner."""
         self._check_codes(codes)
         check_int(upto_scale, "upto_scale", 0, len(self.scales) - 1)
-        return self.decode_latent(self._codes_to_latent(codes, upto_scale), chunk_size, dtype,
-                                  preview=upto_scale < len(self.scales) - 1)
+        preview = upto_scale < len(self.scales) - 1 and (self.preview_palette is None or codes.previews is not None)
+        return self.decode_latent(self._codes_to_latent(codes, upto_scale), chunk_size, dtype, preview=preview)
 
     def decode_previews(self, codes: MultiScaleCodes) -> list[torch.Tensor]:
         """Every coarse-to-fine decode of ``codes``: entry s decodes scales ``0..s``, the last one is the full

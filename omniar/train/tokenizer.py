@@ -65,10 +65,14 @@ class TokenizerTrainConfig:
     # of steps to reach the latent's scale; a fine-tune of a few hundred steps needs them faster.
     context_lr_scale: float = 1.0
     sample_every: int = 500  # steps between reconstruction previews in TensorBoard (0 = none)
+    # model.preview_codes that train.init_from lacks (or all, without it) get their palette tables by k-means on the
+    # cells of the first this many training clips (omniar.tokenizers.previews), before the first step
+    preview_fit_clips: int = 256
 
     def __post_init__(self) -> None:
         check_int(self.steps, "train.steps", 1)
         check_int(self.sample_every, "train.sample_every", 0)
+        check_int(self.preview_fit_clips, "train.preview_fit_clips", 1)
         check_float(self.l1_weight, "train.l1_weight", 0.0)
         check_float(self.edge_weight, "train.edge_weight", 0.0)
         check_float(self.object_weight, "train.object_weight", 0.0)
@@ -90,10 +94,19 @@ class TokenizerTrainConfig:
                 f"got {self.truncate_prob}")
 
 
-# the modules that global_context, positions, preview_positions and preview_code_maps add: optional in
-# train.init_from (zero at the start, the preview decoder's map a copy of the shared one) and trained at
+# the modules that global_context, positions, preview_positions, preview_code_maps and preview_codes add: optional
+# in train.init_from (zero at the start, the preview decoder's map a copy of the shared one) and trained at
 # train.context_lr_scale
-CONTEXT_MODULES = ("encoder.context.", "position_map.", "preview_position_map.", "preview_code_map")
+CONTEXT_MODULES = ("encoder.context.", "position_map.", "preview_position_map.", "preview_code_map",
+                   "preview_palette.")
+
+
+def fit_preview_codes(model: VideoTokenizer, dataset, num_clips: int, seed: int) -> None:
+    """Fit ``model.preview_palette``'s tables (``model.preview_codes``) to the first ``num_clips`` clips of
+    ``dataset``."""
+    check_int(num_clips, "train.preview_fit_clips", 1, len(dataset))
+    video = torch.stack([dataset[i]["video"] for i in range(num_clips)])
+    model.preview_palette.fit(video, torch.Generator().manual_seed(seed))
 
 
 def edge_weights(video: torch.Tensor, strength: float) -> torch.Tensor:
@@ -167,6 +180,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     build = partial(build_model, VideoTokenizer, model_cfg)  # a new model, to load whole weights into
     require(train_cfg.trainable != "preview" or model.preview_net is not None, "train.trainable",
             "'preview' needs model.preview_decoder=true")
+    missing = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
     if train_cfg.init_from:
         # a tokenizer trained without the global context or position map starts them at zero (no change),
         # without the first scale's own codes starts them on the first batch's first-scale residuals, and
@@ -176,6 +190,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         for target, source in (("preview_net", "decoder"), ("preview_position_map", "position_map")):
             if any(name.startswith(target + ".") for name in missing):
                 getattr(model, target).load_state_dict(getattr(model, source).state_dict())
+    dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
+                            data_cfg.num_frames, data_cfg.seed, data_cfg.motion)
+    if model.preview_palette is not None and any(name.startswith("preview_palette.") for name in missing):
+        fit_preview_codes(model, dataset, train_cfg.preview_fit_clips, engine_cfg.seed)
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
             f"spatial_compression), got {data_cfg.size}")
@@ -187,8 +205,9 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         module.requires_grad_(False)
     factory = None
     if train_cfg.context_lr_scale != 1:
-        require(model.encoder.context is not None, "train.context_lr_scale",
-                "scales the learning rate of model.global_context's modules: the model has none")
+        require(any(name.startswith(CONTEXT_MODULES) for name, _ in model.named_parameters()), "train.context_lr_scale",
+                "scales the learning rate of the modules model.global_context, positions, preview_positions, "
+                "preview_code_maps and preview_codes add: the model has none")
 
         def context_groups(module: VideoTokenizer) -> torch.optim.Optimizer:
             named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
@@ -205,8 +224,6 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         for module in frozen:
             module.eval()  # eval mode: no codebook EMA updates or code restarts
         start = engine.resume()
-        dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
-                                data_cfg.num_frames, data_cfg.seed, data_cfg.motion)
         log_skipped(engine, start, data=dataset)
         engine.log_hparams(config)
         preview = None

@@ -1,0 +1,107 @@
+"""Preview codes: side codes that only coarse-to-fine previews read.
+
+A residual VQ's coarse scales average big cells, where a small object is a few per cent of the pixels: their
+latents (even unquantized) do not show its colour through the decoder, and k-means in the latent space groups
+cells by the object's place, not its colour (BENCHMARKS.md, "Can side codes read only by previews ..."). A
+preview code is instead a colour sketch of each coarse cell, taken in pixel space where distance is colour: the
+cell's dominant colour (per-channel median), its accent colour (the mean of the pixels far from it) and the
+accent's share, quantized to the nearest entry of a small k-means table per scale. Each code owns a learned
+latent patch (the cell's part of the latent grid) that a preview adds to the scales' partial sum, and the preview
+decoder learns to paint it. The residual codes, full decodes and every AR input stay as they are.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .._checks import require
+
+PALETTE_DIM = 7  # dominant RGB, accent RGB, sqrt of the accent's share
+ACCENT_DISTANCE = 0.3  # L1 over RGB in [-1, 1]: how far from the dominant colour a pixel counts as accent
+
+
+def cell_palettes(video: torch.Tensor, shape: tuple[int, int], temporal_compression: int) -> torch.Tensor:
+    """Colour sketch of each cell of an (h, w) grid over each latent frame's pixel frames (frame 0, then runs of
+    ``temporal_compression``): ``video`` (B, 3, 1 + tau k, H, W) in [-1, 1] -> (B, T_lat, 7, h, w)."""
+    h, w = shape
+    first, rest = video[:, :, :1], video[:, :, 1:]
+    groups = [first[:, :, None]]  # (B, C, T_lat part, frames, H, W)
+    if rest.shape[2]:
+        groups.append(rest.unflatten(2, (-1, temporal_compression)))
+    out = []
+    for g in groups:
+        x = rearrange(g, "b c g f (h p) (w q) -> b g h w c (f p q)", h=h, w=w)
+        dominant = x.median(-1).values
+        accent = ((x - dominant[..., None]).abs().sum(-2) > ACCENT_DISTANCE).to(x.dtype)  # (b g h w n)
+        share = accent.mean(-1)
+        colour = (x * accent[..., None, :]).sum(-1) / accent.sum(-1, keepdim=True).clamp_min(1)
+        colour = torch.where(share[..., None] > 0, colour, dominant)
+        out.append(torch.cat([dominant, colour, share.sqrt()[..., None]], -1))
+    return rearrange(torch.cat(out, 1), "b g h w d -> b g d h w")
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
+    """``k`` centroids of the rows of ``x`` (N, D) (Lloyd's iterations from ``k`` distinct random rows; an
+    empty cluster keeps its centroid)."""
+    require(len(x) >= k, "x", f"needs at least {k} rows to fit {k} centroids, got {len(x)}")
+    centroids = x[torch.randperm(len(x), generator=generator)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+    return centroids
+
+
+class PreviewCodes(nn.Module):
+    """Per preview scale s (every scale but the last) a table of ``sizes[s]`` palette centroids (buffers, fitted by
+    :meth:`fit`) and as many learned latent patches (zero at initialisation: previews unchanged)."""
+
+    def __init__(self, sizes: tuple[int, ...], shapes: list[tuple[int, int]], grid: tuple[int, int], channels: int,
+                 temporal_compression: int):
+        super().__init__()
+        self.shapes, self.temporal_compression = list(shapes), temporal_compression
+        for h, w in self.shapes:
+            require(grid[0] % h == 0 and grid[1] % w == 0, "preview_codes",
+                    f"needs preview scales whose shapes divide the latent grid {grid}, got {(h, w)}")
+        for s, k in enumerate(sizes):
+            self.register_buffer(f"centroids_{s}", torch.zeros(k, PALETTE_DIM))
+        self.patches = nn.ParameterList(nn.Parameter(torch.zeros(k, channels, grid[0] // h, grid[1] // w))
+                                        for k, (h, w) in zip(sizes, self.shapes))
+
+    def centroids(self, s: int) -> torch.Tensor:
+        return getattr(self, f"centroids_{s}")
+
+    @torch.no_grad()
+    def fit(self, video: torch.Tensor, generator: torch.Generator) -> None:
+        """Fit every scale's centroids to the cells of ``video`` (N, 3, T, H, W) by k-means."""
+        for s, shape in enumerate(self.shapes):
+            cells = cell_palettes(video.float(), shape, self.temporal_compression).transpose(2, -1)
+            table = self.centroids(s)
+            table.copy_(kmeans(cells.reshape(-1, PALETTE_DIM).cpu(), table.shape[0], generator).to(table))
+
+    @torch.no_grad()
+    def encode(self, video: torch.Tensor) -> list[torch.Tensor]:
+        """``video`` (B, 3, T, H, W) -> per preview scale the nearest centroid of each cell, (B, T_lat, h, w)."""
+        codes = []
+        for s, shape in enumerate(self.shapes):
+            cells = cell_palettes(video.float(), shape, self.temporal_compression).transpose(2, -1)
+            codes.append(torch.cdist(cells.flatten(0, -2), self.centroids(s)).argmin(1).view(cells.shape[:-1]))
+        return codes
+
+    def latent(self, idx: torch.Tensor, s: int) -> torch.Tensor:
+        """The patches of preview scale ``s``'s codes ``idx`` (M, h, w) tiled onto the latent grid: (M, C, H, W)."""
+        patches = self.patches[s][idx]  # (M, h, w, C, p, q)
+        return rearrange(patches, "m h w c p q -> m c (h p) (w q)")
+
+    def latents(self, video: torch.Tensor, upto_scale: torch.Tensor) -> torch.Tensor:
+        """Training: what clip b's preview of scales ``0..upto_scale[b]`` adds, (B, C, T_lat, H, W); zero for clips
+        decoded from every scale."""
+        codes = self.encode(video)
+        b, t = codes[0].shape[:2]
+        parts = [self.latent(c.flatten(0, 1), s).unflatten(0, (b, t)) for s, c in enumerate(codes)]
+        zero = torch.zeros_like(parts[0][:, :1]).expand_as(parts[0])
+        stacked = torch.stack(parts + [zero], 1)  # (B, S, T_lat, C, H, W)
+        return stacked[torch.arange(b), upto_scale.to(stacked.device)].transpose(1, 2)
