@@ -88,7 +88,8 @@ class PreviewCodes(nn.Module):
         codes = []
         for s, shape in enumerate(self.shapes):
             cells = cell_palettes(video.float(), shape, self.temporal_compression).transpose(2, -1)
-            codes.append(torch.cdist(cells.flatten(0, -2), self.centroids(s)).argmin(1).view(cells.shape[:-1]))
+            table = self.centroids(s).to(cells.dtype)  # a float16 tokenizer still matches in fp32
+            codes.append(torch.cdist(cells.flatten(0, -2), table).argmin(1).view(cells.shape[:-1]))
         return codes
 
     def latent(self, idx: torch.Tensor, s: int) -> torch.Tensor:
