@@ -190,10 +190,6 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
         for target, source in (("preview_net", "decoder"), ("preview_position_map", "position_map")):
             if any(name.startswith(target + ".") for name in missing):
                 getattr(model, target).load_state_dict(getattr(model, source).state_dict())
-    dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
-                            data_cfg.num_frames, data_cfg.seed, data_cfg.motion)
-    if model.preview_palette is not None and any(name.startswith("preview_palette.") for name in missing):
-        fit_preview_codes(model, dataset, train_cfg.preview_fit_clips, engine_cfg.seed)
     require(model.resolution == data_cfg.size, "data.size",
             f"must equal the tokenizer resolution {model.resolution} (side, or [height, width]: scales[-1] x "
             f"spatial_compression), got {data_cfg.size}")
@@ -223,6 +219,10 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
                      lr_lambda=cosine_lr(train_cfg.steps, engine_cfg.warmup_steps)) as engine:
         for module in frozen:
             module.eval()  # eval mode: no codebook EMA updates or code restarts
+        dataset = build_dataset(data_cfg.dataset, data_cfg.path, data_cfg.num_samples, data_cfg.size,
+                                data_cfg.num_frames, data_cfg.seed, data_cfg.motion)
+        if model.preview_palette is not None and any(name.startswith("preview_palette.") for name in missing):
+            fit_preview_codes(model, dataset, train_cfg.preview_fit_clips, engine_cfg.seed)  # before a resume
         start = engine.resume()
         log_skipped(engine, start, data=dataset)
         engine.log_hparams(config)
