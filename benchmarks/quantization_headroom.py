@@ -32,23 +32,12 @@ from omniar.eval.metrics import psnr
 from omniar.eval.shapes_classifier import prompt_adherence
 from omniar.eval.t2v import load_classifier
 from omniar.tokenizers import VideoTokenizer
-from omniar.tokenizers.quantizer import nearest_code, resize
+from omniar.tokenizers.quantizer import kmeans, nearest_code, resize
 
 
 def frames_of(latent: torch.Tensor) -> torch.Tensor:
     """(B, C, t, h, w) -> (B t, C, h, w), the quantizer's per-frame maps."""
     return latent.transpose(1, 2).flatten(0, 1)
-
-
-def kmeans(vectors: torch.Tensor, k: int, iterations: int, generator: torch.Generator) -> torch.Tensor:
-    """Lloyd's K-means on (N, D) vectors from k random rows; an empty cluster keeps its centre."""
-    centres = vectors[torch.randperm(vectors.shape[0], generator=generator)[:k]].clone()
-    for _ in range(iterations):
-        assign = torch.cdist(vectors, centres).argmin(1)
-        sums = torch.zeros_like(centres).index_add_(0, assign, vectors)
-        counts = torch.bincount(assign, minlength=k).float()[:, None]
-        centres = torch.where(counts > 0, sums / counts.clamp(min=1), centres)
-    return centres
 
 
 @torch.no_grad()
@@ -103,7 +92,7 @@ def main() -> None:
     tok = VideoTokenizer.from_pretrained(args.model).eval()
     generator = torch.Generator().manual_seed(0)
     residuals = last_residuals(tok, args.train_clips, args.frames, seed=1, batch=args.batch)
-    tables = {k: kmeans(residuals, k, args.iterations, generator) for k in args.kmeans}
+    tables = {k: kmeans(residuals, k, generator, args.iterations) for k in args.kmeans}
     arms = {"codes": {}, "unquantized": None}
     arms |= {"scales_" + "_".join(map(str, sides)): {"sizes": [(n, n) for n in sides]} for sides in args.schedules}
     arms |= {f"last_kmeans_{k}": {"last_table": table} for k, table in tables.items()}

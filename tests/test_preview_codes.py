@@ -5,7 +5,8 @@ import torch
 from test_tokenizer import TINY, clips
 
 from omniar.tokenizers import MultiScaleCodes, VideoTokenizer
-from omniar.tokenizers.previews import cell_palettes, kmeans
+from omniar.tokenizers.previews import cell_palettes
+from omniar.tokenizers.quantizer import kmeans
 
 RED, WHITE = torch.tensor([0.7, -0.7, -0.7]), torch.tensor([1.0, 1.0, 1.0])
 

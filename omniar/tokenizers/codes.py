@@ -56,20 +56,21 @@ class MultiScaleCodes(ScaleSchedule):
     def num_latent_frames(self) -> int:
         return self.codes[0].shape[1]
 
+    def _each(self, fn, num_frames: int | None = None) -> "MultiScaleCodes":
+        """``fn`` applied to every map, the preview codes' too."""
+        return MultiScaleCodes([fn(c) for c in self.codes], self.scales, num_frames or self.num_frames,
+                               None if self.previews is None else [fn(c) for c in self.previews])
+
     def to(self, device: torch.device | str) -> "MultiScaleCodes":
-        return MultiScaleCodes([c.to(device) for c in self.codes], self.scales, self.num_frames,
-                               None if self.previews is None else [c.to(device) for c in self.previews])
+        return self._each(lambda c: c.to(device))
 
     def split(self) -> list["MultiScaleCodes"]:
         """One ``MultiScaleCodes`` per clip of the batch."""
-        return [MultiScaleCodes([c[i:i + 1] for c in self.codes], self.scales, self.num_frames,
-                                None if self.previews is None else [c[i:i + 1] for c in self.previews])
-                for i in range(self.batch_size)]
+        return [self._each(lambda c, i=i: c[i:i + 1]) for i in range(self.batch_size)]
 
     def first_frame(self) -> "MultiScaleCodes":
         """The codes of latent frame 0 alone (one pixel frame: the causal decoder decodes it as in the clip)."""
-        return MultiScaleCodes([c[:, :1] for c in self.codes], self.scales, 1,
-                               None if self.previews is None else [c[:, :1] for c in self.previews])
+        return self._each(lambda c: c[:, :1], num_frames=1)
 
     def flatten(self) -> torch.Tensor:
         """Tokens in sequence order, ``(B, T_lat, tokens_per_frame)``: per frame, coarse to fine, row-major."""

@@ -17,6 +17,7 @@ from einops import rearrange
 from torch import nn
 
 from .._checks import require
+from .quantizer import kmeans, nearest_code
 
 PALETTE_DIM = 7  # dominant RGB, accent RGB, sqrt of the accent's share
 ACCENT_DISTANCE = 0.3  # L1 over RGB in [-1, 1]: how far from the dominant colour a pixel counts as accent
@@ -40,19 +41,6 @@ def cell_palettes(video: torch.Tensor, shape: tuple[int, int], temporal_compress
         colour = torch.where(share[..., None] > 0, colour, dominant)
         out.append(torch.cat([dominant, colour, share.sqrt()[..., None]], -1))
     return rearrange(torch.cat(out, 1), "b g h w d -> b g d h w")
-
-
-def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
-    """``k`` centroids of the rows of ``x`` (N, D) (Lloyd's iterations from ``k`` distinct random rows; an
-    empty cluster keeps its centroid)."""
-    require(len(x) >= k, "x", f"needs at least {k} rows to fit {k} centroids, got {len(x)}")
-    centroids = x[torch.randperm(len(x), generator=generator)[:k]].clone()
-    for _ in range(iters):
-        assign = torch.cdist(x, centroids).argmin(1)
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        counts = torch.bincount(assign, minlength=k).to(x.dtype)[:, None]
-        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
-    return centroids
 
 
 class PreviewCodes(nn.Module):
@@ -87,22 +75,18 @@ class PreviewCodes(nn.Module):
         """``video`` (B, 3, T, H, W) -> per preview scale the nearest centroid of each cell, (B, T_lat, h, w)."""
         codes = []
         for s, shape in enumerate(self.shapes):
-            cells = cell_palettes(video.float(), shape, self.temporal_compression).transpose(2, -1)
-            table = self.centroids(s).to(cells.dtype)  # a float16 tokenizer still matches in fp32
-            codes.append(torch.cdist(cells.flatten(0, -2), table).argmin(1).view(cells.shape[:-1]))
+            cells = cell_palettes(video.float(), shape, self.temporal_compression)  # (B, T_lat, 7, h, w)
+            codes.append(nearest_code(cells.flatten(0, 1), self.centroids(s)).view(*cells.shape[:2], *shape))
         return codes
 
     def latent(self, idx: torch.Tensor, s: int) -> torch.Tensor:
-        """The patches of preview scale ``s``'s codes ``idx`` (M, h, w) tiled onto the latent grid: (M, C, H, W)."""
-        patches = self.patches[s][idx]  # (M, h, w, C, p, q)
-        return rearrange(patches, "m h w c p q -> m c (h p) (w q)")
+        """The patches of preview scale ``s``'s codes ``idx`` (B, T_lat, h, w) tiled onto the latent grid:
+        (B, C, T_lat, H, W)."""
+        return rearrange(self.patches[s][idx], "b t h w c p q -> b c t (h p) (w q)")
 
     def latents(self, video: torch.Tensor, upto_scale: torch.Tensor) -> torch.Tensor:
         """Training: what clip b's preview of scales ``0..upto_scale[b]`` adds, (B, C, T_lat, H, W); zero for clips
         decoded from every scale."""
-        codes = self.encode(video)
-        b, t = codes[0].shape[:2]
-        parts = [self.latent(c.flatten(0, 1), s).unflatten(0, (b, t)) for s, c in enumerate(codes)]
-        zero = torch.zeros_like(parts[0][:, :1]).expand_as(parts[0])
-        stacked = torch.stack(parts + [zero], 1)  # (B, S, T_lat, C, H, W)
-        return stacked[torch.arange(b), upto_scale.to(stacked.device)].transpose(1, 2)
+        parts = [self.latent(c, s) for s, c in enumerate(self.encode(video))]
+        stacked = torch.stack(parts + [torch.zeros_like(parts[0])], 1)  # (B, S, C, T_lat, H, W)
+        return stacked[torch.arange(len(stacked)), upto_scale.to(stacked.device)]

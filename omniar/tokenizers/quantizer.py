@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .._checks import require
 from .codes import Scales, scale_shapes
 
 
@@ -30,6 +31,19 @@ def nearest_code(r: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     cb = table.to(flat.dtype)  # a bf16 model still quantizes its fp32 latents in fp32
     d = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ cb.t() + cb.pow(2).sum(1)[None]
     return d.argmin(1).view(r.shape[0], r.shape[2], r.shape[3])
+
+
+def kmeans(x: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
+    """``k`` centroids of the rows of ``x`` (N, D) (Lloyd's iterations from ``k`` distinct random rows; an
+    empty cluster keeps its centroid)."""
+    require(len(x) >= k, "x", f"needs at least {k} rows to fit {k} centroids, got {len(x)}")
+    centroids = x[torch.randperm(len(x), generator=generator)[:k]].clone()
+    for _ in range(iters):
+        assign = torch.cdist(x, centroids).argmin(1)
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)[:, None]
+        centroids = torch.where(counts > 0, sums / counts.clamp_min(1), centroids)
+    return centroids
 
 
 def refine_index(s: int, num_scales: int, num_refine: int) -> int:

@@ -238,17 +238,15 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         frames = 1 + self.config.temporal_compression * (codes.num_latent_frames - 1)
         require(codes.num_frames == frames, "codes", f"num_frames {codes.num_frames} does not match its "
                                                      f"{codes.num_latent_frames} latent frames ({frames})")
-        for s, c in enumerate(codes.codes):
-            n = self.scale_vocab(s)
-            require(not c.is_floating_point() and int(c.min()) >= 0 and int(c.max()) < n,
-                    "codes", f"indices of scale {s} must be integers in [0, {n})")
+        tables = [("indices", codes.codes, [self.scale_vocab(s) for s in range(len(self.scales))])]
         if codes.previews is not None:
             require(self.preview_palette is not None, "codes",
                     "carry preview codes (previews) but this tokenizer has none (preview_codes)")
-            for s, c in enumerate(codes.previews):
-                n = self.preview_palette.patches[s].shape[0]
+            tables.append(("preview indices", codes.previews, [len(p) for p in self.preview_palette.patches]))
+        for what, maps, sizes in tables:
+            for s, (c, n) in enumerate(zip(maps, sizes)):
                 require(not c.is_floating_point() and int(c.min()) >= 0 and int(c.max()) < n,
-                        "codes", f"preview indices of scale {s} must be integers in [0, {n})")
+                        "codes", f"{what} of scale {s} must be integers in [0, {n})")
 
     # --------------------------------------------------------------- internals
     def _quantize(self, latent: torch.Tensor, upto_scale: torch.Tensor | None = None, preview_grad: bool = False,
@@ -268,8 +266,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         flat = [c.to(self.device).flatten(0, 1) for c in codes.codes]
         f_hat = self.quantizer.codes_to_latent(flat, upto_scale).unflatten(0, (b, t)).transpose(1, 2)
         if upto_scale is not None and upto_scale < len(self.scales) - 1 and codes.previews is not None:
-            idx = codes.previews[upto_scale].to(self.device).flatten(0, 1)
-            f_hat = f_hat + self.preview_palette.latent(idx, upto_scale).unflatten(0, (b, t)).transpose(1, 2)
+            f_hat = f_hat + self.preview_palette.latent(codes.previews[upto_scale].to(self.device), upto_scale)
         return self.with_code_map(f_hat, codes.codes[0]) if upto_scale == 0 else f_hat
 
     def with_code_map(self, latent: torch.Tensor, first_codes: torch.Tensor) -> torch.Tensor:
