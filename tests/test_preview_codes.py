@@ -20,16 +20,21 @@ def square_clip():
 
 def test_cell_palettes_read_each_latent_frames_dominant_and_accent_colour():
     video = square_clip()
-    whole = cell_palettes(video, (1, 1), 4)  # (B, T_lat, 7, 1, 1): frame 0, then frames 1-4
-    assert whole.shape == (1, 2, 7, 1, 1)
+    video[:, :, 4, 6, 6] = (WHITE + RED) / 2  # an anti-aliased edge pixel: no part of any colour
+    whole = cell_palettes(video, (1, 1), 4)  # (B, T_lat, 9, 1, 1): frame 0, then frames 1-4
+    assert whole.shape == (1, 2, 9, 1, 1)
     first, folded = whole[0, 0, :, 0, 0], whole[0, 1, :, 0, 0]
-    torch.testing.assert_close(first, torch.cat([WHITE, WHITE, torch.zeros(1)]))  # no accent: dominant, share 0
-    torch.testing.assert_close(folded, torch.cat([WHITE, RED, torch.tensor([(16 / 256) ** 0.5])]))
-    cells = cell_palettes(video, (2, 2), 4)[0, 1]  # (7, 2, 2)
+    torch.testing.assert_close(first, torch.cat([WHITE, WHITE, torch.zeros(3)]))  # no accent: dominant, share 0
+    centre = -1 + 3.5 * 2 / 15  # rows and columns 2-5 of 0-15, in half-widths from the frame's centre
+    torch.testing.assert_close(folded[:6], torch.cat([WHITE, RED]))
+    torch.testing.assert_close(folded[6], torch.tensor(65 / 1024) ** 0.5)  # 64 red pixels, 1 edge pixel
+    torch.testing.assert_close(folded[7:], torch.tensor([centre, centre]), atol=0.01, rtol=0)
+    cells = cell_palettes(video, (2, 2), 4)[0, 1]  # (9, 2, 2)
     torch.testing.assert_close(cells[3:6, 0, 0], RED)  # the square's cell
-    torch.testing.assert_close(cells[6, 0, 0], torch.tensor((16 / 64) ** 0.5))
+    torch.testing.assert_close(cells[6, 0, 0], torch.tensor(65 / 256) ** 0.5)
+    torch.testing.assert_close(cells[7:, 0, 0], torch.zeros(2), atol=0.02 / 4, rtol=0)  # the cell's centre, / 4
     for i, j in ((0, 1), (1, 0), (1, 1)):  # the others: white, no accent
-        torch.testing.assert_close(cells[:, i, j], torch.cat([WHITE, WHITE, torch.zeros(1)]))
+        torch.testing.assert_close(cells[:, i, j], torch.cat([WHITE, WHITE, torch.zeros(3)]))
 
 
 def test_kmeans_finds_separated_clusters():

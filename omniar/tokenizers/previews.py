@@ -4,8 +4,8 @@ A residual VQ's coarse scales average big cells, where a small object is a few p
 latents (even unquantized) do not show its colour through the decoder, and k-means in the latent space groups
 cells by the object's place, not its colour (BENCHMARKS.md, "Can side codes read only by previews ..."). A
 preview code is instead a colour sketch of each coarse cell, taken in pixel space where distance is colour: the
-cell's dominant colour (per-channel median), its accent colour (the mean of the pixels far from it) and the
-accent's share, quantized to the nearest entry of a small k-means table per scale. Each code owns a learned
+cell's dominant colour (its most common), its accent colour (the most common of the pixels far from it), the
+accent's share and place, quantized to the nearest entry of a small k-means table per scale. Each code owns a learned
 latent patch (the cell's part of the latent grid) that a preview adds to the scales' partial sum, and the preview
 decoder learns to paint it. The residual codes, full decodes and every AR input stay as they are.
 """
@@ -19,27 +19,48 @@ from torch import nn
 from .._checks import require
 from .quantizer import kmeans, nearest_code
 
-PALETTE_DIM = 7  # dominant RGB, accent RGB, sqrt of the accent's share
+PALETTE_DIM = 9  # dominant RGB, accent RGB, sqrt of the accent's share, the accent's place in the cell (y, x)
 ACCENT_DISTANCE = 0.3  # L1 over RGB in [-1, 1]: how far from the dominant colour a pixel counts as accent
+COLOUR_BINS = 4  # per channel: a cell's colours are the means of its most populated bins of 4 x 4 x 4
+
+
+def mode_colour(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean colour of the most populated RGB bin among the pixels ``mask`` (..., n) picks of ``x`` (..., 3, n)
+    -> (..., 3). Not a per-channel median or mean: a cell that an object covers in half of its folded frames,
+    or only at anti-aliased edges, would get a colour that is in neither the object nor the background."""
+    b = ((x + 1) * COLOUR_BINS / 2).long().clamp(0, COLOUR_BINS - 1)
+    idx = (b[..., 0, :] * COLOUR_BINS + b[..., 1, :]) * COLOUR_BINS + b[..., 2, :]
+    idx = torch.where(mask, idx, COLOUR_BINS ** 3)  # an extra bin for the pixels not picked
+    counts = torch.zeros(*idx.shape[:-1], COLOUR_BINS ** 3 + 1, device=x.device).scatter_add_(
+        -1, idx, torch.ones_like(idx, dtype=torch.float))
+    picked = (idx == counts[..., :-1].argmax(-1, keepdim=True)).to(x.dtype)
+    return (x * picked[..., None, :]).sum(-1) / picked.sum(-1, keepdim=True).clamp_min(1)
 
 
 def cell_palettes(video: torch.Tensor, shape: tuple[int, int], temporal_compression: int) -> torch.Tensor:
     """Colour sketch of each cell of an (h, w) grid over each latent frame's pixel frames (frame 0, then runs of
-    ``temporal_compression``): ``video`` (B, 3, 1 + tau k, H, W) in [-1, 1] -> (B, T_lat, 7, h, w)."""
+    ``temporal_compression``): ``video`` (B, 3, 1 + tau k, H, W) in [-1, 1] -> (B, T_lat, 9, h, w). The accent's
+    place (its mean offset from the cell's centre, cell half-widths) is weighted by ``1 / (h w)``: at coarse scales
+    it tells a preview where to paint; a small cell is placed by its index already, so its table splits on colour."""
     h, w = shape
     first, rest = video[:, :, :1], video[:, :, 1:]
     groups = [first[:, :, None]]  # (B, C, T_lat part, frames, H, W)
     if rest.shape[2]:
         groups.append(rest.unflatten(2, (-1, temporal_compression)))
+    p, q = video.shape[-2] // h, video.shape[-1] // w
+    ys = torch.linspace(-1, 1, p, device=video.device)[:, None].expand(p, q)
+    xs = torch.linspace(-1, 1, q, device=video.device)[None, :].expand(p, q)
     out = []
     for g in groups:
         x = rearrange(g, "b c g f (h p) (w q) -> b g h w c (f p q)", h=h, w=w)
-        dominant = x.median(-1).values
-        accent = ((x - dominant[..., None]).abs().sum(-2) > ACCENT_DISTANCE).to(x.dtype)  # (b g h w n)
-        share = accent.mean(-1)
-        colour = (x * accent[..., None, :]).sum(-1) / accent.sum(-1, keepdim=True).clamp_min(1)
-        colour = torch.where(share[..., None] > 0, colour, dominant)
-        out.append(torch.cat([dominant, colour, share.sqrt()[..., None]], -1))
+        dominant = mode_colour(x, torch.ones_like(x[..., 0, :], dtype=torch.bool))
+        accent = (x - dominant[..., None]).abs().sum(-2) > ACCENT_DISTANCE  # (b g h w n)
+        share = accent.to(x.dtype).mean(-1)
+        colour = torch.where(share[..., None] > 0, mode_colour(x, accent), dominant)
+        place = torch.stack([ys, xs]).flatten(1).repeat(1, g.shape[3])  # (2, f p q)
+        weights = accent.to(x.dtype) / accent.sum(-1, keepdim=True).clamp_min(1)
+        offset = weights @ place.T / (h * w)  # (b g h w 2); zero without an accent
+        out.append(torch.cat([dominant, colour, share.sqrt()[..., None], offset], -1))
     return rearrange(torch.cat(out, 1), "b g h w d -> b g d h w")
 
 
@@ -67,8 +88,10 @@ class PreviewCodes(nn.Module):
         """Fit every scale's centroids to the cells of ``video`` (N, 3, T, H, W) by k-means."""
         for s, shape in enumerate(self.shapes):
             cells = cell_palettes(video.float(), shape, self.temporal_compression).transpose(2, -1)
+            # distinct sketches only: plain background cells outnumber the rest, and would take most centroids
+            distinct = torch.unique((cells.reshape(-1, PALETTE_DIM).cpu() * 50).round() / 50, dim=0)
             table = self.centroids(s)
-            table.copy_(kmeans(cells.reshape(-1, PALETTE_DIM).cpu(), table.shape[0], generator).to(table))
+            table.copy_(kmeans(distinct, table.shape[0], generator).to(table))
 
     @torch.no_grad()
     def encode(self, video: torch.Tensor) -> list[torch.Tensor]:
