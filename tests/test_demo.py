@@ -90,6 +90,28 @@ def test_first_preview_reads_the_tokenizers_code_maps():
     assert np.abs(first.astype(int) - _to_frames(tok.decode_partial(out.codes, 0))[0, 0]).max() > 8  # maps read
 
 
+def test_previews_of_a_preview_codes_tokenizer_read_the_sketch_of_the_generated_frame():
+    """The AR model samples no preview codes: the demo sketches the first frame it generated, and its previews
+    are that frame's coarse prefixes with those preview codes."""
+    pipe = tiny_pipeline()
+    tok = VideoTokenizer(**TOK, fold_time=True, preview_decoder=True, preview_codes=(4, 6, 6))
+    tok.preview_palette.fit(torch.rand(8, 3, 5, tok.resolution, tok.resolution) * 2 - 1, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in tok.preview_palette.patches:
+            p.normal_()
+    pipe.video_tokenizer = tok
+    pipe.to(decode_dtype=torch.float32)
+    kwargs = dict(num_frames=5, guidance_scale=3.0, temperature=1.0, top_k=0, top_p=1.0, seed=0)
+    out, previews = demo.Demo(pipe)._generate(PROMPT, None, kwargs, None)
+    first = out.codes.split()[0].first_frame()
+    plain = _to_frames(tok.decode_partial(first, 0))[0, 0]
+    first.previews = tok.preview_palette.encode(torch.from_numpy(out.frames[:1, :1]).permute(0, 4, 1, 2, 3) / 127.5 - 1)
+    for s in range(3):
+        expected = _to_frames(tok.decode_partial(first, s))[0, 0]
+        assert np.abs(_downscale(previews[s][0], 32).astype(int) - expected).max() <= 1
+    assert np.abs(_downscale(previews[0][0], 32).astype(int) - plain).max() > 8  # the patches were read
+
+
 def test_elastic_sub_model_changes_the_result(client):
     full, _, _ = client.predict(*SETTINGS, api_name="/generate")
     small, _, stats = client.predict(*SETTINGS[:-1], "1 layer", api_name="/generate")

@@ -22,7 +22,7 @@ from .._checks import check_device, check_int, named
 from ..data.shapes import HELDOUT, TRAIN_COMBINATIONS, MovingShapes, caption
 from ..data.video_io import probe_video, read_video, write_video
 from ..generation.pipeline import CALL_DEFAULTS, MAX_PROMPT_CHARS, TextToVideoPipeline
-from ..pixels import to_uint8, upscale
+from ..pixels import from_uint8, to_uint8, upscale
 from .generate import fit_frames
 
 FPS = 8
@@ -207,8 +207,12 @@ class Demo:
 
         out = self.pipe(prompt, elastic=elastic, callback=None if progress is None else on_scale, **kwargs)
         # The causal decoder decodes frame 0 alone exactly as in the full clip: its coarse prefixes, then all scales.
+        first = out.codes.split()[0].first_frame()
         with torch.no_grad():
-            images = _to_uint8(torch.cat(tok.decode_previews(out.codes.split()[0].first_frame())))[:, 0]
+            if tok.preview_palette is not None:  # the AR model samples no preview codes: sketch the frame it made
+                first.previews = tok.preview_palette.encode(from_uint8(torch.from_numpy(out.frames[:1, :1])).permute(
+                    0, 4, 1, 2, 3))
+            images = _to_uint8(torch.cat(tok.decode_previews(first)))[:, 0]
         previews = [(_upscale(img), f"scales <= {name}") for img, name in zip(images, tok.scale_names)]
         return out, previews
 
