@@ -21,20 +21,23 @@ def square_clip():
 def test_cell_palettes_read_each_latent_frames_dominant_and_accent_colour():
     video = square_clip()
     video[:, :, 4, 6, 6] = (WHITE + RED) / 2  # an anti-aliased edge pixel: no part of any colour
-    whole = cell_palettes(video, (1, 1), 4)  # (B, T_lat, 9, 1, 1): frame 0, then frames 1-4
-    assert whole.shape == (1, 2, 9, 1, 1)
+    whole = cell_palettes(video, (1, 1), 4)  # (B, T_lat, 11, 1, 1): frame 0, then frames 1-4
+    assert whole.shape == (1, 2, 11, 1, 1)
     first, folded = whole[0, 0, :, 0, 0], whole[0, 1, :, 0, 0]
-    torch.testing.assert_close(first, torch.cat([WHITE, WHITE, torch.zeros(3)]))  # no accent: dominant, share 0
-    centre = -1 + 3.5 * 2 / 15  # rows and columns 2-5 of 0-15, in half-widths from the frame's centre
+    torch.testing.assert_close(first, torch.cat([WHITE, WHITE, torch.zeros(5)]))  # no accent: dominant, share 0
     torch.testing.assert_close(folded[:6], torch.cat([WHITE, RED]))
     torch.testing.assert_close(folded[6], torch.tensor(65 / 1024) ** 0.5)  # 64 red pixels, 1 edge pixel
-    torch.testing.assert_close(folded[7:], torch.tensor([centre, centre]), atol=0.01, rtol=0)
-    cells = cell_palettes(video, (2, 2), 4)[0, 1]  # (9, 2, 2)
+    # the square's place (rows and columns 2-5 of 0-15) in half-widths from the centre: in frame 1, then in frame 4
+    # with the edge pixel (6, 6)
+    start, end = -1 + 3.5 * 2 / 15, -1 + (3.5 * 16 + 6) / 17 * 2 / 15
+    torch.testing.assert_close(folded[7:], torch.tensor([start, start, end, end]))
+    cells = cell_palettes(video, (2, 2), 4)[0, 1]  # (11, 2, 2)
     torch.testing.assert_close(cells[3:6, 0, 0], RED)  # the square's cell
     torch.testing.assert_close(cells[6, 0, 0], torch.tensor(65 / 256) ** 0.5)
-    torch.testing.assert_close(cells[7:, 0, 0], torch.zeros(2), atol=0.02 / 4, rtol=0)  # the cell's centre, / 4
+    end = (-1 + (3.5 * 16 + 6) / 17 * 2 / 7) / 4  # in the 8x8 cell, weighted by 1 / (2 x 2)
+    torch.testing.assert_close(cells[7:, 0, 0], torch.tensor([0, 0, end, end]))  # frame 1: the cell's centre
     for i, j in ((0, 1), (1, 0), (1, 1)):  # the others: white, no accent
-        torch.testing.assert_close(cells[:, i, j], torch.cat([WHITE, WHITE, torch.zeros(3)]))
+        torch.testing.assert_close(cells[:, i, j], torch.cat([WHITE, WHITE, torch.zeros(5)]))
 
 
 def test_kmeans_finds_separated_clusters():

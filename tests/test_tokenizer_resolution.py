@@ -138,12 +138,13 @@ def test_a_repeated_latent_grid_quantizes_what_the_maps_before_it_left():
 
 
 def shipped_tokenizer_reference(tok: VideoTokenizer) -> dict[str, torch.Tensor]:
-    """What tests/data/shipped_tokenizer_head.safetensors holds: codes, full and preview decodes, accumulated latents
-    and corrupted re-quantization of one held-out clip. When a tokenizer ships, rewrite it:
+    """What tests/data/shipped_tokenizer_head.safetensors holds: codes (and preview codes), full and preview decodes,
+    accumulated latents and corrupted re-quantization of one held-out clip. When a tokenizer ships, rewrite it:
     ``cd tests && python -c "import test_tokenizer_resolution as t; t.write_reference()"``."""
     video = MovingShapes("heldout", 1, 64, 5, seed=1234)[0]["video"][None]
     codes = tok.encode(video)
     ref = {f"codes_{s}": c for s, c in enumerate(codes.codes)}
+    ref |= {f"preview_codes_{s}": c for s, c in enumerate(codes.previews or [])}
     ref |= {f"preview_{s}": p for s, p in enumerate(tok.decode_previews(codes))}  # the last is the full decode
     ref |= {f"accumulated_{s}": a for s, a in enumerate(tok.codes_to_accumulated(codes))}
     f = tok.encode_latent(video).transpose(1, 2).flatten(0, 1)

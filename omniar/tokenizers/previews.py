@@ -5,7 +5,7 @@ latents (even unquantized) do not show its colour through the decoder, and k-mea
 cells by the object's place, not its colour (BENCHMARKS.md, "Can side codes read only by previews ..."). A
 preview code is instead a colour sketch of each coarse cell, taken in pixel space where distance is colour: the
 cell's dominant colour (its most common), its accent colour (the most common of the pixels far from it), the
-accent's share and place, quantized to the nearest entry of a small k-means table per scale. Each code owns a learned
+accent's share and place (where it starts and ends in the latent frame), quantized to the nearest entry of a small k-means table per scale. Each code owns a learned
 latent patch (the cell's part of the latent grid) that a preview adds to the scales' partial sum, and the preview
 decoder learns to paint it. The residual codes, full decodes and every AR input stay as they are.
 """
@@ -19,7 +19,7 @@ from torch import nn
 from .._checks import require
 from .quantizer import kmeans, nearest_code
 
-PALETTE_DIM = 9  # dominant RGB, accent RGB, sqrt of the accent's share, the accent's place in the cell (y, x)
+PALETTE_DIM = 11  # dominant RGB, accent RGB, sqrt of the accent's share, its place (y, x) in the first and last frame
 ACCENT_DISTANCE = 0.3  # L1 over RGB in [-1, 1]: how far from the dominant colour a pixel counts as accent
 COLOUR_BINS = 4  # per channel: a cell's colours are the means of its most populated bins of 4 x 4 x 4
 
@@ -39,9 +39,10 @@ def mode_colour(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def cell_palettes(video: torch.Tensor, shape: tuple[int, int], temporal_compression: int) -> torch.Tensor:
     """Colour sketch of each cell of an (h, w) grid over each latent frame's pixel frames (frame 0, then runs of
-    ``temporal_compression``): ``video`` (B, 3, 1 + tau k, H, W) in [-1, 1] -> (B, T_lat, 9, h, w). The accent's
-    place (its mean offset from the cell's centre, cell half-widths) is weighted by ``1 / (h w)``: at coarse scales
-    it tells a preview where to paint; a small cell is placed by its index already, so its table splits on colour."""
+    ``temporal_compression``): ``video`` (B, 3, 1 + tau k, H, W) in [-1, 1] -> (B, T_lat, 11, h, w). The accent's
+    place (its mean offset from the cell's centre, cell half-widths) in the first and the last of those frames is
+    weighted by ``1 / (h w)``: at coarse scales it tells a preview where to paint, and which way the object moves
+    within a folded latent frame; a small cell is placed by its index already, so its table splits on colour."""
     h, w = shape
     first, rest = video[:, :, :1], video[:, :, 1:]
     groups = [first[:, :, None]]  # (B, C, T_lat part, frames, H, W)
@@ -57,10 +58,10 @@ def cell_palettes(video: torch.Tensor, shape: tuple[int, int], temporal_compress
         accent = (x - dominant[..., None]).abs().sum(-2) > ACCENT_DISTANCE  # (b g h w n)
         share = accent.to(x.dtype).mean(-1)
         colour = torch.where(share[..., None] > 0, mode_colour(x, accent), dominant)
-        place = torch.stack([ys, xs]).flatten(1).repeat(1, g.shape[3])  # (2, f p q)
-        weights = accent.to(x.dtype) / accent.sum(-1, keepdim=True).clamp_min(1)
-        offset = weights @ place.T / (h * w)  # (b g h w 2); zero without an accent
-        out.append(torch.cat([dominant, colour, share.sqrt()[..., None], offset], -1))
+        ends = accent.unflatten(-1, (g.shape[3], -1))[..., [0, -1], :].to(x.dtype)  # (b g h w 2 pq): first, last
+        weights = ends / ends.sum(-1, keepdim=True).clamp_min(1)
+        offset = weights @ torch.stack([ys, xs]).flatten(1).T / (h * w)  # (b g h w 2 2); zero without an accent
+        out.append(torch.cat([dominant, colour, share.sqrt()[..., None], offset.flatten(-2)], -1))
     return rearrange(torch.cat(out, 1), "b g h w d -> b g d h w")
 
 
