@@ -95,7 +95,8 @@ def test_previews_of_a_preview_codes_tokenizer_read_the_sketch_of_the_generated_
     are that frame's coarse prefixes with those preview codes."""
     pipe = tiny_pipeline()
     tok = VideoTokenizer(**TOK, fold_time=True, preview_decoder=True, preview_codes=(4, 6, 6))
-    tok.preview_palette.fit(torch.rand(8, 3, 5, tok.resolution, tok.resolution) * 2 - 1, torch.Generator().manual_seed(0))
+    side = tok.resolution
+    tok.preview_palette.fit(torch.rand(8, 3, 5, side, side) * 2 - 1, torch.Generator().manual_seed(0))
     with torch.no_grad():
         for p in tok.preview_palette.patches:
             p.normal_()
@@ -105,7 +106,8 @@ def test_previews_of_a_preview_codes_tokenizer_read_the_sketch_of_the_generated_
     out, previews = demo.Demo(pipe)._generate(PROMPT, None, kwargs, None)
     first = out.codes.split()[0].first_frame()
     plain = _to_frames(tok.decode_partial(first, 0))[0, 0]
-    first.previews = tok.preview_palette.encode(torch.from_numpy(out.frames[:1, :1]).permute(0, 4, 1, 2, 3) / 127.5 - 1)
+    frame = torch.from_numpy(out.frames[:1, :1]).permute(0, 4, 1, 2, 3)  # (1, 3, 1, H, W) uint8
+    first.previews = tok.preview_palette.encode(frame / 127.5 - 1)
     for s in range(3):
         expected = _to_frames(tok.decode_partial(first, s))[0, 0]
         assert np.abs(_downscale(previews[s][0], 32).astype(int) - expected).max() <= 1

@@ -5,9 +5,10 @@ latents (even unquantized) do not show its colour through the decoder, and k-mea
 cells by the object's place, not its colour (BENCHMARKS.md, "Can side codes read only by previews ..."). A
 preview code is instead a colour sketch of each coarse cell, taken in pixel space where distance is colour: the
 cell's dominant colour (its most common), its accent colour (the most common of the pixels far from it), the
-accent's share and place (where it starts and ends in the latent frame), quantized to the nearest entry of a small k-means table per scale. Each code owns a learned
-latent patch (the cell's part of the latent grid) that a preview adds to the scales' partial sum, and the preview
-decoder learns to paint it. The residual codes, full decodes and every AR input stay as they are.
+accent's share and its place (where it starts and ends in the latent frame), quantized to the nearest entry of a
+small k-means table per scale. Each code owns a learned latent patch (the cell's part of the latent grid) that a
+preview adds to the scales' partial sum, and the preview decoder learns to paint it. The residual codes, full
+decodes and every AR input stay as they are.
 """
 
 from __future__ import annotations
