@@ -100,7 +100,7 @@ class PreviewCodes(nn.Module):
         """``video`` (B, 3, T, H, W) -> per preview scale the nearest centroid of each cell, (B, T_lat, h, w)."""
         codes = []
         for s, shape in enumerate(self.shapes):
-            cells = cell_palettes(video.float(), shape, self.temporal_compression)  # (B, T_lat, 7, h, w)
+            cells = cell_palettes(video.float(), shape, self.temporal_compression)  # (B, T_lat, PALETTE_DIM, h, w)
             codes.append(nearest_code(cells.flatten(0, 1), self.centroids(s)).view(*cells.shape[:2], *shape))
         return codes
 
