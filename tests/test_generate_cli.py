@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from omniar.cli import main
@@ -69,6 +70,7 @@ def test_batch_png_frames_equal_single_runs(pipe, model_dir, tmp_path, capsys):
     (["--prompt", "a\udcffb"], "prompt: is not valid text"),  # what bash's $'a\xffb' becomes in sys.argv
     (["--prompt", "a\ud800b"], "prompt: is not valid text"),
     (["--prompt", PROMPT, "--model", "OUT/nope"], "model: "),
+    (["--prompt", PROMPT, "--device", "mps", "--model", "OUT/nope"], "device: must be cpu or cuda[:N], got 'mps'"),
     (["--prompt", PROMPT, "--experts-top-k", "9"], "experts_top_k: must be <= num_experts=4"),
     (["--prompt", PROMPT, "--num-experts", "1"], "num_experts: must be >= the model's top_k=2 unless a smaller "
                                                  "experts_top_k is given"),
@@ -82,6 +84,18 @@ def test_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, args, mess
     err = capsys.readouterr().err.strip()
     assert err.startswith("omniar: error: ") and message in err and "\n" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt"]  # nothing written
+
+
+@pytest.mark.parametrize("flags, setting", [(["--decode-dtype", "float32"], {"decode_dtype": torch.float32}),
+                                           (["--dtype", "bfloat16"], {"dtype": torch.bfloat16})])
+def test_precision_flags_reach_the_pipeline(model_dir, tmp_path, flags, setting):
+    """The written frames are those of the pipeline moved to the flags' setting (png is lossless)."""
+    from omniar.generation.pipeline import TextToVideoPipeline
+
+    out = tmp_path / "x.png"
+    assert generate(model_dir, "--prompt", PROMPT, "--num-frames", 1, "--out", out, *flags) == 0
+    want = TextToVideoPipeline.from_pretrained(model_dir).to(**setting)(PROMPT, num_frames=1, seed=0).frames[0, 0]
+    assert np.array_equal(np.asarray(Image.open(out)), want)
 
 
 @pytest.mark.parametrize("out, fmt", [("", None), (".", "png-frames"), ("/", "png-frames"), ("..", "png-frames"),

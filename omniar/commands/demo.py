@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._checks import check_device, check_int, named
+from .._checks import check_int, named
 from ..data.shapes import HELDOUT, TRAIN_COMBINATIONS, MovingShapes, caption
 from ..data.video_io import probe_video, read_video, write_video
 from ..generation.pipeline import CALL_DEFAULTS, MAX_PROMPT_CHARS, TextToVideoPipeline
 from ..pixels import from_uint8, to_uint8, upscale
+from ._device import add_device_arguments, chosen_device, place
 from .generate import fit_frames
 
 FPS = 8
@@ -348,11 +349,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     parser.add_argument("--model", default=None, help="pipeline folder (default: the embedded shapes-t2v)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--concurrency", type=int, default=1,
                         help="requests the queue runs at once; model work still runs one at a time, so more only "
                              "overlaps reading uploads and writing videos with it")
     parser.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait; more are turned away")
+    add_device_arguments(parser)
 
 
 def launch(pipe: TextToVideoPipeline, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
@@ -369,9 +370,9 @@ def launch(pipe: TextToVideoPipeline, host: str = "127.0.0.1", port: int | None 
 
 
 def cli_main(args: argparse.Namespace) -> int:
-    device = check_device(args.device)
+    device = chosen_device(args)
     with named("model"):
         pipe = TextToVideoPipeline.from_pretrained(args.model)
-    pipe.to(device)
+    place(pipe, device, args)
     launch(pipe, args.host, args.port, args.share, args.concurrency, args.max_queue)
     return 0

@@ -22,6 +22,7 @@ from .._checks import check_int, check_output_path, named, require
 from ..backbone.attention import KV_POLICIES, KV_ROPE_MODES
 from ..generation.pipeline import CALL_DEFAULTS
 from ..generation.sampling import GUIDANCE_SCHEDULES
+from ._device import add_device_arguments, chosen_device, place
 
 FORMATS = {"mp4": ".mp4", "gif": ".gif", "png-frames": "", "png": ".png", "jpg": ".jpg", "webp": ".webp"}
 IMAGE_FORMATS = ("png", "jpg", "webp")  # one frame: --num-frames 1
@@ -59,6 +60,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fps", type=int, default=8, help="frames per second of a video")
     parser.add_argument("--upscale", type=int, default=1, metavar="N",
                         help="enlarge each frame N times (nearest neighbour: sharp pixels)")
+    add_device_arguments(parser)
     long = parser.add_argument_group("long video (docs/long_video.md)")
     long.add_argument("--kv-budget", type=int, default=None, metavar="TOKENS",
                       help="visual tokens each layer's KV cache may hold (half a 33-frame cache, "
@@ -196,8 +198,10 @@ def cli_main(args: argparse.Namespace) -> int:
     check_fps(args.fps)
     check_int(args.upscale, "upscale", 1, 16)
     require(not args.stream or fmt == "mp4", "stream", f"writes an mp4 as it goes, not {fmt}")
+    device = chosen_device(args)
     with named("model"):
         pipe = TextToVideoPipeline.from_pretrained(args.model)
+    place(pipe, device, args)
     tok = pipe.video_tokenizer
     video = read_init(args, tok.resolution, tok.config.temporal_compression)
     batch = args.batch is not None

@@ -220,7 +220,8 @@ class TextToVideoPipeline:
                 f"must be None or a floating torch.dtype, got {dtype!r}")
         if decode_dtype is not None:
             self.decode_dtype = decode_dtype  # checked before anything moves
-        self.model.to(device, dtype)
+        # nn.Module's own `to`: diffusers' ModelMixin.to warns of fp32-only modules on every cast, even with none
+        torch.nn.Module.to(self.model, device, dtype)
         self.video_tokenizer.to(device)
         if self.text_encoder is not None:
             self.text_encoder.to(device)  # in its own dtype: its states are projected in the model's
