@@ -12,6 +12,7 @@ class _Stub:
     """encode/decode stand-ins: a perfect tokenizer, or one that returns a grey clip."""
 
     resolution = 64
+    device = torch.device("cpu")
 
     def __init__(self, perfect: bool):
         self.perfect = perfect
@@ -88,14 +89,17 @@ def test_each_seed_samples_with_its_own_seeds():
     assert used == [0, 4, 8, 12, 16, 20]  # seed 0 keeps the draws recorded before --seed existed
 
 
-@pytest.mark.parametrize("option, value", [("--batch", "0"), ("--clips", "1"), ("--seed", "-1")])
-def test_cli_refuses_bad_counts_before_any_work(capsys, monkeypatch, option, value):
+@pytest.mark.parametrize("option, value, message", [("--batch", "0", "--batch: must be >= "),
+                                                    ("--clips", "1", "--clips: must be >= "),
+                                                    ("--seed", "-1", "--seed: must be >= "),
+                                                    ("--device", "tpu", "device: must be cpu or cuda[:N]")])
+def test_cli_refuses_bad_options_before_any_work(capsys, monkeypatch, option, value, message):
     from omniar.cli import main
     from omniar.generation import TextToVideoPipeline
 
     monkeypatch.setattr(TextToVideoPipeline, "from_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
-    assert main(["eval", "t2v", option, value]) == 2
-    assert f"omniar: error: {option}: must be >= " in capsys.readouterr().err
+    assert main(["eval", "t2v", option, value, "--out", "unused.json"]) == 2
+    assert f"omniar: error: {message}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("place, message", [
@@ -142,7 +146,9 @@ def test_cli_scores_half_depth_at_the_defaults_and_at_its_temperature(tmp_path, 
     from omniar.commands import eval_t2v
 
     cfg = SimpleNamespace(num_layers=6, num_experts=8, top_k=2)
-    pipe = SimpleNamespace(model=SimpleNamespace(omniar_config=cfg), video_tokenizer=SimpleNamespace(resolution=64))
+    placed = []
+    pipe = SimpleNamespace(model=SimpleNamespace(omniar_config=cfg), video_tokenizer=SimpleNamespace(resolution=64),
+                           to=lambda *a: placed.append(a))
     monkeypatch.setattr(eval_t2v.TextToVideoPipeline, "from_pretrained", lambda *a: pipe)
     monkeypatch.setattr(eval_t2v, "load_classifier", lambda *a: None)
     monkeypatch.setattr(eval_t2v, "real_vs_real", lambda *a: 1.0)
@@ -158,7 +164,9 @@ def test_cli_scores_half_depth_at_the_defaults_and_at_its_temperature(tmp_path, 
     monkeypatch.setattr(eval_t2v, "evaluate_split", evaluate_split)
     monkeypatch.setattr(eval_t2v, "tokenizer_reference", lambda *a, **k: row(1.0))
     out = tmp_path / "report.json"
-    assert main(["eval", "t2v", "--clips", "2", "--half-depth-temperature", "0.4", "--out", str(out)]) == 0
+    assert main(["eval", "t2v", "--clips", "2", "--half-depth-temperature", "0.4", "--out", str(out), "--device", "cpu",
+                 "--decode-dtype", "float32"]) == 0
+    assert placed == [(torch.device("cpu"), torch.float32, torch.float32)]
     assert calls == [("seen", {}), ("heldout", {}), ("seen", {"elastic": {"depth": 3}}),
                      ("seen", {"elastic": {"depth": 3}, "temperature": 0.4}),
                      ("seen", {"elastic": {"num_experts": 4}}), ("seen", {"elastic": {"top_k": 1}})]

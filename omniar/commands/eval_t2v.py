@@ -2,6 +2,7 @@
 Moving Shapes, for the full model and its elastic sub-models (:mod:`omniar.eval.t2v`).
 
     omniar eval t2v [--model DIR] [--clips 64] [--seed 0] [--half-depth-temperature 0.5] [--out t2v_eval.json]
+        [--device cuda] [--dtype bfloat16] [--decode-dtype float32]
 
 The half-depth sub-model is scored twice: at the defaults, like every row, and at its own sampling temperature
 (``half_depth_tuned``), the setting a validation sweep picked for it (BENCHMARKS.md, "Half-depth sampling").
@@ -17,6 +18,7 @@ from .._pretrained import write_file_atomically
 from ..eval.t2v import KEYS, evaluate_split, load_classifier, real_vs_real, tokenizer_reference
 from ..generation import TextToVideoPipeline
 from ..generation.pipeline import CALL_DEFAULTS
+from ._device import add_device_arguments, chosen_device, place
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,6 +37,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="t2v_eval.json",
                         help="JSON report (default: %(default)s in the working directory; the shipped record is "
                              "benchmarks/results/t2v_eval.json)")
+    add_device_arguments(parser)
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -43,8 +46,10 @@ def cli_main(args: argparse.Namespace) -> int:
     check_int(args.seed, "--seed", 0)
     check_float(args.half_depth_temperature, "--half-depth-temperature", 0.0, low_inclusive=False)
     out = check_output_path(args.out, "out")  # before minutes of work
+    device = chosen_device(args)
     with named("model"):
         pipe = TextToVideoPipeline.from_pretrained(args.model)
+    place(pipe, device, args)
     with named("classifier"):
         classifier = load_classifier(args.classifier)
     cfg = pipe.model.omniar_config

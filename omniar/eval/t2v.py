@@ -109,7 +109,7 @@ def tokenizer_reference(tokenizer, classifier, n: int, num_frames: int = 17, bat
     combos = eval_combinations("seen", n, seed)
     size = tokenizer.resolution
     source = real_clips(combos, num_frames, size, seed=seed + 303)  # disjoint from the real set compared with
-    recon = torch.cat([tokenizer.decode(tokenizer.encode(v)) for v in source.split(batch)])
+    recon = torch.cat([tokenizer.decode(tokenizer.encode(v.to(tokenizer.device))).cpu() for v in source.split(batch)])
     return score(classifier, recon, combos, real_clips(combos, num_frames, size, seed=seed + 1))
 
 
