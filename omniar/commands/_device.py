@@ -9,9 +9,12 @@ from .._checks import check_device
 DTYPES = ("float32", "bfloat16")
 
 
-def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+def add_device_arguments(parser: argparse.ArgumentParser, gpu_first: bool = False) -> None:
+    """``--device`` defaults to cpu, like a pipeline before ``to``; with ``gpu_first`` (the demo, a server) to cuda
+    when available."""
     group = parser.add_argument_group("device and precision (docs/speed.md)")
-    group.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda when available, else cpu)")
+    group.add_argument("--device", default=None if gpu_first else "cpu",
+                       help="cpu or cuda[:N] (default: " + ("cuda when available, else cpu)" if gpu_first else "cpu)"))
     group.add_argument("--dtype", choices=DTYPES, default="float32",
                        help="the transformer's weights and compute (default: %(default)s; bfloat16 halves the "
                             "weights' memory and is no faster on a CPU)")
@@ -21,7 +24,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def chosen_device(args: argparse.Namespace):
-    """``--device``, checked (call it before loading a model), or cuda when available, else cpu."""
+    """``--device``, checked (call it before loading a model); unset: cuda when available, else cpu."""
     import torch  # here, not at the top: the command line's --help must not wait for torch
 
     return check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

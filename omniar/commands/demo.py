@@ -353,7 +353,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                         help="requests the queue runs at once; model work still runs one at a time, so more only "
                              "overlaps reading uploads and writing videos with it")
     parser.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait; more are turned away")
-    add_device_arguments(parser)
+    add_device_arguments(parser, gpu_first=True)
 
 
 def launch(pipe: TextToVideoPipeline, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
