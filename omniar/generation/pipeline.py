@@ -404,7 +404,8 @@ class TextToVideoPipeline:
                                    kv_budget, kv_policy, random_ratio, kv_rope, kv_recent_frames, kv_horizon,
                                    on_frames)
         self.check_size(height, width)
-        tok, model, dev = self.video_tokenizer, self.model, self.device
+        # read once: diffusers finds a model's device and dtype by walking its modules
+        tok, model, dev, dtype = self.video_tokenizer, self.model, self.device, self.model.dtype
         scales, b = tok.scales, len(prompts)
         if generator is None:
             generator = torch.Generator()  # private: seed=None must not reseed the caller's global RNG
@@ -444,7 +445,7 @@ class TextToVideoPipeline:
                 for s, (h, w) in enumerate(tok.scale_shapes):
                     if f < n_given:
                         idx = given.codes[s][:, f].cpu()
-                    inp = tok.scale_input(f_hat if s > 0 else prev, s, b).to(dev, model.dtype)
+                    inp = tok.scale_input(f_hat if s > 0 else prev, s, b).to(dev, dtype)
                     logits = model.forward_scale(torch.cat([inp, inp]) if use_cfg else inp, f, s, cache).float()
                     passes += 1
                     if f >= n_given:
