@@ -234,7 +234,8 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
 
     def _check_codes(self, codes: MultiScaleCodes) -> None:
         require(isinstance(codes, MultiScaleCodes), "codes", f"must be MultiScaleCodes, got {type(codes).__name__}")
-        require(codes.scales == self.scales, "codes", f"scales {codes.scales} differ from the tokenizer's {self.scales}")
+        require(codes.scales == self.scales, "codes",
+                f"scales {codes.scales} differ from the tokenizer's {self.scales}")
         frames = 1 + self.config.temporal_compression * (codes.num_latent_frames - 1)
         require(codes.num_frames == frames, "codes", f"num_frames {codes.num_frames} does not match its "
                                                      f"{codes.num_latent_frames} latent frames ({frames})")
