@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import os
 import shutil
@@ -142,6 +143,20 @@ class PretrainedModel(ModelMixin):
         written aside and swapped in."""
         return write_folder_atomically(
             save_directory, lambda tmp: super(PretrainedModel, self).save_pretrained(str(tmp), **kwargs))
+
+    def to(self, *args, **kwargs):
+        # nn.Module's own: diffusers' warns of modules to keep in float32 at every cast, even for a model with none
+        return torch.nn.Module.to(self, *args, **kwargs)
+
+    # diffusers' own device and dtype first look through every module for offloading and casting hooks (about 1 ms
+    # for the tokenizer, read at every generation step); omniar attaches none, so the first tensor answers
+    @property
+    def device(self) -> torch.device:
+        return next(itertools.chain(self.parameters(), self.buffers())).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(t.dtype for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):

@@ -220,8 +220,7 @@ class TextToVideoPipeline:
                 f"must be None or a floating torch.dtype, got {dtype!r}")
         if decode_dtype is not None:
             self.decode_dtype = decode_dtype  # checked before anything moves
-        # nn.Module's own `to`: diffusers' ModelMixin.to warns of fp32-only modules on every cast, even with none
-        torch.nn.Module.to(self.model, device, dtype)
+        self.model.to(device, dtype)
         self.video_tokenizer.to(device)
         if self.text_encoder is not None:
             self.text_encoder.to(device)  # in its own dtype: its states are projected in the model's
@@ -404,8 +403,7 @@ class TextToVideoPipeline:
                                    kv_budget, kv_policy, random_ratio, kv_rope, kv_recent_frames, kv_horizon,
                                    on_frames)
         self.check_size(height, width)
-        # read once: diffusers finds a model's device and dtype by walking its modules
-        tok, model, dev, dtype = self.video_tokenizer, self.model, self.device, self.model.dtype
+        tok, model, dev = self.video_tokenizer, self.model, self.device
         scales, b = tok.scales, len(prompts)
         if generator is None:
             generator = torch.Generator()  # private: seed=None must not reseed the caller's global RNG
@@ -445,7 +443,7 @@ class TextToVideoPipeline:
                 for s, (h, w) in enumerate(tok.scale_shapes):
                     if f < n_given:
                         idx = given.codes[s][:, f].cpu()
-                    inp = tok.scale_input(f_hat if s > 0 else prev, s, b).to(dev, dtype)
+                    inp = tok.scale_input(f_hat if s > 0 else prev, s, b).to(dev, model.dtype)
                     logits = model.forward_scale(torch.cat([inp, inp]) if use_cfg else inp, f, s, cache).float()
                     passes += 1
                     if f >= n_given:

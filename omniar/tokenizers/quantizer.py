@@ -97,9 +97,8 @@ class MultiScaleResidualVQ(nn.Module):
         return self.coarse_codebook if s == 0 and self.coarse else self.codebook
 
     def embed_scale(self, idx: torch.Tensor, s: int) -> torch.Tensor:
-        """Contribution of scale ``s`` codes ``idx`` (M, h, w; on any device) to f_hat: (M, C, H, W)."""
-        table = self.table(s)
-        return self.embed_vectors(F.embedding(idx.to(table.device), table).permute(0, 3, 1, 2), s)
+        """Contribution of scale ``s`` codes ``idx`` (M, h, w) to f_hat: (M, C, H, W)."""
+        return self.embed_vectors(F.embedding(idx, self.table(s)).permute(0, 3, 1, 2), s)
 
     def embed_vectors(self, z: torch.Tensor, s: int) -> torch.Tensor:
         """Contribution of a (M, C, h, w) map of code vectors to f_hat as scale ``s``'s: upsampled to the latent

@@ -309,12 +309,11 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
         quantizing (the codes would change)."""
         require(dtype is None or isinstance(dtype, torch.dtype), "dtype",
                 f"must be None or a torch.dtype, got {dtype!r}")
-        weight = next(self.decoder.parameters())  # not self.dtype / self.device: diffusers walks every module
-        if dtype is None or dtype == weight.dtype:
+        if dtype is None or dtype == self.dtype:
             return contextlib.nullcontext()
         require(dtype in (torch.bfloat16, torch.float16), "dtype",
-                f"must be torch.bfloat16, torch.float16 or the tokenizer's {weight.dtype}, got {dtype}")
-        return torch.autocast(weight.device.type, dtype=dtype)
+                f"must be torch.bfloat16, torch.float16 or the tokenizer's {self.dtype}, got {dtype}")
+        return torch.autocast(self.device.type, dtype=dtype)
 
     # ------------------------------------------------------------------ public
     def forward(self, video: torch.Tensor, upto_scale: torch.Tensor | None = None,
@@ -424,7 +423,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
     def accumulate(self, f_hat: torch.Tensor | None, idx: torch.Tensor, s: int) -> torch.Tensor:
         """``f_hat`` (B, C, h, w; None before scale 0) plus the refined code map of scale ``s`` codes ``idx``
         (B, h_s, w_s): the running reconstruction of a latent frame, coarse to fine."""
-        part = self.quantizer.embed_scale(idx, s)  # not self.device: diffusers walks every module for it
+        part = self.quantizer.embed_scale(idx.to(self.device), s)
         return part if f_hat is None else f_hat + part
 
     @torch.no_grad()
