@@ -52,6 +52,7 @@ def cell_palettes(video: torch.Tensor, shape: tuple[int, int], temporal_compress
     p, q = video.shape[-2] // h, video.shape[-1] // w
     ys = torch.linspace(-1, 1, p, device=video.device)[:, None].expand(p, q)
     xs = torch.linspace(-1, 1, q, device=video.device)[None, :].expand(p, q)
+    place = torch.stack([ys, xs]).flatten(1).T  # (p q, 2): each pixel's offset from its cell's centre
     out = []
     for g in groups:
         x = rearrange(g, "b c g f (h p) (w q) -> b g h w c (f p q)", h=h, w=w)
@@ -61,7 +62,7 @@ def cell_palettes(video: torch.Tensor, shape: tuple[int, int], temporal_compress
         colour = torch.where(share[..., None] > 0, mode_colour(x, accent), dominant)
         ends = accent.unflatten(-1, (g.shape[3], -1))[..., [0, -1], :].to(x.dtype)  # (b g h w 2 pq): first, last
         weights = ends / ends.sum(-1, keepdim=True).clamp_min(1)
-        offset = weights @ torch.stack([ys, xs]).flatten(1).T / (h * w)  # (b g h w 2 2); zero without an accent
+        offset = weights @ place / (h * w)  # (b g h w 2 2); zero without an accent
         out.append(torch.cat([dominant, colour, share.sqrt()[..., None], offset.flatten(-2)], -1))
     return rearrange(torch.cat(out, 1), "b g h w d -> b g d h w")
 
