@@ -19,11 +19,14 @@ def video(n=2, frames=9):
     return torch.stack([MovingShapes("train", n, 32, frames, seed=3)[i]["video"] for i in range(n)])
 
 
-@pytest.mark.parametrize("scale", [1, 2, 4])
-def test_new_refiner_is_the_identity_and_works_frame_by_frame(scale):
+@pytest.mark.parametrize("scale, fold", [(1, False), (2, False), (4, False), (2, True)])
+def test_new_refiner_is_the_identity_and_works_frame_by_frame(scale, fold):
+    """Also with ``refiner_fold_time``: a chunked decode (frame 0 alone, then whole latent frames) equals the
+    clip's."""
     torch.manual_seed(0)
     plain = VideoTokenizer(**TOK).eval()
-    refined = VideoTokenizer(**TOK, refiner_blocks=2, refiner_channels=8, refiner_scale=scale).eval()
+    refined = VideoTokenizer(**TOK, refiner_blocks=2, refiner_channels=8, refiner_scale=scale,
+                             refiner_fold_time=fold).eval()
     refined.load_state_dict(plain.state_dict(), strict=False)
     codes = plain.encode(video())
     torch.testing.assert_close(refined.decode(codes), plain.decode(codes), rtol=0, atol=0)
@@ -58,6 +61,28 @@ def test_a_folded_refiner_works_on_pixel_cells():
             VideoTokenizer(**TOK, refiner_blocks=1, refiner_scale=bad)
 
 
+def test_a_time_folded_refiner_mixes_the_frames_of_one_latent_frame_only():
+    """``refiner_fold_time``: 4 frames a latent frame (frame 0 alone) folded into 12 channels. A change in frame 6
+    reaches frames 5-8 and no other; frame 0's copies are one frame, and the output keeps its length."""
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TOK, refiner_blocks=1, refiner_channels=8, refiner_fold_time=True).eval()
+    assert tok.refiner.conv_in.in_channels == 12
+    torch.nn.init.normal_(tok.refiner.conv_out.weight, std=0.1)
+    clip = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    poked = clip.clone()
+    poked[:, :, 6] += 0.5
+    with torch.no_grad():
+        out = tok.refine(clip)
+        moved = (tok.refine(poked) - out).abs().amax((0, 1, 3, 4)) > 0
+        assert out.shape == clip.shape
+        assert moved.tolist() == [False] * 5 + [True] * 4
+        # frame 0 is refined as the encoder folds it: four copies of itself
+        single = tok.refiner(clip[:, :, :1].expand(-1, -1, 4, -1, -1).reshape(1, 12, 16, 16))  # channel: c 4 + copy
+        torch.testing.assert_close(out[:, :, 0], single[:, 3::4], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="refiner_fold_time"):
+        VideoTokenizer(**TOK, refiner_blocks=1, refiner_fold_time=1)
+
+
 @pytest.mark.parametrize("norm", [True, False])
 def test_a_drifted_residual_stream_passes_gradient_only_with_the_norm(norm):
     """A 6-block refiner trained at lr 2e-3 drifted to ~-8,000, where SiLU is zero: the output conv saw
@@ -88,25 +113,29 @@ def tok_dir(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("adv, scale", [({}, 1), ({"adv_weight": 0.5, "adv_start": 10}, 1), ({}, 2)],
-                         ids=["mse", "adversarial", "pixel-cells"])
-def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir, adv, scale):
+@pytest.mark.parametrize("adv, scale, fold", [({}, 1, False), ({"adv_weight": 0.5, "adv_start": 10}, 1, False),
+                                              ({}, 2, False), ({"adv_weight": 0.5, "adv_start": 25}, 1, True)],
+                         ids=["mse", "adversarial", "pixel-cells", "time-fold"])
+def test_training_keeps_codes_lowers_error_and_resumes_exactly(tmp_path, tok_dir, adv, scale, fold):
     def cfg(folder):
         c = config(folder, tok_dir, **adv)
-        c["model"]["refiner_scale"] = scale
+        c["model"] |= {"refiner_scale": scale, "refiner_fold_time": fold}
         return c
 
     final = train(cfg(tmp_path / "a"), progress=False)
     base, tuned = VideoTokenizer.from_pretrained(tok_dir), VideoTokenizer.from_pretrained(final)
     assert tuned.refiner is not None and base.refiner is None and tuned.refiner.scale == scale
+    assert tuned.refiner.conv_in.in_channels == 3 * scale * scale * (4 if fold else 1)
     assert tuned.config.refiner_norm and isinstance(tuned.refiner.norm_out, torch.nn.GroupNorm)  # new: normed
     clip = video(frames=5)
     assert all(torch.equal(a, b) for a, b in zip(tuned.encode(clip).codes, base.encode(clip).codes))
     cache = load_file(next((tmp_path / "a" / "run").glob("decoded_*.safetensors")))
     x, y = cache["decoded"].float(), cache["real"].float()
     assert x.shape == y.shape == (4 * 5, 3, 32, 32)
+    clips = x.unflatten(0, (4, 5)).transpose(1, 2)  # the refiner as decoding runs it (folded or per frame)
     with torch.no_grad():
-        assert torch.nn.functional.mse_loss(tuned.refiner(x), y) < 0.95 * torch.nn.functional.mse_loss(x, y)
+        refined = tuned.refine(clips).transpose(1, 2).flatten(0, 1)
+        assert torch.nn.functional.mse_loss(refined, y) < 0.95 * torch.nn.functional.mse_loss(x, y)
 
     train(cfg(tmp_path / "b"), progress=False, stop_at=15)
     resumed = VideoTokenizer.from_pretrained(train(cfg(tmp_path / "b"), progress=False))

@@ -191,18 +191,24 @@ class TimeUnfold(nn.Module):
         self._seen_first = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.unflatten(1, (-1, self.tau)).transpose(2, 3).flatten(2, 3)
-        if not self._seen_first:
-            x = x[:, :, self.tau - 1:]
+        x = unfold_time(x, self.tau, first=not self._seen_first)
         self._seen_first = self.streaming
         return x
 
 
-def fold_time(x: torch.Tensor, tau: int) -> torch.Tensor:
+def fold_time(x: torch.Tensor, tau: int, first: bool = True) -> torch.Tensor:
     """(B, C, 1 + tau k, H, W) -> (B, C tau, 1 + k, H, W): each latent frame's tau frames become channels.
-    Frame 0 is padded with tau - 1 copies of itself, so it is still encoded alone."""
-    x = torch.cat([x[:, :, :1].expand(-1, -1, tau - 1, -1, -1), x], dim=2)
+    Frame 0 is padded with tau - 1 copies of itself, so it is still encoded alone. ``first=False``: ``x`` holds
+    whole groups (B, C, tau k, H, W), a later chunk of a streamed clip."""
+    if first:
+        x = torch.cat([x[:, :, :1].expand(-1, -1, tau - 1, -1, -1), x], dim=2)
     return x.unflatten(2, (-1, tau)).transpose(2, 3).flatten(1, 2)
+
+
+def unfold_time(x: torch.Tensor, tau: int, first: bool = True) -> torch.Tensor:
+    """The inverse of :func:`fold_time`: with ``first``, the last of frame 0's tau copies is kept."""
+    x = x.unflatten(1, (-1, tau)).transpose(2, 3).flatten(2, 3)
+    return x[:, :, tau - 1:] if first else x
 
 
 def _per_frame(net: nn.Module, x: torch.Tensor) -> torch.Tensor:

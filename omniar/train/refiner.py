@@ -6,8 +6,9 @@ beside the run (fp16 frames, written atomically); each step fits the refiner
 (:class:`~omniar.tokenizers.causal3d.FrameRefiner`, MSE) to a batch of cached frames drawn by a
 generator seeded by the step, so a resumed run sees exactly the batches of an uninterrupted one.
 Exports the tokenizer with its refiner to ``<out_dir>/final``. The ``model`` section sets the new
-refiner's ``refiner_blocks``, ``refiner_channels``, ``refiner_scale`` (default: the base's) and ``refiner_norm``
-(default: true); ``train.finetune`` instead continues the base's own refiner.
+refiner's ``refiner_blocks``, ``refiner_channels``, ``refiner_scale`` (default: the base's), ``refiner_norm``
+(default: true) and ``refiner_fold_time`` (then a sample is one latent frame's frames, folded); ``train.finetune``
+instead continues the base's own refiner.
 
 ``train.adv_weight`` > 0 adds an adversarial term, as VQGAN does for its decoder: a conditional patch
 critic (:class:`PatchCritic`) learns to tell (decoded, real) frame pairs from (decoded, refined) ones
@@ -32,6 +33,7 @@ from .._checks import check_bool, check_float, check_int, require
 from .._pretrained import weights_sha256, write_file_atomically
 from ..eval.metrics import psnr
 from ..tokenizers import VideoTokenizer
+from ..tokenizers.causal3d import fold_time
 from .common import (VideoDataConfig, build_dataset, build_model, check_sections, config_cli, last_step,
                      load_video_tokenizer, mean_scalars, motion_source, split_train_section)
 from .engine import TrainEngine, config_from_dict, cosine_lr
@@ -140,7 +142,7 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             f"model: use 0-2), got {engine_cfg.zero_stage}")
     end = last_step(train_cfg.steps, stop_at)
     base = load_video_tokenizer(train_cfg.tokenizer)
-    refiner_keys = ("refiner_blocks", "refiner_channels", "refiner_norm", "refiner_scale")
+    refiner_keys = ("refiner_blocks", "refiner_channels", "refiner_norm", "refiner_scale", "refiner_fold_time")
     if train_cfg.finetune:
         require(base.refiner is not None, "train.finetune", f"needs a tokenizer with a refiner; "
                 f"{train_cfg.tokenizer} has none")
@@ -163,7 +165,8 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
     if train_cfg.finetune:
         tok.refiner.load_state_dict(start_refiner.state_dict())
     tok.eval().requires_grad_(False)
-    critic = PatchCritic(tok.config.in_channels, train_cfg.critic_channels) if train_cfg.adv_weight > 0 else None
+    critic = (PatchCritic(tok.config.in_channels * tok.refiner_fold, train_cfg.critic_channels)
+              if train_cfg.adv_weight > 0 else None)
     objective = RefinerObjective(tok.refiner.requires_grad_(True), critic).train()
 
     def optimizer(module: RefinerObjective) -> torch.optim.Optimizer:
@@ -186,6 +189,9 @@ def train(config: dict, progress: bool = True, stop_at: int | None = None) -> Pa
             cache_decoded_frames(base.to(engine.device).eval(), data_cfg, train_cfg.num_clips, cache, progress)
         engine._barrier()
         frames = load_file(cache)
+        if tok.refiner_fold > 1:  # one sample: a latent frame's decoded frames, folded as the refiner reads them
+            frames = {k: fold_time(v.unflatten(0, (-1, data_cfg.num_frames)).transpose(1, 2), tok.refiner_fold)
+                      .transpose(1, 2).flatten(0, 1) for k, v in frames.items()}
         start = engine.resume()
         engine.log_hparams(config)
         bar = tqdm(total=train_cfg.steps, initial=start, disable=not progress or engine.rank != 0, desc="refiner")
