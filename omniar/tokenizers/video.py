@@ -21,7 +21,7 @@ from .._pretrained import PretrainedModel
 from .._scales import ScaleSchedule, scale_shapes
 from ..limits import MAX_BLOCKS, MAX_CHANNELS, MAX_CODEBOOK_SIZE
 from .causal3d import (CONV_MODES, Decoder3d, Encoder3d, FoldDecoder, FoldEncoder, FrameRefiner, PositionMap,
-                       fold_time, unfold_time)
+                       per_frame, fold_time, unfold_time)
 from .codes import MultiScaleCodes, Scales, check_scales
 from .previews import PreviewCodes
 from .quantizer import MultiScaleResidualVQ, resize
@@ -306,11 +306,7 @@ class VideoTokenizer(ScaleSchedule, PretrainedModel, ConfigMixin):
             return video
         tau = self.refiner_fold
         first = tau > 1 and video.shape[2] % tau == 1
-        x = fold_time(video.clamp(-1, 1), tau, first)
-        b, _, t = x.shape[:3]
-        # channels-last: oneDNN's fast layout for these 3x3 convs (15 % faster here in bf16, 20 % in fp32)
-        frames = x.transpose(1, 2).flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        return unfold_time(self.refiner(frames).unflatten(0, (b, t)).transpose(1, 2), tau, first)
+        return unfold_time(per_frame(self.refiner, fold_time(video.clamp(-1, 1), tau, first)), tau, first)
 
     def autocast(self, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
         """A context in which the decoder and refiner compute in ``dtype`` (``torch.bfloat16`` or
