@@ -277,8 +277,15 @@ class Attention(nn.Module):
         if cache is not None:
             cache.note_queries(layer, q)
             k, v = cache.write(layer, k, v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             enable_gqa=self.num_heads != self.num_kv_heads)
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1 and mask.shape[-2] == 1:
+            # a mask the same for every query (a cached next-scale step): the query heads that share a key/value
+            # head go in as more query rows of it; enable_gqa would copy the keys and values for each query head
+            # (4x slower one-token steps in bf16 at batch 16, BENCHMARKS.md)
+            out = F.scaled_dot_product_attention(q.reshape(b, self.num_kv_heads, groups * length, -1), k, v,
+                                                 attn_mask=mask).view(b, self.num_heads, length, -1)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
         if empty is not None:
             out = out.masked_fill(empty, 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
