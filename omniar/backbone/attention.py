@@ -280,8 +280,8 @@ class Attention(nn.Module):
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and mask.shape[-2] == 1:
             # a mask the same for every query (a cached next-scale step): the query heads that share a key/value
-            # head go in as more query rows of it, fewer and larger blocks for the CPU kernel than enable_gqa's
-            # (one-token steps in bf16 at batch 16 run 4x faster, BENCHMARKS.md)
+            # head go in as more query rows of it, a shape the CPU kernel runs faster than enable_gqa's (4x for
+            # one-token steps in bf16 at batch 16, BENCHMARKS.md)
             out = F.scaled_dot_product_attention(q.reshape(b, self.num_kv_heads, groups * length, -1), k, v,
                                                  attn_mask=mask).view(b, self.num_heads, length, -1)
         else:
