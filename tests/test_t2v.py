@@ -16,7 +16,7 @@ from omniar.backbone import OmniARConfig, OmniARModel
 from omniar.backbone.layout import scale_offsets
 from omniar.data.shapes import MovingShapes
 from omniar.generation import TextToVideoPipeline
-from omniar.generation.pipeline import convert_frames
+from omniar.generation.pipeline import DECODE_CHUNK_FRAMES, convert_frames
 from omniar.pixels import to_uint8
 from omniar.tokenizers import VideoTokenizer
 from omniar.tokenizers.text import TextTokenizer
@@ -323,8 +323,9 @@ def test_exit_adapter_training_leaves_the_model_exact(tmp_path):
               progress=False)
 
 
-@pytest.mark.parametrize("clips, calls", [(1, [(1, 1)] * 5), (4, [(4, 1), (1, 1)])])
-def test_pipeline_decodes_decode_batch_size_clips_and_one_latent_frame_at_a_time(pipe, monkeypatch, clips, calls):
+@pytest.mark.parametrize("clips, calls", [(1, [(1, DECODE_CHUNK_FRAMES)] * 5),
+                                          (4, [(4, DECODE_CHUNK_FRAMES), (1, DECODE_CHUNK_FRAMES)])])
+def test_pipeline_decodes_decode_batch_size_clips_and_chunks_of_latent_frames(pipe, monkeypatch, clips, calls):
     seen, decode = [], pipe.video_tokenizer.decode_latent
     monkeypatch.setattr(pipe.video_tokenizer, "decode_latent", lambda latent, chunk_size=None, dtype=None: (
         seen.append((latent.shape[0], chunk_size)), decode(latent, chunk_size, dtype))[1])

@@ -51,6 +51,9 @@ DEFAULT_KV_RECENT_FRAMES = 3  # whole recent frames nacl keeps: picked on the de
 DEFAULT_KV_HORIZON = 17
 # the model's own distribution (`omniar generate`, the demo and `omniar eval t2v` read it from CALL_DEFAULTS)
 DEFAULT_TEMPERATURE = 1.0
+# latent frames per decoder call: a few at once run as fewer, larger convolutions (1.1-1.25x faster decoding than
+# one at a time, BENCHMARKS.md "Decoding four latent frames a call") for a few MiB a clip, bounded whatever the length
+DECODE_CHUNK_FRAMES = 4
 
 
 @dataclass
@@ -143,7 +146,7 @@ class TextToVideoPipeline:
     (:class:`omniar.backbone.text_encoder.TextEncoder`, frozen) is the pretrained T5 / CLIP encoder of a model
     trained on its states (``text_embed_dim`` set); such a model needs it, and a byte-level model refuses it.
     Limits are checked before anything is allocated; clips are decoded ``decode_batch_size`` at a
-    time (default 1), one latent frame at a time (measured memory bound:
+    time (default 1), up to ``DECODE_CHUNK_FRAMES`` latent frames at a time (measured memory bound:
     ``benchmarks/generation_memory.py``, BENCHMARKS.md), in :attr:`decode_dtype` (bf16 on the CPU).
     """
 
@@ -473,11 +476,12 @@ class TextToVideoPipeline:
         frames = None
         if on_frames is None:
             # the latents generation built, as streaming decodes them (rebuilding them from the codes, all frames
-            # in one batch, rounds differently); decode_batch_size clips and one latent frame at a time: the CPU
-            # conv3d's column buffers grow with the decoded block, so this bounds decode memory whatever the batch
-            # size and clip length.
+            # in one batch, rounds differently); decode_batch_size clips and DECODE_CHUNK_FRAMES latent frames at a
+            # time: the CPU conv3d's column buffers grow with the decoded block, so this bounds decode memory
+            # whatever the batch size and clip length.
             latent, step = torch.stack(latents, dim=2), self.decode_batch_size
-            pixels = torch.cat([tok.decode_latent(latent[i:i + step], chunk_size=1, dtype=decode_dtype).float().cpu()
+            pixels = torch.cat([tok.decode_latent(latent[i:i + step], chunk_size=DECODE_CHUNK_FRAMES,
+                                                  dtype=decode_dtype).float().cpu()
                                 for i in range(0, b, step)])
             frames = convert_frames(self._keep_given(pixels, video, 0), output_type)
         tokens = b * (t_lat - n_given) * tok.tokens_per_frame
