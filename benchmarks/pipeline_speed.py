@@ -203,10 +203,11 @@ def speed(args) -> dict:
                             rounds[s].append(new(setting=s, **req))
                     row = {s: median_row(rows) for s, rows in rounds.items()}
                     for s in args.settings:
-                        for key in ("wall_s", "generate_s", "cpu_s", "generate_cpu_s", "decode_cpu_s"):
+                        for key in ("wall_s", "generate_s", "decode_s", "cpu_s", "generate_cpu_s", "decode_cpu_s"):
                             row[s][f"{key}_ratio_vs_baseline"] = statistics.median(
                                 b[key] / n[key] for b, n in zip(rounds["baseline"], rounds[s]))
                         row[s]["decode_share_cpu"] = row[s]["decode_cpu_s"] / row[s]["cpu_s"]
+                        row[s]["decode_share"] = row[s]["decode_s"] / row[s]["wall_s"]  # wall: several threads
                     if args.memory:  # current path only: the meter's module imports today's demo code
                         req = dict(device=args.device, batch=batch, frames=frames, seed=0, memory=True)
                         for s in args.settings:
