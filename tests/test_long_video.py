@@ -12,6 +12,7 @@ from omniar.backbone.attention import KVBudget
 from omniar.cli import main
 from omniar.data.shapes import MovingShapes
 from omniar.data.video_io import read_video, write_video
+from omniar.generation import pipeline as pipeline_module
 from omniar.pixels import to_uint8
 
 ARMS = [("window", "extrapolate"), ("window", "rebase"), ("nacl", "extrapolate"), ("nacl", "rebase")]
@@ -210,13 +211,17 @@ def test_the_call_keeps_kv_recent_frames_whole(pipe, monkeypatch):
 
 
 @pytest.mark.parametrize("budget", [None, 2 * PER_FRAME])
-def test_streamed_frames_equal_the_in_memory_clip(pipe, budget):
+def test_streamed_frames_equal_the_in_memory_clip(pipe, budget, monkeypatch):
     video = MovingShapes("all", 1, 32, 5, seed=0)[0]["video"][None]
     kwargs = dict(num_frames=17, kv_budget=budget, video=video)
     chunks = []
     out = pipe(PROMPT, seed=0, on_frames=chunks.append, **kwargs)
     assert out.frames is None and [c.shape[1] for c in chunks] == [1, 4, 4, 4, 4]
-    assert np.array_equal(np.concatenate(chunks, axis=1), run(pipe, **kwargs))
+    streamed = np.concatenate(chunks, axis=1)
+    # the in-memory clip decodes DECODE_CHUNK_FRAMES latent frames a call, which rounds differently in bf16
+    assert np.abs(streamed.astype(np.int16) - run(pipe, **kwargs)).max() <= 1
+    monkeypatch.setattr(pipeline_module, "DECODE_CHUNK_FRAMES", 1)  # one a call, as streamed: bit for bit
+    assert np.array_equal(streamed, run(pipe, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +244,7 @@ def test_cli_stream_writes_the_in_memory_clip(pipe, model_dir, tmp_path, monkeyp
     args = ["--prompt", PROMPT, "--num-frames", "25", "--kv-budget", "170", "--kv-policy", "nacl",
             "--random-ratio", "0.25", "--seed", "3"]
     assert main(["generate", "--model", model_dir, "--out", str(out), "--stream", *args]) == 0
+    monkeypatch.setattr(pipeline_module, "DECODE_CHUNK_FRAMES", 1)  # decoded as streamed: the same rounding
     want = pipe(PROMPT, num_frames=25, kv_budget=170, kv_policy="nacl", random_ratio=0.25, seed=3).frames[0]
     assert len(handed) > 1 and np.array_equal(np.concatenate(handed), want)  # frames handed over as they come
     # and the file holds them as write_video writes the in-memory clip (H.264 is lossy, more so on noise; its
