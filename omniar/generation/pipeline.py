@@ -51,7 +51,7 @@ DEFAULT_KV_RECENT_FRAMES = 3  # whole recent frames nacl keeps: picked on the de
 DEFAULT_KV_HORIZON = 17
 # the model's own distribution (`omniar generate`, the demo and `omniar eval t2v` read it from CALL_DEFAULTS)
 DEFAULT_TEMPERATURE = 1.0
-# latent frames per decoder call: a few at once run as fewer, larger convolutions (1.1-1.25x faster decoding than
+# latent frames per decoder call: a few at once run as fewer, larger convolutions (decoding 1.03-1.17x faster than
 # one at a time, BENCHMARKS.md "Decoding four latent frames a call") for a few MiB a clip, bounded whatever the length
 DECODE_CHUNK_FRAMES = 4
 
