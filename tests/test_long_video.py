@@ -44,8 +44,8 @@ def test_the_cache_never_exceeds_the_budget(pipe, monkeypatch, policy, rope, bud
 
     def record(inputs, frame, scale, cache, *args):
         logits = forward_scale(inputs, frame, scale, cache, *args)
-        held.append(len(cache) - cache.text_len)
-        assert cache.keys[0].shape[2] <= cache.text_len + budget  # the buffers too
+        held.append(len(cache) - cache.text_slots)
+        assert cache.keys[0].shape[2] <= cache.text_slots + budget  # the buffers too
         return logits
 
     monkeypatch.setattr(pipe.model, "forward_scale", record)

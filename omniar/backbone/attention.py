@@ -74,6 +74,7 @@ class KVCache:
       block are ``meta``'s; layers differ after a per-layer eviction) and ``key_ok`` ``(B, capacity)`` says
       which are real tokens: the attention mask of a step is read from these, not rebuilt. ``key_t``
       ``(layers, capacity)`` is the temporal position each held key is rotated to. :meth:`evict` drops slots.
+      The text's padding after the last real token of every row takes no slot (no query ever sees it).
 
     With a ``budget`` (:class:`KVBudget`) the buffers hold the text and ``budget.tokens`` visual tokens, and
     :meth:`make_room` evicts at frame boundaries.
@@ -94,7 +95,8 @@ class KVCache:
         self.slot_index: torch.Tensor | None = None
         self.key_t: torch.Tensor | None = None
         self.length = 0
-        self.text_len: int | None = None
+        self.text_len: int | None = None  # the padded text's tokens: the sequence index of the first visual one
+        self.text_slots: int | None = None  # the slots the text holds: through the last real token of any row
         self.next_block = (0, 0, 0)
 
     def __len__(self) -> int:
@@ -188,17 +190,17 @@ class KVCache:
         tokens plus ``frame_tokens`` would exceed, evict (one shot, per layer) down to ``budget - frame_tokens``
         visual tokens by the budget's policy. The newest frame's collected queries are dropped either way."""
         budget = self.budget
-        if budget is not None and self.length - self.text_len + frame_tokens > budget.tokens:
+        if budget is not None and self.length - self.text_slots + frame_tokens > budget.tokens:
             room = budget.tokens - frame_tokens  # visual slots left after the eviction
             depth = self.slot_index.shape[0]
             keep = torch.zeros(depth, self.length, dtype=torch.bool, device=self.slot_index.device)
-            keep[:, :self.text_len] = True
+            keep[:, :self.text_slots] = True
             if budget.policy == "window":
                 keep[:, self.length - room // frame_tokens * frame_tokens:] = True
             else:
                 recent = min(budget.recent_frames, room // frame_tokens) * frame_tokens  # the recent window
                 keep[:, self.length - recent:] = True
-                old = slice(self.text_len, self.length - recent)
+                old = slice(self.text_slots, self.length - recent)
                 # each layer holds its own older tokens; with a horizon, only those within horizon_frames - 1
                 # frames of the next frame are candidates, and every layer keeps as many as the poorest can
                 frame = self.meta.frame[self.slot_index[:, old]]  # (layers, old slots)

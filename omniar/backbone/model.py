@@ -321,8 +321,9 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         spec = self.active_spec
         require(cache.spec == spec, "cache", f"was made for sub-model {cache.spec}, the model now runs {spec}")
 
-    def _plan(self, cache: KVCache, text_valid: torch.Tensor, max_frames: int) -> None:
-        """Layout and RoPE tables of the text and ``max_frames`` frames, once per call (and per regrowth)."""
+    def _plan(self, cache: KVCache, text_valid: torch.Tensor, max_frames: int, text_slots: int) -> None:
+        """Layout and RoPE tables of the text and ``max_frames`` frames, once per call (and per regrowth); buffers
+        for ``text_slots`` text tokens and the frames."""
         cfg = self._omniar_config
         b, length = text_valid.shape
         meta = text_meta(text_valid).cat(video_meta(b, length, cfg.scales, max_frames, cfg.vision_mask == "raster",
@@ -330,23 +331,27 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         cos, sin = self.rope.cos_sin(meta.pos, self.text_embed.weight.dtype)
         cache.max_frames = max_frames
         visual = max_frames * cfg.tokens_per_frame
-        capacity = length + (visual if cache.budget is None else min(visual, cache.budget.tokens))
+        capacity = text_slots + (visual if cache.budget is None else min(visual, cache.budget.tokens))
         cache.plan(meta, cos, sin, cfg.num_kv_heads, cfg.head_dim, self._cache_depth(), capacity)
 
     def forward_text(self, text_ids: torch.Tensor | None, text_mask: torch.Tensor | None,
                      cache: KVCache, text_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Encode the text prefix (``text_ids``, or ``text_embeds`` as in :meth:`forward`) into an empty
-        ``cache``; returns text logits (B, L, V_text)."""
+        ``cache``; returns text logits (B, L', V_text) of its first L' tokens, through the last real one of any
+        row: the padding after it is never seen by a real token, so it is neither run nor cached (the visual
+        positions still start after all L tokens, as in :meth:`forward`)."""
         require(isinstance(cache, KVCache) and len(cache) == 0, "cache", "must be an empty KVCache")
         self._check_cache_spec(cache)
         x, text_mask = self._embed_text(text_ids, text_mask, text_embeds)
-        length = text_mask.shape[1]
-        self._plan(cache, text_mask, cache.max_frames)
-        meta = text_meta(text_mask)
+        real = text_mask.any(0).nonzero()
+        held = int(real[-1]) + 1 if real.numel() else 1
+        self._plan(cache, text_mask, cache.max_frames, held)
+        meta = text_meta(text_mask[:, :held])
         mask, empty = attention_mask(meta, meta)
-        cache.book(0, length)
-        hidden, _, _ = self._trunk(x, cache.cos[:length], cache.sin[:length], mask, empty, None, cache)
-        cache.text_len = length  # only now: a refused pass leaves the cache empty and usable
+        cache.book(0, held)
+        hidden, _, _ = self._trunk(x[:, :held], cache.cos[:held], cache.sin[:held], mask, empty, None, cache)
+        # only now: a refused pass leaves the cache empty and usable
+        cache.text_len, cache.text_slots = text_mask.shape[1], held
         return self.text_head(hidden)  # not the MTP heads: nobody reads them here
 
     def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
@@ -378,7 +383,8 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         scale_ids = torch.full((stop - start,), scale, device=feats.device)
         x = self._embed_vision(feats, scale_ids, frame == 0 and scale == 0 and start == 0)
         if frame >= cache.max_frames:
-            self._plan(cache, cache.meta.valid[:, :cache.text_len], max(frame + 1, 2 * cache.max_frames))
+            self._plan(cache, cache.meta.valid[:, :cache.text_len], max(frame + 1, 2 * cache.max_frames),
+                       cache.text_slots)
         if (scale, start) == (0, 0) and frame > 0:
             cache.make_room(cfg.tokens_per_frame, self.rope)
         first = cache.text_len + frame * cfg.tokens_per_frame + scale_offsets(cfg.scales)[scale]
