@@ -54,6 +54,9 @@ DEFAULT_TEMPERATURE = 1.0
 # latent frames per decoder call: a few at once run as fewer, larger convolutions (decoding 1.03-1.17x faster than
 # one at a time, BENCHMARKS.md "Decoding four latent frames a call") for a few MiB a clip, bounded whatever the length
 DECODE_CHUNK_FRAMES = 4
+# clips per decoder call by default: 16 x 17 clips decoded 1.11x faster (two threads) than one clip a call, 1.06x at
+# one thread, for a bounded block of 4 clips x DECODE_CHUNK_FRAMES latent frames (BENCHMARKS.md "Four clips a call")
+DECODE_BATCH_SIZE = 4
 
 
 @dataclass
@@ -146,7 +149,7 @@ class TextToVideoPipeline:
     (:class:`omniar.backbone.text_encoder.TextEncoder`, frozen) is the pretrained T5 / CLIP encoder of a model
     trained on its states (``text_embed_dim`` set); such a model needs it, and a byte-level model refuses it.
     Limits are checked before anything is allocated; clips are decoded ``decode_batch_size`` at a
-    time (default 1), up to ``DECODE_CHUNK_FRAMES`` latent frames at a time (measured memory bound:
+    time (default ``DECODE_BATCH_SIZE``), up to ``DECODE_CHUNK_FRAMES`` latent frames at a time (measured memory bound:
     ``benchmarks/generation_memory.py``, BENCHMARKS.md), in :attr:`decode_dtype` (bf16 on the CPU).
     """
 
@@ -167,7 +170,7 @@ class TextToVideoPipeline:
             max_text_len, max_num_frames, max_batch_size)
         self.text_encoder = _check_text_encoder(text_encoder, mc.text_embed_dim, self.max_text_len)
         self.decode_dtype = None  # bf16 on the CPU (see the property)
-        self.decode_batch_size = 1
+        self.decode_batch_size = DECODE_BATCH_SIZE
         self.vocabulary = _check_vocabulary(vocabulary)
 
     # ------------------------------------------------------------ persistence
@@ -247,8 +250,8 @@ class TextToVideoPipeline:
 
     @property
     def decode_batch_size(self) -> int:
-        """Clips per decoder call. On the CPU 4 decoded a batch of 16 0-11 % faster than 1 and doubled
-        the call's peak tensor memory (BENCHMARKS.md), so the default stays 1."""
+        """Clips per decoder call (default ``DECODE_BATCH_SIZE``); 1 needs the least memory. A clip's frames
+        depend on it only by the convolutions' rounding (within 2 of 255 levels in bf16)."""
         return self._decode_batch_size
 
     @decode_batch_size.setter
