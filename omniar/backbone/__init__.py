@@ -25,11 +25,12 @@ Training::
 Generation (KV cache, one forward per scale)::
 
     cache = model.new_cache(max_frames)                         # buffers for text + max_frames frames
-    model.forward_text(text_ids, text_mask, cache)              # (B, L, V_text)
+    model.forward_text(text_ids, text_mask, cache)              # (B, L', V_text), L' through the last real token
     logits = model.forward_scale(acc, frame, scale, cache)      # (B, n_s^2, codebook_size)
 
 The cache preallocates its keys/values per layer and builds the layout, RoPE
 tables and key mask once per call; each step writes in place (see ``KVCache``).
+The text's padding after the last real token of every row is neither run nor cached.
 ``model.new_cache(max_frames, budget=KVBudget(tokens, "window" | "nacl"))`` bounds it for long video:
 at frame boundaries each layer evicts visual tokens (see ``KVBudget``).
 
