@@ -161,24 +161,27 @@ def test_kv_cache_equals_full_forward(kw, max_frames):
 
 
 @torch.no_grad()
-def test_text_padding_after_every_rows_last_token_takes_no_slot():
+@pytest.mark.parametrize("real", [L, 0])  # text slots held: the real text's; none real: one (masked) slot
+def test_text_padding_after_every_rows_last_token_takes_no_slot(real):
     """Padding after the last real token of every row is neither run nor cached (positions still count it):
     every step equals the full forward of the padded text, and the cache holds the real text's slots only."""
     model = tiny()
     ids, mask, vis = batch()
     pad = 4  # after the last real token of both rows (row 1 already ends at 3)
     ids, mask = torch.cat([ids, torch.full((B, pad), 256)], 1), torch.cat([mask, torch.zeros(B, pad, dtype=bool)], 1)
+    mask[:, real:] = False
     full = model(ids, mask, vis)
     want = full.visual_logits.flatten(1, 2)
     cache = model.new_cache(T)
     text = model.forward_text(ids, mask, cache)
-    assert text.shape[1] == L and (text - full.text_logits[:, :L]).abs().max() < 1e-4
-    assert (cache.text_len, cache.text_slots, len(cache)) == (L + pad, L, L)
+    held = max(real, 1)
+    assert text.shape[1] == held and (text - full.text_logits[:, :held]).abs().max() < 1e-4
+    assert (cache.text_len, cache.text_slots, len(cache)) == (L + pad, held, held)
     per_frame = sum(n * n for n in SCALES)
-    assert cache.keys[0].shape[2] == L + T * per_frame
+    assert cache.keys[0].shape[2] == held + T * per_frame
     got = torch.cat([model.forward_scale(vis[s][:, f], f, s, cache) for f, s, _, _ in blocks()], dim=1)
     assert (got - want).abs().max() < 1e-4
-    assert len(cache) == L + T * per_frame
+    assert len(cache) == held + T * per_frame
 
 
 @torch.no_grad()
