@@ -53,7 +53,7 @@ DEFAULT_KV_HORIZON = 17
 DEFAULT_TEMPERATURE = 1.0
 # latent frames per decoder call: a few at once run as fewer, larger convolutions (decoding 1.03-1.17x faster than
 # one at a time, BENCHMARKS.md "Decoding four latent frames a call") for a few MiB a clip, bounded whatever the length
-DECODE_CHUNK_FRAMES = 3
+DECODE_CHUNK_FRAMES = 4
 # clips per decoder call by default: batch-16 calls decoded 1.05-1.14x faster (two threads) than one clip a call, for
 # a bounded block of 4 clips x DECODE_CHUNK_FRAMES latent frames (BENCHMARKS.md "Four clips a decoder call")
 DECODE_BATCH_SIZE = 4
