@@ -176,56 +176,6 @@ def test_conv3d_inference_uses_onednn_and_matches_native():
     assert x.grad is not None and conv.weight.grad is not None
 
 
-@pytest.mark.parametrize("shape", [(3, 8, 5, 4, 6), (1, 16, 16, 1, 1), (2, 4, 12, 7, 3)])
-def test_upsample_conv2d_equals_the_conv_of_the_upsampled_input(shape):
-    """Four 2x2 phase kernels over the small input give the 3x3 conv of its nearest x2 upsampling, borders
-    included, with and without a bias; channels-last out (what the next bf16 conv wants)."""
-    from omniar.tokenizers.causal3d import phase_kernels, upsample_conv2d
-
-    n, c, o, h, w = shape
-    torch.manual_seed(0)
-    x, weight, bias = torch.randn(n, c, h, w), torch.randn(o, c, 3, 3), torch.randn(o)
-    big = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
-    for b in (bias, None):
-        want = torch.nn.functional.conv2d(big, weight, b, padding=1)
-        got = upsample_conv2d(x.contiguous(memory_format=torch.channels_last), phase_kernels(weight), b)
-        assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
-    moved = weight.clone()
-    moved[0, 0, 2, 1] += 1.0  # one tap: only output channel 0 changes
-    diff = (upsample_conv2d(x, phase_kernels(moved), bias) - upsample_conv2d(x, phase_kernels(weight), bias)).abs()
-    assert diff[:, 0].max() > 0.1 and diff[:, 1:].max() < 1e-5
-
-
-def test_fold_decoder_runs_its_upsamplings_as_phase_convs_in_bf16_only(monkeypatch):
-    """The bf16 decode (CPU autocast, no autograd) runs each upsampling + 3x3 conv of the fold decoder as phase
-    convs, within bf16 rounding of the plain pair; fp32 decodes and training keep the plain pair, bit for bit."""
-    from torch import nn
-
-    from omniar.tokenizers import causal3d
-
-    torch.manual_seed(0)
-    tok = VideoTokenizer(**TINY, fold_time=True).eval()
-    latent = tok.encoder(clips(1, 5)).detach()
-    calls = []
-    real = causal3d.upsample_conv2d
-    monkeypatch.setattr(causal3d, "upsample_conv2d", lambda *a: calls.append(1) or real(*a))
-
-    def decode(dtype, fused=True):
-        with monkeypatch.context() as m:
-            if not fused:
-                m.setattr(causal3d.UpsampleSequential, "forward", nn.Sequential.forward)
-            return tok.decode_latent(latent, dtype=dtype)
-
-    fast = decode(torch.bfloat16)
-    assert len(calls) == 2  # spatial_compression 4: two upsamplings, one decode
-    torch.testing.assert_close(fast, decode(torch.bfloat16, fused=False), rtol=0, atol=0.05)
-    assert torch.equal(decode(torch.float32), decode(torch.float32, fused=False)) and len(calls) == 2
-    with torch.autocast("cpu", torch.bfloat16):
-        tok.decoder(latent.requires_grad_()).sum().backward()  # autograd: the plain pair
-    assert len(calls) == 2 and latent.grad is not None
-
-
 def test_bf16_tokenizer_encodes_and_decodes():
     """A bf16 model (from_pretrained(torch_dtype=bf16), or .to()) quantizes its latents in fp32."""
     torch.manual_seed(0)

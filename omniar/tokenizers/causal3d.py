@@ -26,78 +26,26 @@ class _KeptCastConv:
     layout: torch.memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._keeps_cast(x):
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled():
             return self._conv_forward(x.contiguous(memory_format=self.layout), self._cast_weight(), self.bias)
         return self._plain_forward(x)
-
-    @staticmethod
-    def _keeps_cast(x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled()
 
     def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
 
-    def _cast_weight(self, transform=None) -> torch.Tensor:
-        """The weight (through ``transform`` first, in its fp32, if given) cast and laid out as above."""
+    def _cast_weight(self) -> torch.Tensor:
         w, dtype = self.weight, torch.get_autocast_dtype("cpu")
-        key = (w._version, w.data_ptr(), dtype, transform)
+        key = (w._version, w.data_ptr(), dtype)
         if getattr(self, "_cast_key", None) != key:
-            w = w.detach() if transform is None else transform(w.detach())
-            self._cast = w.to(dtype).contiguous(memory_format=self.layout)
+            self._cast = w.detach().to(dtype).contiguous(memory_format=self.layout)
             self._cast_key = key
         return self._cast
-
-
-# phase_taps[p, a, k]: over a nearest x2 upsampled image, the 3x3 kernel's tap k (offset k - 1) of an output pixel in
-# phase p (row 2i + p) reads the small image's row i - 1 + p + a
-_PHASE_TAPS = ((1.0, 0.0, 0.0), (0.0, 1.0, 1.0)), ((1.0, 1.0, 0.0), (0.0, 0.0, 1.0))
-
-
-def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
-    """A 3x3 conv weight (O, C, 3, 3) as the 2x2 kernels (4 O, C, 2, 2) of :func:`upsample_conv2d`, phase (row p,
-    column q) in output channels ``[(2 p + q) O, (2 p + q + 1) O)``: the taps that read the same small pixel summed."""
-    taps = torch.tensor(_PHASE_TAPS, dtype=weight.dtype, device=weight.device)
-    k = torch.einsum("pak,ockl,qbl->pqocab", taps, weight, taps)
-    return k.reshape(4 * weight.shape[0], weight.shape[1], 2, 2)
-
-
-def upsample_conv2d(x: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` for ``kernels =
-    phase_kernels(weight)``, computed on ``x`` itself (N, C, H, W): one 2x2 conv of the four phases (padding 1
-    gives (H + 1) x (W + 1) windows; phase (p, q) uses those from (p, q) on), then one strided copy puts each phase's
-    outputs on its pixels. 16 instead of 36 products per small pixel and channel pair. Channels-last out."""
-    n, _, h, w = x.shape
-    o = kernels.shape[0] // 4
-    y = F.conv2d(x, kernels, None if bias is None else bias.repeat(4), padding=1)
-    y = y.contiguous(memory_format=torch.channels_last)  # (N, H + 1, W + 1, 4 O) in memory
-    sn, _, sh, sw = y.stride()
-    phases = y.as_strided((n, h, 2, w, 2, o), (sn, sh, sh + 2 * o, sw, sw + o, 1), y.storage_offset())
-    return y.new_empty(phases.shape).copy_(phases).view(n, 2 * h, 2 * w, o).permute(0, 3, 1, 2)
 
 
 class Conv2d(_KeptCastConv, nn.Conv2d):
     """``nn.Conv2d`` with the kept channels-last autocast weight of :class:`_KeptCastConv`."""
 
     layout = torch.channels_last
-
-    def upsampled(self, x: torch.Tensor) -> torch.Tensor:
-        """This conv (3x3, padding 1) over ``x`` upsampled x2 (nearest); where the cast weight is kept, as
-        :func:`upsample_conv2d` with kept phase kernels (a third less bf16 time in a probe, BENCHMARKS.md)."""
-        if self._keeps_cast(x):
-            return upsample_conv2d(x.contiguous(memory_format=self.layout), self._cast_weight(phase_kernels),
-                                   self.bias)
-        return self(F.interpolate(x, scale_factor=2, mode="nearest"))
-
-
-class UpsampleSequential(nn.Sequential):
-    """``nn.Sequential`` whose nearest x2 ``nn.Upsample`` layers each run with the 3x3 :class:`Conv2d` after
-    them, as :meth:`Conv2d.upsampled` (the layers stay as they are: the same parameters and names)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layers = iter(self)
-        for layer in layers:
-            x = next(layers).upsampled(x) if isinstance(layer, nn.Upsample) else layer(x)
-        return x
 
 
 class Conv3d(_KeptCastConv, nn.Conv3d):
@@ -469,7 +417,7 @@ class FoldDecoder(_StreamingDecoder):
                 layers.append(ResBlock2d(rev[i] if j == 0 else rev[i + 1], rev[i + 1]))
         layers += [_norm2d(rev[-1]), nn.SiLU(),
                    Conv2d(rev[-1], out_channels * temporal_compression, 3, padding=1)]
-        self.frames = UpsampleSequential(*layers)
+        self.frames = nn.Sequential(*layers)
         self.unfold = TimeUnfold(temporal_compression)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
