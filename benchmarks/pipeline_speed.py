@@ -13,9 +13,9 @@ machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact), `
 (model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before #29), is exported with
 ``git archive`` and runs in its own worker process, in fp32 unless ``--baseline-setting`` names another setting
 (for a baseline that has it, e.g. an earlier default against today's); rounds interleave baseline and current calls
-with the same seeds, and each ratio is the median over rounds of the per-round ratio, so load on a shared machine
-hits both sides alike. ``--kv-budget N``: the current path's calls bound their KV cache to N visual tokens (the
-default policy), the baseline's stay unbounded.
+with the same seeds, and each ratio is the median over rounds of the per-round ratio (kept too, ``ratio_rounds``),
+so load on a shared machine hits both sides alike. ``--kv-budget N``: the current path's calls bound their KV cache
+to N visual tokens (the default policy), the baseline's stay unbounded.
 
     OMP_NUM_THREADS=1 python benchmarks/pipeline_speed.py [--device cuda] [--batches 1 4 16] [--frames 1 9 17 33]
         [--rounds 3] [--memory] [--flops] [--out benchmarks/results/pipeline_speed.json]
@@ -203,9 +203,12 @@ def speed(args) -> dict:
                             rounds[s].append(new(setting=s, **req))
                     row = {s: median_row(rows) for s, rows in rounds.items()}
                     for s in args.settings:
+                        # each round's ratios too, so that a later run's rounds can be pooled with these
+                        row[s]["ratio_rounds"] = {}
                         for key in ("wall_s", "generate_s", "decode_s", "cpu_s", "generate_cpu_s", "decode_cpu_s"):
-                            row[s][f"{key}_ratio_vs_baseline"] = statistics.median(
-                                b[key] / n[key] for b, n in zip(rounds["baseline"], rounds[s]))
+                            ratios = [b[key] / n[key] for b, n in zip(rounds["baseline"], rounds[s])]
+                            row[s][f"{key}_ratio_vs_baseline"] = statistics.median(ratios)
+                            row[s]["ratio_rounds"][key] = ratios
                         row[s]["decode_share_cpu"] = row[s]["decode_cpu_s"] / row[s]["cpu_s"]
                         row[s]["decode_share"] = row[s]["decode_s"] / row[s]["wall_s"]  # wall: several threads
                     if args.memory:  # current path only: the meter's module imports today's demo code
