@@ -91,7 +91,8 @@ def run_arm(arm: str, num_frames: int, clips: int, budget: int, random_ratio: fl
     kv_bytes = sum(b.nbytes for b in cache.keys + cache.values if b is not None)
     tau = pipe.video_tokenizer.config.temporal_compression
     result = {"arm": arm, "num_frames": num_frames,
-              "kv_capacity_visual_tokens": cache.keys[0].shape[2] - cache.text_slots, "kv_bytes": kv_bytes, "peak_rss_bytes": rss, "wall_s": wall,
+              "kv_capacity_visual_tokens": cache.keys[0].shape[2] - cache.text_slots, "kv_bytes": kv_bytes,
+              "peak_rss_bytes": rss, "wall_s": wall,
               "ms_per_frame_first_quarter": 1000 * float(np.median(first_q)) / tau,
               "ms_per_frame_last_quarter": 1000 * float(np.median(last_q)) / tau}
     return {**result, **judge(combos, np.stack(heads), np.stack(tails), pipe.video_tokenizer.resolution,
