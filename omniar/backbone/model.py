@@ -14,6 +14,7 @@ from torch import nn
 
 from .._checks import check_int, require
 from .._pretrained import PretrainedModel
+from . import fused
 from .attention import Attention, KVBudget, KVCache
 from .config import OmniARConfig, config_signature
 from .elastic import ElasticSpec, ExitAdapter, resolve_elastic, sample_elastic, slice_state_dict, submodel_config
@@ -106,6 +107,8 @@ class OmniARModel(PretrainedModel, ConfigMixin):
             else ExitAdapter(d, cfg.exit_adapter_hidden_size) for depth in cfg.exit_adapter_depths})
         self.register_buffer("frame_scale_ids", frame_scale_ids(cfg.scales), persistent=False)
         self._elastic: ElasticSpec | None = None
+        # small next-scale steps run one C call per block where they can (omniar.backbone.fused); False: eager
+        self.fused_steps = True
         for name, p in self.named_parameters():
             if p.dim() >= 2 or name == "bov":
                 nn.init.normal_(p, std=cfg.init_std)
@@ -170,25 +173,36 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                 block.ffn.update_bias(self._omniar_config.bias_update_step)
 
     # ------------------------------------------------------------------- trunk
+    def _blocks(self) -> list[Block]:
+        """The active sub-model's blocks, with its exit block where it has one that attends (KV-cache layer
+        ``depth``)."""
+        depth = self.active_spec.depth
+        adapter = self._exit_adapter(depth)
+        return [self.layers[i] for i in range(depth)] + ([adapter] if isinstance(adapter, ExitBlock) else [])
+
     def _trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-               empty: torch.Tensor | None, meta: TokenMeta | None, cache: KVCache | None
-               ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+               empty: torch.Tensor | None, meta: TokenMeta | None, cache: KVCache | None,
+               templates: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         """The layers over ``x`` (B, L, d); ``meta`` None skips the routing statistics (generation),
-        a ``cache`` takes the new keys/values in its booked slots."""
+        a ``cache`` takes the new keys/values in its booked slots. ``templates`` (from :func:`.fused.prepare`):
+        run the step one C call per block."""
         spec = self.active_spec
         aux, stats = x.new_zeros((), dtype=torch.float32), []
-        for i in range(spec.depth):
-            x, layer_aux, layer_stats = self.layers[i](x, cos, sin, mask, empty, meta, cache, i, spec)
-            if layer_stats is not None:
-                aux, stats = aux + layer_aux, stats + [layer_stats]
+        if templates is not None:
+            x = x.contiguous()
+            for i, template in enumerate(templates):
+                fused.block_step(template, x, cos, sin, cache, i, spec.num_experts, spec.top_k)
+        else:
+            for i, block in enumerate(self._blocks()):
+                x, layer_aux, layer_stats = block(x, cos, sin, mask, empty, meta, cache, i, spec)
+                if layer_stats is not None:
+                    aux, stats = aux + layer_aux, stats + [layer_stats]
         adapter = self._exit_adapter(spec.depth)
-        if isinstance(adapter, ExitBlock):
-            x = adapter(x, cos, sin, mask, empty, None, cache, spec.depth, spec)[0]
-        elif adapter is not None:
+        if adapter is not None and not isinstance(adapter, ExitBlock):
             x = adapter(x)
         if cache is not None:
             cache.commit(x.shape[1])
-        return self.norm(x), aux, stats
+        return self.norm(x) if templates is None else fused.rms_norm(x, self.norm), aux, stats
 
     def _text_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         mtp = torch.stack([head(h) for head in self.mtp_heads], dim=2) if len(self.mtp_heads) else None
@@ -390,11 +404,14 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         first = cache.text_len + frame * cfg.tokens_per_frame + scale_offsets(cfg.scales)[scale]
         seq_start, seq_stop = first + start, first + stop
         cache.book(seq_start, seq_stop)
-        mask = cache.step_mask(seq_start, seq_stop, raster and stop - start > 1)
-        hidden, _, _ = self._trunk(x, cache.cos[seq_start:seq_stop], cache.sin[seq_start:seq_stop], mask, None,
-                                   None, cache)
+        block_mask = raster and stop - start > 1
+        mask = cache.step_mask(seq_start, seq_stop, block_mask)
+        cos, sin = cache.cos[seq_start:seq_stop], cache.sin[seq_start:seq_stop]
+        # a step whose queries all see every held slot may run fused (omniar.backbone.fused)
+        templates = fused.prepare(self._blocks(), x, cos, cache) if self.fused_steps and not block_mask else None
+        hidden, _, _ = self._trunk(x, cos, sin, mask, None, None, cache, templates)
         if stop < h * w:
             cache.next_block = (frame, scale, stop)
         else:
             cache.next_block = (frame, scale + 1, 0) if scale + 1 < len(cfg.scales) else (frame + 1, 0, 0)
-        return self.visual_head(hidden)
+        return self.visual_head(hidden) if templates is None else fused.linear(hidden, self.visual_head.weight)

@@ -1,0 +1,250 @@
+/* One transformer block of a small generation step in a single call (fp32, CPU, no gradients): RMSNorm,
+ * q / kv projections, QK-norm, RoPE, the KV-cache write, masked attention over the held and new slots,
+ * output projection, RMSNorm, then a shared / dense SwiGLU and the routed experts. The eager path pays
+ * per op (about 90 aten calls a block); a step of a few rows does little arithmetic, so here it is one
+ * call. omniar/backbone/fused.py builds this file on first use and checks it against the eager block. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct {
+    int B, L, D, H, KVH, HD, held, cap; /* held: slots in the cache before this step; cap: its capacity */
+    int E, top_k, hidden, shared_hidden, sigmoid; /* E: active routed experts (0: none) */
+    float eps_attn, eps_q, eps_k, eps_ffn;
+    const float *attn_norm, *wq, *wkv, *wo, *q_norm, *k_norm; /* nn.Linear weights: (out, in) */
+    const float *ffn_norm, *router, *bias, *w_in, *w_out; /* experts: w_in (E, D, 2h), w_out (E, h, D) */
+    const float *s_in, *s_out; /* shared / dense SwiGLU, (2 hs, D) and (D, hs); NULL: none */
+    const float *cos, *sin; /* (L, HD / 2) */
+    const unsigned char *key_ok; /* (B, cap): real tokens among the slots */
+    float *keys, *values; /* (B, KVH, cap, HD) */
+    float *x; /* (B, L, D), updated in place */
+    float *queries; /* (B, H, L, HD): the rotated queries, or NULL */
+} Step;
+
+/* y (R, N) = x (R, K) W^T, W (N, K): each weight row is read once for all R rows. */
+static void mm_nt(int R, int K, int N, const float *x, const float *W, float *y) {
+    for (int n = 0; n < N; n++) {
+        const float *w = W + (size_t)n * K;
+        for (int r = 0; r < R; r++) {
+            const float *a = x + (size_t)r * K;
+            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+            for (int k = 0; k < K; k++) acc += a[k] * w[k];
+            y[(size_t)r * N + n] = acc;
+        }
+    }
+}
+
+/* y (R, N) += x (R, K) W, W (K, N). */
+static void mm_nn_acc(int R, int K, int N, const float *x, const float *W, float *y) {
+    for (int k = 0; k < K; k++) {
+        const float *w = W + (size_t)k * N;
+        for (int r = 0; r < R; r++) {
+            const float a = x[(size_t)r * K + k];
+            float *o = y + (size_t)r * N;
+#pragma omp simd
+            for (int n = 0; n < N; n++) o[n] += a * w[n];
+        }
+    }
+}
+
+static void rms_norm(int n, const float *x, const float *w, float eps, float *out) {
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int i = 0; i < n; i++) ss += x[i] * x[i];
+    const float s = 1.f / sqrtf(ss / n + eps);
+    for (int i = 0; i < n; i++) out[i] = x[i] * s * w[i];
+}
+
+/* pair k is (v[k], v[k + half]), as omniar.backbone.rope.apply_rope */
+static void rope(int half, float *v, const float *c, const float *s) {
+    for (int k = 0; k < half; k++) {
+        const float a = v[k], b = v[k + half];
+        v[k] = a * c[k] - b * s[k];
+        v[k + half] = b * c[k] + a * s[k];
+    }
+}
+
+/* exp as 2^n exp(r), r = x - n ln2 (ln2 in two parts, n rounded by the 1.5 * 2^23 trick), exp(r) by a degree-7
+ * polynomial: within 1e-7 relative, and unlike glibc's expf or floorf it vectorises in the loops below. 0 below
+ * -87 (masked slots come as -inf), clamped above 88. */
+static inline float exp_(float x) {
+    const float c = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+    const float n = (c * 1.44269504f + 12582912.f) - 12582912.f;
+    const float r = c - n * 0.693359375f + n * 2.12194440e-4f, z = r * r;
+    const float p = ((((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r
+                       + 1.6666665459e-1f) * r + 5.0000001201e-1f) * z + r + 1.f);
+    union { int i; float f; } scale = {.i = ((int)n + 127) << 23};
+    return x < -87.f ? 0.f : p * scale.f;
+}
+
+static inline float silu(float g) { return g / (1.f + exp_(-g)); }
+
+/* h (R, 2 hid) -> (R, hid): silu(gate) * up, written over the first hid columns of each row's output */
+static void swiglu(int R, int hid, const float *h, float *out) {
+    for (int r = 0; r < R; r++) {
+        const float *gate = h + (size_t)r * 2 * hid, *up = gate + hid;
+        float *o = out + (size_t)r * hid;
+#pragma omp simd
+        for (int j = 0; j < hid; j++) o[j] = silu(gate[j]) * up[j];
+    }
+}
+
+int omniar_block_step(const Step *s) {
+    const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD, half = HD / 2;
+    const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
+    const int hid = s->hidden, shid = s->shared_hidden, wide = (hid > shid ? hid : shid);
+    float *xn = malloc(sizeof(float) * R * D), *q = malloc(sizeof(float) * R * QD);
+    float *kv = malloc(sizeof(float) * R * KVD), *att = malloc(sizeof(float) * R * QD);
+    float *p = malloc(sizeof(float) * n_slots), *bias = malloc(sizeof(float) * n_slots), *y = malloc(sizeof(float) * R * D);
+    float *h2 = malloc(sizeof(float) * R * 2 * wide), *h1 = malloc(sizeof(float) * R * wide);
+    float *rows = malloc(sizeof(float) * R * D), *scale = malloc(sizeof(float) * R);
+    int *members = malloc(sizeof(int) * R), *chosen = malloc(sizeof(int) * R * (s->top_k > 0 ? s->top_k : 1));
+    float *gate = malloc(sizeof(float) * R * (s->top_k > 0 ? s->top_k : 1));
+    float *logits = malloc(sizeof(float) * (s->E > 0 ? s->E : 1));
+    if (!xn || !q || !kv || !att || !p || !bias || !y || !h2 || !h1 || !rows || !scale || !members || !chosen || !gate || !logits) {
+        free(xn); free(q); free(kv); free(att); free(p); free(bias); free(y); free(h2); free(h1); free(rows); free(scale);
+        free(members); free(chosen); free(gate); free(logits);
+        return 1;
+    }
+    const float attn_scale = 1.f / sqrtf((float)HD);
+
+    /* attention: projections, QK-norm, RoPE, cache write */
+    for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->attn_norm, s->eps_attn, xn + (size_t)r * D);
+    mm_nt(R, D, QD, xn, s->wq, q);
+    mm_nt(R, D, KVD, xn, s->wkv, kv);
+    for (int r = 0; r < R; r++) {
+        const int b = r / s->L, l = r % s->L;
+        const float *c = s->cos + (size_t)l * half, *sn = s->sin + (size_t)l * half;
+        for (int h = 0; h < H; h++) {
+            float *v = q + (size_t)r * QD + h * HD;
+            rms_norm(HD, v, s->q_norm, s->eps_q, v);
+            rope(half, v, c, sn);
+            if (s->queries) memcpy(s->queries + (((size_t)b * H + h) * s->L + l) * HD, v, sizeof(float) * HD);
+        }
+        for (int g = 0; g < G; g++) {
+            float *k = kv + (size_t)r * KVD + g * HD, *v = kv + (size_t)r * KVD + (G + g) * HD;
+            rms_norm(HD, k, s->k_norm, s->eps_k, k);
+            rope(half, k, c, sn);
+            const size_t slot = (((size_t)b * G + g) * s->cap + s->held + l) * HD;
+            memcpy(s->keys + slot, k, sizeof(float) * HD);
+            memcpy(s->values + slot, v, sizeof(float) * HD);
+        }
+    }
+    /* every query of a next-scale step sees every real held or new slot: -inf on the others */
+    for (int b = 0; b < s->B; b++) {
+        const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
+        for (int j = 0; j < n_slots; j++) bias[j] = ok[j] ? 0.f : -INFINITY;
+        for (int l = 0; l < s->L; l++)
+            for (int h = 0; h < H; h++) {
+                const int r = b * s->L + l, g = h / groups;
+                const float *qv = q + (size_t)r * QD + h * HD;
+                const float *K = s->keys + ((size_t)b * G + g) * s->cap * HD;
+                const float *V = s->values + ((size_t)b * G + g) * s->cap * HD;
+                for (int j = 0; j < n_slots; j++) {
+                    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                    for (int d = 0; d < HD; d++) acc += qv[d] * K[(size_t)j * HD + d];
+                    p[j] = acc * attn_scale + bias[j];
+                }
+                float mx = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : mx)
+                for (int j = 0; j < n_slots; j++) mx = p[j] > mx ? p[j] : mx;
+#pragma omp simd reduction(+ : total)
+                for (int j = 0; j < n_slots; j++) {
+                    p[j] = exp_(p[j] - mx);
+                    total += p[j];
+                }
+                float *o = att + (size_t)r * QD + h * HD;
+                memset(o, 0, sizeof(float) * HD);
+                for (int j = 0; j < n_slots; j++) {
+                    const float e = p[j], *vj = V + (size_t)j * HD;
+#pragma omp simd
+                    for (int d = 0; d < HD; d++) o[d] += e * vj[d];
+                }
+                const float inv = 1.f / total;
+                for (int d = 0; d < HD; d++) o[d] *= inv;
+            }
+    }
+    mm_nt(R, QD, D, att, s->wo, y);
+    for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
+
+    /* FFN: shared (or dense) SwiGLU, then each routed expert over the rows that chose it */
+    for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->ffn_norm, s->eps_ffn, xn + (size_t)r * D);
+    memset(y, 0, sizeof(float) * R * D);
+    if (s->s_in) {
+        mm_nt(R, D, 2 * shid, xn, s->s_in, h2);
+        swiglu(R, shid, h2, h1);
+        mm_nt(R, shid, D, h1, s->s_out, y);
+    }
+    if (s->E > 0) {
+        const int E = s->E, k = s->top_k;
+        for (int r = 0; r < R; r++) {
+            const float *a = xn + (size_t)r * D;
+            float mx = -INFINITY, total = 0.f;
+            for (int e = 0; e < E; e++) {
+                float acc = 0.f;
+                const float *w = s->router + (size_t)e * D;
+#pragma omp simd reduction(+ : acc)
+                for (int i = 0; i < D; i++) acc += a[i] * w[i];
+                logits[e] = acc;
+                if (acc > mx) mx = acc;
+            }
+            for (int e = 0; e < E; e++) {
+                logits[e] = s->sigmoid ? 1.f / (1.f + exp_(-logits[e])) : exp_(logits[e] - mx);
+                total += logits[e];
+            }
+            if (!s->sigmoid)
+                for (int e = 0; e < E; e++) logits[e] /= total;
+            /* top-k of score + bias (first index wins a tie); the weights renormalise the scores alone */
+            float sum = 0.f;
+            for (int t = 0; t < k; t++) {
+                int best = -1;
+                for (int e = 0; e < E; e++) {
+                    int taken = 0;
+                    for (int u = 0; u < t; u++) taken |= chosen[r * k + u] == e;
+                    if (!taken && (best < 0 || logits[e] + s->bias[e] > logits[best] + s->bias[best])) best = e;
+                }
+                chosen[r * k + t] = best;
+                gate[r * k + t] = logits[best];
+                sum += logits[best];
+            }
+            for (int t = 0; t < k; t++) gate[r * k + t] /= sum;
+        }
+        for (int e = 0; e < E; e++) {
+            int m = 0;
+            for (int r = 0; r < R; r++)
+                for (int t = 0; t < k; t++)
+                    if (chosen[r * k + t] == e) {
+                        members[m] = r;
+                        scale[m] = gate[r * k + t];
+                        memcpy(rows + (size_t)m * D, xn + (size_t)r * D, sizeof(float) * D);
+                        m++;
+                    }
+            if (!m) continue;
+            memset(h2, 0, sizeof(float) * m * 2 * hid);
+            mm_nn_acc(m, D, 2 * hid, rows, s->w_in + (size_t)e * D * 2 * hid, h2);
+            swiglu(m, hid, h2, h1);
+            for (int i = 0; i < m; i++)
+                for (int j = 0; j < hid; j++) h1[(size_t)i * hid + j] *= scale[i];
+            memset(rows, 0, sizeof(float) * m * D);
+            mm_nn_acc(m, hid, D, h1, s->w_out + (size_t)e * hid * D, rows);
+            for (int i = 0; i < m; i++) {
+                float *o = y + (size_t)members[i] * D;
+                const float *src = rows + (size_t)i * D;
+                for (int j = 0; j < D; j++) o[j] += src[j];
+            }
+        }
+    }
+    for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
+    free(xn); free(q); free(kv); free(att); free(p); free(bias); free(y); free(h2); free(h1); free(rows); free(scale);
+    free(members); free(chosen); free(gate); free(logits);
+    return 0;
+}
+
+/* the final norm and the output head of a fused step: y (R, N) = x (R, D) W^T, and RMSNorm of the rows */
+void omniar_linear(int R, int K, int N, const float *x, const float *W, float *y) { mm_nt(R, K, N, x, W, y); }
+
+void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, float *y) {
+    for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
+}

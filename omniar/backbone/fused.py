@@ -1,0 +1,173 @@
+"""Fused small generation steps: one C call per block (``_fused_step.c``) instead of about 90 aten calls.
+
+A next-scale step of a few rows (the coarse scales: 2 rows for one clip with CFG) does little arithmetic, so
+eagerly it costs per op, not per FLOP. :func:`library` compiles the C file once per source and CPU with the
+machine's C compiler (``$CC``, else ``cc``) into ``$OMNIAR_CACHE`` (default ``~/.cache/omniar``); without a
+compiler, or if the build fails, steps stay eager (one warning). The fused block computes what the eager one
+does, in fp32, in another summation order (tests hold it to 1e-4 of eager)."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import warnings
+from pathlib import Path
+
+import torch
+
+from .._pretrained import write_file_atomically
+from .moe import MoELayer
+
+SOURCE = Path(__file__).with_name("_fused_step.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
+# steps of at most this many rows (batch x tokens, CFG rows included) run fused; measured in BENCHMARKS.md
+MAX_ROWS = 8
+
+
+class _Step(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_int) for n in ("B", "L", "D", "H", "KVH", "HD", "held", "cap", "E", "top_k", "hidden",
+                                             "shared_hidden", "sigmoid")]
+                + [(n, ctypes.c_float) for n in ("eps_attn", "eps_q", "eps_k", "eps_ffn")]
+                + [(n, ctypes.c_void_p) for n in ("attn_norm", "wq", "wkv", "wo", "q_norm", "k_norm", "ffn_norm",
+                                                  "router", "bias", "w_in", "w_out", "s_in", "s_out", "cos", "sin",
+                                                  "key_ok", "keys", "values", "x", "queries")])
+
+
+def _cpu_flags() -> str:
+    try:
+        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel, built on first use (None where it cannot be: steps then stay eager)."""
+    compiler = shutil.which(os.environ.get("CC", "cc"))
+    if compiler is None or platform.system() != "Linux":
+        return None
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
+                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+    cache = Path(os.environ.get("OMNIAR_CACHE") or Path.home() / ".cache" / "omniar")
+    path = cache / f"fused_step-{key}.so"
+    try:
+        if not path.is_file():
+            cache.mkdir(parents=True, exist_ok=True)
+            write_file_atomically(path, lambda tmp: subprocess.run(
+                [compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True))
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        warnings.warn(f"omniar: fused generation steps unavailable, running them eagerly ({e})", stacklevel=2)
+        return None
+    lib.omniar_block_step.argtypes = [ctypes.POINTER(_Step)]
+    lib.omniar_block_step.restype = ctypes.c_int
+    lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
+    lib.omniar_rms_norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3
+    return lib
+
+
+def _eps(norm: torch.nn.RMSNorm) -> float:
+    return torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
+
+
+def _weights(block) -> dict[str, torch.Tensor | None]:
+    """The tensors the kernel reads from ``block``, by the kernel's field names (straight from the modules'
+    tables: this runs every step)."""
+    attn, ffn = block._modules["attn"], block._modules["ffn"]
+    moe = isinstance(ffn, MoELayer)
+    dense = ffn._modules["shared"] if moe else ffn
+    w = {"attn_norm": block._modules["attn_norm"], "wq": attn._modules["q_proj"], "wkv": attn._modules["kv_proj"],
+         "wo": attn._modules["o_proj"], "q_norm": attn._modules["q_norm"], "k_norm": attn._modules["k_norm"],
+         "ffn_norm": block._modules["ffn_norm"], "router": ffn._modules["router"] if moe else None,
+         "s_in": None if dense is None else dense._modules["w_in"],
+         "s_out": None if dense is None else dense._modules["w_out"]}
+    w = {name: None if m is None else m._parameters["weight"] for name, m in w.items()}
+    w.update(bias=ffn._buffers["selection_bias"] if moe else None, w_in=ffn._parameters["w_in"] if moe else None,
+             w_out=ffn._parameters["w_out"] if moe else None)
+    return w
+
+
+def _template(block) -> _Step | None:
+    """``block``'s fixed fields (shapes, norms' eps, weight addresses), kept on the block while its weights stay
+    where they are; None where the kernel cannot run it (another dtype or device, a norm without weight, sharded
+    experts)."""
+    weights = _weights(block)
+    key = tuple(0 if w is None else w.data_ptr() for w in weights.values())
+    cached = block.__dict__.get("_fused_template")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    attn, ffn = block.attn, block.ffn
+    moe = isinstance(ffn, MoELayer)
+    dense = ffn.shared if moe else ffn
+    usable = (not (moe and ffn.ep_group is not None)
+              and all(weights[n] is not None for n in ("attn_norm", "q_norm", "k_norm", "ffn_norm"))
+              and all(w is None or (w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous())
+                      for w in weights.values()))
+    step = _Step(
+        D=attn.q_proj.in_features, H=attn.num_heads, KVH=attn.num_kv_heads, HD=attn.head_dim,
+        hidden=ffn.w_in.shape[2] // 2 if moe else 0, shared_hidden=0 if dense is None else dense.w_out.in_features,
+        sigmoid=int(moe and ffn.gating == "sigmoid"), eps_attn=_eps(block.attn_norm), eps_q=_eps(attn.q_norm),
+        eps_k=_eps(attn.k_norm), eps_ffn=_eps(block.ffn_norm),
+        **{name: None if w is None else w.data_ptr() for name, w in weights.items()}) if usable else None
+    block.__dict__["_fused_template"] = (key, step)
+    return step
+
+
+def prepare(blocks, x: torch.Tensor, cos: torch.Tensor, cache) -> list[_Step] | None:
+    """The blocks' kernel templates if they can run this step fused (fp32 CPU tensors without gradients, MoE or
+    dense SwiGLU blocks with affine norms, a cache in fp32, at most :data:`MAX_ROWS` rows), else None."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
+            or x.shape[0] * x.shape[1] > MAX_ROWS or not cos.is_contiguous() or cos.dtype != torch.float32
+            or not cache.key_ok.is_contiguous() or library() is None):
+        return None
+    templates = [_template(block) for block in blocks]
+    ok = all(t is not None and k is not None and k.dtype == torch.float32 and k.is_contiguous() and v.is_contiguous()
+             for t, k, v in zip(templates, cache.keys, cache.values))
+    return templates if ok else None
+
+
+def block_step(template: _Step, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int,
+               num_experts: int, top_k: int) -> None:
+    """Run the block of ``template`` (from :func:`prepare`) on ``x`` ``(B, L, d)`` in place, writing its keys and
+    values after the cache's held slots in ``layer`` (the caller commits them), as ``Block.forward`` does for a
+    next-scale step (every query sees every real held or new slot)."""
+    step = _Step.from_buffer_copy(template)  # a copy: calls in other threads may share the block
+    b, length, _ = x.shape
+    queries = None
+    if cache.queries is not None:  # NACL scores by the step's queries
+        queries = x.new_empty(b, step.H, length, step.HD)
+    step.B, step.L, step.held, step.cap = b, length, len(cache), cache.keys[layer].shape[2]
+    step.E, step.top_k = (num_experts, top_k) if step.router is not None else (0, 0)
+    step.cos, step.sin, step.key_ok, step.x = cos.data_ptr(), sin.data_ptr(), cache.key_ok.data_ptr(), x.data_ptr()
+    step.keys, step.values = cache.keys[layer].data_ptr(), cache.values[layer].data_ptr()
+    step.queries = None if queries is None else queries.data_ptr()
+    if library().omniar_block_step(ctypes.byref(step)):
+        raise MemoryError("omniar: the fused block step could not allocate its work buffers")
+    if queries is not None:
+        cache.note_queries(layer, queries)
+
+
+def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:
+    """``norm(x)`` for the contiguous fp32 ``x`` of a fused step (one call instead of half a dozen aten ops)."""
+    if norm.weight is None or norm.weight.dtype != torch.float32:
+        return norm(x)
+    out = torch.empty_like(x)
+    library().omniar_rms_norm(x.numel() // x.shape[-1], x.shape[-1], _eps(norm), x.data_ptr(), norm.weight.data_ptr(),
+                              out.data_ptr())
+    return out
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for the few contiguous fp32 rows of a fused step."""
+    if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
+        return torch.nn.functional.linear(x, weight)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0])
+    library().omniar_linear(x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], x.data_ptr(), weight.data_ptr(),
+                            out.data_ptr())
+    return out
