@@ -45,16 +45,14 @@ def _cpu_flags() -> str:
         return ""
 
 
-@functools.cache
-def library() -> ctypes.CDLL | None:
-    """The compiled kernel, built on first use (None where it cannot be: steps then stay eager)."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+def build(compiler: str | None, cache: Path) -> ctypes.CDLL | None:
+    """The kernel compiled by ``compiler`` into ``cache`` (once per source, flags, compiler and CPU), loaded; None
+    where it cannot be (no compiler, not Linux, a failed build: one warning)."""
     if compiler is None or platform.system() != "Linux":
         return None
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    cache = Path(os.environ.get("OMNIAR_CACHE") or Path.home() / ".cache" / "omniar")
     path = cache / f"fused_step-{key}.so"
     try:
         if not path.is_file():
@@ -63,13 +61,21 @@ def library() -> ctypes.CDLL | None:
                 [compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True))
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
-        warnings.warn(f"omniar: fused generation steps unavailable, running them eagerly ({e})", stacklevel=2)
+        warnings.warn(f"omniar: fused generation steps unavailable, running them eagerly ({e})", stacklevel=3)
         return None
     lib.omniar_block_step.argtypes = [ctypes.POINTER(_Step)]
     lib.omniar_block_step.restype = ctypes.c_int
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     lib.omniar_rms_norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3
     return lib
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The kernel for this process: built with ``$CC`` (else ``cc``) into ``$OMNIAR_CACHE`` (else
+    ``~/.cache/omniar``) on first use."""
+    return build(shutil.which(os.environ.get("CC") or "cc"),
+                 Path(os.environ.get("OMNIAR_CACHE") or Path.home() / ".cache" / "omniar"))
 
 
 def _eps(norm: torch.nn.RMSNorm) -> float:
@@ -81,7 +87,7 @@ def _weights(block) -> dict[str, torch.Tensor | None]:
     tables: this runs every step)."""
     attn, ffn = block._modules["attn"], block._modules["ffn"]
     moe = isinstance(ffn, MoELayer)
-    dense = ffn._modules["shared"] if moe else ffn
+    dense = ffn._modules.get("shared") if moe else ffn
     w = {"attn_norm": block._modules["attn_norm"], "wq": attn._modules["q_proj"], "wkv": attn._modules["kv_proj"],
          "wo": attn._modules["o_proj"], "q_norm": attn._modules["q_norm"], "k_norm": attn._modules["k_norm"],
          "ffn_norm": block._modules["ffn_norm"], "router": ffn._modules["router"] if moe else None,

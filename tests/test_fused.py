@@ -1,0 +1,121 @@
+"""Fused small generation steps (omniar.backbone.fused): the C block step against the eager blocks."""
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from omniar.backbone import KVBudget, OmniARConfig, OmniARModel, fused
+
+pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler: steps stay eager")
+block_step = fused.block_step  # the real one, under the tests' counting wrappers
+
+SCALES = (1, 2, 4)
+
+
+def model_of(**kw) -> OmniARModel:
+    base = dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,
+                expert_hidden_size=32, codebook_size=32, code_dim=4, scales=SCALES)
+    base.update(kw)
+    torch.manual_seed(0)
+    model = OmniARModel.from_config_obj(OmniARConfig(**base)).eval()
+    for layer in model.layers:  # a trained model's biases: routing differs from the plain top-k
+        if hasattr(layer.ffn, "selection_bias"):
+            layer.ffn.selection_bias.normal_(0, 0.05)
+    return model
+
+
+@torch.no_grad()
+def steps(model, fuse: bool, rows: int = 2, frames: int = 3, budget=None, elastic=None) -> list[torch.Tensor]:
+    """Every step's logits over ``frames`` latent frames, fused or eager, same inputs."""
+    model.fused_steps = fuse
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (rows, 6), generator=g)
+    mask = torch.ones(rows, 6, dtype=torch.bool)
+    mask[-1, 4:] = False  # a padded row: its padding slot must stay masked
+    out = []
+    with model.elastic(**elastic) if elastic else torch.no_grad():
+        cache = model.new_cache(frames if budget is None else 1, budget)
+        model.forward_text(ids, mask, cache)
+        for f in range(frames):
+            for s, n in enumerate(SCALES):
+                out.append(model.forward_scale(torch.randn(rows, 4, n, n, generator=g), f, s, cache))
+    model.fused_steps = True
+    return out
+
+
+def close(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max() / y.abs().max()) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("kw", [{}, dict(gating="sigmoid"), dict(first_dense_layers=1), dict(num_kv_heads=4),
+                                dict(num_shared_experts=0)])
+def test_fused_steps_equal_eager(kw, monkeypatch):
+    """Every step, across frames (the cache grows, padding stays masked), within fp32 rounding of eager."""
+    model = model_of(**kw)
+    calls = []
+    monkeypatch.setattr(fused, "block_step", lambda *a, **k: calls.append(a[5]) or block_step(*a, **k))
+    got = steps(model, True)
+    assert calls, "no step ran fused"
+    assert close(got, steps(model, False)) < 1e-5
+
+
+def test_only_steps_within_the_row_limit_run_fused(monkeypatch):
+    model = model_of()
+    rows = []
+    monkeypatch.setattr(fused, "block_step", lambda t, x, *a: rows.append(x.shape[0] * x.shape[1]) or
+                        block_step(t, x, *a))
+    steps(model, True, rows=2)
+    assert sorted(set(rows)) == [2, 8]  # scales 1 and 2 of 2 rows; 4x4 (32 rows) stays eager
+    assert len(rows) == 3 * 2 * model.config.num_layers
+
+
+@pytest.mark.parametrize("elastic", [dict(depth=2), dict(num_experts=2, top_k=1)])
+def test_fused_elastic_sub_models_equal_eager(elastic):
+    model = model_of(exit_adapter_depths=[2], exit_adapter_attention=True, exit_adapter_hidden_size=32,
+                     elastic_min_depth=2)
+    for p in model.exit_adapters["2"].parameters():  # a trained exit block: not the identity
+        p.data.normal_(0, 0.05)
+    assert close(steps(model, True, elastic=elastic), steps(model, False, elastic=elastic)) < 1e-5
+
+
+def test_fused_steps_keep_nacl_queries_and_evict_alike():
+    """A NACL budget scores slots by the steps' queries: the fused path hands over the same queries, so the
+    same slots go and later steps still match."""
+    model = model_of()
+    per_frame = sum(n * n for n in SCALES)
+
+    def budget():
+        return KVBudget(2 * per_frame, "nacl", generator=torch.Generator().manual_seed(0))
+    assert close(steps(model, True, frames=4, budget=budget()), steps(model, False, frames=4, budget=budget())) < 1e-5
+
+
+def test_no_fused_step_with_gradients_or_other_dtypes():
+    model = model_of()
+    x = torch.zeros(1, 1, 64)
+    cache = model.new_cache(1)
+    model.forward_text(torch.zeros(1, 2, dtype=torch.long), None, cache)
+    with torch.no_grad():
+        assert fused.prepare(model._blocks(), x, cache.cos[:1], cache) is not None
+        assert fused.prepare(model._blocks(), torch.zeros(1, 9, 64), cache.cos[:9], cache) is None  # 9 rows
+    assert fused.prepare(model._blocks(), x, cache.cos[:1], cache) is None  # gradients on
+    model.to(torch.bfloat16)
+    with torch.no_grad():
+        assert fused.prepare(model._blocks(), x.bfloat16(), cache.cos[:1], cache) is None
+
+
+def test_build_is_cached_and_a_missing_compiler_means_eager(tmp_path):
+    cc = shutil.which(os.environ.get("CC") or "cc")
+    assert fused.build(cc, tmp_path) is not None
+    built = list(tmp_path.glob("fused_step-*.so"))
+    assert len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert fused.build(cc, tmp_path) is not None
+    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+    assert fused.build(None, tmp_path / "none") is None
+    bad = tmp_path / "cc"
+    bad.write_text("#!/bin/sh\nexit 1\n")
+    bad.chmod(0o755)
+    with pytest.warns(UserWarning, match="fused generation steps unavailable"):
+        assert fused.build(str(bad), tmp_path / "bad") is None
