@@ -10,7 +10,8 @@ same worker (2048^3, fp32, and bf16 for the ``bf16`` setting). Each time is also
 whole seconds but not the CPU time the call consumes (with one thread, CPU time is the wall time of an idle
 machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact), ``bf16-decode``
 (``decode_dtype=torch.bfloat16``, the CPU default: same codes, frames decoded under bf16 autocast) and ``bf16``
-(model and decode in bf16). The baseline, ``--baseline REV`` (default: the pipeline before #29), is exported with
+(model and decode in bf16); ``eager``: the default with the fused small steps off (``pipe.model.fused_steps =
+False``). The baseline, ``--baseline REV`` (default: the pipeline before #29), is exported with
 ``git archive`` and runs in its own worker process, in fp32 unless ``--baseline-setting`` names another setting
 (for a baseline that has it, e.g. an earlier default against today's); rounds interleave baseline and current calls
 with the same seeds, and each ratio is the median over rounds of the per-round ratio (kept too, ``ratio_rounds``),
@@ -19,7 +20,8 @@ to N visual tokens (the default policy), the baseline's stay unbounded.
 
     OMP_NUM_THREADS=1 python benchmarks/pipeline_speed.py [--device cuda] [--batches 1 4 16] [--frames 1 9 17 33]
         [--rounds 3] [--memory] [--flops] [--out benchmarks/results/pipeline_speed.json]
-    python benchmarks/pipeline_speed.py --rule 64 [--settings bf16-decode]   # the precision rule (BENCHMARKS.md)
+    python benchmarks/pipeline_speed.py --rule 64 [--settings bf16-decode] [--reference fp32]   # the precision rule
+        (BENCHMARKS.md; fused steps: --reference eager --settings bf16-decode)
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-SETTINGS = ("fp32", "bf16-decode", "bf16")
+SETTINGS = ("fp32", "bf16-decode", "bf16", "eager")
 BASELINE = "505d484"
 PROMPTS = ["a red circle moves right on a black background", "a blue square moves up on a white background",
            "a green triangle moves left on a black background", "a yellow circle moves down on a white background"]
@@ -53,6 +55,10 @@ def load(setting: str, device: str = "cpu"):
                 decode_dtype=torch.float32 if setting == "fp32" else torch.bfloat16)
     elif setting != "fp32":  # a baseline from before #29 decodes in fp32 only
         raise SystemExit(f"--baseline-setting {setting}: this baseline has no decode_dtype; use fp32")
+    if setting == "eager":
+        if not hasattr(pipe.model, "fused_steps"):
+            raise SystemExit("the eager setting needs a pipeline with fused steps to turn off")
+        pipe.model.fused_steps = False
     return pipe
 
 
@@ -229,15 +235,15 @@ def speed(args) -> dict:
     return result
 
 
-def rule(n: int, settings: list[str], device: str) -> dict:
-    """The precision rule written in BENCHMARKS.md before the run: a bf16 setting may become the default
-    if ``omniar eval t2v``'s full/seen adherence is inside the fp32 run's 95 % interval and its Frechet
-    distance within 10 % of fp32's."""
+def rule(n: int, settings: list[str], device: str, reference: str = "fp32") -> dict:
+    """The precision rule written in BENCHMARKS.md before the run: a setting may become the default if
+    ``omniar eval t2v``'s full/seen adherence is inside the ``reference`` run's 95 % interval and its Frechet
+    distance within 10 % of the reference's (fp32 for bf16 settings, eager for the fused steps)."""
     from omniar.eval.t2v import evaluate_split, load_classifier
 
     classifier = load_classifier()
-    scores = {s: evaluate_split(load(s, device), classifier, "seen", n) for s in dict.fromkeys(["fp32", *settings])}
-    ref = scores["fp32"]
+    scores = {s: evaluate_split(load(s, device), classifier, "seen", n) for s in dict.fromkeys([reference, *settings])}
+    ref = scores[reference]
     low, high = ref["all_ci95"]  # Wilson interval of the fp32 adherence
     out = {"n": n, "scores": scores}
     for s in list(scores)[1:]:
@@ -260,7 +266,8 @@ def main() -> None:
     parser.add_argument("--flops", action="store_true", help="also the transformer's share of matmul peak")
     parser.add_argument("--kv-budget", type=int, help="the current path's calls bound their KV cache (kv_budget); "
                         "the baseline's do not")
-    parser.add_argument("--rule", type=int, metavar="N", help="run the bf16 precision rule on N clips instead")
+    parser.add_argument("--rule", type=int, metavar="N", help="run the precision rule on N clips instead")
+    parser.add_argument("--reference", choices=SETTINGS, default="fp32", help="the rule's reference setting")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/pipeline_speed.json")
     args = parser.parse_args()
@@ -272,7 +279,7 @@ def main() -> None:
         parser.error("--kv-budget must be >= 1")
     if args.memory and args.device != "cpu":
         parser.error("--memory measures CPU tensors only")
-    result = rule(args.rule, args.settings, args.device) if args.rule else speed(args)
+    result = rule(args.rule, args.settings, args.device, args.reference) if args.rule else speed(args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
