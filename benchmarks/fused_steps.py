@@ -5,11 +5,8 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
 * per step: one clip's steps with CFG (2 rows) and a batch of 4 with CFG (8 rows), every scale of 3 latent
   frames (rows = batch x tokens: 2-128 and 8-512), the fusion limit lifted so that every row count is timed;
   the median over rounds of each scale's mean step time, and eager / fused;
-* prompt passes: the default prompts of 1, 2 and 6 clips with CFG (about 20, 40 and 120 rows), fused (the limit
-  lifted) and eager, medians and eager / fused;
-* whole calls: the default 1 x 17 call (CFG 3, seed 0) eager, with the fused steps only (``fused.MAX_ROWS``, the
-  prompt pass eager) and with both (the shipped limits): median generating and wall seconds, and the medians of the
-  per-round ratios against the shipped setting.
+* whole calls: the default 1 x 17 call (CFG 3, seed 0) with the shipped limit (``fused.MAX_ROWS``): median
+  generating and wall seconds, and the median of the per-round ratios eager / fused.
 
     python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--out benchmarks/results/fused_steps.json]
 """
@@ -27,11 +24,8 @@ import torch
 
 from omniar.backbone import fused
 from omniar.generation import TextToVideoPipeline
-from omniar.generation.pipeline import text_inputs
 
-PROMPTS = ["a red circle moves right on a black background", "a blue square moves up on a white background",
-           "a green triangle moves left on a black background"]
-ARMS = ("eager", "fused steps only", "fused")
+PROMPT = "a red circle moves right on a black background"
 
 
 def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
@@ -53,37 +47,20 @@ def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
     return times
 
 
-def prompt_time(pipe, clips: int, fuse: bool) -> tuple[float, int]:
-    """Seconds of one prompt pass of ``clips`` clips with CFG, and its rows (batch x held tokens)."""
+def call_times(pipe, fuse: bool) -> tuple[float, float]:
     pipe.model.fused_steps = fuse
-    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(clips)]
-    text = text_inputs(prompts + [None] * clips, pipe.max_text_len, pipe.text_tokenizer, pipe.text_encoder, "cpu")
-    with torch.no_grad():
-        cache = pipe.model.new_cache(5)
-        start = time.perf_counter()
-        pipe.model.forward_text(cache=cache, **text)
-        return time.perf_counter() - start, len(cache) * 2 * clips
-
-
-def call_times(pipe, arm: str) -> tuple[float, float]:
-    pipe.model.fused_steps = arm != "eager"
-    limit = fused.MAX_PROMPT_ROWS
-    fused.MAX_PROMPT_ROWS = 0 if arm == "fused steps only" else limit
-    try:
-        start = time.perf_counter()
-        out = pipe(PROMPTS[0], num_frames=17, seed=0)
-        return out.timings["generate_s"], time.perf_counter() - start
-    finally:
-        fused.MAX_PROMPT_ROWS = limit
+    start = time.perf_counter()
+    out = pipe(PROMPT, num_frames=17, seed=0)
+    return out.timings["generate_s"], time.perf_counter() - start
 
 
 def run(threads: int, rounds: int) -> dict:
     torch.set_num_threads(threads)
     pipe = TextToVideoPipeline.from_pretrained()
     model = pipe.model
-    result = {"steps": {}, "prompt": {}, "call_1x17": {}}
-    limits = fused.MAX_ROWS, fused.MAX_PROMPT_ROWS
-    fused.MAX_ROWS = fused.MAX_PROMPT_ROWS = 1 << 30
+    result = {"steps": {}, "call_1x17": {}}
+    limit = fused.MAX_ROWS
+    fused.MAX_ROWS = 1 << 30
     try:
         for batch in (1, 4):
             for fuse in (False, True):  # warm-up
@@ -98,28 +75,19 @@ def run(threads: int, rounds: int) -> dict:
                 result["steps"][f"batch {batch}, {n * n} tokens ({2 * batch * n * n} rows)"] = {
                     "batch": batch, "tokens": n * n, "eager_ms": eager * 1e3, "fused_ms": fast * 1e3,
                     "eager_over_fused": eager / fast}
-        for clips in (1, 2, 6):
-            for fuse in (False, True):  # warm-up
-                prompt_time(pipe, clips, fuse)
-            per = {False: [], True: []}
-            for _ in range(rounds):
-                for fuse in (False, True):
-                    per[fuse].append(prompt_time(pipe, clips, fuse))
-            eager, fast = (statistics.median(t for t, _ in per[f]) for f in (False, True))
-            result["prompt"][f"{clips} clips ({per[True][0][1]} rows)"] = {
-                "eager_ms": eager * 1e3, "fused_ms": fast * 1e3, "eager_over_fused": eager / fast}
     finally:
-        fused.MAX_ROWS, fused.MAX_PROMPT_ROWS = limits
-    for arm in ARMS:
-        call_times(pipe, arm)
-    calls = {arm: [] for arm in ARMS}
+        fused.MAX_ROWS = limit
+    for fuse in (False, True):
+        call_times(pipe, fuse)
+    calls = {False: [], True: []}
     for _ in range(rounds):
-        for arm in ARMS:
-            calls[arm].append(call_times(pipe, arm))
+        for fuse in (False, True):
+            calls[fuse].append(call_times(pipe, fuse))
     for i, name in enumerate(("generate_s", "wall_s")):
-        row = result["call_1x17"][name] = {arm: statistics.median(c[i] for c in calls[arm]) for arm in ARMS}
-        for arm in ARMS[:-1]:
-            row[f"{arm} / fused"] = statistics.median(a[i] / f[i] for a, f in zip(calls[arm], calls["fused"]))
+        result["call_1x17"][name] = {"eager": statistics.median(c[i] for c in calls[False]),
+                                     "fused": statistics.median(c[i] for c in calls[True]),
+                                     "eager_over_fused": statistics.median(
+                                         e[i] / f[i] for e, f in zip(calls[False], calls[True]))}
     model.fused_steps = True
     return result
 
@@ -131,7 +99,7 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/fused_steps.json")
     args = parser.parse_args()
     result = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-              "max_rows": fused.MAX_ROWS, "max_prompt_rows": fused.MAX_PROMPT_ROWS, "rounds": args.rounds,
+              "max_rows": fused.MAX_ROWS, "rounds": args.rounds,
               "threads": {str(t): run(t, args.rounds) for t in args.threads}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

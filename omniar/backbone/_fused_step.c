@@ -10,8 +10,6 @@
 typedef struct {
     int B, L, D, H, KVH, HD, held, cap; /* held: slots in the cache before this step; cap: its capacity */
     int E, top_k, hidden, shared_hidden, sigmoid; /* E: active routed experts (0: none) */
-    int causal; /* 0: every query sees every held and new slot (a next-scale step); 1: new token l sees the held
-                 * slots and the new ones up to its own (the prompt pass) */
     float eps_attn, eps_q, eps_k, eps_ffn;
     const float *attn_norm, *wq, *wkv, *wo, *q_norm, *k_norm; /* nn.Linear weights: (out, in) */
     const float *ffn_norm, *router, *bias, *w_in, *w_out; /* experts: w_in (E, D, 2h), w_out (E, h, D) */
@@ -133,7 +131,7 @@ int omniar_block_step(const Step *s) {
             memcpy(s->values + slot, v, sizeof(float) * HD);
         }
     }
-    /* a query sees the real slots among its visible ones: -inf on the others */
+    /* every query of a next-scale step sees every real held or new slot: -inf on the others */
     for (int b = 0; b < s->B; b++) {
         const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
         for (int j = 0; j < n_slots; j++) bias[j] = ok[j] ? 0.f : -INFINITY;
@@ -143,8 +141,7 @@ int omniar_block_step(const Step *s) {
                 const float *qv = q + (size_t)r * QD + h * HD;
                 const float *K = s->keys + ((size_t)b * G + g) * s->cap * HD;
                 const float *V = s->values + ((size_t)b * G + g) * s->cap * HD;
-                const int seen = s->causal ? s->held + l + 1 : n_slots;
-                for (int j = 0; j < seen; j++) {
+                for (int j = 0; j < n_slots; j++) {
                     float acc = 0.f;
 #pragma omp simd reduction(+ : acc)
                     for (int d = 0; d < HD; d++) acc += qv[d] * K[(size_t)j * HD + d];
@@ -152,16 +149,15 @@ int omniar_block_step(const Step *s) {
                 }
                 float mx = -INFINITY, total = 0.f;
 #pragma omp simd reduction(max : mx)
-                for (int j = 0; j < seen; j++) mx = p[j] > mx ? p[j] : mx;
-                float *o = att + (size_t)r * QD + h * HD;
-                memset(o, 0, sizeof(float) * HD);
-                if (mx == -INFINITY) continue; /* no real key visible (padding before any token): zeros */
+                for (int j = 0; j < n_slots; j++) mx = p[j] > mx ? p[j] : mx;
 #pragma omp simd reduction(+ : total)
-                for (int j = 0; j < seen; j++) {
+                for (int j = 0; j < n_slots; j++) {
                     p[j] = exp_(p[j] - mx);
                     total += p[j];
                 }
-                for (int j = 0; j < seen; j++) {
+                float *o = att + (size_t)r * QD + h * HD;
+                memset(o, 0, sizeof(float) * HD);
+                for (int j = 0; j < n_slots; j++) {
                     const float e = p[j], *vj = V + (size_t)j * HD;
 #pragma omp simd
                     for (int d = 0; d < HD; d++) o[d] += e * vj[d];

@@ -25,15 +25,13 @@ from .moe import MoELayer
 
 SOURCE = Path(__file__).with_name("_fused_step.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
-# next-scale steps of at most this many rows (batch x tokens, CFG rows included) run fused, and prompt passes of at
-# most MAX_PROMPT_ROWS (batch x held text tokens); both measured in BENCHMARKS.md
+# steps of at most this many rows (batch x tokens, CFG rows included) run fused; measured in BENCHMARKS.md
 MAX_ROWS = 8
-MAX_PROMPT_ROWS = 32
 
 
 class _Step(ctypes.Structure):
     _fields_ = ([(n, ctypes.c_int) for n in ("B", "L", "D", "H", "KVH", "HD", "held", "cap", "E", "top_k", "hidden",
-                                             "shared_hidden", "sigmoid", "causal")]
+                                             "shared_hidden", "sigmoid")]
                 + [(n, ctypes.c_float) for n in ("eps_attn", "eps_q", "eps_k", "eps_ffn")]
                 + [(n, ctypes.c_void_p) for n in ("attn_norm", "wq", "wkv", "wo", "q_norm", "k_norm", "ffn_norm",
                                                   "router", "bias", "w_in", "w_out", "s_in", "s_out", "cos", "sin",
@@ -127,11 +125,11 @@ def _template(block) -> _Step | None:
     return step
 
 
-def prepare(blocks, x: torch.Tensor, cos: torch.Tensor, cache, max_rows: int) -> list[_Step] | None:
+def prepare(blocks, x: torch.Tensor, cos: torch.Tensor, cache) -> list[_Step] | None:
     """The blocks' kernel templates if they can run this step fused (fp32 CPU tensors without gradients, MoE or
-    dense SwiGLU blocks with affine norms, a cache in fp32, at most ``max_rows`` rows), else None."""
+    dense SwiGLU blocks with affine norms, a cache in fp32, at most :data:`MAX_ROWS` rows), else None."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
-            or x.shape[0] * x.shape[1] > max_rows or not cos.is_contiguous() or cos.dtype != torch.float32
+            or x.shape[0] * x.shape[1] > MAX_ROWS or not cos.is_contiguous() or cos.dtype != torch.float32
             or not cache.key_ok.is_contiguous() or library() is None):
         return None
     templates = [_template(block) for block in blocks]
@@ -141,13 +139,11 @@ def prepare(blocks, x: torch.Tensor, cos: torch.Tensor, cache, max_rows: int) ->
 
 
 def block_step(template: _Step, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int,
-               num_experts: int, top_k: int, causal: bool) -> None:
+               num_experts: int, top_k: int) -> None:
     """Run the block of ``template`` (from :func:`prepare`) on ``x`` ``(B, L, d)`` in place, writing its keys and
-    values after the cache's held slots in ``layer`` (the caller commits them), as ``Block.forward`` does: in a
-    next-scale step every query sees every real held or new slot; ``causal`` (the prompt pass), new token l sees
-    the held slots and the new ones through its own, and a query with no real key among them gives zeros."""
+    values after the cache's held slots in ``layer`` (the caller commits them), as ``Block.forward`` does for a
+    next-scale step (every query sees every real held or new slot)."""
     step = _Step.from_buffer_copy(template)  # a copy: calls in other threads may share the block
-    step.causal = causal
     b, length, _ = x.shape
     queries = None
     if cache.queries is not None:  # NACL scores by the step's queries

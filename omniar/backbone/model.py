@@ -185,13 +185,13 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                templates: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         """The layers over ``x`` (B, L, d); ``meta`` None skips the routing statistics (generation),
         a ``cache`` takes the new keys/values in its booked slots. ``templates`` (from :func:`.fused.prepare`):
-        run the step one C call per block, causal where ``empty`` is given (the prompt pass)."""
+        run the step one C call per block."""
         spec = self.active_spec
         aux, stats = x.new_zeros((), dtype=torch.float32), []
         if templates is not None:
             x = x.contiguous()
             for i, template in enumerate(templates):
-                fused.block_step(template, x, cos, sin, cache, i, spec.num_experts, spec.top_k, empty is not None)
+                fused.block_step(template, x, cos, sin, cache, i, spec.num_experts, spec.top_k)
         else:
             for i, block in enumerate(self._blocks()):
                 x, layer_aux, layer_stats = block(x, cos, sin, mask, empty, meta, cache, i, spec)
@@ -363,13 +363,10 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         meta = text_meta(text_mask[:, :held])
         mask, empty = attention_mask(meta, meta)
         cache.book(0, held)
-        x, cos = x[:, :held], cache.cos[:held]
-        templates = fused.prepare(self._blocks(), x, cos, cache, fused.MAX_PROMPT_ROWS) if self.fused_steps else None
-        hidden, _, _ = self._trunk(x, cos, cache.sin[:held], mask, empty, None, cache, templates)
+        hidden, _, _ = self._trunk(x[:, :held], cache.cos[:held], cache.sin[:held], mask, empty, None, cache)
         # only now: a refused pass leaves the cache empty and usable
         cache.text_len, cache.text_slots = text_mask.shape[1], held
-        # not the MTP heads: nobody reads them here
-        return self.text_head(hidden) if templates is None else fused.linear(hidden, self.text_head.weight)
+        return self.text_head(hidden)  # not the MTP heads: nobody reads them here
 
     def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
                       start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -411,8 +408,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         mask = cache.step_mask(seq_start, seq_stop, block_mask)
         cos, sin = cache.cos[seq_start:seq_stop], cache.sin[seq_start:seq_stop]
         # a step whose queries all see every held slot may run fused (omniar.backbone.fused)
-        templates = (fused.prepare(self._blocks(), x, cos, cache, fused.MAX_ROWS) if self.fused_steps and not block_mask
-                     else None)
+        templates = fused.prepare(self._blocks(), x, cos, cache) if self.fused_steps and not block_mask else None
         hidden, _, _ = self._trunk(x, cos, sin, mask, None, None, cache, templates)
         if stop < h * w:
             cache.next_block = (frame, scale, stop)
