@@ -94,19 +94,16 @@ int omniar_block_step(const Step *s) {
     const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD, half = HD / 2;
     const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
     const int hid = s->hidden, shid = s->shared_hidden, wide = (hid > shid ? hid : shid);
-    float *xn = malloc(sizeof(float) * R * D), *q = malloc(sizeof(float) * R * QD);
-    float *kv = malloc(sizeof(float) * R * KVD), *att = malloc(sizeof(float) * R * QD);
-    float *p = malloc(sizeof(float) * n_slots), *bias = malloc(sizeof(float) * n_slots), *y = malloc(sizeof(float) * R * D);
-    float *h2 = malloc(sizeof(float) * R * 2 * wide), *h1 = malloc(sizeof(float) * R * wide);
-    float *rows = malloc(sizeof(float) * R * D), *scale = malloc(sizeof(float) * R);
-    int *members = malloc(sizeof(int) * R), *chosen = malloc(sizeof(int) * R * (s->top_k > 0 ? s->top_k : 1));
-    float *gate = malloc(sizeof(float) * R * (s->top_k > 0 ? s->top_k : 1));
-    float *logits = malloc(sizeof(float) * (s->E > 0 ? s->E : 1));
-    if (!xn || !q || !kv || !att || !p || !bias || !y || !h2 || !h1 || !rows || !scale || !members || !chosen || !gate || !logits) {
-        free(xn); free(q); free(kv); free(att); free(p); free(bias); free(y); free(h2); free(h1); free(rows); free(scale);
-        free(members); free(chosen); free(gate); free(logits);
-        return 1;
-    }
+    const int K1 = s->top_k > 0 ? s->top_k : 1, E1 = s->E > 0 ? s->E : 1;
+    /* one work buffer, carved below */
+    const size_t floats = (size_t)R * (2 * D + 2 * QD + KVD + 3 * wide + D + 1 + K1) + 2 * (size_t)n_slots + E1;
+    float *work = malloc(sizeof(float) * floats + sizeof(int) * (size_t)R * (1 + K1));
+    if (!work) return 1;
+    float *xn = work, *q = xn + (size_t)R * D, *kv = q + (size_t)R * QD, *att = kv + (size_t)R * KVD;
+    float *y = att + (size_t)R * QD, *h2 = y + (size_t)R * D, *h1 = h2 + (size_t)R * 2 * wide;
+    float *rows = h1 + (size_t)R * wide, *scale = rows + (size_t)R * D, *gate = scale + R, *p = gate + (size_t)R * K1;
+    float *bias = p + n_slots, *logits = bias + n_slots;
+    int *members = (int *)(logits + E1), *chosen = members + R;
     const float attn_scale = 1.f / sqrtf((float)HD);
 
     /* attention: projections, QK-norm, RoPE, cache write */
@@ -237,8 +234,7 @@ int omniar_block_step(const Step *s) {
         }
     }
     for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
-    free(xn); free(q); free(kv); free(att); free(p); free(bias); free(y); free(h2); free(h1); free(rows); free(scale);
-    free(members); free(chosen); free(gate); free(logits);
+    free(work);
     return 0;
 }
 
