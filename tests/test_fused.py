@@ -1,6 +1,8 @@
 """Fused small generation steps (omniar.backbone.fused): the C block step against the eager blocks."""
 
+import copy
 import os
+import pickle
 import shutil
 
 import pytest
@@ -89,6 +91,14 @@ def test_fused_steps_keep_nacl_queries_and_evict_alike():
     def budget():
         return KVBudget(2 * per_frame, "nacl", generator=torch.Generator().manual_seed(0))
     assert close(steps(model, True, frames=4, budget=budget()), steps(model, False, frames=4, budget=budget())) < 1e-5
+
+
+def test_a_model_that_ran_fused_steps_still_copies_and_pickles():
+    model = model_of()
+    steps(model, True, frames=1)
+    assert fused._TEMPLATES  # the templates are kept, but beside the blocks
+    clone = pickle.loads(pickle.dumps(copy.deepcopy(model)))
+    assert close(steps(clone, True, frames=1), steps(model, True, frames=1)) == 0
 
 
 def test_no_fused_step_with_gradients_or_other_dtypes():
