@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from omniar.backbone import KVBudget, OmniARConfig, OmniARModel, fused
+from omniar.generation import TextToVideoPipeline
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler: steps stay eager")
 block_step = fused.block_step  # the real one, under the tests' counting wrappers
@@ -91,6 +92,20 @@ def test_fused_steps_keep_nacl_queries_and_evict_alike():
     def budget():
         return KVBudget(2 * per_frame, "nacl", generator=torch.Generator().manual_seed(0))
     assert close(steps(model, True, frames=4, budget=budget()), steps(model, False, frames=4, budget=budget())) < 1e-5
+
+
+def test_shipped_pipeline_draws_the_same_codes_fused_or_eager():
+    """The default call's coarse steps run fused; its codes are the eager path's (a code could only differ where a
+    draw falls within float rounding of a boundary)."""
+    pipe = TextToVideoPipeline.from_pretrained()
+    prompts = ["a red circle moves right on a black background", "a blue square moves up on a white background"]
+    codes = {}
+    for fuse in (True, False):
+        pipe.model.fused_steps = fuse
+        codes[fuse] = pipe(prompts, num_frames=9, seed=3, output_type="pt").codes.codes
+    pipe.model.fused_steps = True
+    same = sum(int((a == b).sum()) for a, b in zip(codes[True], codes[False]))
+    assert same / sum(c.numel() for c in codes[True]) >= 0.99
 
 
 def test_a_model_that_ran_fused_steps_still_copies_and_pickles():
