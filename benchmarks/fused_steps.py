@@ -5,8 +5,10 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
 * per step: one clip's steps with CFG (2 rows) and a batch of 4 with CFG (8 rows), every scale of 3 latent
   frames (rows = batch x tokens: 2-128 and 8-512), the fusion limit lifted so that every row count is timed;
   the median over rounds of each scale's mean step time, and eager / fused;
-* whole calls: the default 1 x 17 call (CFG 3, seed 0) with the shipped limit (``fused.MAX_ROWS``): median
-  generating and wall seconds, and the median of the per-round ratios eager / fused.
+* whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: all in torch),
+  ``fused blocks only`` (the small steps fused, the other steps' attention work in torch) and ``fused`` (the
+  default: also the other steps' QK-norm, RoPE and cache write in one C call): median generating and wall
+  seconds, and the medians of the per-round ratios of each arm to ``fused``.
 
     python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--out benchmarks/results/fused_steps.json]
 """
@@ -26,6 +28,7 @@ from omniar.backbone import fused
 from omniar.generation import TextToVideoPipeline
 
 PROMPT = "a red circle moves right on a black background"
+ARMS = ("eager", "fused blocks only", "fused")
 
 
 def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
@@ -47,18 +50,24 @@ def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
     return times
 
 
-def call_times(pipe, fuse: bool) -> tuple[float, float]:
-    pipe.model.fused_steps = fuse
-    start = time.perf_counter()
-    out = pipe(PROMPT, num_frames=17, seed=0)
-    return out.timings["generate_s"], time.perf_counter() - start
+def call_times(pipe, arm: str, batch: int) -> tuple[float, float]:
+    pipe.model.fused_steps = arm != "eager"
+    real = fused.qk_prep
+    if arm == "fused blocks only":
+        fused.qk_prep = lambda *args: None
+    try:
+        start = time.perf_counter()
+        out = pipe([PROMPT] * batch, num_frames=17, seed=0)
+        return out.timings["generate_s"], time.perf_counter() - start
+    finally:
+        fused.qk_prep = real
 
 
 def run(threads: int, rounds: int) -> dict:
     torch.set_num_threads(threads)
     pipe = TextToVideoPipeline.from_pretrained()
     model = pipe.model
-    result = {"steps": {}, "call_1x17": {}}
+    result = {"steps": {}, "call_1x17": {}, "call_16x17": {}}
     limit = fused.MAX_ROWS
     fused.MAX_ROWS = 1 << 30
     try:
@@ -77,17 +86,17 @@ def run(threads: int, rounds: int) -> dict:
                     "eager_over_fused": eager / fast}
     finally:
         fused.MAX_ROWS = limit
-    for fuse in (False, True):
-        call_times(pipe, fuse)
-    calls = {False: [], True: []}
-    for _ in range(rounds):
-        for fuse in (False, True):
-            calls[fuse].append(call_times(pipe, fuse))
-    for i, name in enumerate(("generate_s", "wall_s")):
-        result["call_1x17"][name] = {"eager": statistics.median(c[i] for c in calls[False]),
-                                     "fused": statistics.median(c[i] for c in calls[True]),
-                                     "eager_over_fused": statistics.median(
-                                         e[i] / f[i] for e, f in zip(calls[False], calls[True]))}
+    for batch in (1, 16):
+        for arm in ARMS:
+            call_times(pipe, arm, batch)
+        calls = {arm: [] for arm in ARMS}
+        for _ in range(rounds):
+            for arm in ARMS:
+                calls[arm].append(call_times(pipe, arm, batch))
+        for i, name in enumerate(("generate_s", "wall_s")):
+            row = result[f"call_{batch}x17"][name] = {arm: statistics.median(c[i] for c in calls[arm]) for arm in ARMS}
+            for arm in ARMS[:-1]:
+                row[f"{arm} / fused"] = statistics.median(a[i] / f[i] for a, f in zip(calls[arm], calls["fused"]))
     model.fused_steps = True
     return result
 

@@ -23,24 +23,29 @@ def model_of(**kw) -> OmniARModel:
     base.update(kw)
     torch.manual_seed(0)
     model = OmniARModel.from_config_obj(OmniARConfig(**base)).eval()
-    for layer in model.layers:  # a trained model's biases: routing differs from the plain top-k
-        if hasattr(layer.ffn, "selection_bias"):
-            layer.ffn.selection_bias.normal_(0, 0.05)
+    with torch.no_grad():
+        for layer in model.layers:  # a trained model's biases: routing differs from the plain top-k
+            if hasattr(layer.ffn, "selection_bias"):
+                layer.ffn.selection_bias.normal_(0, 0.05)
+        for module in model.modules():  # and norms of their own (they start at ones, all alike)
+            if isinstance(module, torch.nn.RMSNorm):
+                module.weight.normal_(1.0, 0.2)
     return model
 
 
 @torch.no_grad()
 def steps(model, fuse: bool, rows: int = 2, frames: int = 3, budget=None, elastic=None) -> list[torch.Tensor]:
-    """Every step's logits over ``frames`` latent frames, fused or eager, same inputs."""
+    """The prompt pass's and every step's logits over ``frames`` latent frames, with the C kernel or all in torch
+    (``fused_steps``), same inputs."""
     model.fused_steps = fuse
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (rows, 6), generator=g)
     mask = torch.ones(rows, 6, dtype=torch.bool)
-    mask[-1, 4:] = False  # a padded row: its padding slot must stay masked
-    out = []
+    mask[-1, 4:] = False  # a padded row: its padding slots must stay masked
+    mask[0, 0] = False  # and a padding query before any real token
     with model.elastic(**elastic) if elastic else torch.no_grad():
         cache = model.new_cache(frames if budget is None else 1, budget)
-        model.forward_text(ids, mask, cache)
+        out = [model.forward_text(ids, mask, cache)]
         for f in range(frames):
             for s, n in enumerate(SCALES):
                 out.append(model.forward_scale(torch.randn(rows, 4, n, n, generator=g), f, s, cache))
@@ -62,6 +67,21 @@ def test_fused_steps_equal_eager(kw, monkeypatch):
     got = steps(model, True)
     assert calls, "no step ran fused"
     assert close(got, steps(model, False)) < 1e-5
+
+
+@pytest.mark.parametrize("kw", [{}, dict(num_kv_heads=4)])
+def test_eager_steps_with_the_attention_work_in_c_equal_torch(kw, monkeypatch):
+    """No fused block (the row limit at 0): every step, the prompt pass included, still runs the attention's
+    norms, rotations and cache write in one C call, and matches the all-torch path."""
+    model = model_of(**kw)
+    monkeypatch.setattr(fused, "MAX_ROWS", 0)
+    calls = []
+    real = fused.qk_prep
+    monkeypatch.setattr(fused, "qk_prep", lambda *a: calls.append(a[0]) or real(*a))
+    got = steps(model, True)
+    assert len(calls) == (1 + 3 * len(SCALES)) * model.config.num_layers
+    assert close(got, steps(model, False)) < 1e-5
+    assert len(calls) == (1 + 3 * len(SCALES)) * model.config.num_layers  # fused_steps=False: none
 
 
 def test_only_steps_within_the_row_limit_run_fused(monkeypatch):

@@ -244,3 +244,28 @@ void omniar_linear(int R, int K, int N, const float *x, const float *W, float *y
 void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, float *y) {
     for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
 }
+
+/* The attention's per-token work of an eager step: QK-norm and RoPE of the queries, written head-major into q_out
+ * (B, H, L, HD), and of the keys, written with the values into the cache's slots [held, held + L). q: the q
+ * projection's rows (B, L, H, HD); kv: the kv projection's (B, L, 2, KVH, HD). */
+void omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
+                    const float *q, const float *kv, const float *q_norm, const float *k_norm, const float *cos,
+                    const float *sin, float *q_out, float *keys, float *values) {
+    const int half = HD / 2;
+    for (int b = 0; b < B; b++)
+        for (int l = 0; l < L; l++) {
+            const size_t r = (size_t)b * L + l;
+            const float *c = cos + (size_t)l * half, *sn = sin + (size_t)l * half;
+            for (int h = 0; h < H; h++) {
+                float *o = q_out + (((size_t)b * H + h) * L + l) * HD;
+                rms_norm(HD, q + (r * H + h) * HD, q_norm, eps_q, o);
+                rope(half, o, c, sn);
+            }
+            for (int g = 0; g < KVH; g++) {
+                const size_t slot = (((size_t)b * KVH + g) * cap + held + l) * HD;
+                rms_norm(HD, kv + (r * 2 * KVH + g) * HD, k_norm, eps_k, keys + slot);
+                rope(half, keys + slot, c, sn);
+                memcpy(values + slot, kv + (r * 2 * KVH + KVH + g) * HD, sizeof(float) * HD);
+            }
+        }
+}

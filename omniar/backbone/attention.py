@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._checks import check_choice, check_float, check_int, require
+from . import fused
 from .layout import TokenMeta
 from .rope import MultiScaleRoPE, apply_rope
 
@@ -80,10 +81,12 @@ class KVCache:
     :meth:`make_room` evicts at frame boundaries.
     """
 
-    def __init__(self, num_layers: int, spec: tuple, max_frames: int, budget: KVBudget | None = None) -> None:
+    def __init__(self, num_layers: int, spec: tuple, max_frames: int, budget: KVBudget | None = None,
+                 fused: bool = False) -> None:
         self.spec = spec  # the (elastic) sub-model it was made for
         self.max_frames = max_frames
         self.budget = budget
+        self.fused = fused  # steps may run their work in the C kernel (omniar.backbone.fused) where it applies
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         # the newest frame's queries per layer: NACL's proxy tokens
@@ -272,13 +275,20 @@ class Attention(nn.Module):
                 empty: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         """``empty`` ``(B, 1, L, 1)`` marks query rows without a visible key (zeroed); None: there are none."""
         b, length, _ = x.shape
-        q = self.q_proj(x).view(b, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k, v = self.kv_proj(x).view(b, length, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        q, kv = self.q_proj(x), self.kv_proj(x)
+        # with a cache, the norms, rotations and cache write in one call where they can (omniar.backbone.fused)
+        prepared = fused.qk_prep(self, q, kv, cos, sin, cache, layer) if cache is not None and cache.fused else None
+        if prepared is not None:
+            q, stop = prepared, len(cache) + length
+            k, v = cache.keys[layer][:, :, :stop], cache.values[layer][:, :, :stop]
+        else:
+            q = apply_rope(self.q_norm(q.view(b, length, self.num_heads, self.head_dim).transpose(1, 2)), cos, sin)
+            k, v = kv.view(b, length, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+            k = apply_rope(self.k_norm(k), cos, sin)
+            if cache is not None:
+                k, v = cache.write(layer, k, v)
         if cache is not None:
             cache.note_queries(layer, q)
-            k, v = cache.write(layer, k, v)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and mask.shape[-2] == 1:
             # a mask the same for every query (a cached next-scale step): the query heads that share a key/value

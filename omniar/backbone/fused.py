@@ -1,7 +1,8 @@
 """Fused small generation steps: one C call per block (``_fused_step.c``) instead of about 90 aten calls.
 
 A next-scale step of a few rows (the coarse scales: 2 rows for one clip with CFG) does little arithmetic, so
-eagerly it costs per op, not per FLOP. :func:`library` compiles the C file once per source and CPU with the
+eagerly it costs per op, not per FLOP. The other steps with a KV cache keep torch's products and attention but run
+the attention's QK-norm, RoPE and cache write as one call (:func:`qk_prep`). :func:`library` compiles the C file once per source and CPU with the
 machine's C compiler (``$CC``, else ``cc``) into ``$OMNIAR_CACHE`` (default ``~/.cache/omniar``); without a
 compiler, or if the build fails, steps stay eager (one warning). The fused block computes what the eager one
 does, in fp32, in another summation order (the tests hold it to 1e-5 of the logits' range of eager's)."""
@@ -73,6 +74,7 @@ def build(compiler: str | None, cache: Path) -> ctypes.CDLL | None:
     lib.omniar_block_step.restype = ctypes.c_int
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     lib.omniar_rms_norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3
+    lib.omniar_qk_prep.argtypes = [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 9
     return lib
 
 
@@ -182,4 +184,25 @@ def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = x.new_empty(*x.shape[:-1], weight.shape[0])
     library().omniar_linear(x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], x.data_ptr(), weight.data_ptr(),
                             out.data_ptr())
+    return out
+
+
+def qk_prep(attn, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache,
+            layer: int) -> torch.Tensor | None:
+    """For an eager step with a cache: ``attn``'s QK-norm and RoPE of the projections ``q`` ``(B, L, H * HD)`` and
+    ``kv`` ``(B, L, 2 * KVH * HD)``, the keys and values written after the cache's held slots in ``layer``, in one
+    call; returns the queries ``(B, H, L, HD)``. None (nothing done) where it does not apply: not fp32 CPU tensors
+    without gradients, or no kernel."""
+    keys, values = cache.keys[layer], cache.values[layer]
+    if (q.dtype != torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled() or keys.dtype != torch.float32
+            or not (q.is_contiguous() and kv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+                    and keys.is_contiguous() and values.is_contiguous())
+            or attn.q_norm.weight is None or attn.k_norm.weight is None or library() is None):
+        return None
+    b, length, _ = q.shape
+    out = q.new_empty(b, attn.num_heads, length, attn.head_dim)
+    library().omniar_qk_prep(b, length, attn.num_heads, attn.num_kv_heads, attn.head_dim, len(cache), keys.shape[2],
+                             _eps(attn.q_norm), _eps(attn.k_norm), q.data_ptr(), kv.data_ptr(),
+                             attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr(), cos.data_ptr(),
+                             sin.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr())
     return out

@@ -107,7 +107,8 @@ class OmniARModel(PretrainedModel, ConfigMixin):
             else ExitAdapter(d, cfg.exit_adapter_hidden_size) for depth in cfg.exit_adapter_depths})
         self.register_buffer("frame_scale_ids", frame_scale_ids(cfg.scales), persistent=False)
         self._elastic: ElasticSpec | None = None
-        # small next-scale steps run one C call per block where they can (omniar.backbone.fused); False: eager
+        # generation steps run their work in C where they can (omniar.backbone.fused): whole blocks in small
+        # next-scale steps, the attention's per-token work in the others; False: eager (for caches made after)
         self.fused_steps = True
         for name, p in self.named_parameters():
             if p.dim() >= 2 or name == "bov":
@@ -321,7 +322,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                 f"must be at least two frames' tokens ({2 * per_frame}) to hold the newest and the next frame, "
                 f"got {budget and budget.tokens}")
         return KVCache(max(self._omniar_config.num_layers, self._cache_depth()), self.active_spec, max_frames,
-                       budget)
+                       budget, self.fused_steps)
 
     def _exit_adapter(self, depth: int) -> nn.Module | None:
         return self.exit_adapters[str(depth)] if str(depth) in self.exit_adapters else None
@@ -408,7 +409,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         mask = cache.step_mask(seq_start, seq_stop, block_mask)
         cos, sin = cache.cos[seq_start:seq_stop], cache.sin[seq_start:seq_stop]
         # a step whose queries all see every held slot may run fused (omniar.backbone.fused)
-        templates = fused.prepare(self._blocks(), x, cos, cache) if self.fused_steps and not block_mask else None
+        templates = fused.prepare(self._blocks(), x, cos, cache) if cache.fused and not block_mask else None
         hidden, _, _ = self._trunk(x, cos, sin, mask, None, None, cache, templates)
         if stop < h * w:
             cache.next_block = (frame, scale, stop)
