@@ -6,11 +6,15 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
   frames (rows = batch x tokens: 2-128 and 8-512), the fusion limit lifted so that every row count is timed;
   the median over rounds of each scale's mean step time, and eager / fused;
 * whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: all in torch),
-  ``fused blocks only`` (the small steps fused, the other steps' attention work in torch) and ``fused`` (the
-  default: also the other steps' QK-norm, RoPE and cache write in one C call): median generating and wall
-  seconds, and the medians of the per-round ratios of each arm to ``fused``.
+  ``without ABLATE`` (the default with one of the other steps' C calls, ``--ablate``: ``qk_prep``, the attention's
+  QK-norm, RoPE and cache write, or ``route_dispatch``, the MoE's routing and dispatch, left to torch) and
+  ``fused`` (the default): median generating and wall seconds, and the medians of the per-round ratios of each arm
+  to ``fused``;
+* the same ablation step by step: one clip's steps at every scale of a third latent frame, with and without the
+  ablated call alternating (25 rounds, the first 3 dropped), medians and without / with.
 
-    python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--out benchmarks/results/fused_steps.json]
+    python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--ablate route_dispatch]
+        [--out benchmarks/results/fused_steps.json]
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from omniar.backbone import fused
 from omniar.generation import TextToVideoPipeline
 
 PROMPT = "a red circle moves right on a black background"
-ARMS = ("eager", "fused blocks only", "fused")
+ABLATIONS = ("qk_prep", "route_dispatch")
 
 
 def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
@@ -50,20 +54,58 @@ def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
     return times
 
 
-def call_times(pipe, arm: str, batch: int) -> tuple[float, float]:
+class ablated:
+    """Within the block: ``omniar.backbone.fused``'s function ``name`` does nothing (returns None: torch does it)."""
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        if self.name:
+            self.real = getattr(fused, self.name)
+            setattr(fused, self.name, lambda *args: None)
+
+    def __exit__(self, *exc) -> None:
+        if self.name:
+            setattr(fused, self.name, self.real)
+
+
+def call_times(pipe, arm: str, batch: int, ablate: str) -> tuple[float, float]:
     pipe.model.fused_steps = arm != "eager"
-    real = fused.qk_prep
-    if arm == "fused blocks only":
-        fused.qk_prep = lambda *args: None
-    try:
+    with ablated(ablate if arm.startswith("without") else None):
         start = time.perf_counter()
         out = pipe([PROMPT] * batch, num_frames=17, seed=0)
         return out.timings["generate_s"], time.perf_counter() - start
-    finally:
-        fused.qk_prep = real
 
 
-def run(threads: int, rounds: int) -> dict:
+def ablation_steps(model, ablate: str, rounds: int = 25) -> dict:
+    """One clip's (2 rows) step at every scale of latent frame 2, with and without ``ablate``'s C call."""
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    with torch.no_grad():
+        cache = model.new_cache(3)
+        model.forward_text(torch.randint(0, 200, (2, 48), generator=g), torch.ones(2, 48, dtype=torch.bool), cache)
+        for f in range(2):
+            for s, n in enumerate(model.config.scales):
+                model.forward_scale(torch.randn(2, model.config.code_dim, n, n, generator=g), f, s, cache)
+        for s, n in enumerate(model.config.scales):
+            inputs = torch.randn(2, model.config.code_dim, n, n, generator=g)
+            held, block = len(cache), cache.next_block
+            times = {True: [], False: []}
+            for _ in range(rounds):
+                for on in (True, False):
+                    with ablated(None if on else ablate):
+                        cache.length, cache.next_block = held, block  # the same step again, over the same slots
+                        start = time.perf_counter()
+                        model.forward_scale(inputs, 2, s, cache)
+                        times[on].append(time.perf_counter() - start)
+            with_, without = (statistics.median(times[on][3:]) for on in (True, False))
+            out[f"{n * n} tokens ({2 * n * n} rows)"] = {"with_ms": with_ * 1e3, "without_ms": without * 1e3,
+                                                         "without_over_with": without / with_}
+    return out
+
+
+def run(threads: int, rounds: int, ablate: str) -> dict:
     torch.set_num_threads(threads)
     pipe = TextToVideoPipeline.from_pretrained()
     model = pipe.model
@@ -86,18 +128,20 @@ def run(threads: int, rounds: int) -> dict:
                     "eager_over_fused": eager / fast}
     finally:
         fused.MAX_ROWS = limit
+    arms = ("eager", f"without {ablate}", "fused")
     for batch in (1, 16):
-        for arm in ARMS:
-            call_times(pipe, arm, batch)
-        calls = {arm: [] for arm in ARMS}
+        for arm in arms:
+            call_times(pipe, arm, batch, ablate)
+        calls = {arm: [] for arm in arms}
         for _ in range(rounds):
-            for arm in ARMS:
-                calls[arm].append(call_times(pipe, arm, batch))
+            for arm in arms:
+                calls[arm].append(call_times(pipe, arm, batch, ablate))
         for i, name in enumerate(("generate_s", "wall_s")):
-            row = result[f"call_{batch}x17"][name] = {arm: statistics.median(c[i] for c in calls[arm]) for arm in ARMS}
-            for arm in ARMS[:-1]:
+            row = result[f"call_{batch}x17"][name] = {arm: statistics.median(c[i] for c in calls[arm]) for arm in arms}
+            for arm in arms[:-1]:
                 row[f"{arm} / fused"] = statistics.median(a[i] / f[i] for a, f in zip(calls[arm], calls["fused"]))
     model.fused_steps = True
+    result[f"steps without {ablate}"] = ablation_steps(model, ablate)
     return result
 
 
@@ -105,11 +149,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--ablate", choices=ABLATIONS, default="route_dispatch",
+                        help="the C call the middle arm leaves to torch")
     parser.add_argument("--out", default="benchmarks/results/fused_steps.json")
     args = parser.parse_args()
     result = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-              "max_rows": fused.MAX_ROWS, "rounds": args.rounds,
-              "threads": {str(t): run(t, args.rounds) for t in args.threads}}
+              "max_rows": fused.MAX_ROWS, "rounds": args.rounds, "ablate": args.ablate,
+              "threads": {str(t): run(t, args.rounds, args.ablate) for t in args.threads}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -61,7 +61,8 @@ class Block(nn.Module):
         if isinstance(self.ffn, SwiGLU):
             return x + self.ffn(h), None, None
         valid, is_text = (None, None) if meta is None else (meta.valid, meta.is_text)
-        y, aux, stats = self.ffn(h, valid, is_text, spec.num_experts, spec.top_k, layer)
+        y, aux, stats = self.ffn(h, valid, is_text, spec.num_experts, spec.top_k, layer,
+                                 cache is not None and cache.fused)
         return x + y, aux, stats
 
 
