@@ -7,13 +7,13 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
   the median over rounds of each scale's mean step time, and eager / fused;
 * whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: all in torch),
   ``without ABLATE`` (the default with one of the other steps' C calls, ``--ablate``: ``qk_prep``, the attention's
-  QK-norm, RoPE and cache write, or ``route_dispatch``, the MoE's routing and dispatch, left to torch) and
+  QK-norm, RoPE and cache write, left to torch) and
   ``fused`` (the default): median generating and wall seconds, and the medians of the per-round ratios of each arm
   to ``fused``;
 * the same ablation step by step: one clip's steps at every scale of a third latent frame, with and without the
   ablated call alternating (25 rounds, the first 3 dropped), medians and without / with.
 
-    python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--ablate route_dispatch]
+    python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--ablate qk_prep]
         [--out benchmarks/results/fused_steps.json]
 """
 
@@ -32,7 +32,7 @@ from omniar.backbone import fused
 from omniar.generation import TextToVideoPipeline
 
 PROMPT = "a red circle moves right on a black background"
-ABLATIONS = ("qk_prep", "route_dispatch")
+ABLATIONS = ("qk_prep",)
 
 
 def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
@@ -149,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--ablate", choices=ABLATIONS, default="route_dispatch",
+    parser.add_argument("--ablate", choices=ABLATIONS, default="qk_prep",
                         help="the C call the middle arm leaves to torch")
     parser.add_argument("--out", default="benchmarks/results/fused_steps.json")
     args = parser.parse_args()

@@ -90,39 +90,6 @@ static void swiglu(int R, int hid, const float *h, float *out) {
     }
 }
 
-/* The router on one row a (D): scores over E experts (softmax, or sigmoid), the top k of score + bias (the first
- * index wins a tie) into chosen, their scores renormalised into gate. scores: E floats of room. */
-static void route_row(int D, int E, int k, int sigmoid, const float *a, const float *router, const float *bias,
-                      float *scores, int *chosen, float *gate) {
-    float mx = -INFINITY, total = 0.f, sum = 0.f;
-    for (int e = 0; e < E; e++) {
-        float acc = 0.f;
-        const float *w = router + (size_t)e * D;
-#pragma omp simd reduction(+ : acc)
-        for (int i = 0; i < D; i++) acc += a[i] * w[i];
-        scores[e] = acc;
-        if (acc > mx) mx = acc;
-    }
-    for (int e = 0; e < E; e++) {
-        scores[e] = sigmoid ? 1.f / (1.f + exp_(-scores[e])) : exp_(scores[e] - mx);
-        total += scores[e];
-    }
-    if (!sigmoid)
-        for (int e = 0; e < E; e++) scores[e] /= total;
-    for (int t = 0; t < k; t++) {
-        int best = -1;
-        for (int e = 0; e < E; e++) {
-            int taken = 0;
-            for (int u = 0; u < t; u++) taken |= chosen[u] == e;
-            if (!taken && (best < 0 || scores[e] + bias[e] > scores[best] + bias[best])) best = e;
-        }
-        chosen[t] = best;
-        gate[t] = scores[best];
-        sum += scores[best];
-    }
-    for (int t = 0; t < k; t++) gate[t] /= sum;
-}
-
 int omniar_block_step(const Step *s) {
     const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD, half = HD / 2;
     const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
@@ -209,9 +176,38 @@ int omniar_block_step(const Step *s) {
     }
     if (s->E > 0) {
         const int E = s->E, k = s->top_k;
-        for (int r = 0; r < R; r++)
-            route_row(D, E, k, s->sigmoid, xn + (size_t)r * D, s->router, s->bias, logits, chosen + r * k,
-                      gate + r * k);
+        for (int r = 0; r < R; r++) {
+            const float *a = xn + (size_t)r * D;
+            float mx = -INFINITY, total = 0.f;
+            for (int e = 0; e < E; e++) {
+                float acc = 0.f;
+                const float *w = s->router + (size_t)e * D;
+#pragma omp simd reduction(+ : acc)
+                for (int i = 0; i < D; i++) acc += a[i] * w[i];
+                logits[e] = acc;
+                if (acc > mx) mx = acc;
+            }
+            for (int e = 0; e < E; e++) {
+                logits[e] = s->sigmoid ? 1.f / (1.f + exp_(-logits[e])) : exp_(logits[e] - mx);
+                total += logits[e];
+            }
+            if (!s->sigmoid)
+                for (int e = 0; e < E; e++) logits[e] /= total;
+            /* top-k of score + bias (first index wins a tie); the weights renormalise the scores alone */
+            float sum = 0.f;
+            for (int t = 0; t < k; t++) {
+                int best = -1;
+                for (int e = 0; e < E; e++) {
+                    int taken = 0;
+                    for (int u = 0; u < t; u++) taken |= chosen[r * k + u] == e;
+                    if (!taken && (best < 0 || logits[e] + s->bias[e] > logits[best] + s->bias[best])) best = e;
+                }
+                chosen[r * k + t] = best;
+                gate[r * k + t] = logits[best];
+                sum += logits[best];
+            }
+            for (int t = 0; t < k; t++) gate[r * k + t] /= sum;
+        }
         for (int e = 0; e < E; e++) {
             int m = 0;
             for (int r = 0; r < R; r++)
@@ -272,26 +268,4 @@ void omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, flo
                 memcpy(values + slot, kv + (r * 2 * KVH + KVH + g) * HD, sizeof(float) * HD);
             }
         }
-}
-
-/* The MoE routing and dispatch of an eager step: each of the N rows of x (N, D) routed to k of E experts (as
- * route_row), then its (row, expert) pairs sorted by expert, in row order within one (a stable sort): token (N k)
- * the row of each sorted pair, scale (N k) its combine weight, xs (N k, D) the rows, counts (E) each expert's pairs.
- * scores: E floats of room; chosen, gate: N k of room. */
-void omniar_route_dispatch(int N, int D, int E, int k, int sigmoid, const float *x, const float *router,
-                           const float *bias, float *scores, int *chosen, float *gate, long long *token,
-                           float *scale, float *xs, long long *counts) {
-    for (int r = 0; r < N; r++)
-        route_row(D, E, k, sigmoid, x + (size_t)r * D, router, bias, scores, chosen + (size_t)r * k,
-                  gate + (size_t)r * k);
-    for (int e = 0; e < E; e++) counts[e] = 0;
-    for (size_t i = 0; i < (size_t)N * k; i++) counts[chosen[i]]++;
-    size_t start = 0, next[E];
-    for (int e = 0; e < E; e++) next[e] = start, start += counts[e];
-    for (size_t i = 0; i < (size_t)N * k; i++) {
-        const size_t at = next[chosen[i]]++, r = i / k;
-        token[at] = (long long)r;
-        scale[at] = gate[i];
-        memcpy(xs + at * D, x + r * D, sizeof(float) * D);
-    }
 }

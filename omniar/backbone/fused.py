@@ -2,11 +2,11 @@
 
 A next-scale step of a few rows (the coarse scales: 2 rows for one clip with CFG) does little arithmetic, so
 eagerly it costs per op, not per FLOP. The other steps with a KV cache keep torch's products and attention but run
-the attention's QK-norm, RoPE and cache write as one call (:func:`qk_prep`), and the MoE's routing and dispatch as
-another (:func:`route_dispatch`). :func:`library` compiles the C file once per source and CPU with the
-machine's C compiler (``$CC``, else ``cc``) into ``$OMNIAR_CACHE`` (default ``~/.cache/omniar``); without a
-compiler, or if the build fails, steps stay eager (one warning). The fused block computes what the eager one
-does, in fp32, in another summation order (the tests hold it to 1e-5 of the logits' range of eager's)."""
+the attention's QK-norm, RoPE and cache write as one call (:func:`qk_prep`). :func:`library` compiles the C file
+once per source and CPU with the machine's C compiler (``$CC``, else ``cc``) into ``$OMNIAR_CACHE`` (default
+``~/.cache/omniar``); without a compiler, or if the build fails, steps stay eager (one warning). The fused block
+computes what the eager one does, in fp32, in another summation order (the tests hold it to 1e-5 of the logits'
+range of eager's)."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .._pretrained import write_file_atomically
+from .moe import MoELayer
 
 SOURCE = Path(__file__).with_name("_fused_step.c")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
@@ -75,7 +76,6 @@ def build(compiler: str | None, cache: Path) -> ctypes.CDLL | None:
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     lib.omniar_rms_norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3
     lib.omniar_qk_prep.argtypes = [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 9
-    lib.omniar_route_dispatch.argtypes = [ctypes.c_int] * 5 + [ctypes.c_void_p] * 10
     return lib
 
 
@@ -91,16 +91,11 @@ def _eps(norm: torch.nn.RMSNorm) -> float:
     return torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
 
 
-def _is_moe(ffn) -> bool:
-    """An :class:`~omniar.backbone.moe.MoELayer` (which imports this module), not a dense SwiGLU."""
-    return "router" in ffn._modules
-
-
 def _weights(block) -> dict[str, torch.Tensor | None]:
     """The tensors the kernel reads from ``block``, by the kernel's field names (straight from the modules'
     tables: this runs every step)."""
     attn, ffn = block._modules["attn"], block._modules["ffn"]
-    moe = _is_moe(ffn)
+    moe = isinstance(ffn, MoELayer)
     dense = ffn._modules.get("shared") if moe else ffn
     w = {"attn_norm": block._modules["attn_norm"], "wq": attn._modules["q_proj"], "wkv": attn._modules["kv_proj"],
          "wo": attn._modules["o_proj"], "q_norm": attn._modules["q_norm"], "k_norm": attn._modules["k_norm"],
@@ -123,7 +118,7 @@ def _template(block) -> _Step | None:
     if cached is not None and cached[0] == key:
         return cached[1]
     attn, ffn = block.attn, block.ffn
-    moe = _is_moe(ffn)
+    moe = isinstance(ffn, MoELayer)
     dense = ffn.shared if moe else ffn
     usable = (not (moe and ffn.ep_group is not None)
               and all(weights[n] is not None for n in ("attn_norm", "q_norm", "k_norm", "ffn_norm"))
@@ -212,27 +207,3 @@ def qk_prep(attn, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: tor
                              attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr(), cos.data_ptr(),
                              sin.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr())
     return out
-
-
-def route_dispatch(moe, x: torch.Tensor, num_experts: int, top_k: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
-    """For an eager step: ``moe``'s routing of the rows of ``x`` ``(N, d)`` over its first ``num_experts`` experts
-    and their dispatch, in one call: ``token`` ``(N k,)`` the row of each (row, expert) pair sorted by expert (rows in
-    order within one), ``counts`` ``(E,)``, ``scale`` ``(N k, 1)`` the combine weights and ``xs`` ``(N k, d)`` the rows,
-    as :func:`~omniar.backbone.moe.dropless_moe` sorts them. None where it does not apply (not fp32 CPU tensors
-    without gradients, sharded experts, no kernel)."""
-    router, bias = moe.router.weight, moe.selection_bias
-    if (x.dtype != torch.float32 or x.device.type != "cpu" or torch.is_grad_enabled() or moe.ep_group is not None
-            or router.dtype != torch.float32 or bias.dtype != torch.float32 or not x.is_contiguous()
-            or not router.is_contiguous() or library() is None):
-        return None
-    n, d = x.shape
-    pairs = n * top_k
-    token, counts = torch.empty(pairs, dtype=torch.long), torch.empty(num_experts, dtype=torch.long)
-    scale, xs = x.new_empty(pairs, 1), x.new_empty(pairs, d)
-    work = x.new_empty(num_experts + 2 * pairs)  # scores, then the chosen experts (as int32) and their gates
-    library().omniar_route_dispatch(n, d, num_experts, top_k, int(moe.gating == "sigmoid"), x.data_ptr(),
-                                    router.data_ptr(), bias.data_ptr(), work.data_ptr(),
-                                    work[num_experts:].data_ptr(), work[num_experts + pairs:].data_ptr(),
-                                    token.data_ptr(), scale.data_ptr(), xs.data_ptr(), counts.data_ptr())
-    return token, counts, scale, xs

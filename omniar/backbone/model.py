@@ -61,8 +61,7 @@ class Block(nn.Module):
         if isinstance(self.ffn, SwiGLU):
             return x + self.ffn(h), None, None
         valid, is_text = (None, None) if meta is None else (meta.valid, meta.is_text)
-        y, aux, stats = self.ffn(h, valid, is_text, spec.num_experts, spec.top_k, layer,
-                                 cache is not None and cache.fused)
+        y, aux, stats = self.ffn(h, valid, is_text, spec.num_experts, spec.top_k, layer)
         return x + y, aux, stats
 
 

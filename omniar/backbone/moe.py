@@ -26,7 +26,6 @@ from torch import distributed as dist
 from torch import nn
 
 from .._checks import require
-from . import fused
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -129,23 +128,15 @@ def dropless_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tenso
     Given ``out`` ``(N, d)`` (the shared experts' output), the result is added into it in place, which
     saves a zero fill and an addition."""
     k = expert_idx.shape[1]
+    w_in, w_out = w_in.to(x.dtype), w_out.to(x.dtype)
     flat = expert_idx.reshape(-1)
     order = flat.argsort(stable=True)
     token = order // k
     counts = torch.bincount(flat, minlength=w_in.shape[0] * (1 if group is None else dist.get_world_size(group)))
+    use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, w_in, w_out))
     scale = weights.reshape(-1)[order].to(x.dtype)[:, None]
     # index_select / index_add_ rather than x[idx]: their backward passes are plain gathers/scatters.
-    return expert_combine(x, token, counts, scale, x.index_select(0, token), w_in, w_out, impl, group, out)
-
-
-def expert_combine(x: torch.Tensor, token: torch.Tensor, counts: torch.Tensor, scale: torch.Tensor, xs: torch.Tensor,
-                   w_in: torch.Tensor, w_out: torch.Tensor, impl: str = "auto", group=None,
-                   out: torch.Tensor | None = None) -> torch.Tensor:
-    """The second half of :func:`dropless_moe`, from its dispatch: the rows ``xs`` of ``x`` sorted by expert
-    (``token`` their rows, ``counts`` per expert, ``scale`` ``(N k, 1)`` their combine weights) through their
-    experts, added back to their rows."""
-    w_in, w_out = w_in.to(x.dtype), w_out.to(x.dtype)
-    use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, w_in, w_out))
+    xs = x.index_select(0, token)
     if group is None:
         ys = expert_swiglu(xs, counts, w_in, w_out, use_gmm, scale)
     else:  # the rows travel without their weights: scale the outputs once they are back
@@ -248,24 +239,17 @@ class MoELayer(nn.Module):
         return (idx.sort(-1).values != plain.sort(-1).values).any(-1)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None, is_text: torch.Tensor | None, num_experts: int,
-                top_k: int, layer: int, use_kernel: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
+                top_k: int, layer: int) -> tuple[torch.Tensor, torch.Tensor, RouterStats | None]:
         """``x`` ``(B, L, d)``, ``valid`` ``(B, L)``, ``is_text`` ``(L,)`` (for statistics only; None in
-        eval skips the statistics and returns None for them: generation steps need none). ``use_kernel``: without
-        statistics, route and dispatch in one C call where it applies (:func:`.fused.route_dispatch`)."""
+        eval skips the statistics and returns None for them: generation steps need none)."""
         b, length, d = x.shape
+        logits, scores, idx, weights = self.route(x, num_experts, top_k)
         # expert-parallel: this rank's experts whatever the width (tokens of a narrower one just skip the rest)
         w_in, w_out = ((self.w_in, self.w_out) if self.ep_group is not None else
                        (self.first_experts(self.w_in, num_experts), self.first_experts(self.w_out, num_experts)))
         flat = x.reshape(-1, d)  # the shared output of flat rows is no view: adding into it needs no copy in backward
         # in x's dtype, as the sum was before it went in place (autocast may run the shared expert in bf16)
         shared = None if self.shared is None else self.shared(flat).to(x.dtype)
-        # a generation step may route and dispatch in one C call (omniar.backbone.fused)
-        dispatched = fused.route_dispatch(self, flat, num_experts, top_k) if valid is None and use_kernel else None
-        if dispatched is not None:
-            return expert_combine(flat, *dispatched, w_in, w_out, self.impl, None, shared).view(b, length, d), \
-                x.new_zeros((), dtype=torch.float32), None
-        logits, scores, idx, weights = self.route(x, num_experts, top_k)
         out = dropless_moe(flat, idx.reshape(-1, top_k), weights.reshape(-1, top_k), w_in, w_out, self.impl,
                            self.ep_group, shared).view(b, length, d)
         if valid is None:
