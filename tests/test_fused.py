@@ -4,6 +4,7 @@ import copy
 import os
 import pickle
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -149,6 +150,19 @@ def test_no_fused_step_with_gradients_or_other_dtypes():
     model.to(torch.bfloat16)
     with torch.no_grad():
         assert fused.prepare(model._blocks(), x.bfloat16(), cache.cos[:1], cache) is None
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMNIAR_CACHE", str(tmp_path / "a"))
+    assert fused.cache_dir() == tmp_path / "a"
+    monkeypatch.delenv("OMNIAR_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fused.cache_dir() == tmp_path / "xdg" / "omniar"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert fused.cache_dir() == tmp_path / "home" / ".cache" / "omniar"
+    monkeypatch.setattr(fused.os.path, "expanduser", lambda path: path)  # no home directory to be found
+    assert fused.cache_dir().parent == Path(fused.tempfile.gettempdir())
 
 
 def test_build_is_cached_and_a_missing_compiler_means_eager(tmp_path):

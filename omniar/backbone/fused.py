@@ -3,10 +3,10 @@
 A next-scale step of a few rows (the coarse scales: 2 rows for one clip with CFG) does little arithmetic, so
 eagerly it costs per op, not per FLOP. The other steps with a KV cache keep torch's products and attention but run
 the attention's QK-norm, RoPE and cache write as one call (:func:`qk_prep`). :func:`library` compiles the C file
-once per source and CPU with the machine's C compiler (``$CC``, else ``cc``) into ``$OMNIAR_CACHE`` (default
-``~/.cache/omniar``); without a compiler, or if the build fails, steps stay eager (one warning). The fused block
-computes what the eager one does, in fp32, in another summation order (the tests hold it to 1e-5 of the logits'
-range of eager's)."""
+once per source and CPU with the machine's C compiler (``$CC``, else ``cc``) into :func:`cache_dir`
+(``$OMNIAR_CACHE``, default ``~/.cache/omniar``); without a compiler, or if the build fails, steps stay eager (one
+warning). The fused block computes what the eager one does, in fp32, in another summation order (the tests hold it
+to 1e-5 of the logits' range of eager's)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import subprocess
+import tempfile
 import warnings
 import weakref
 from pathlib import Path
@@ -79,12 +80,23 @@ def build(compiler: str | None, cache: Path) -> ctypes.CDLL | None:
     return lib
 
 
+def cache_dir() -> Path:
+    """Where the kernel is built: ``$OMNIAR_CACHE``, else ``$XDG_CACHE_HOME/omniar``, else ``~/.cache/omniar``, else
+    (no home directory) ``omniar-cache-UID`` in the temporary folder."""
+    if os.environ.get("OMNIAR_CACHE"):
+        return Path(os.environ["OMNIAR_CACHE"])
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "omniar"
+    home = os.path.expanduser("~")
+    if home != "~":
+        return Path(home) / ".cache" / "omniar"
+    return Path(tempfile.gettempdir()) / f"omniar-cache-{os.getuid()}"
+
+
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The kernel for this process: built with ``$CC`` (else ``cc``) into ``$OMNIAR_CACHE`` (else
-    ``~/.cache/omniar``) on first use."""
-    return build(shutil.which(os.environ.get("CC") or "cc"),
-                 Path(os.environ.get("OMNIAR_CACHE") or Path.home() / ".cache" / "omniar"))
+    """The kernel for this process: built with ``$CC`` (else ``cc``) into :func:`cache_dir` on first use."""
+    return build(shutil.which(os.environ.get("CC") or "cc"), cache_dir())
 
 
 def _eps(norm: torch.nn.RMSNorm) -> float:
