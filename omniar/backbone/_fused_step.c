@@ -90,13 +90,39 @@ static void swiglu(int R, int hid, const float *h, float *out) {
     }
 }
 
+/* The attention's per-token work of a step (alone for an eager step, or inside omniar_block_step): QK-norm and
+ * RoPE of the queries, written head-major into q_out (B, H, L, HD), and of the keys, written with the values into
+ * the cache's slots [held, held + L). q: the q projection's rows (B, L, H, HD); kv: the kv projection's
+ * (B, L, 2, KVH, HD). */
+void omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
+                    const float *q, const float *kv, const float *q_norm, const float *k_norm, const float *cos,
+                    const float *sin, float *q_out, float *keys, float *values) {
+    const int half = HD / 2;
+    for (int b = 0; b < B; b++)
+        for (int l = 0; l < L; l++) {
+            const size_t r = (size_t)b * L + l;
+            const float *c = cos + (size_t)l * half, *sn = sin + (size_t)l * half;
+            for (int h = 0; h < H; h++) {
+                float *o = q_out + (((size_t)b * H + h) * L + l) * HD;
+                rms_norm(HD, q + (r * H + h) * HD, q_norm, eps_q, o);
+                rope(half, o, c, sn);
+            }
+            for (int g = 0; g < KVH; g++) {
+                const size_t slot = (((size_t)b * KVH + g) * cap + held + l) * HD;
+                rms_norm(HD, kv + (r * 2 * KVH + g) * HD, k_norm, eps_k, keys + slot);
+                rope(half, keys + slot, c, sn);
+                memcpy(values + slot, kv + (r * 2 * KVH + KVH + g) * HD, sizeof(float) * HD);
+            }
+        }
+}
+
 int omniar_block_step(const Step *s) {
-    const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD, half = HD / 2;
+    const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD;
     const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
     const int hid = s->hidden, shid = s->shared_hidden, wide = (hid > shid ? hid : shid);
     const int K1 = s->top_k > 0 ? s->top_k : 1, E1 = s->E > 0 ? s->E : 1;
     /* one work buffer, carved below */
-    const size_t floats = (size_t)R * (2 * D + 2 * QD + KVD + 3 * wide + D + 1 + K1) + 2 * (size_t)n_slots + E1;
+    const size_t floats = (size_t)R * (2 * D + 3 * QD + KVD + 3 * wide + D + 1 + K1) + 2 * (size_t)n_slots + E1;
     float *work = malloc(sizeof(float) * floats + sizeof(int) * (size_t)R * (1 + K1));
     if (!work) return 1;
     float *xn = work, *q = xn + (size_t)R * D, *kv = q + (size_t)R * QD, *att = kv + (size_t)R * KVD;
@@ -104,30 +130,16 @@ int omniar_block_step(const Step *s) {
     float *rows = h1 + (size_t)R * wide, *scale = rows + (size_t)R * D, *gate = scale + R, *p = gate + (size_t)R * K1;
     float *bias = p + n_slots, *logits = bias + n_slots;
     int *members = (int *)(logits + E1), *chosen = members + R;
+    /* the rotated queries, head-major (B, H, L, HD): the caller's buffer where it keeps them (NACL) */
+    float *qh = s->queries ? s->queries : (float *)(chosen + (size_t)R * K1);
     const float attn_scale = 1.f / sqrtf((float)HD);
 
     /* attention: projections, QK-norm, RoPE, cache write */
     for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->attn_norm, s->eps_attn, xn + (size_t)r * D);
     mm_nt(R, D, QD, xn, s->wq, q);
     mm_nt(R, D, KVD, xn, s->wkv, kv);
-    for (int r = 0; r < R; r++) {
-        const int b = r / s->L, l = r % s->L;
-        const float *c = s->cos + (size_t)l * half, *sn = s->sin + (size_t)l * half;
-        for (int h = 0; h < H; h++) {
-            float *v = q + (size_t)r * QD + h * HD;
-            rms_norm(HD, v, s->q_norm, s->eps_q, v);
-            rope(half, v, c, sn);
-            if (s->queries) memcpy(s->queries + (((size_t)b * H + h) * s->L + l) * HD, v, sizeof(float) * HD);
-        }
-        for (int g = 0; g < G; g++) {
-            float *k = kv + (size_t)r * KVD + g * HD, *v = kv + (size_t)r * KVD + (G + g) * HD;
-            rms_norm(HD, k, s->k_norm, s->eps_k, k);
-            rope(half, k, c, sn);
-            const size_t slot = (((size_t)b * G + g) * s->cap + s->held + l) * HD;
-            memcpy(s->keys + slot, k, sizeof(float) * HD);
-            memcpy(s->values + slot, v, sizeof(float) * HD);
-        }
-    }
+    omniar_qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
+                   s->sin, qh, s->keys, s->values);
     /* every query of a next-scale step sees every real held or new slot: -inf on the others */
     for (int b = 0; b < s->B; b++) {
         const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
@@ -135,7 +147,7 @@ int omniar_block_step(const Step *s) {
         for (int l = 0; l < s->L; l++)
             for (int h = 0; h < H; h++) {
                 const int r = b * s->L + l, g = h / groups;
-                const float *qv = q + (size_t)r * QD + h * HD;
+                const float *qv = qh + (((size_t)b * H + h) * s->L + l) * HD;
                 const float *K = s->keys + ((size_t)b * G + g) * s->cap * HD;
                 const float *V = s->values + ((size_t)b * G + g) * s->cap * HD;
                 for (int j = 0; j < n_slots; j++) {
@@ -243,29 +255,4 @@ void omniar_linear(int R, int K, int N, const float *x, const float *W, float *y
 
 void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, float *y) {
     for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
-}
-
-/* The attention's per-token work of an eager step: QK-norm and RoPE of the queries, written head-major into q_out
- * (B, H, L, HD), and of the keys, written with the values into the cache's slots [held, held + L). q: the q
- * projection's rows (B, L, H, HD); kv: the kv projection's (B, L, 2, KVH, HD). */
-void omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
-                    const float *q, const float *kv, const float *q_norm, const float *k_norm, const float *cos,
-                    const float *sin, float *q_out, float *keys, float *values) {
-    const int half = HD / 2;
-    for (int b = 0; b < B; b++)
-        for (int l = 0; l < L; l++) {
-            const size_t r = (size_t)b * L + l;
-            const float *c = cos + (size_t)l * half, *sn = sin + (size_t)l * half;
-            for (int h = 0; h < H; h++) {
-                float *o = q_out + (((size_t)b * H + h) * L + l) * HD;
-                rms_norm(HD, q + (r * H + h) * HD, q_norm, eps_q, o);
-                rope(half, o, c, sn);
-            }
-            for (int g = 0; g < KVH; g++) {
-                const size_t slot = (((size_t)b * KVH + g) * cap + held + l) * HD;
-                rms_norm(HD, kv + (r * 2 * KVH + g) * HD, k_norm, eps_k, keys + slot);
-                rope(half, keys + slot, c, sn);
-                memcpy(values + slot, kv + (r * 2 * KVH + KVH + g) * HD, sizeof(float) * HD);
-            }
-        }
 }
