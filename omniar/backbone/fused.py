@@ -130,15 +130,15 @@ def _template(block) -> _Step | None:
     if cached is not None and cached[0] == key:
         return cached[1]
     attn, ffn = block.attn, block.ffn
-    moe = isinstance(ffn, MoELayer)
-    dense = ffn.shared if moe else ffn
+    moe = weights["router"] is not None
     usable = (not (moe and ffn.ep_group is not None)
               and all(weights[n] is not None for n in ("attn_norm", "q_norm", "k_norm", "ffn_norm"))
               and all(w is None or (w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous())
                       for w in weights.values()))
     step = _Step(
         D=attn.q_proj.in_features, H=attn.num_heads, KVH=attn.num_kv_heads, HD=attn.head_dim,
-        hidden=ffn.w_in.shape[2] // 2 if moe else 0, shared_hidden=0 if dense is None else dense.w_out.in_features,
+        hidden=weights["w_in"].shape[2] // 2 if moe else 0,
+        shared_hidden=0 if weights["s_out"] is None else weights["s_out"].shape[1],
         sigmoid=int(moe and ffn.gating == "sigmoid"), eps_attn=_eps(block.attn_norm), eps_q=_eps(attn.q_norm),
         eps_k=_eps(attn.k_norm), eps_ffn=_eps(block.ffn_norm),
         **{name: None if w is None else w.data_ptr() for name, w in weights.items()}) if usable else None
