@@ -70,6 +70,23 @@ def test_fused_steps_equal_eager(kw, monkeypatch):
     assert close(got, steps(model, False)) < 1e-5
 
 
+@pytest.mark.parametrize("rows", [3, 5])
+@pytest.mark.parametrize("kw", [{}, dict(hidden_size=40, num_heads=4, num_kv_heads=2, expert_hidden_size=24)])
+def test_fused_steps_of_every_size_equal_eager(rows, kw, monkeypatch):
+    """The row limit lifted: steps of 3 to 80 rows run fused, through each form of the kernel's products (per
+    output, tiles of 4 x 4 in dot form, the transposed outer-product form from 16 rows, tiles cut by rows not a
+    multiple of 4, columns not a multiple of 16, a shared dimension not a multiple of 16 (d 40, head dim 10)) and
+    both forms of the attention scores (fewer than 8 queries per kv head, or the keys transposed)."""
+    model = model_of(**kw)
+    monkeypatch.setattr(fused, "MAX_ROWS", 1 << 30)
+    sizes = []
+    monkeypatch.setattr(fused, "block_step", lambda t, x, *a: sizes.append(x.shape[0] * x.shape[1]) or
+                        block_step(t, x, *a))
+    got = steps(model, True, rows=rows)
+    assert sorted(set(sizes)) == [rows, 4 * rows, 16 * rows]
+    assert close(got, steps(model, False, rows=rows)) < 1e-5
+
+
 @pytest.mark.parametrize("kw", [{}, dict(num_kv_heads=4)])
 def test_eager_steps_with_the_attention_work_in_c_equal_torch(kw, monkeypatch):
     """No fused block (the row limit at 0): every step, the prompt pass included, still runs the attention's
@@ -88,6 +105,7 @@ def test_eager_steps_with_the_attention_work_in_c_equal_torch(kw, monkeypatch):
 
 def test_only_steps_within_the_row_limit_run_fused(monkeypatch):
     model = model_of()
+    monkeypatch.setattr(fused, "MAX_ROWS", 8)
     rows = []
     monkeypatch.setattr(fused, "block_step", lambda t, x, *a: rows.append(x.shape[0] * x.shape[1]) or
                         block_step(t, x, *a))
@@ -145,7 +163,8 @@ def test_no_fused_step_with_gradients_or_other_dtypes():
     model.forward_text(torch.zeros(1, 2, dtype=torch.long), None, cache)
     with torch.no_grad():
         assert fused.prepare(model._blocks(), x, cache.cos[:1], cache) is not None
-        assert fused.prepare(model._blocks(), torch.zeros(1, 9, 64), cache.cos[:9], cache) is None  # 9 rows
+        over = fused.MAX_ROWS + 1
+        assert fused.prepare(model._blocks(), torch.zeros(1, over, 64), cache.cos[:over], cache) is None
     assert fused.prepare(model._blocks(), x, cache.cos[:1], cache) is None  # gradients on
     model.to(torch.bfloat16)
     with torch.no_grad():

@@ -21,29 +21,163 @@ typedef struct {
     float *queries; /* (B, H, L, HD): the rotated queries, or NULL */
 } Step;
 
-/* y (R, N) = x (R, K) W^T, W (N, K): each weight row is read once for all R rows. */
-static void mm_nt(int R, int K, int N, const float *x, const float *W, float *y) {
-    for (int n = 0; n < N; n++) {
-        const float *w = W + (size_t)n * K;
-        for (int r = 0; r < R; r++) {
-            const float *a = x + (size_t)r * K;
-            float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-            for (int k = 0; k < K; k++) acc += a[k] * w[k];
-            y[(size_t)r * N + n] = acc;
-        }
-    }
+/* The products are register-blocked on GCC / clang vectors of 16 floats (AVX-512 here, narrower vectors or
+ * scalars elsewhere): a tile of output rows x columns stays in registers while the shared dimension streams. */
+typedef float v16 __attribute__((vector_size(64)));
+#define VL 16
+
+static inline v16 vload(const float *p) {
+    v16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* y (R, N) += x (R, K) W, W (K, N). */
-static void mm_nn_acc(int R, int K, int N, const float *x, const float *W, float *y) {
+static inline void vstore(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+/* keeps a loaded vector in a register: otherwise GCC folds its load into each FMA that uses it (one load per FMA,
+ * which makes the tiles load-bound) */
+#if defined(__x86_64__) && defined(__GNUC__)
+#define KEEP(v) __asm__("" : "+v"(v))
+#else
+#define KEEP(v) (void)0
+#endif
+
+static inline float hsum(v16 v) {
+#if defined(__has_builtin) && __has_builtin(__builtin_shufflevector)
+    typedef float v8 __attribute__((vector_size(32)));
+    typedef float v4 __attribute__((vector_size(16)));
+    const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+    return (b[0] + b[2]) + (b[1] + b[3]);
+#else
+    float t = 0.f;
+    for (int i = 0; i < VL; i++) t += v[i];
+    return t;
+#endif
+}
+
+/* rb x nb outputs of x W^T (dot form, K a multiple of VL); inlined with constants for the full 4 x 4 tile */
+static inline __attribute__((always_inline)) void dot_tile(int rb, int nb, int K, const float *x, const float *W,
+                                                           float *y, int ldy) {
+    v16 acc[4][4];
+    for (int i = 0; i < rb; i++)
+        for (int j = 0; j < nb; j++) acc[i][j] = (v16){0};
+    for (int k = 0; k < K; k += VL) {
+        v16 a[4], w[4];
+        for (int i = 0; i < rb; i++) a[i] = vload(x + (size_t)i * K + k);
+        for (int i = 0; i < rb; i++) KEEP(a[i]);
+        for (int j = 0; j < nb; j++) w[j] = vload(W + (size_t)j * K + k);
+        for (int i = 0; i < rb; i++)
+            for (int j = 0; j < nb; j++) acc[i][j] += a[i] * w[j];
+    }
+    for (int i = 0; i < rb; i++)
+        for (int j = 0; j < nb; j++) y[(size_t)i * ldy + j] = hsum(acc[i][j]);
+}
+
+/* rb rows x nv vectors of y += x W (outer-product form); inlined with constants for the full tiles */
+static inline __attribute__((always_inline)) void outer_tile(int rb, int nv, int K, const float *x, int ldx,
+                                                             const float *W, int ldw, float *y, int ldy) {
+    v16 acc[4][4];
+    for (int i = 0; i < rb; i++)
+        for (int v = 0; v < nv; v++) acc[i][v] = vload(y + (size_t)i * ldy + v * VL);
     for (int k = 0; k < K; k++) {
-        const float *w = W + (size_t)k * N;
-        for (int r = 0; r < R; r++) {
-            const float a = x[(size_t)r * K + k];
-            float *o = y + (size_t)r * N;
+        v16 w[4];
+        for (int v = 0; v < nv; v++) {
+            w[v] = vload(W + (size_t)k * ldw + v * VL);
+            KEEP(w[v]);
+        }
+        for (int i = 0; i < rb; i++) {
+            const float a = x[(size_t)i * ldx + k];
+            for (int v = 0; v < nv; v++) acc[i][v] += a * w[v];
+        }
+    }
+    for (int i = 0; i < rb; i++)
+        for (int v = 0; v < nv; v++) vstore(y + (size_t)i * ldy + v * VL, acc[i][v]);
+}
+
+/* y (R, N) += x (R, K) W (K, N), with row strides. Up to 4 rows W streamed by rows (as in mm_nt); more in tiles of
+ * 4 rows x 64, 32 or 16 columns, the last columns (N mod 16) by a plain loop. */
+static void mm_nn_acc(int R, int K, int N, const float *x, int ldx, const float *W, int ldw, float *y, int ldy) {
+    if (R <= 4) {
+        for (int k = 0; k < K; k++)
+            for (int r = 0; r < R; r++) {
+                const float a = x[(size_t)r * ldx + k];
+                float *o = y + (size_t)r * ldy;
+                const float *w = W + (size_t)k * ldw;
 #pragma omp simd
-            for (int n = 0; n < N; n++) o[n] += a * w[n];
+                for (int j = 0; j < N; j++) o[j] += a * w[j];
+            }
+        return;
+    }
+    int n = 0;
+    for (int nv = 4; nv >= 1; nv /= 2)
+        for (; N - n >= nv * VL; n += nv * VL)
+            for (int r = 0; r < R; r += 4) {
+                const int rb = R - r < 4 ? R - r : 4;
+                const float *a = x + (size_t)r * ldx, *w = W + n;
+                float *o = y + (size_t)r * ldy + n;
+                switch (rb * 8 + nv) { /* constant tile sizes, as above */
+                case 36: outer_tile(4, 4, K, a, ldx, w, ldw, o, ldy); break;
+                case 34: outer_tile(4, 2, K, a, ldx, w, ldw, o, ldy); break;
+                case 33: outer_tile(4, 1, K, a, ldx, w, ldw, o, ldy); break;
+                case 28: outer_tile(3, 4, K, a, ldx, w, ldw, o, ldy); break;
+                case 26: outer_tile(3, 2, K, a, ldx, w, ldw, o, ldy); break;
+                case 25: outer_tile(3, 1, K, a, ldx, w, ldw, o, ldy); break;
+                case 20: outer_tile(2, 4, K, a, ldx, w, ldw, o, ldy); break;
+                case 18: outer_tile(2, 2, K, a, ldx, w, ldw, o, ldy); break;
+                case 17: outer_tile(2, 1, K, a, ldx, w, ldw, o, ldy); break;
+                case 12: outer_tile(1, 4, K, a, ldx, w, ldw, o, ldy); break;
+                case 10: outer_tile(1, 2, K, a, ldx, w, ldw, o, ldy); break;
+                case 9: outer_tile(1, 1, K, a, ldx, w, ldw, o, ldy); break;
+                }
+            }
+    for (int r = 0; r < R; r++)
+        for (int k = 0; k < K; k++) {
+            const float a = x[(size_t)r * ldx + k];
+            for (int j = n; j < N; j++) y[(size_t)r * ldy + j] += a * W[(size_t)k * ldw + j];
+        }
+}
+
+/* y (R, N) = x (R, K) W^T, W (N, K) as nn.Linear keeps it. Up to 4 rows a dot product per output, which streams
+ * each weight row once (such steps are bound by reading the weights); from 16 rows y^T = W x^T in outer-product
+ * form (about twice the dot form's rate); in between tiles of 4 rows x 4 weight rows in dot form. */
+static void mm_nt(int R, int K, int N, const float *x, const float *W, float *y) {
+    if (R <= 4 || K % VL) {
+        for (int n = 0; n < N; n++)
+            for (int r = 0; r < R; r++) {
+                float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                for (int k = 0; k < K; k++) acc += x[(size_t)r * K + k] * W[(size_t)n * K + k];
+                y[(size_t)r * N + n] = acc;
+            }
+        return;
+    }
+    float *t = R >= VL ? malloc(sizeof(float) * (size_t)R * (K + N)) : NULL;
+    if (t) {
+        float *xt = t, *yt = t + (size_t)R * K;
+        for (int r = 0; r < R; r++)
+            for (int k = 0; k < K; k++) xt[(size_t)k * R + r] = x[(size_t)r * K + k];
+        memset(yt, 0, sizeof(float) * (size_t)N * R);
+        mm_nn_acc(N, K, R, W, K, xt, R, yt, R);
+        for (int r = 0; r < R; r++)
+            for (int n = 0; n < N; n++) y[(size_t)r * N + n] = yt[(size_t)n * R + r];
+        free(t);
+        return;
+    }
+    for (int n = 0; n < N; n += 4) {
+        const int nb = N - n < 4 ? N - n : 4;
+        for (int r = 0; r < R; r += 4) {
+            const int rb = R - r < 4 ? R - r : 4;
+            const float *a = x + (size_t)r * K, *w = W + (size_t)n * K;
+            float *o = y + (size_t)r * N + n;
+            switch (nb == 4 ? rb : 0) { /* constant tile sizes: the tile's accumulators stay in registers */
+            case 4: dot_tile(4, 4, K, a, w, o, N); break;
+            case 3: dot_tile(3, 4, K, a, w, o, N); break;
+            case 2: dot_tile(2, 4, K, a, w, o, N); break;
+            case 1: dot_tile(1, 4, K, a, w, o, N); break;
+            default: dot_tile(rb, nb, K, a, w, o, N);
+            }
         }
     }
 }
@@ -121,14 +255,17 @@ int omniar_block_step(const Step *s) {
     const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
     const int hid = s->hidden, shid = s->shared_hidden, wide = (hid > shid ? hid : shid);
     const int K1 = s->top_k > 0 ? s->top_k : 1, E1 = s->E > 0 ? s->E : 1;
+    const int nq = groups * s->L; /* queries per batch row and kv head */
     /* one work buffer, carved below */
-    const size_t floats = (size_t)R * (2 * D + 3 * QD + KVD + 3 * wide + D + 1 + K1) + 2 * (size_t)n_slots + E1;
+    const size_t floats = (size_t)R * (2 * D + 3 * QD + KVD + 3 * wide + D + 1 + K1) + E1 +
+                          (size_t)n_slots * (1 + nq + HD) + (size_t)nq * (HD + 1);
     float *work = malloc(sizeof(float) * floats + sizeof(int) * (size_t)R * (1 + K1));
     if (!work) return 1;
     float *xn = work, *q = xn + (size_t)R * D, *kv = q + (size_t)R * QD, *att = kv + (size_t)R * KVD;
     float *y = att + (size_t)R * QD, *h2 = y + (size_t)R * D, *h1 = h2 + (size_t)R * 2 * wide;
-    float *rows = h1 + (size_t)R * wide, *scale = rows + (size_t)R * D, *gate = scale + R, *p = gate + (size_t)R * K1;
-    float *bias = p + n_slots, *logits = bias + n_slots;
+    float *rows = h1 + (size_t)R * wide, *scale = rows + (size_t)R * D, *gate = scale + R;
+    float *bias = gate + (size_t)R * K1, *S = bias + n_slots, *Kt = S + (size_t)nq * n_slots;
+    float *O = Kt + (size_t)HD * n_slots, *inv = O + (size_t)nq * HD, *logits = inv + nq;
     int *members = (int *)(logits + E1), *chosen = members + R;
     /* the rotated queries, head-major (B, H, L, HD): the caller's buffer where it keeps them (NACL) */
     float *qh = s->queries ? s->queries : (float *)(chosen + (size_t)R * K1);
@@ -140,40 +277,44 @@ int omniar_block_step(const Step *s) {
     mm_nt(R, D, KVD, xn, s->wkv, kv);
     omniar_qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
                    s->sin, qh, s->keys, s->values);
-    /* every query of a next-scale step sees every real held or new slot: -inf on the others */
+    /* every query of a next-scale step sees every real held or new slot: -inf on the others. Per batch row and kv
+     * head, its heads' queries (nq, HD) at once: scores S = Q K^T, softmax, O = S V. */
     for (int b = 0; b < s->B; b++) {
         const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
         for (int j = 0; j < n_slots; j++) bias[j] = ok[j] ? 0.f : -INFINITY;
-        for (int l = 0; l < s->L; l++)
-            for (int h = 0; h < H; h++) {
-                const int r = b * s->L + l, g = h / groups;
-                const float *qv = qh + (((size_t)b * H + h) * s->L + l) * HD;
-                const float *K = s->keys + ((size_t)b * G + g) * s->cap * HD;
-                const float *V = s->values + ((size_t)b * G + g) * s->cap * HD;
-                for (int j = 0; j < n_slots; j++) {
-                    float acc = 0.f;
-#pragma omp simd reduction(+ : acc)
-                    for (int d = 0; d < HD; d++) acc += qv[d] * K[(size_t)j * HD + d];
-                    p[j] = acc * attn_scale + bias[j];
-                }
-                float mx = -INFINITY, total = 0.f;
+        for (int g = 0; g < G; g++) {
+            const float *Q = qh + ((size_t)b * H + (size_t)g * groups) * s->L * HD;
+            const float *K = s->keys + ((size_t)b * G + g) * s->cap * HD;
+            const float *V = s->values + ((size_t)b * G + g) * s->cap * HD;
+            if (nq >= 8) { /* enough queries to pay for one transposed copy of the keys (outer-product form) */
+                for (int j = 0; j < n_slots; j++)
+                    for (int d = 0; d < HD; d++) Kt[(size_t)d * n_slots + j] = K[(size_t)j * HD + d];
+                memset(S, 0, sizeof(float) * nq * n_slots);
+                mm_nn_acc(nq, HD, n_slots, Q, HD, Kt, n_slots, S, n_slots);
+            } else {
+                mm_nt(nq, HD, n_slots, Q, K, S);
+            }
+            for (int i = 0; i < nq; i++) {
+                float *p = S + (size_t)i * n_slots, mx = -INFINITY, total = 0.f;
 #pragma omp simd reduction(max : mx)
-                for (int j = 0; j < n_slots; j++) mx = p[j] > mx ? p[j] : mx;
+                for (int j = 0; j < n_slots; j++) {
+                    p[j] = p[j] * attn_scale + bias[j];
+                    mx = p[j] > mx ? p[j] : mx;
+                }
 #pragma omp simd reduction(+ : total)
                 for (int j = 0; j < n_slots; j++) {
                     p[j] = exp_(p[j] - mx);
                     total += p[j];
                 }
-                float *o = att + (size_t)r * QD + h * HD;
-                memset(o, 0, sizeof(float) * HD);
-                for (int j = 0; j < n_slots; j++) {
-                    const float e = p[j], *vj = V + (size_t)j * HD;
-#pragma omp simd
-                    for (int d = 0; d < HD; d++) o[d] += e * vj[d];
-                }
-                const float inv = 1.f / total;
-                for (int d = 0; d < HD; d++) o[d] *= inv;
+                inv[i] = 1.f / total;
             }
+            memset(O, 0, sizeof(float) * nq * HD);
+            mm_nn_acc(nq, n_slots, HD, S, n_slots, V, HD, O, HD);
+            for (int i = 0; i < nq; i++) { /* query i is head g * groups + i / L at token i % L */
+                float *o = att + ((size_t)b * s->L + i % s->L) * QD + (size_t)(g * groups + i / s->L) * HD;
+                for (int d = 0; d < HD; d++) o[d] = O[(size_t)i * HD + d] * inv[i];
+            }
+        }
     }
     mm_nt(R, QD, D, att, s->wo, y);
     for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
@@ -232,12 +373,12 @@ int omniar_block_step(const Step *s) {
                     }
             if (!m) continue;
             memset(h2, 0, sizeof(float) * m * 2 * hid);
-            mm_nn_acc(m, D, 2 * hid, rows, s->w_in + (size_t)e * D * 2 * hid, h2);
+            mm_nn_acc(m, D, 2 * hid, rows, D, s->w_in + (size_t)e * D * 2 * hid, 2 * hid, h2, 2 * hid);
             swiglu(m, hid, h2, h1);
             for (int i = 0; i < m; i++)
                 for (int j = 0; j < hid; j++) h1[(size_t)i * hid + j] *= scale[i];
             memset(rows, 0, sizeof(float) * m * D);
-            mm_nn_acc(m, hid, D, h1, s->w_out + (size_t)e * hid * D, rows);
+            mm_nn_acc(m, hid, D, h1, hid, s->w_out + (size_t)e * hid * D, D, rows, D);
             for (int i = 0; i < m; i++) {
                 float *o = y + (size_t)members[i] * D;
                 const float *src = rows + (size_t)i * D;

@@ -28,9 +28,9 @@ from .._pretrained import write_file_atomically
 from .moe import MoELayer
 
 SOURCE = Path(__file__).with_name("_fused_step.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
 # steps of at most this many rows (batch x tokens, CFG rows included) run fused; measured in BENCHMARKS.md
-MAX_ROWS = 8
+MAX_ROWS = 128
 
 
 # block -> (its weights' addresses, its template): beside the modules, not on them, which keeps them copyable and
