@@ -4,7 +4,8 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
 
 * per step: one clip's steps with CFG (2 rows) and a batch of 4 with CFG (8 rows), every scale of 3 latent
   frames (rows = batch x tokens: 2-128 and 8-512), the fusion limit lifted so that every row count is timed;
-  the median over rounds of each scale's mean step time, and eager / fused;
+  the median over rounds of each scale's mean step time, and eager / fused; with ``--against REV`` also fused
+  with the kernel of revision REV (its ``_fused_step.c`` built beside today's), and REV / fused per round;
 * whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: all in torch),
   ``without ABLATE`` (the default with one of the other steps' C calls, ``--ablate``: ``qk_prep``, the attention's
   QK-norm, RoPE and cache write, left to torch) and
@@ -13,7 +14,7 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
 * the same ablation step by step: one clip's steps at every scale of a third latent frame, with and without the
   ablated call alternating (25 rounds, the first 3 dropped), medians and without / with.
 
-    python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--ablate qk_prep]
+    python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--ablate qk_prep] [--against REV]
         [--out benchmarks/results/fused_steps.json]
 """
 
@@ -22,7 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import statistics
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +37,33 @@ from omniar.generation import TextToVideoPipeline
 
 PROMPT = "a red circle moves right on a black background"
 ABLATIONS = ("qk_prep",)
+
+
+def kernel_at(rev: str, folder: Path):
+    """The fused kernel as revision ``rev`` had it, built in ``folder``."""
+    source = folder / "_fused_step.c"
+    source.write_bytes(subprocess.run(["git", "show", f"{rev}:omniar/backbone/_fused_step.c"], check=True,
+                                      capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout)
+    lib = fused.build(shutil.which("cc"), folder, source)
+    if lib is None:
+        raise SystemExit(f"--against {rev}: its kernel did not build")
+    return lib
+
+
+class kernel:
+    """Within the block: fused steps call ``lib`` (None: today's)."""
+
+    def __init__(self, lib) -> None:
+        self.lib = lib
+
+    def __enter__(self) -> None:
+        if self.lib is not None:
+            self.real = fused.library
+            fused.library = lambda: self.lib
+
+    def __exit__(self, *exc) -> None:
+        if self.lib is not None:
+            fused.library = self.real
 
 
 def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
@@ -105,27 +136,33 @@ def ablation_steps(model, ablate: str, rounds: int = 25) -> dict:
     return out
 
 
-def run(threads: int, rounds: int, ablate: str) -> dict:
+def run(threads: int, rounds: int, ablate: str, against: str | None = None, old_kernel=None) -> dict:
     torch.set_num_threads(threads)
     pipe = TextToVideoPipeline.from_pretrained()
     model = pipe.model
     result = {"steps": {}, "call_1x17": {}, "call_16x17": {}}
     limit = fused.MAX_ROWS
     fused.MAX_ROWS = 1 << 30
+    arms = ("eager", "fused") + ((against,) if against else ())
     try:
         for batch in (1, 4):
-            for fuse in (False, True):  # warm-up
-                step_times(model, batch, 3, fuse)
-            per = {False: [], True: []}
-            for _ in range(rounds):
-                for fuse in (False, True):
-                    per[fuse].append(step_times(model, batch, 3, fuse))
+            per = {arm: [] for arm in arms}
+            for r in range(rounds + 1):  # round 0 warms up
+                for i in range(len(arms)):  # the order rotates each round
+                    arm = arms[(i + r) % len(arms)]
+                    with kernel(old_kernel if arm == against else None):
+                        times = step_times(model, batch, 3, arm != "eager")
+                    if r:
+                        per[arm].append(times)
             for s, n in enumerate(model.config.scales):
-                eager = statistics.median(r[s] for r in per[False])
-                fast = statistics.median(r[s] for r in per[True])
-                result["steps"][f"batch {batch}, {n * n} tokens ({2 * batch * n * n} rows)"] = {
-                    "batch": batch, "tokens": n * n, "eager_ms": eager * 1e3, "fused_ms": fast * 1e3,
-                    "eager_over_fused": eager / fast}
+                med = {arm: statistics.median(t[s] for t in per[arm]) for arm in arms}
+                row = result["steps"][f"batch {batch}, {n * n} tokens ({2 * batch * n * n} rows)"] = {
+                    "batch": batch, "tokens": n * n, "eager_ms": med["eager"] * 1e3, "fused_ms": med["fused"] * 1e3,
+                    "eager_over_fused": med["eager"] / med["fused"]}
+                if against:
+                    row[f"{against}_ms"] = med[against] * 1e3
+                    row[f"{against}_over_fused"] = statistics.median(o[s] / f[s] for o, f in
+                                                                     zip(per[against], per["fused"]))
     finally:
         fused.MAX_ROWS = limit
     arms = ("eager", f"without {ablate}", "fused")
@@ -151,11 +188,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--ablate", choices=ABLATIONS, default="qk_prep",
                         help="the C call the middle arm leaves to torch")
+    parser.add_argument("--against", metavar="REV", help="also time the steps with revision REV's kernel")
     parser.add_argument("--out", default="benchmarks/results/fused_steps.json")
     args = parser.parse_args()
-    result = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
-              "max_rows": fused.MAX_ROWS, "rounds": args.rounds, "ablate": args.ablate,
-              "threads": {str(t): run(t, args.rounds, args.ablate) for t in args.threads}}
+    with tempfile.TemporaryDirectory() as tmp:
+        old_kernel = kernel_at(args.against, Path(tmp)) if args.against else None
+        result = {"machine": f"{platform.processor() or platform.machine()}, torch {torch.__version__}",
+                  "max_rows": fused.MAX_ROWS, "rounds": args.rounds, "ablate": args.ablate, "against": args.against,
+                  "threads": {str(t): run(t, args.rounds, args.ablate, args.against, old_kernel)
+                              for t in args.threads}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

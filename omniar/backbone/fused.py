@@ -54,12 +54,13 @@ def _cpu_flags() -> str:
         return ""
 
 
-def build(compiler: str | None, cache: Path) -> ctypes.CDLL | None:
-    """The kernel compiled by ``compiler`` into ``cache`` (once per source, flags, compiler and CPU), loaded; None
-    where it cannot be (no compiler, not Linux, a failed build: one warning)."""
+def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctypes.CDLL | None:
+    """The kernel (``source_file``, by default this package's) compiled by ``compiler`` into ``cache`` (once per
+    source, flags, compiler and CPU), loaded; None where it cannot be (no compiler, not Linux, a failed build: one
+    warning)."""
     if compiler is None or platform.system() != "Linux":
         return None
-    source = SOURCE.read_bytes()
+    source = source_file.read_bytes()
     key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
                                      platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
     path = cache / f"fused_step-{key}.so"
@@ -67,7 +68,7 @@ def build(compiler: str | None, cache: Path) -> ctypes.CDLL | None:
         if not path.is_file():
             cache.mkdir(parents=True, exist_ok=True)
             write_file_atomically(path, lambda tmp: subprocess.run(
-                [compiler, *FLAGS, "-o", str(tmp), str(SOURCE), "-lm"], check=True, capture_output=True))
+                [compiler, *FLAGS, "-o", str(tmp), str(source_file), "-lm"], check=True, capture_output=True))
         lib = ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         warnings.warn(f"omniar: fused generation steps unavailable, running them eagerly ({e})", stacklevel=3)
