@@ -87,6 +87,31 @@ def test_fused_steps_of_every_size_equal_eager(rows, kw, monkeypatch):
     assert close(got, steps(model, False, rows=rows)) < 1e-5
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_fused_steps_split_across_threads_equal_one_thread(threads, monkeypatch):
+    """A step's batch split into parts on their own threads (5 rows into 2 or 3 uneven parts) gives the logits of
+    one thread, within fp32 rounding (a part's row count picks the form of its products, so the summation order
+    can differ)."""
+    model = model_of()
+    monkeypatch.setattr(fused, "MAX_ROWS", 1 << 30)
+    monkeypatch.setattr(fused, "THREAD_ROWS", 1 << 30)
+    one = steps(model, True, rows=5)
+    monkeypatch.setattr(fused, "THREAD_ROWS", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    split = []
+    monkeypatch.setattr(fused.library(), "omniar_block_step", _counting(fused.library().omniar_block_step, split))
+    got = steps(model, True, rows=5)
+    assert split and all(t == threads for t in split)
+    assert close(got, one) < 1e-5
+
+
+def _counting(kernel, seen):
+    def call(step):
+        seen.append(step._obj.threads)
+        return kernel(step)
+    return call
+
+
 @pytest.mark.parametrize("kw", [{}, dict(num_kv_heads=4)])
 def test_eager_steps_with_the_attention_work_in_c_equal_torch(kw, monkeypatch):
     """No fused block (the row limit at 0): every step, the prompt pass included, still runs the attention's

@@ -4,6 +4,7 @@
  * per op (about 90 aten calls a block); a step of a few rows does little arithmetic, so here it is one
  * call. omniar/backbone/fused.py builds this file on first use and checks it against the eager block. */
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -19,6 +20,7 @@ typedef struct {
     float *keys, *values; /* (B, KVH, cap, HD) */
     float *x; /* (B, L, D), updated in place */
     float *queries; /* (B, H, L, HD): the rotated queries, or NULL */
+    int threads; /* the batch splits into up to this many parts, one thread each (last: older callers omit it) */
 } Step;
 
 /* The products are register-blocked on GCC / clang vectors of 16 floats (AVX-512 here, narrower vectors or
@@ -250,7 +252,7 @@ void omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, flo
         }
 }
 
-int omniar_block_step(const Step *s) {
+static int block_rows(const Step *s) {
     const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD;
     const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
     const int hid = s->hidden, shid = s->shared_hidden, wide = (hid > shid ? hid : shid);
@@ -396,4 +398,46 @@ void omniar_linear(int R, int K, int N, const float *x, const float *W, float *y
 
 void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, float *y) {
     for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
+}
+
+typedef struct {
+    Step s;
+    int rc;
+} Part;
+
+static void *run_part(void *arg) {
+    Part *part = arg;
+    part->rc = block_rows(&part->s);
+    return NULL;
+}
+
+/* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, each on its own
+ * thread (the caller's for the first), with the same arithmetic per row as one call. */
+int omniar_block_step(const Step *s) {
+    enum { MAX_PARTS = 64 };
+    int parts = s->threads < s->B ? s->threads : s->B;
+    if (parts > MAX_PARTS) parts = MAX_PARTS;
+    if (parts <= 1) return block_rows(s);
+    Part part[MAX_PARTS];
+    pthread_t tid[MAX_PARTS];
+    int started[MAX_PARTS] = {0}, rc = 0;
+    for (int i = 0; i < parts; i++) {
+        const int b0 = s->B * i / parts, b1 = s->B * (i + 1) / parts;
+        Step *q = &part[i].s;
+        *q = *s;
+        q->B = b1 - b0;
+        q->key_ok += (size_t)b0 * s->cap;
+        q->keys += (size_t)b0 * s->KVH * s->cap * s->HD;
+        q->values += (size_t)b0 * s->KVH * s->cap * s->HD;
+        q->x += (size_t)b0 * s->L * s->D;
+        if (q->queries) q->queries += (size_t)b0 * s->H * s->L * s->HD;
+        if (i > 0) started[i] = pthread_create(&tid[i], NULL, run_part, &part[i]) == 0;
+    }
+    for (int i = 0; i < parts; i++)
+        if (!started[i]) run_part(&part[i]); /* the caller's part, and any a thread could not take */
+    for (int i = 1; i < parts; i++) {
+        if (started[i]) pthread_join(tid[i], NULL);
+        rc |= part[i].rc;
+    }
+    return rc | part[0].rc;
 }

@@ -28,9 +28,11 @@ from .._pretrained import write_file_atomically
 from .moe import MoELayer
 
 SOURCE = Path(__file__).with_name("_fused_step.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-pthread", "-shared", "-fPIC", "-std=c11")
 # steps of at most this many rows (batch x tokens, CFG rows included) run fused; measured in BENCHMARKS.md
 MAX_ROWS = 128
+# fused steps of at least this many rows split their batch across torch.get_num_threads() threads (BENCHMARKS.md)
+THREAD_ROWS = 2
 
 
 # block -> (its weights' addresses, its template): beside the modules, not on them, which keeps them copyable and
@@ -44,7 +46,8 @@ class _Step(ctypes.Structure):
                 + [(n, ctypes.c_float) for n in ("eps_attn", "eps_q", "eps_k", "eps_ffn")]
                 + [(n, ctypes.c_void_p) for n in ("attn_norm", "wq", "wkv", "wo", "q_norm", "k_norm", "ffn_norm",
                                                   "router", "bias", "w_in", "w_out", "s_in", "s_out", "cos", "sin",
-                                                  "key_ok", "keys", "values", "x", "queries")])
+                                                  "key_ok", "keys", "values", "x", "queries")]
+                + [("threads", ctypes.c_int)])
 
 
 def _cpu_flags() -> str:
@@ -171,6 +174,7 @@ def block_step(template: _Step, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
     if cache.queries is not None:  # NACL scores by the step's queries
         queries = x.new_empty(b, step.H, length, step.HD)
     step.B, step.L, step.held, step.cap = b, length, len(cache), cache.keys[layer].shape[2]
+    step.threads = torch.get_num_threads() if b * length >= THREAD_ROWS else 1
     step.E, step.top_k = (num_experts, top_k) if step.router is not None else (0, 0)
     step.cos, step.sin, step.key_ok, step.x = cos.data_ptr(), sin.data_ptr(), cache.key_ok.data_ptr(), x.data_ptr()
     step.keys, step.values = cache.keys[layer].data_ptr(), cache.values[layer].data_ptr()
