@@ -4,7 +4,6 @@
  * per op (about 90 aten calls a block); a step of a few rows does little arithmetic, so here it is one
  * call. omniar/backbone/fused.py builds this file on first use and checks it against the eager block. */
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -400,44 +399,22 @@ void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, fl
     for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
 }
 
-typedef struct {
-    Step s;
-    int rc;
-} Part;
-
-static void *run_part(void *arg) {
-    Part *part = arg;
-    part->rc = block_rows(&part->s);
-    return NULL;
-}
-
-/* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, each on its own
- * thread (the caller's for the first), with the same arithmetic per row as one call. */
+/* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, on torch's OpenMP
+ * threads (this library's libgomp.so.1 resolves to the runtime torch has loaded), each part as one call would. */
 int omniar_block_step(const Step *s) {
-    enum { MAX_PARTS = 64 };
-    int parts = s->threads < s->B ? s->threads : s->B;
-    if (parts > MAX_PARTS) parts = MAX_PARTS;
-    if (parts <= 1) return block_rows(s);
-    Part part[MAX_PARTS];
-    pthread_t tid[MAX_PARTS];
-    int started[MAX_PARTS] = {0}, rc = 0;
+    const int parts = s->threads < s->B ? (s->threads > 1 ? s->threads : 1) : s->B;
+    int rc = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
     for (int i = 0; i < parts; i++) {
         const int b0 = s->B * i / parts, b1 = s->B * (i + 1) / parts;
-        Step *q = &part[i].s;
-        *q = *s;
-        q->B = b1 - b0;
-        q->key_ok += (size_t)b0 * s->cap;
-        q->keys += (size_t)b0 * s->KVH * s->cap * s->HD;
-        q->values += (size_t)b0 * s->KVH * s->cap * s->HD;
-        q->x += (size_t)b0 * s->L * s->D;
-        if (q->queries) q->queries += (size_t)b0 * s->H * s->L * s->HD;
-        if (i > 0) started[i] = pthread_create(&tid[i], NULL, run_part, &part[i]) == 0;
+        Step q = *s;
+        q.B = b1 - b0;
+        q.key_ok += (size_t)b0 * s->cap;
+        q.keys += (size_t)b0 * s->KVH * s->cap * s->HD;
+        q.values += (size_t)b0 * s->KVH * s->cap * s->HD;
+        q.x += (size_t)b0 * s->L * s->D;
+        if (q.queries) q.queries += (size_t)b0 * s->H * s->L * s->HD;
+        rc |= block_rows(&q);
     }
-    for (int i = 0; i < parts; i++)
-        if (!started[i]) run_part(&part[i]); /* the caller's part, and any a thread could not take */
-    for (int i = 1; i < parts; i++) {
-        if (started[i]) pthread_join(tid[i], NULL);
-        rc |= part[i].rc;
-    }
-    return rc | part[0].rc;
+    return rc;
 }

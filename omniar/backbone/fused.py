@@ -28,7 +28,10 @@ from .._pretrained import write_file_atomically
 from .moe import MoELayer
 
 SOURCE = Path(__file__).with_name("_fused_step.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-ffp-contract=fast", "-pthread", "-shared", "-fPIC", "-std=c11")
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
+# with OpenMP the batch parts of a step run on torch's threads (its libgomp.so.1 is the one already loaded); the
+# second is the fallback where -fopenmp does not build (its simd pragmas only)
+OPENMP = ("-fopenmp", "-fopenmp-simd")
 # steps of at most this many rows (batch x tokens, CFG rows included) run fused; measured in BENCHMARKS.md
 MAX_ROWS = 128
 # fused steps of at least this many rows split their batch across torch.get_num_threads() threads (BENCHMARKS.md)
@@ -59,22 +62,27 @@ def _cpu_flags() -> str:
 
 def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctypes.CDLL | None:
     """The kernel (``source_file``, by default this package's) compiled by ``compiler`` into ``cache`` (once per
-    source, flags, compiler and CPU), loaded; None where it cannot be (no compiler, not Linux, a failed build: one
-    warning)."""
+    source, flags, compiler and CPU), loaded: with OpenMP where it builds, else without (the batch parts of a step
+    then run one after another); None where it cannot be built at all (no compiler, not Linux: one warning)."""
     if compiler is None or platform.system() != "Linux":
         return None
     source = source_file.read_bytes()
-    key = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), compiler.encode(),
-                                     platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-    path = cache / f"fused_step-{key}.so"
-    try:
-        if not path.is_file():
-            cache.mkdir(parents=True, exist_ok=True)
-            write_file_atomically(path, lambda tmp: subprocess.run(
-                [compiler, *FLAGS, "-o", str(tmp), str(source_file), "-lm"], check=True, capture_output=True))
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as e:
-        warnings.warn(f"omniar: fused generation steps unavailable, running them eagerly ({e})", stacklevel=3)
+    for openmp in OPENMP:
+        flags = (*FLAGS, openmp)
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
+                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
+        path = cache / f"fused_step-{key}.so"
+        try:
+            if not path.is_file():
+                cache.mkdir(parents=True, exist_ok=True)
+                write_file_atomically(path, lambda tmp: subprocess.run(
+                    [compiler, *flags, "-o", str(tmp), str(source_file), "-lm"], check=True, capture_output=True))
+            lib = ctypes.CDLL(str(path))
+            break
+        except (OSError, subprocess.CalledProcessError) as e:
+            error = e
+    else:
+        warnings.warn(f"omniar: fused generation steps unavailable, running them eagerly ({error})", stacklevel=3)
         return None
     lib.omniar_block_step.argtypes = [ctypes.POINTER(_Step)]
     lib.omniar_block_step.restype = ctypes.c_int
