@@ -4,8 +4,9 @@ For each (batch, frames) of the grid and each setting, one call per round: wall,
 generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass), (``--memory``, current path
 only) the peak of live tensor memory, and (``--flops``, current path only) the transformer's FLOPs in a call
 (attention and the grouped expert GEMMs included, which ``FlopCounterMode`` does not count on CPU by itself; counted
-with the fused C steps off, which it cannot see; also those of latent frames 1, middle and last) over its generate CPU time, as a share of a matmul peak measured in the
-same worker (2048^3, fp32, and bf16 for the ``bf16`` setting). Each time is also taken as the process's CPU time
+with the fused C steps off, which it cannot see; also those of latent frames 1, middle and last) over its generate
+CPU time, as a share of a matmul peak measured in the same worker (2048^3, fp32, and bf16 for the ``bf16``
+setting). Each time is also taken as the process's CPU time
 (``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates wall times by
 whole seconds but not the CPU time the call consumes (with one thread, CPU time is the wall time of an idle
 machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact), ``bf16-decode``
