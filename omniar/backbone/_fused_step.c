@@ -19,7 +19,7 @@ typedef struct {
     float *keys, *values; /* (B, KVH, cap, HD) */
     float *x; /* (B, L, D), updated in place */
     float *queries; /* (B, H, L, HD): the rotated queries, or NULL */
-    int threads; /* the batch splits into up to this many parts, one thread each (last: older callers omit it) */
+    int threads; /* up to this many parts of the batch at once, a thread each (last: earlier kernels ignore it) */
 } Step;
 
 /* The products are register-blocked on GCC / clang vectors of 16 floats (AVX-512 here, narrower vectors or
@@ -118,19 +118,13 @@ static void mm_nn_acc(int R, int K, int N, const float *x, int ldx, const float 
                 const int rb = R - r < 4 ? R - r : 4;
                 const float *a = x + (size_t)r * ldx, *w = W + n;
                 float *o = y + (size_t)r * ldy + n;
-                switch (rb * 8 + nv) { /* constant tile sizes, as above */
-                case 36: outer_tile(4, 4, K, a, ldx, w, ldw, o, ldy); break;
-                case 34: outer_tile(4, 2, K, a, ldx, w, ldw, o, ldy); break;
-                case 33: outer_tile(4, 1, K, a, ldx, w, ldw, o, ldy); break;
-                case 28: outer_tile(3, 4, K, a, ldx, w, ldw, o, ldy); break;
-                case 26: outer_tile(3, 2, K, a, ldx, w, ldw, o, ldy); break;
-                case 25: outer_tile(3, 1, K, a, ldx, w, ldw, o, ldy); break;
-                case 20: outer_tile(2, 4, K, a, ldx, w, ldw, o, ldy); break;
-                case 18: outer_tile(2, 2, K, a, ldx, w, ldw, o, ldy); break;
-                case 17: outer_tile(2, 1, K, a, ldx, w, ldw, o, ldy); break;
-                case 12: outer_tile(1, 4, K, a, ldx, w, ldw, o, ldy); break;
-                case 10: outer_tile(1, 2, K, a, ldx, w, ldw, o, ldy); break;
-                case 9: outer_tile(1, 1, K, a, ldx, w, ldw, o, ldy); break;
+                switch (rb * 8 + nv) { /* constant tile sizes: the tile's accumulators stay in registers */
+#define TILE(rb, nv)                                                                                                   \
+    case rb * 8 + nv: outer_tile(rb, nv, K, a, ldx, w, ldw, o, ldy); break;
+#define TILES(rb) TILE(rb, 4) TILE(rb, 2) TILE(rb, 1)
+                    TILES(4) TILES(3) TILES(2) TILES(1)
+#undef TILES
+#undef TILE
                 }
             }
     for (int r = 0; r < R; r++)
@@ -172,7 +166,7 @@ static void mm_nt(int R, int K, int N, const float *x, const float *W, float *y)
             const int rb = R - r < 4 ? R - r : 4;
             const float *a = x + (size_t)r * K, *w = W + (size_t)n * K;
             float *o = y + (size_t)r * N + n;
-            switch (nb == 4 ? rb : 0) { /* constant tile sizes: the tile's accumulators stay in registers */
+            switch (nb == 4 ? rb : 0) { /* constant tile sizes, as in mm_nn_acc */
             case 4: dot_tile(4, 4, K, a, w, o, N); break;
             case 3: dot_tile(3, 4, K, a, w, o, N); break;
             case 2: dot_tile(2, 4, K, a, w, o, N); break;
