@@ -6,6 +6,8 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
   frames (rows = batch x tokens: 2-128 and 8-512), the fusion limit lifted so that every row count is timed;
   the median over rounds of each scale's mean step time, and eager / fused; with ``--against REV`` also fused
   with the kernel of revision REV (its ``_fused_step.c`` built beside today's), and REV / fused per round;
+* prompt passes: the default prompt for 1 and 2 clips with CFG (96 and 192 rows), eager and fused alternating (the
+  limit lifted), medians and eager / fused;
 * whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: all in torch),
   ``without ABLATE`` (the default with one of the other steps' C calls, ``--ablate``: ``qk_prep``, the attention's
   QK-norm, RoPE and cache write, left to torch) and
@@ -34,6 +36,7 @@ import torch
 
 from omniar.backbone import fused
 from omniar.generation import TextToVideoPipeline
+from omniar.generation.pipeline import text_inputs
 
 PROMPT = "a red circle moves right on a black background"
 ABLATIONS = ("qk_prep",)
@@ -83,6 +86,18 @@ def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
                 model.forward_scale(inputs, f, s, cache)
                 times[s] += (time.perf_counter() - start) / frames
     return times
+
+
+def prompt_time(pipe, clips: int, fuse: bool) -> tuple[float, int]:
+    """Seconds of one prompt pass of ``clips`` clips with CFG, and its rows (batch x held text tokens)."""
+    pipe.model.fused_steps = fuse
+    text = text_inputs([PROMPT] * clips + [None] * clips, pipe.max_text_len, pipe.text_tokenizer, pipe.text_encoder,
+                       "cpu")
+    with torch.no_grad():
+        cache = pipe.model.new_cache(5)
+        start = time.perf_counter()
+        pipe.model.forward_text(cache=cache, **text)
+        return time.perf_counter() - start, len(cache) * 2 * clips
 
 
 class ablated:
@@ -163,6 +178,18 @@ def run(threads: int, rounds: int, ablate: str, against: str | None = None, old_
                     row[f"{against}_ms"] = med[against] * 1e3
                     row[f"{against}_over_fused"] = statistics.median(o[s] / f[s] for o, f in
                                                                      zip(per[against], per["fused"]))
+        result["prompt"] = {}
+        for clips in (1, 2):
+            per = {False: [], True: []}
+            for r in range(2 * rounds + 1):  # round 0 warms up; the pass is short, so twice the rounds
+                for fuse in ((False, True) if r % 2 else (True, False)):
+                    seconds, rows = prompt_time(pipe, clips, fuse)
+                    if r:
+                        per[fuse].append(seconds)
+            eager, fast = (statistics.median(per[f]) for f in (False, True))
+            result["prompt"][f"{clips} clips ({rows} rows)"] = {
+                "eager_ms": eager * 1e3, "fused_ms": fast * 1e3,
+                "eager_over_fused": statistics.median(e / f for e, f in zip(per[False], per[True]))}
     finally:
         fused.MAX_ROWS = limit
     arms = ("eager", f"without {ablate}", "fused")

@@ -73,7 +73,8 @@ def test_fused_steps_equal_eager(kw, monkeypatch):
 @pytest.mark.parametrize("rows", [3, 5, 7])
 @pytest.mark.parametrize("kw", [{}, dict(hidden_size=40, num_heads=4, num_kv_heads=2, expert_hidden_size=24)])
 def test_fused_steps_of_every_size_equal_eager(rows, kw, monkeypatch):
-    """The row limit lifted: steps of 3 to 112 rows run fused, through each form of the kernel's products (per
+    """The row limit lifted: steps of 3 to 112 rows and the prompt pass (causal, padding before the first token of
+    a row and after the last of another) run fused, through each form of the kernel's products (per
     output, tiles of 4 x 4 in dot form, the transposed outer-product form from 16 rows, tiles cut by rows not a
     multiple of 4, columns not a multiple of 16, a shared dimension not a multiple of 16 (d 40, head dim 10)) and
     both forms of the attention scores (fewer than 8 queries per kv head, or the keys transposed)."""
@@ -83,7 +84,7 @@ def test_fused_steps_of_every_size_equal_eager(rows, kw, monkeypatch):
     monkeypatch.setattr(fused, "block_step", lambda t, x, *a: sizes.append(x.shape[0] * x.shape[1]) or
                         block_step(t, x, *a))
     got = steps(model, True, rows=rows)
-    assert sorted(set(sizes)) == [rows, 4 * rows, 16 * rows]
+    assert sorted(set(sizes)) == [rows, 4 * rows, 6 * rows, 16 * rows]  # 6: the prompt's tokens
     assert close(got, steps(model, False, rows=rows)) < 1e-5
 
 

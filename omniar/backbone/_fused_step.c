@@ -20,6 +20,8 @@ typedef struct {
     float *x; /* (B, L, D), updated in place */
     float *queries; /* (B, H, L, HD): the rotated queries, or NULL */
     int threads; /* up to this many parts of the batch at once, a thread each (last: earlier kernels ignore it) */
+    int causal; /* 0: every query sees every held and new slot (a next-scale step); 1: new token l sees the held
+                 * slots and the new ones through its own (the prompt pass) */
 } Step;
 
 /* The products are register-blocked on GCC / clang vectors of 16 floats (AVX-512 here, narrower vectors or
@@ -272,7 +274,7 @@ static int block_rows(const Step *s) {
     mm_nt(R, D, KVD, xn, s->wkv, kv);
     omniar_qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
                    s->sin, qh, s->keys, s->values);
-    /* every query of a next-scale step sees every real held or new slot: -inf on the others. Per batch row and kv
+    /* a query sees the real slots among its visible ones (-inf on the others; none: zeros). Per batch row and kv
      * head, its heads' queries (nq, HD) at once: scores S = Q K^T, softmax, O = S V. */
     for (int b = 0; b < s->B; b++) {
         const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
@@ -291,10 +293,16 @@ static int block_rows(const Step *s) {
             }
             for (int i = 0; i < nq; i++) {
                 float *p = S + (size_t)i * n_slots, mx = -INFINITY, total = 0.f;
+                const int seen = s->causal ? s->held + i % s->L + 1 : n_slots;
 #pragma omp simd reduction(max : mx)
                 for (int j = 0; j < n_slots; j++) {
-                    p[j] = p[j] * attn_scale + bias[j];
+                    p[j] = j < seen ? p[j] * attn_scale + bias[j] : -INFINITY;
                     mx = p[j] > mx ? p[j] : mx;
+                }
+                if (mx == -INFINITY) { /* no real key visible (padding before any token) */
+                    memset(p, 0, sizeof(float) * n_slots);
+                    inv[i] = 0.f;
+                    continue;
                 }
 #pragma omp simd reduction(+ : total)
                 for (int j = 0; j < n_slots; j++) {

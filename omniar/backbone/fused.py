@@ -50,7 +50,7 @@ class _Step(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in ("attn_norm", "wq", "wkv", "wo", "q_norm", "k_norm", "ffn_norm",
                                                   "router", "bias", "w_in", "w_out", "s_in", "s_out", "cos", "sin",
                                                   "key_ok", "keys", "values", "x", "queries")]
-                + [("threads", ctypes.c_int)])
+                + [("threads", ctypes.c_int), ("causal", ctypes.c_int)])
 
 
 def _cpu_flags() -> str:
@@ -159,8 +159,9 @@ def _template(block) -> _Step | None:
 
 
 def prepare(blocks, x: torch.Tensor, cos: torch.Tensor, cache) -> list[_Step] | None:
-    """The blocks' kernel templates if they can run this step fused (fp32 CPU tensors without gradients, MoE or
-    dense SwiGLU blocks with affine norms, a cache in fp32, at most :data:`MAX_ROWS` rows), else None."""
+    """The blocks' kernel templates if they can run this step or prompt pass fused (fp32 CPU tensors without
+    gradients, MoE or dense SwiGLU blocks with affine norms, a cache in fp32, at most :data:`MAX_ROWS` rows), else
+    None."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled()
             or x.shape[0] * x.shape[1] > MAX_ROWS or not cos.is_contiguous() or cos.dtype != torch.float32
             or not cache.key_ok.is_contiguous() or library() is None):
@@ -172,11 +173,13 @@ def prepare(blocks, x: torch.Tensor, cos: torch.Tensor, cache) -> list[_Step] | 
 
 
 def block_step(template: _Step, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache, layer: int,
-               num_experts: int, top_k: int) -> None:
+               num_experts: int, top_k: int, causal: bool = False) -> None:
     """Run the block of ``template`` (from :func:`prepare`) on ``x`` ``(B, L, d)`` in place, writing its keys and
-    values after the cache's held slots in ``layer`` (the caller commits them), as ``Block.forward`` does for a
-    next-scale step (every query sees every real held or new slot)."""
+    values after the cache's held slots in ``layer`` (the caller commits them), as ``Block.forward`` does: in a
+    next-scale step every query sees every real held or new slot; ``causal`` (the prompt pass), new token l sees
+    the held slots and the new ones through its own, and a query with no real key among them gives zeros."""
     step = _Step.from_buffer_copy(template)  # a copy: calls in other threads may share the block
+    step.causal = causal
     b, length, _ = x.shape
     queries = None
     if cache.queries is not None:  # NACL scores by the step's queries

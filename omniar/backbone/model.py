@@ -183,16 +183,17 @@ class OmniARModel(PretrainedModel, ConfigMixin):
 
     def _trunk(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
                empty: torch.Tensor | None, meta: TokenMeta | None, cache: KVCache | None,
-               templates: list | None = None) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
+               templates: list | None = None, causal: bool = False
+               ) -> tuple[torch.Tensor, torch.Tensor, list[RouterStats]]:
         """The layers over ``x`` (B, L, d); ``meta`` None skips the routing statistics (generation),
         a ``cache`` takes the new keys/values in its booked slots. ``templates`` (from :func:`.fused.prepare`):
-        run the step one C call per block."""
+        run the step one C call per block, ``causal`` for the prompt pass (as ``mask`` says)."""
         spec = self.active_spec
         aux, stats = x.new_zeros((), dtype=torch.float32), []
         if templates is not None:
             x = x.contiguous()
             for i, template in enumerate(templates):
-                fused.block_step(template, x, cos, sin, cache, i, spec.num_experts, spec.top_k)
+                fused.block_step(template, x, cos, sin, cache, i, spec.num_experts, spec.top_k, causal)
         else:
             for i, block in enumerate(self._blocks()):
                 x, layer_aux, layer_stats = block(x, cos, sin, mask, empty, meta, cache, i, spec)
@@ -364,10 +365,13 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         meta = text_meta(text_mask[:, :held])
         mask, empty = attention_mask(meta, meta)
         cache.book(0, held)
-        hidden, _, _ = self._trunk(x[:, :held], cache.cos[:held], cache.sin[:held], mask, empty, None, cache)
+        x, cos = x[:, :held], cache.cos[:held]
+        templates = fused.prepare(self._blocks(), x, cos, cache) if cache.fused else None
+        hidden, _, _ = self._trunk(x, cos, cache.sin[:held], mask, empty, None, cache, templates, causal=True)
         # only now: a refused pass leaves the cache empty and usable
         cache.text_len, cache.text_slots = text_mask.shape[1], held
-        return self.text_head(hidden)  # not the MTP heads: nobody reads them here
+        # not the MTP heads: nobody reads them here
+        return self.text_head(hidden) if templates is None else fused.linear(hidden, self.text_head.weight)
 
     def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
                       start: int = 0, stop: int | None = None) -> torch.Tensor:
