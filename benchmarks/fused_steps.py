@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import statistics
@@ -47,26 +48,10 @@ def kernel_at(rev: str, folder: Path):
     source = folder / "_fused_step.c"
     source.write_bytes(subprocess.run(["git", "show", f"{rev}:omniar/backbone/_fused_step.c"], check=True,
                                       capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout)
-    lib = fused.build(shutil.which("cc"), folder, source)
+    lib = fused.build(shutil.which(os.environ.get("CC") or "cc"), folder, source)
     if lib is None:
         raise SystemExit(f"--against {rev}: its kernel did not build")
     return lib
-
-
-class kernel:
-    """Within the block: fused steps call ``lib`` (None: today's)."""
-
-    def __init__(self, lib) -> None:
-        self.lib = lib
-
-    def __enter__(self) -> None:
-        if self.lib is not None:
-            self.real = fused.library
-            fused.library = lambda: self.lib
-
-    def __exit__(self, *exc) -> None:
-        if self.lib is not None:
-            fused.library = self.real
 
 
 def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:
@@ -100,20 +85,30 @@ def prompt_time(pipe, clips: int, fuse: bool) -> tuple[float, int]:
         return time.perf_counter() - start, len(cache) * 2 * clips
 
 
-class ablated:
-    """Within the block: ``omniar.backbone.fused``'s function ``name`` does nothing (returns None: torch does it)."""
+class swapped:
+    """Within the block, ``omniar.backbone.fused``'s function ``name`` is ``value`` (None: left as it is)."""
 
-    def __init__(self, name: str | None) -> None:
-        self.name = name
+    def __init__(self, name: str, value) -> None:
+        self.name, self.value = name, value
 
     def __enter__(self) -> None:
-        if self.name:
+        if self.value is not None:
             self.real = getattr(fused, self.name)
-            setattr(fused, self.name, lambda *args: None)
+            setattr(fused, self.name, self.value)
 
     def __exit__(self, *exc) -> None:
-        if self.name:
+        if self.value is not None:
             setattr(fused, self.name, self.real)
+
+
+def ablated(name: str | None) -> swapped:
+    """Within the block: ``fused``'s function ``name`` does nothing (returns None: torch does it)."""
+    return swapped(name or "library", (lambda *args: None) if name else None)
+
+
+def kernel(lib) -> swapped:
+    """Within the block: fused steps call ``lib`` (None: today's kernel)."""
+    return swapped("library", None if lib is None else (lambda: lib))
 
 
 def call_times(pipe, arm: str, batch: int, ablate: str) -> tuple[float, float]:
