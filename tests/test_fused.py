@@ -90,9 +90,9 @@ def test_fused_steps_of_every_size_equal_eager(rows, kw, monkeypatch):
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_fused_steps_split_across_threads_equal_one_thread(threads, monkeypatch):
-    """A step's batch split into parts on their own threads (5 rows into 2 or 3 uneven parts) gives the logits of
-    one thread, within fp32 rounding (a part's row count picks the form of its products, so the summation order
-    can differ)."""
+    """A step's batch split into parts run on OpenMP threads (5 rows into 2 or 3 uneven parts) gives the logits of
+    one part, within fp32 rounding (a part's row count picks the form of its products, so the summation order can
+    differ)."""
     model = model_of()
     monkeypatch.setattr(fused, "MAX_ROWS", 1 << 30)
     monkeypatch.setattr(fused, "THREAD_ROWS", 1 << 30)
