@@ -251,7 +251,7 @@ def rule(n: int, settings: list[str], device: str, reference: str = "fp32") -> d
     classifier = load_classifier()
     scores = {s: evaluate_split(load(s, device), classifier, "seen", n) for s in dict.fromkeys([reference, *settings])}
     ref = scores[reference]
-    low, high = ref["all_ci95"]  # Wilson interval of the fp32 adherence
+    low, high = ref["all_ci95"]  # Wilson interval of the reference's adherence
     out = {"n": n, "scores": scores}
     for s in list(scores)[1:]:
         out[f"{s}_passes"] = bool(low <= scores[s]["all"] <= high

@@ -30,8 +30,8 @@ Generation (KV cache, one forward per scale)::
 
 The cache preallocates its keys/values per layer and builds the layout, RoPE
 tables and key mask once per call; each step writes in place (see ``KVCache``).
-Steps of at most ``fused.MAX_ROWS`` rows run each block as one C call (fp32, CPU,
-no gradients; :mod:`omniar.backbone.fused`), the others their attention's QK-norm, RoPE and
+Steps and prompt passes of at most ``fused.MAX_ROWS`` rows run each block as one C call (fp32,
+CPU, no gradients; :mod:`omniar.backbone.fused`), the others their attention's QK-norm, RoPE and
 cache write; ``model.fused_steps = False`` keeps every step in torch (for caches made after).
 The text's padding after the last real token of every row is neither run nor cached.
 ``model.new_cache(max_frames, budget=KVBudget(tokens, "window" | "nacl"))`` bounds it for long video:
