@@ -4,13 +4,17 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.omniar-installed
+PIP := $(PY) -m pip install -q --retries 10
+EXTRAS := .[dev,text]
+# A download from the registry can break off mid-file: each install step is tried three times.
+retry = for try in 1 2 3; do $(1) && break; test $$try = 3 && exit 1; sleep 10; done
 
 .PHONY: demo test venv clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,text]'
+	$(call retry,$(PIP) --upgrade pip)
+	$(call retry,$(PIP) --resume-retries 20 -c constraints.txt -e '$(EXTRAS)')
 	touch $(STAMP)
 
 venv: $(STAMP)
