@@ -13,8 +13,10 @@ fp32 matmul rate.
         --out benchmarks/results/moe_shipped_generation.json
 
 ``--generation N ...``: also, in the same run, eval-time forward only (no autograd) at those token
-counts, as a generation step runs the layer: ours with and without routing statistics, and an
-alternative dispatch for a few tokens measured and not adopted (:func:`all_experts_forward`).
+counts, as a generation step runs the layer: ours with and without routing statistics, ours with
+``moe_impl="grouped_mm"`` (without the fused kernel's one-call path that ``"auto"`` takes up to
+``fused.MOE_ROWS`` rows), and an alternative dispatch for a few tokens measured and not adopted
+(:func:`all_experts_forward`).
 """
 
 from __future__ import annotations
@@ -279,7 +281,10 @@ def main() -> None:
     if args.generation:
         # copies in their own memory: with more than one, each layer's weights are cold, as in a model's step
         extra = range(args.generation_layers - 1)
+        grouped = copy.deepcopy(ours)
+        grouped.impl = "grouped_mm"
         stacks = {"ours": [ours] + [copy.deepcopy(ours) for _ in extra],
+                  "ours_grouped": [grouped] + [copy.deepcopy(grouped) for _ in extra],
                   "dense": [dense] + [copy.deepcopy(dense) for _ in extra],
                   "masked_loop": [loop] + [copy.deepcopy(loop) for _ in extra],
                   "deepspeed": [ds] + [deepspeed_moe(d, h, e, k).to(device, dtype) for _ in extra]}
@@ -289,6 +294,7 @@ def main() -> None:
             "ours": ("ours", lambda m, xi: m(xi, None, None, e, k, 0)),
             "ours_with_statistics": ("ours", lambda m, xi: m(xi, valid[:, :xi.shape[1]], is_text[:xi.shape[1]],
                                                              e, k, 0)),
+            "ours_grouped": ("ours_grouped", lambda m, xi: m(xi, None, None, e, k, 0)),
             "all_experts": ("ours", lambda m, xi: all_experts_forward(m, xi, k)),
             "dense": ("dense", lambda m, xi: m(xi)), "masked_loop": ("masked_loop", lambda m, xi: m(xi)),
             "deepspeed": ("deepspeed", lambda m, xi: m(xi))}

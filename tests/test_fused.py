@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from omniar.backbone import KVBudget, OmniARConfig, OmniARModel, fused
+from omniar.backbone import KVBudget, MoELayer, OmniARConfig, OmniARModel, fused
 from omniar.generation import TextToVideoPipeline
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler: steps stay eager")
@@ -19,8 +19,9 @@ SCALES = (1, 2, 4)
 
 
 def model_of(**kw) -> OmniARModel:
+    # moe_impl "loop": the eager steps' MoE layers in torch (with "auto" they take the kernel's MoE call too)
     base = dict(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, num_experts=4, top_k=2,
-                expert_hidden_size=32, codebook_size=32, code_dim=4, scales=SCALES)
+                expert_hidden_size=32, codebook_size=32, code_dim=4, scales=SCALES, moe_impl="loop")
     base.update(kw)
     torch.manual_seed(0)
     model = OmniARModel.from_config_obj(OmniARConfig(**base)).eval()
@@ -172,6 +173,66 @@ def test_shipped_pipeline_draws_the_same_codes_fused_or_eager():
     pipe.model.fused_steps = True
     same = sum(int((a == b).sum()) for a, b in zip(codes[True], codes[False]))
     assert same / sum(c.numel() for c in codes[True]) >= 0.99
+
+
+def moe_layer(gating: str, shared: int, dim: int = 64, hidden: int = 32, experts: int = 6) -> MoELayer:
+    torch.manual_seed(0)
+    layer = MoELayer(dim, hidden, experts, shared, gating, 0.0, 0.0, "auto").eval()
+    with torch.no_grad():
+        for p in (layer.w_in, layer.w_out):
+            p.normal_(0, 0.1)
+        layer.selection_bias.normal_(0, 0.05)
+    return layer
+
+
+def _moe_calls(monkeypatch) -> list[int]:
+    """The thread counts of the kernel's MoE calls from now on."""
+    seen, kernel = [], fused.library().omniar_moe
+    monkeypatch.setattr(fused.library(), "omniar_moe", lambda step, *a: seen.append(step._obj.threads) or
+                        kernel(step, *a))
+    return seen
+
+
+@pytest.mark.parametrize("gating,shared,dim,hidden", [("softmax", 1, 64, 32), ("sigmoid", 0, 64, 32),
+                                                      ("softmax", 2, 40, 24)])
+@pytest.mark.parametrize("experts,top_k", [(6, 2), (5, 3), (6, 1)])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_moe_layer_in_one_call_equals_the_grouped_dispatch(gating, shared, dim, hidden, experts, top_k, threads,
+                                                           monkeypatch):
+    """An MoE layer's eval forward without statistics (moe_impl "auto") runs as one kernel call, its rows split
+    over the threads, elastic widths (the first 5 of 6 experts) and top-k included, and gives the torch
+    dispatch's output within fp32 rounding."""
+    layer = moe_layer(gating, shared, dim, hidden)
+    in_torch = copy.deepcopy(layer)
+    in_torch.impl = "loop"
+    calls = _moe_calls(monkeypatch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    x = torch.randn(2, 7, dim)  # 14 rows: parts of uneven size
+    with torch.no_grad():
+        got = layer(x, None, None, experts, top_k, 0)
+        want = in_torch(x, None, None, experts, top_k, 0)
+    assert calls == [threads]
+    assert got[2] is None and float(got[1]) == 0.0
+    assert float((got[0] - want[0]).abs().max() / want[0].abs().max()) < 1e-5
+
+
+def test_moe_layer_in_one_call_only_where_it_applies(monkeypatch):
+    layer = moe_layer("softmax", 1)
+    calls = _moe_calls(monkeypatch)
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        layer(x, None, None, 6, 2, 0)
+        assert len(calls) == 1
+        layer(x, torch.ones(1, 5, dtype=torch.bool), torch.zeros(5, dtype=torch.bool), 6, 2, 0)  # statistics
+        layer(torch.randn(1, fused.MOE_ROWS + 1, 64), None, None, 6, 2, 0)  # too many rows
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layer(x, None, None, 6, 2, 0)
+        layer.impl = "grouped_mm"
+        layer(x, None, None, 6, 2, 0)
+        layer.impl = "auto"
+        layer.to(torch.bfloat16)(x.bfloat16(), None, None, 6, 2, 0)
+    layer.float()(x, None, None, 6, 2, 0)  # gradients on
+    assert len(calls) == 1
 
 
 def test_a_model_that_ran_fused_steps_still_copies_and_pickles():

@@ -247,83 +247,21 @@ void omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, flo
         }
 }
 
-static int block_rows(const Step *s) {
-    const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD;
-    const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
-    const int hid = s->hidden, shid = s->shared_hidden, wide = (hid > shid ? hid : shid);
-    const int K1 = s->top_k > 0 ? s->top_k : 1, E1 = s->E > 0 ? s->E : 1;
-    const int nq = groups * s->L; /* queries per batch row and kv head */
-    /* one work buffer, carved below */
-    const size_t floats = (size_t)R * (2 * D + 3 * QD + KVD + 3 * wide + D + 1 + K1) + E1 +
-                          (size_t)n_slots * (1 + nq + HD) + (size_t)nq * (HD + 1);
-    float *work = malloc(sizeof(float) * floats + sizeof(int) * (size_t)R * (1 + K1));
-    if (!work) return 1;
-    float *xn = work, *q = xn + (size_t)R * D, *kv = q + (size_t)R * QD, *att = kv + (size_t)R * KVD;
-    float *y = att + (size_t)R * QD, *h2 = y + (size_t)R * D, *h1 = h2 + (size_t)R * 2 * wide;
-    float *rows = h1 + (size_t)R * wide, *scale = rows + (size_t)R * D, *gate = scale + R;
-    float *bias = gate + (size_t)R * K1, *S = bias + n_slots, *Kt = S + (size_t)nq * n_slots;
-    float *O = Kt + (size_t)HD * n_slots, *inv = O + (size_t)nq * HD, *logits = inv + nq;
-    int *members = (int *)(logits + E1), *chosen = members + R;
-    /* the rotated queries, head-major (B, H, L, HD): the caller's buffer where it keeps them (NACL) */
-    float *qh = s->queries ? s->queries : (float *)(chosen + (size_t)R * K1);
-    const float attn_scale = 1.f / sqrtf((float)HD);
+/* Work space of ffn_rows for R rows: this many floats, then ffn_ints ints. */
+static size_t ffn_floats(const Step *s, int R) {
+    const int wide = s->hidden > s->shared_hidden ? s->hidden : s->shared_hidden, K1 = s->top_k > 0 ? s->top_k : 1;
+    return (size_t)R * (3 * wide + s->D + 1 + K1) + (s->E > 0 ? s->E : 1);
+}
+static size_t ffn_ints(const Step *s, int R) { return (size_t)R * (1 + (s->top_k > 0 ? s->top_k : 1)); }
 
-    /* attention: projections, QK-norm, RoPE, cache write */
-    for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->attn_norm, s->eps_attn, xn + (size_t)r * D);
-    mm_nt(R, D, QD, xn, s->wq, q);
-    mm_nt(R, D, KVD, xn, s->wkv, kv);
-    omniar_qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
-                   s->sin, qh, s->keys, s->values);
-    /* a query sees the real slots among its visible ones (-inf on the others; none: zeros). Per batch row and kv
-     * head, its heads' queries (nq, HD) at once: scores S = Q K^T, softmax, O = S V. */
-    for (int b = 0; b < s->B; b++) {
-        const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
-        for (int j = 0; j < n_slots; j++) bias[j] = ok[j] ? 0.f : -INFINITY;
-        for (int g = 0; g < G; g++) {
-            const float *Q = qh + ((size_t)b * H + (size_t)g * groups) * s->L * HD;
-            const float *K = s->keys + ((size_t)b * G + g) * s->cap * HD;
-            const float *V = s->values + ((size_t)b * G + g) * s->cap * HD;
-            if (nq >= 8) { /* enough queries to pay for one transposed copy of the keys (outer-product form) */
-                for (int j = 0; j < n_slots; j++)
-                    for (int d = 0; d < HD; d++) Kt[(size_t)d * n_slots + j] = K[(size_t)j * HD + d];
-                memset(S, 0, sizeof(float) * nq * n_slots);
-                mm_nn_acc(nq, HD, n_slots, Q, HD, Kt, n_slots, S, n_slots);
-            } else {
-                mm_nt(nq, HD, n_slots, Q, K, S);
-            }
-            for (int i = 0; i < nq; i++) {
-                float *p = S + (size_t)i * n_slots, mx = -INFINITY, total = 0.f;
-                const int seen = s->causal ? s->held + i % s->L + 1 : n_slots;
-#pragma omp simd reduction(max : mx)
-                for (int j = 0; j < n_slots; j++) {
-                    p[j] = j < seen ? p[j] * attn_scale + bias[j] : -INFINITY;
-                    mx = p[j] > mx ? p[j] : mx;
-                }
-                if (mx == -INFINITY) { /* no real key visible (padding before any token) */
-                    memset(p, 0, sizeof(float) * n_slots);
-                    inv[i] = 0.f;
-                    continue;
-                }
-#pragma omp simd reduction(+ : total)
-                for (int j = 0; j < n_slots; j++) {
-                    p[j] = exp_(p[j] - mx);
-                    total += p[j];
-                }
-                inv[i] = 1.f / total;
-            }
-            memset(O, 0, sizeof(float) * nq * HD);
-            mm_nn_acc(nq, n_slots, HD, S, n_slots, V, HD, O, HD);
-            for (int i = 0; i < nq; i++) { /* query i is head g * groups + i / L at token i % L */
-                float *o = att + ((size_t)b * s->L + i % s->L) * QD + (size_t)(g * groups + i / s->L) * HD;
-                for (int d = 0; d < HD; d++) o[d] = O[(size_t)i * HD + d] * inv[i];
-            }
-        }
-    }
-    mm_nt(R, QD, D, att, s->wo, y);
-    for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
-
-    /* FFN: shared (or dense) SwiGLU, then each routed expert over the rows that chose it */
-    for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->ffn_norm, s->eps_ffn, xn + (size_t)r * D);
+/* y (R, D) = the FFN of the normed rows xn (R, D): the shared (or dense) SwiGLU, then each routed expert over the
+ * rows that chose it (as MoELayer.forward in eval). work: ffn_floats floats, then ffn_ints ints. */
+static void ffn_rows(const Step *s, int R, const float *xn, float *y, float *work) {
+    const int D = s->D, hid = s->hidden, shid = s->shared_hidden;
+    const int wide = hid > shid ? hid : shid, K1 = s->top_k > 0 ? s->top_k : 1;
+    float *h2 = work, *h1 = h2 + (size_t)R * 2 * wide, *rows = h1 + (size_t)R * wide, *scale = rows + (size_t)R * D;
+    float *gate = scale + R, *logits = gate + (size_t)R * K1;
+    int *members = (int *)(logits + (s->E > 0 ? s->E : 1)), *chosen = members + R;
     memset(y, 0, sizeof(float) * R * D);
     if (s->s_in) {
         mm_nt(R, D, 2 * shid, xn, s->s_in, h2);
@@ -389,6 +327,81 @@ static int block_rows(const Step *s) {
             }
         }
     }
+}
+
+static int block_rows(const Step *s) {
+    const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD;
+    const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
+    const int nq = groups * s->L; /* queries per batch row and kv head */
+    /* one work buffer, carved below: the attention's floats, the FFN's work space, the queries */
+    const size_t floats = (size_t)R * (2 * D + 2 * QD + KVD) + (size_t)n_slots * (1 + nq + HD) +
+                          (size_t)nq * (HD + 1) + ffn_floats(s, R) + ffn_ints(s, R) + (size_t)R * QD;
+    float *work = malloc(sizeof(float) * floats);
+    if (!work) return 1;
+    float *xn = work, *q = xn + (size_t)R * D, *kv = q + (size_t)R * QD, *att = kv + (size_t)R * KVD;
+    float *y = att + (size_t)R * QD, *bias = y + (size_t)R * D, *S = bias + n_slots, *Kt = S + (size_t)nq * n_slots;
+    float *O = Kt + (size_t)HD * n_slots, *inv = O + (size_t)nq * HD, *fw = inv + nq;
+    /* the rotated queries, head-major (B, H, L, HD): the caller's buffer where it keeps them (NACL) */
+    float *qh = s->queries ? s->queries : fw + ffn_floats(s, R) + ffn_ints(s, R);
+    const float attn_scale = 1.f / sqrtf((float)HD);
+
+    /* attention: projections, QK-norm, RoPE, cache write */
+    for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->attn_norm, s->eps_attn, xn + (size_t)r * D);
+    mm_nt(R, D, QD, xn, s->wq, q);
+    mm_nt(R, D, KVD, xn, s->wkv, kv);
+    omniar_qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
+                   s->sin, qh, s->keys, s->values);
+    /* a query sees the real slots among its visible ones (-inf on the others; none: zeros). Per batch row and kv
+     * head, its heads' queries (nq, HD) at once: scores S = Q K^T, softmax, O = S V. */
+    for (int b = 0; b < s->B; b++) {
+        const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
+        for (int j = 0; j < n_slots; j++) bias[j] = ok[j] ? 0.f : -INFINITY;
+        for (int g = 0; g < G; g++) {
+            const float *Q = qh + ((size_t)b * H + (size_t)g * groups) * s->L * HD;
+            const float *K = s->keys + ((size_t)b * G + g) * s->cap * HD;
+            const float *V = s->values + ((size_t)b * G + g) * s->cap * HD;
+            if (nq >= 8) { /* enough queries to pay for one transposed copy of the keys (outer-product form) */
+                for (int j = 0; j < n_slots; j++)
+                    for (int d = 0; d < HD; d++) Kt[(size_t)d * n_slots + j] = K[(size_t)j * HD + d];
+                memset(S, 0, sizeof(float) * nq * n_slots);
+                mm_nn_acc(nq, HD, n_slots, Q, HD, Kt, n_slots, S, n_slots);
+            } else {
+                mm_nt(nq, HD, n_slots, Q, K, S);
+            }
+            for (int i = 0; i < nq; i++) {
+                float *p = S + (size_t)i * n_slots, mx = -INFINITY, total = 0.f;
+                const int seen = s->causal ? s->held + i % s->L + 1 : n_slots;
+#pragma omp simd reduction(max : mx)
+                for (int j = 0; j < n_slots; j++) {
+                    p[j] = j < seen ? p[j] * attn_scale + bias[j] : -INFINITY;
+                    mx = p[j] > mx ? p[j] : mx;
+                }
+                if (mx == -INFINITY) { /* no real key visible (padding before any token) */
+                    memset(p, 0, sizeof(float) * n_slots);
+                    inv[i] = 0.f;
+                    continue;
+                }
+#pragma omp simd reduction(+ : total)
+                for (int j = 0; j < n_slots; j++) {
+                    p[j] = exp_(p[j] - mx);
+                    total += p[j];
+                }
+                inv[i] = 1.f / total;
+            }
+            memset(O, 0, sizeof(float) * nq * HD);
+            mm_nn_acc(nq, n_slots, HD, S, n_slots, V, HD, O, HD);
+            for (int i = 0; i < nq; i++) { /* query i is head g * groups + i / L at token i % L */
+                float *o = att + ((size_t)b * s->L + i % s->L) * QD + (size_t)(g * groups + i / s->L) * HD;
+                for (int d = 0; d < HD; d++) o[d] = O[(size_t)i * HD + d] * inv[i];
+            }
+        }
+    }
+    mm_nt(R, QD, D, att, s->wo, y);
+    for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
+
+    /* FFN */
+    for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->ffn_norm, s->eps_ffn, xn + (size_t)r * D);
+    ffn_rows(s, R, xn, y, fw);
     for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
     free(work);
     return 0;
@@ -399,6 +412,26 @@ void omniar_linear(int R, int K, int N, const float *x, const float *W, float *y
 
 void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, float *y) {
     for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
+}
+
+/* MoELayer.forward in eval of the R rows x (R, D) into y (R, D): s holds the FFN's fields (D, E, top_k, hidden,
+ * shared_hidden, sigmoid, router, bias, w_in, w_out, s_in, s_out) and threads; rows never meet, so up to s->threads
+ * parts of them run at once, as the batch parts of a block step do. */
+int omniar_moe(const Step *s, int R, const float *x, float *y) {
+    const int parts = s->threads < R ? (s->threads > 1 ? s->threads : 1) : R;
+    int rc = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
+    for (int i = 0; i < parts; i++) {
+        const int r0 = R * i / parts, n = R * (i + 1) / parts - r0;
+        float *work = malloc(sizeof(float) * (ffn_floats(s, n) + ffn_ints(s, n)));
+        if (!work) {
+            rc |= 1;
+            continue;
+        }
+        ffn_rows(s, n, x + (size_t)r0 * s->D, y + (size_t)r0 * s->D, work);
+        free(work);
+    }
+    return rc;
 }
 
 /* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, on torch's OpenMP

@@ -43,7 +43,8 @@ class OmniARConfig(ScaleSchedule):
     bias moves by it after every optimizer step; 1e-3 by BENCHMARKS.md, "Balancer";
     the shipped model was trained with 1e-4), ``seq_balance_loss_coef`` and
     ``router_z_loss_coef`` weight the optional losses. ``moe_impl``:
-    ``"auto"`` (grouped_mm where it runs), ``"grouped_mm"`` or ``"loop"``.
+    ``"auto"`` (an eval forward without statistics of a few fp32 CPU rows as one call of the fused
+    kernel, else grouped_mm where it runs), ``"grouped_mm"`` or ``"loop"`` (always in torch).
     ``elastic_*``: sampling probabilities and lower bounds of elastic training.
     ``exit_adapter_depths``: the sub-model depths that end in an exit adapter (a residual MLP of hidden size
     ``exit_adapter_hidden_size`` before the final norm, run only at that depth, identity at the start), trained

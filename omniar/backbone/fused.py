@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from .._pretrained import write_file_atomically
-from .moe import MoELayer
 
 SOURCE = Path(__file__).with_name("_fused_step.c")
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
@@ -36,9 +35,11 @@ OPENMP = ("-fopenmp", "-fopenmp-simd")
 MAX_ROWS = 128
 # fused steps of at least this many rows split their batch across torch.get_num_threads() threads (BENCHMARKS.md)
 THREAD_ROWS = 2
+# eval forwards of an MoE layer (moe_impl "auto") on at most this many rows run as one call; measured in BENCHMARKS.md
+MOE_ROWS = 128
 
 
-# block -> (its weights' addresses, its template): beside the modules, not on them, which keeps them copyable and
+# block or MoE layer -> (its weights' addresses, its template): beside the modules, not on them, which keeps them copyable and
 # picklable (ctypes structures with pointers are neither)
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -86,6 +87,8 @@ def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctyp
         return None
     lib.omniar_block_step.argtypes = [ctypes.POINTER(_Step)]
     lib.omniar_block_step.restype = ctypes.c_int
+    lib.omniar_moe.argtypes = [ctypes.POINTER(_Step), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    lib.omniar_moe.restype = ctypes.c_int
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     lib.omniar_rms_norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3
     lib.omniar_qk_prep.argtypes = [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 9
@@ -115,47 +118,64 @@ def _eps(norm: torch.nn.RMSNorm) -> float:
     return torch.finfo(torch.float32).eps if norm.eps is None else norm.eps
 
 
+def _ffn_weights(ffn) -> dict[str, torch.Tensor | None]:
+    """The tensors the kernel reads from an MoE layer or a dense SwiGLU ``ffn``, by the kernel's field names."""
+    moe = "router" in ffn._modules
+    dense = ffn._modules.get("shared") if moe else ffn
+    return {"router": ffn._modules["router"]._parameters["weight"] if moe else None,
+            "s_in": None if dense is None else dense._modules["w_in"]._parameters["weight"],
+            "s_out": None if dense is None else dense._modules["w_out"]._parameters["weight"],
+            "bias": ffn._buffers["selection_bias"] if moe else None, "w_in": ffn._parameters["w_in"] if moe else None,
+            "w_out": ffn._parameters["w_out"] if moe else None}
+
+
 def _weights(block) -> dict[str, torch.Tensor | None]:
     """The tensors the kernel reads from ``block``, by the kernel's field names (straight from the modules'
     tables: this runs every step)."""
-    attn, ffn = block._modules["attn"], block._modules["ffn"]
-    moe = isinstance(ffn, MoELayer)
-    dense = ffn._modules.get("shared") if moe else ffn
+    attn = block._modules["attn"]
     w = {"attn_norm": block._modules["attn_norm"], "wq": attn._modules["q_proj"], "wkv": attn._modules["kv_proj"],
          "wo": attn._modules["o_proj"], "q_norm": attn._modules["q_norm"], "k_norm": attn._modules["k_norm"],
-         "ffn_norm": block._modules["ffn_norm"], "router": ffn._modules["router"] if moe else None,
-         "s_in": None if dense is None else dense._modules["w_in"],
-         "s_out": None if dense is None else dense._modules["w_out"]}
+         "ffn_norm": block._modules["ffn_norm"]}
     w = {name: None if m is None else m._parameters["weight"] for name, m in w.items()}
-    w.update(bias=ffn._buffers["selection_bias"] if moe else None, w_in=ffn._parameters["w_in"] if moe else None,
-             w_out=ffn._parameters["w_out"] if moe else None)
-    return w
+    return w | _ffn_weights(block._modules["ffn"])
+
+
+def _cached(module, weights: dict[str, torch.Tensor | None], fields) -> _Step | None:
+    """``module``'s template, kept beside it while its ``weights`` stay where they are: a :class:`_Step` with
+    ``fields()`` and the weights' addresses, or None where the kernel cannot read them (another dtype or
+    device)."""
+    key = tuple(0 if w is None else w.data_ptr() for w in weights.values())
+    cached = _TEMPLATES.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    usable = all(w is None or (w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous())
+                 for w in weights.values())
+    step = _Step(**fields(), **{name: None if w is None else w.data_ptr() for name, w in weights.items()}) \
+        if usable else None
+    _TEMPLATES[module] = (key, step)
+    return step
+
+
+def _ffn_fields(ffn) -> dict:
+    weights = _ffn_weights(ffn)
+    moe = weights["router"] is not None
+    return dict(D=(weights["router"] if moe else weights["s_in"]).shape[1],
+                hidden=weights["w_in"].shape[2] // 2 if moe else 0,
+                shared_hidden=0 if weights["s_out"] is None else weights["s_out"].shape[1],
+                sigmoid=int(moe and ffn.gating == "sigmoid"))
 
 
 def _template(block) -> _Step | None:
-    """``block``'s fixed fields (shapes, norms' eps, weight addresses), kept on the block while its weights stay
-    where they are; None where the kernel cannot run it (another dtype or device, a norm without weight, sharded
-    experts)."""
+    """``block``'s fixed fields (shapes, norms' eps, weight addresses), or None where the kernel cannot run it (a
+    norm without weight, sharded experts, weights it cannot read)."""
     weights = _weights(block)
-    key = tuple(0 if w is None else w.data_ptr() for w in weights.values())
-    cached = _TEMPLATES.get(block)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    attn, ffn = block.attn, block.ffn
-    moe = weights["router"] is not None
-    usable = (not (moe and ffn.ep_group is not None)
-              and all(weights[n] is not None for n in ("attn_norm", "q_norm", "k_norm", "ffn_norm"))
-              and all(w is None or (w.dtype == torch.float32 and w.device.type == "cpu" and w.is_contiguous())
-                      for w in weights.values()))
-    step = _Step(
-        D=attn.q_proj.in_features, H=attn.num_heads, KVH=attn.num_kv_heads, HD=attn.head_dim,
-        hidden=weights["w_in"].shape[2] // 2 if moe else 0,
-        shared_hidden=0 if weights["s_out"] is None else weights["s_out"].shape[1],
-        sigmoid=int(moe and ffn.gating == "sigmoid"), eps_attn=_eps(block.attn_norm), eps_q=_eps(attn.q_norm),
-        eps_k=_eps(attn.k_norm), eps_ffn=_eps(block.ffn_norm),
-        **{name: None if w is None else w.data_ptr() for name, w in weights.items()}) if usable else None
-    _TEMPLATES[block] = (key, step)
-    return step
+    if (any(weights[n] is None for n in ("attn_norm", "q_norm", "k_norm", "ffn_norm"))
+            or getattr(block.ffn, "ep_group", None) is not None):
+        return None
+    attn = block.attn
+    return _cached(block, weights, lambda: _ffn_fields(block.ffn) | dict(
+        H=attn.num_heads, KVH=attn.num_kv_heads, HD=attn.head_dim, eps_attn=_eps(block.attn_norm),
+        eps_q=_eps(attn.q_norm), eps_k=_eps(attn.k_norm), eps_ffn=_eps(block.ffn_norm)))
 
 
 def prepare(blocks, x: torch.Tensor, cos: torch.Tensor, cache) -> list[_Step] | None:
@@ -194,6 +214,25 @@ def block_step(template: _Step, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
         raise MemoryError("omniar: the fused block step could not allocate its work buffers")
     if queries is not None:
         cache.note_queries(layer, queries)
+
+
+def moe(layer, x: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor | None:
+    """The eval output of the MoE layer ``layer`` (routing, shared and routed experts, no statistics) for ``x``
+    ``(B, L, d)`` in one call, its rows split over torch's threads; None (nothing done) where it does not apply:
+    not fp32 CPU rows without gradients or autocast, more than :data:`MOE_ROWS` rows, sharded experts, no kernel."""
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() or not x.is_contiguous()
+            or torch.is_autocast_enabled("cpu") or x.numel() > MOE_ROWS * x.shape[-1] or layer.ep_group is not None
+            or library() is None):
+        return None
+    template = _cached(layer, _ffn_weights(layer), lambda: _ffn_fields(layer))
+    if template is None:
+        return None
+    step = _Step.from_buffer_copy(template)
+    step.E, step.top_k, step.threads = num_experts, top_k, torch.get_num_threads()
+    out = torch.empty_like(x)
+    if library().omniar_moe(ctypes.byref(step), x.numel() // x.shape[-1], x.data_ptr(), out.data_ptr()):
+        raise MemoryError("omniar: the fused MoE layer could not allocate its work buffers")
+    return out
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:

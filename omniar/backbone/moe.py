@@ -26,6 +26,7 @@ from torch import distributed as dist
 from torch import nn
 
 from .._checks import require
+from . import fused
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -243,6 +244,11 @@ class MoELayer(nn.Module):
         """``x`` ``(B, L, d)``, ``valid`` ``(B, L)``, ``is_text`` ``(L,)`` (for statistics only; None in
         eval skips the statistics and returns None for them: generation steps need none)."""
         b, length, d = x.shape
+        if valid is None:
+            require(not self.training, "valid", "is needed in training (load balancing)")
+            out = fused.moe(self, x, num_experts, top_k) if self.impl == "auto" else None
+            if out is not None:
+                return out, x.new_zeros((), dtype=torch.float32), None
         logits, scores, idx, weights = self.route(x, num_experts, top_k)
         # expert-parallel: this rank's experts whatever the width (tokens of a narrower one just skip the rest)
         w_in, w_out = ((self.w_in, self.w_out) if self.ep_group is not None else
@@ -253,7 +259,6 @@ class MoELayer(nn.Module):
         out = dropless_moe(flat, idx.reshape(-1, top_k), weights.reshape(-1, top_k), w_in, w_out, self.impl,
                            self.ep_group, shared).view(b, length, d)
         if valid is None:
-            require(not self.training, "valid", "is needed in training (load balancing)")
             return out, x.new_zeros((), dtype=torch.float32), None
         vf = valid.to(scores.dtype)[..., None]
         with torch.no_grad():
