@@ -150,15 +150,16 @@ static void mm_nt(int R, int K, int N, const float *x, const float *W, float *y)
             }
         return;
     }
-    float *t = R >= VL ? malloc(sizeof(float) * (size_t)R * (K + N)) : NULL;
+    /* x^T's rows padded with zeros to whole vectors: mm_nn_acc's last columns (N mod 16) run as scalars */
+    const int Rp = (R + VL - 1) / VL * VL;
+    float *t = R >= VL ? calloc((size_t)Rp * (K + N), sizeof(float)) : NULL;
     if (t) {
-        float *xt = t, *yt = t + (size_t)R * K;
+        float *xt = t, *yt = t + (size_t)Rp * K;
         for (int r = 0; r < R; r++)
-            for (int k = 0; k < K; k++) xt[(size_t)k * R + r] = x[(size_t)r * K + k];
-        memset(yt, 0, sizeof(float) * (size_t)N * R);
-        mm_nn_acc(N, K, R, W, K, xt, R, yt, R);
+            for (int k = 0; k < K; k++) xt[(size_t)k * Rp + r] = x[(size_t)r * K + k];
+        mm_nn_acc(N, K, Rp, W, K, xt, Rp, yt, Rp);
         for (int r = 0; r < R; r++)
-            for (int n = 0; n < N; n++) y[(size_t)r * N + n] = yt[(size_t)n * R + r];
+            for (int n = 0; n < N; n++) y[(size_t)r * N + n] = yt[(size_t)n * Rp + r];
         free(t);
         return;
     }
