@@ -5,7 +5,7 @@ import torch
 
 from omniar.data.shapes import MovingShapes
 from omniar.tokenizers import MultiScaleCodes, VideoTokenizer
-from omniar.tokenizers.causal3d import GlobalContext
+from omniar.tokenizers.causal3d import Conv2d, GlobalContext, UpsamplingSequential
 
 TINY = dict(channels=(8, 16, 16), latent_channels=8, temporal_compression=4, spatial_compression=4,
             scales=(1, 2, 4, 8), codebook_size=32)
@@ -174,6 +174,42 @@ def test_conv3d_inference_uses_onednn_and_matches_native():
     y = conv(x.requires_grad_())  # training keeps nn.Conv3d's autograd path
     y.sum().backward()
     assert x.grad is not None and conv.weight.grad is not None
+
+
+def test_upsampling_convs_run_at_the_input_resolution_and_equal_the_modules():
+    """The fold decoder's nearest x2 upsampling + 3 x 3 conv pairs run as one stride-2 transposed conv at the input
+    resolution (no upsampled tensor is made): the modules' own result within fp32 rounding (and within bf16's
+    under autocast), gradients included; any other pair runs module by module."""
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**TINY, fold_time=True).eval()
+    frames = tok.decoder.frames
+    assert isinstance(frames, UpsamplingSequential)
+    x = torch.randn(3, TINY["channels"][-1], 8, 10)  # (frames, channels, h, w): not square
+    one_by_one = lambda v: torch.nn.Sequential.forward(frames, v)  # noqa: E731
+    with torch.no_grad(), profile() as prof:
+        got = frames(x)
+    assert "aten::upsample_nearest2d" not in {e.key for e in prof.key_averages()}
+    with torch.no_grad():
+        want = one_by_one(x)
+        assert float((got - want).abs().max()) < 1e-5 * float(want.abs().max())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = frames(x)
+        assert float((half.float() - want).abs().max()) < 2e-2 * float(want.abs().max())
+    xg = x.clone().requires_grad_()
+    grads = []
+    for run in (frames, one_by_one):
+        xg.grad = None
+        tok.zero_grad()
+        run(xg).square().sum().backward()
+        grads.append([xg.grad] + [m.weight.grad for m in frames.modules() if isinstance(m, Conv2d)])
+    for a, b in zip(*grads):
+        assert float((a - b).abs().max()) < 1e-4 * float(b.abs().max())
+    other = UpsamplingSequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), Conv2d(4, 4, 5, padding=2))
+    with torch.no_grad(), profile() as prof:
+        other(torch.randn(1, 4, 6, 6))
+    assert "aten::upsample_nearest2d" in {e.key for e in prof.key_averages()}
 
 
 def test_bf16_tokenizer_encodes_and_decodes():

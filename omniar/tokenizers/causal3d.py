@@ -219,6 +219,57 @@ def per_frame(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return y.unflatten(0, (b, t)).transpose(1, 2).contiguous()
 
 
+# Nearest x2 upsampling then a 3x3 conv (padding 1) is a stride-2 transposed conv with a 4x4 kernel (padding 1):
+# output row 2i + a sees input rows i - 1 + a and i + a only, through transposed tap k = 2 (i - p) + a + 1 of input
+# row p, and _TAPS[k] sums the 3x3 kernel's rows (taps -1, 0, +1) that land on that input row; columns alike.
+_TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
+
+
+class UpsamplingSequential(nn.Sequential):
+    """``nn.Sequential`` that runs each ``nn.Upsample(scale_factor=2, mode="nearest")`` followed by a 3 x 3
+    :class:`Conv2d` (stride 1, padding 1) as one stride-2 transposed conv at the input resolution: the same sums
+    with 4 instead of 9 products per output and no upsampled copy, which is what the decoder's upsampling convs
+    cost. The modules stay as they are (their weights keep their names); run one by one they give the reference
+    result."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        modules, i = list(self), 0
+        while i < len(modules):
+            m = modules[i]
+            nxt = modules[i + 1] if i + 1 < len(modules) else None
+            if (isinstance(m, nn.Upsample) and m.scale_factor == 2 and m.mode == "nearest" and isinstance(nxt, Conv2d)
+                    and nxt.kernel_size == (3, 3) and nxt.stride == (1, 1) and nxt.padding == (1, 1)
+                    and nxt.dilation == (1, 1) and nxt.groups == 1 and x.dim() == 4):
+                x, i = _upsample_conv(x, nxt), i + 2
+            else:
+                x, i = m(x), i + 1
+        return x
+
+
+def _transposed_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3 x 3 conv weight (co, ci, 3, 3) as the 4 x 4 transposed-conv weight (ci, co, 4, 4) of the upsampling
+    pair."""
+    taps = weight.new_tensor(_TAPS)
+    return torch.einsum("kh,lv,oihv->iokl", taps, taps, weight)
+
+
+def _upsample_conv(x: torch.Tensor, conv: Conv2d) -> torch.Tensor:
+    """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for ``x`` (B, C, H, W)."""
+    if torch.is_grad_enabled():
+        weight = _transposed_weight(conv.weight)
+    else:  # kept between calls while the weight stays, as _KeptCastConv keeps its cast (channels-last: oneDNN's)
+        cast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        dtype = torch.get_autocast_dtype("cpu") if cast else conv.weight.dtype
+        key = (conv.weight._version, conv.weight.data_ptr(), dtype)
+        if getattr(conv, "_transposed_key", None) != key:
+            conv._transposed = _transposed_weight(conv.weight.detach()).to(dtype).contiguous(
+                memory_format=torch.channels_last)
+            conv._transposed_key = key
+        weight = conv._transposed
+        x = x.contiguous(memory_format=torch.channels_last)
+    return F.conv_transpose2d(x, weight, conv.bias, stride=2, padding=1)
+
+
 def _levels(spatial_compression: int, temporal_compression: int) -> tuple[int, int]:
     return int(math.log2(spatial_compression)), int(math.log2(temporal_compression))
 
@@ -417,7 +468,7 @@ class FoldDecoder(_StreamingDecoder):
                 layers.append(ResBlock2d(rev[i] if j == 0 else rev[i + 1], rev[i + 1]))
         layers += [_norm2d(rev[-1]), nn.SiLU(),
                    Conv2d(rev[-1], out_channels * temporal_compression, 3, padding=1)]
-        self.frames = nn.Sequential(*layers)
+        self.frames = UpsamplingSequential(*layers)
         self.unfold = TimeUnfold(temporal_compression)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
