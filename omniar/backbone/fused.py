@@ -39,8 +39,8 @@ THREAD_ROWS = 2
 MOE_ROWS = 128
 
 
-# block or MoE layer -> (its weights' addresses, its template): beside the modules, not on them, which keeps them copyable and
-# picklable (ctypes structures with pointers are neither)
+# block or MoE layer -> (its weights' addresses, its template): beside the modules, not on them, which keeps them
+# copyable and picklable (ctypes structures with pointers are neither)
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -157,6 +157,7 @@ def _cached(module, weights: dict[str, torch.Tensor | None], fields) -> _Step | 
 
 
 def _ffn_fields(ffn) -> dict:
+    """The kernel's shape fields of an MoE layer or a dense SwiGLU ``ffn``."""
     weights = _ffn_weights(ffn)
     moe = weights["router"] is not None
     return dict(D=(weights["router"] if moe else weights["s_in"]).shape[1],
