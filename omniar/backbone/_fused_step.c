@@ -150,7 +150,7 @@ static void mm_nt(int R, int K, int N, const float *x, const float *W, float *y)
             }
         return;
     }
-    /* x^T's rows padded with zeros to whole vectors: mm_nn_acc's last columns (N mod 16) run as scalars */
+    /* x^T's rows padded with zeros to whole vectors, which leaves mm_nn_acc no scalar tail columns */
     const int Rp = (R + VL - 1) / VL * VL;
     float *t = R >= VL ? calloc((size_t)Rp * (K + N), sizeof(float)) : NULL;
     if (t) {
