@@ -206,10 +206,11 @@ def test_upsampling_convs_run_at_the_input_resolution_and_equal_the_modules():
         grads.append([xg.grad] + [m.weight.grad for m in frames.modules() if isinstance(m, Conv2d)])
     for a, b in zip(*grads):
         assert float((a - b).abs().max()) < 1e-4 * float(b.abs().max())
-    other = UpsamplingSequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), Conv2d(4, 4, 5, padding=2))
-    with torch.no_grad(), profile() as prof:
-        other(torch.randn(1, 4, 6, 6))
-    assert "aten::upsample_nearest2d" in {e.key for e in prof.key_averages()}
+    for conv in (Conv2d(4, 4, 5, padding=2), Conv2d(4, 4, 3, padding=1, padding_mode="reflect")):
+        other = UpsamplingSequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), conv)
+        with torch.no_grad(), profile() as prof:
+            other(torch.randn(1, 4, 6, 6))
+        assert "aten::upsample_nearest2d" in {e.key for e in prof.key_averages()}
 
 
 def test_bf16_tokenizer_encodes_and_decodes():

@@ -227,7 +227,7 @@ _TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
 class UpsamplingSequential(nn.Sequential):
     """``nn.Sequential`` that runs each ``nn.Upsample(scale_factor=2, mode="nearest")`` followed by a 3 x 3
-    :class:`Conv2d` (stride 1, padding 1) as one stride-2 transposed conv at the input resolution: the same sums
+    :class:`Conv2d` (stride 1, zero padding 1) as one stride-2 transposed conv at the input resolution: the same sums
     with 4 instead of 9 products per output and no upsampled copy, which is what the decoder's upsampling convs
     cost. The modules stay as they are (their weights keep their names); run one by one they give the reference
     result."""
@@ -239,7 +239,7 @@ class UpsamplingSequential(nn.Sequential):
             nxt = modules[i + 1] if i + 1 < len(modules) else None
             if (isinstance(m, nn.Upsample) and m.scale_factor == 2 and m.mode == "nearest" and isinstance(nxt, Conv2d)
                     and nxt.kernel_size == (3, 3) and nxt.stride == (1, 1) and nxt.padding == (1, 1)
-                    and nxt.dilation == (1, 1) and nxt.groups == 1 and x.dim() == 4):
+                    and nxt.dilation == (1, 1) and nxt.groups == 1 and nxt.padding_mode == "zeros" and x.dim() == 4):
                 x, i = _upsample_conv(x, nxt), i + 2
             else:
                 x, i = m(x), i + 1
