@@ -9,14 +9,14 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
 * prompt passes: the default prompt for 1 and 2 clips with CFG (96 and 192 rows), eager and fused alternating (the
   limit lifted), medians and eager / fused;
 * whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: all in torch),
-  ``without ABLATE`` (the default with one of the other steps' C calls, ``--ablate``: ``qk_prep``, the attention's
-  QK-norm, RoPE and cache write, left to torch) and
+  ``without ABLATE`` (the default with one of the other steps' C calls left to torch, ``--ablate``: ``qk_prep``, the
+  attention's QK-norm, RoPE and cache write, or ``attention``, an eager next-scale step's attention) and
   ``fused`` (the default): median generating and wall seconds, and the medians of the per-round ratios of each arm
   to ``fused``;
 * the same ablation step by step: one clip's steps at every scale of a third latent frame, with and without the
   ablated call alternating (25 rounds, the first 3 dropped), medians and without / with.
 
-    python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--ablate qk_prep] [--against REV]
+    python benchmarks/fused_steps.py [--threads 1 2] [--rounds 7] [--ablate qk_prep|attention] [--against REV]
         [--out benchmarks/results/fused_steps.json]
 """
 
@@ -40,7 +40,7 @@ from omniar.generation import TextToVideoPipeline
 from omniar.generation.pipeline import text_inputs
 
 PROMPT = "a red circle moves right on a black background"
-ABLATIONS = ("qk_prep",)
+ABLATIONS = ("qk_prep", "attention")
 
 
 def kernel_at(rev: str, folder: Path):

@@ -117,15 +117,17 @@ def _counting(kernel, seen):
 @pytest.mark.parametrize("kw", [{}, dict(num_kv_heads=4)])
 def test_eager_steps_with_the_attention_work_in_c_equal_torch(kw, monkeypatch):
     """No fused block (the row limit at 0): every step, the prompt pass included, still runs the attention's
-    norms, rotations and cache write in one C call, and matches the all-torch path."""
+    norms, rotations and cache write in one C call, every next-scale step its attention too, and matches the
+    all-torch path."""
     model = model_of(**kw)
     monkeypatch.setattr(fused, "MAX_ROWS", 0)
-    calls = []
-    real = fused.qk_prep
+    calls, attended = [], []
+    real, real_attention = fused.qk_prep, fused.attention
     monkeypatch.setattr(fused, "qk_prep", lambda *a: calls.append(a[0]) or real(*a))
+    monkeypatch.setattr(fused, "attention", lambda *a: attended.append(a[0]) or real_attention(*a))
     got = steps(model, True)
     want = (1 + 3 * len(SCALES)) * model.config.num_layers
-    assert len(calls) == want
+    assert len(calls) == want and len(attended) == want - model.config.num_layers  # the prompt pass: torch's
     assert close(got, steps(model, False)) < 1e-5
     assert len(calls) == want  # fused_steps=False: none
 

@@ -330,30 +330,21 @@ static void ffn_rows(const Step *s, int R, const float *xn, float *y, float *wor
     }
 }
 
-static int block_rows(const Step *s) {
-    const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD;
-    const int QD = H * HD, KVD = 2 * G * HD, groups = H / G, n_slots = s->held + s->L;
-    const int nq = groups * s->L; /* queries per batch row and kv head */
-    /* one work buffer, carved below: the attention's floats, the FFN's work space, the queries */
-    const size_t floats = (size_t)R * (2 * D + 2 * QD + KVD) + (size_t)n_slots * (1 + nq + HD) +
-                          (size_t)nq * (HD + 1) + ffn_floats(s, R) + ffn_ints(s, R) + (size_t)R * QD;
-    float *work = malloc(sizeof(float) * floats);
-    if (!work) return 1;
-    float *xn = work, *q = xn + (size_t)R * D, *kv = q + (size_t)R * QD, *att = kv + (size_t)R * KVD;
-    float *y = att + (size_t)R * QD, *bias = y + (size_t)R * D, *S = bias + n_slots, *Kt = S + (size_t)nq * n_slots;
-    float *O = Kt + (size_t)HD * n_slots, *inv = O + (size_t)nq * HD, *fw = inv + nq;
-    /* the rotated queries, head-major (B, H, L, HD): the caller's buffer where it keeps them (NACL) */
-    float *qh = s->queries ? s->queries : fw + ffn_floats(s, R) + ffn_ints(s, R);
-    const float attn_scale = 1.f / sqrtf((float)HD);
+/* Work space of attend: this many floats. */
+static size_t attend_floats(const Step *s) {
+    const size_t n_slots = (size_t)s->held + s->L, nq = (size_t)s->H / s->KVH * s->L;
+    return n_slots * (1 + nq + s->HD) + nq * (s->HD + 1);
+}
 
-    /* attention: projections, QK-norm, RoPE, cache write */
-    for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->attn_norm, s->eps_attn, xn + (size_t)r * D);
-    mm_nt(R, D, QD, xn, s->wq, q);
-    mm_nt(R, D, KVD, xn, s->wkv, kv);
-    omniar_qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
-                   s->sin, qh, s->keys, s->values);
-    /* a query sees the real slots among its visible ones (-inf on the others; none: zeros). Per batch row and kv
-     * head, its heads' queries (nq, HD) at once: scores S = Q K^T, softmax, O = S V. */
+/* att (B, L, H * HD) = the attention of the rotated queries qh (B, H, L, HD) over the cache's held slots and this
+ * step's new ones: a query sees the real slots among its visible ones (-inf on the others; none: zeros). Per batch
+ * row and kv head, its heads' queries (nq, HD) at once: scores S = Q K^T, softmax, O = S V. */
+static void attend(const Step *s, const float *qh, float *att, float *work) {
+    const int H = s->H, G = s->KVH, HD = s->HD, QD = H * HD, groups = H / G, n_slots = s->held + s->L;
+    const int nq = groups * s->L; /* queries per batch row and kv head */
+    const float attn_scale = 1.f / sqrtf((float)HD);
+    float *bias = work, *S = bias + n_slots, *Kt = S + (size_t)nq * n_slots, *O = Kt + (size_t)HD * n_slots;
+    float *inv = O + (size_t)nq * HD;
     for (int b = 0; b < s->B; b++) {
         const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
         for (int j = 0; j < n_slots; j++) bias[j] = ok[j] ? 0.f : -INFINITY;
@@ -397,6 +388,28 @@ static int block_rows(const Step *s) {
             }
         }
     }
+}
+
+static int block_rows(const Step *s) {
+    const int R = s->B * s->L, D = s->D, H = s->H, G = s->KVH, HD = s->HD;
+    const int QD = H * HD, KVD = 2 * G * HD;
+    /* one work buffer, carved below: the block's own floats, the attention's and the FFN's work space, the queries */
+    const size_t floats = (size_t)R * (2 * D + 2 * QD + KVD) + attend_floats(s) + ffn_floats(s, R) + ffn_ints(s, R) +
+                          (size_t)R * QD;
+    float *work = malloc(sizeof(float) * floats);
+    if (!work) return 1;
+    float *xn = work, *q = xn + (size_t)R * D, *kv = q + (size_t)R * QD, *att = kv + (size_t)R * KVD;
+    float *y = att + (size_t)R * QD, *aw = y + (size_t)R * D, *fw = aw + attend_floats(s);
+    /* the rotated queries, head-major (B, H, L, HD): the caller's buffer where it keeps them (NACL) */
+    float *qh = s->queries ? s->queries : fw + ffn_floats(s, R) + ffn_ints(s, R);
+
+    /* attention: projections, QK-norm, RoPE, cache write */
+    for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->attn_norm, s->eps_attn, xn + (size_t)r * D);
+    mm_nt(R, D, QD, xn, s->wq, q);
+    mm_nt(R, D, KVD, xn, s->wkv, kv);
+    omniar_qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
+                   s->sin, qh, s->keys, s->values);
+    attend(s, qh, att, aw);
     mm_nt(R, QD, D, att, s->wo, y);
     for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
 
@@ -430,6 +443,31 @@ int omniar_moe(const Step *s, int R, const float *x, float *y) {
             continue;
         }
         ffn_rows(s, n, x + (size_t)r0 * s->D, y + (size_t)r0 * s->D, work);
+        free(work);
+    }
+    return rc;
+}
+
+/* The attention of an eager step (attend) into att (B, L, H * HD), from the rotated queries qh (B, H, L, HD) and the
+ * keys and values already in the cache: s holds the attention's fields (B, L, H, KVH, HD, held, cap, key_ok, keys,
+ * values, causal, threads); up to s->threads parts of the batch at once, as in omniar_block_step. */
+int omniar_attention(const Step *s, const float *qh, float *att) {
+    const int parts = s->threads < s->B ? (s->threads > 1 ? s->threads : 1) : s->B;
+    int rc = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
+    for (int i = 0; i < parts; i++) {
+        const int b0 = s->B * i / parts, b1 = s->B * (i + 1) / parts;
+        Step q = *s;
+        q.B = b1 - b0;
+        q.key_ok += (size_t)b0 * s->cap;
+        q.keys += (size_t)b0 * s->KVH * s->cap * s->HD;
+        q.values += (size_t)b0 * s->KVH * s->cap * s->HD;
+        float *work = malloc(sizeof(float) * attend_floats(&q));
+        if (!work) {
+            rc |= 1;
+            continue;
+        }
+        attend(&q, qh + (size_t)b0 * s->H * s->L * s->HD, att + (size_t)b0 * s->L * s->H * s->HD, work);
         free(work);
     }
     return rc;

@@ -289,6 +289,10 @@ class Attention(nn.Module):
                 k, v = cache.write(layer, k, v)
         if cache is not None:
             cache.note_queries(layer, q)
+        if prepared is not None and mask.shape[-2] == 1:  # a next-scale step: every query sees every real slot
+            out = fused.attention(self, q, cache, layer)
+            if out is not None:
+                return self.o_proj(out)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and mask.shape[-2] == 1:
             # a mask the same for every query (a cached next-scale step): the query heads that share a key/value

@@ -87,6 +87,8 @@ def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctyp
         return None
     lib.omniar_block_step.argtypes = [ctypes.POINTER(_Step)]
     lib.omniar_block_step.restype = ctypes.c_int
+    lib.omniar_attention.argtypes = [ctypes.POINTER(_Step), ctypes.c_void_p, ctypes.c_void_p]
+    lib.omniar_attention.restype = ctypes.c_int
     lib.omniar_moe.argtypes = [ctypes.POINTER(_Step), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.omniar_moe.restype = ctypes.c_int
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
@@ -215,6 +217,23 @@ def block_step(template: _Step, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
         raise MemoryError("omniar: the fused block step could not allocate its work buffers")
     if queries is not None:
         cache.note_queries(layer, queries)
+
+
+def attention(attn, q: torch.Tensor, cache, layer: int) -> torch.Tensor | None:
+    """For an eager next-scale step after :func:`qk_prep`: ``attn``'s attention of the rotated queries ``q``
+    ``(B, H, L, HD)`` over the real slots of ``layer`` held before the step and written by it (every query sees them
+    all; none: zeros), as ``(B, L, H * HD)``, the batch split over torch's threads. None (nothing done) where it does
+    not apply: not fp32 CPU queries, or no kernel."""
+    if q.dtype != torch.float32 or q.device.type != "cpu" or not q.is_contiguous() or library() is None:
+        return None
+    b, heads, length, head_dim = q.shape
+    step = _Step(B=b, L=length, H=heads, KVH=attn.num_kv_heads, HD=head_dim, held=len(cache),
+                 cap=cache.keys[layer].shape[2], key_ok=cache.key_ok.data_ptr(), keys=cache.keys[layer].data_ptr(),
+                 values=cache.values[layer].data_ptr(), threads=torch.get_num_threads())
+    out = q.new_empty(b, length, heads * head_dim)
+    if library().omniar_attention(ctypes.byref(step), q.data_ptr(), out.data_ptr()):
+        raise MemoryError("omniar: the fused attention could not allocate its work buffers")
+    return out
 
 
 def moe(layer, x: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor | None:
