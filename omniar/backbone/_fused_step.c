@@ -448,47 +448,53 @@ int omniar_moe(const Step *s, int R, const float *x, float *y) {
     return rc;
 }
 
-/* The attention of an eager step (attend) into att (B, L, H * HD), from the rotated queries qh (B, H, L, HD) and the
- * keys and values already in the cache: s holds the attention's fields (B, L, H, KVH, HD, held, cap, key_ok, keys,
- * values, causal, threads); up to s->threads parts of the batch at once, as in omniar_block_step. */
-int omniar_attention(const Step *s, const float *qh, float *att) {
+/* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, on torch's OpenMP
+ * threads (this library's libgomp.so.1 resolves to the runtime torch has loaded), each part as one call would:
+ * run(part, row of its first batch entry, ctx) for each; nonzero if any part failed. */
+static int over_parts(const Step *s, int (*run)(const Step *, int, void *), void *ctx) {
     const int parts = s->threads < s->B ? (s->threads > 1 ? s->threads : 1) : s->B;
     int rc = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
     for (int i = 0; i < parts; i++) {
-        const int b0 = s->B * i / parts, b1 = s->B * (i + 1) / parts;
+        const int b0 = s->B * i / parts;
         Step q = *s;
-        q.B = b1 - b0;
+        q.B = s->B * (i + 1) / parts - b0;
         q.key_ok += (size_t)b0 * s->cap;
         q.keys += (size_t)b0 * s->KVH * s->cap * s->HD;
         q.values += (size_t)b0 * s->KVH * s->cap * s->HD;
-        float *work = malloc(sizeof(float) * attend_floats(&q));
-        if (!work) {
-            rc |= 1;
-            continue;
-        }
-        attend(&q, qh + (size_t)b0 * s->H * s->L * s->HD, att + (size_t)b0 * s->L * s->H * s->HD, work);
-        free(work);
+        if (q.x) q.x += (size_t)b0 * s->L * s->D;
+        if (q.queries) q.queries += (size_t)b0 * s->H * s->L * s->HD;
+        rc |= run(&q, b0, ctx);
     }
     return rc;
 }
 
-/* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, on torch's OpenMP
- * threads (this library's libgomp.so.1 resolves to the runtime torch has loaded), each part as one call would. */
-int omniar_block_step(const Step *s) {
-    const int parts = s->threads < s->B ? (s->threads > 1 ? s->threads : 1) : s->B;
-    int rc = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
-    for (int i = 0; i < parts; i++) {
-        const int b0 = s->B * i / parts, b1 = s->B * (i + 1) / parts;
-        Step q = *s;
-        q.B = b1 - b0;
-        q.key_ok += (size_t)b0 * s->cap;
-        q.keys += (size_t)b0 * s->KVH * s->cap * s->HD;
-        q.values += (size_t)b0 * s->KVH * s->cap * s->HD;
-        q.x += (size_t)b0 * s->L * s->D;
-        if (q.queries) q.queries += (size_t)b0 * s->H * s->L * s->HD;
-        rc |= block_rows(&q);
-    }
-    return rc;
+typedef struct {
+    const float *qh;
+    float *att;
+} AttendIO;
+
+static int attend_part(const Step *q, int b0, void *ctx) {
+    const AttendIO *io = ctx;
+    float *work = malloc(sizeof(float) * attend_floats(q));
+    if (!work) return 1;
+    attend(q, io->qh + (size_t)b0 * q->H * q->L * q->HD, io->att + (size_t)b0 * q->L * q->H * q->HD, work);
+    free(work);
+    return 0;
 }
+
+/* The attention of an eager step (attend) into att (B, L, H * HD), from the rotated queries qh (B, H, L, HD) and the
+ * keys and values already in the cache: s holds the attention's fields (B, L, H, KVH, HD, held, cap, key_ok, keys,
+ * values, causal, threads), the batch in parts (over_parts). */
+int omniar_attention(const Step *s, const float *qh, float *att) {
+    AttendIO io = {qh, att};
+    return over_parts(s, attend_part, &io);
+}
+
+static int block_part(const Step *q, int b0, void *ctx) {
+    (void)b0, (void)ctx;
+    return block_rows(q);
+}
+
+/* One block of a step, its batch in parts (over_parts). */
+int omniar_block_step(const Step *s) { return over_parts(s, block_part, NULL); }
