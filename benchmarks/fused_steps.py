@@ -8,7 +8,8 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
   with the kernel of revision REV (its ``_fused_step.c`` built beside today's), and REV / fused per round;
 * prompt passes: the default prompt for 1 and 2 clips with CFG (96 and 192 rows), eager and fused alternating (the
   limit lifted), medians and eager / fused;
-* whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: all in torch),
+* whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: the steps in
+  torch, but for the MoE layers' one-call path, ``moe_impl: auto``),
   ``without ABLATE`` (the default with one of the other steps' C calls left to torch, ``--ablate``: ``qk_prep``, the
   attention's QK-norm, RoPE and cache write, or ``attention``, an eager next-scale step's attention) and
   ``fused`` (the default): median generating and wall seconds, and the medians of the per-round ratios of each arm

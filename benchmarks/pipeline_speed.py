@@ -4,7 +4,7 @@ For each (batch, frames) of the grid and each setting, one call per round: wall,
 generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass), (``--memory``, current path
 only) the peak of live tensor memory, and (``--flops``, current path only) the transformer's FLOPs in a call
 (attention and the grouped expert GEMMs included, which ``FlopCounterMode`` does not count on CPU by itself; counted
-with the fused C steps off, which it cannot see; also those of latent frames 1, middle and last) over its generate
+with the C kernel off, whose calls it cannot see; also those of latent frames 1, middle and last) over its generate
 CPU time, as a share of a matmul peak measured in the same worker (2048^3, fp32, and bf16 for the ``bf16``
 setting). Each time is also taken as the process's CPU time
 (``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates wall times by
@@ -114,16 +114,16 @@ def transformer_gflop(pipe, batch: int, frames: int, seed: int, kv_budget: int |
 
     model.forward_text = counted(model.forward_text, lambda args: -1)
     model.forward_scale = counted(model.forward_scale, lambda args: args[1])
-    # the counter sees aten ops only, not the fused C steps: the count runs all in torch (the same arithmetic)
-    fused = getattr(model, "fused_steps", None)
-    if fused is not None:
-        model.fused_steps = False
+    # the counter sees aten ops only, not the C kernel's calls (steps, attention, MoE layers): the count runs all in
+    # torch, the same arithmetic, as without a kernel
+    from omniar.backbone import fused
+
+    real, fused.library = fused.library, lambda: None
     try:
         call(pipe, batch, frames, seed, False, kv_budget)
     finally:
         del model.forward_text, model.forward_scale  # the instance attributes; the methods show again
-        if fused is not None:
-            model.fused_steps = fused
+        fused.library = real
     row = {"transformer_gflop": sum(per_frame.values()) / 1e9}
     frames_after_first = [per_frame[f] / 1e9 for f in sorted(per_frame) if f >= 1]
     if frames_after_first:
