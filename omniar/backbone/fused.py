@@ -6,8 +6,8 @@ attention's QK-norm, RoPE and cache write as one call (:func:`qk_prep`), and a n
 (:func:`attention`); an MoE layer's eval forward of a few rows is one call as well (:func:`moe`). :func:`library`
 compiles the C file once per source and CPU with the machine's C compiler (``$CC``, else ``cc``) into
 :func:`cache_dir` (``$OMNIAR_CACHE``, default ``~/.cache/omniar``); without a compiler, or if the build fails, steps
-stay eager (one warning). The fused block computes what the eager one does, in fp32, in another summation order (the tests hold it
-to 1e-5 of the logits' range of eager's)."""
+stay eager (one warning). The fused block computes what the eager one does, in fp32, in another summation order
+(the tests hold it to 1e-5 of the logits' range of eager's)."""
 
 from __future__ import annotations
 
