@@ -34,12 +34,17 @@ class _KeptCastConv:
         return super().forward(x)
 
     def _cast_weight(self) -> torch.Tensor:
-        w, dtype = self.weight, torch.get_autocast_dtype("cpu")
+        return self.kept("_cast", torch.get_autocast_dtype("cpu"), lambda w: w)
+
+    def kept(self, name: str, dtype: torch.dtype, make) -> torch.Tensor:
+        """``make(weight)`` in ``dtype`` and this conv's layout, kept as attribute ``name`` and made again only when
+        the weight changes (its version or storage) or the dtype does."""
+        w = self.weight
         key = (w._version, w.data_ptr(), dtype)
-        if getattr(self, "_cast_key", None) != key:
-            self._cast = w.detach().to(dtype).contiguous(memory_format=self.layout)
-            self._cast_key = key
-        return self._cast
+        if getattr(self, name + "_key", None) != key:
+            setattr(self, name, make(w.detach()).to(dtype).contiguous(memory_format=self.layout))
+            setattr(self, name + "_key", key)
+        return getattr(self, name)
 
 
 class Conv2d(_KeptCastConv, nn.Conv2d):
@@ -257,16 +262,11 @@ def _upsample_conv(x: torch.Tensor, conv: Conv2d) -> torch.Tensor:
     """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for ``x`` (B, C, H, W)."""
     if torch.is_grad_enabled():
         weight = _transposed_weight(conv.weight)
-    else:  # kept between calls while the weight stays, as _KeptCastConv keeps its cast (channels-last: oneDNN's)
+    else:  # kept between calls, channels-last (oneDNN's fast layout), as the conv keeps its cast
         cast = x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
-        dtype = torch.get_autocast_dtype("cpu") if cast else conv.weight.dtype
-        key = (conv.weight._version, conv.weight.data_ptr(), dtype)
-        if getattr(conv, "_transposed_key", None) != key:
-            conv._transposed = _transposed_weight(conv.weight.detach()).to(dtype).contiguous(
-                memory_format=torch.channels_last)
-            conv._transposed_key = key
-        weight = conv._transposed
-        x = x.contiguous(memory_format=torch.channels_last)
+        weight = conv.kept("_transposed", torch.get_autocast_dtype("cpu") if cast else conv.weight.dtype,
+                           _transposed_weight)
+        x = x.contiguous(memory_format=conv.layout)
     return F.conv_transpose2d(x, weight, conv.bias, stride=2, padding=1)
 
 
