@@ -428,26 +428,6 @@ void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, fl
     for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
 }
 
-/* MoELayer.forward in eval of the R rows x (R, D) into y (R, D): s holds the FFN's fields (D, E, top_k, hidden,
- * shared_hidden, sigmoid, router, bias, w_in, w_out, s_in, s_out) and threads; rows never meet, so up to s->threads
- * parts of them run at once, as the batch parts of a block step do. */
-int omniar_moe(const Step *s, int R, const float *x, float *y) {
-    const int parts = s->threads < R ? (s->threads > 1 ? s->threads : 1) : R;
-    int rc = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
-    for (int i = 0; i < parts; i++) {
-        const int r0 = R * i / parts, n = R * (i + 1) / parts - r0;
-        float *work = malloc(sizeof(float) * (ffn_floats(s, n) + ffn_ints(s, n)));
-        if (!work) {
-            rc |= 1;
-            continue;
-        }
-        ffn_rows(s, n, x + (size_t)r0 * s->D, y + (size_t)r0 * s->D, work);
-        free(work);
-    }
-    return rc;
-}
-
 /* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, on torch's OpenMP
  * threads (this library's libgomp.so.1 resolves to the runtime torch has loaded), each part as one call would:
  * run(part, row of its first batch entry, ctx) for each; nonzero if any part failed. */
@@ -459,9 +439,9 @@ static int over_parts(const Step *s, int (*run)(const Step *, int, void *), void
         const int b0 = s->B * i / parts;
         Step q = *s;
         q.B = s->B * (i + 1) / parts - b0;
-        q.key_ok += (size_t)b0 * s->cap;
-        q.keys += (size_t)b0 * s->KVH * s->cap * s->HD;
-        q.values += (size_t)b0 * s->KVH * s->cap * s->HD;
+        if (q.key_ok) q.key_ok += (size_t)b0 * s->cap;
+        if (q.keys) q.keys += (size_t)b0 * s->KVH * s->cap * s->HD;
+        if (q.values) q.values += (size_t)b0 * s->KVH * s->cap * s->HD;
         if (q.x) q.x += (size_t)b0 * s->L * s->D;
         if (q.queries) q.queries += (size_t)b0 * s->H * s->L * s->HD;
         rc |= run(&q, b0, ctx);
@@ -489,6 +469,31 @@ static int attend_part(const Step *q, int b0, void *ctx) {
 int omniar_attention(const Step *s, const float *qh, float *att) {
     AttendIO io = {qh, att};
     return over_parts(s, attend_part, &io);
+}
+
+typedef struct {
+    const float *x;
+    float *y;
+} RowsIO;
+
+static int ffn_part(const Step *q, int r0, void *ctx) {
+    const RowsIO *io = ctx;
+    float *work = malloc(sizeof(float) * (ffn_floats(q, q->B) + ffn_ints(q, q->B)));
+    if (!work) return 1;
+    ffn_rows(q, q->B, io->x + (size_t)r0 * q->D, io->y + (size_t)r0 * q->D, work);
+    free(work);
+    return 0;
+}
+
+/* MoELayer.forward in eval of the R rows x (R, D) into y (R, D): s holds the FFN's fields (D, E, top_k, hidden,
+ * shared_hidden, sigmoid, router, bias, w_in, w_out, s_in, s_out) and threads; rows never meet, so they run in parts
+ * as a step's batch entries do (over_parts, a row for an entry). */
+int omniar_moe(const Step *s, int R, const float *x, float *y) {
+    Step rows = *s;
+    rows.B = R;
+    rows.L = 1;
+    RowsIO io = {x, y};
+    return over_parts(&rows, ffn_part, &io);
 }
 
 static int block_part(const Step *q, int b0, void *ctx) {
