@@ -449,16 +449,17 @@ static int over_parts(const Step *s, int (*run)(const Step *, int, void *), void
     return rc;
 }
 
+/* a part's input and output arrays, offset by the part's first entry inside its run */
 typedef struct {
-    const float *qh;
-    float *att;
-} AttendIO;
+    const float *in;
+    float *out;
+} InOut;
 
 static int attend_part(const Step *q, int b0, void *ctx) {
-    const AttendIO *io = ctx;
+    const InOut *io = ctx;
     float *work = malloc(sizeof(float) * attend_floats(q));
     if (!work) return 1;
-    attend(q, io->qh + (size_t)b0 * q->H * q->L * q->HD, io->att + (size_t)b0 * q->L * q->H * q->HD, work);
+    attend(q, io->in + (size_t)b0 * q->H * q->L * q->HD, io->out + (size_t)b0 * q->L * q->H * q->HD, work);
     free(work);
     return 0;
 }
@@ -467,20 +468,15 @@ static int attend_part(const Step *q, int b0, void *ctx) {
  * keys and values already in the cache: s holds the attention's fields (B, L, H, KVH, HD, held, cap, key_ok, keys,
  * values, causal, threads), the batch in parts (over_parts). */
 int omniar_attention(const Step *s, const float *qh, float *att) {
-    AttendIO io = {qh, att};
+    InOut io = {qh, att};
     return over_parts(s, attend_part, &io);
 }
 
-typedef struct {
-    const float *x;
-    float *y;
-} RowsIO;
-
 static int ffn_part(const Step *q, int r0, void *ctx) {
-    const RowsIO *io = ctx;
+    const InOut *io = ctx;
     float *work = malloc(sizeof(float) * (ffn_floats(q, q->B) + ffn_ints(q, q->B)));
     if (!work) return 1;
-    ffn_rows(q, q->B, io->x + (size_t)r0 * q->D, io->y + (size_t)r0 * q->D, work);
+    ffn_rows(q, q->B, io->in + (size_t)r0 * q->D, io->out + (size_t)r0 * q->D, work);
     free(work);
     return 0;
 }
@@ -492,7 +488,7 @@ int omniar_moe(const Step *s, int R, const float *x, float *y) {
     Step rows = *s;
     rows.B = R;
     rows.L = 1;
-    RowsIO io = {x, y};
+    InOut io = {x, y};
     return over_parts(&rows, ffn_part, &io);
 }
 
