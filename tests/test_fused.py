@@ -108,9 +108,10 @@ def test_fused_steps_split_across_threads_equal_one_thread(threads, monkeypatch)
 
 
 def _counting(kernel, seen):
-    def call(step):
+    """``kernel`` (a library function taking a step first), noting each call's thread count in ``seen``."""
+    def call(step, *args):
         seen.append(step._obj.threads)
-        return kernel(step)
+        return kernel(step, *args)
     return call
 
 
@@ -189,9 +190,8 @@ def moe_layer(gating: str, shared: int, dim: int = 64, hidden: int = 32, experts
 
 def _moe_calls(monkeypatch) -> list[int]:
     """The thread counts of the kernel's MoE calls from now on."""
-    seen, kernel = [], fused.library().omniar_moe
-    monkeypatch.setattr(fused.library(), "omniar_moe", lambda step, *a: seen.append(step._obj.threads) or
-                        kernel(step, *a))
+    seen = []
+    monkeypatch.setattr(fused.library(), "omniar_moe", _counting(fused.library().omniar_moe, seen))
     return seen
 
 
