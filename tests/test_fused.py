@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from omniar.backbone import KVBudget, MoELayer, OmniARConfig, OmniARModel, fused
+from omniar.backbone.attention import KVCache
 from omniar.generation import TextToVideoPipeline
 
 pytestmark = pytest.mark.skipif(fused.library() is None, reason="no C compiler: steps stay eager")
@@ -38,7 +40,7 @@ def model_of(**kw) -> OmniARModel:
 @torch.no_grad()
 def steps(model, fuse: bool, rows: int = 2, frames: int = 3, budget=None, elastic=None) -> list[torch.Tensor]:
     """The prompt pass's and every step's logits over ``frames`` latent frames, with the C kernel or all in torch
-    (``fused_steps``), same inputs."""
+    (``fused_steps``), same inputs (in the model's dtype)."""
     model.fused_steps = fuse
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (rows, 6), generator=g)
@@ -50,7 +52,8 @@ def steps(model, fuse: bool, rows: int = 2, frames: int = 3, budget=None, elasti
         out = [model.forward_text(ids, mask, cache)]
         for f in range(frames):
             for s, n in enumerate(SCALES):
-                out.append(model.forward_scale(torch.randn(rows, 4, n, n, generator=g), f, s, cache))
+                inputs = torch.randn(rows, 4, n, n, generator=g).to(model.dtype)
+                out.append(model.forward_scale(inputs, f, s, cache).float())
     model.fused_steps = True
     return out
 
@@ -131,6 +134,54 @@ def test_eager_steps_with_the_attention_work_in_c_equal_torch(kw, monkeypatch):
     assert len(calls) == want and len(attended) == want - model.config.num_layers  # the prompt pass: torch's
     assert close(got, steps(model, False)) < 1e-5
     assert len(calls) == want  # fused_steps=False: none
+
+
+needs_bf16 = pytest.mark.skipif(fused.library() is None or not fused.library().omniar_bf16(),
+                                reason="the CPU has no AVX-512 BF16: bf16 attention stays in torch")
+
+
+@needs_bf16
+@pytest.mark.parametrize("batch,length,held,head_dim,threads", [(3, 64, 300, 32, 1), (2, 1, 7, 32, 2),
+                                                                 (5, 5, 40, 64, 3), (2, 3, 29, 48, 1)])
+def test_bf16_attention_is_as_close_to_fp32_as_torchs_bf16(batch, length, held, head_dim, threads, monkeypatch):
+    """The bf16 kernel (pair dot products, fp32 softmax) against fp32 attention of the same bf16 inputs: within
+    torch's own bf16 attention's error (both round the output to bf16) for every form of its tiles (query rows
+    not a multiple of 4 or 8, slots not a multiple of 32, head dims of one to four vectors), with padding slots
+    masked and a row without any real slot giving zeros, its batch in parts on threads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    heads, kv_heads, n = 8, 4, held + length
+    attn = torch.nn.Module()
+    attn.num_kv_heads = kv_heads
+    cache = KVCache(1, (), 1)
+    g = torch.Generator().manual_seed(0)
+    cache.keys, cache.values = ([torch.randn(batch, kv_heads, n + 7, head_dim, generator=g).bfloat16()]
+                                for _ in range(2))
+    cache.key_ok = torch.rand(batch, n + 7, generator=g) > 0.2
+    cache.key_ok[-1] = False
+    cache.length = held
+    q = torch.randn(batch, heads, length, head_dim, generator=g).bfloat16()
+    with torch.no_grad():
+        got = fused.attention(attn, q, cache, 0).float()
+        k, v, mask = cache.keys[0][:, :, :n], cache.values[0][:, :, :n], cache.key_ok[:, None, None, :n]
+        want, torchs = (torch.nan_to_num(F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype),
+                                                                        attn_mask=mask, enable_gqa=True))
+                        .float().transpose(1, 2).reshape(batch, length, -1) for dtype in (torch.float32, torch.bfloat16))
+    assert got.dtype == torch.float32 and got[-1].abs().max() == 0
+    error, torch_error = (got - want)[:-1].abs().mean(), (torchs - want)[:-1].abs().mean()
+    assert 0 < error <= 1.1 * torch_error
+
+
+@needs_bf16
+def test_bf16_model_steps_with_the_bf16_attention_kernel_equal_torch(monkeypatch):
+    """A bf16 model's next-scale steps take the bf16 attention kernel and give torch's logits within bf16
+    rounding."""
+    model = model_of().to(torch.bfloat16)
+    attended = []
+    real = fused.attention
+    monkeypatch.setattr(fused, "attention", lambda *a: attended.append(a[1].dtype) or real(*a))
+    got = steps(model, True)
+    assert attended == [torch.bfloat16] * (3 * len(SCALES) * model.config.num_layers)
+    assert close(got, steps(model, False)) < 1e-2
 
 
 def test_only_steps_within_the_row_limit_run_fused(monkeypatch):

@@ -22,6 +22,7 @@ typedef struct {
     int threads; /* up to this many parts of the batch at once, a thread each (last: earlier kernels ignore it) */
     int causal; /* 0: every query sees every held and new slot (a next-scale step); 1: new token l sees the held
                  * slots and the new ones through its own (the prompt pass) */
+    int bf16; /* 1: the cache, queries and attention outputs are bf16 (omniar_attention only) */
 } Step;
 
 /* The products are register-blocked on GCC / clang vectors of 16 floats (AVX-512 here, narrower vectors or
@@ -433,15 +434,17 @@ void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, fl
  * run(part, row of its first batch entry, ctx) for each; nonzero if any part failed. */
 static int over_parts(const Step *s, int (*run)(const Step *, int, void *), void *ctx) {
     const int parts = s->threads < s->B ? (s->threads > 1 ? s->threads : 1) : s->B;
+    const size_t cache_bytes = s->bf16 ? 2 : 4;
     int rc = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
     for (int i = 0; i < parts; i++) {
         const int b0 = s->B * i / parts;
+        const size_t kv_offset = (size_t)b0 * s->KVH * s->cap * s->HD * cache_bytes;
         Step q = *s;
         q.B = s->B * (i + 1) / parts - b0;
         if (q.key_ok) q.key_ok += (size_t)b0 * s->cap;
-        if (q.keys) q.keys += (size_t)b0 * s->KVH * s->cap * s->HD;
-        if (q.values) q.values += (size_t)b0 * s->KVH * s->cap * s->HD;
+        if (q.keys) q.keys = (float *)((char *)q.keys + kv_offset);
+        if (q.values) q.values = (float *)((char *)q.values + kv_offset);
         if (q.x) q.x += (size_t)b0 * s->L * s->D;
         if (q.queries) q.queries += (size_t)b0 * s->H * s->L * s->HD;
         rc |= run(&q, b0, ctx);
@@ -455,6 +458,177 @@ typedef struct {
     float *out;
 } InOut;
 
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#include <stdint.h>
+
+/* The bf16 form of attend for a next-scale step (every query sees every real slot), on AVX-512 BF16's pair dot
+ * products (two bf16 products summed into an fp32 lane): scores S = Q K^T and O = P V accumulate in fp32, the
+ * softmax runs in fp32, the probabilities go into O = P V rounded to bf16 (as torch's CPU flash kernel does), and
+ * O is scaled by 1 / sum before its bf16 rounding. Both products need their operands as pairs along the summed
+ * dimension: the keys are copied once per batch row and kv head as (HD / 2, slots) pairs of head dims, the values
+ * as (slots / 2, HD) pairs of slots, both padded with zeros to whole tiles of 32 slots. */
+typedef uint16_t bf16;
+
+/* Work space of attend_bf16, in 4-byte words. */
+static size_t attend_bf16_words(const Step *s) {
+    const size_t n32 = ((size_t)s->held + s->L + 31) / 32 * 32, nq = (size_t)s->H / s->KVH * s->L;
+    return n32 * (1 + s->HD) + nq * n32 * 3 / 2 + nq;
+}
+
+/* S (rb, nv * 16) = Q K^T for rb query rows (ldq words apart) over nv vectors of packed keys */
+static inline __attribute__((always_inline)) void qk_tile(int rb, int nv, int pairs, const uint32_t *q, int ldq,
+                                                          const uint32_t *kp, int n32, float *S) {
+    __m512 acc[4][4];
+    for (int i = 0; i < rb; i++)
+        for (int v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int c = 0; c < pairs; c++) {
+        __m512bh k[4];
+        for (int v = 0; v < nv; v++) k[v] = (__m512bh)_mm512_loadu_si512(kp + (size_t)c * n32 + v * 16);
+        for (int i = 0; i < rb; i++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)q[(size_t)i * ldq + c]);
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, k[v]);
+        }
+    }
+    for (int i = 0; i < rb; i++)
+        for (int v = 0; v < nv; v++) _mm512_storeu_ps(S + (size_t)i * n32 + v * 16, acc[i][v]);
+}
+
+/* out rows (rb of them, nv * 16 head dims) = scale x P V for rb rows of bf16 probabilities (ldp words apart) over
+ * the packed values (HD words a slot pair), rounded to bf16 */
+static inline __attribute__((always_inline)) void pv_tile(int rb, int nv, int pairs, const uint32_t *p, int ldp,
+                                                          const uint32_t *vp, int HD, bf16 *const *out,
+                                                          const float *scale) {
+    __m512 acc[8][4];
+    for (int i = 0; i < rb; i++)
+        for (int v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int t = 0; t < pairs; t++) {
+        __m512bh w[4];
+        for (int v = 0; v < nv; v++) w[v] = (__m512bh)_mm512_loadu_si512(vp + (size_t)t * HD + v * 16);
+        for (int i = 0; i < rb; i++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)p[(size_t)i * ldp + t]);
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, w[v]);
+        }
+    }
+    for (int i = 0; i < rb; i++)
+        for (int v = 0; v < nv; v++)
+            _mm256_storeu_si256((__m256i *)(out[i] + v * 16),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][v], _mm512_set1_ps(scale[i]))));
+}
+
+/* att (B, L, H * HD) bf16 = attend's result for the bf16 rotated queries qh (B, H, L, HD) and the bf16 cache */
+static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work) {
+    const int H = s->H, G = s->KVH, HD = s->HD, QD = H * HD, groups = H / G, n_slots = s->held + s->L;
+    const int nq = groups * s->L, n32 = (n_slots + 31) / 32 * 32, pairs = HD / 2;
+    const float attn_scale = 1.f / sqrtf((float)HD);
+    float *bias = (float *)work, *S = bias + n32;
+    uint32_t *kp = (uint32_t *)(S + (size_t)nq * n32), *vp = kp + (size_t)pairs * n32;
+    uint32_t *P = vp + (size_t)n32 / 2 * HD;
+    float *inv = (float *)(P + (size_t)nq * n32 / 2);
+    for (int b = 0; b < s->B; b++) {
+        const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
+        for (int j = 0; j < n32; j++) bias[j] = j < n_slots && ok[j] ? 0.f : -INFINITY;
+        for (int g = 0; g < G; g++) {
+            const uint32_t *Q = (const uint32_t *)(qh + ((size_t)b * H + (size_t)g * groups) * s->L * HD);
+            const bf16 *K = (const bf16 *)s->keys + ((size_t)b * G + g) * s->cap * HD;
+            const bf16 *V = (const bf16 *)s->values + ((size_t)b * G + g) * s->cap * HD;
+            for (int j = 0; j < n32; j++) /* key j's head-dim pairs, one per row of kp */
+                for (int c = 0; c < pairs; c++)
+                    kp[(size_t)c * n32 + j] = j < n_slots ? ((const uint32_t *)(K + (size_t)j * HD))[c] : 0u;
+            for (int t = 0; t < n32 / 2; t++) /* slots 2t and 2t + 1, interleaved per head dim */
+                for (int d = 0; d < HD; d += 16) {
+                    const __m512i lo = 2 * t < n_slots
+                        ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(V + (size_t)2 * t * HD + d)))
+                        : _mm512_setzero_si512();
+                    const __m512i hi = 2 * t + 1 < n_slots
+                        ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(V + (size_t)(2 * t + 1) * HD + d)))
+                        : _mm512_setzero_si512();
+                    _mm512_storeu_si512(vp + (size_t)t * HD + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+                }
+            for (int i = 0; i < nq; i += 4) {
+                const int rb = nq - i < 4 ? nq - i : 4;
+                for (int j = 0; j < n32; j += 64) {
+                    const int nv = n32 - j >= 64 ? 4 : 2; /* n32 is a whole number of 32-slot tiles */
+                    const uint32_t *q = Q + (size_t)i * pairs, *k = kp + j;
+                    float *o = S + (size_t)i * n32 + j;
+                    switch (rb * 8 + nv) { /* constant tile sizes: the accumulators stay in registers */
+#define TILE(rb, nv)                                                                                                   \
+    case rb * 8 + nv: qk_tile(rb, nv, pairs, q, pairs, k, n32, o); break;
+                        TILE(4, 4) TILE(4, 2) TILE(3, 4) TILE(3, 2) TILE(2, 4) TILE(2, 2) TILE(1, 4) TILE(1, 2)
+#undef TILE
+                    }
+                }
+            }
+            for (int i = 0; i < nq; i++) {
+                float *p = S + (size_t)i * n32, mx = -INFINITY, total = 0.f;
+#pragma omp simd reduction(max : mx)
+                for (int j = 0; j < n32; j++) {
+                    p[j] = p[j] * attn_scale + bias[j];
+                    mx = p[j] > mx ? p[j] : mx;
+                }
+                inv[i] = 0.f;
+                if (mx > -INFINITY) { /* else no real key visible (padding before any token): zeros */
+#pragma omp simd reduction(+ : total)
+                    for (int j = 0; j < n32; j++) {
+                        p[j] = exp_(p[j] - mx);
+                        total += p[j];
+                    }
+                    inv[i] = 1.f / total;
+                }
+                uint32_t *row = P + (size_t)i * n32 / 2;
+                for (int j = 0; j < n32; j += 32) /* 32 probabilities as 16 pairs; cvtne2ps takes its high half first */
+                    _mm512_storeu_si512(row + j / 2,
+                                        (__m512i)_mm512_cvtne2ps_pbh(inv[i] > 0.f ? _mm512_loadu_ps(p + j + 16)
+                                                                                  : _mm512_setzero_ps(),
+                                                                     inv[i] > 0.f ? _mm512_loadu_ps(p + j)
+                                                                                  : _mm512_setzero_ps()));
+            }
+            const int wide = HD / 16 <= 2; /* 8 rows a tile where the head is at most two vectors, else 4 */
+            for (int i = 0; i < nq; i += wide ? 8 : 4) {
+                const int rb = nq - i < (wide ? 8 : 4) ? nq - i : (wide ? 8 : 4);
+                bf16 *out[8]; /* query i is head g * groups + i / L at token i % L */
+                for (int r = 0; r < rb; r++)
+                    out[r] = att + ((size_t)b * s->L + (i + r) % s->L) * QD + (size_t)(g * groups + (i + r) / s->L) * HD;
+                const uint32_t *p = P + (size_t)i * n32 / 2;
+                for (int d = 0; d < HD; ) {
+                    const int nv = HD - d >= 64 && !wide ? 4 : (HD - d >= 32 ? 2 : 1);
+                    bf16 *o[8];
+                    for (int r = 0; r < rb; r++) o[r] = out[r] + d;
+                    switch (rb * 8 + nv) {
+#define TILE(rb, nv)                                                                                                   \
+    case rb * 8 + nv: pv_tile(rb, nv, n32 / 2, p, n32 / 2, vp + d, HD, o, inv + i); break;
+#define ROWS(nv) TILE(1, nv) TILE(2, nv) TILE(3, nv) TILE(4, nv)
+                        ROWS(4) ROWS(2) ROWS(1) TILE(5, 2) TILE(6, 2) TILE(7, 2) TILE(8, 2) TILE(5, 1) TILE(6, 1)
+                        TILE(7, 1) TILE(8, 1)
+#undef ROWS
+#undef TILE
+                    }
+                    d += nv * 16;
+                }
+            }
+        }
+    }
+}
+
+static int attend_bf16_part(const Step *q, int b0, void *ctx) {
+    const bf16 *const *io = ctx;
+    uint32_t *work = malloc(sizeof(uint32_t) * attend_bf16_words(q));
+    if (!work) return 1;
+    attend_bf16(q, io[0] + (size_t)b0 * q->H * q->L * q->HD, (bf16 *)io[1] + (size_t)b0 * q->L * q->H * q->HD, work);
+    free(work);
+    return 0;
+}
+#endif
+
+/* 1 where this build has attend_bf16 (the CPU has AVX-512 BF16), else 0 */
+int omniar_bf16(void) {
+#ifdef __AVX512BF16__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 static int attend_part(const Step *q, int b0, void *ctx) {
     const InOut *io = ctx;
     float *work = malloc(sizeof(float) * attend_floats(q));
@@ -466,8 +640,15 @@ static int attend_part(const Step *q, int b0, void *ctx) {
 
 /* The attention of an eager step (attend) into att (B, L, H * HD), from the rotated queries qh (B, H, L, HD) and the
  * keys and values already in the cache: s holds the attention's fields (B, L, H, KVH, HD, held, cap, key_ok, keys,
- * values, causal, threads), the batch in parts (over_parts). */
-int omniar_attention(const Step *s, const float *qh, float *att) {
+ * values, causal, threads), the batch in parts (over_parts). With s->bf16 (only where omniar_bf16(), a next-scale
+ * step, HD a multiple of 16) qh, att and the cache are bf16. */
+int omniar_attention(const Step *s, const void *qh, void *att) {
+#ifdef __AVX512BF16__
+    if (s->bf16) {
+        const void *io[2] = {qh, att};
+        return over_parts(s, attend_bf16_part, (void *)io);
+    }
+#endif
     InOut io = {qh, att};
     return over_parts(s, attend_part, &io);
 }

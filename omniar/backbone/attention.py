@@ -289,8 +289,8 @@ class Attention(nn.Module):
                 k, v = cache.write(layer, k, v)
         if cache is not None:
             cache.note_queries(layer, q)
-        if prepared is not None and mask.shape[-2] == 1:  # a next-scale step: every query sees every real slot
-            out = fused.attention(self, q, cache, layer)
+        if cache is not None and cache.fused and mask.shape[-2] == 1:  # a next-scale step: every query sees every
+            out = fused.attention(self, q.contiguous(), cache, layer)  # real held and new slot
             if out is not None:
                 return self.o_proj(out)
         groups = self.num_heads // self.num_kv_heads

@@ -52,7 +52,7 @@ class _Step(ctypes.Structure):
                 + [(n, ctypes.c_void_p) for n in ("attn_norm", "wq", "wkv", "wo", "q_norm", "k_norm", "ffn_norm",
                                                   "router", "bias", "w_in", "w_out", "s_in", "s_out", "cos", "sin",
                                                   "key_ok", "keys", "values", "x", "queries")]
-                + [("threads", ctypes.c_int), ("causal", ctypes.c_int)])
+                + [(n, ctypes.c_int) for n in ("threads", "causal", "bf16")])
 
 
 def _cpu_flags() -> str:
@@ -90,6 +90,7 @@ def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctyp
     lib.omniar_block_step.restype = ctypes.c_int
     lib.omniar_attention.argtypes = [ctypes.POINTER(_Step), ctypes.c_void_p, ctypes.c_void_p]
     lib.omniar_attention.restype = ctypes.c_int
+    lib.omniar_bf16.restype = ctypes.c_int
     lib.omniar_moe.argtypes = [ctypes.POINTER(_Step), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.omniar_moe.restype = ctypes.c_int
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
@@ -221,16 +222,23 @@ def block_step(template: _Step, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
 
 
 def attention(attn, q: torch.Tensor, cache, layer: int) -> torch.Tensor | None:
-    """For an eager next-scale step after :func:`qk_prep`: ``attn``'s attention of the rotated queries ``q``
-    ``(B, H, L, HD)`` over the real slots of ``layer`` held before the step and written by it (every query sees them
-    all; none: zeros), as ``(B, L, H * HD)``, the batch split over torch's threads. None (nothing done) where it does
-    not apply: not fp32 CPU queries, or no kernel."""
-    if q.dtype != torch.float32 or q.device.type != "cpu" or not q.is_contiguous() or library() is None:
+    """For an eager next-scale step whose keys and values are in the cache: ``attn``'s attention of the rotated
+    queries ``q`` ``(B, H, L, HD)`` over the real slots of ``layer`` held before the step and written by it (every
+    query sees them all; none: zeros), as ``(B, L, H * HD)``, the batch split over torch's threads. In fp32, or in
+    bf16 (queries and cache) where the CPU has AVX-512 BF16 and the head dim is a multiple of 16: products in
+    bf16 pairs accumulated in fp32, the softmax in fp32. None (nothing done) where it does not apply: another
+    dtype or device, gradients, or no kernel."""
+    keys, values = cache.keys[layer], cache.values[layer]
+    if (q.device.type != "cpu" or torch.is_grad_enabled() or keys.dtype != q.dtype or not q.is_contiguous()
+            or library() is None):
+        return None
+    bf16 = q.dtype == torch.bfloat16
+    if not (q.dtype == torch.float32 or bf16 and q.shape[-1] % 16 == 0 and library().omniar_bf16()):
         return None
     b, heads, length, head_dim = q.shape
-    step = _Step(B=b, L=length, H=heads, KVH=attn.num_kv_heads, HD=head_dim, held=len(cache),
-                 cap=cache.keys[layer].shape[2], key_ok=cache.key_ok.data_ptr(), keys=cache.keys[layer].data_ptr(),
-                 values=cache.values[layer].data_ptr(), threads=torch.get_num_threads())
+    step = _Step(B=b, L=length, H=heads, KVH=attn.num_kv_heads, HD=head_dim, held=len(cache), cap=keys.shape[2],
+                 key_ok=cache.key_ok.data_ptr(), keys=keys.data_ptr(), values=values.data_ptr(),
+                 threads=torch.get_num_threads(), bf16=bf16)
     out = q.new_empty(b, length, heads * head_dim)
     if library().omniar_attention(ctypes.byref(step), q.data_ptr(), out.data_ptr()):
         raise MemoryError("omniar: the fused attention could not allocate its work buffers")
