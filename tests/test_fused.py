@@ -171,16 +171,43 @@ def test_bf16_attention_is_as_close_to_fp32_as_torchs_bf16(batch, length, held, 
     assert 0 < error <= 1.1 * torch_error
 
 
+def test_bf16_qk_prep_is_the_fp32_one_rounded_once():
+    """QK-norm, RoPE and the cache write of bf16 tensors: the fp32 kernel's result on the same values, rounded to
+    bf16 (to nearest even, as torch rounds), in the same places."""
+    model = model_of()
+    attn, g = model.layers[0].attn, torch.Generator().manual_seed(0)
+    batch, length, held = 3, 5, 4
+    heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    q = torch.randn(batch, length, heads * head_dim, generator=g)
+    kv = torch.randn(batch, length, 2 * kv_heads * head_dim, generator=g)
+    angles = torch.randn(length, head_dim // 2, generator=g)
+    results = []
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache(1, (), 1)
+        cache.keys, cache.values = ([torch.zeros(batch, kv_heads, held + length + 2, head_dim, dtype=dtype)]
+                                    for _ in range(2))
+        cache.length = held
+        with torch.no_grad():
+            layer = copy.deepcopy(attn).bfloat16().to(dtype)  # bf16 weights in both
+            out = fused.qk_prep(layer, *(t.bfloat16().to(dtype) for t in (q, kv, angles.cos(), angles.sin())), cache, 0)
+        results.append([t.bfloat16() for t in (out, cache.keys[0], cache.values[0])])
+    assert results[1][1][:, :, held:held + length].abs().max() > 0
+    for fp32_rounded, bf16 in zip(*results):
+        assert torch.equal(fp32_rounded, bf16)
+
+
 @needs_bf16
-def test_bf16_model_steps_with_the_bf16_attention_kernel_equal_torch(monkeypatch):
-    """A bf16 model's next-scale steps take the bf16 attention kernel and give torch's logits within bf16
-    rounding."""
+def test_bf16_model_steps_with_the_attention_work_in_c_equal_torch(monkeypatch):
+    """A bf16 model's steps, the prompt pass included, run QK-norm, RoPE and the cache write in C (in fp32, rounded
+    once), its next-scale steps the bf16 attention kernel, and give torch's logits within bf16 rounding."""
     model = model_of().to(torch.bfloat16)
-    attended = []
-    real = fused.attention
-    monkeypatch.setattr(fused, "attention", lambda *a: attended.append(a[1].dtype) or real(*a))
+    prepared, attended = [], []
+    real_prep, real_attention = fused.qk_prep, fused.attention
+    monkeypatch.setattr(fused, "qk_prep", lambda *a: prepared.append(a[1].dtype) or real_prep(*a))
+    monkeypatch.setattr(fused, "attention", lambda *a: attended.append(a[1].dtype) or real_attention(*a))
     got = steps(model, True)
-    assert attended == [torch.bfloat16] * (3 * len(SCALES) * model.config.num_layers)
+    want = 3 * len(SCALES) * model.config.num_layers
+    assert prepared == [torch.bfloat16] * (want + model.config.num_layers) and attended == [torch.bfloat16] * want
     assert close(got, steps(model, False)) < 1e-2
 
 

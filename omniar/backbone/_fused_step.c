@@ -227,9 +227,9 @@ static void swiglu(int R, int hid, const float *h, float *out) {
  * RoPE of the queries, written head-major into q_out (B, H, L, HD), and of the keys, written with the values into
  * the cache's slots [held, held + L). q: the q projection's rows (B, L, H, HD); kv: the kv projection's
  * (B, L, 2, KVH, HD). */
-void omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
-                    const float *q, const float *kv, const float *q_norm, const float *k_norm, const float *cos,
-                    const float *sin, float *q_out, float *keys, float *values) {
+int omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
+                   const float *q, const float *kv, const float *q_norm, const float *k_norm, const float *cos,
+                   const float *sin, float *q_out, float *keys, float *values) {
     const int half = HD / 2;
     for (int b = 0; b < B; b++)
         for (int l = 0; l < L; l++) {
@@ -247,6 +247,54 @@ void omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, flo
                 memcpy(values + slot, kv + (r * 2 * KVH + KVH + g) * HD, sizeof(float) * HD);
             }
         }
+    return 0; /* as omniar_qk_prep_bf16, which can fail */
+}
+
+/* bf16 <-> fp32: a bf16 is the high half of an fp32; rounding to nearest even, as torch does (no NaNs here) */
+static inline float from_bf16(unsigned short h) {
+    union { unsigned u; float f; } v = {.u = (unsigned)h << 16};
+    return v.f;
+}
+static inline unsigned short to_bf16(float f) {
+    union { float f; unsigned u; } v = {.f = f};
+    return (unsigned short)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+}
+
+/* omniar_qk_prep for bf16 tensors (a bf16 model's eager step): each token's rows widened to fp32, normed and rotated
+ * by omniar_qk_prep (rounded once, to bf16, at the end), then written where omniar_qk_prep writes them. Nonzero if
+ * its work space could not be allocated. */
+int omniar_qk_prep_bf16(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
+                        const unsigned short *q, const unsigned short *kv, const unsigned short *q_norm,
+                        const unsigned short *k_norm, const unsigned short *cos, const unsigned short *sin,
+                        unsigned short *q_out, unsigned short *keys, unsigned short *values) {
+    const int half = HD / 2, QD = H * HD, KVD = 2 * KVH * HD;
+    float *w = malloc(sizeof(float) * ((size_t)2 * HD + 2 * L * half + 2 * (QD + KVD)));
+    if (!w) return 1;
+    float *qn = w, *kn = qn + HD, *c = kn + HD, *sn = c + (size_t)L * half, *row = sn + (size_t)L * half;
+    float *out = row + QD + KVD;
+    for (int i = 0; i < HD; i++) qn[i] = from_bf16(q_norm[i]), kn[i] = from_bf16(k_norm[i]);
+    for (int i = 0; i < L * half; i++) c[i] = from_bf16(cos[i]), sn[i] = from_bf16(sin[i]);
+    for (int b = 0; b < B; b++)
+        for (int l = 0; l < L; l++) {
+            const size_t r = (size_t)b * L + l;
+            for (int i = 0; i < QD; i++) row[i] = from_bf16(q[r * QD + i]);
+            for (int i = 0; i < KVD; i++) row[QD + i] = from_bf16(kv[r * KVD + i]);
+            /* the token alone: queries (H, 1, HD), then keys and values in a cache of one slot */
+            omniar_qk_prep(1, 1, H, KVH, HD, 0, 1, eps_q, eps_k, row, row + QD, qn, kn, c + (size_t)l * half,
+                           sn + (size_t)l * half, out, out + QD, out + QD + KVH * HD);
+            for (int h = 0; h < H; h++)
+                for (int d = 0; d < HD; d++)
+                    q_out[(((size_t)b * H + h) * L + l) * HD + d] = to_bf16(out[(size_t)h * HD + d]);
+            for (int g = 0; g < KVH; g++) {
+                const size_t slot = (((size_t)b * KVH + g) * cap + held + l) * HD;
+                for (int d = 0; d < HD; d++) {
+                    keys[slot + d] = to_bf16(out[QD + (size_t)g * HD + d]);
+                    values[slot + d] = to_bf16(out[QD + (size_t)(KVH + g) * HD + d]);
+                }
+            }
+        }
+    free(w);
+    return 0;
 }
 
 /* Work space of ffn_rows for R rows: this many floats, then ffn_ints ints. */

@@ -96,6 +96,8 @@ def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctyp
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     lib.omniar_rms_norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3
     lib.omniar_qk_prep.argtypes = [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 9
+    lib.omniar_qk_prep_bf16.argtypes = lib.omniar_qk_prep.argtypes
+    lib.omniar_qk_prep_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -288,18 +290,20 @@ def qk_prep(attn, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: tor
             layer: int) -> torch.Tensor | None:
     """For an eager step with a cache: ``attn``'s QK-norm and RoPE of the projections ``q`` ``(B, L, H * HD)`` and
     ``kv`` ``(B, L, 2 * KVH * HD)``, the keys and values written after the cache's held slots in ``layer``, in one
-    call; returns the queries ``(B, H, L, HD)``. None (nothing done) where it does not apply: not fp32 CPU tensors
-    without gradients, or no kernel."""
+    call; returns the queries ``(B, H, L, HD)``. In fp32, or in bf16 (computed in fp32, rounded once). None (nothing
+    done) where it does not apply: not fp32 or bf16 CPU tensors (weights, tables and cache alike) without
+    gradients, or no kernel."""
     keys, values = cache.keys[layer], cache.values[layer]
-    if (q.dtype != torch.float32 or q.device.type != "cpu" or torch.is_grad_enabled() or keys.dtype != torch.float32
-            or not (q.is_contiguous() and kv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
-                    and keys.is_contiguous() and values.is_contiguous())
-            or attn.q_norm.weight is None or attn.k_norm.weight is None or library() is None):
+    tensors = (q, kv, cos, sin, keys, values, attn.q_norm.weight, attn.k_norm.weight)
+    if (q.dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu" or torch.is_grad_enabled()
+            or not all(t is not None and t.dtype == q.dtype and t.is_contiguous() for t in tensors)
+            or library() is None):
         return None
     b, length, _ = q.shape
     out = q.new_empty(b, attn.num_heads, length, attn.head_dim)
-    library().omniar_qk_prep(b, length, attn.num_heads, attn.num_kv_heads, attn.head_dim, len(cache), keys.shape[2],
-                             _eps(attn.q_norm), _eps(attn.k_norm), q.data_ptr(), kv.data_ptr(),
-                             attn.q_norm.weight.data_ptr(), attn.k_norm.weight.data_ptr(), cos.data_ptr(),
-                             sin.data_ptr(), out.data_ptr(), keys.data_ptr(), values.data_ptr())
+    kernel = library().omniar_qk_prep if q.dtype == torch.float32 else library().omniar_qk_prep_bf16
+    if kernel(b, length, attn.num_heads, attn.num_kv_heads, attn.head_dim, len(cache), keys.shape[2],
+              _eps(attn.q_norm), _eps(attn.k_norm), *(t.data_ptr() for t in (q, kv, *tensors[-2:], cos, sin, out,
+                                                                            keys, values))):
+        raise MemoryError("omniar: the fused QK-norm and RoPE could not allocate their work space")
     return out
