@@ -518,6 +518,22 @@ typedef struct {
  * as (slots / 2, HD) pairs of slots, both padded with zeros to whole tiles of 32 slots. */
 typedef uint16_t bf16;
 
+/* exp of 16 lanes for the bf16 attention, whose probabilities are rounded to bf16 (8 bits): exp_'s reduction with
+ * a degree-5 polynomial (2.4e-6 relative); lanes below -87 (masked slots come as -inf) give 0 */
+static inline __m512 exp16(__m512 x) {
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.f), _CMP_GE_OQ);
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f),
+                                      _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.f / 120), r, _mm512_set1_ps(1.f / 24));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_maskz_scalef_ps(live, p, n);
+}
+
 /* Work space of attend_bf16, in 4-byte words. */
 static size_t attend_bf16_words(const Step *s) {
     const size_t n32 = ((size_t)s->held + s->L + 31) / 32 * 32, nq = (size_t)s->H / s->KVH * s->L;
@@ -580,9 +596,12 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
             const uint32_t *Q = (const uint32_t *)(qh + ((size_t)b * H + (size_t)g * groups) * s->L * HD);
             const bf16 *K = (const bf16 *)s->keys + ((size_t)b * G + g) * s->cap * HD;
             const bf16 *V = (const bf16 *)s->values + ((size_t)b * G + g) * s->cap * HD;
-            for (int j = 0; j < n32; j++) /* key j's head-dim pairs, one per row of kp */
-                for (int c = 0; c < pairs; c++)
-                    kp[(size_t)c * n32 + j] = j < n_slots ? ((const uint32_t *)(K + (size_t)j * HD))[c] : 0u;
+            for (int c = 0; c < pairs; c++) { /* key j's head-dim pairs, one per row of kp */
+                const uint32_t *k = (const uint32_t *)K + c;
+                uint32_t *row = kp + (size_t)c * n32;
+                for (int j = 0; j < n_slots; j++) row[j] = k[(size_t)j * pairs];
+                for (int j = n_slots; j < n32; j++) row[j] = 0u;
+            }
             for (int t = 0; t < n32 / 2; t++) /* slots 2t and 2t + 1, interleaved per head dim */
                 for (int d = 0; d < HD; d += 16) {
                     const __m512i lo = 2 * t < n_slots
@@ -607,29 +626,27 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
                     }
                 }
             }
-            for (int i = 0; i < nq; i++) {
-                float *p = S + (size_t)i * n32, mx = -INFINITY, total = 0.f;
-#pragma omp simd reduction(max : mx)
-                for (int j = 0; j < n32; j++) {
-                    p[j] = p[j] * attn_scale + bias[j];
-                    mx = p[j] > mx ? p[j] : mx;
+            for (int i = 0; i < nq; i++) { /* softmax numerators, to bf16 pairs; O is scaled by 1 / sum at the end */
+                float *p = S + (size_t)i * n32;
+                __m512 top = _mm512_set1_ps(-INFINITY);
+                for (int j = 0; j < n32; j += 16) {
+                    const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(p + j), _mm512_set1_ps(attn_scale),
+                                                     _mm512_loadu_ps(bias + j));
+                    _mm512_storeu_ps(p + j, v);
+                    top = _mm512_max_ps(top, v);
                 }
-                inv[i] = 0.f;
-                if (mx > -INFINITY) { /* else no real key visible (padding before any token): zeros */
-#pragma omp simd reduction(+ : total)
-                    for (int j = 0; j < n32; j++) {
-                        p[j] = exp_(p[j] - mx);
-                        total += p[j];
-                    }
-                    inv[i] = 1.f / total;
-                }
+                const float mx = _mm512_reduce_max_ps(top);
+                const __m512 m = _mm512_set1_ps(mx > -INFINITY ? mx : 0.f); /* no real key: all lanes give 0 */
+                __m512 total = _mm512_setzero_ps();
                 uint32_t *row = P + (size_t)i * n32 / 2;
-                for (int j = 0; j < n32; j += 32) /* 32 probabilities as 16 pairs; cvtne2ps takes its high half first */
-                    _mm512_storeu_si512(row + j / 2,
-                                        (__m512i)_mm512_cvtne2ps_pbh(inv[i] > 0.f ? _mm512_loadu_ps(p + j + 16)
-                                                                                  : _mm512_setzero_ps(),
-                                                                     inv[i] > 0.f ? _mm512_loadu_ps(p + j)
-                                                                                  : _mm512_setzero_ps()));
+                for (int j = 0; j < n32; j += 32) {
+                    const __m512 lo = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j), m));
+                    const __m512 hi = exp16(_mm512_sub_ps(_mm512_loadu_ps(p + j + 16), m));
+                    total = _mm512_add_ps(total, _mm512_add_ps(lo, hi));
+                    _mm512_storeu_si512(row + j / 2, (__m512i)_mm512_cvtne2ps_pbh(hi, lo)); /* high half first */
+                }
+                const float sum = _mm512_reduce_add_ps(total);
+                inv[i] = sum > 0.f ? 1.f / sum : 0.f;
             }
             const int wide = HD / 16 <= 2; /* 8 rows a tile where the head is at most two vectors, else 4 */
             for (int i = 0; i < nq; i += wide ? 8 : 4) {
