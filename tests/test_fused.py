@@ -196,6 +196,22 @@ def test_bf16_qk_prep_is_the_fp32_one_rounded_once():
         assert torch.equal(fp32_rounded, bf16)
 
 
+def test_rms_norm_in_c_is_torchs_and_in_bf16_the_fp32_one_rounded_once():
+    """The eager steps' norms: fp32 within rounding of torch's RMSNorm; bf16 the fp32 kernel's result on the same
+    values rounded to bf16, bit for bit; with gradients (training) torch's own."""
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.RMSNorm(48, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.2, generator=g)
+        norm.weight.copy_(norm.weight.bfloat16())
+        x = torch.randn(5, 7, 48, generator=g).bfloat16().float()
+        fp32 = fused.rms_norm(x, norm)
+        assert (fp32 - norm(x)).abs().max() < 1e-6
+        assert torch.equal(fused.rms_norm(x.bfloat16(), copy.deepcopy(norm).bfloat16()), fp32.bfloat16())
+        assert not torch.equal(fp32, fp32.bfloat16().float())  # the rounding is there to see
+    assert fused.rms_norm(x, norm).grad_fn is not None
+
+
 @needs_bf16
 def test_bf16_model_steps_with_the_attention_work_in_c_equal_torch(monkeypatch):
     """A bf16 model's steps, the prompt pass included, run QK-norm, RoPE and the cache write in C (in fp32, rounded

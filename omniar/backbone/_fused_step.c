@@ -260,6 +260,25 @@ static inline unsigned short to_bf16(float f) {
     return (unsigned short)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
 
+/* RMSNorm of the rows x (R, D) into y: the final norm of a fused step, a block's norms in an eager one */
+void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, float *y) {
+    for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
+}
+
+/* omniar_rms_norm of bf16 rows: in fp32, rounded once (a bf16 model's eager steps) */
+void omniar_rms_norm_bf16(int R, int D, float eps, const unsigned short *x, const unsigned short *w,
+                          unsigned short *y) {
+    for (int r = 0; r < R; r++) {
+        const unsigned short *row = x + (size_t)r * D;
+        float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+        for (int i = 0; i < D; i++) ss += from_bf16(row[i]) * from_bf16(row[i]);
+        const float s = 1.f / sqrtf(ss / D + eps);
+#pragma omp simd
+        for (int i = 0; i < D; i++) y[(size_t)r * D + i] = to_bf16(from_bf16(row[i]) * s * from_bf16(w[i]));
+    }
+}
+
 /* omniar_qk_prep for bf16 tensors (a bf16 model's eager step): each token's rows widened to fp32, normed and rotated
  * by omniar_qk_prep (rounded once, to bf16, at the end), then written where omniar_qk_prep writes them. Nonzero if
  * its work space could not be allocated. */
@@ -470,12 +489,9 @@ static int block_rows(const Step *s) {
     return 0;
 }
 
-/* the final norm and the output head of a fused step: y (R, N) = x (R, D) W^T, and RMSNorm of the rows */
+/* the output head of a fused step: y (R, N) = x (R, D) W^T */
 void omniar_linear(int R, int K, int N, const float *x, const float *W, float *y) { mm_nt(R, K, N, x, W, y); }
 
-void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, float *y) {
-    for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
-}
 
 /* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, on torch's OpenMP
  * threads (this library's libgomp.so.1 resolves to the runtime torch has loaded), each part as one call would:

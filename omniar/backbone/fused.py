@@ -95,6 +95,7 @@ def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctyp
     lib.omniar_moe.restype = ctypes.c_int
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     lib.omniar_rms_norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3
+    lib.omniar_rms_norm_bf16.argtypes = lib.omniar_rms_norm.argtypes
     lib.omniar_qk_prep.argtypes = [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 9
     lib.omniar_qk_prep_bf16.argtypes = lib.omniar_qk_prep.argtypes
     lib.omniar_qk_prep_bf16.restype = ctypes.c_int
@@ -267,12 +268,15 @@ def moe(layer, x: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor | 
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:
-    """``norm(x)`` for the contiguous fp32 ``x`` of a fused step (one call instead of half a dozen aten ops)."""
-    if norm.weight is None or norm.weight.dtype != torch.float32:
+    """``norm(x)`` in one C call (instead of half a dozen aten ops) for CPU rows without gradients, in fp32 or in
+    bf16 (computed in fp32, rounded once), the weight in the same dtype; else ``norm(x)``."""
+    w = norm.weight
+    if (x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or torch.is_grad_enabled()
+            or w is None or w.dtype != x.dtype or library() is None):
         return norm(x)
-    out = torch.empty_like(x)
-    library().omniar_rms_norm(x.numel() // x.shape[-1], x.shape[-1], _eps(norm), x.data_ptr(), norm.weight.data_ptr(),
-                              out.data_ptr())
+    x, out = x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format)
+    kernel = library().omniar_rms_norm if x.dtype == torch.float32 else library().omniar_rms_norm_bf16
+    kernel(x.numel() // x.shape[-1], x.shape[-1], _eps(norm), x.data_ptr(), w.data_ptr(), out.data_ptr())
     return out
 
 

@@ -56,8 +56,10 @@ class Block(nn.Module):
 
     def forward(self, x, cos, sin, mask, empty, meta: TokenMeta | None, cache: KVCache | None, layer: int,
                 spec: ElasticSpec) -> tuple[torch.Tensor, torch.Tensor | None, RouterStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, empty, cache, layer)
-        h = self.ffn_norm(x)
+        # with a cache (generation), the norms in one C call each where they can (omniar.backbone.fused)
+        norm = fused.rms_norm if cache is not None and cache.fused else lambda x, module: module(x)
+        x = x + self.attn(norm(x, self.attn_norm), cos, sin, mask, empty, cache, layer)
+        h = norm(x, self.ffn_norm)
         if isinstance(self.ffn, SwiGLU):
             return x + self.ffn(h), None, None
         valid, is_text = (None, None) if meta is None else (meta.valid, meta.is_text)
@@ -204,7 +206,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
             x = adapter(x)
         if cache is not None:
             cache.commit(x.shape[1])
-        return self.norm(x) if templates is None else fused.rms_norm(x, self.norm), aux, stats
+        return fused.rms_norm(x, self.norm) if cache is not None and cache.fused else self.norm(x), aux, stats
 
     def _text_outputs(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         mtp = torch.stack([head(h) for head in self.mtp_heads], dim=2) if len(self.mtp_heads) else None
