@@ -171,9 +171,11 @@ def test_bf16_attention_is_as_close_to_fp32_as_torchs_bf16(batch, length, held, 
     assert 0 < error <= 1.1 * torch_error
 
 
-def test_bf16_qk_prep_is_the_fp32_one_rounded_once():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bf16_qk_prep_is_the_fp32_one_rounded_once(threads, monkeypatch):
     """QK-norm, RoPE and the cache write of bf16 tensors: the fp32 kernel's result on the same values, rounded to
-    bf16 (to nearest even, as torch rounds), in the same places."""
+    bf16 (to nearest even, as torch rounds), in the same places; the batch in parts on threads alike."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     model = model_of()
     attn, g = model.layers[0].attn, torch.Generator().manual_seed(0)
     batch, length, held = 3, 5, 4
@@ -196,15 +198,17 @@ def test_bf16_qk_prep_is_the_fp32_one_rounded_once():
         assert torch.equal(fp32_rounded, bf16)
 
 
-def test_rms_norm_in_c_is_torchs_and_in_bf16_the_fp32_one_rounded_once():
+@pytest.mark.parametrize("rows,threads", [(35, 2), (72, 3)])
+def test_rms_norm_in_c_is_torchs_and_in_bf16_the_fp32_one_rounded_once(rows, threads, monkeypatch):
     """The eager steps' norms: fp32 within rounding of torch's RMSNorm; bf16 the fp32 kernel's result on the same
-    values rounded to bf16, bit for bit; with gradients (training) torch's own."""
+    values rounded to bf16, bit for bit (from 64 rows split over threads); with gradients torch's own."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     g = torch.Generator().manual_seed(0)
     norm = torch.nn.RMSNorm(48, eps=1e-6)
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.2, generator=g)
         norm.weight.copy_(norm.weight.bfloat16())
-        x = torch.randn(5, 7, 48, generator=g).bfloat16().float()
+        x = torch.randn(rows, 1, 48, generator=g).bfloat16().float()
         fp32 = fused.rms_norm(x, norm)
         assert (fp32 - norm(x)).abs().max() < 1e-6
         assert torch.equal(fused.rms_norm(x.bfloat16(), copy.deepcopy(norm).bfloat16()), fp32.bfloat16())

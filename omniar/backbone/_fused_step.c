@@ -223,13 +223,13 @@ static void swiglu(int R, int hid, const float *h, float *out) {
     }
 }
 
-/* The attention's per-token work of a step (alone for an eager step, or inside omniar_block_step): QK-norm and
- * RoPE of the queries, written head-major into q_out (B, H, L, HD), and of the keys, written with the values into
+/* The attention's per-token work of a step (inside omniar_block_step, or for an eager step omniar_qk_prep): QK-norm
+ * and RoPE of the queries, written head-major into q_out (B, H, L, HD), and of the keys, written with the values into
  * the cache's slots [held, held + L). q: the q projection's rows (B, L, H, HD); kv: the kv projection's
  * (B, L, 2, KVH, HD). */
-int omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
-                   const float *q, const float *kv, const float *q_norm, const float *k_norm, const float *cos,
-                   const float *sin, float *q_out, float *keys, float *values) {
+static void qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k, const float *q,
+                    const float *kv, const float *q_norm, const float *k_norm, const float *cos, const float *sin,
+                    float *q_out, float *keys, float *values) {
     const int half = HD / 2;
     for (int b = 0; b < B; b++)
         for (int l = 0; l < L; l++) {
@@ -247,7 +247,6 @@ int omniar_qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, floa
                 memcpy(values + slot, kv + (r * 2 * KVH + KVH + g) * HD, sizeof(float) * HD);
             }
         }
-    return 0; /* as omniar_qk_prep_bf16, which can fail */
 }
 
 /* bf16 <-> fp32: a bf16 is the high half of an fp32; rounding to nearest even, as torch does (no NaNs here) */
@@ -260,60 +259,91 @@ static inline unsigned short to_bf16(float f) {
     return (unsigned short)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-/* RMSNorm of the rows x (R, D) into y: the final norm of a fused step, a block's norms in an eager one */
-void omniar_rms_norm(int R, int D, float eps, const float *x, const float *w, float *y) {
-    for (int r = 0; r < R; r++) rms_norm(D, x + (size_t)r * D, w, eps, y + (size_t)r * D);
-}
-
-/* omniar_rms_norm of bf16 rows: in fp32, rounded once (a bf16 model's eager steps) */
-void omniar_rms_norm_bf16(int R, int D, float eps, const unsigned short *x, const unsigned short *w,
-                          unsigned short *y) {
+/* RMSNorm of the rows x (R, D) into y, in fp32, or (bf16) of bf16 rows computed in fp32 and rounded once: the final
+ * norm of a fused step, a block's norms in an eager one; from 64 rows split over up to `threads` OpenMP threads */
+void omniar_rms_norm(int threads, int bf16, int R, int D, float eps, const void *x, const void *w, void *y) {
+#pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if (R >= 64)
     for (int r = 0; r < R; r++) {
-        const unsigned short *row = x + (size_t)r * D;
+        if (!bf16) {
+            rms_norm(D, (const float *)x + (size_t)r * D, w, eps, (float *)y + (size_t)r * D);
+            continue;
+        }
+        const unsigned short *row = (const unsigned short *)x + (size_t)r * D, *wb = w;
+        unsigned short *out = (unsigned short *)y + (size_t)r * D;
         float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
         for (int i = 0; i < D; i++) ss += from_bf16(row[i]) * from_bf16(row[i]);
         const float s = 1.f / sqrtf(ss / D + eps);
 #pragma omp simd
-        for (int i = 0; i < D; i++) y[(size_t)r * D + i] = to_bf16(from_bf16(row[i]) * s * from_bf16(w[i]));
+        for (int i = 0; i < D; i++) out[i] = to_bf16(from_bf16(row[i]) * s * from_bf16(wb[i]));
     }
 }
 
-/* omniar_qk_prep for bf16 tensors (a bf16 model's eager step): each token's rows widened to fp32, normed and rotated
- * by omniar_qk_prep (rounded once, to bf16, at the end), then written where omniar_qk_prep writes them. Nonzero if
- * its work space could not be allocated. */
-int omniar_qk_prep_bf16(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
+static void widen(size_t n, const unsigned short *x, float *y) {
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) y[i] = from_bf16(x[i]);
+}
+
+static void narrow(size_t n, const float *x, unsigned short *y) {
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) y[i] = to_bf16(x[i]);
+}
+
+/* qk_prep of bf16 tensors: a batch entry's tokens, up to 16 at a time, widened to fp32, qk_prep's fp32 work (into a
+ * cache of their slots alone), the results rounded once to bf16 and written where qk_prep writes them. Nonzero if
+ * its work space failed. */
+static int qk_prep_bf16(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
                         const unsigned short *q, const unsigned short *kv, const unsigned short *q_norm,
                         const unsigned short *k_norm, const unsigned short *cos, const unsigned short *sin,
                         unsigned short *q_out, unsigned short *keys, unsigned short *values) {
-    const int half = HD / 2, QD = H * HD, KVD = 2 * KVH * HD;
-    float *w = malloc(sizeof(float) * ((size_t)2 * HD + 2 * L * half + 2 * (QD + KVD)));
+    enum { T = 16 };
+    const size_t half = HD / 2, QD = (size_t)H * HD, KVD = (size_t)2 * KVH * HD;
+    float *w = malloc(sizeof(float) * (2 * HD + 2 * L * half + 2 * T * (QD + KVD)));
     if (!w) return 1;
-    float *qn = w, *kn = qn + HD, *c = kn + HD, *sn = c + (size_t)L * half, *row = sn + (size_t)L * half;
-    float *out = row + QD + KVD;
-    for (int i = 0; i < HD; i++) qn[i] = from_bf16(q_norm[i]), kn[i] = from_bf16(k_norm[i]);
-    for (int i = 0; i < L * half; i++) c[i] = from_bf16(cos[i]), sn[i] = from_bf16(sin[i]);
+    float *qn = w, *kn = qn + HD, *c = kn + HD, *sn = c + L * half, *qf = sn + L * half, *kvf = qf + T * QD;
+    float *qo = kvf + T * KVD, *ko = qo + T * QD, *vo = ko + T * KVD / 2;
+    widen(HD, q_norm, qn), widen(HD, k_norm, kn), widen(L * half, cos, c), widen(L * half, sin, sn);
     for (int b = 0; b < B; b++)
-        for (int l = 0; l < L; l++) {
-            const size_t r = (size_t)b * L + l;
-            for (int i = 0; i < QD; i++) row[i] = from_bf16(q[r * QD + i]);
-            for (int i = 0; i < KVD; i++) row[QD + i] = from_bf16(kv[r * KVD + i]);
-            /* the token alone: queries (H, 1, HD), then keys and values in a cache of one slot */
-            omniar_qk_prep(1, 1, H, KVH, HD, 0, 1, eps_q, eps_k, row, row + QD, qn, kn, c + (size_t)l * half,
-                           sn + (size_t)l * half, out, out + QD, out + QD + KVH * HD);
+        for (int l0 = 0; l0 < L; l0 += T) {
+            const int n = L - l0 < T ? L - l0 : T;
+            const size_t r = (size_t)b * L + l0;
+            widen(n * QD, q + r * QD, qf), widen(n * KVD, kv + r * KVD, kvf);
+            qk_prep(1, n, H, KVH, HD, 0, n, eps_q, eps_k, qf, kvf, qn, kn, c + l0 * half, sn + l0 * half, qo, ko, vo);
             for (int h = 0; h < H; h++)
-                for (int d = 0; d < HD; d++)
-                    q_out[(((size_t)b * H + h) * L + l) * HD + d] = to_bf16(out[(size_t)h * HD + d]);
+                narrow((size_t)n * HD, qo + (size_t)h * n * HD, q_out + (((size_t)b * H + h) * L + l0) * HD);
             for (int g = 0; g < KVH; g++) {
-                const size_t slot = (((size_t)b * KVH + g) * cap + held + l) * HD;
-                for (int d = 0; d < HD; d++) {
-                    keys[slot + d] = to_bf16(out[QD + (size_t)g * HD + d]);
-                    values[slot + d] = to_bf16(out[QD + (size_t)(KVH + g) * HD + d]);
-                }
+                const size_t slot = (((size_t)b * KVH + g) * cap + held + l0) * HD;
+                narrow((size_t)n * HD, ko + (size_t)g * n * HD, keys + slot);
+                narrow((size_t)n * HD, vo + (size_t)g * n * HD, values + slot);
             }
         }
     free(w);
     return 0;
+}
+
+/* qk_prep for an eager step, in fp32 or (bf16) in bf16, its batch entries split over up to `threads` OpenMP threads
+ * (they never meet). Nonzero if a part's work space failed. */
+int omniar_qk_prep(int threads, int bf16, int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q,
+                   float eps_k, const void *q, const void *kv, const void *q_norm, const void *k_norm,
+                   const void *cos, const void *sin, void *q_out, void *keys, void *values) {
+    const int parts = threads < B ? (threads > 1 ? threads : 1) : B;
+    const size_t bytes = bf16 ? 2 : 4, QD = (size_t)H * HD, KVD = (size_t)2 * KVH * HD;
+    int rc = 0;
+#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
+    for (int i = 0; i < parts; i++) {
+        const int b0 = B * i / parts, n = B * (i + 1) / parts - b0;
+        const char *qp = (const char *)q + b0 * L * QD * bytes, *kvp = (const char *)kv + b0 * L * KVD * bytes;
+        char *qo = (char *)q_out + b0 * L * QD * bytes;
+        char *kp = (char *)keys + (size_t)b0 * KVH * cap * HD * bytes;
+        char *vp = (char *)values + (size_t)b0 * KVH * cap * HD * bytes;
+        if (bf16)
+            rc |= qk_prep_bf16(n, L, H, KVH, HD, held, cap, eps_q, eps_k, (const void *)qp, (const void *)kvp, q_norm,
+                               k_norm, cos, sin, (void *)qo, (void *)kp, (void *)vp);
+        else
+            qk_prep(n, L, H, KVH, HD, held, cap, eps_q, eps_k, (const void *)qp, (const void *)kvp, q_norm, k_norm,
+                    cos, sin, (void *)qo, (void *)kp, (void *)vp);
+    }
+    return rc;
 }
 
 /* Work space of ffn_rows for R rows: this many floats, then ffn_ints ints. */
@@ -475,7 +505,7 @@ static int block_rows(const Step *s) {
     for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->attn_norm, s->eps_attn, xn + (size_t)r * D);
     mm_nt(R, D, QD, xn, s->wq, q);
     mm_nt(R, D, KVD, xn, s->wkv, kv);
-    omniar_qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
+    qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
                    s->sin, qh, s->keys, s->values);
     attend(s, qh, att, aw);
     mm_nt(R, QD, D, att, s->wo, y);

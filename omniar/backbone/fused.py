@@ -94,11 +94,9 @@ def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctyp
     lib.omniar_moe.argtypes = [ctypes.POINTER(_Step), ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     lib.omniar_moe.restype = ctypes.c_int
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
-    lib.omniar_rms_norm.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_float] + [ctypes.c_void_p] * 3
-    lib.omniar_rms_norm_bf16.argtypes = lib.omniar_rms_norm.argtypes
-    lib.omniar_qk_prep.argtypes = [ctypes.c_int] * 7 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 9
-    lib.omniar_qk_prep_bf16.argtypes = lib.omniar_qk_prep.argtypes
-    lib.omniar_qk_prep_bf16.restype = ctypes.c_int
+    lib.omniar_rms_norm.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 3
+    lib.omniar_qk_prep.argtypes = [ctypes.c_int] * 9 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 9
+    lib.omniar_qk_prep.restype = ctypes.c_int
     return lib
 
 
@@ -275,8 +273,8 @@ def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:
             or w is None or w.dtype != x.dtype or library() is None):
         return norm(x)
     x, out = x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format)
-    kernel = library().omniar_rms_norm if x.dtype == torch.float32 else library().omniar_rms_norm_bf16
-    kernel(x.numel() // x.shape[-1], x.shape[-1], _eps(norm), x.data_ptr(), w.data_ptr(), out.data_ptr())
+    library().omniar_rms_norm(torch.get_num_threads(), x.dtype == torch.bfloat16, x.numel() // x.shape[-1],
+                              x.shape[-1], _eps(norm), x.data_ptr(), w.data_ptr(), out.data_ptr())
     return out
 
 
@@ -305,9 +303,9 @@ def qk_prep(attn, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: tor
         return None
     b, length, _ = q.shape
     out = q.new_empty(b, attn.num_heads, length, attn.head_dim)
-    kernel = library().omniar_qk_prep if q.dtype == torch.float32 else library().omniar_qk_prep_bf16
-    if kernel(b, length, attn.num_heads, attn.num_kv_heads, attn.head_dim, len(cache), keys.shape[2],
-              _eps(attn.q_norm), _eps(attn.k_norm), *(t.data_ptr() for t in (q, kv, *tensors[-2:], cos, sin, out,
-                                                                            keys, values))):
+    if library().omniar_qk_prep(torch.get_num_threads(), q.dtype == torch.bfloat16, b, length, attn.num_heads,
+                                attn.num_kv_heads, attn.head_dim, len(cache), keys.shape[2], _eps(attn.q_norm),
+                                _eps(attn.k_norm), *(t.data_ptr() for t in (q, kv, *tensors[-2:], cos, sin, out, keys,
+                                                                            values))):
         raise MemoryError("omniar: the fused QK-norm and RoPE could not allocate their work space")
     return out
