@@ -164,8 +164,8 @@ def test_bf16_attention_is_as_close_to_fp32_as_torchs_bf16(batch, length, held, 
         got = fused.attention(attn, q, cache, 0).float()
         k, v, mask = cache.keys[0][:, :, :n], cache.values[0][:, :, :n], cache.key_ok[:, None, None, :n]
         want, torchs = (torch.nan_to_num(F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype),
-                                                                        attn_mask=mask, enable_gqa=True))
-                        .float().transpose(1, 2).reshape(batch, length, -1) for dtype in (torch.float32, torch.bfloat16))
+                                                                        attn_mask=mask, enable_gqa=True)).float()
+                        .transpose(1, 2).reshape(batch, length, -1) for dtype in (torch.float32, torch.bfloat16))
     assert got.dtype == torch.float32 and got[-1].abs().max() == 0
     error, torch_error = (got - want)[:-1].abs().mean(), (torchs - want)[:-1].abs().mean()
     assert 0 < error <= 1.1 * torch_error

@@ -250,26 +250,27 @@ static void qk_prep(int B, int L, int H, int KVH, int HD, int held, int cap, flo
 }
 
 /* bf16 <-> fp32: a bf16 is the high half of an fp32; rounding to nearest even, as torch does (no NaNs here) */
-static inline float from_bf16(unsigned short h) {
+typedef unsigned short bf16;
+static inline float from_bf16(bf16 h) {
     union { unsigned u; float f; } v = {.u = (unsigned)h << 16};
     return v.f;
 }
-static inline unsigned short to_bf16(float f) {
+static inline bf16 to_bf16(float f) {
     union { float f; unsigned u; } v = {.f = f};
-    return (unsigned short)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
+    return (bf16)((v.u + 0x7FFFu + ((v.u >> 16) & 1u)) >> 16);
 }
 
-/* RMSNorm of the rows x (R, D) into y, in fp32, or (bf16) of bf16 rows computed in fp32 and rounded once: the final
+/* RMSNorm of the rows x (R, D) into y, in fp32, or (is_bf16) of bf16 rows computed in fp32 and rounded once: the final
  * norm of a fused step, a block's norms in an eager one; from 64 rows split over up to `threads` OpenMP threads */
-void omniar_rms_norm(int threads, int bf16, int R, int D, float eps, const void *x, const void *w, void *y) {
+void omniar_rms_norm(int threads, int is_bf16, int R, int D, float eps, const void *x, const void *w, void *y) {
 #pragma omp parallel for num_threads(threads > 1 ? threads : 1) schedule(static) if (R >= 64)
     for (int r = 0; r < R; r++) {
-        if (!bf16) {
+        if (!is_bf16) {
             rms_norm(D, (const float *)x + (size_t)r * D, w, eps, (float *)y + (size_t)r * D);
             continue;
         }
-        const unsigned short *row = (const unsigned short *)x + (size_t)r * D, *wb = w;
-        unsigned short *out = (unsigned short *)y + (size_t)r * D;
+        const bf16 *row = (const bf16 *)x + (size_t)r * D, *wb = w;
+        bf16 *out = (bf16 *)y + (size_t)r * D;
         float ss = 0.f;
 #pragma omp simd reduction(+ : ss)
         for (int i = 0; i < D; i++) ss += from_bf16(row[i]) * from_bf16(row[i]);
@@ -279,12 +280,12 @@ void omniar_rms_norm(int threads, int bf16, int R, int D, float eps, const void 
     }
 }
 
-static void widen(size_t n, const unsigned short *x, float *y) {
+static void widen(size_t n, const bf16 *x, float *y) {
 #pragma omp simd
     for (size_t i = 0; i < n; i++) y[i] = from_bf16(x[i]);
 }
 
-static void narrow(size_t n, const float *x, unsigned short *y) {
+static void narrow(size_t n, const float *x, bf16 *y) {
 #pragma omp simd
     for (size_t i = 0; i < n; i++) y[i] = to_bf16(x[i]);
 }
@@ -293,9 +294,9 @@ static void narrow(size_t n, const float *x, unsigned short *y) {
  * cache of their slots alone), the results rounded once to bf16 and written where qk_prep writes them. Nonzero if
  * its work space failed. */
 static int qk_prep_bf16(int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q, float eps_k,
-                        const unsigned short *q, const unsigned short *kv, const unsigned short *q_norm,
-                        const unsigned short *k_norm, const unsigned short *cos, const unsigned short *sin,
-                        unsigned short *q_out, unsigned short *keys, unsigned short *values) {
+                        const bf16 *q, const bf16 *kv, const bf16 *q_norm,
+                        const bf16 *k_norm, const bf16 *cos, const bf16 *sin,
+                        bf16 *q_out, bf16 *keys, bf16 *values) {
     enum { T = 16 };
     const size_t half = HD / 2, QD = (size_t)H * HD, KVD = (size_t)2 * KVH * HD;
     float *w = malloc(sizeof(float) * (2 * HD + 2 * L * half + 2 * T * (QD + KVD)));
@@ -321,13 +322,13 @@ static int qk_prep_bf16(int B, int L, int H, int KVH, int HD, int held, int cap,
     return 0;
 }
 
-/* qk_prep for an eager step, in fp32 or (bf16) in bf16, its batch entries split over up to `threads` OpenMP threads
+/* qk_prep for an eager step, in fp32 or (is_bf16) in bf16, its batch entries split over up to `threads` OpenMP threads
  * (they never meet). Nonzero if a part's work space failed. */
-int omniar_qk_prep(int threads, int bf16, int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q,
+int omniar_qk_prep(int threads, int is_bf16, int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q,
                    float eps_k, const void *q, const void *kv, const void *q_norm, const void *k_norm,
                    const void *cos, const void *sin, void *q_out, void *keys, void *values) {
     const int parts = threads < B ? (threads > 1 ? threads : 1) : B;
-    const size_t bytes = bf16 ? 2 : 4, QD = (size_t)H * HD, KVD = (size_t)2 * KVH * HD;
+    const size_t bytes = is_bf16 ? 2 : 4, QD = (size_t)H * HD, KVD = (size_t)2 * KVH * HD;
     int rc = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
     for (int i = 0; i < parts; i++) {
@@ -336,7 +337,7 @@ int omniar_qk_prep(int threads, int bf16, int B, int L, int H, int KVH, int HD, 
         char *qo = (char *)q_out + b0 * L * QD * bytes;
         char *kp = (char *)keys + (size_t)b0 * KVH * cap * HD * bytes;
         char *vp = (char *)values + (size_t)b0 * KVH * cap * HD * bytes;
-        if (bf16)
+        if (is_bf16)
             rc |= qk_prep_bf16(n, L, H, KVH, HD, held, cap, eps_q, eps_k, (const void *)qp, (const void *)kvp, q_norm,
                                k_norm, cos, sin, (void *)qo, (void *)kp, (void *)vp);
         else
@@ -505,8 +506,8 @@ static int block_rows(const Step *s) {
     for (int r = 0; r < R; r++) rms_norm(D, s->x + (size_t)r * D, s->attn_norm, s->eps_attn, xn + (size_t)r * D);
     mm_nt(R, D, QD, xn, s->wq, q);
     mm_nt(R, D, KVD, xn, s->wkv, kv);
-    qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos,
-                   s->sin, qh, s->keys, s->values);
+    qk_prep(s->B, s->L, H, G, HD, s->held, s->cap, s->eps_q, s->eps_k, q, kv, s->q_norm, s->k_norm, s->cos, s->sin, qh,
+            s->keys, s->values);
     attend(s, qh, att, aw);
     mm_nt(R, QD, D, att, s->wo, y);
     for (size_t i = 0; i < (size_t)R * D; i++) s->x[i] += y[i];
@@ -521,7 +522,6 @@ static int block_rows(const Step *s) {
 
 /* the output head of a fused step: y (R, N) = x (R, D) W^T */
 void omniar_linear(int R, int K, int N, const float *x, const float *W, float *y) { mm_nt(R, K, N, x, W, y); }
-
 
 /* Batch entries never meet inside a block: up to s->threads parts of the batch run at once, on torch's OpenMP
  * threads (this library's libgomp.so.1 resolves to the runtime torch has loaded), each part as one call would:
@@ -562,8 +562,6 @@ typedef struct {
  * O is scaled by 1 / sum before its bf16 rounding. Both products need their operands as pairs along the summed
  * dimension: the keys are copied once per batch row and kv head as (HD / 2, slots) pairs of head dims, the values
  * as (slots / 2, HD) pairs of slots, both padded with zeros to whole tiles of 32 slots. */
-typedef uint16_t bf16;
-
 /* exp of 16 lanes for the bf16 attention, whose probabilities are rounded to bf16 (8 bits): exp_'s reduction with
  * a degree-5 polynomial (2.4e-6 relative); lanes below -87 (masked slots come as -inf) give 0 */
 static inline __m512 exp16(__m512 x) {
@@ -698,8 +696,10 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
             for (int i = 0; i < nq; i += wide ? 8 : 4) {
                 const int rb = nq - i < (wide ? 8 : 4) ? nq - i : (wide ? 8 : 4);
                 bf16 *out[8]; /* query i is head g * groups + i / L at token i % L */
-                for (int r = 0; r < rb; r++)
-                    out[r] = att + ((size_t)b * s->L + (i + r) % s->L) * QD + (size_t)(g * groups + (i + r) / s->L) * HD;
+                for (int r = 0; r < rb; r++) {
+                    const int query = i + r;
+                    out[r] = att + ((size_t)b * s->L + query % s->L) * QD + (size_t)(g * groups + query / s->L) * HD;
+                }
                 const uint32_t *p = P + (size_t)i * n32 / 2;
                 for (int d = 0; d < HD; ) {
                     const int nv = HD - d >= 64 && !wide ? 4 : (HD - d >= 32 ? 2 : 1);

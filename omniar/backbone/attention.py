@@ -289,8 +289,9 @@ class Attention(nn.Module):
                 k, v = cache.write(layer, k, v)
         if cache is not None:
             cache.note_queries(layer, q)
-        if cache is not None and cache.fused and mask.shape[-2] == 1:  # a next-scale step: every query sees every
-            out = fused.attention(self, q.contiguous(), cache, layer)  # real held and new slot
+        # a next-scale step (every query sees every real held and new slot): the attention in one C call where it can
+        if cache is not None and cache.fused and mask.shape[-2] == 1:
+            out = fused.attention(self, q.contiguous(), cache, layer)
             if out is not None:
                 return self.o_proj(out)
         groups = self.num_heads // self.num_kv_heads

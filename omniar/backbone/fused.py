@@ -272,7 +272,8 @@ def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:
     if (x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu" or torch.is_grad_enabled()
             or w is None or w.dtype != x.dtype or library() is None):
         return norm(x)
-    x, out = x.contiguous(), torch.empty_like(x, memory_format=torch.contiguous_format)
+    x = x.contiguous()
+    out = torch.empty_like(x)
     library().omniar_rms_norm(torch.get_num_threads(), x.dtype == torch.bfloat16, x.numel() // x.shape[-1],
                               x.shape[-1], _eps(norm), x.data_ptr(), w.data_ptr(), out.data_ptr())
     return out
