@@ -584,38 +584,40 @@ static size_t attend_bf16_words(const Step *s) {
     return n32 * (1 + s->HD) + nq * n32 * 3 / 2 + nq;
 }
 
-/* acc (rb, nv vectors) = A B for rb rows of bf16 pairs (A: K words a row, lda apart) and nv vectors of 16 packed
- * pair columns of B (ldb words a pair row): both products of attend_bf16, inlined with constant tile sizes */
-static inline __attribute__((always_inline)) void pairs_tile(int rb, int nv, int K, const uint32_t *A, int lda,
-                                                             const uint32_t *B, int ldb, __m512 acc[8][4]) {
+/* S (rb, nv * 16) = Q K^T for rb query rows (ldq words apart) over nv vectors of packed keys */
+static inline __attribute__((always_inline)) void qk_tile(int rb, int nv, int pairs, const uint32_t *q, int ldq,
+                                                          const uint32_t *kp, int n32, float *S) {
+    __m512 acc[4][4];
     for (int i = 0; i < rb; i++)
         for (int v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
-    for (int k = 0; k < K; k++) {
-        __m512bh w[4];
-        for (int v = 0; v < nv; v++) w[v] = (__m512bh)_mm512_loadu_si512(B + (size_t)k * ldb + v * 16);
+    for (int c = 0; c < pairs; c++) {
+        __m512bh k[4];
+        for (int v = 0; v < nv; v++) k[v] = (__m512bh)_mm512_loadu_si512(kp + (size_t)c * n32 + v * 16);
         for (int i = 0; i < rb; i++) {
-            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)A[(size_t)i * lda + k]);
-            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, w[v]);
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)q[(size_t)i * ldq + c]);
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, k[v]);
         }
     }
-}
-
-/* S (rb, nv * 16) = Q K^T for rb query rows over nv vectors of packed keys */
-static inline __attribute__((always_inline)) void qk_tile(int rb, int nv, int pairs, const uint32_t *q,
-                                                          const uint32_t *kp, int n32, float *S) {
-    __m512 acc[8][4];
-    pairs_tile(rb, nv, pairs, q, pairs, kp, n32, acc);
     for (int i = 0; i < rb; i++)
         for (int v = 0; v < nv; v++) _mm512_storeu_ps(S + (size_t)i * n32 + v * 16, acc[i][v]);
 }
 
-/* out rows (rb of them, nv * 16 head dims) = scale x P V for rb rows of bf16 probabilities (n32 / 2 words each) over
+/* out rows (rb of them, nv * 16 head dims) = scale x P V for rb rows of bf16 probabilities (ldp words apart) over
  * the packed values (HD words a slot pair), rounded to bf16 */
-static inline __attribute__((always_inline)) void pv_tile(int rb, int nv, int n32, const uint32_t *p,
+static inline __attribute__((always_inline)) void pv_tile(int rb, int nv, int pairs, const uint32_t *p, int ldp,
                                                           const uint32_t *vp, int HD, bf16 *const *out,
                                                           const float *scale) {
     __m512 acc[8][4];
-    pairs_tile(rb, nv, n32 / 2, p, n32 / 2, vp, HD, acc);
+    for (int i = 0; i < rb; i++)
+        for (int v = 0; v < nv; v++) acc[i][v] = _mm512_setzero_ps();
+    for (int t = 0; t < pairs; t++) {
+        __m512bh w[4];
+        for (int v = 0; v < nv; v++) w[v] = (__m512bh)_mm512_loadu_si512(vp + (size_t)t * HD + v * 16);
+        for (int i = 0; i < rb; i++) {
+            const __m512bh a = (__m512bh)_mm512_set1_epi32((int)p[(size_t)i * ldp + t]);
+            for (int v = 0; v < nv; v++) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], a, w[v]);
+        }
+    }
     for (int i = 0; i < rb; i++)
         for (int v = 0; v < nv; v++)
             _mm256_storeu_si256((__m256i *)(out[i] + v * 16),
@@ -662,7 +664,7 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
                     float *o = S + (size_t)i * n32 + j;
                     switch (rb * 8 + nv) { /* constant tile sizes: the accumulators stay in registers */
 #define TILE(rb, nv)                                                                                                   \
-    case rb * 8 + nv: qk_tile(rb, nv, pairs, q, k, n32, o); break;
+    case rb * 8 + nv: qk_tile(rb, nv, pairs, q, pairs, k, n32, o); break;
                         TILE(4, 4) TILE(4, 2) TILE(3, 4) TILE(3, 2) TILE(2, 4) TILE(2, 2) TILE(1, 4) TILE(1, 2)
 #undef TILE
                     }
@@ -705,7 +707,7 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
                     for (int r = 0; r < rb; r++) o[r] = out[r] + d;
                     switch (rb * 8 + nv) {
 #define TILE(rb, nv)                                                                                                   \
-    case rb * 8 + nv: pv_tile(rb, nv, n32, p, vp + d, HD, o, inv + i); break;
+    case rb * 8 + nv: pv_tile(rb, nv, n32 / 2, p, n32 / 2, vp + d, HD, o, inv + i); break;
 #define ROWS(nv) TILE(1, nv) TILE(2, nv) TILE(3, nv) TILE(4, nv)
                         ROWS(4) ROWS(2) ROWS(1) TILE(5, 2) TILE(6, 2) TILE(7, 2) TILE(8, 2) TILE(5, 1) TILE(6, 1)
                         TILE(7, 1) TILE(8, 1)
