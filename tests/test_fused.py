@@ -216,6 +216,26 @@ def test_rms_norm_in_c_is_torchs_and_in_bf16_the_fp32_one_rounded_once(rows, thr
     assert fused.rms_norm(x, norm).grad_fn is not None
 
 
+@pytest.mark.skipif(fused._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(7, 48), (3, 5, 48)])
+def test_dense_is_nn_linear_through_onednn_in_inference_only(bias, shape, monkeypatch):
+    """fp32 rows without gradients go through oneDNN's product, within fp32 rounding of ``nn.Linear``; training,
+    autocast and other dtypes get ``nn.Linear`` itself."""
+    layer, g = torch.nn.Linear(48, 24, bias=bias), torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, 48, generator=g)
+    calls = []
+    monkeypatch.setattr(fused, "_ONEDNN_LINEAR", lambda *a: calls.append(a) or fused._onednn_linear()(*a))
+    with torch.no_grad():
+        got = fused.dense(x, layer)
+        assert len(calls) == 1 and got.shape == (*shape, 24)
+        assert (got - layer(x)).abs().max() < 1e-5 * layer(x).abs().max()
+        assert torch.equal(fused.dense(x.bfloat16(), layer.bfloat16()), layer(x.bfloat16()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert fused.dense(x, layer.float()).dtype == torch.bfloat16
+    assert fused.dense(x, layer).grad_fn is not None and len(calls) == 1
+
+
 @needs_bf16
 def test_bf16_model_steps_with_the_attention_work_in_c_equal_torch(monkeypatch):
     """A bf16 model's steps, the prompt pass included, run QK-norm, RoPE and the cache write in C (in fp32, rounded

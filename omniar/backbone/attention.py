@@ -275,7 +275,7 @@ class Attention(nn.Module):
                 empty: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
         """``empty`` ``(B, 1, L, 1)`` marks query rows without a visible key (zeroed); None: there are none."""
         b, length, _ = x.shape
-        q, kv = self.q_proj(x), self.kv_proj(x)
+        q, kv = fused.dense(x, self.q_proj), fused.dense(x, self.kv_proj)
         # with a cache, the norms, rotations and cache write in one call where they can (omniar.backbone.fused)
         prepared = fused.qk_prep(self, q, kv, cos, sin, cache, layer) if cache is not None and cache.fused else None
         if prepared is not None:
@@ -293,7 +293,7 @@ class Attention(nn.Module):
         if cache is not None and cache.fused and mask.shape[-2] == 1:
             out = fused.attention(self, q.contiguous(), cache, layer)
             if out is not None:
-                return self.o_proj(out)
+                return fused.dense(out, self.o_proj)
         groups = self.num_heads // self.num_kv_heads
         if groups > 1 and mask.shape[-2] == 1:
             # a mask the same for every query (a cached next-scale step): the query heads that share a key/value
@@ -305,4 +305,4 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=groups > 1)
         if empty is not None:
             out = out.masked_fill(empty, 0.0)
-        return self.o_proj(out.transpose(1, 2).reshape(b, length, -1))
+        return fused.dense(out.transpose(1, 2).reshape(b, length, -1), self.o_proj)

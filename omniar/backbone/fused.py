@@ -279,6 +279,29 @@ def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:
     return out
 
 
+def _onednn_linear():
+    """torch's oneDNN fp32 linear (the op its CPU compiler emits), or None in a build without it."""
+    try:
+        return torch.ops.mkldnn._linear_pointwise if torch.backends.mkldnn.is_available() else None
+    except (AttributeError, RuntimeError):
+        return None
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def dense(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
+    """``layer(x)`` for inference: fp32 CPU rows without gradients or autocast go through oneDNN's fp32 product,
+    which uses the CPU's widest vectors where MKL's (torch's default for fp32) may not: 2.2-2.4x on AVX-512 AMD CPUs
+    (BENCHMARKS.md, "fp32 products through oneDNN in inference"). Anything else (training, other dtypes or devices)
+    is ``layer(x)``."""
+    w = layer.weight
+    if (_ONEDNN_LINEAR is None or x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
+            or w.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+        return layer(x)
+    return _ONEDNN_LINEAR(x, w, layer.bias, "none", [], "")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight)`` for the few contiguous fp32 rows of a fused step."""
     if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():

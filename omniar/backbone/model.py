@@ -373,7 +373,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
         # only now: a refused pass leaves the cache empty and usable
         cache.text_len, cache.text_slots = text_mask.shape[1], held
         # not the MTP heads: nobody reads them here
-        return self.text_head(hidden) if templates is None else fused.linear(hidden, self.text_head.weight)
+        return fused.dense(hidden, self.text_head) if templates is None else fused.linear(hidden, self.text_head.weight)
 
     def forward_scale(self, inputs: torch.Tensor, frame: int, scale: int, cache: KVCache,
                       start: int = 0, stop: int | None = None) -> torch.Tensor:
@@ -421,4 +421,5 @@ class OmniARModel(PretrainedModel, ConfigMixin):
             cache.next_block = (frame, scale, stop)
         else:
             cache.next_block = (frame, scale + 1, 0) if scale + 1 < len(cfg.scales) else (frame + 1, 0, 0)
-        return self.visual_head(hidden) if templates is None else fused.linear(hidden, self.visual_head.weight)
+        head = self.visual_head
+        return fused.dense(hidden, head) if templates is None else fused.linear(hidden, head.weight)
