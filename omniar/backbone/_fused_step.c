@@ -431,8 +431,8 @@ static void ffn_rows(const Step *s, int R, const float *xn, float *y, float *wor
 
 /* Work space of attend: this many floats. */
 static size_t attend_floats(const Step *s) {
-    const size_t n_slots = (size_t)s->held + s->L, nq = (size_t)s->H / s->KVH * s->L;
-    return n_slots * (1 + nq + s->HD) + nq * (s->HD + 1);
+    const size_t n_pad = ((size_t)s->held + s->L + VL - 1) / VL * VL, nq = (size_t)s->H / s->KVH * s->L;
+    return n_pad * (1 + nq + s->HD) + nq * (s->HD + 1);
 }
 
 /* att (B, L, H * HD) = the attention of the rotated queries qh (B, H, L, HD) over the cache's held slots and this
@@ -441,8 +441,11 @@ static size_t attend_floats(const Step *s) {
 static void attend(const Step *s, const float *qh, float *att, float *work) {
     const int H = s->H, G = s->KVH, HD = s->HD, QD = H * HD, groups = H / G, n_slots = s->held + s->L;
     const int nq = groups * s->L; /* queries per batch row and kv head */
+    /* the transposed keys' and the scores' rows padded to whole vectors in the outer-product form: aligned loads,
+     * no scalar tail (the padding keys are zeros, their scores never read) */
+    const int ld = nq >= 8 ? (n_slots + VL - 1) / VL * VL : n_slots;
     const float attn_scale = 1.f / sqrtf((float)HD);
-    float *bias = work, *S = bias + n_slots, *Kt = S + (size_t)nq * n_slots, *O = Kt + (size_t)HD * n_slots;
+    float *bias = work, *S = bias + ld, *Kt = S + (size_t)nq * ld, *O = Kt + (size_t)HD * ld;
     float *inv = O + (size_t)nq * HD;
     for (int b = 0; b < s->B; b++) {
         const unsigned char *ok = s->key_ok + (size_t)b * s->cap;
@@ -452,15 +455,18 @@ static void attend(const Step *s, const float *qh, float *att, float *work) {
             const float *K = s->keys + ((size_t)b * G + g) * s->cap * HD;
             const float *V = s->values + ((size_t)b * G + g) * s->cap * HD;
             if (nq >= 8) { /* enough queries to pay for one transposed copy of the keys (outer-product form) */
-                for (int j = 0; j < n_slots; j++)
-                    for (int d = 0; d < HD; d++) Kt[(size_t)d * n_slots + j] = K[(size_t)j * HD + d];
-                memset(S, 0, sizeof(float) * nq * n_slots);
-                mm_nn_acc(nq, HD, n_slots, Q, HD, Kt, n_slots, S, n_slots);
+                for (int d = 0; d < HD; d++) {
+                    float *row = Kt + (size_t)d * ld;
+                    for (int j = 0; j < n_slots; j++) row[j] = K[(size_t)j * HD + d];
+                    for (int j = n_slots; j < ld; j++) row[j] = 0.f;
+                }
+                memset(S, 0, sizeof(float) * nq * ld);
+                mm_nn_acc(nq, HD, ld, Q, HD, Kt, ld, S, ld);
             } else {
                 mm_nt(nq, HD, n_slots, Q, K, S);
             }
             for (int i = 0; i < nq; i++) {
-                float *p = S + (size_t)i * n_slots, mx = -INFINITY, total = 0.f;
+                float *p = S + (size_t)i * ld, mx = -INFINITY, total = 0.f;
                 const int seen = s->causal ? s->held + i % s->L + 1 : n_slots;
 #pragma omp simd reduction(max : mx)
                 for (int j = 0; j < n_slots; j++) {
@@ -480,7 +486,7 @@ static void attend(const Step *s, const float *qh, float *att, float *work) {
                 inv[i] = 1.f / total;
             }
             memset(O, 0, sizeof(float) * nq * HD);
-            mm_nn_acc(nq, n_slots, HD, S, n_slots, V, HD, O, HD);
+            mm_nn_acc(nq, n_slots, HD, S, ld, V, HD, O, HD);
             for (int i = 0; i < nq; i++) { /* query i is head g * groups + i / L at token i % L */
                 float *o = att + ((size_t)b * s->L + i % s->L) * QD + (size_t)(g * groups + i / s->L) * HD;
                 for (int d = 0; d < HD; d++) o[d] = O[(size_t)i * HD + d] * inv[i];
