@@ -114,16 +114,17 @@ def transformer_gflop(pipe, batch: int, frames: int, seed: int, kv_budget: int |
 
     model.forward_text = counted(model.forward_text, lambda args: -1)
     model.forward_scale = counted(model.forward_scale, lambda args: args[1])
-    # the counter sees aten ops only, not the C kernel's calls (steps, attention, MoE layers): the count runs all in
-    # torch, the same arithmetic, as without a kernel
+    # the counter sees aten ops only, not the C kernel's calls (steps, attention, MoE layers) nor oneDNN's linears
+    # (fused.dense): the count runs all in aten, the same arithmetic, as without them
     from omniar.backbone import fused
 
     real, fused.library = fused.library, lambda: None
+    onednn, fused._ONEDNN_LINEAR = fused._ONEDNN_LINEAR, None
     try:
         call(pipe, batch, frames, seed, False, kv_budget)
     finally:
         del model.forward_text, model.forward_scale  # the instance attributes; the methods show again
-        fused.library = real
+        fused.library, fused._ONEDNN_LINEAR = real, onednn
     row = {"transformer_gflop": sum(per_frame.values()) / 1e9}
     frames_after_first = [per_frame[f] / 1e9 for f in sorted(per_frame) if f >= 1]
     if frames_after_first:
