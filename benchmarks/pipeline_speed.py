@@ -4,9 +4,9 @@ For each (batch, frames) of the grid and each setting, one call per round: wall,
 generate time of latent frames 1, middle and last (frame 0 also holds the prompt pass), (``--memory``, current path
 only) the peak of live tensor memory, and (``--flops``, current path only) the transformer's FLOPs in a call
 (attention and the grouped expert GEMMs included, which ``FlopCounterMode`` does not count on CPU by itself; counted
-with the C kernel off, whose calls it cannot see; also those of latent frames 1, middle and last) over its generate
-CPU time, as a share of a matmul peak measured in the same worker (2048^3, fp32, and bf16 for the ``bf16``
-setting). Each time is also taken as the process's CPU time
+with the C kernel and oneDNN's linears off, whose calls it cannot see; also those of latent frames 1, middle and last)
+over its generate CPU time, as a share of a matmul peak measured in the same worker (2048^3, the faster of torch's
+and oneDNN's product, fp32, and bf16 for the ``bf16`` setting). Each time is also taken as the process's CPU time
 (``*_cpu_s``): on a shared machine a niced benchmark waits for the CPU at random, which inflates wall times by
 whole seconds but not the CPU time the call consumes (with one thread, CPU time is the wall time of an idle
 machine). Settings: ``fp32`` (``pipe.to(decode_dtype=torch.float32)``, exact), ``bf16-decode``
@@ -135,17 +135,25 @@ def transformer_gflop(pipe, batch: int, frames: int, seed: int, kv_budget: int |
 
 
 def matmul_peak_gflops(dtype: torch.dtype, device: str, n: int = 2048, repeats: int = 5) -> float:
-    """Best of ``repeats`` n^3 matmuls, in GFLOP/s of CPU time (of wall time on CUDA)."""
+    """Best of ``repeats`` n^3 matmuls, in GFLOP/s of CPU time (of wall time on CUDA): torch's ``a @ b`` and, on
+    the CPU, oneDNN's product that the pipeline's fp32 linears use (``fused.dense``; MKL's, behind ``a @ b`` in fp32,
+    may run narrower vectors), whichever is faster."""
+    from omniar.backbone import fused
+
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     cuda, best = device.startswith("cuda"), float("inf")
-    for _ in range(repeats + 1):  # the first one warms up
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter() if cuda else time.process_time()
-        a @ b
-        if cuda:
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() if cuda else time.process_time()) - start)
+    products = [lambda: a @ b]
+    if not cuda and getattr(fused, "_ONEDNN_LINEAR", None) is not None:
+        products.append(lambda: fused._ONEDNN_LINEAR(a, b, None, "none", [], ""))
+    for product in products:
+        for _ in range(repeats + 1):  # the first one warms up
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter() if cuda else time.process_time()
+            product()
+            if cuda:
+                torch.cuda.synchronize(device)
+            best = min(best, (time.perf_counter() if cuda else time.process_time()) - start)
     return 2 * n**3 / best / 1e9
 
 
