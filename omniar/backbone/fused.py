@@ -1,9 +1,10 @@
 """Fused small generation steps: one C call per block (``_fused_step.c``) instead of about 90 aten calls.
 
 A next-scale step of a few rows (the coarse scales: 2 rows for one clip with CFG) does little arithmetic, so
-eagerly it costs per op, not per FLOP. The other steps with a KV cache keep torch's products but run the
-attention's QK-norm, RoPE and cache write as one call (:func:`qk_prep`), and a next-scale step's attention too
-(:func:`attention`); an MoE layer's eval forward of a few rows is one call as well (:func:`moe`). :func:`library`
+eagerly it costs per op, not per FLOP. The other steps with a KV cache keep torch's products (fp32 ones through
+oneDNN, :func:`dense`) but run the attention's QK-norm, RoPE and cache write as one call (:func:`qk_prep`), a
+next-scale step's attention too (:func:`attention`) and the block's norms (:func:`rms_norm`), in fp32 or bf16; an
+MoE layer's eval forward of a few rows is one call as well (:func:`moe`). :func:`library`
 compiles the C file once per source and CPU with the machine's C compiler (``$CC``, else ``cc``) into
 :func:`cache_dir` (``$OMNIAR_CACHE``, default ``~/.cache/omniar``); without a compiler, or if the build fails, steps
 stay eager (one warning). The fused block computes what the eager one does, in fp32, in another summation order
