@@ -236,29 +236,6 @@ def test_dense_is_nn_linear_through_onednn_in_inference_only(bias, shape, monkey
     assert fused.dense(x, layer).grad_fn is not None and len(calls) == 1
 
 
-@pytest.mark.skipif(fused._ONEDNN_LINEAR is None, reason="this torch has no oneDNN linear")
-def test_the_routed_experts_in_inference_take_onednns_products_and_equal_the_grouped_dispatch(monkeypatch):
-    """``fused.matmul`` is ``x @ w`` within fp32 rounding; an MoE layer ("auto") past the one-call row limit runs
-    its experts as a loop of oneDNN's products in inference and gives torch's grouped dispatch's output; with
-    gradients the grouped dispatch runs."""
-    g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(7, 48, generator=g), torch.randn(48, 24, generator=g)
-    calls = []
-    monkeypatch.setattr(fused, "_ONEDNN_LINEAR", lambda *a: calls.append(a) or fused._onednn_linear()(*a))
-    with torch.no_grad():
-        assert (fused.matmul(x, w) - x @ w).abs().max() < 1e-5 * (x @ w).abs().max() and len(calls) == 1
-        layer = moe_layer("softmax", 1)
-        grouped = copy.deepcopy(layer)
-        grouped.impl = "grouped_mm"
-        rows = torch.randn(4, fused.MOE_ROWS, 64, generator=g)
-        calls.clear()
-        got, want = layer(rows, None, None, 6, 2, 0)[0], grouped(rows, None, None, 6, 2, 0)[0]
-    assert len(calls) >= 2 * 6 and float((got - want).abs().max() / want.abs().max()) < 1e-5
-    calls.clear()
-    layer(rows, None, None, 6, 2, 0)
-    assert len(calls) == 0  # gradients on: torch's own products
-
-
 @needs_bf16
 def test_bf16_model_steps_with_the_attention_work_in_c_equal_torch(monkeypatch):
     """A bf16 model's steps, the prompt pass included, run QK-norm, RoPE and the cache write in C (in fp32, rounded

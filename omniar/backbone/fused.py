@@ -291,26 +291,16 @@ def _onednn_linear():
 _ONEDNN_LINEAR = _onednn_linear()
 
 
-def onednn_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether :func:`dense` and :func:`matmul` send ``x`` times ``w`` to oneDNN's fp32 product: fp32 CPU tensors in
-    inference (no gradients, no autocast). It uses the CPU's widest vectors where MKL's (torch's default for fp32)
-    may not: 2.2-2.4x on AVX-512 AMD CPUs (BENCHMARKS.md, "fp32 products through oneDNN in inference")."""
-    return (_ONEDNN_LINEAR is not None and x.dtype == torch.float32 and w.dtype == torch.float32
-            and x.device.type == "cpu" and w.device.type == "cpu" and not torch.is_grad_enabled()
-            and not torch.is_autocast_enabled("cpu"))
-
-
 def dense(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
-    """``layer(x)``, through oneDNN where it applies (:func:`onednn_applies`)."""
-    if onednn_applies(x, layer.weight):
-        return _ONEDNN_LINEAR(x, layer.weight, layer.bias, "none", [], "")
-    return layer(x)
-
-
-def matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x @ w`` for a weight ``w`` ``(in, out)`` (the routed experts'), through oneDNN where it applies (which
-    reads the transposed view as it is)."""
-    return _ONEDNN_LINEAR(x, w.t(), None, "none", [], "") if onednn_applies(x, w) else x @ w
+    """``layer(x)`` for inference: fp32 CPU rows without gradients or autocast go through oneDNN's fp32 product,
+    which uses the CPU's widest vectors where MKL's (torch's default for fp32) may not: 2.2-2.4x on AVX-512 AMD CPUs
+    (BENCHMARKS.md, "fp32 products through oneDNN in inference"). Anything else (training, other dtypes or devices)
+    is ``layer(x)``."""
+    w = layer.weight
+    if (_ONEDNN_LINEAR is None or x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu"
+            or w.device.type != "cpu" or torch.is_grad_enabled() or torch.is_autocast_enabled("cpu")):
+        return layer(x)
+    return _ONEDNN_LINEAR(x, w, layer.bias, "none", [], "")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -87,8 +87,7 @@ def expert_swiglu(xs: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w_
     scales = [1.0] * len(sizes) if scale is None else scale.split(sizes)
     # unbind, not w_in[e]: one backward stack instead of a full-size zero gradient per expert
     groups = zip(xs.split(sizes), w_in.unbind(0), w_out.unbind(0), scales)
-    mm = fused.matmul  # in fp32 CPU inference, oneDNN's product
-    return torch.cat([mm(swiglu(mm(c, wi)) * s, wo) for c, wi, wo, s in groups if c.shape[0]])
+    return torch.cat([(swiglu(c @ wi) * s) @ wo for c, wi, wo, s in groups if c.shape[0]])
 
 
 class _AllToAll(torch.autograd.Function):
@@ -137,9 +136,7 @@ def dropless_moe(x: torch.Tensor, expert_idx: torch.Tensor, weights: torch.Tenso
     order = flat.argsort(stable=True)
     token = order // k
     counts = torch.bincount(flat, minlength=w_in.shape[0] * (1 if group is None else dist.get_world_size(group)))
-    # auto: in fp32 CPU inference a loop of oneDNN's products, 2.4x torch's grouped product there (BENCHMARKS.md)
-    use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, w_in, w_out)
-                                       and not fused.onednn_applies(x, w_in))
+    use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_supported(x, w_in, w_out))
     scale = weights.reshape(-1)[order].to(x.dtype)[:, None]
     # index_select / index_add_ rather than x[idx]: their backward passes are plain gathers/scatters.
     xs = x.index_select(0, token)
