@@ -322,31 +322,6 @@ static int qk_prep_bf16(int B, int L, int H, int KVH, int HD, int held, int cap,
     return 0;
 }
 
-/* qk_prep for an eager step, in fp32 or (is_bf16) in bf16, its batch entries split over up to `threads` OpenMP threads
- * (they never meet). Nonzero if a part's work space failed. */
-int omniar_qk_prep(int threads, int is_bf16, int B, int L, int H, int KVH, int HD, int held, int cap, float eps_q,
-                   float eps_k, const void *q, const void *kv, const void *q_norm, const void *k_norm,
-                   const void *cos, const void *sin, void *q_out, void *keys, void *values) {
-    const int parts = threads < B ? (threads > 1 ? threads : 1) : B;
-    const size_t bytes = is_bf16 ? 2 : 4, QD = (size_t)H * HD, KVD = (size_t)2 * KVH * HD;
-    int rc = 0;
-#pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
-    for (int i = 0; i < parts; i++) {
-        const int b0 = B * i / parts, n = B * (i + 1) / parts - b0;
-        const char *qp = (const char *)q + b0 * L * QD * bytes, *kvp = (const char *)kv + b0 * L * KVD * bytes;
-        char *qo = (char *)q_out + b0 * L * QD * bytes;
-        char *kp = (char *)keys + (size_t)b0 * KVH * cap * HD * bytes;
-        char *vp = (char *)values + (size_t)b0 * KVH * cap * HD * bytes;
-        if (is_bf16)
-            rc |= qk_prep_bf16(n, L, H, KVH, HD, held, cap, eps_q, eps_k, (const void *)qp, (const void *)kvp, q_norm,
-                               k_norm, cos, sin, (void *)qo, (void *)kp, (void *)vp);
-        else
-            qk_prep(n, L, H, KVH, HD, held, cap, eps_q, eps_k, (const void *)qp, (const void *)kvp, q_norm, k_norm,
-                    cos, sin, (void *)qo, (void *)kp, (void *)vp);
-    }
-    return rc;
-}
-
 /* Work space of ffn_rows for R rows: this many floats, then ffn_ints ints. */
 static size_t ffn_floats(const Step *s, int R) {
     const int wide = s->hidden > s->shared_hidden ? s->hidden : s->shared_hidden, K1 = s->top_k > 0 ? s->top_k : 1;
@@ -534,40 +509,62 @@ void omniar_linear(int R, int K, int N, const float *x, const float *W, float *y
  * run(part, row of its first batch entry, ctx) for each; nonzero if any part failed. */
 static int over_parts(const Step *s, int (*run)(const Step *, int, void *), void *ctx) {
     const int parts = s->threads < s->B ? (s->threads > 1 ? s->threads : 1) : s->B;
-    const size_t cache_bytes = s->bf16 ? 2 : 4;
+    const size_t bytes = s->bf16 ? 2 : 4; /* of a cache or query element */
     int rc = 0;
 #pragma omp parallel for num_threads(parts) schedule(static, 1) reduction(| : rc)
     for (int i = 0; i < parts; i++) {
         const int b0 = s->B * i / parts;
-        const size_t kv_offset = (size_t)b0 * s->KVH * s->cap * s->HD * cache_bytes;
+        const size_t kv_offset = (size_t)b0 * s->KVH * s->cap * s->HD * bytes;
         Step q = *s;
         q.B = s->B * (i + 1) / parts - b0;
         if (q.key_ok) q.key_ok += (size_t)b0 * s->cap;
         if (q.keys) q.keys = (float *)((char *)q.keys + kv_offset);
         if (q.values) q.values = (float *)((char *)q.values + kv_offset);
         if (q.x) q.x += (size_t)b0 * s->L * s->D;
-        if (q.queries) q.queries += (size_t)b0 * s->H * s->L * s->HD;
+        if (q.queries) q.queries = (float *)((char *)q.queries + (size_t)b0 * s->H * s->L * s->HD * bytes);
         rc |= run(&q, b0, ctx);
     }
     return rc;
 }
 
-/* a part's input and output arrays, offset by the part's first entry inside its run */
+/* a part's input and output arrays (fp32 or bf16, as the run reads them), offset by the part's first entry inside
+ * its run */
 typedef struct {
-    const float *in;
-    float *out;
+    const void *in;
+    void *out;
 } InOut;
+
+/* the q and kv projections' rows of an eager step (fp32 or bf16), offset by the part's first entry inside its run */
+typedef struct {
+    const void *q, *kv;
+} Projections;
+
+static int qk_prep_part(const Step *p, int b0, void *ctx) {
+    const Projections *in = ctx;
+    const size_t bytes = p->bf16 ? 2 : 4, row = (size_t)b0 * p->L;
+    const char *q = (const char *)in->q + row * p->H * p->HD * bytes;
+    const char *kv = (const char *)in->kv + row * 2 * p->KVH * p->HD * bytes;
+    if (p->bf16)
+        return qk_prep_bf16(p->B, p->L, p->H, p->KVH, p->HD, p->held, p->cap, p->eps_q, p->eps_k, (const bf16 *)q,
+                            (const bf16 *)kv, (const bf16 *)p->q_norm, (const bf16 *)p->k_norm, (const bf16 *)p->cos,
+                            (const bf16 *)p->sin, (bf16 *)p->queries, (bf16 *)p->keys, (bf16 *)p->values);
+    qk_prep(p->B, p->L, p->H, p->KVH, p->HD, p->held, p->cap, p->eps_q, p->eps_k, (const float *)q, (const float *)kv,
+            p->q_norm, p->k_norm, p->cos, p->sin, p->queries, p->keys, p->values);
+    return 0;
+}
+
+/* qk_prep for an eager step, in fp32 or (s->bf16) in bf16, from the projections q (B, L, H * HD) and kv
+ * (B, L, 2 * KVH * HD) into s->queries and the cache: s holds B, L, H, KVH, HD, held, cap, eps_q, eps_k, q_norm,
+ * k_norm, cos, sin, keys, values, queries, threads; the batch in parts (over_parts). */
+int omniar_qk_prep(const Step *s, const void *q, const void *kv) {
+    Projections in = {q, kv};
+    return over_parts(s, qk_prep_part, &in);
+}
 
 #ifdef __AVX512BF16__
 #include <immintrin.h>
 #include <stdint.h>
 
-/* The bf16 form of attend for a next-scale step (every query sees every real slot), on AVX-512 BF16's pair dot
- * products (two bf16 products summed into an fp32 lane): scores S = Q K^T and O = P V accumulate in fp32, the
- * softmax runs in fp32, the probabilities go into O = P V rounded to bf16 (as torch's CPU flash kernel does), and
- * O is scaled by 1 / sum before its bf16 rounding. Both products need their operands as pairs along the summed
- * dimension: the keys are copied once per batch row and kv head as (HD / 2, slots) pairs of head dims, the values
- * as (slots / 2, HD) pairs of slots, both padded with zeros to whole tiles of 32 slots. */
 /* exp of 16 lanes for the bf16 attention, whose probabilities are rounded to bf16 (8 bits): exp_'s reduction with
  * a degree-5 polynomial (2.4e-6 relative); lanes below -87 (masked slots come as -inf) give 0 */
 static inline __m512 exp16(__m512 x) {
@@ -630,7 +627,13 @@ static inline __attribute__((always_inline)) void pv_tile(int rb, int nv, int pa
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][v], _mm512_set1_ps(scale[i]))));
 }
 
-/* att (B, L, H * HD) bf16 = attend's result for the bf16 rotated queries qh (B, H, L, HD) and the bf16 cache */
+/* The bf16 form of attend for a next-scale step (every query sees every real slot), on AVX-512 BF16's pair dot
+ * products (two bf16 products summed into an fp32 lane): scores S = Q K^T and O = P V accumulate in fp32, the
+ * softmax runs in fp32, the probabilities go into O = P V rounded to bf16 (as torch's CPU flash kernel does), and
+ * O is scaled by 1 / sum before its bf16 rounding. Both products need their operands as pairs along the summed
+ * dimension: the keys are copied once per batch row and kv head as (HD / 2, slots) pairs of head dims, the values
+ * as (slots / 2, HD) pairs of slots, both padded with zeros to whole tiles of 32 slots.
+ * att (B, L, H * HD) bf16 = attend's result for the bf16 rotated queries qh (B, H, L, HD) and the bf16 cache. */
 static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work) {
     const int H = s->H, G = s->KVH, HD = s->HD, QD = H * HD, groups = H / G, n_slots = s->held + s->L;
     const int nq = groups * s->L, n32 = (n_slots + 31) / 32 * 32, pairs = HD / 2;
@@ -728,10 +731,11 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
 }
 
 static int attend_bf16_part(const Step *q, int b0, void *ctx) {
-    const bf16 *const *io = ctx;
+    const InOut *io = ctx;
     uint32_t *work = malloc(sizeof(uint32_t) * attend_bf16_words(q));
     if (!work) return 1;
-    attend_bf16(q, io[0] + (size_t)b0 * q->H * q->L * q->HD, (bf16 *)io[1] + (size_t)b0 * q->L * q->H * q->HD, work);
+    attend_bf16(q, (const bf16 *)io->in + (size_t)b0 * q->H * q->L * q->HD,
+                (bf16 *)io->out + (size_t)b0 * q->L * q->H * q->HD, work);
     free(work);
     return 0;
 }
@@ -750,7 +754,8 @@ static int attend_part(const Step *q, int b0, void *ctx) {
     const InOut *io = ctx;
     float *work = malloc(sizeof(float) * attend_floats(q));
     if (!work) return 1;
-    attend(q, io->in + (size_t)b0 * q->H * q->L * q->HD, io->out + (size_t)b0 * q->L * q->H * q->HD, work);
+    attend(q, (const float *)io->in + (size_t)b0 * q->H * q->L * q->HD,
+           (float *)io->out + (size_t)b0 * q->L * q->H * q->HD, work);
     free(work);
     return 0;
 }
@@ -760,13 +765,10 @@ static int attend_part(const Step *q, int b0, void *ctx) {
  * values, causal, threads), the batch in parts (over_parts). With s->bf16 (only where omniar_bf16(), a next-scale
  * step, HD a multiple of 16) qh, att and the cache are bf16. */
 int omniar_attention(const Step *s, const void *qh, void *att) {
-#ifdef __AVX512BF16__
-    if (s->bf16) {
-        const void *io[2] = {qh, att};
-        return over_parts(s, attend_bf16_part, (void *)io);
-    }
-#endif
     InOut io = {qh, att};
+#ifdef __AVX512BF16__
+    if (s->bf16) return over_parts(s, attend_bf16_part, &io);
+#endif
     return over_parts(s, attend_part, &io);
 }
 
@@ -774,7 +776,7 @@ static int ffn_part(const Step *q, int r0, void *ctx) {
     const InOut *io = ctx;
     float *work = malloc(sizeof(float) * (ffn_floats(q, q->B) + ffn_ints(q, q->B)));
     if (!work) return 1;
-    ffn_rows(q, q->B, io->in + (size_t)r0 * q->D, io->out + (size_t)r0 * q->D, work);
+    ffn_rows(q, q->B, (const float *)io->in + (size_t)r0 * q->D, (float *)io->out + (size_t)r0 * q->D, work);
     free(work);
     return 0;
 }

@@ -96,7 +96,7 @@ def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctyp
     lib.omniar_moe.restype = ctypes.c_int
     lib.omniar_linear.argtypes = [ctypes.c_int] * 3 + [ctypes.c_void_p] * 3
     lib.omniar_rms_norm.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 3
-    lib.omniar_qk_prep.argtypes = [ctypes.c_int] * 9 + [ctypes.c_float] * 2 + [ctypes.c_void_p] * 9
+    lib.omniar_qk_prep.argtypes = [ctypes.POINTER(_Step), ctypes.c_void_p, ctypes.c_void_p]
     lib.omniar_qk_prep.restype = ctypes.c_int
     return lib
 
@@ -223,6 +223,16 @@ def block_step(template: _Step, x: torch.Tensor, cos: torch.Tensor, sin: torch.T
         cache.note_queries(layer, queries)
 
 
+def _cache_step(cache, layer: int, batch: int, length: int, heads: int, kv_heads: int, head_dim: int,
+                **fields) -> _Step:
+    """The kernel's fields of an eager step's attention work over ``layer``'s cache (its dtype says bf16 or fp32),
+    the batch split over torch's threads, and ``fields``."""
+    keys = cache.keys[layer]
+    return _Step(B=batch, L=length, H=heads, KVH=kv_heads, HD=head_dim, held=len(cache), cap=keys.shape[2],
+                 keys=keys.data_ptr(), values=cache.values[layer].data_ptr(), threads=torch.get_num_threads(),
+                 bf16=keys.dtype == torch.bfloat16, **fields)
+
+
 def attention(attn, q: torch.Tensor, cache, layer: int) -> torch.Tensor | None:
     """For an eager next-scale step whose keys and values are in the cache: ``attn``'s attention of the rotated
     queries ``q`` ``(B, H, L, HD)`` over the real slots of ``layer`` held before the step and written by it (every
@@ -230,17 +240,14 @@ def attention(attn, q: torch.Tensor, cache, layer: int) -> torch.Tensor | None:
     bf16 (queries and cache) where the CPU has AVX-512 BF16 and the head dim is a multiple of 16: products in
     bf16 pairs accumulated in fp32, the softmax in fp32. None (nothing done) where it does not apply: another
     dtype or device, gradients, or no kernel."""
-    keys, values = cache.keys[layer], cache.values[layer]
-    if (q.device.type != "cpu" or torch.is_grad_enabled() or keys.dtype != q.dtype or not q.is_contiguous()
-            or library() is None):
+    if (q.device.type != "cpu" or torch.is_grad_enabled() or cache.keys[layer].dtype != q.dtype
+            or not q.is_contiguous() or library() is None):
         return None
-    bf16 = q.dtype == torch.bfloat16
-    if not (q.dtype == torch.float32 or bf16 and q.shape[-1] % 16 == 0 and library().omniar_bf16()):
+    if not (q.dtype == torch.float32
+            or q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and library().omniar_bf16()):
         return None
     b, heads, length, head_dim = q.shape
-    step = _Step(B=b, L=length, H=heads, KVH=attn.num_kv_heads, HD=head_dim, held=len(cache), cap=keys.shape[2],
-                 key_ok=cache.key_ok.data_ptr(), keys=keys.data_ptr(), values=values.data_ptr(),
-                 threads=torch.get_num_threads(), bf16=bf16)
+    step = _cache_step(cache, layer, b, length, heads, attn.num_kv_heads, head_dim, key_ok=cache.key_ok.data_ptr())
     out = q.new_empty(b, length, heads * head_dim)
     if library().omniar_attention(ctypes.byref(step), q.data_ptr(), out.data_ptr()):
         raise MemoryError("omniar: the fused attention could not allocate its work buffers")
@@ -328,9 +335,10 @@ def qk_prep(attn, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor, sin: tor
         return None
     b, length, _ = q.shape
     out = q.new_empty(b, attn.num_heads, length, attn.head_dim)
-    if library().omniar_qk_prep(torch.get_num_threads(), q.dtype == torch.bfloat16, b, length, attn.num_heads,
-                                attn.num_kv_heads, attn.head_dim, len(cache), keys.shape[2], _eps(attn.q_norm),
-                                _eps(attn.k_norm), *(t.data_ptr() for t in (q, kv, *tensors[-2:], cos, sin, out, keys,
-                                                                            values))):
+    step = _cache_step(cache, layer, b, length, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                       eps_q=_eps(attn.q_norm), eps_k=_eps(attn.k_norm), q_norm=attn.q_norm.weight.data_ptr(),
+                       k_norm=attn.k_norm.weight.data_ptr(), cos=cos.data_ptr(), sin=sin.data_ptr(),
+                       queries=out.data_ptr())
+    if library().omniar_qk_prep(ctypes.byref(step), q.data_ptr(), kv.data_ptr()):
         raise MemoryError("omniar: the fused QK-norm and RoPE could not allocate their work space")
     return out
