@@ -5,7 +5,7 @@ Shipped model and pipeline, fp32, in one process, fused and eager alternating wi
 * per step: one clip's steps with CFG (2 rows) and a batch of 4 with CFG (8 rows), every scale of 3 latent
   frames (rows = batch x tokens: 2-128 and 8-512), the fusion limit lifted so that every row count is timed;
   the median over rounds of each scale's mean step time, and eager / fused; with ``--against REV`` also fused
-  with the kernel of revision REV (its ``_fused_step.c`` built beside today's), and REV / fused per round;
+  with the kernel of revision REV (its C file built beside today's), and REV / fused per round;
 * prompt passes: the default prompt for 1 and 2 clips with CFG (96 and 192 rows), eager and fused alternating (the
   limit lifted), medians and eager / fused;
 * whole calls, 1 x 17 and 16 x 17 (CFG 3, seed 0), three arms: ``eager`` (``fused_steps = False``: the steps in
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from omniar import _native
 from omniar.backbone import fused
 from omniar.generation import TextToVideoPipeline
 from omniar.generation.pipeline import text_inputs
@@ -45,14 +46,21 @@ ABLATIONS = ("qk_prep", "attention")
 
 
 def kernel_at(rev: str, folder: Path):
-    """The fused kernel as revision ``rev`` had it, built in ``folder``."""
-    source = folder / "_fused_step.c"
-    source.write_bytes(subprocess.run(["git", "show", f"{rev}:omniar/backbone/_fused_step.c"], check=True,
-                                      capture_output=True, cwd=Path(__file__).resolve().parents[1]).stdout)
-    lib = fused.build(shutil.which(os.environ.get("CC") or "cc"), folder, source)
+    """The fused kernel as revision ``rev`` had it (``omniar/_native.c``, before ``omniar/backbone/_fused_step.c``),
+    built in ``folder``."""
+    source = folder / "_native.c"
+    for path in ("omniar/_native.c", "omniar/backbone/_fused_step.c"):
+        shown = subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True,
+                               cwd=Path(__file__).resolve().parents[1])
+        if shown.returncode == 0:
+            source.write_bytes(shown.stdout)
+            break
+    else:
+        raise SystemExit(f"--against {rev}: it has no fused kernel")
+    lib = _native.build(shutil.which(os.environ.get("CC") or "cc"), folder, source)
     if lib is None:
         raise SystemExit(f"--against {rev}: its kernel did not build")
-    return lib
+    return fused.declare(lib)
 
 
 def step_times(model, batch: int, frames: int, fuse: bool) -> list[float]:

@@ -1,10 +1,7 @@
 """Fused small generation steps (omniar.backbone.fused): the C block step against the eager blocks."""
 
 import copy
-import os
 import pickle
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
@@ -376,46 +373,3 @@ def test_no_fused_step_with_gradients_or_other_dtypes():
     model.to(torch.bfloat16)
     with torch.no_grad():
         assert fused.prepare(model._blocks(), x.bfloat16(), cache.cos[:1], cache) is None
-
-
-def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
-    monkeypatch.setenv("OMNIAR_CACHE", str(tmp_path / "a"))
-    assert fused.cache_dir() == tmp_path / "a"
-    monkeypatch.delenv("OMNIAR_CACHE")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert fused.cache_dir() == tmp_path / "xdg" / "omniar"
-    monkeypatch.delenv("XDG_CACHE_HOME")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert fused.cache_dir() == tmp_path / "home" / ".cache" / "omniar"
-    monkeypatch.setattr(fused.os.path, "expanduser", lambda path: path)  # no home directory to be found
-    assert fused.cache_dir().parent == Path(fused.tempfile.gettempdir())
-
-
-def test_build_is_cached_and_a_missing_compiler_means_eager(tmp_path):
-    cc = shutil.which(os.environ.get("CC") or "cc")
-    assert fused.build(cc, tmp_path) is not None
-    built = list(tmp_path.glob("fused_step-*.so"))
-    assert len(built) == 1
-    stamp = built[0].stat().st_mtime_ns
-    assert fused.build(cc, tmp_path) is not None
-    assert built[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
-    assert fused.build(None, tmp_path / "none") is None
-    bad = tmp_path / "cc"
-    bad.write_text("#!/bin/sh\nexit 1\n")
-    bad.chmod(0o755)
-    with pytest.warns(UserWarning, match="fused generation steps unavailable"):
-        assert fused.build(str(bad), tmp_path / "bad") is None
-
-
-def test_kernel_shares_torchs_openmp_runtime_or_builds_without_it(tmp_path, monkeypatch):
-    """Built with OpenMP, the kernel binds to the libgomp torch loaded (its libgomp.so.1: no second copy of that
-    runtime, so a step's batch parts run on torch's threads; other packages' renamed copies do not count); where
-    -fopenmp does not build, it is built without."""
-    assert fused.library() is not None
-    mapped = {line.split()[-1] for line in Path("/proc/self/maps").read_text().splitlines()
-              if Path(line.split()[-1]).name.startswith("libgomp.so.1")}
-    assert [Path(m).parent for m in mapped] == [Path(torch.__file__).parent / "lib"], mapped
-    cc = shutil.which(os.environ.get("CC") or "cc")
-    monkeypatch.setattr(fused, "OPENMP", ("-fno-such-option", "-fopenmp-simd"))
-    assert fused.build(cc, tmp_path) is not None
-    assert len(list(tmp_path.glob("fused_step-*.so"))) == 1

@@ -1,38 +1,24 @@
-"""Fused small generation steps: one C call per block (``_fused_step.c``) instead of about 90 aten calls.
+"""Fused small generation steps: one C call per block (``omniar/_native.c``) instead of about 90 aten calls.
 
 A next-scale step of a few rows (the coarse scales: 2 rows for one clip with CFG) does little arithmetic, so
 eagerly it costs per op, not per FLOP. The other steps with a KV cache keep torch's products (fp32 ones through
 oneDNN, :func:`dense`) but run the attention's QK-norm, RoPE and cache write as one call (:func:`qk_prep`), a
 next-scale step's attention too (:func:`attention`) and the block's norms (:func:`rms_norm`), in fp32 or bf16; an
-MoE layer's eval forward of a few rows is one call as well (:func:`moe`). :func:`library`
-compiles the C file once per source and CPU with the machine's C compiler (``$CC``, else ``cc``) into
-:func:`cache_dir` (``$OMNIAR_CACHE``, default ``~/.cache/omniar``); without a compiler, or if the build fails, steps
-stay eager (one warning). The fused block computes what the eager one does, in fp32, in another summation order
-(the tests hold it to 1e-5 of the logits' range of eager's)."""
+MoE layer's eval forward of a few rows is one call as well (:func:`moe`). The C file is ``omniar/_native.c``
+(:mod:`omniar._native` builds it); without a compiler, or if the build fails, steps stay eager (one warning). The
+fused block computes what the eager one does, in fp32, in another summation order (the tests hold it to 1e-5 of
+the logits' range of eager's)."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 import weakref
-from pathlib import Path
 
 import torch
 
-from .._pretrained import write_file_atomically
+from .. import _native
 
-SOURCE = Path(__file__).with_name("_fused_step.c")
-FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
-# with OpenMP the batch parts of a step run on torch's threads (its libgomp.so.1 is the one already loaded); the
-# second is the fallback where -fopenmp does not build (its simd pragmas only)
-OPENMP = ("-fopenmp", "-fopenmp-simd")
 # steps of at most this many rows (batch x tokens, CFG rows included) run fused; measured in BENCHMARKS.md
 MAX_ROWS = 128
 # fused steps of at least this many rows split their batch across torch.get_num_threads() threads (BENCHMARKS.md)
@@ -56,37 +42,8 @@ class _Step(ctypes.Structure):
                 + [(n, ctypes.c_int) for n in ("threads", "causal", "bf16")])
 
 
-def _cpu_flags() -> str:
-    try:
-        return next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
-    except OSError:
-        return ""
-
-
-def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctypes.CDLL | None:
-    """The kernel (``source_file``, by default this package's) compiled by ``compiler`` into ``cache`` (once per
-    source, flags, compiler and CPU), loaded: with OpenMP where it builds, else without (the batch parts of a step
-    then run one after another); None where it cannot be built at all (no compiler, not Linux: one warning)."""
-    if compiler is None or platform.system() != "Linux":
-        return None
-    source = source_file.read_bytes()
-    for openmp in OPENMP:
-        flags = (*FLAGS, openmp)
-        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(),
-                                         platform.machine().encode(), _cpu_flags().encode()])).hexdigest()[:16]
-        path = cache / f"fused_step-{key}.so"
-        try:
-            if not path.is_file():
-                cache.mkdir(parents=True, exist_ok=True)
-                write_file_atomically(path, lambda tmp: subprocess.run(
-                    [compiler, *flags, "-o", str(tmp), str(source_file), "-lm"], check=True, capture_output=True))
-            lib = ctypes.CDLL(str(path))
-            break
-        except (OSError, subprocess.CalledProcessError) as e:
-            error = e
-    else:
-        warnings.warn(f"omniar: fused generation steps unavailable, running them eagerly ({error})", stacklevel=3)
-        return None
+def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """``lib`` (:func:`omniar._native.build`'s) with the prototypes of the functions this module calls."""
     lib.omniar_block_step.argtypes = [ctypes.POINTER(_Step)]
     lib.omniar_block_step.restype = ctypes.c_int
     lib.omniar_attention.argtypes = [ctypes.POINTER(_Step), ctypes.c_void_p, ctypes.c_void_p]
@@ -101,23 +58,11 @@ def build(compiler: str | None, cache: Path, source_file: Path = SOURCE) -> ctyp
     return lib
 
 
-def cache_dir() -> Path:
-    """Where the kernel is built: ``$OMNIAR_CACHE``, else ``$XDG_CACHE_HOME/omniar``, else ``~/.cache/omniar``, else
-    (no home directory) ``omniar-cache-UID`` in the temporary folder."""
-    if os.environ.get("OMNIAR_CACHE"):
-        return Path(os.environ["OMNIAR_CACHE"])
-    if os.environ.get("XDG_CACHE_HOME"):
-        return Path(os.environ["XDG_CACHE_HOME"]) / "omniar"
-    home = os.path.expanduser("~")
-    if home != "~":
-        return Path(home) / ".cache" / "omniar"
-    return Path(tempfile.gettempdir()) / f"omniar-cache-{os.getuid()}"
-
-
 @functools.cache
 def library() -> ctypes.CDLL | None:
-    """The kernel for this process: built with ``$CC`` (else ``cc``) into :func:`cache_dir` on first use."""
-    return build(shutil.which(os.environ.get("CC") or "cc"), cache_dir())
+    """omniar's kernels (:func:`omniar._native.library`) declared for this module, or None (steps stay eager)."""
+    lib = _native.library()
+    return None if lib is None else declare(lib)
 
 
 def _eps(norm: torch.nn.RMSNorm) -> float:
