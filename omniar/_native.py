@@ -1,8 +1,7 @@
-"""omniar's C kernels (``_native.c``): the fused generation steps (:mod:`omniar.backbone.fused`) and the
-decoder's fused GroupNorm + SiLU (:mod:`omniar.tokenizers.causal3d`). :func:`library` compiles the C file once per
-source and CPU with the machine's C compiler (``$CC``, else ``cc``) into :func:`cache_dir` (``$OMNIAR_CACHE``,
-default ``~/.cache/omniar``) and loads it with ctypes; each caller declares the functions it calls. Without a
-compiler, or if the build fails, those callers stay in torch (one warning)."""
+"""omniar's C kernels (``_native.c``, the fused generation steps of :mod:`omniar.backbone.fused`). :func:`library`
+compiles the C file once per source and CPU with the machine's C compiler (``$CC``, else ``cc``) into
+:func:`cache_dir` (``$OMNIAR_CACHE``, default ``~/.cache/omniar``) and loads it with ctypes; each caller declares
+the functions it calls. Without a compiler, or if the build fails, those callers stay in torch (one warning)."""
 
 from __future__ import annotations
 
