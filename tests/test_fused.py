@@ -333,6 +333,20 @@ def test_moe_layer_in_one_call_equals_the_grouped_dispatch(gating, shared, dim, 
     assert float((got[0] - want[0]).abs().max() / want[0].abs().max()) < 1e-5
 
 
+def test_moe_layer_in_one_call_at_its_row_limit_equals_the_grouped_dispatch(monkeypatch):
+    """At fused.MOE_ROWS rows (split over two threads) the one call still gives the torch dispatch's output."""
+    layer = moe_layer("softmax", 1)
+    in_torch = copy.deepcopy(layer)
+    in_torch.impl = "grouped_mm"
+    calls = _moe_calls(monkeypatch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    x = torch.randn(2, fused.MOE_ROWS // 2, 64)
+    with torch.no_grad():
+        got, want = layer(x, None, None, 6, 2, 0)[0], in_torch(x, None, None, 6, 2, 0)[0]
+    assert calls == [2]
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+
+
 def test_moe_layer_in_one_call_only_where_it_applies(monkeypatch):
     layer = moe_layer("softmax", 1)
     calls = _moe_calls(monkeypatch)
