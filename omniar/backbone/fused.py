@@ -24,7 +24,7 @@ MAX_ROWS = 128
 # fused steps of at least this many rows split their batch across torch.get_num_threads() threads (BENCHMARKS.md)
 THREAD_ROWS = 2
 # eval forwards of an MoE layer (moe_impl "auto") on at most this many rows run as one call; measured in BENCHMARKS.md
-MOE_ROWS = 768
+MOE_ROWS = 128
 
 
 # block or MoE layer -> (its weights' addresses, its template): beside the modules, not on them, which keeps them
