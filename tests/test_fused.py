@@ -361,9 +361,35 @@ def test_moe_layer_in_one_call_only_where_it_applies(monkeypatch):
         layer.impl = "grouped_mm"
         layer(x, None, None, 6, 2, 0)
         layer.impl = "auto"
-        layer.to(torch.bfloat16)(x.bfloat16(), None, None, 6, 2, 0)
-    layer.float()(x, None, None, 6, 2, 0)  # gradients on
+        copy.deepcopy(layer).half()(x.half(), None, None, 6, 2, 0)  # another dtype
+    layer(x, None, None, 6, 2, 0)  # gradients on
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_bf16_moe_layer_runs_the_kernel_on_its_weights_widened(threads, monkeypatch):
+    """A bf16 MoE layer's eval forward runs the fp32 kernel on its weights widened to fp32 (kept, and widened
+    again when a weight changes): bf16 out, nearer the exact result (float64 on the same bf16 values) than torch's
+    bf16 dispatch."""
+    layer = moe_layer("softmax", 1).to(torch.bfloat16)
+    calls = _moe_calls(monkeypatch)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    x = torch.randn(3, 11, 64).bfloat16()
+
+    def exact_and_torchs():
+        exact, in_torch = copy.deepcopy(layer).double(), copy.deepcopy(layer)
+        exact.impl = in_torch.impl = "loop"
+        return exact(x.double(), None, None, 6, 2, 0)[0], in_torch(x, None, None, 6, 2, 0)[0]
+
+    with torch.no_grad():
+        for _ in range(2):
+            got = layer(x, None, None, 6, 2, 0)[0]
+            exact, torchs = exact_and_torchs()
+            assert got.dtype == torch.bfloat16
+            err, torch_err = (float((y.double() - exact).abs().mean()) for y in (got, torchs))
+            assert err <= torch_err, (err, torch_err)
+            layer.w_in.mul_(-1.5)  # a new weight in place: widened again
+    assert calls == [threads, threads]
 
 
 def test_a_model_that_ran_fused_steps_still_copies_and_pickles():

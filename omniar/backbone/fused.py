@@ -30,6 +30,8 @@ MOE_ROWS = 128
 # block or MoE layer -> (its weights' addresses, its template): beside the modules, not on them, which keeps them
 # copyable and picklable (ctypes structures with pointers are neither)
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# bf16 MoE layer -> (its weights' keys, their fp32 copies): see _fp32_weights
+_WIDENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Step(ctypes.Structure):
@@ -199,23 +201,41 @@ def attention(attn, q: torch.Tensor, cache, layer: int) -> torch.Tensor | None:
     return out
 
 
+def _fp32_weights(layer) -> dict[str, torch.Tensor | None]:
+    """The MoE ``layer``'s tensors for the kernel (:func:`_ffn_weights`): its own in fp32; those of a bf16 layer
+    widened to fp32 (exact), kept beside it and widened again only when one changes (storage, version or dtype)."""
+    weights = _ffn_weights(layer)
+    if all(w is None or w.dtype == torch.float32 for w in weights.values()):
+        return weights
+    key = tuple(None if w is None else (w.data_ptr(), w._version, w.dtype) for w in weights.values())
+    kept = _WIDENED.get(layer)
+    if kept is None or kept[0] != key:
+        kept = key, {n: None if w is None else w.detach().float().contiguous() for n, w in weights.items()}
+        _WIDENED[layer] = kept
+    return kept[1]
+
+
 def moe(layer, x: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor | None:
     """The eval output of the MoE layer ``layer`` (routing, shared and routed experts, no statistics) for ``x``
-    ``(B, L, d)`` in one call, its rows split over torch's threads; None (nothing done) where it does not apply:
-    not fp32 CPU rows without gradients or autocast, more than :data:`MOE_ROWS` rows, sharded experts, no kernel."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_grad_enabled() or not x.is_contiguous()
-            or torch.is_autocast_enabled("cpu") or x.numel() > MOE_ROWS * x.shape[-1] or layer.ep_group is not None
-            or library() is None):
+    ``(B, L, d)`` in one call, its rows split over torch's threads. A bf16 layer runs it in fp32 on its weights
+    widened once (:func:`_fp32_weights`), the output rounded to bf16 once: a bf16 model's steps do not pay torch's
+    per-op cost either (BENCHMARKS.md, "A bf16 model's MoE layers through the fp32 kernel"). None (nothing done)
+    where it does not apply: not fp32 or bf16 CPU rows without gradients or autocast, more than :data:`MOE_ROWS`
+    rows, sharded experts, no kernel."""
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled()
+            or not x.is_contiguous() or torch.is_autocast_enabled("cpu") or x.numel() > MOE_ROWS * x.shape[-1]
+            or layer.ep_group is not None or library() is None):
         return None
-    template = _cached(layer, _ffn_weights(layer), lambda: _ffn_fields(layer))
+    template = _cached(layer, _fp32_weights(layer), lambda: _ffn_fields(layer))
     if template is None:
         return None
     step = _Step.from_buffer_copy(template)
     step.E, step.top_k, step.threads = num_experts, top_k, torch.get_num_threads()
-    out = torch.empty_like(x)
-    if library().omniar_moe(ctypes.byref(step), x.numel() // x.shape[-1], x.data_ptr(), out.data_ptr()):
+    rows = x.float()
+    out = torch.empty_like(rows)
+    if library().omniar_moe(ctypes.byref(step), rows.numel() // rows.shape[-1], rows.data_ptr(), out.data_ptr()):
         raise MemoryError("omniar: the fused MoE layer could not allocate its work buffers")
-    return out
+    return out.to(x.dtype)
 
 
 def rms_norm(x: torch.Tensor, norm: torch.nn.RMSNorm) -> torch.Tensor:
