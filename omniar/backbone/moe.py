@@ -9,8 +9,9 @@
   expert runs one SwiGLU over its contiguous rows, through a grouped GEMM
   (``torch.nn.functional.grouped_mm``) when it runs for these tensors, else one
   GEMM per expert. No capacity, no dropped tokens. With ``impl="auto"`` an eval forward without statistics
-  of at most ``fused.MOE_ROWS`` fp32 CPU rows runs instead as one call of the fused C kernel
-  (:func:`.fused.moe`: the same routing and sums, without torch's per-op cost).
+  of at most ``fused.MOE_ROWS`` fp32 or bf16 CPU rows runs instead as one call of the fused C kernel
+  (:func:`.fused.moe`: the same routing and sums in fp32, a bf16 layer's weights widened once, without torch's
+  per-op cost).
 * Elastic width uses the first ``num_experts`` experts (nested sub-models).
 * Expert parallelism (:meth:`MoELayer.shard_experts`): each rank of an expert-parallel group keeps
   ``num_experts / ep_size`` routed experts; rows travel to their expert's rank and back by all-to-all
