@@ -605,6 +605,25 @@ static inline __attribute__((always_inline)) void qk_tile(int rb, int nv, int pa
         for (int v = 0; v < nv; v++) _mm512_storeu_ps(S + (size_t)i * n32 + v * 16, acc[i][v]);
 }
 
+/* C (m, N) fp32 = A B for m rows of A (`pairs` bf16 pairs each, lda words apart) and B packed as (pairs, N) pairs
+ * along the summed dimension, N a multiple of 32; C's and B's rows are N apart. Tiles of 4 rows by 64 columns. */
+static void gemm_bf16(int m, int N, int pairs, const uint32_t *A, int lda, const uint32_t *B, float *C) {
+    for (int i = 0; i < m; i += 4) {
+        const int rb = m - i < 4 ? m - i : 4;
+        for (int n = 0; n < N; n += 64) {
+            const int nv = N - n >= 64 ? 4 : 2;
+            const uint32_t *a = A + (size_t)i * lda;
+            float *c = C + (size_t)i * N + n;
+            switch (rb * 8 + nv) { /* constant tile sizes: the accumulators stay in registers */
+#define TILE(rb, nv)                                                                                                   \
+    case rb * 8 + nv: qk_tile(rb, nv, pairs, a, lda, B + n, N, c); break;
+                TILE(4, 4) TILE(4, 2) TILE(3, 4) TILE(3, 2) TILE(2, 4) TILE(2, 2) TILE(1, 4) TILE(1, 2)
+#undef TILE
+            }
+        }
+    }
+}
+
 /* out rows (rb of them, nv * 16 head dims) = scale x P V for rb rows of bf16 probabilities (ldp words apart) over
  * the packed values (HD words a slot pair), rounded to bf16 */
 static inline __attribute__((always_inline)) void pv_tile(int rb, int nv, int pairs, const uint32_t *p, int ldp,
@@ -665,20 +684,7 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
                         : _mm512_setzero_si512();
                     _mm512_storeu_si512(vp + (size_t)t * HD + d, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
                 }
-            for (int i = 0; i < nq; i += 4) {
-                const int rb = nq - i < 4 ? nq - i : 4;
-                for (int j = 0; j < n32; j += 64) {
-                    const int nv = n32 - j >= 64 ? 4 : 2; /* n32 is a whole number of 32-slot tiles */
-                    const uint32_t *q = Q + (size_t)i * pairs, *k = kp + j;
-                    float *o = S + (size_t)i * n32 + j;
-                    switch (rb * 8 + nv) { /* constant tile sizes: the accumulators stay in registers */
-#define TILE(rb, nv)                                                                                                   \
-    case rb * 8 + nv: qk_tile(rb, nv, pairs, q, pairs, k, n32, o); break;
-                        TILE(4, 4) TILE(4, 2) TILE(3, 4) TILE(3, 2) TILE(2, 4) TILE(2, 2) TILE(1, 4) TILE(1, 2)
-#undef TILE
-                    }
-                }
-            }
+            gemm_bf16(nq, n32, pairs, Q, pairs, kp, S);
             for (int i = 0; i < nq; i++) { /* softmax numerators, to bf16 pairs; O is scaled by 1 / sum at the end */
                 float *p = S + (size_t)i * n32;
                 __m512 top = _mm512_set1_ps(-INFINITY);
@@ -728,6 +734,120 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
             }
         }
     }
+}
+
+/* out (m, w) bf16 pairs = silu(gate) * up, times scale[i] where given, of fp32 rows h (m, 2w): gate the first w
+ * columns, up the last w (w a multiple of 32) */
+static void swiglu_bf16(int m, int w, const float *h, const float *scale, uint32_t *out) {
+    for (int i = 0; i < m; i++) {
+        const float *g = h + (size_t)i * 2 * w, *u = g + w;
+        const __m512 sc = _mm512_set1_ps(scale ? scale[i] : 1.f), one = _mm512_set1_ps(1.f);
+        for (int j = 0; j < w; j += 32) {
+            __m512 v[2];
+            for (int t = 0; t < 2; t++) {
+                const __m512 a = _mm512_loadu_ps(g + j + 16 * t);
+                const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), a));
+                v[t] = _mm512_mul_ps(_mm512_div_ps(_mm512_mul_ps(a, _mm512_loadu_ps(u + j + 16 * t)),
+                                                   _mm512_add_ps(one, e)), sc);
+            }
+            _mm512_storeu_si512(out + (size_t)i * w / 2 + j / 2, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+        }
+    }
+}
+
+/* One SwiGLU expert on m bf16 rows A (D / 2 pairs each, lda words apart) into Y (m, D) fp32: w_in packed (D / 2,
+ * 2 hid) pairs, w_out (hid / 2, D); each row's hidden times scale[i] where given; H and S work space */
+static void expert_bf16(int m, int D, int hid, const uint32_t *A, int lda, const uint32_t *w_in,
+                        const uint32_t *w_out, const float *scale, float *H, uint32_t *S, float *Y) {
+    gemm_bf16(m, 2 * hid, D / 2, A, lda, w_in, H);
+    swiglu_bf16(m, hid, H, scale, S);
+    gemm_bf16(m, D, hid / 2, S, hid / 2, w_out, Y);
+}
+
+enum { MOE_BLOCK = 64 }; /* rows of one expert task, and of one shared-expert / combine block */
+
+/* MoELayer's eval output for R bf16 rows x (R, D) routed to experts idx (R, top_k) with combine weights gate (R,
+ * top_k, fp32), into y (R, D) bf16: each routed expert on its rows in blocks (gathered, its hidden scaled by the
+ * combine weight, as dropless_moe does), the blocks split over up to `threads` OpenMP threads; then per block of rows
+ * the shared expert and the sum, rounded to bf16 once. Weights packed as bf16 pairs along the summed dimension:
+ * w_in (E, D / 2, 2 hid), w_out (E, hid / 2, D), s_in (D / 2, 2 s_hid) and s_out (s_hid / 2, D) (NULL: no shared
+ * expert). Products accumulate in fp32 (AVX-512 BF16); each expert's hidden is rounded to bf16 before its second
+ * product. D, 2 hid and 2 s_hid multiples of 32. Nonzero if a buffer could not be allocated. */
+int omniar_moe_bf16(int threads, int R, int D, int E, int top_k, int hid, int s_hid, const bf16 *x,
+                    const long long *idx, const float *gate, const uint32_t *w_in, const uint32_t *w_out,
+                    const uint32_t *s_in, const uint32_t *s_out, bf16 *y) {
+    const int wide = 2 * (hid > s_hid ? hid : s_hid), n = R * top_k;
+    int *counts = calloc((size_t)E + 1, sizeof(int)), *order = malloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
+    float *routed = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * D);
+    if (!counts || !order || !routed) {
+        free(counts), free(order), free(routed);
+        return 1;
+    }
+    for (int a = 0; a < n; a++) counts[idx[a] + 1]++; /* counting sort of the (row, slot) pairs by expert */
+    for (int e = 0; e < E; e++) counts[e + 1] += counts[e];
+    int tasks = 0;
+    for (int e = 0; e < E; e++) tasks += (counts[e + 1] - counts[e] + MOE_BLOCK - 1) / MOE_BLOCK;
+    {
+        int *fill = malloc(sizeof(int) * (size_t)E);
+        if (!fill) {
+            free(counts), free(order), free(routed);
+            return 1;
+        }
+        memcpy(fill, counts, sizeof(int) * (size_t)E);
+        for (int a = 0; a < n; a++) order[fill[idx[a]]++] = a;
+        free(fill);
+    }
+    int rc = 0;
+#pragma omp parallel num_threads(threads > 1 ? threads : 1) reduction(| : rc)
+    {
+        /* one work space a thread: gathered rows, hidden (fp32), hidden (bf16 pairs), scales, outputs; a thread
+         * without one still meets both loops (every thread must), doing nothing */
+        const size_t rows_words = (size_t)MOE_BLOCK * D / 2, h_floats = (size_t)MOE_BLOCK * wide;
+        uint32_t *A = malloc(sizeof(uint32_t) * (rows_words + h_floats + h_floats / 4 + MOE_BLOCK +
+                                                 (size_t)MOE_BLOCK * D));
+        float *H = (float *)(A + rows_words);
+        uint32_t *S = (uint32_t *)(H + h_floats);
+        float *scale = (float *)(S + h_floats / 4), *Y = scale + MOE_BLOCK;
+        rc |= !A;
+#pragma omp for schedule(dynamic, 1)
+        for (int t = 0; t < tasks; t++) {
+            if (!A) continue;
+            int e = 0, first = t; /* task t: block `first` of expert e's pairs */
+            while (first >= (counts[e + 1] - counts[e] + MOE_BLOCK - 1) / MOE_BLOCK) {
+                first -= (counts[e + 1] - counts[e] + MOE_BLOCK - 1) / MOE_BLOCK;
+                e++;
+            }
+            const int *pairs = order + counts[e] + first * MOE_BLOCK;
+            const int left = counts[e + 1] - counts[e] - first * MOE_BLOCK, m = left < MOE_BLOCK ? left : MOE_BLOCK;
+            for (int i = 0; i < m; i++) {
+                memcpy(A + (size_t)i * D / 2, x + (size_t)(pairs[i] / top_k) * D, sizeof(bf16) * D);
+                scale[i] = gate[pairs[i]];
+            }
+            expert_bf16(m, D, hid, A, D / 2, w_in + (size_t)e * D / 2 * 2 * hid, w_out + (size_t)e * hid / 2 * D,
+                        scale, H, S, Y);
+            for (int i = 0; i < m; i++) memcpy(routed + (size_t)pairs[i] * D, Y + (size_t)i * D, sizeof(float) * D);
+        }
+#pragma omp for schedule(static)
+        for (int r0 = 0; r0 < R; r0 += MOE_BLOCK) {
+            if (!A) continue;
+            const int m = R - r0 < MOE_BLOCK ? R - r0 : MOE_BLOCK;
+            if (s_in) expert_bf16(m, D, s_hid, (const uint32_t *)(x + (size_t)r0 * D), D / 2, s_in, s_out, NULL, H, S, Y);
+            for (int i = 0; i < m; i++)
+                for (int d = 0; d < D; d += 32) {
+                    __m512 v[2];
+                    for (int h = 0; h < 2; h++) {
+                        v[h] = s_in ? _mm512_loadu_ps(Y + (size_t)i * D + d + 16 * h) : _mm512_setzero_ps();
+                        for (int k = 0; k < top_k; k++)
+                            v[h] = _mm512_add_ps(v[h], _mm512_loadu_ps(routed + ((size_t)(r0 + i) * top_k + k) * D +
+                                                                       d + 16 * h));
+                    }
+                    _mm512_storeu_si512(y + (size_t)(r0 + i) * D + d, (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]));
+                }
+        }
+        free(A);
+    }
+    free(counts), free(order), free(routed);
+    return rc;
 }
 
 static int attend_bf16_part(const Step *q, int b0, void *ctx) {

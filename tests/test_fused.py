@@ -366,6 +366,45 @@ def test_moe_layer_in_one_call_only_where_it_applies(monkeypatch):
     assert len(calls) == 1
 
 
+@needs_bf16
+@pytest.mark.parametrize("gating,shared,experts,top_k", [("softmax", 1, 6, 2), ("sigmoid", 0, 5, 3)])
+def test_bf16_moe_layer_past_the_row_limit_runs_in_one_bf16_call(gating, shared, experts, top_k, monkeypatch):
+    """Past fused.MOE_ROWS rows a bf16 MoE layer runs its own routing, then its experts in one call of the bf16
+    kernel (elastic widths and top-k included): nearer the exact result (float64 on the same bf16 values) than
+    torch's bf16 dispatch, the same bits whatever the threads, and made again from weights changed in place."""
+    layer = moe_layer(gating, shared).to(torch.bfloat16)
+    calls = []
+    real = fused.library().omniar_moe_bf16
+    monkeypatch.setattr(fused.library(), "omniar_moe_bf16", lambda *a: calls.append(a[0]) or real(*a))
+    x = torch.randn(3, fused.MOE_ROWS, 64).bfloat16()
+    with torch.no_grad():
+        for _ in range(2):
+            exact, in_torch = copy.deepcopy(layer).double(), copy.deepcopy(layer)
+            exact.impl, in_torch.impl = "loop", "grouped_mm"
+            want, torchs = exact(x.double(), None, None, experts, top_k, 0)[0], in_torch(x, None, None, experts, top_k, 0)[0]
+            outs = []
+            for threads in (1, 3):
+                monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+                outs.append(layer(x, None, None, experts, top_k, 0)[0])
+            err, torch_err = (float((y.double() - want).abs().mean()) for y in (outs[0], torchs))
+            assert outs[0].dtype == torch.bfloat16 and err <= torch_err, (err, torch_err)
+            assert torch.equal(outs[0], outs[1])
+            layer.w_out.mul_(-1.5)  # paired again
+    assert calls == [1, 3, 1, 3]
+
+
+@needs_bf16
+def test_bf16_moe_layer_past_the_row_limit_leaves_other_widths_to_torch(monkeypatch):
+    """Expert widths the bf16 kernel does not take (2 x hidden not a multiple of 64) keep torch's dispatch."""
+    layer = moe_layer("softmax", 1, hidden=24).to(torch.bfloat16)
+    in_torch = copy.deepcopy(layer)
+    in_torch.impl = "grouped_mm"
+    monkeypatch.setattr(fused.library(), "omniar_moe_bf16", lambda *a: pytest.fail("the kernel ran"))
+    x = torch.randn(2, fused.MOE_ROWS, 64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(layer(x, None, None, 6, 2, 0)[0], in_torch(x, None, None, 6, 2, 0)[0])
+
+
 @pytest.mark.parametrize("threads", [1, 3])
 def test_bf16_moe_layer_runs_the_kernel_on_its_weights_widened(threads, monkeypatch):
     """A bf16 MoE layer's eval forward runs the fp32 kernel on its weights widened to fp32 (kept, and widened

@@ -30,8 +30,9 @@ MOE_ROWS = 128
 # block or MoE layer -> (its weights' addresses, its template): beside the modules, not on them, which keeps them
 # copyable and picklable (ctypes structures with pointers are neither)
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# bf16 MoE layer -> (its weights' keys, their fp32 copies): see _fp32_weights
+# bf16 MoE layer -> (its weights' keys, their fp32 copies | their bf16 pairs): see _fp32_weights, _bf16_pairs
 _WIDENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PAIRED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _Step(ctypes.Structure):
@@ -57,6 +58,9 @@ def declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.omniar_rms_norm.argtypes = [ctypes.c_int] * 4 + [ctypes.c_float] + [ctypes.c_void_p] * 3
     lib.omniar_qk_prep.argtypes = [ctypes.POINTER(_Step), ctypes.c_void_p, ctypes.c_void_p]
     lib.omniar_qk_prep.restype = ctypes.c_int
+    if lib.omniar_bf16():
+        lib.omniar_moe_bf16.argtypes = [ctypes.c_int] * 7 + [ctypes.c_void_p] * 8
+        lib.omniar_moe_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -215,17 +219,64 @@ def _fp32_weights(layer) -> dict[str, torch.Tensor | None]:
     return kept[1]
 
 
+def _pairs(w: torch.Tensor) -> torch.Tensor:
+    """bf16 ``w`` ``(..., K, N)`` as ``(..., K / 2, N)`` int32 pairs along K (row 2k in the low half): the bf16
+    kernel's form for the weight of a product that sums over K."""
+    u = w.detach().contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    return (u[..., 0::2, :] | (u[..., 1::2, :] << 16)).contiguous()
+
+
+def _bf16_pairs(layer) -> dict[str, torch.Tensor | None] | None:
+    """The bf16 MoE ``layer``'s expert weights as the bf16 kernel reads them (:func:`_pairs`; the shared expert's
+    linears transposed first), kept beside it and made again only when one changes; None where the kernel cannot
+    take them (not all bf16, or widths not multiples of 32)."""
+    weights = {n: w for n, w in _ffn_weights(layer).items() if n in ("w_in", "w_out", "s_in", "s_out")}
+    d, hid = weights["w_in"].shape[1], weights["w_in"].shape[2]
+    if (any(w is not None and w.dtype != torch.bfloat16 for w in weights.values()) or d % 32 or hid % 64
+            or weights["s_in"] is not None and weights["s_in"].shape[0] % 64):
+        return None
+    key = tuple(None if w is None else (w.data_ptr(), w._version) for w in weights.values())
+    kept = _PAIRED.get(layer)
+    if kept is None or kept[0] != key:
+        kept = key, {n: None if w is None else _pairs(w.t() if n.startswith("s_") else w) for n, w in weights.items()}
+        _PAIRED[layer] = kept
+    return kept[1]
+
+
+def _moe_bf16(layer, x: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor | None:
+    """:func:`moe` for a bf16 layer's rows past :data:`MOE_ROWS`: the layer's own routing, then its experts in one
+    call of the bf16 kernel (products in bf16 pairs accumulated in fp32, each hidden rounded to bf16 once, the sum
+    rounded once); None where the CPU has no AVX-512 BF16 or the kernel cannot take the weights."""
+    paired = _bf16_pairs(layer) if library().omniar_bf16() else None
+    if paired is None:
+        return None
+    _, _, idx, weights = layer.route(x, num_experts, top_k)
+    d = x.shape[-1]
+    s_hid = 0 if paired["s_out"] is None else paired["s_out"].shape[0] * 2
+    idx, weights = idx.reshape(-1, top_k).contiguous(), weights.reshape(-1, top_k).float().contiguous()
+    out = torch.empty_like(x)
+    ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+    if library().omniar_moe_bf16(torch.get_num_threads(), x.numel() // d, d, num_experts, top_k,
+                                 paired["w_in"].shape[2] // 2, s_hid, x.data_ptr(), idx.data_ptr(),
+                                 weights.data_ptr(), *(ptr(paired[n]) for n in ("w_in", "w_out", "s_in", "s_out")),
+                                 out.data_ptr()):
+        raise MemoryError("omniar: the bf16 MoE layer could not allocate its work buffers")
+    return out
+
+
 def moe(layer, x: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor | None:
     """The eval output of the MoE layer ``layer`` (routing, shared and routed experts, no statistics) for ``x``
     ``(B, L, d)`` in one call, its rows split over torch's threads. A bf16 layer runs it in fp32 on its weights
     widened once (:func:`_fp32_weights`), the output rounded to bf16 once: a bf16 model's steps do not pay torch's
-    per-op cost either (BENCHMARKS.md, "A bf16 model's MoE layers through the fp32 kernel"). None (nothing done)
-    where it does not apply: not fp32 or bf16 CPU rows without gradients or autocast, more than :data:`MOE_ROWS`
-    rows, sharded experts, no kernel."""
+    per-op cost either (BENCHMARKS.md, "A bf16 model's MoE layers through the fp32 kernel"); past :data:`MOE_ROWS`
+    rows, its experts in bf16 (:func:`_moe_bf16`). None (nothing done) where it does not apply: not fp32 or bf16
+    CPU rows without gradients or autocast, more than :data:`MOE_ROWS` fp32 rows, sharded experts, no kernel."""
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or torch.is_grad_enabled()
-            or not x.is_contiguous() or torch.is_autocast_enabled("cpu") or x.numel() > MOE_ROWS * x.shape[-1]
-            or layer.ep_group is not None or library() is None):
+            or not x.is_contiguous() or torch.is_autocast_enabled("cpu") or layer.ep_group is not None
+            or library() is None):
         return None
+    if x.numel() > MOE_ROWS * x.shape[-1]:
+        return _moe_bf16(layer, x, num_experts, top_k) if x.dtype == torch.bfloat16 else None
     template = _cached(layer, _fp32_weights(layer), lambda: _ffn_fields(layer))
     if template is None:
         return None
