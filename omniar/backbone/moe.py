@@ -11,7 +11,7 @@
   GEMM per expert. No capacity, no dropped tokens. With ``impl="auto"`` an eval forward without statistics
   of at most ``fused.MOE_ROWS`` fp32 or bf16 CPU rows runs instead as one call of the fused C kernel
   (:func:`.fused.moe`: the same routing and sums in fp32, a bf16 layer's weights widened once, without torch's
-  per-op cost).
+  per-op cost); a bf16 layer's longer eval forwards route here and run their experts in one bf16 call.
 * Elastic width uses the first ``num_experts`` experts (nested sub-models).
 * Expert parallelism (:meth:`MoELayer.shard_experts`): each rank of an expert-parallel group keeps
   ``num_experts / ep_size`` routed experts; rows travel to their expert's rank and back by all-to-all
