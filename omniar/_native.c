@@ -772,31 +772,24 @@ enum { MOE_BLOCK = 64 }; /* rows of one expert task, and of one shared-expert / 
  * the shared expert and the sum, rounded to bf16 once. Weights packed as bf16 pairs along the summed dimension:
  * w_in (E, D / 2, 2 hid), w_out (E, hid / 2, D), s_in (D / 2, 2 s_hid) and s_out (s_hid / 2, D) (NULL: no shared
  * expert). Products accumulate in fp32 (AVX-512 BF16); each expert's hidden is rounded to bf16 before its second
- * product. D, 2 hid and 2 s_hid multiples of 32. Nonzero if a buffer could not be allocated. */
+ * product. D, hid and s_hid multiples of 32. Nonzero if a buffer could not be allocated. */
 int omniar_moe_bf16(int threads, int R, int D, int E, int top_k, int hid, int s_hid, const bf16 *x,
                     const long long *idx, const float *gate, const uint32_t *w_in, const uint32_t *w_out,
                     const uint32_t *s_in, const uint32_t *s_out, bf16 *y) {
     const int wide = 2 * (hid > s_hid ? hid : s_hid), n = R * top_k;
-    int *counts = calloc((size_t)E + 1, sizeof(int)), *order = malloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
+    /* counts: expert e's pairs start at counts[e]; fill: where its next pair goes */
+    int *counts = calloc(2 * (size_t)E + 1, sizeof(int)), *order = malloc(sizeof(int) * (size_t)(n > 0 ? n : 1));
     float *routed = malloc(sizeof(float) * (size_t)(n > 0 ? n : 1) * D);
     if (!counts || !order || !routed) {
         free(counts), free(order), free(routed);
         return 1;
     }
+    int *fill = counts + E + 1, tasks = 0;
     for (int a = 0; a < n; a++) counts[idx[a] + 1]++; /* counting sort of the (row, slot) pairs by expert */
     for (int e = 0; e < E; e++) counts[e + 1] += counts[e];
-    int tasks = 0;
     for (int e = 0; e < E; e++) tasks += (counts[e + 1] - counts[e] + MOE_BLOCK - 1) / MOE_BLOCK;
-    {
-        int *fill = malloc(sizeof(int) * (size_t)E);
-        if (!fill) {
-            free(counts), free(order), free(routed);
-            return 1;
-        }
-        memcpy(fill, counts, sizeof(int) * (size_t)E);
-        for (int a = 0; a < n; a++) order[fill[idx[a]]++] = a;
-        free(fill);
-    }
+    memcpy(fill, counts, sizeof(int) * (size_t)E);
+    for (int a = 0; a < n; a++) order[fill[idx[a]]++] = a;
     int rc = 0;
 #pragma omp parallel num_threads(threads > 1 ? threads : 1) reduction(| : rc)
     {

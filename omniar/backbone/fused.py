@@ -229,10 +229,10 @@ def _pairs(w: torch.Tensor) -> torch.Tensor:
 def _bf16_pairs(layer) -> dict[str, torch.Tensor | None] | None:
     """The bf16 MoE ``layer``'s expert weights as the bf16 kernel reads them (:func:`_pairs`; the shared expert's
     linears transposed first), kept beside it and made again only when one changes; None where the kernel cannot
-    take them (not all bf16, or widths not multiples of 32)."""
+    take them (not all bf16, or the model width or an expert's hidden width not a multiple of 32)."""
     weights = {n: w for n, w in _ffn_weights(layer).items() if n in ("w_in", "w_out", "s_in", "s_out")}
-    d, hid = weights["w_in"].shape[1], weights["w_in"].shape[2]
-    if (any(w is not None and w.dtype != torch.bfloat16 for w in weights.values()) or d % 32 or hid % 64
+    d, two_hid = weights["w_in"].shape[1], weights["w_in"].shape[2]
+    if (any(w is not None and w.dtype != torch.bfloat16 for w in weights.values()) or d % 32 or two_hid % 64
             or weights["s_in"] is not None and weights["s_in"].shape[0] % 64):
         return None
     key = tuple(None if w is None else (w.data_ptr(), w._version) for w in weights.values())
