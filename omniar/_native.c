@@ -646,7 +646,7 @@ static inline __attribute__((always_inline)) void pv_tile(int rb, int nv, int pa
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][v], _mm512_set1_ps(scale[i]))));
 }
 
-/* The bf16 form of attend for a next-scale step (every query sees every real slot), on AVX-512 BF16's pair dot
+/* The bf16 form of attend (a next-scale step, or causal the prompt pass), on AVX-512 BF16's pair dot
  * products (two bf16 products summed into an fp32 lane): scores S = Q K^T and O = P V accumulate in fp32, the
  * softmax runs in fp32, the probabilities go into O = P V rounded to bf16 (as torch's CPU flash kernel does), and
  * O is scaled by 1 / sum before its bf16 rounding. Both products need their operands as pairs along the summed
@@ -688,9 +688,11 @@ static void attend_bf16(const Step *s, const bf16 *qh, bf16 *att, uint32_t *work
             for (int i = 0; i < nq; i++) { /* softmax numerators, to bf16 pairs; O is scaled by 1 / sum at the end */
                 float *p = S + (size_t)i * n32;
                 __m512 top = _mm512_set1_ps(-INFINITY);
+                const int seen = s->causal ? s->held + i % s->L + 1 : n_slots; /* causal: through its own slot */
                 for (int j = 0; j < n32; j += 16) {
-                    const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(p + j), _mm512_set1_ps(attn_scale),
-                                                     _mm512_loadu_ps(bias + j));
+                    const __mmask16 live = j + 16 <= seen ? 0xFFFF : (j >= seen ? 0 : (1u << (seen - j)) - 1);
+                    const __m512 v = _mm512_mask_blend_ps(live, _mm512_set1_ps(-INFINITY), _mm512_fmadd_ps(
+                        _mm512_loadu_ps(p + j), _mm512_set1_ps(attn_scale), _mm512_loadu_ps(bias + j)));
                     _mm512_storeu_ps(p + j, v);
                     top = _mm512_max_ps(top, v);
                 }
@@ -875,8 +877,8 @@ static int attend_part(const Step *q, int b0, void *ctx) {
 
 /* The attention of an eager step (attend) into att (B, L, H * HD), from the rotated queries qh (B, H, L, HD) and the
  * keys and values already in the cache: s holds the attention's fields (B, L, H, KVH, HD, held, cap, key_ok, keys,
- * values, causal, threads), the batch in parts (over_parts). With s->bf16 (only where omniar_bf16(), a next-scale
- * step, HD a multiple of 16) qh, att and the cache are bf16. */
+ * values, causal, threads), the batch in parts (over_parts). With s->bf16 (only where omniar_bf16(), HD a multiple
+ * of 16) qh, att and the cache are bf16. */
 int omniar_attention(const Step *s, const void *qh, void *att) {
     InOut io = {qh, att};
 #ifdef __AVX512BF16__

@@ -118,8 +118,8 @@ def _counting(kernel, seen):
 @pytest.mark.parametrize("kw", [{}, dict(num_kv_heads=4)])
 def test_eager_steps_with_the_attention_work_in_c_equal_torch(kw, monkeypatch):
     """No fused block (the row limit at 0): every step, the prompt pass included, still runs the attention's
-    norms, rotations and cache write in one C call, every next-scale step its attention too, and matches the
-    all-torch path."""
+    norms, rotations and cache write in one C call, and its attention too (causal in the prompt pass), and matches
+    the all-torch path."""
     model = model_of(**kw)
     monkeypatch.setattr(fused, "MAX_ROWS", 0)
     calls, attended = [], []
@@ -128,7 +128,7 @@ def test_eager_steps_with_the_attention_work_in_c_equal_torch(kw, monkeypatch):
     monkeypatch.setattr(fused, "attention", lambda *a: attended.append(a[0]) or real_attention(*a))
     got = steps(model, True)
     want = (1 + 3 * len(SCALES)) * model.config.num_layers
-    assert len(calls) == want and len(attended) == want - model.config.num_layers  # the prompt pass: torch's
+    assert len(calls) == want and len(attended) == want
     assert close(got, steps(model, False)) < 1e-5
     assert len(calls) == want  # fused_steps=False: none
 
@@ -138,13 +138,17 @@ needs_bf16 = pytest.mark.skipif(fused.library() is None or not fused.library().o
 
 
 @needs_bf16
+@pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("batch,length,held,head_dim,threads", [(3, 64, 300, 32, 1), (2, 1, 7, 32, 2),
-                                                                 (5, 5, 40, 64, 3), (2, 3, 29, 48, 1)])
-def test_bf16_attention_is_as_close_to_fp32_as_torchs_bf16(batch, length, held, head_dim, threads, monkeypatch):
+                                                                 (5, 5, 40, 64, 3), (2, 3, 29, 48, 1),
+                                                                 (2, 50, 0, 32, 2)])
+def test_bf16_attention_is_as_close_to_fp32_as_torchs_bf16(batch, length, held, head_dim, threads, causal,
+                                                           monkeypatch):
     """The bf16 kernel (pair dot products, fp32 softmax) against fp32 attention of the same bf16 inputs: within
     torch's own bf16 attention's error (both round the output to bf16) for every form of its tiles (query rows
     not a multiple of 4 or 8, slots not a multiple of 32, head dims of one to four vectors), with padding slots
-    masked and a row without any real slot giving zeros, its batch in parts on threads."""
+    masked and a row without any real slot giving zeros, its batch in parts on threads; causal (the prompt pass),
+    new token l sees the held slots and the new ones through its own."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     heads, kv_heads, n = 8, 4, held + length
     attn = torch.nn.Module()
@@ -158,8 +162,10 @@ def test_bf16_attention_is_as_close_to_fp32_as_torchs_bf16(batch, length, held, 
     cache.length = held
     q = torch.randn(batch, heads, length, head_dim, generator=g).bfloat16()
     with torch.no_grad():
-        got = fused.attention(attn, q, cache, 0).float()
+        got = fused.attention(attn, q, cache, 0, causal).float()
         k, v, mask = cache.keys[0][:, :, :n], cache.values[0][:, :, :n], cache.key_ok[:, None, None, :n]
+        if causal:
+            mask = mask & (torch.arange(n) <= held + torch.arange(length)[:, None])
         want, torchs = (torch.nan_to_num(F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype),
                                                                         attn_mask=mask, enable_gqa=True)).float()
                         .transpose(1, 2).reshape(batch, length, -1) for dtype in (torch.float32, torch.bfloat16))
@@ -236,7 +242,7 @@ def test_dense_is_nn_linear_through_onednn_in_inference_only(bias, shape, monkey
 @needs_bf16
 def test_bf16_model_steps_with_the_attention_work_in_c_equal_torch(monkeypatch):
     """A bf16 model's steps, the prompt pass included, run QK-norm, RoPE and the cache write in C (in fp32, rounded
-    once), its next-scale steps the bf16 attention kernel, and give torch's logits within bf16 rounding."""
+    once) and the bf16 attention kernel (causal in the prompt pass), and give torch's logits within bf16 rounding."""
     model = model_of().to(torch.bfloat16)
     prepared, attended = [], []
     real_prep, real_attention = fused.qk_prep, fused.attention
@@ -244,7 +250,7 @@ def test_bf16_model_steps_with_the_attention_work_in_c_equal_torch(monkeypatch):
     monkeypatch.setattr(fused, "attention", lambda *a: attended.append(a[1].dtype) or real_attention(*a))
     got = steps(model, True)
     want = 3 * len(SCALES) * model.config.num_layers
-    assert prepared == [torch.bfloat16] * (want + model.config.num_layers) and attended == [torch.bfloat16] * want
+    assert prepared == attended == [torch.bfloat16] * (want + model.config.num_layers)
     assert close(got, steps(model, False)) < 1e-2
 
 

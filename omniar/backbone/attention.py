@@ -272,8 +272,9 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(self.head_dim, eps=eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                empty: torch.Tensor | None, cache: KVCache | None, layer: int) -> torch.Tensor:
-        """``empty`` ``(B, 1, L, 1)`` marks query rows without a visible key (zeroed); None: there are none."""
+                empty: torch.Tensor | None, cache: KVCache | None, layer: int, causal: bool = False) -> torch.Tensor:
+        """``empty`` ``(B, 1, L, 1)`` marks query rows without a visible key (zeroed); None: there are none.
+        ``causal``: the prompt pass (``mask`` is its causal mask over the cache's real slots)."""
         b, length, _ = x.shape
         q, kv = fused.dense(x, self.q_proj), fused.dense(x, self.kv_proj)
         # with a cache, the norms, rotations and cache write in one call where they can (omniar.backbone.fused)
@@ -289,9 +290,10 @@ class Attention(nn.Module):
                 k, v = cache.write(layer, k, v)
         if cache is not None:
             cache.note_queries(layer, q)
-        # a next-scale step (every query sees every real held and new slot): the attention in one C call where it can
-        if cache is not None and cache.fused and mask.shape[-2] == 1:
-            out = fused.attention(self, q.contiguous(), cache, layer)
+        # a next-scale step (every query sees every real held and new slot) or the prompt pass (causal): the
+        # attention in one C call where it can
+        if cache is not None and cache.fused and (mask.shape[-2] == 1 or causal):
+            out = fused.attention(self, q.contiguous(), cache, layer, causal)
             if out is not None:
                 return fused.dense(out, self.o_proj)
         groups = self.num_heads // self.num_kv_heads

@@ -184,10 +184,11 @@ def _cache_step(cache, layer: int, batch: int, length: int, heads: int, kv_heads
                  bf16=keys.dtype == torch.bfloat16, **fields)
 
 
-def attention(attn, q: torch.Tensor, cache, layer: int) -> torch.Tensor | None:
+def attention(attn, q: torch.Tensor, cache, layer: int, causal: bool = False) -> torch.Tensor | None:
     """For an eager next-scale step whose keys and values are in the cache: ``attn``'s attention of the rotated
     queries ``q`` ``(B, H, L, HD)`` over the real slots of ``layer`` held before the step and written by it (every
-    query sees them all; none: zeros), as ``(B, L, H * HD)``, the batch split over torch's threads. In fp32, or in
+    query sees them all; ``causal``, the prompt pass: new token l the held slots and the new ones through its own;
+    none: zeros), as ``(B, L, H * HD)``, the batch split over torch's threads. In fp32, or in
     bf16 (queries and cache) where the CPU has AVX-512 BF16 and the head dim is a multiple of 16: products in
     bf16 pairs accumulated in fp32, the softmax in fp32. None (nothing done) where it does not apply: another
     dtype or device, gradients, or no kernel."""
@@ -198,7 +199,8 @@ def attention(attn, q: torch.Tensor, cache, layer: int) -> torch.Tensor | None:
             or q.dtype == torch.bfloat16 and q.shape[-1] % 16 == 0 and library().omniar_bf16()):
         return None
     b, heads, length, head_dim = q.shape
-    step = _cache_step(cache, layer, b, length, heads, attn.num_kv_heads, head_dim, key_ok=cache.key_ok.data_ptr())
+    step = _cache_step(cache, layer, b, length, heads, attn.num_kv_heads, head_dim, key_ok=cache.key_ok.data_ptr(),
+                       causal=causal)
     out = q.new_empty(b, length, heads * head_dim)
     if library().omniar_attention(ctypes.byref(step), q.data_ptr(), out.data_ptr()):
         raise MemoryError("omniar: the fused attention could not allocate its work buffers")

@@ -55,10 +55,10 @@ class Block(nn.Module):
             cfg.seq_balance_loss_coef, cfg.router_z_loss_coef, cfg.moe_impl)
 
     def forward(self, x, cos, sin, mask, empty, meta: TokenMeta | None, cache: KVCache | None, layer: int,
-                spec: ElasticSpec) -> tuple[torch.Tensor, torch.Tensor | None, RouterStats | None]:
+                spec: ElasticSpec, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, RouterStats | None]:
         # with a cache (generation), the norms in one C call each where they can (omniar.backbone.fused)
         norm = fused.rms_norm if cache is not None and cache.fused else lambda x, module: module(x)
-        x = x + self.attn(norm(x, self.attn_norm), cos, sin, mask, empty, cache, layer)
+        x = x + self.attn(norm(x, self.attn_norm), cos, sin, mask, empty, cache, layer, causal)
         h = norm(x, self.ffn_norm)
         if isinstance(self.ffn, SwiGLU):
             return x + self.ffn(h), None, None
@@ -198,7 +198,7 @@ class OmniARModel(PretrainedModel, ConfigMixin):
                 fused.block_step(template, x, cos, sin, cache, i, spec.num_experts, spec.top_k, causal)
         else:
             for i, block in enumerate(self._blocks()):
-                x, layer_aux, layer_stats = block(x, cos, sin, mask, empty, meta, cache, i, spec)
+                x, layer_aux, layer_stats = block(x, cos, sin, mask, empty, meta, cache, i, spec, causal)
                 if layer_stats is not None:
                     aux, stats = aux + layer_aux, stats + [layer_stats]
         adapter = self._exit_adapter(spec.depth)
