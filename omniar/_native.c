@@ -646,7 +646,7 @@ static inline __attribute__((always_inline)) void pv_tile(int rb, int nv, int pa
                                 (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(acc[i][v], _mm512_set1_ps(scale[i]))));
 }
 
-/* The bf16 form of attend (a next-scale step, or causal the prompt pass), on AVX-512 BF16's pair dot
+/* The bf16 form of attend (a next-scale step, or with s->causal the prompt pass), on AVX-512 BF16's pair dot
  * products (two bf16 products summed into an fp32 lane): scores S = Q K^T and O = P V accumulate in fp32, the
  * softmax runs in fp32, the probabilities go into O = P V rounded to bf16 (as torch's CPU flash kernel does), and
  * O is scaled by 1 / sum before its bf16 rounding. Both products need their operands as pairs along the summed
@@ -826,7 +826,8 @@ int omniar_moe_bf16(int threads, int R, int D, int E, int top_k, int hid, int s_
         for (int r0 = 0; r0 < R; r0 += MOE_BLOCK) {
             if (!A) continue;
             const int m = R - r0 < MOE_BLOCK ? R - r0 : MOE_BLOCK;
-            if (s_in) expert_bf16(m, D, s_hid, (const uint32_t *)(x + (size_t)r0 * D), D / 2, s_in, s_out, NULL, H, S, Y);
+            if (s_in)
+                expert_bf16(m, D, s_hid, (const uint32_t *)(x + (size_t)r0 * D), D / 2, s_in, s_out, NULL, H, S, Y);
             for (int i = 0; i < m; i++)
                 for (int d = 0; d < D; d += 32) {
                     __m512 v[2];

@@ -387,7 +387,8 @@ def test_bf16_moe_layer_past_the_row_limit_runs_in_one_bf16_call(gating, shared,
         for _ in range(2):
             exact, in_torch = copy.deepcopy(layer).double(), copy.deepcopy(layer)
             exact.impl, in_torch.impl = "loop", "grouped_mm"
-            want, torchs = exact(x.double(), None, None, experts, top_k, 0)[0], in_torch(x, None, None, experts, top_k, 0)[0]
+            want = exact(x.double(), None, None, experts, top_k, 0)[0]
+            torchs = in_torch(x, None, None, experts, top_k, 0)[0]
             outs = []
             for threads in (1, 3):
                 monkeypatch.setattr(torch, "get_num_threads", lambda: threads)

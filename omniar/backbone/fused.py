@@ -185,13 +185,13 @@ def _cache_step(cache, layer: int, batch: int, length: int, heads: int, kv_heads
 
 
 def attention(attn, q: torch.Tensor, cache, layer: int, causal: bool = False) -> torch.Tensor | None:
-    """For an eager next-scale step whose keys and values are in the cache: ``attn``'s attention of the rotated
-    queries ``q`` ``(B, H, L, HD)`` over the real slots of ``layer`` held before the step and written by it (every
-    query sees them all; ``causal``, the prompt pass: new token l the held slots and the new ones through its own;
-    none: zeros), as ``(B, L, H * HD)``, the batch split over torch's threads. In fp32, or in
-    bf16 (queries and cache) where the CPU has AVX-512 BF16 and the head dim is a multiple of 16: products in
-    bf16 pairs accumulated in fp32, the softmax in fp32. None (nothing done) where it does not apply: another
-    dtype or device, gradients, or no kernel."""
+    """For an eager next-scale step or prompt pass whose keys and values are in the cache: ``attn``'s attention of
+    the rotated queries ``q`` ``(B, H, L, HD)`` over the real slots of ``layer`` held before the step and written
+    by it (every query sees them all; ``causal``, the prompt pass: new token l the held slots and the new ones
+    through its own; none: zeros), as ``(B, L, H * HD)``, the batch split over torch's threads. In fp32, or in bf16
+    (queries and cache) where the CPU has AVX-512 BF16 and the head dim is a multiple of 16: products in bf16 pairs
+    accumulated in fp32, the softmax in fp32. None (nothing done) where it does not apply: another dtype or device,
+    gradients, or no kernel."""
     if (q.device.type != "cpu" or torch.is_grad_enabled() or cache.keys[layer].dtype != q.dtype
             or not q.is_contiguous() or library() is None):
         return None

@@ -55,7 +55,8 @@ class Block(nn.Module):
             cfg.seq_balance_loss_coef, cfg.router_z_loss_coef, cfg.moe_impl)
 
     def forward(self, x, cos, sin, mask, empty, meta: TokenMeta | None, cache: KVCache | None, layer: int,
-                spec: ElasticSpec, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, RouterStats | None]:
+                spec: ElasticSpec, causal: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None, RouterStats | None]:
         # with a cache (generation), the norms in one C call each where they can (omniar.backbone.fused)
         norm = fused.rms_norm if cache is not None and cache.fused else lambda x, module: module(x)
         x = x + self.attn(norm(x, self.attn_norm), cos, sin, mask, empty, cache, layer, causal)
