@@ -768,6 +768,11 @@ static void expert_bf16(int m, int D, int hid, const uint32_t *A, int lda, const
 
 enum { MOE_BLOCK = 64 }; /* rows of one expert task, and of one shared-expert / combine block */
 
+/* the tasks (blocks of MOE_BLOCK pairs) of expert e, whose pairs run from counts[e] to counts[e + 1] */
+static inline int expert_tasks(const int *counts, int e) {
+    return (counts[e + 1] - counts[e] + MOE_BLOCK - 1) / MOE_BLOCK;
+}
+
 /* MoELayer's eval output for R bf16 rows x (R, D) routed to experts idx (R, top_k) with combine weights gate (R,
  * top_k, fp32), into y (R, D) bf16: each routed expert on its rows in blocks (gathered, its hidden scaled by the
  * combine weight, as dropless_moe does), the blocks split over up to `threads` OpenMP threads; then per block of rows
@@ -789,7 +794,7 @@ int omniar_moe_bf16(int threads, int R, int D, int E, int top_k, int hid, int s_
     int *fill = counts + E + 1, tasks = 0;
     for (int a = 0; a < n; a++) counts[idx[a] + 1]++; /* counting sort of the (row, slot) pairs by expert */
     for (int e = 0; e < E; e++) counts[e + 1] += counts[e];
-    for (int e = 0; e < E; e++) tasks += (counts[e + 1] - counts[e] + MOE_BLOCK - 1) / MOE_BLOCK;
+    for (int e = 0; e < E; e++) tasks += expert_tasks(counts, e);
     memcpy(fill, counts, sizeof(int) * (size_t)E);
     for (int a = 0; a < n; a++) order[fill[idx[a]]++] = a;
     int rc = 0;
@@ -808,10 +813,7 @@ int omniar_moe_bf16(int threads, int R, int D, int E, int top_k, int hid, int s_
         for (int t = 0; t < tasks; t++) {
             if (!A) continue;
             int e = 0, first = t; /* task t: block `first` of expert e's pairs */
-            while (first >= (counts[e + 1] - counts[e] + MOE_BLOCK - 1) / MOE_BLOCK) {
-                first -= (counts[e + 1] - counts[e] + MOE_BLOCK - 1) / MOE_BLOCK;
-                e++;
-            }
+            while (first >= expert_tasks(counts, e)) first -= expert_tasks(counts, e++);
             const int *pairs = order + counts[e] + first * MOE_BLOCK;
             const int left = counts[e + 1] - counts[e] - first * MOE_BLOCK, m = left < MOE_BLOCK ? left : MOE_BLOCK;
             for (int i = 0; i < m; i++) {

@@ -372,6 +372,16 @@ def test_moe_layer_in_one_call_only_where_it_applies(monkeypatch):
     assert len(calls) == 1
 
 
+def _errors_against_exact(layer, x, got, experts: int, top_k: int, torch_impl: str) -> tuple[float, float]:
+    """Mean errors of a bf16 MoE layer's output ``got`` for ``x`` and of torch's bf16 dispatch (``torch_impl``) on
+    the same layer, against the exact result (float64 on the same bf16 values)."""
+    exact, in_torch = copy.deepcopy(layer).double(), copy.deepcopy(layer)
+    exact.impl, in_torch.impl = "loop", torch_impl
+    want = exact(x.double(), None, None, experts, top_k, 0)[0]
+    torchs = in_torch(x, None, None, experts, top_k, 0)[0]
+    return tuple(float((y.double() - want).abs().mean()) for y in (got, torchs))
+
+
 @needs_bf16
 @pytest.mark.parametrize("gating,shared,experts,top_k", [("softmax", 1, 6, 2), ("sigmoid", 0, 5, 3)])
 def test_bf16_moe_layer_past_the_row_limit_runs_in_one_bf16_call(gating, shared, experts, top_k, monkeypatch):
@@ -385,15 +395,11 @@ def test_bf16_moe_layer_past_the_row_limit_runs_in_one_bf16_call(gating, shared,
     x = torch.randn(3, fused.MOE_ROWS, 64).bfloat16()
     with torch.no_grad():
         for _ in range(2):
-            exact, in_torch = copy.deepcopy(layer).double(), copy.deepcopy(layer)
-            exact.impl, in_torch.impl = "loop", "grouped_mm"
-            want = exact(x.double(), None, None, experts, top_k, 0)[0]
-            torchs = in_torch(x, None, None, experts, top_k, 0)[0]
             outs = []
             for threads in (1, 3):
                 monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
                 outs.append(layer(x, None, None, experts, top_k, 0)[0])
-            err, torch_err = (float((y.double() - want).abs().mean()) for y in (outs[0], torchs))
+            err, torch_err = _errors_against_exact(layer, x, outs[0], experts, top_k, "grouped_mm")
             assert outs[0].dtype == torch.bfloat16 and err <= torch_err, (err, torch_err)
             assert torch.equal(outs[0], outs[1])
             layer.w_out.mul_(-1.5)  # paired again
@@ -421,18 +427,11 @@ def test_bf16_moe_layer_runs_the_kernel_on_its_weights_widened(threads, monkeypa
     calls = _moe_calls(monkeypatch)
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     x = torch.randn(3, 11, 64).bfloat16()
-
-    def exact_and_torchs():
-        exact, in_torch = copy.deepcopy(layer).double(), copy.deepcopy(layer)
-        exact.impl = in_torch.impl = "loop"
-        return exact(x.double(), None, None, 6, 2, 0)[0], in_torch(x, None, None, 6, 2, 0)[0]
-
     with torch.no_grad():
         for _ in range(2):
             got = layer(x, None, None, 6, 2, 0)[0]
-            exact, torchs = exact_and_torchs()
             assert got.dtype == torch.bfloat16
-            err, torch_err = (float((y.double() - exact).abs().mean()) for y in (got, torchs))
+            err, torch_err = _errors_against_exact(layer, x, got, 6, 2, "loop")
             assert err <= torch_err, (err, torch_err)
             layer.w_in.mul_(-1.5)  # a new weight in place: widened again
     assert calls == [threads, threads]

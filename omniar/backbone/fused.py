@@ -30,7 +30,7 @@ MOE_ROWS = 128
 # block or MoE layer -> (its weights' addresses, its template): beside the modules, not on them, which keeps them
 # copyable and picklable (ctypes structures with pointers are neither)
 _TEMPLATES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-# bf16 MoE layer -> (its weights' keys, their fp32 copies | their bf16 pairs): see _fp32_weights, _bf16_pairs
+# bf16 MoE layer -> (its weights' keys, their fp32 copies | their bf16 pairs): see _kept
 _WIDENED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _PAIRED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -207,42 +207,43 @@ def attention(attn, q: torch.Tensor, cache, layer: int, causal: bool = False) ->
     return out
 
 
+def _kept(store: weakref.WeakKeyDictionary, layer, weights: dict[str, torch.Tensor | None], make) -> dict:
+    """``{name: make(name, weight)}`` of ``layer``'s ``weights`` (None stays None), kept in ``store`` beside the
+    layer and made again only when a weight changes (storage, version or dtype)."""
+    key = tuple(None if w is None else (w.data_ptr(), w._version, w.dtype) for w in weights.values())
+    kept = store.get(layer)
+    if kept is None or kept[0] != key:
+        kept = key, {n: None if w is None else make(n, w.detach()) for n, w in weights.items()}
+        store[layer] = kept
+    return kept[1]
+
+
 def _fp32_weights(layer) -> dict[str, torch.Tensor | None]:
     """The MoE ``layer``'s tensors for the kernel (:func:`_ffn_weights`): its own in fp32; those of a bf16 layer
-    widened to fp32 (exact), kept beside it and widened again only when one changes (storage, version or dtype)."""
+    widened to fp32 (exact), kept beside it (:func:`_kept`)."""
     weights = _ffn_weights(layer)
     if all(w is None or w.dtype == torch.float32 for w in weights.values()):
         return weights
-    key = tuple(None if w is None else (w.data_ptr(), w._version, w.dtype) for w in weights.values())
-    kept = _WIDENED.get(layer)
-    if kept is None or kept[0] != key:
-        kept = key, {n: None if w is None else w.detach().float().contiguous() for n, w in weights.items()}
-        _WIDENED[layer] = kept
-    return kept[1]
+    return _kept(_WIDENED, layer, weights, lambda name, w: w.float().contiguous())
 
 
 def _pairs(w: torch.Tensor) -> torch.Tensor:
     """bf16 ``w`` ``(..., K, N)`` as ``(..., K / 2, N)`` int32 pairs along K (row 2k in the low half): the bf16
     kernel's form for the weight of a product that sums over K."""
-    u = w.detach().contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    u = w.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
     return (u[..., 0::2, :] | (u[..., 1::2, :] << 16)).contiguous()
 
 
 def _bf16_pairs(layer) -> dict[str, torch.Tensor | None] | None:
     """The bf16 MoE ``layer``'s expert weights as the bf16 kernel reads them (:func:`_pairs`; the shared expert's
-    linears transposed first), kept beside it and made again only when one changes; None where the kernel cannot
-    take them (not all bf16, or the model width or an expert's hidden width not a multiple of 32)."""
+    linears transposed first), kept beside it (:func:`_kept`); None where the kernel cannot take them (not all
+    bf16, or the model width or an expert's hidden width not a multiple of 32)."""
     weights = {n: w for n, w in _ffn_weights(layer).items() if n in ("w_in", "w_out", "s_in", "s_out")}
     d, two_hid = weights["w_in"].shape[1], weights["w_in"].shape[2]
     if (any(w is not None and w.dtype != torch.bfloat16 for w in weights.values()) or d % 32 or two_hid % 64
             or weights["s_in"] is not None and weights["s_in"].shape[0] % 64):
         return None
-    key = tuple(None if w is None else (w.data_ptr(), w._version) for w in weights.values())
-    kept = _PAIRED.get(layer)
-    if kept is None or kept[0] != key:
-        kept = key, {n: None if w is None else _pairs(w.t() if n.startswith("s_") else w) for n, w in weights.items()}
-        _PAIRED[layer] = kept
-    return kept[1]
+    return _kept(_PAIRED, layer, weights, lambda name, w: _pairs(w.t() if name.startswith("s_") else w))
 
 
 def _moe_bf16(layer, x: torch.Tensor, num_experts: int, top_k: int) -> torch.Tensor | None:
