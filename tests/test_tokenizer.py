@@ -1,11 +1,14 @@
 """VideoTokenizer: shapes, causality, residual scales, chunked decode, teacher forcing, save/load, errors."""
 
+import copy
+
 import pytest
 import torch
 
 from omniar.data.shapes import MovingShapes
 from omniar.tokenizers import MultiScaleCodes, VideoTokenizer
-from omniar.tokenizers.causal3d import Conv2d, GlobalContext, UpsamplingSequential
+from omniar.tokenizers import causal3d
+from omniar.tokenizers.causal3d import Conv2d, FrameGroupNorm, FusedSequential, GlobalContext
 
 TINY = dict(channels=(8, 16, 16), latent_channels=8, temporal_compression=4, spatial_compression=4,
             scales=(1, 2, 4, 8), codebook_size=32)
@@ -185,7 +188,7 @@ def test_upsampling_convs_run_at_the_input_resolution_and_equal_the_modules():
     torch.manual_seed(0)
     tok = VideoTokenizer(**TINY, fold_time=True).eval()
     frames = tok.decoder.frames
-    assert isinstance(frames, UpsamplingSequential)
+    assert isinstance(frames, FusedSequential)
     x = torch.randn(3, TINY["channels"][-1], 8, 10)  # (frames, channels, h, w): not square
     one_by_one = lambda v: torch.nn.Sequential.forward(frames, v)  # noqa: E731
     with torch.no_grad(), profile() as prof:
@@ -207,10 +210,105 @@ def test_upsampling_convs_run_at_the_input_resolution_and_equal_the_modules():
     for a, b in zip(*grads):
         assert float((a - b).abs().max()) < 1e-4 * float(b.abs().max())
     for conv in (Conv2d(4, 4, 5, padding=2), Conv2d(4, 4, 3, padding=1, padding_mode="reflect")):
-        other = UpsamplingSequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), conv)
+        other = FusedSequential(torch.nn.Upsample(scale_factor=2, mode="nearest"), conv)
         with torch.no_grad(), profile() as prof:
             other(torch.randn(1, 4, 6, 6))
         assert "aten::upsample_nearest2d" in {e.key for e in prof.key_averages()}
+
+
+needs_kernel = pytest.mark.skipif(causal3d._kernels() is None, reason="no C compiler or no AVX-512 BF16")
+
+
+def _norm_case(kind: str, seed: int = 0):
+    """A GroupNorm with random affine weights and a channels-last bf16 input of the decoder's kinds: 32 groups of 64
+    channels, one channel per group (the refiner's), per frame over (B, C, T, H, W) (FrameGroupNorm)."""
+    torch.manual_seed(seed)
+    if kind == "frames":
+        norm, x = FrameGroupNorm(32, 64, eps=1e-6), torch.randn(2, 64, 3, 6, 10)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    else:
+        channels, groups = (64, 32) if kind == "groups" else (48, 48)
+        norm = torch.nn.GroupNorm(groups, channels, eps=1e-6)
+        x = torch.randn(5, channels, 12, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        norm.weight.normal_()
+        norm.bias.normal_()
+    # per-channel offsets and scales, some far from zero mean: the variance is taken about the mean (two passes)
+    shape = (1, x.shape[1]) + (1,) * (x.dim() - 2)
+    return norm, (x * torch.rand(shape).add(0.2) * 3 + torch.randn(shape) * 4).bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", ["groups", "one channel a group", "frames"])
+def test_group_norm_silu_in_one_call_is_closer_to_exact_than_torchs_bf16(kind, monkeypatch):
+    """The decoder's GroupNorm + SiLU in bf16 runs as one C call: its output keeps the input's dtype and layout, and
+    lies closer to the exact result (float64 on the same bf16 input) than torch's two bf16 ops do (it rounds once);
+    split over threads it gives the same bits."""
+    norm, x = _norm_case(kind)
+    calls = []
+    lib = causal3d._kernels()
+    real = lib.omniar_group_norm_silu
+    monkeypatch.setattr(lib, "omniar_group_norm_silu", lambda *a: calls.append(a) or real(*a))
+    with torch.no_grad():
+        got = causal3d.group_norm_silu(norm, x)
+        exact = torch.nn.functional.silu(copy.deepcopy(norm).double()(x.double()))
+        torchs = torch.nn.functional.silu(norm.bfloat16()(x))
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            two = causal3d.group_norm_silu(norm, x)
+            torch.set_num_threads(1)
+            one = causal3d.group_norm_silu(norm, x)
+        finally:
+            torch.set_num_threads(threads)
+    assert len(calls) == 3
+    assert got.dtype == torch.bfloat16 and got.stride() == x.stride()
+    err, torch_err = (float((y.double() - exact).abs().mean()) for y in (got, torchs))
+    assert err <= torch_err, (err, torch_err)
+    assert float((got.double() - exact).abs().max()) <= 2 ** -7 * float(exact.abs().max())
+    assert torch.equal(two, one)
+
+
+@needs_kernel
+def test_group_norm_silu_leaves_other_cases_to_torch(monkeypatch):
+    """Training, fp32, the plain layout and channels the kernel does not take (not a multiple of 16) run torch's
+    GroupNorm then SiLU, unchanged."""
+    lib = causal3d._kernels()
+    monkeypatch.setattr(lib, "omniar_group_norm_silu", lambda *a: 1)  # the kernel's "not taken": a fallback
+    norm, x = _norm_case("groups")
+    norm = norm.bfloat16()
+    want = lambda v: torch.nn.functional.silu(norm(v))  # noqa: E731
+    odd = torch.nn.GroupNorm(8, 24).bfloat16()
+    odd_x = torch.randn(2, 24, 4, 4).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        for v in (x.float().contiguous(memory_format=torch.channels_last), x.contiguous(), x):
+            assert torch.equal(causal3d.group_norm_silu(norm.to(v.dtype), v), want(v))
+        assert torch.equal(causal3d.group_norm_silu(odd, odd_x), torch.nn.functional.silu(odd(odd_x)))
+    assert torch.equal(causal3d.group_norm_silu(norm, x), want(x))  # gradients on
+    monkeypatch.undo()
+    with torch.no_grad():  # a real kernel declines C = 24 by itself
+        assert torch.equal(causal3d.group_norm_silu(odd, odd_x), torch.nn.functional.silu(odd(odd_x)))
+
+
+@needs_kernel
+def test_bf16_decode_runs_the_fused_norms_and_stays_near_fp32(monkeypatch):
+    """A bf16 decode (autocast, channels-last) runs every GroupNorm + SiLU pair of the decoder and the refiner's norm
+    as one call, and its frames stay as near the fp32 decode as torch's bf16 ops leave them."""
+    torch.manual_seed(0)
+    tok = VideoTokenizer(**{**TINY, "channels": (16, 32, 32)}, fold_time=True, refiner_channels=16,
+                         refiner_blocks=1).eval()
+    codes = tok.encode(clips(2, 9))
+    lib = causal3d._kernels()
+    real, calls = lib.omniar_group_norm_silu, []
+    monkeypatch.setattr(lib, "omniar_group_norm_silu", lambda *a: calls.append(a) or real(*a))
+    fp32 = tok.decode(codes)
+    fused = tok.decode(codes, dtype=torch.bfloat16)
+    pairs = sum(isinstance(m, torch.nn.GroupNorm) for m in tok.decoder.modules()) + 1  # the refiner's norm
+    assert len(calls) == pairs
+    monkeypatch.setattr(causal3d, "_kernels", lambda: None)
+    torchs = tok.decode(codes, dtype=torch.bfloat16)
+    err, torch_err = (float((v - fp32).square().mean()) for v in (fused, torchs))
+    assert err <= 1.5 * torch_err, (err, torch_err)
 
 
 def test_bf16_tokenizer_encodes_and_decodes():

@@ -9,11 +9,15 @@ chunk by chunk in time: each causal conv keeps the last frames it saw.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .. import _native
 
 
 class _KeptCastConv:
@@ -139,10 +143,42 @@ def _norm2d(channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(_groups(channels), channels, eps=1e-6)
 
 
+@functools.cache
+def _kernels() -> ctypes.CDLL | None:
+    """omniar's C kernels with the GroupNorm + SiLU declared, or None (no compiler, or no AVX-512 BF16)."""
+    lib = _native.library()
+    if lib is None or not lib.omniar_bf16():
+        return None
+    lib.omniar_group_norm_silu.argtypes = [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 4
+    lib.omniar_group_norm_silu.restype = ctypes.c_int
+    return lib
+
+
+def group_norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``F.silu(norm(x))``. For bf16 decoding (channels-last bf16 CPU tensors without gradients, an affine
+    ``nn.GroupNorm`` or :class:`FrameGroupNorm`, a CPU with AVX-512 BF16) one C call: the statistics in fp32, the
+    output rounded to bf16 once (torch rounds the norm, then the SiLU), 2-3x faster than torch's two ops
+    (BENCHMARKS.md, "The decoder's GroupNorm and SiLU in one call")."""
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    if (not isinstance(norm, nn.GroupNorm) or not norm.affine or layout is None or x.dtype != torch.bfloat16
+            or x.device.type != "cpu" or torch.is_grad_enabled() or not x.is_contiguous(memory_format=layout)
+            or _kernels() is None):
+        return F.silu(norm(x))
+    n, c = x.shape[:2]
+    # channels-last: each clip's (or, per frame, each frame's) rows of C channels lie together
+    items = n * x.shape[2] if isinstance(norm, FrameGroupNorm) else n
+    w, b = (p.detach().float().contiguous() for p in (norm.weight, norm.bias))
+    y = torch.empty_like(x)
+    if _kernels().omniar_group_norm_silu(torch.get_num_threads(), items, x.numel() // (items * c), c, norm.num_groups,
+                                         norm.eps, x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr()):
+        return F.silu(norm(x))  # channels the kernel does not take (not a multiple of 16)
+    return y
+
+
 class ResBlock3d(nn.Module):
     def __init__(self, cin: int, cout: int, mode: str = "3d"):
         super().__init__()
-        self.block = nn.Sequential(_norm(cin), nn.SiLU(), CausalConv3d(cin, cout, mode=mode),
+        self.block = FusedSequential(_norm(cin), nn.SiLU(), CausalConv3d(cin, cout, mode=mode),
                                    _norm(cout), nn.SiLU(), CausalConv3d(cout, cout, mode=mode))
         self.skip = Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -153,7 +189,7 @@ class ResBlock3d(nn.Module):
 class ResBlock2d(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.block = nn.Sequential(_norm2d(cin), nn.SiLU(), Conv2d(cin, cout, 3, padding=1),
+        self.block = FusedSequential(_norm2d(cin), nn.SiLU(), Conv2d(cin, cout, 3, padding=1),
                                    _norm2d(cout), nn.SiLU(), Conv2d(cout, cout, 3, padding=1))
         self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -230,12 +266,13 @@ def per_frame(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
 _TAPS = ((0.0, 0.0, 1.0), (0.0, 1.0, 1.0), (1.0, 1.0, 0.0), (1.0, 0.0, 0.0))
 
 
-class UpsamplingSequential(nn.Sequential):
-    """``nn.Sequential`` that runs each ``nn.Upsample(scale_factor=2, mode="nearest")`` followed by a 3 x 3
-    :class:`Conv2d` (stride 1, zero padding 1) as one stride-2 transposed conv at the input resolution: the same sums
-    with 4 instead of 9 products per output and no upsampled copy, which is what the decoder's upsampling convs
-    cost. The modules stay as they are (their weights keep their names); run one by one they give the reference
-    result."""
+class FusedSequential(nn.Sequential):
+    """``nn.Sequential`` that runs two pairs of modules as one call each. Each ``nn.Upsample(scale_factor=2,
+    mode="nearest")`` followed by a 3 x 3 :class:`Conv2d` (stride 1, zero padding 1) runs as one stride-2 transposed
+    conv at the input resolution: the same sums with 4 instead of 9 products per output and no upsampled copy, which
+    is what the decoder's upsampling convs cost. Each GroupNorm followed by ``nn.SiLU`` runs as
+    :func:`group_norm_silu`. The modules stay as they are (their weights keep their names); run one by one they give
+    the reference result."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         modules, i = list(self), 0
@@ -246,6 +283,8 @@ class UpsamplingSequential(nn.Sequential):
                     and nxt.kernel_size == (3, 3) and nxt.stride == (1, 1) and nxt.padding == (1, 1)
                     and nxt.dilation == (1, 1) and nxt.groups == 1 and nxt.padding_mode == "zeros" and x.dim() == 4):
                 x, i = _upsample_conv(x, nxt), i + 2
+            elif isinstance(m, nn.GroupNorm) and isinstance(nxt, nn.SiLU):
+                x, i = group_norm_silu(m, x), i + 2
             else:
                 x, i = m(x), i + 1
         return x
@@ -418,7 +457,7 @@ class Decoder3d(_StreamingDecoder):
             for j in range(num_res_blocks):
                 layers.append(ResBlock3d(rev[i] if j == 0 else rev[i + 1], rev[i + 1], mode))
         layers += [_norm(rev[-1]), nn.SiLU(), CausalConv3d(rev[-1], out_channels, mode=mode)]
-        self.net = nn.Sequential(*layers)
+        self.net = FusedSequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.net(z)
@@ -468,7 +507,7 @@ class FoldDecoder(_StreamingDecoder):
                 layers.append(ResBlock2d(rev[i] if j == 0 else rev[i + 1], rev[i + 1]))
         layers += [_norm2d(rev[-1]), nn.SiLU(),
                    Conv2d(rev[-1], out_channels * temporal_compression, 3, padding=1)]
-        self.frames = UpsamplingSequential(*layers)
+        self.frames = FusedSequential(*layers)
         self.unfold = TimeUnfold(temporal_compression)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -506,5 +545,5 @@ class FrameRefiner(nn.Module):
         h = self.conv_in(F.pixel_unshuffle(frames, self.scale) if self.scale > 1 else frames)
         for block in self.blocks:
             h = h + block(h)
-        h = self.conv_out(F.silu(self.norm_out(h)))
+        h = self.conv_out(group_norm_silu(self.norm_out, h))
         return frames + (F.pixel_shuffle(h, self.scale) if self.scale > 1 else h)
