@@ -699,6 +699,87 @@ static void gemm_bf16(int m, int N, int pairs, const uint32_t *A, int lda, const
     }
 }
 
+/* Winograd F(2 x 2, 3 x 3)'s 1D transform of a 4 x 4 tile's line r[0], r[s], r[2 s], r[3 s], in place: B^T d */
+static inline void winograd_line(__m512 *r, int s) {
+    const __m512 a = r[0], b = r[s], c = r[2 * s], d = r[3 * s];
+    r[0] = a - c;
+    r[s] = b + c;
+    r[2 * s] = c - b;
+    r[3 * s] = b - d;
+}
+
+#define WINOGRAD_TILES 8 /* 2 x 2 output tiles a product block */
+
+/* 3 x 3 convolution (stride 1, zero padding 1) of N channels-last bf16 images x (H, W, C), H and W even, C a multiple
+ * of 32, into y (N, H, W, K), K a multiple of 32, by Winograd F(2 x 2, 3 x 3): each 2 x 2 output tile from the
+ * transform B^T d B of its 4 x 4 input tile d (fp32 sums of the bf16 inputs, rounded to bf16), 16 products with the
+ * transformed weights u ((16, C / 2, K) bf16 pairs: G g G^T of each 3 x 3 kernel g) accumulated in fp32, and the
+ * output transform A^T m A plus the fp32 bias (or none) in fp32, rounded once: 4 x 4 instead of 9 x 4 products a
+ * tile. Rows of tiles split over up to `threads` OpenMP threads. 1 (nothing done) outside these bounds. */
+int omniar_winograd_bf16(int threads, int N, int H, int W, int C, int K, const void *x, const void *u,
+                         const float *bias, void *y) {
+    if (C % 32 || K % 32 || H % 2 || W % 2 || N < 1 || H < 2 || W < 2) return 1;
+    const int th = H / 2, tw = W / 2, pairs = C / 2, T = WINOGRAD_TILES;
+    int rc = 0;
+#pragma omp parallel num_threads(threads > 1 ? threads : 1) reduction(| : rc)
+    {
+        uint32_t *V = malloc(sizeof(uint32_t) * 16 * T * pairs);
+        float *M = malloc(sizeof(float) * 16 * T * K);
+        rc = !V || !M;
+#pragma omp for schedule(static)
+        for (long task = 0; task < (long)N * th; task++) {
+            if (rc) continue;
+            const int n = (int)(task / th), ty = (int)(task % th);
+            const bf16 *img = (const bf16 *)x + (size_t)n * H * W * C;
+            bf16 *out = (bf16 *)y + (size_t)n * H * W * K;
+            for (int t0 = 0; t0 < tw; t0 += T) {
+                const int tiles = tw - t0 < T ? tw - t0 : T;
+                for (int t = 0; t < tiles; t++)
+                    for (int c = 0; c < C; c += 32) {
+                        __m512 d[2][16];
+                        for (int i = 0; i < 4; i++)
+                            for (int j = 0; j < 4; j++) {
+                                const int r = 2 * ty - 1 + i, col = 2 * (t0 + t) - 1 + j;
+                                const int inside = r >= 0 && r < H && col >= 0 && col < W;
+                                for (int h = 0; h < 2; h++)
+                                    d[h][i * 4 + j] = inside ? load16_bf16(img + ((size_t)r * W + col) * C + c + 16 * h)
+                                                             : _mm512_setzero_ps();
+                            }
+                        for (int h = 0; h < 2; h++) {
+                            for (int j = 0; j < 4; j++) winograd_line(d[h] + j, 4); /* down the columns */
+                            for (int i = 0; i < 4; i++) winograd_line(d[h] + 4 * i, 1); /* along the rows */
+                        }
+                        for (int e = 0; e < 16; e++)
+                            _mm512_storeu_si512(V + ((size_t)e * T + t) * pairs + c / 2,
+                                                (__m512i)_mm512_cvtne2ps_pbh(d[1][e], d[0][e]));
+                    }
+                for (int e = 0; e < 16; e++)
+                    gemm_bf16(tiles, K, pairs, V + (size_t)e * T * pairs, pairs,
+                              (const uint32_t *)u + (size_t)e * pairs * K, M + (size_t)e * T * K);
+                for (int t = 0; t < tiles; t++)
+                    for (int k = 0; k < K; k += 16) {
+                        __m512 m[16], s[8];
+                        for (int e = 0; e < 16; e++) m[e] = _mm512_loadu_ps(M + ((size_t)e * T + t) * K + k);
+                        for (int j = 0; j < 4; j++) { /* A^T m: rows 0 + 1 + 2 and 1 - 2 - 3 */
+                            s[j] = m[j] + m[4 + j] + m[8 + j];
+                            s[4 + j] = m[4 + j] - m[8 + j] - m[12 + j];
+                        }
+                        const __m512 b = bias ? _mm512_loadu_ps(bias + k) : _mm512_setzero_ps();
+                        for (int a = 0; a < 2; a++) { /* then A: columns alike */
+                            const __m512 *r = s + 4 * a, o[2] = {r[0] + r[1] + r[2] + b, r[1] - r[2] - r[3] + b};
+                            for (int q = 0; q < 2; q++)
+                                _mm256_storeu_si256((void *)(out + ((size_t)(2 * ty + a) * W + 2 * (t0 + t) + q) * K + k),
+                                                    (__m256i)_mm512_cvtneps_pbh(o[q]));
+                        }
+                    }
+            }
+        }
+        free(V);
+        free(M);
+    }
+    return rc;
+}
+
 /* out rows (rb of them, nv * 16 head dims) = scale x P V for rb rows of bf16 probabilities (ldp words apart) over
  * the packed values (HD words a slot pair), rounded to bf16 */
 static inline __attribute__((always_inline)) void pv_tile(int rb, int nv, int pairs, const uint32_t *p, int ldp,

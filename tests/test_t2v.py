@@ -18,7 +18,7 @@ from omniar.data.shapes import MovingShapes
 from omniar.generation import TextToVideoPipeline
 from omniar.generation.pipeline import DECODE_CHUNK_FRAMES, convert_frames
 from omniar.pixels import to_uint8
-from omniar.tokenizers import VideoTokenizer
+from omniar.tokenizers import VideoTokenizer, causal3d
 from omniar.tokenizers.text import TextTokenizer
 
 PROMPT = "a red circle moves right on a black background"
@@ -373,6 +373,21 @@ def test_shipped_bf16_decode_within_40_db_of_fp32():
     mse = ((want.frames.astype(np.float64) - got.frames) ** 2).mean()
     assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) >= 40, mse
     assert mse > 0  # the default really decoded in bf16
+
+
+@pytest.mark.skipif(causal3d._kernels() is None, reason="no C compiler or no AVX-512 BF16")
+def test_shipped_bf16_decode_with_the_decoders_kernels_is_as_near_fp32_as_torchs(monkeypatch):
+    """The decoder's C kernels (GroupNorm + SiLU in one pass, Winograd convs) keep the shipped tokenizer's bf16
+    decode within 1 dB (PSNR against the fp32 decode) of torch's bf16 ops on the same codes."""
+    pipe = TextToVideoPipeline.from_pretrained()
+    tok = pipe.video_tokenizer
+    codes = pipe([PROMPT] * 2, num_frames=9, seed=0).codes
+    fp32 = tok.decode(codes)
+    kernels = tok.decode(codes, dtype=torch.bfloat16)
+    monkeypatch.setattr(causal3d, "_kernels", lambda: None)
+    torchs = tok.decode(codes, dtype=torch.bfloat16)
+    psnr = lambda v: float(10 * torch.log10(4 / (v - fp32).square().mean()))  # noqa: E731 (frames in [-1, 1])
+    assert psnr(kernels) >= psnr(torchs) - 1, (psnr(kernels), psnr(torchs))
 
 
 def test_tokenizer_decode_dtype():

@@ -291,24 +291,85 @@ def test_group_norm_silu_leaves_other_cases_to_torch(monkeypatch):
 
 
 @needs_kernel
-def test_bf16_decode_runs_the_fused_norms_and_stays_near_fp32(monkeypatch):
+def test_bf16_decode_runs_the_c_kernels_and_stays_near_fp32(monkeypatch):
     """A bf16 decode (autocast, channels-last) runs every GroupNorm + SiLU pair of the decoder and the refiner's norm
-    as one call, and its frames stay as near the fp32 decode as torch's bf16 ops leave them."""
+    as one call and its 3 x 3 convs of 32k channels by Winograd (two in the decoder's first residual block, two in
+    the refiner's), and its frames stay within twice the squared error of torch's bf16 ops from the fp32 decode."""
     torch.manual_seed(0)
-    tok = VideoTokenizer(**{**TINY, "channels": (16, 32, 32)}, fold_time=True, refiner_channels=16,
+    tok = VideoTokenizer(**{**TINY, "channels": (16, 32, 32)}, fold_time=True, refiner_channels=32,
                          refiner_blocks=1).eval()
     codes = tok.encode(clips(2, 9))
     lib = causal3d._kernels()
-    real, calls = lib.omniar_group_norm_silu, []
-    monkeypatch.setattr(lib, "omniar_group_norm_silu", lambda *a: calls.append(a) or real(*a))
+    calls = {name: [] for name in ("omniar_group_norm_silu", "omniar_winograd_bf16")}
+    for name, seen in calls.items():
+        monkeypatch.setattr(lib, name, lambda *a, real=getattr(lib, name), seen=seen: seen.append(a) or real(*a))
     fp32 = tok.decode(codes)
-    fused = tok.decode(codes, dtype=torch.bfloat16)
+    fast = tok.decode(codes, dtype=torch.bfloat16)
     pairs = sum(isinstance(m, torch.nn.GroupNorm) for m in tok.decoder.modules()) + 1  # the refiner's norm
-    assert len(calls) == pairs
+    assert len(calls["omniar_group_norm_silu"]) == pairs
+    assert len(calls["omniar_winograd_bf16"]) == 4
     monkeypatch.setattr(causal3d, "_kernels", lambda: None)
     torchs = tok.decode(codes, dtype=torch.bfloat16)
-    err, torch_err = (float((v - fp32).square().mean()) for v in (fused, torchs))
-    assert err <= 1.5 * torch_err, (err, torch_err)
+    err, torch_err = (float((v - fp32).square().mean()) for v in (fast, torchs))
+    assert err <= 2 * torch_err, (err, torch_err)
+
+
+def _winograd_case(c: int, k: int, h: int, w: int, seed: int = 0):
+    torch.manual_seed(seed)
+    conv = Conv2d(c, k, 3, padding=1)
+    return conv, torch.randn(3, c, h, w).bfloat16().contiguous(memory_format=torch.channels_last)
+
+
+@needs_kernel
+@pytest.mark.parametrize("c, k, h, w, bias", [(32, 64, 6, 10, True), (64, 64, 8, 8, False), (128, 32, 4, 2, True)])
+def test_winograd_conv_is_near_exact_and_splits_over_threads_bit_for_bit(c, k, h, w, bias, monkeypatch):
+    """A bf16-decoding 3 x 3 conv by Winograd F(2 x 2, 3 x 3) in one C call: channels-last bf16 out, within twice to
+    three times the error of torch's bf16 conv against float64 on the same bf16 input (its input transform is rounded
+    to bf16), every pixel of the border included, and the same bits on one thread or two."""
+    conv, x = _winograd_case(c, k, h, w)
+    if not bias:
+        conv.bias = None
+    lib = causal3d._kernels()
+    real, calls = lib.omniar_winograd_bf16, []
+    monkeypatch.setattr(lib, "omniar_winograd_bf16", lambda *a: calls.append(a) or real(*a))
+    with torch.no_grad():
+        exact = torch.nn.functional.conv2d(x.double(), conv.weight.double(),
+                                           None if conv.bias is None else conv.bias.double(), padding=1)
+        torchs = torch.nn.functional.conv2d(x, conv.weight.bfloat16(), None if conv.bias is None
+                                            else conv.bias.bfloat16(), padding=1)
+        threads = torch.get_num_threads()
+        try:
+            with torch.autocast("cpu", torch.bfloat16):
+                got = conv(x)
+                torch.set_num_threads(1)
+                one = conv(x)
+        finally:
+            torch.set_num_threads(threads)
+    assert len(calls) == 2
+    assert got.dtype == torch.bfloat16 and got.is_contiguous(memory_format=torch.channels_last)
+    rms = lambda y: float((y.double() - exact).square().mean().sqrt())  # noqa: E731
+    assert rms(got) <= 3 * rms(torchs), (rms(got), rms(torchs))
+    assert float((got.double() - exact).abs().max()) <= 2 ** -6 * float(exact.abs().max())
+    assert torch.equal(got, one)
+
+
+@needs_kernel
+def test_winograd_conv_leaves_other_convs_to_torch():
+    """Strides, other kernels, padding or groups, channel counts that are not multiples of 32, odd sizes, fp32, the
+    plain layout and training are not taken (None: the conv runs oneDNN's)."""
+    conv, x = _winograd_case(32, 32, 6, 6)
+    others = [Conv2d(32, 32, 3, padding=1, stride=2), Conv2d(32, 32, 5, padding=2), Conv2d(32, 32, 3),
+              Conv2d(32, 32, 3, padding=1, groups=2), Conv2d(32, 32, 3, padding=1, padding_mode="reflect"),
+              Conv2d(32, 48, 3, padding=1)]
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        assert causal3d.winograd_conv(conv, x) is not None
+        assert all(causal3d.winograd_conv(other, x) is None for other in others)
+        narrow, odd = _winograd_case(48, 32, 6, 6)[1], _winograd_case(32, 32, 5, 6)[1]
+        assert causal3d.winograd_conv(Conv2d(48, 32, 3, padding=1), narrow) is None
+        for v in (odd, x.float().contiguous(memory_format=torch.channels_last), x.contiguous()):
+            assert causal3d.winograd_conv(conv, v) is None
+    with torch.autocast("cpu", torch.bfloat16):
+        assert causal3d.winograd_conv(conv, x) is None  # gradients on
 
 
 def test_bf16_tokenizer_encodes_and_decodes():

@@ -31,8 +31,11 @@ class _KeptCastConv:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled():
-            return self._conv_forward(x.contiguous(memory_format=self.layout), self._cast_weight(), self.bias)
+            return self._autocast_forward(x.contiguous(memory_format=self.layout))
         return self._plain_forward(x)
+
+    def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self._cast_weight(), self.bias)
 
     def _plain_forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x)
@@ -40,21 +43,26 @@ class _KeptCastConv:
     def _cast_weight(self) -> torch.Tensor:
         return self.kept("_cast", torch.get_autocast_dtype("cpu"), lambda w: w)
 
-    def kept(self, name: str, dtype: torch.dtype, make) -> torch.Tensor:
-        """``make(weight)`` in ``dtype`` and this conv's layout, kept as attribute ``name`` and made again only when
-        the weight changes (its version or storage) or the dtype does."""
+    def kept(self, name: str, dtype: torch.dtype, make, layout: torch.memory_format | None = None) -> torch.Tensor:
+        """``make(weight)`` in ``dtype`` and ``layout`` (default: this conv's), kept as attribute ``name`` and made
+        again only when the weight changes (its version or storage) or the dtype does."""
         w = self.weight
         key = (w._version, w.data_ptr(), dtype)
         if getattr(self, name + "_key", None) != key:
-            setattr(self, name, make(w.detach()).to(dtype).contiguous(memory_format=self.layout))
+            setattr(self, name, make(w.detach()).to(dtype).contiguous(memory_format=layout or self.layout))
             setattr(self, name + "_key", key)
         return getattr(self, name)
 
 
 class Conv2d(_KeptCastConv, nn.Conv2d):
-    """``nn.Conv2d`` with the kept channels-last autocast weight of :class:`_KeptCastConv`."""
+    """``nn.Conv2d`` with the kept channels-last autocast weight of :class:`_KeptCastConv`; a 3 x 3 one (stride 1,
+    zero padding 1) runs bf16 decoding by Winograd's algorithm where :func:`winograd_conv` takes it."""
 
     layout = torch.channels_last
+
+    def _autocast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = winograd_conv(self, x)
+        return super()._autocast_forward(x) if y is None else y
 
 
 class Conv3d(_KeptCastConv, nn.Conv3d):
@@ -145,13 +153,57 @@ def _norm2d(channels: int) -> nn.GroupNorm:
 
 @functools.cache
 def _kernels() -> ctypes.CDLL | None:
-    """omniar's C kernels with the GroupNorm + SiLU declared, or None (no compiler, or no AVX-512 BF16)."""
+    """omniar's C kernels with the decoder's declared, or None (no compiler, or no AVX-512 BF16)."""
     lib = _native.library()
     if lib is None or not lib.omniar_bf16():
         return None
     lib.omniar_group_norm_silu.argtypes = [ctypes.c_int] * 5 + [ctypes.c_float] + [ctypes.c_void_p] * 4
     lib.omniar_group_norm_silu.restype = ctypes.c_int
+    lib.omniar_winograd_bf16.argtypes = [ctypes.c_int] * 6 + [ctypes.c_void_p] * 4
+    lib.omniar_winograd_bf16.restype = ctypes.c_int
     return lib
+
+
+def _c_bf16(x: torch.Tensor) -> bool:
+    """Whether the C kernels take ``x``: a channels-last bf16 CPU tensor without gradients, on a CPU with AVX-512
+    BF16 (bf16 decoding)."""
+    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return (layout is not None and x.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.is_contiguous(memory_format=layout) and _kernels() is not None)
+
+
+# Winograd F(2 x 2, 3 x 3)'s weight transform G (Lavin and Gray, 2016): a 3 x 3 kernel g becomes G g G^T (4 x 4)
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+
+
+def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A 3 x 3 conv weight (K, C, 3, 3) transformed, G g G^T, as the kernel reads it: (16, C / 2, K, 2), pairs of
+    input channels innermost."""
+    g = weight.new_tensor(_WINOGRAD_G)
+    k, c = weight.shape[:2]
+    return torch.einsum("ai,kcij,bj->abck", g, weight, g).reshape(16, c // 2, 2, k).transpose(2, 3)
+
+
+def winograd_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
+    """``conv(x)`` for bf16 decoding by Winograd F(2 x 2, 3 x 3) in one C call, or None where it does not apply: a
+    3 x 3 conv (stride 1, zero padding 1, no groups or dilation) of 32k to 32k' channels on channels-last bf16 CPU
+    images of even size without gradients, under bf16 autocast, on a CPU with AVX-512 BF16. Each 2 x 2 output tile
+    takes 16 instead of 36 products per channel pair; the input tile's transform is rounded to bf16 (as the weights
+    are), the sums and the bias stay fp32 and the output is rounded once (BENCHMARKS.md, "Winograd convolutions for
+    the decoder")."""
+    n, c, h, w = x.shape
+    if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+            and c % 32 == 0 and conv.out_channels % 32 == 0 and h % 2 == 0 and w % 2 == 0
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and _c_bf16(x)):
+        return None
+    u = conv.kept("_winograd", torch.bfloat16, _winograd_weight, torch.contiguous_format)
+    bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
+    y = torch.empty((n, conv.out_channels, h, w), dtype=torch.bfloat16, memory_format=torch.channels_last)
+    if _kernels().omniar_winograd_bf16(torch.get_num_threads(), n, h, w, c, conv.out_channels, x.data_ptr(),
+                                       u.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr()):
+        return None
+    return y
 
 
 def group_norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -159,10 +211,7 @@ def group_norm_silu(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``nn.GroupNorm`` or :class:`FrameGroupNorm`, a CPU with AVX-512 BF16) one C call: the statistics in fp32, the
     output rounded to bf16 once (torch rounds the norm, then the SiLU), 2-3x faster than torch's two ops
     (BENCHMARKS.md, "The decoder's GroupNorm and SiLU in one call")."""
-    layout = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    if (not isinstance(norm, nn.GroupNorm) or not norm.affine or layout is None or x.dtype != torch.bfloat16
-            or x.device.type != "cpu" or torch.is_grad_enabled() or not x.is_contiguous(memory_format=layout)
-            or _kernels() is None):
+    if not isinstance(norm, nn.GroupNorm) or not norm.affine or not _c_bf16(x):
         return F.silu(norm(x))
     n, c = x.shape[:2]
     # channels-last: each clip's (or, per frame, each frame's) rows of C channels lie together
@@ -179,7 +228,7 @@ class ResBlock3d(nn.Module):
     def __init__(self, cin: int, cout: int, mode: str = "3d"):
         super().__init__()
         self.block = FusedSequential(_norm(cin), nn.SiLU(), CausalConv3d(cin, cout, mode=mode),
-                                   _norm(cout), nn.SiLU(), CausalConv3d(cout, cout, mode=mode))
+                                     _norm(cout), nn.SiLU(), CausalConv3d(cout, cout, mode=mode))
         self.skip = Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -190,7 +239,7 @@ class ResBlock2d(nn.Module):
     def __init__(self, cin: int, cout: int):
         super().__init__()
         self.block = FusedSequential(_norm2d(cin), nn.SiLU(), Conv2d(cin, cout, 3, padding=1),
-                                   _norm2d(cout), nn.SiLU(), Conv2d(cout, cout, 3, padding=1))
+                                     _norm2d(cout), nn.SiLU(), Conv2d(cout, cout, 3, padding=1))
         self.skip = Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
