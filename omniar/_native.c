@@ -767,9 +767,9 @@ int omniar_winograd_bf16(int threads, int N, int H, int W, int C, int K, const v
                         const __m512 b = bias ? _mm512_loadu_ps(bias + k) : _mm512_setzero_ps();
                         for (int a = 0; a < 2; a++) { /* then A: columns alike */
                             const __m512 *r = s + 4 * a, o[2] = {r[0] + r[1] + r[2] + b, r[1] - r[2] - r[3] + b};
+                            bf16 *at = out + ((size_t)(2 * ty + a) * W + 2 * (t0 + t)) * K + k;
                             for (int q = 0; q < 2; q++)
-                                _mm256_storeu_si256((void *)(out + ((size_t)(2 * ty + a) * W + 2 * (t0 + t) + q) * K + k),
-                                                    (__m256i)_mm512_cvtneps_pbh(o[q]));
+                                _mm256_storeu_si256((void *)(at + (size_t)q * K), (__m256i)_mm512_cvtneps_pbh(o[q]));
                         }
                     }
             }

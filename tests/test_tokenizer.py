@@ -366,8 +366,9 @@ def test_winograd_conv_leaves_other_convs_to_torch():
         assert all(causal3d.winograd_conv(other, x) is None for other in others)
         narrow, odd = _winograd_case(48, 32, 6, 6)[1], _winograd_case(32, 32, 5, 6)[1]
         assert causal3d.winograd_conv(Conv2d(48, 32, 3, padding=1), narrow) is None
-        for v in (odd, x.float().contiguous(memory_format=torch.channels_last), x.contiguous()):
+        for v in (odd, x.float().contiguous(memory_format=torch.channels_last), x.contiguous(), x[0]):
             assert causal3d.winograd_conv(conv, v) is None
+        assert torch.equal(conv(x[0]), torch.nn.Conv2d.forward(conv, x[0]))  # unbatched: torch's conv
     with torch.autocast("cpu", torch.bfloat16):
         assert causal3d.winograd_conv(conv, x) is None  # gradients on
 

@@ -30,7 +30,8 @@ class _KeptCastConv:
     layout: torch.memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not torch.is_grad_enabled():
+        if (x.device.type == "cpu" and x.dim() == self.weight.dim() and torch.is_autocast_enabled("cpu")
+                and not torch.is_grad_enabled()):  # batched: unbatched inputs have no channels-last layout
             return self._autocast_forward(x.contiguous(memory_format=self.layout))
         return self._plain_forward(x)
 
@@ -179,6 +180,7 @@ _WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.
 def _winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     """A 3 x 3 conv weight (K, C, 3, 3) transformed, G g G^T, as the kernel reads it: (16, C / 2, K, 2), pairs of
     input channels innermost."""
+    weight = weight.float()  # the transform's sums in fp32 whatever the weight's dtype, rounded once by kept()
     g = weight.new_tensor(_WINOGRAD_G)
     k, c = weight.shape[:2]
     return torch.einsum("ai,kcij,bj->abck", g, weight, g).reshape(16, c // 2, 2, k).transpose(2, 3)
@@ -191,12 +193,12 @@ def winograd_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor | None:
     takes 16 instead of 36 products per channel pair; the input tile's transform is rounded to bf16 (as the weights
     are), the sums and the bias stay fp32 and the output is rounded once (BENCHMARKS.md, "Winograd convolutions for
     the decoder")."""
-    n, c, h, w = x.shape
-    if not (conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+    if not (x.dim() == 4 and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
             and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
-            and c % 32 == 0 and conv.out_channels % 32 == 0 and h % 2 == 0 and w % 2 == 0
+            and x.shape[1] % 32 == 0 and conv.out_channels % 32 == 0 and x.shape[2] % 2 == 0 and x.shape[3] % 2 == 0
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and _c_bf16(x)):
         return None
+    n, c, h, w = x.shape
     u = conv.kept("_winograd", torch.bfloat16, _winograd_weight, torch.contiguous_format)
     bias = None if conv.bias is None else conv.bias.detach().float().contiguous()
     y = torch.empty((n, conv.out_channels, h, w), dtype=torch.bfloat16, memory_format=torch.channels_last)
