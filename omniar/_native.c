@@ -2,7 +2,8 @@
  * q / kv projections, QK-norm, RoPE, the KV-cache write, masked attention over the held and new slots,
  * output projection, RMSNorm, then a shared / dense SwiGLU and the routed experts. The eager path pays
  * per op (about 90 aten calls a block); a step of a few rows does little arithmetic, so here it is one
- * call. omniar/backbone/fused.py calls it (tests/test_fused.py checks it against the eager block). */
+ * call. omniar/backbone/fused.py calls it (tests/test_fused.py checks it against the eager block).
+ * The bf16 decoder's GroupNorm + SiLU and Winograd convs (omniar/tokenizers/causal3d.py) are here too. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
