@@ -219,6 +219,14 @@ def test_upsampling_convs_run_at_the_input_resolution_and_equal_the_modules():
 needs_kernel = pytest.mark.skipif(causal3d._kernels() is None, reason="no C compiler or no AVX-512 BF16")
 
 
+def _kernel_calls(monkeypatch, name: str) -> list:
+    """The calls of the decoder's C kernel ``name`` from here on, each still run."""
+    lib = causal3d._kernels()
+    real, calls = getattr(lib, name), []
+    monkeypatch.setattr(lib, name, lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
 def _norm_case(kind: str, seed: int = 0):
     """A GroupNorm with random affine weights and a channels-last bf16 input of the decoder's kinds: 32 groups of 64
     channels, one channel per group (the refiner's), per frame over (B, C, T, H, W) (FrameGroupNorm)."""
@@ -245,10 +253,7 @@ def test_group_norm_silu_in_one_call_is_closer_to_exact_than_torchs_bf16(kind, m
     lies closer to the exact result (float64 on the same bf16 input) than torch's two bf16 ops do (it rounds once);
     split over threads it gives the same bits."""
     norm, x = _norm_case(kind)
-    calls = []
-    lib = causal3d._kernels()
-    real = lib.omniar_group_norm_silu
-    monkeypatch.setattr(lib, "omniar_group_norm_silu", lambda *a: calls.append(a) or real(*a))
+    calls = _kernel_calls(monkeypatch, "omniar_group_norm_silu")
     with torch.no_grad():
         got = causal3d.group_norm_silu(norm, x)
         exact = torch.nn.functional.silu(copy.deepcopy(norm).double()(x.double()))
@@ -299,10 +304,7 @@ def test_bf16_decode_runs_the_c_kernels_and_stays_near_fp32(monkeypatch):
     tok = VideoTokenizer(**{**TINY, "channels": (16, 32, 32)}, fold_time=True, refiner_channels=32,
                          refiner_blocks=1).eval()
     codes = tok.encode(clips(2, 9))
-    lib = causal3d._kernels()
-    calls = {name: [] for name in ("omniar_group_norm_silu", "omniar_winograd_bf16")}
-    for name, seen in calls.items():
-        monkeypatch.setattr(lib, name, lambda *a, real=getattr(lib, name), seen=seen: seen.append(a) or real(*a))
+    calls = {name: _kernel_calls(monkeypatch, name) for name in ("omniar_group_norm_silu", "omniar_winograd_bf16")}
     fp32 = tok.decode(codes)
     fast = tok.decode(codes, dtype=torch.bfloat16)
     pairs = sum(isinstance(m, torch.nn.GroupNorm) for m in tok.decoder.modules()) + 1  # the refiner's norm
@@ -329,9 +331,7 @@ def test_winograd_conv_is_near_exact_and_splits_over_threads_bit_for_bit(c, k, h
     conv, x = _winograd_case(c, k, h, w)
     if not bias:
         conv.bias = None
-    lib = causal3d._kernels()
-    real, calls = lib.omniar_winograd_bf16, []
-    monkeypatch.setattr(lib, "omniar_winograd_bf16", lambda *a: calls.append(a) or real(*a))
+    calls = _kernel_calls(monkeypatch, "omniar_winograd_bf16")
     with torch.no_grad():
         exact = torch.nn.functional.conv2d(x.double(), conv.weight.double(),
                                            None if conv.bias is None else conv.bias.double(), padding=1)
